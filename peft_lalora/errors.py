@@ -1,0 +1,50 @@
+"""Exceptions and warnings raised by peft_lalora.
+
+Every error a user can trigger derives from `LALoraError`; the ones about bad arguments also derive from
+`ValueError` so that code written against peft / transformers conventions keeps catching them.
+"""
+
+from __future__ import annotations
+
+
+class LALoraError(Exception):
+    """Base class of every error raised by peft_lalora."""
+
+
+class ConfigError(LALoraError, ValueError):
+    """An argument or configuration field has an invalid value."""
+
+
+class UnsupportedModelError(LALoraError, ValueError):
+    """No exact per-sample-gradient backend exists for a module of the model."""
+
+
+class PrivacyBudgetExceededError(LALoraError):
+    """A release would spend more privacy budget than the target allows; nothing was released."""
+
+
+class AdapterLoadError(LALoraError, ValueError):
+    """An adapter on disk does not match its config (missing, extra, mis-shaped or non-finite tensors)."""
+
+
+class CheckpointMismatchError(LALoraError, ValueError):
+    """A checkpoint was written with different privacy-relevant settings than the run resuming it."""
+
+
+class ClientFailedError(LALoraError):
+    """Too few clients survived a federated round; the round was aborted and nothing was released."""
+
+
+class HubError(LALoraError):
+    """Pushing to or loading from the Hugging Face Hub failed; local artifacts are untouched."""
+
+
+class NotRegisteredError(LALoraError, KeyError):
+    """An LALORA adapter was loaded in a process that never imported peft_lalora."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LALoraWarning(UserWarning):
+    """Warnings emitted by peft_lalora."""

@@ -1,0 +1,115 @@
+"""`LALoraConfig`: a `LoraConfig` that also says which LoRA factor trains when, and how its gradient is smoothed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from peft import LoraConfig
+
+from ..errors import ConfigError
+
+PEFT_TYPE = "LALORA"
+ALTERNATIONS = ("local", "round", "freeze_a", "none")
+FACTORS = ("A", "B")
+DEFAULT_KERNEL = (1.0, 4.0, 6.0, 4.0, 1.0)
+METHODS = {
+    # user-facing method name -> (alternation, lowpass)
+    "lalora": ("local", True),
+    "lalora_nofilter": ("local", False),
+    "rolora": ("round", False),
+    "ffa": ("freeze_a", False),
+    "dplora": ("none", False),
+}
+
+
+@dataclass
+class LALoraConfig(LoraConfig):
+    """
+    Configuration of an LA-LoRA adapter (Liu et al., ICLR 2026). The forward pass is plain LoRA; the extra
+    fields say which of the two factors trains at each local step of federated training.
+
+    Args:
+        alternation (`str`, defaults to `"local"`):
+            Which factor trains when. `"local"`: LA-LoRA, alternate inside a client's local steps;
+            `"round"`: RoLoRA, all clients train one factor per round; `"freeze_a"`: FFA-LoRA, only B trains and
+            A keeps its random initialisation; `"none"`: DP-LoRA, both factors at every step.
+        alternation_period (`int`, defaults to `1`):
+            Local steps (for `"local"`) or rounds (for `"round"`) per phase.
+        first_factor (`str`, defaults to `"B"`):
+            The factor that trains in the first phase. B first, because B starts at zero and A's first
+            gradient is then exactly zero.
+        lowpass (`bool`, *optional*):
+            Smooth the active factor's noisy gradient with a Gaussian low-pass filter (post-processing, no
+            privacy cost). Defaults to on for `"local"` and off otherwise.
+        lowpass_kernel (`tuple[float]`, defaults to `(1, 4, 6, 4, 1)`):
+            The filter kernel, normalised to sum 1 when applied. Odd length, non-negative, positive sum.
+    """
+
+    alternation: str = field(
+        default="local",
+        metadata={"help": "Factor schedule: 'local' (LA-LoRA), 'round' (RoLoRA), 'freeze_a' (FFA-LoRA), 'none' (DP-LoRA)."},
+    )
+    alternation_period: int = field(default=1, metadata={"help": "Local steps (or rounds for 'round') per phase."})
+    first_factor: str = field(default="B", metadata={"help": "Factor trained in the first phase: 'B' or 'A'."})
+    lowpass: Optional[bool] = field(
+        default=None, metadata={"help": "Gaussian low-pass filter on the active factor's gradient (default: on for 'local')."}
+    )
+    lowpass_kernel: tuple = field(
+        default=DEFAULT_KERNEL, metadata={"help": "Low-pass kernel, normalised to sum 1; odd length, non-negative."}
+    )
+
+    def __post_init__(self):
+        _check_positive("r", self.r)
+        _check_positive("lora_alpha", self.lora_alpha)
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.alternation not in ALTERNATIONS:
+            raise ConfigError(
+                f"`alternation` must be one of {ALTERNATIONS}, got {self.alternation!r}. Use 'local' for LA-LoRA, "
+                "'round' for RoLoRA, 'freeze_a' for FFA-LoRA or 'none' for DP-LoRA."
+            )
+        if isinstance(self.alternation_period, bool) or not isinstance(self.alternation_period, int) or self.alternation_period < 1:
+            raise ConfigError(f"`alternation_period` must be an integer >= 1, got {self.alternation_period!r}.")
+        if self.first_factor not in FACTORS:
+            raise ConfigError(f"`first_factor` must be 'A' or 'B', got {self.first_factor!r}.")
+        if self.alternation == "freeze_a" and self.first_factor != "B":
+            raise ConfigError("`first_factor` must be 'B' with `alternation='freeze_a'` (A never trains), got 'A'.")
+        if self.lowpass is None:
+            self.lowpass = self.alternation == "local"
+        self.lowpass_kernel = _check_kernel(self.lowpass_kernel)
+
+    @classmethod
+    def for_method(cls, method: str, **kwargs) -> "LALoraConfig":
+        """Config for one of the paper's methods: `lalora`, `lalora_nofilter`, `rolora`, `ffa` or `dplora`."""
+        if method not in METHODS:
+            raise ConfigError(f"`method` must be one of {tuple(METHODS)}, got {method!r}.")
+        alternation, lowpass = METHODS[method]
+        return cls(alternation=alternation, lowpass=lowpass, **kwargs)
+
+    @property
+    def normalized_lowpass_kernel(self) -> tuple:
+        total = sum(self.lowpass_kernel)
+        return tuple(k / total for k in self.lowpass_kernel)
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"`{name}` must be > 0, got {value!r}. LoRA needs a positive rank and scale, e.g. r=8, lora_alpha=16.")
+
+
+def _check_kernel(kernel) -> tuple:
+    try:
+        values = tuple(float(k) for k in kernel)
+    except TypeError as exc:
+        raise ConfigError(f"`lowpass_kernel` must be a sequence of numbers, got {kernel!r}.") from exc
+    if not values:
+        raise ConfigError("`lowpass_kernel` must not be empty; use the default (1, 4, 6, 4, 1) or set `lowpass=False`.")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"`lowpass_kernel` must hold finite non-negative weights, got {kernel!r}.")
+    if sum(values) <= 0:
+        raise ConfigError(f"`lowpass_kernel` must have a positive sum to be normalised, got {kernel!r}.")
+    if len(values) % 2 == 0:
+        raise ConfigError(f"`lowpass_kernel` must have an odd length (centred filter), got length {len(values)}: {kernel!r}.")
+    return values

@@ -1,0 +1,40 @@
+"""Which LoRA factor trains at a given (round, local step): the only thing that tells the methods apart."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+BOTH = frozenset({"A", "B"})
+ONLY_A = frozenset({"A"})
+ONLY_B = frozenset({"B"})
+
+
+def trainable_factors(config, round_idx: int, step: int) -> frozenset:
+    """
+    The set of factors that train at local step `step` of round `round_idx` (both count from 0).
+
+    - `"local"` (LA-LoRA): phases of `alternation_period` local steps, starting with `first_factor`, restarting
+      at every round (each client starts its round from the same global adapter);
+    - `"round"` (RoLoRA): phases of `alternation_period` rounds;
+    - `"freeze_a"` (FFA-LoRA): always B;
+    - `"none"` (DP-LoRA): both.
+    """
+    for name, value in (("round_idx", round_idx), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    if config.alternation == "none":
+        return BOTH
+    if config.alternation == "freeze_a":
+        return ONLY_B
+    counter = step if config.alternation == "local" else round_idx
+    phase = counter // config.alternation_period
+    first, second = (ONLY_B, ONLY_A) if config.first_factor == "B" else (ONLY_A, ONLY_B)
+    return first if phase % 2 == 0 else second
+
+
+def check_factors(factors) -> frozenset:
+    """Validate a user-given set of factors and return it as a frozenset."""
+    value = frozenset(factors) if not isinstance(factors, str) else frozenset({factors})
+    if not value or not value <= BOTH:
+        raise ConfigError(f"`factors` must be a non-empty subset of {{'A', 'B'}}, got {factors!r}.")
+    return value

@@ -1,0 +1,229 @@
+"""Split one dataset into client shards: IID, Dirichlet label skew, or natural groups (e.g. one client per movie).
+
+The index functions return lists of example indices (sorted within each shard) and never touch the data; the
+dataset functions turn those lists into `datasets.Dataset` views with `.select`. Every example lands in exactly
+one shard, and the same seed always gives the same shards (numpy `Generator`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_clients(num_clients, num_examples: int, min_shard_size: int) -> None:
+    _check_int("num_clients", num_clients, 1)
+    if num_clients > num_examples:
+        raise ConfigError(
+            f"`num_clients` must be <= the number of examples ({num_examples}), got {num_clients!r}; every client "
+            "needs at least one example. Use fewer clients or a larger dataset."
+        )
+    if num_clients * min_shard_size > num_examples:
+        raise ConfigError(
+            f"`min_shard_size` * `num_clients` must be <= the number of examples ({num_examples}), got "
+            f"{min_shard_size!r} * {num_clients!r} = {min_shard_size * num_clients}. Lower `min_shard_size` or "
+            "`num_clients`."
+        )
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not math.isfinite(alpha):
+        raise ConfigError(f"`dirichlet_alpha` must be a finite number > 0 (or None for IID), got {alpha!r}.")
+    if alpha <= 0:
+        raise ConfigError(
+            f"`dirichlet_alpha` must be > 0, got {alpha!r}. Small values (0.1) give strongly skewed labels, "
+            "large values (100) near-IID shards; pass None for an exact IID split."
+        )
+    return float(alpha)
+
+
+def partition_iid(num_examples: int, num_clients: int, *, seed: int, min_shard_size: int = 1) -> list[list[int]]:
+    """
+    Shuffle `range(num_examples)` with `seed` and cut it into `num_clients` shards whose sizes differ by at most 1.
+
+    Raises `ConfigError` if `num_clients` is < 1 or > `num_examples`, or if the shards would be smaller than
+    `min_shard_size`.
+    """
+    num_examples = _check_int("num_examples", num_examples, 1)
+    min_shard_size = _check_int("min_shard_size", min_shard_size, 1)
+    _check_clients(num_clients, num_examples, min_shard_size)
+    rng = np.random.default_rng(_check_int("seed", seed, 0))
+    order = rng.permutation(num_examples)
+    return [sorted(int(i) for i in part) for part in np.array_split(order, num_clients)]
+
+
+def _dirichlet_once(by_class: list[np.ndarray], num_clients: int, alpha: float, rng) -> list[list[int]]:
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    for idx in by_class:
+        idx = rng.permutation(idx)
+        proportions = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = np.floor(np.cumsum(proportions)[:-1] * len(idx)).astype(np.int64)
+        for client, part in enumerate(np.split(idx, np.clip(cuts, 0, len(idx)))):
+            shards[client].extend(int(i) for i in part)
+    return [sorted(shard) for shard in shards]
+
+
+def partition_dirichlet(
+    labels: Sequence[int],
+    num_clients: int,
+    *,
+    alpha: float,
+    seed: int,
+    min_shard_size: int = 1,
+    max_tries: int = 100,
+) -> list[list[int]]:
+    """
+    Label-skewed split: for every class, the class's examples are spread over the clients with proportions drawn
+    from Dirichlet(`alpha`, ..., `alpha`).
+
+    Small `alpha` (0.1) gives shards dominated by one or two classes, large `alpha` (100) near-uniform ones. If a
+    shard has fewer than `min_shard_size` examples the whole split is redrawn (same generator, so still
+    deterministic), at most `max_tries` times; then `ConfigError` names the smallest shard obtained.
+    """
+    labels = list(labels)
+    alpha = _check_alpha(alpha)
+    min_shard_size = _check_int("min_shard_size", min_shard_size, 1)
+    max_tries = _check_int("max_tries", max_tries, 1)
+    _check_clients(num_clients, len(labels), min_shard_size)
+    rng = np.random.default_rng(_check_int("seed", seed, 0))
+    try:
+        classes, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    except TypeError as exc:
+        raise ConfigError(
+            f"`labels` must be sortable class ids (e.g. ints), got values such as {labels[:3]!r}."
+        ) from exc
+    by_class = [np.flatnonzero(inverse.reshape(-1) == c) for c in range(len(classes))]
+    best = 0
+    for attempt in range(1, max_tries + 1):
+        shards = _dirichlet_once(by_class, num_clients, alpha, rng)
+        smallest = min(len(shard) for shard in shards)
+        if smallest >= min_shard_size:
+            logger.debug("Dirichlet split (alpha=%s) accepted after %d draw(s).", alpha, attempt)
+            return shards
+        best = max(best, smallest)
+    raise ConfigError(
+        f"`min_shard_size` = {min_shard_size} could not be met: {max_tries} Dirichlet draws with `dirichlet_alpha` = "
+        f"{alpha!r} over `num_clients` = {num_clients} ({len(labels)} examples, {len(classes)} classes) left some "
+        f"client with at most {best} example(s). Raise `dirichlet_alpha`, lower `num_clients` or `min_shard_size`, "
+        "or raise `max_tries`."
+    )
+
+
+def _labels_of(dataset, label_column: str) -> list:
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if label_column not in columns:
+        raise ConfigError(
+            f"`label_column` must name a column of the dataset for a Dirichlet split, got {label_column!r}; "
+            f"available columns: {columns}. Pass the right `label_column` or `dirichlet_alpha=None` for IID."
+        )
+    return list(dataset[label_column])
+
+
+def partition_indices(
+    dataset,
+    num_clients: int,
+    *,
+    dirichlet_alpha: float | None,
+    seed: int,
+    min_shard_size: int = 1,
+    label_column: str = "labels",
+) -> list[list[int]]:
+    """The index lists `partition_dataset` selects (use them with `partition_fingerprint` for resume checks)."""
+    num_examples = len(dataset)
+    if num_examples < 1:
+        raise ConfigError(f"`dataset` must hold at least one example to partition, got {num_examples} examples.")
+    if dirichlet_alpha is None:
+        return partition_iid(num_examples, num_clients, seed=seed, min_shard_size=min_shard_size)
+    _check_alpha(dirichlet_alpha)
+    _check_clients(num_clients, num_examples, _check_int("min_shard_size", min_shard_size, 1))
+    labels = _labels_of(dataset, label_column)
+    return partition_dirichlet(labels, num_clients, alpha=dirichlet_alpha, seed=seed, min_shard_size=min_shard_size)
+
+
+def partition_dataset(
+    dataset,
+    num_clients: int,
+    *,
+    dirichlet_alpha: float | None,
+    seed: int,
+    min_shard_size: int = 1,
+    label_column: str = "labels",
+) -> list:
+    """
+    Split a `datasets.Dataset` into `num_clients` shards (views made with `.select`, no copy of the data).
+
+    `dirichlet_alpha=None` gives an IID split, a positive value a Dirichlet label-skewed split on `label_column`.
+    """
+    shards = partition_indices(
+        dataset,
+        num_clients,
+        dirichlet_alpha=dirichlet_alpha,
+        seed=seed,
+        min_shard_size=min_shard_size,
+        label_column=label_column,
+    )
+    return [dataset.select(shard) for shard in shards]
+
+
+def partition_fingerprint(shards: list[list[int]]) -> str:
+    """SHA-256 (hex) of the shards' index lists, in order: equal exactly when the partitions are equal."""
+    canonical = [[int(i) for i in shard] for shard in shards]
+    payload = json.dumps(canonical, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _sorted_keys(keys) -> list:
+    try:
+        return sorted(keys)
+    except TypeError:  # mixed types (e.g. None among strings): order by type name, then value text
+        return sorted(keys, key=lambda k: (type(k).__name__, repr(k)))
+
+
+def group_indices(values: Sequence, *, min_shard_size: int = 1) -> list[list[int]]:
+    """
+    One shard per distinct value, in sorted value order. A group smaller than `min_shard_size` is merged with the
+    groups after it until the merged shard is large enough; a too-small remainder at the end joins the last shard.
+    """
+    min_shard_size = _check_int("min_shard_size", min_shard_size, 1)
+    groups: dict = {}
+    for index, value in enumerate(values):
+        groups.setdefault(value, []).append(index)
+    total = sum(len(g) for g in groups.values())
+    if total < min_shard_size:
+        raise ConfigError(
+            f"`min_shard_size` must be <= the number of examples ({total}), got {min_shard_size!r}. "
+            "Lower `min_shard_size`."
+        )
+    shards: list[list[int]] = []
+    pending: list[int] = []
+    for key in _sorted_keys(groups):
+        pending.extend(groups[key])
+        if len(pending) >= min_shard_size:
+            shards.append(sorted(pending))
+            pending = []
+    if pending:
+        shards[-1] = sorted(shards[-1] + pending)
+    return shards
+
+
+def group_by(dataset, column: str, *, min_shard_size: int = 1) -> list:
+    """Natural clients: one `datasets.Dataset` view per distinct value of `column` (see `group_indices`)."""
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if column not in columns:
+        raise ConfigError(f"`column` must name a column of the dataset, got {column!r}; available columns: {columns}.")
+    return [dataset.select(shard) for shard in group_indices(dataset[column], min_shard_size=min_shard_size)]

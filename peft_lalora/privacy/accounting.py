@@ -1,0 +1,386 @@
+"""Privacy accounting: epsilon of DP-SGD, noise calibration, and a per-client ledger that refuses over-budget releases.
+
+The unit of privacy is one training example of one client. Each local step of a client is one Poisson-subsampled
+Gaussian mechanism (sample rate q_k = B / n_k, noise multiplier sigma), whichever LoRA factor is active. Epsilons
+come from opacus' accountants: RDP (default; Mironov et al. 2019, with the conversion of Balle et al. 2020) or PRV
+(Gopi et al. 2021). The GDP accountant is a central-limit approximation that can under-report epsilon, so it is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from numbers import Integral, Real
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from ..errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ACCOUNTANTS", "PrivacyLedger", "calibrate_noise_multiplier", "compute_epsilon", "default_delta"]
+
+ACCOUNTANTS = ("rdp", "prv")
+_ACCOUNTANT_CLASSES = {"rdp": RDPAccountant, "prv": PRVAccountant}
+MAX_NOISE_MULTIPLIER = 1e6  # calibration never searches above this sigma (same bound as opacus)
+_MAX_BISECTIONS = 200
+_STATE_FORMAT = "peft_lalora.PrivacyLedger"
+_STATE_VERSION = 1
+REPORT_UNIT = "one example of one client"
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _real(name: str, value, rule: str, ok, fix: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)) or not ok(float(value)):
+        raise ConfigError(f"`{name}` must be {rule}, got {value!r}. {fix}")
+    return float(value)
+
+
+def _steps(name: str, value, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}. Count DP-SGD local steps.")
+    return int(value)
+
+
+def _check_accountant(accountant) -> str:
+    if accountant == "gdp":
+        raise ConfigError(
+            "`accountant` must be one of ('rdp', 'prv'), got 'gdp'. The GDP accountant is a central-limit "
+            "approximation that can under-state epsilon, so peft_lalora never uses it for reporting; use 'rdp' "
+            "(default) or 'prv' (tighter)."
+        )
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}. Use 'rdp' or 'prv'.")
+    return accountant
+
+
+def _check_sigma(value) -> float:
+    return _real("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf,
+                 "Use sigma > 0 for private training (0 means no noise and infinite epsilon).")
+
+
+def _check_q(value, name: str = "sample_rate") -> float:
+    return _real(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0,
+                 "Use q = batch_size / num_examples with batch_size <= num_examples.")
+
+
+def _check_delta(value, name: str = "delta") -> float:
+    return _real(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0,
+                 "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n).")
+
+
+def _check_target(value) -> float:
+    return _real("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf,
+                 "Choose the privacy budget, e.g. target_epsilon=8.0.")
+
+
+# ----------------------------------------------------------------------------------------------- epsilon
+def _epsilon_of_history(history, delta: float, accountant: str) -> float:
+    """Epsilon of a composed history [(sigma, q, steps), ...] under opacus' accountant `accountant`."""
+    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not history:
+        return 0.0
+    if any(s == 0.0 for s, _, _ in history):
+        return math.inf
+    acc = _ACCOUNTANT_CLASSES[accountant]()
+    acc.history = history
+    with warnings.catch_warnings():
+        # opacus warns when the optimal RDP order is the largest one it tries (large sigma); the bound stays valid.
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        return float(acc.get_epsilon(delta=delta))
+
+
+def compute_epsilon(
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon after `steps` Poisson-subsampled Gaussian steps at rate `sample_rate` and noise `noise_multiplier`.
+
+    Computed by opacus' RDP or PRV accountant. `steps == 0` gives 0.0 (nothing released);
+    otherwise `noise_multiplier == 0` gives `math.inf`.
+    """
+    sigma = _check_sigma(noise_multiplier)
+    q = _check_q(sample_rate)
+    n = _steps("steps", steps)
+    d = _check_delta(delta)
+    acc = _check_accountant(accountant)
+    return _epsilon_of_history([(sigma, q, n)], d, acc)
+
+
+def default_delta(smallest_client_size: int) -> float:
+    """delta = min(1e-5, 1 / n) for the smallest client's number of examples n."""
+    n = _steps("smallest_client_size", smallest_client_size, minimum=1)
+    return min(1e-5, 1.0 / n)
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The smallest sigma (binary search) whose epsilon after `steps` steps at `sample_rate` is within the target.
+
+    Pass the worst-case client: the largest q and the steps of a client that takes part in every round
+    (num_rounds x local_steps). The returned sigma gives target - epsilon_tolerance <= epsilon <= target.
+
+    Raises:
+        ConfigError: on invalid arguments, or when even sigma = 1e6 cannot meet the target (the message gives the
+            smallest feasible epsilon; under RDP it is about log(1/delta) / (max_order - 1) for any q and steps).
+    """
+    target = _check_target(target_epsilon)
+    delta = _check_delta(target_delta, "target_delta")
+    q = _check_q(sample_rate)
+    n = _steps("steps", steps, minimum=1)
+    acc = _check_accountant(accountant)
+    tol = _real("epsilon_tolerance", epsilon_tolerance, "a number in (0, target_epsilon)",
+                lambda v: 0.0 < v < target, "Use a small positive tolerance such as 0.01.")
+
+    def eps(sigma: float) -> float:
+        return _epsilon_of_history([(sigma, q, n)], delta, acc)
+
+    floor = eps(MAX_NOISE_MULTIPLIER)
+    if floor > target:
+        raise ConfigError(
+            f"`target_epsilon` = {target} cannot be met with delta={delta}, q={q:.6g}, steps={n} under the "
+            f"'{acc}' accountant: the smallest feasible epsilon is {floor:.4f} (at sigma = {MAX_NOISE_MULTIPLIER:g}). "
+            f"Use target_epsilon >= {math.ceil(floor * 1000) / 1000:.3f}, a larger delta, or "
+            + ("the 'prv' accountant." if acc == "rdp" else "fewer steps.")
+        )
+    lo, hi = 0.0, 1.0
+    eps_hi = eps(hi)
+    while eps_hi > target:  # bracket: eps(lo) > target >= eps(hi)
+        lo, hi = hi, min(2.0 * hi, MAX_NOISE_MULTIPLIER)
+        eps_hi = eps(hi) if hi < MAX_NOISE_MULTIPLIER else floor
+    for _ in range(_MAX_BISECTIONS):
+        if target - eps_hi <= tol or hi - lo <= 1e-12 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        eps_mid = eps(mid)
+        if eps_mid <= target:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    if target - eps_hi > tol:
+        warnings.warn(
+            f"Noise calibration stopped at sigma={hi:.6g} with epsilon={eps_hi:.4f}, more than "
+            f"`epsilon_tolerance`={tol} below `target_epsilon`={target} (the accountant is not continuous here); "
+            "the guarantee holds but is conservative.",
+            LALoraWarning,
+            stacklevel=2,
+        )
+    logger.info("Calibrated noise_multiplier=%.6g: epsilon=%.4f (target %.4g, delta=%g, q=%.6g, steps=%d, %s)",
+                hi, eps_hi, target, delta, q, n, acc)
+    return hi
+
+
+# ----------------------------------------------------------------------------------------------- ledger
+def _merged(history: list, sigma: float, q: float, steps: int) -> list:
+    """`history` with `steps` more (sigma, q) events, merged into the last entry when it matches (O(1))."""
+    if steps == 0:
+        return list(history)
+    if history and history[-1][0] == sigma and history[-1][1] == q:
+        return history[:-1] + [(sigma, q, history[-1][2] + steps)]
+    return history + [(sigma, q, steps)]
+
+
+class PrivacyLedger:
+    """One opacus accountant per client; one event per local step (whichever LoRA factor is active).
+
+    Args:
+        sample_rates (`dict[int, float]`): each client's Poisson rate q_k = batch_size / n_k.
+        noise_multiplier (`float`): sigma of every step (>= 0; 0 is non-private and reports epsilon = inf).
+        delta (`float`): the delta of every reported epsilon, in (0, 1).
+        accountant (`str`): "rdp" (default) or "prv".
+        per_sample_max_grad_norm (`float`): the clip norm C (> 0), recorded in the report.
+        target_epsilon (`float`, *optional*): the budget; a release that would exceed it is refused.
+
+    The report and state are JSON. A non-private run has epsilon = inf, which is kept as a float and written by
+    `json` as the token `Infinity` (`allow_nan=True`; Python's `json.loads` reads it back as inf).
+    """
+
+    def __init__(self, *, sample_rates: dict, noise_multiplier: float, delta: float, accountant: str = "rdp",
+                 per_sample_max_grad_norm: float, target_epsilon: float | None = None):
+        if not isinstance(sample_rates, dict) or not sample_rates:
+            raise ConfigError(f"`sample_rates` must be a non-empty dict {{client id: q}}, got {sample_rates!r}.")
+        self._rates = {}
+        for client, q in sample_rates.items():
+            if isinstance(client, bool) or not isinstance(client, Integral):
+                raise ConfigError(f"`sample_rates` keys must be integer client ids, got {client!r}.")
+            self._rates[int(client)] = _check_q(q, f"sample_rates[{client}]")
+        self.noise_multiplier = _check_sigma(noise_multiplier)
+        self.delta = _check_delta(delta)
+        self.accountant = _check_accountant(accountant)
+        self.per_sample_max_grad_norm = _real(
+            "per_sample_max_grad_norm", per_sample_max_grad_norm, "a finite number > 0",
+            lambda v: 0.0 < v < math.inf, "Use a fixed clip norm such as 1.0 (never computed from data).")
+        self.target_epsilon = None if target_epsilon is None else _check_target(target_epsilon)
+        if self.noise_multiplier == 0.0:
+            if self.target_epsilon is not None:
+                raise ConfigError(
+                    f"`noise_multiplier` = 0 gives infinite epsilon and can never meet `target_epsilon` = "
+                    f"{self.target_epsilon}. Calibrate sigma with `calibrate_noise_multiplier`, or drop the target "
+                    "for a non-private run.")
+            warnings.warn("`noise_multiplier` = 0: training is not private and epsilon is reported as inf.",
+                          LALoraWarning, stacklevel=2)
+        self._histories = {c: [] for c in self._rates}
+        self._cache = {}  # (client, tuple(history)) -> epsilon
+
+    # -- queries
+    @property
+    def clients(self) -> tuple:
+        return tuple(self._rates)
+
+    def sample_rate(self, client: int) -> float:
+        return self._rates[self._client(client)]
+
+    def _client(self, client) -> int:
+        if isinstance(client, bool) or not isinstance(client, Integral) or int(client) not in self._rates:
+            raise ConfigError(f"`client` must be one of the ledger's clients {sorted(self._rates)}, got {client!r}.")
+        return int(client)
+
+    def _epsilon(self, client: int, history: list) -> float:
+        key = (client, tuple(history))
+        if key not in self._cache:
+            if len(self._cache) > 4 * len(self._rates):  # bounded: current and prospective epsilons only
+                self._cache.clear()
+            self._cache[key] = _epsilon_of_history(history, self.delta, self.accountant)
+        return self._cache[key]
+
+    def epsilon(self, client: int) -> float:
+        client = self._client(client)
+        return self._epsilon(client, self._histories[client])
+
+    def steps(self, client: int) -> int:
+        return sum(n for _, _, n in self._histories[self._client(client)])
+
+    # -- releases
+    def _prospective(self, client: int, steps) -> tuple[list, float]:
+        steps = _steps("steps", steps)
+        history = _merged(self._histories[client], self.noise_multiplier, self._rates[client], steps)
+        eps = self._epsilon(client, history)
+        if self.target_epsilon is not None and eps > self.target_epsilon:
+            raise PrivacyBudgetExceededError(
+                f"Release refused for client {client}: {steps} more local step(s) would take its epsilon to "
+                f"{eps:.4f} (delta={self.delta:g}), above `target_epsilon` = {self.target_epsilon}. Nothing was "
+                f"released or charged (client {client} is at epsilon {self.epsilon(client):.4f} after "
+                f"{self.steps(client)} steps). Stop training this client, or calibrate sigma for the whole schedule."
+            )
+        return history, eps
+
+    def check_release(self, client: int, steps: int) -> None:
+        """Raise PrivacyBudgetExceededError if `steps` more steps would take `client` above `target_epsilon`."""
+        self._prospective(self._client(client), steps)
+
+    def charge(self, client: int, steps: int = 1) -> float:
+        """Check the release, then record `steps` local steps of `client`; returns its new epsilon."""
+        client = self._client(client)
+        history, eps = self._prospective(client, steps)
+        self._histories[client] = history
+        return eps
+
+    # -- report and state
+    def report(self) -> dict:
+        """The privacy report: epsilon per client and the maximum, delta, sigma, C, q, steps, accountant."""
+        clients = [
+            {"client": c, "epsilon": self.epsilon(c), "sample_rate": q, "steps": self.steps(c)}
+            for c, q in self._rates.items()
+        ]
+        return {
+            "epsilon": max(entry["epsilon"] for entry in clients),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "per_sample_max_grad_norm": self.per_sample_max_grad_norm,
+            "accountant": self.accountant,
+            "unit": REPORT_UNIT,
+            "clients": clients,
+        }
+
+    def save_report(self, path: str) -> None:
+        """Write `report()` as JSON, atomically (temporary file, fsync, rename); inf is written as `Infinity`."""
+        _atomic_write_text(os.fspath(path), json.dumps(self.report(), indent=2, allow_nan=True) + "\n")
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable full state: settings and every client's accountant history."""
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "per_sample_max_grad_norm": self.per_sample_max_grad_norm,
+            "target_epsilon": self.target_epsilon,
+            "sample_rates": {str(c): q for c, q in self._rates.items()},
+            "histories": {str(c): [[s, q, n] for s, q, n in h] for c, h in self._histories.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> PrivacyLedger:
+        """Rebuild a ledger from `state_dict()` (also after a JSON round trip); epsilons are identical."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ConfigError(f"`state` must be a dict written by `PrivacyLedger.state_dict()` "
+                              f"(format {_STATE_FORMAT!r}), got {type(state).__name__}.")
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigError(f"`state['version']` must be {_STATE_VERSION}, got {state.get('version')!r}.")
+        missing = [k for k in ("accountant", "noise_multiplier", "delta", "per_sample_max_grad_norm",
+                               "target_epsilon", "sample_rates", "histories") if k not in state]
+        if missing:
+            raise ConfigError(f"`state` lacks the keys {missing}; pass the dict `PrivacyLedger.state_dict()` returned.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LALoraWarning)  # the sigma == 0 warning was given at creation
+            ledger = cls(
+                sample_rates={_client_id(k): q for k, q in state["sample_rates"].items()},
+                noise_multiplier=state["noise_multiplier"], delta=state["delta"], accountant=state["accountant"],
+                per_sample_max_grad_norm=state["per_sample_max_grad_norm"], target_epsilon=state["target_epsilon"],
+            )
+        histories = state["histories"]
+        if not isinstance(histories, dict) or {_client_id(k) for k in histories} != set(ledger._rates):
+            raise ConfigError("`state['histories']` must have one entry per client of `state['sample_rates']`.")
+        for key, history in histories.items():
+            ledger._histories[_client_id(key)] = [_history_entry(e) for e in history]
+        return ledger
+
+
+def _client_id(key) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Client ids in a ledger state must be integers, got {key!r}.") from None
+
+
+def _history_entry(entry) -> tuple:
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+        raise ConfigError(f"Accountant history entries must be [noise_multiplier, sample_rate, steps], got {entry!r}.")
+    sigma, q, n = entry
+    return (_check_sigma(sigma), _check_q(q), _steps("steps", n))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable; not every platform can open a directory
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,78 @@
+"""Poisson sampling of a client's batches, the sampling scheme the privacy accountant assumes.
+
+Each local step draws its batch by including every example of the client's shard independently with
+probability q = batch_size / n_k. The batch size is therefore random (Binomial(n_k, q)) and may be zero: an
+empty batch still takes a noise-only step and is still accounted. Shuffled fixed-size batches are not Poisson
+sampling and would make the reported epsilon wrong.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["poisson_sample", "sample_rate_for"]
+
+
+def _check_count(name: str, value, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}. {fix}")
+    return int(value)
+
+
+def _check_rate(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) <= 1.0):
+        raise ConfigError(
+            f"`sample_rate` must be a number in (0, 1], got {value!r}. Use q = batch_size / num_examples with "
+            "batch_size <= num_examples (see `sample_rate_for`)."
+        )
+    return float(value)
+
+
+def poisson_sample(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Draw one Poisson-sampled batch.
+
+    Args:
+        num_examples (`int`): size n of the client's shard (>= 1).
+        sample_rate (`float`): inclusion probability q of each example, in (0, 1].
+        generator (`torch.Generator`): the client's random generator; the draw is deterministic given its state.
+
+    Returns:
+        A sorted 1-D `torch.long` tensor of the included indices; it may be empty.
+    """
+    n = _check_count("num_examples", num_examples, "A client needs at least one example to be sampled.")
+    q = _check_rate(sample_rate)
+    if not isinstance(generator, torch.Generator):
+        raise ConfigError(
+            f"`generator` must be a torch.Generator, got {type(generator).__name__}. Pass the client's seeded "
+            "generator, e.g. `torch.Generator().manual_seed(seed)`, so that sampling is reproducible."
+        )
+    # One uniform per example, drawn on the generator's device; inclusion iff u < q (q == 1 keeps everything).
+    uniforms = torch.rand(n, generator=generator, device=generator.device)
+    return torch.nonzero(uniforms < q, as_tuple=False).flatten().to(device="cpu", dtype=torch.long)
+
+
+def sample_rate_for(batch_size: int, num_examples: int, *, client=None) -> float:
+    """The Poisson sampling rate q = batch_size / num_examples of a client.
+
+    Args:
+        batch_size (`int`): the expected batch size B (>= 1).
+        num_examples (`int`): the client's shard size n_k (>= 1).
+        client (*optional*): the client's id, named in error messages.
+
+    Raises:
+        ConfigError: when either size is not a positive integer, or when batch_size > num_examples (q > 1).
+    """
+    who = "" if client is None else f" (client {client})"
+    bs = _check_count("batch_size", batch_size, "Use the expected number of examples per local step.")
+    n = _check_count("num_examples", num_examples, f"Every client shard{who} needs at least one example.")
+    if bs > n:
+        raise ConfigError(
+            f"`batch_size` must be <= the client's number of examples{who}: got batch_size={bs} and "
+            f"num_examples={n}, so q = {bs}/{n} = {bs / n:.4g} > 1, which Poisson sampling cannot realise. "
+            f"Use batch_size <= {n}, or repartition so that every client holds at least {bs} examples."
+        )
+    return bs / n

@@ -1,0 +1,150 @@
+"""Per-sample gradients with Opacus' per-layer grad samplers, driven by our own module hooks.
+
+The model is not wrapped (its state-dict keys stay peft's). Only modules that own a trainable tensor in the
+current call are hooked, and the hooks are re-attached whenever the set of trainable tensors changes (LA-LoRA
+alternates factors), so a frozen factor never meets a hook ("No activations detected" in plain Opacus).
+For each hooked module the forward hook saves its inputs and checks that dim 0 is the example batch; a tensor
+hook on its output saves the gradient of the summed per-example loss w.r.t. that output (the backprops).
+Opacus' grad sampler of the layer type then turns (activations, backprops) into per-example gradients.
+The backward pass uses `torch.autograd.grad`, so no `.grad` is ever written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .grad_sample_base import (
+    PerSampleGradients,
+    check_losses,
+    first_adapter_module,
+    is_windowed,
+    model_inputs,
+    model_type,
+)
+from .losses import per_example_loss
+
+logger = logging.getLogger(__name__)
+
+
+def grad_samplers() -> dict:
+    """Opacus' registry: module type -> `fn(module, activations, backprops) -> {param: (B, *shape)}`."""
+    return GradSampleHooks.GRAD_SAMPLERS
+
+
+def refuse_windowed(model: nn.Module) -> None:
+    if is_windowed(model):
+        module = first_adapter_module(model)
+        raise UnsupportedModelError(
+            f"`backend='hooks'` is inexact for model_type {model_type(model)!r}: module `{module}` sees attention "
+            "windows folded into the batch dimension, so hooks would give per-window gradients. "
+            "Use `backend='func'` (or 'auto')."
+        )
+
+
+class HooksBackend(PerSampleGradients):
+    """Per-sample gradients from Opacus' grad samplers (exact when every hooked layer sees the examples in dim 0)."""
+
+    name = "hooks"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable = per_example_loss):
+        super().__init__(model, loss_fn)
+        refuse_windowed(model)
+        self._handles: list = []
+        self._hooked: dict[nn.Module, str] = {}
+        self._attached_for: frozenset = frozenset()
+        self._records = None  # module -> list of [activations, backprops]; None outside compute()
+        self._batch_size = 0
+
+    # ----- hooks -------------------------------------------------------------------------------------------
+    def _attach(self, params: dict) -> None:
+        """Hook exactly the modules that own a tensor of `params` (re-attached when the set changes)."""
+        key = frozenset(params)
+        if key == self._attached_for and self._handles:
+            return
+        self.close()
+        wanted = {id(p) for p in params.values()}
+        samplers = grad_samplers()
+        hooked = {}
+        for name, module in self.model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
+            if not own:
+                continue
+            if type(module) not in samplers:
+                raise UnsupportedModelError(
+                    f"module `{name}` ({type(module).__name__}) owns a trainable tensor but Opacus has no grad sampler "
+                    "for its type, so `backend='hooks'` cannot give exact per-sample gradients. Use `backend='func'`, "
+                    "or make the trainable tensors live in nn.Linear / nn.Embedding / nn.LayerNorm layers."
+                )
+            hooked[module] = name
+        for module in hooked:
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+        self._hooked, self._attached_for = hooked, key
+        logger.debug("hooks backend: hooked %d modules for %d tensors", len(hooked), len(params))
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        self._hooked, self._attached_for = {}, frozenset()
+
+    def _forward_hook(self, module: nn.Module, inputs, output) -> None:
+        if self._records is None or not torch.is_grad_enabled():
+            return  # inert outside compute()
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        activations = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
+        if not activations or activations[0].dim() == 0 or activations[0].shape[0] != self._batch_size:
+            got = tuple(activations[0].shape) if activations else None
+            raise UnsupportedModelError(
+                f"module `{self._hooked[module]}` received an input of shape {got} whose dim 0 is not the batch of "
+                f"{self._batch_size} examples, so hooks cannot give exact per-sample gradients for it. "
+                "Use `backend='func'` (torch.func over examples)."
+            )
+        record = [activations, None]
+        self._records.setdefault(module, []).append(record)
+        output.register_hook(lambda grad, rec=record: rec.__setitem__(1, grad.detach()))
+
+    # ----- compute -----------------------------------------------------------------------------------------
+    def _compute(self, batch, params, batch_size):
+        self._attach(params)
+        self._records, self._batch_size = {}, batch_size
+        try:
+            with torch.enable_grad():
+                losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
+                check_losses(losses, batch_size)
+                if losses.requires_grad:
+                    torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+            records = self._records
+        finally:
+            self._records = None
+        return self._collect(records, params, batch_size), losses
+
+    def _collect(self, records: dict, params: dict, batch_size: int) -> dict:
+        samplers = grad_samplers()
+        by_param: dict[int, torch.Tensor] = {}
+        for module, calls in records.items():
+            for activations, backprops in calls:
+                if backprops is None:  # output did not reach the loss: zero gradient
+                    continue
+                if backprops.shape[0] != batch_size:
+                    raise UnsupportedModelError(
+                        f"module `{self._hooked[module]}` got output gradients of shape {tuple(backprops.shape)} whose "
+                        f"dim 0 is not the batch of {batch_size}. Use `backend='func'`."
+                    )
+                for param, sample in samplers[type(module)](module, activations, backprops).items():
+                    key = id(param)
+                    by_param[key] = sample if key not in by_param else by_param[key] + sample
+        grads = {}
+        for name, param in params.items():
+            sample = by_param.get(id(param))
+            if sample is None:
+                logger.debug("hooks backend: %s took no part in the loss; its per-sample gradient is zero", name)
+                sample = param.new_zeros((batch_size, *param.shape))
+            grads[name] = sample.detach()
+        return grads
+

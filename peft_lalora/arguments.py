@@ -1,0 +1,145 @@
+"""`FederatedDPArguments`: `TrainingArguments` plus the federated and privacy settings, validated up front."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from .errors import ConfigError, LALoraWarning
+from .privacy.accounting import ACCOUNTANTS
+
+AGGREGATION_WEIGHTS = ("uniform", "num_samples")
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
+BACKENDS = ("auto", "hooks", "func")
+
+
+@dataclass
+class FederatedDPArguments(TrainingArguments):
+    """
+    Arguments of `FederatedDPTrainer`. `per_device_train_batch_size` is each client's expected (Poisson) batch
+    size B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning
+    rate of round 0.
+
+    Args:
+        num_clients, clients_per_round, num_rounds, local_steps: the federation.
+        dirichlet_alpha (`float`, *optional*): Dirichlet label partition; None = IID.
+        min_shard_size (`int`, *optional*): smallest client shard; defaults to the batch size (q <= 1).
+        dp (`bool`, defaults to True): False = the non-private baseline (no clipping, noise or accounting).
+        target_epsilon / target_delta / noise_multiplier: exactly one of target_epsilon (sigma calibrated before
+            training for the worst-case client) and noise_multiplier (epsilon reported).
+        per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
+        accountant (`str`): "rdp" (default) or "prv".
+        lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
+        round_lr_decay (`float`): learning rate of round t is learning_rate * round_lr_decay ** t.
+        eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
+        min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
+        aggregation_weights (`str`): "uniform" or "num_samples".
+    """
+
+    num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
+    clients_per_round: int = field(default=4, metadata={"help": "Clients sampled per round."})
+    num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
+    local_steps: int = field(default=10, metadata={"help": "Local DP-SGD steps per client and round."})
+    dirichlet_alpha: Optional[float] = field(default=None, metadata={"help": "Dirichlet label split; None = IID."})
+    min_shard_size: Optional[int] = field(default=None, metadata={"help": "Smallest shard (default: batch size)."})
+    dp: bool = field(default=True, metadata={"help": "Sample-level DP-SGD; False = non-private baseline."})
+    target_epsilon: Optional[float] = field(default=None, metadata={"help": "Target epsilon (calibrates sigma)."})
+    target_delta: Optional[float] = field(default=None, metadata={"help": "Delta; default min(1e-5, 1/n_smallest)."})
+    allow_large_delta: bool = field(default=False, metadata={"help": "Allow target_delta >= 1/n_k (warns)."})
+    noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Explicit sigma (epsilon reported)."})
+    per_sample_max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clip norm C."})
+    accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
+    lora_b_lr_ratio: float = field(default=1.0, metadata={"help": "LR of lora_B relative to lora_A and the head."})
+    round_lr_decay: float = field(default=1.0, metadata={"help": "Per-round learning-rate decay factor."})
+    eval_rounds: int = field(default=1, metadata={"help": "Evaluate every N rounds (0 = only at the end)."})
+    min_clients_per_round: int = field(default=1, metadata={"help": "Abort a round with fewer survivors."})
+    aggregation_weights: str = field(default="uniform", metadata={"help": "'uniform' or 'num_samples'."})
+    local_optimizer: str = field(default="sgd", metadata={"help": "Client optimizer: 'sgd' or 'adamw'."})
+    local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
+    per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
+    label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dp and self.max_grad_norm not in (None, 0, 0.0):
+            # The Trainer's global clipping would log a non-private gradient norm; DP clips per example instead.
+            self.max_grad_norm = 0.0
+        self.validate()
+
+    def validate(self) -> None:
+        _int_at_least("num_clients", self.num_clients, 1)
+        _int_at_least("clients_per_round", self.clients_per_round, 1)
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(f"`clients_per_round` must be in [1, num_clients={self.num_clients}], got "
+                              f"{self.clients_per_round}.")
+        _int_at_least("num_rounds", self.num_rounds, 1)
+        _int_at_least("local_steps", self.local_steps, 1)
+        _int_at_least("eval_rounds", self.eval_rounds, 0)
+        _int_at_least("min_clients_per_round", self.min_clients_per_round, 1)
+        if self.min_clients_per_round > self.clients_per_round:
+            raise ConfigError(f"`min_clients_per_round` must be <= clients_per_round={self.clients_per_round}, got "
+                              f"{self.min_clients_per_round}.")
+        if self.dirichlet_alpha is not None:
+            _positive("dirichlet_alpha", self.dirichlet_alpha, "use None for an IID split")
+        if self.min_shard_size is not None:
+            _int_at_least("min_shard_size", self.min_shard_size, 1)
+        _positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
+        _positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
+        _choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
+        _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
+        _choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
+        if not 0 <= self.local_momentum < 1:
+            raise ConfigError(f"`local_momentum` must be in [0, 1), got {self.local_momentum!r}.")
+        if self.dp:
+            self._validate_dp()
+
+    def _validate_dp(self) -> None:
+        if self.gradient_accumulation_steps != 1:
+            raise ConfigError(f"`gradient_accumulation_steps` must be 1 under DP, got {self.gradient_accumulation_steps}: "
+                              "each local step is one Poisson batch; raise `per_device_train_batch_size` instead.")
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ConfigError("Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
+                              f"(epsilon is reported), got target_epsilon={self.target_epsilon!r}, "
+                              f"noise_multiplier={self.noise_multiplier!r}. Or set `dp=False` for the non-private baseline.")
+        if self.target_epsilon is not None:
+            _positive("target_epsilon", self.target_epsilon, "e.g. 1.0, 3.0 or 8.0")
+        if self.noise_multiplier is not None:
+            if not (isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
+                    and self.noise_multiplier >= 0):
+                raise ConfigError(f"`noise_multiplier` must be >= 0, got {self.noise_multiplier!r}.")
+            if self.noise_multiplier == 0:
+                warnings.warn("`noise_multiplier=0.0`: no noise, epsilon = inf. This run is NOT private.",
+                              LALoraWarning, stacklevel=3)
+        if self.target_delta is not None and not 0 < self.target_delta < 1:
+            raise ConfigError(f"`target_delta` must be in (0, 1), got {self.target_delta!r}; the default is "
+                              "min(1e-5, 1 / n) for the smallest client.")
+        _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+
+    def privacy_settings(self) -> dict:
+        """The settings a resumed run must share with the checkpoint it resumes (R11)."""
+        names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
+                 "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
+                 "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",
+                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay")
+        return {n: getattr(self, n) for n in names}
+
+
+def _int_at_least(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def _positive(name: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"`{name}` must be > 0, got {value!r} ({hint}).")
+
+
+def _choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        extra = " GDP is never used for reporting epsilon." if name == "accountant" and value == "gdp" else ""
+        raise ConfigError(f"`{name}` must be one of {choices}, got {value!r}.{extra}")

@@ -1,0 +1,73 @@
+"""A client's local round: load nothing, copy nothing; the server has already put the global adapter into the
+one model. Run `local_steps` steps under the schedule, each on a Poisson-sampled batch of the client's shard."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..privacy.sampling import poisson_sample
+from .seeding import derive_seed, generator
+
+LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def model_columns(model: torch.nn.Module) -> set:
+    """The dataset columns a model call accepts (its forward signature) plus the labels."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters) | set(LABEL_KEYS)
+
+
+class ClientShard:
+    """One client's examples (a `datasets.Dataset`, restricted to model columns) and its batch collation."""
+
+    def __init__(self, dataset, collate: Callable, columns: set, device):
+        drop = [c for c in dataset.column_names if c not in columns]
+        self.dataset = dataset.remove_columns(drop) if drop else dataset
+        self.collate = collate
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices: list) -> dict:
+        if not indices:  # an empty Poisson batch: the right keys and shapes, zero rows
+            one = self.collate([self.dataset[0]])
+            return {k: v[:0].to(self.device) for k, v in one.items() if isinstance(v, torch.Tensor)}
+        rows = self.dataset[indices]
+        features = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        out = self.collate(features)
+        if "label" in out and "labels" not in out:
+            out["labels"] = out.pop("label")
+        return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Callable, round_idx: int, client: int,
+                    local_steps: int, batch_size: int, seed: int) -> dict:
+    """
+    Train the model (already holding the global adapter) on one client's shard for `local_steps` steps.
+    Every random draw (batches, noise, dropout) derives from (seed, round, client). Returns the factors that
+    trained (the tensors to send) and statistics.
+    """
+    sampler = generator(seed, "sample", round_idx, client)
+    noise = generator(seed, "noise", round_idx, client, device=shard.device)
+    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client))
+    stepper.reset(make_optimizer(), noise)
+    sample_rate = batch_size / len(shard)
+    trained, losses, examples = set(), [], 0
+    for step in range(local_steps):
+        factors = tuner.trainable_factors(round_idx, step)
+        tuner.set_trainable_factors(factors)
+        trained |= factors
+        indices = poisson_sample(len(shard), sample_rate, sampler).tolist()
+        if not indices and not stepper.private:
+            continue  # nothing to learn from, and no privacy mechanism that must run
+        out = stepper(shard.batch(indices), expected_batch_size=batch_size)
+        examples += out["batch_size"]
+        if math.isfinite(out["loss"]):
+            losses.append(out["loss"])
+    return {"factors": frozenset(trained), "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "examples": examples}

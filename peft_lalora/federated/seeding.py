@@ -1,0 +1,28 @@
+"""Deterministic randomness of a federated run: every draw derives from (seed, what, round, client).
+
+Nothing random is carried from one client or round to the next, so a client's local round gives the same
+result whichever process runs it and after any resume (bit-identical checkpoints, multi-process runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed from the run seed and any keys (e.g. "noise", round, client)."""
+    text = ":".join(str(k) for k in (seed, *keys)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(seed: int, *keys, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, *keys))
+
+
+def select_clients(seed: int, round_idx: int, num_clients: int, clients_per_round: int) -> list:
+    """The round's participants: `clients_per_round` distinct clients, uniformly at random, sorted."""
+    rng = np.random.default_rng(derive_seed(seed, "select", round_idx))
+    return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))

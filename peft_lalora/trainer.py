@@ -1,0 +1,316 @@
+"""`FederatedDPTrainer`: federated LA-LoRA (or a baseline, by the model's `LALoraConfig.alternation`) under
+sample-level DP, on the `transformers.Trainer` machinery: logging, callbacks, progress bar, `evaluate()`,
+Accelerate (each process runs a disjoint share of every round's clients; deltas are summed across processes).
+
+Only `train()` is replaced: a round is not an optimizer step of the Trainer's loop (it is many clients' local
+DP-SGD steps on Poisson batches, which the Trainer's shuffled fixed-size batches are not).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+
+import torch
+from accelerate.utils import gather_object
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput
+
+from .arguments import FederatedDPArguments
+from .errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
+from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
+from .federated.client import ClientShard, model_columns, run_local_round
+from .federated.partition import partition_fingerprint, partition_indices
+from .federated.seeding import select_clients
+from .federated.server import GlobalAdapter, RoundSum, adapter_tensor_names
+from .federated.state_io import compare_settings, save_json
+from .privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, compute_epsilon, default_delta
+from .privacy.engine import NonPrivateStep, PrivateStep
+from .privacy.sampling import sample_rate_for
+from .tuner.model import LALoraModel
+
+logger = logging.getLogger(__name__)
+PRIVACY_REPORT = "privacy_report.json"
+
+
+class FederatedDPTrainer(Trainer):
+    """
+    Args:
+        model: `get_peft_model(base, LALoraConfig(...))`, already on its device.
+        args (`FederatedDPArguments`): federation, privacy and the usual `TrainingArguments`.
+        train_dataset: partitioned into `num_clients` shards (IID or Dirichlet by `args.label_column`), or
+        client_datasets (`list[datasets.Dataset]`): one dataset per client (e.g. grouped by a natural key).
+        Other arguments are the Trainer's (`eval_dataset`, `compute_metrics`, `data_collator`, `callbacks`, ...).
+    """
+
+    def __init__(self, model=None, args: FederatedDPArguments = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, client_datasets=None, **kwargs):
+        if not isinstance(args, FederatedDPArguments):
+            raise ConfigError(f"`args` must be a FederatedDPArguments, got {type(args).__name__}.")
+        if not isinstance(getattr(model, "base_model", None), LALoraModel):
+            raise ConfigError("`model` must be `get_peft_model(base, LALoraConfig(...))` (after `import peft_lalora`), "
+                              f"got {type(model).__name__}.")
+        if (train_dataset is None) == (client_datasets is None):
+            raise ConfigError("Give exactly one of `train_dataset` (partitioned into `num_clients` shards) and "
+                              "`client_datasets` (one dataset per client).")
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, **kwargs)
+        self.client_datasets = client_datasets
+        self.adapter_name = model.active_adapter
+        self.ledger = None
+        self._federation = None
+
+    # ----- setup -------------------------------------------------------------------------------------------------
+    @property
+    def tuner(self) -> LALoraModel:
+        return self.model.base_model
+
+    def _setup_federation(self) -> None:
+        if self._federation is not None:
+            return
+        args = self.args
+        shards, fingerprint = self._client_shards()
+        sizes = [len(s) for s in shards]
+        rates = {k: sample_rate_for(args.per_device_train_batch_size, n, client=k) for k, n in enumerate(sizes)}
+        noise_multiplier, delta = 0.0, None
+        if args.dp:
+            delta = self._delta(min(sizes))
+            noise_multiplier = args.noise_multiplier
+            if noise_multiplier is None:
+                noise_multiplier = calibrate_noise_multiplier(
+                    target_epsilon=args.target_epsilon, target_delta=delta, sample_rate=max(rates.values()),
+                    steps=args.num_rounds * args.local_steps, accountant=args.accountant)
+            self.ledger = PrivacyLedger(sample_rates=rates, noise_multiplier=noise_multiplier, delta=delta,
+                                        accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                                        target_epsilon=args.target_epsilon)
+            logger.info("DP: sigma=%.4f C=%s delta=%.2e q in [%.4f, %.4f], %d steps per client at most",
+                        noise_multiplier, args.per_sample_max_grad_norm, delta, min(rates.values()),
+                        max(rates.values()), args.num_rounds * args.local_steps)
+        config = self.model.peft_config[self.adapter_name]
+        collate = self.data_collator
+        columns = model_columns(self.model)
+        self._federation = {
+            "shards": [ClientShard(d, collate, columns, self.args.device) for d in shards],
+            "fingerprint": fingerprint, "sizes": sizes, "noise_multiplier": noise_multiplier, "delta": delta,
+        }
+        self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
+        step_cls = PrivateStep if args.dp else NonPrivateStep
+        self.stepper = step_cls(self.model, None, noise_multiplier=noise_multiplier,
+                                per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                                lowpass_kernel=config.lowpass_kernel if config.lowpass else None,
+                                backend=args.per_sample_grad_backend, adapter_name=self.adapter_name)
+
+    def _client_shards(self) -> tuple[list, str]:
+        args = self.args
+        min_size = args.min_shard_size or args.per_device_train_batch_size
+        if self.client_datasets is not None:
+            if len(self.client_datasets) != args.num_clients:
+                raise ConfigError(f"`num_clients` ({args.num_clients}) must equal len(client_datasets) "
+                                  f"({len(self.client_datasets)}).")
+            shards = list(self.client_datasets)
+            fingerprint = partition_fingerprint([[len(d), getattr(d, "_fingerprint", "")] for d in shards])
+            return shards, fingerprint
+        if args.num_clients > len(self.train_dataset):
+            raise ConfigError(f"`num_clients` must be <= the number of training examples ({len(self.train_dataset)}), "
+                              f"got {args.num_clients}.")
+        indices = partition_indices(self.train_dataset, args.num_clients, dirichlet_alpha=args.dirichlet_alpha,
+                                    seed=args.seed, min_shard_size=min_size, label_column=args.label_column)
+        return [self.train_dataset.select(idx) for idx in indices], partition_fingerprint(indices)
+
+    def _delta(self, smallest: int) -> float:
+        delta = self.args.target_delta if self.args.target_delta is not None else default_delta(smallest)
+        if delta >= 1 / smallest:
+            if not self.args.allow_large_delta:
+                raise ConfigError(f"`target_delta` must be < 1 / n_k = {1 / smallest:.3g} for the smallest client "
+                                  f"(n_k = {smallest}), got {delta!r}: a larger delta allows releasing an example "
+                                  "outright. Lower it, or set `allow_large_delta=True` to accept the risk.")
+            warnings.warn(f"`target_delta`={delta} >= 1/n_k for the smallest client.", LALoraWarning, stacklevel=3)
+        return delta
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        args, params = self.args, dict(self.model.named_parameters())
+        groups = {"A": [], "B": [], "head": []}
+        for name in self.global_adapter.names:
+            key = "A" if ".lora_A." in name else "B" if ".lora_B." in name else "head"
+            groups[key].append(params[name])
+        ratios = {"A": 1.0, "B": args.lora_b_lr_ratio, "head": 1.0}
+        param_groups = [{"params": p, "lr": lr * ratios[k]} for k, p in groups.items() if p]
+        if args.local_optimizer == "adamw":
+            return torch.optim.AdamW(param_groups, lr=lr, weight_decay=args.weight_decay)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=args.local_momentum, weight_decay=args.weight_decay)
+
+    # ----- the loop ----------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run `num_rounds` federated rounds (continuing from a checkpoint if `resume_from_checkpoint` is True or
+        a `federated_state` folder). Returns a `TrainOutput` whose `global_step` counts rounds."""
+        self._setup_federation()
+        start = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
+        args, state = self.args, self.state
+        state.max_steps, state.global_step = args.num_rounds, start
+        state.is_local_process_zero, state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
+        start_time, losses = time.time(), []
+        self.control = self.callback_handler.on_train_begin(args, state, self.control)
+        for round_idx in range(start, args.num_rounds):
+            self.control = self.callback_handler.on_step_begin(args, state, self.control)
+            logs = self._run_round(round_idx)
+            losses.append(logs.get("loss", float("nan")))
+            state.global_step, state.epoch = round_idx + 1, (round_idx + 1) / args.num_rounds
+            self.log(logs)
+            if args.eval_rounds and (round_idx + 1) % args.eval_rounds == 0 and self.eval_dataset is not None:
+                self.evaluate(ignore_keys=ignore_keys_for_eval)
+            self._save_round(round_idx)
+            self.control = self.callback_handler.on_step_end(args, state, self.control)
+            if self.control.should_training_stop:
+                break
+        if not args.eval_rounds and self.eval_dataset is not None:
+            self.evaluate(ignore_keys=ignore_keys_for_eval)
+        finite = [x for x in losses if math.isfinite(x)]
+        metrics = {"train_runtime": time.time() - start_time, "train_loss": sum(finite) / max(len(finite), 1)}
+        if self.ledger is not None:
+            metrics["epsilon"] = self.ledger.report()["epsilon"]
+        self.control = self.callback_handler.on_train_end(args, state, self.control)
+        return TrainOutput(state.global_step, metrics["train_loss"], metrics)
+
+    def _run_round(self, round_idx: int) -> dict:
+        args = self.args
+        clients = select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round)
+        if self.ledger is not None:  # refuse before anything is computed or released; charged whether it survives
+            for client in clients:
+                self.ledger.check_release(client, args.local_steps)
+            for client in clients:
+                self.ledger.charge(client, args.local_steps)
+        lr = args.learning_rate * args.round_lr_decay ** round_idx
+        total = RoundSum(self.global_adapter.names, self.global_adapter.state)
+        records = []
+        self.model.train()
+        for client in clients[self.args.process_index::self.args.world_size]:
+            records.append(self._run_client(round_idx, client, lr, total))
+        total.reduce(self.accelerator.reduce if args.world_size > 1 else None)
+        records = gather_object(records) if args.world_size > 1 else records
+        failed = [r for r in records if "error" in r]
+        logs = {"round": float(round_idx + 1), "learning_rate": lr, "clients": float(total.survivors),
+                "failed_clients": float(len(failed))}
+        for record in failed:
+            logger.warning("round %d: client %d failed and was dropped: %s", round_idx, record["client"], record["error"])
+        if total.survivors < args.min_clients_per_round:
+            logger.warning("round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; "
+                           "nothing released", round_idx, total.survivors, len(clients), args.min_clients_per_round)
+            logs["round_aborted"] = 1.0
+        else:
+            self.global_adapter.apply(total.mean())
+        self.global_adapter.load_into_model()
+        finite = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
+        if finite:
+            logs["loss"] = sum(finite) / len(finite)
+        if self.ledger is not None:
+            logs["epsilon"] = self.ledger.report()["epsilon"]
+        return logs
+
+    def _run_client(self, round_idx: int, client: int, lr: float, total: RoundSum) -> dict:
+        """One client's local round into `total`; a client that raises is dropped (R14), a budget error is not."""
+        self.global_adapter.load_into_model()
+        try:
+            stats = run_local_round(tuner=self.tuner, stepper=self.stepper, shard=self._federation["shards"][client],
+                                    make_optimizer=lambda: self._make_optimizer(lr), round_idx=round_idx,
+                                    client=client, local_steps=self.args.local_steps,
+                                    batch_size=self.args.per_device_train_batch_size, seed=self.args.seed)
+            sent = [n for n in self.global_adapter.names if _factor(n) is None or _factor(n) in stats["factors"]]
+            delta = self.global_adapter.client_delta(sent)
+            if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+                raise FloatingPointError("the client's update is not finite")
+        except PrivacyBudgetExceededError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing client must not take the federation down
+            return {"client": client, "error": f"{type(exc).__name__}: {exc}"}
+        weight = 1.0 if self.args.aggregation_weights == "uniform" else float(self._federation["sizes"][client])
+        total.add(delta, weight)
+        return {"client": client, "loss": stats["loss"], "examples": stats["examples"]}
+
+    # ----- checkpoints -----------------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        config = self.model.peft_config[self.adapter_name]
+        adapter = {k: getattr(config, k) for k in ("r", "lora_alpha", "alternation", "alternation_period",
+                                                   "first_factor", "lowpass", "lowpass_kernel")}
+        adapter["target_modules"] = sorted(config.target_modules) if isinstance(config.target_modules, set) \
+            else config.target_modules
+        return {"args": self.args.privacy_settings(), "adapter": adapter,
+                "partition": self._federation["fingerprint"], "client_sizes": self._federation["sizes"],
+                "noise_multiplier": self._federation["noise_multiplier"], "delta": self._federation["delta"]}
+
+    def _save_round(self, round_idx: int) -> None:
+        if not self.args.should_save:
+            return
+        server_state = {"settings": self._settings(), "log_history": self.state.log_history,
+                        "ledger": self.ledger.state_dict() if self.ledger is not None else None}
+        save_checkpoint(os.path.join(self.args.output_dir, STATE_DIR), round_idx=round_idx,
+                        global_state=self.global_adapter.state, server_state=server_state)
+
+    def _resume(self, checkpoint) -> int:
+        directory = os.path.join(self.args.output_dir, STATE_DIR) if checkpoint is True else str(checkpoint)
+        shapes = {n: tuple(t.shape) for n, t in self.global_adapter.state.items()}
+        state, tensors = load_checkpoint(directory, expected_shapes=shapes)
+        compare_settings(state["settings"], self._settings())
+        device_state = {n: t.to(self.global_adapter.state[n].device, self.global_adapter.state[n].dtype)
+                        for n, t in tensors.items()}
+        self.global_adapter.state = device_state
+        self.global_adapter.load_into_model()
+        if state.get("ledger") is not None:
+            self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
+        self.state.log_history = list(state.get("log_history", []))
+        logger.info("resumed from %s after round %d", directory, state["round"])
+        return int(state["round"]) + 1
+
+    # ----- results -------------------------------------------------------------------------------------------
+    def privacy_report(self) -> dict:
+        """Epsilon per client and the maximum, delta, sigma, C, sample rates, steps, accountant, unit."""
+        self._setup_federation()
+        if self.ledger is None:
+            return {"epsilon": math.inf, "delta": None, "noise_multiplier": 0.0, "per_sample_max_grad_norm": None,
+                    "accountant": None, "unit": "one example of one client", "dp": False, "clients": []}
+        report = self.ledger.report()
+        report.update(dp=True, target_epsilon=self.args.target_epsilon, num_rounds=self.args.num_rounds,
+                      local_steps=self.args.local_steps,
+                      worst_case_epsilon=compute_epsilon(noise_multiplier=self.ledger.noise_multiplier,
+                                                         sample_rate=max(c["sample_rate"] for c in report["clients"]),
+                                                         steps=self.args.num_rounds * self.args.local_steps,
+                                                         delta=self.ledger.delta, accountant=self.args.accountant))
+        return report
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the global adapter (peft format, safetensors), `privacy_report.json`, the training arguments as
+        JSON and the model card. Nothing is pickled (the Trainer's own `_save` writes `training_args.bin`)."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        self._setup_federation()
+        os.makedirs(output_dir, exist_ok=True)
+        self.global_adapter.load_into_model()
+        self.model.save_pretrained(output_dir, selected_adapters=[self.adapter_name])
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        save_json(os.path.join(output_dir, PRIVACY_REPORT), self.privacy_report())
+        save_json(os.path.join(output_dir, "training_args.json"), self.args.to_dict())
+        self._write_card(output_dir)
+
+    def _write_card(self, output_dir: str) -> None:
+        from .hub import write_model_card  # hub sits above the trainer in the import order
+
+        write_model_card(output_dir, **self.card_context())
+
+    def card_context(self) -> dict:
+        args, config = self.args, self.model.peft_config[self.adapter_name]
+        metrics = {k: v for log in self.state.log_history for k, v in log.items() if k.startswith("eval_")}
+        return {"base_model": config.base_model_name_or_path or "unknown", "adapter_config": config.to_dict(),
+                "privacy_report": self.privacy_report() if args.dp else None, "metrics": metrics,
+                "federated": {"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
+                              "num_rounds": args.num_rounds, "local_steps": args.local_steps,
+                              "partition": "given per client" if self.client_datasets is not None else
+                              (f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID")},
+                "repo_id": args.hub_model_id}
+
+
+def _factor(name: str):
+    return "A" if ".lora_A." in name else "B" if ".lora_B." in name else None

@@ -9,6 +9,7 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -30,8 +31,7 @@ __all__ = ["ACCOUNTANTS", "PrivacyLedger", "calibrate_noise_multiplier", "comput
 ACCOUNTANTS = ("rdp", "prv")
 MAX_NOISE_MULTIPLIER = 1e6  # calibration never searches above this sigma (same bound as opacus)
 _MAX_BISECTIONS = 200
-_STATE_FORMAT = "peft_lalora.PrivacyLedger"
-_STATE_VERSION = 1
+_STATE_FORMAT, _STATE_VERSION = "peft_lalora.PrivacyLedger", 1
 REPORT_UNIT = "one example of one client"
 
 
@@ -42,9 +42,9 @@ def _real(name: str, value, rule: str, ok, fix: str) -> float:
     return float(value)
 
 
-def _steps(name: str, value, minimum: int = 0) -> int:
+def _steps(name: str, value, minimum: int = 0, fix: str = "Count DP-SGD local steps.") -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}. Count DP-SGD local steps.")
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}. {fix}")
     return int(value)
 
 
@@ -127,7 +127,7 @@ def compute_epsilon(
 
 def default_delta(smallest_client_size: int) -> float:
     """delta = min(1e-5, 1 / n) for the smallest client's number of examples n."""
-    n = _steps("smallest_client_size", smallest_client_size, minimum=1)
+    n = _steps("smallest_client_size", smallest_client_size, 1, "Pass the smallest client's number of examples.")
     return min(1e-5, 1.0 / n)
 
 
@@ -169,20 +169,13 @@ def calibrate_noise_multiplier(
             f"Use target_epsilon >= {math.ceil(floor * 1000) / 1000:.3f}, a larger delta, or "
             + ("the 'prv' accountant." if acc == "rdp" else "fewer steps.")
         )
-    lo, hi = 0.0, 1.0
-    eps_hi = eps(hi)
-    while eps_hi > target:  # bracket: eps(lo) > target >= eps(hi)
-        lo, hi = hi, min(2.0 * hi, MAX_NOISE_MULTIPLIER)
-        eps_hi = eps(hi) if hi < MAX_NOISE_MULTIPLIER else floor
-    for _ in range(_MAX_BISECTIONS):
-        if target - eps_hi <= tol or hi - lo <= 1e-12 * hi:
-            break
-        mid = 0.5 * (lo + hi)
-        eps_mid = eps(mid)
-        if eps_mid <= target:
-            hi, eps_hi = mid, eps_mid
-        else:
-            lo = mid
+    start = 1.0
+    if acc == "prv" and _epsilon_of_history([(MAX_NOISE_MULTIPLIER, q, n)], delta, "rdp") < target:
+        # PRV is slow at small sigma: start the search at the RDP answer, which is close and usually above.
+        start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=n,
+                                           epsilon_tolerance=max(tol, 0.05 * target))
+    lo, hi, eps_hi = _bracket(eps, target, start, floor)
+    hi, eps_hi = _bisect(eps, target, tol, lo, hi, eps_hi)
     if target - eps_hi > tol:
         warnings.warn(
             f"Noise calibration stopped at sigma={hi:.6g} with epsilon={eps_hi:.4f}, more than "
@@ -194,6 +187,39 @@ def calibrate_noise_multiplier(
     logger.info("Calibrated noise_multiplier=%.6g: epsilon=%.4f (target %.4g, delta=%g, q=%.6g, steps=%d, %s)",
                 hi, eps_hi, target, delta, q, n, acc)
     return hi
+
+
+def _bracket(eps, target: float, start: float, floor: float) -> tuple[float, float, float]:
+    """(lo, hi, eps(hi)) with eps(lo) > target >= eps(hi) (lo = 0 stands for sigma -> 0, where eps -> inf)."""
+    hi = min(start, MAX_NOISE_MULTIPLIER)
+    eps_hi = eps(hi) if hi < MAX_NOISE_MULTIPLIER else floor
+    if eps_hi > target:
+        lo = hi
+        while eps_hi > target:
+            lo, hi = hi, min(2.0 * hi, MAX_NOISE_MULTIPLIER)
+            eps_hi = eps(hi) if hi < MAX_NOISE_MULTIPLIER else floor
+        return lo, hi, eps_hi
+    lo = hi / 1.25  # walk down in small steps: each evaluation at smaller sigma costs more (PRV)
+    while lo > 1e-3:
+        eps_lo = eps(lo)
+        if eps_lo > target:
+            return lo, hi, eps_hi
+        hi, eps_hi, lo = lo, eps_lo, lo / 1.25
+    return 0.0, hi, eps_hi
+
+
+def _bisect(eps, target: float, tol: float, lo: float, hi: float, eps_hi: float) -> tuple[float, float]:
+    """Shrink [lo, hi] until eps(hi) is within `tol` below `target`; returns (hi, eps(hi))."""
+    for _ in range(_MAX_BISECTIONS):
+        if target - eps_hi <= tol or hi - lo <= 1e-12 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        eps_mid = eps(mid)
+        if eps_mid <= target:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    return hi, eps_hi
 
 
 # ----------------------------------------------------------------------------------------------- ledger
@@ -387,14 +413,12 @@ def _atomic_write_text(path: str, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    try:  # make the rename durable; not every platform can open a directory
+    with contextlib.suppress(OSError):  # make the rename itself durable, where a directory can be fsynced
         dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,246 @@
+"""Model cards for LA-LoRA adapters: README.md with YAML front matter (model-index) and the run's method,
+federated setup, privacy guarantee, results, loading instructions and citation.
+
+The text lives in `model_cards/template.md` (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import string
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError
+
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
+DEFAULT_UNIT = "one example of one client"
+FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
+PRIVACY_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")
+METHOD_TEXT = {
+    ("local", True): ("LA-LoRA", "each client alternates the trainable LoRA factor inside its local steps "
+                      "(B, then A, ...) and smooths the active factor's noisy gradient with a Gaussian low-pass filter."),
+    ("local", False): ("LA-LoRA without filter", "each client alternates the trainable LoRA factor inside its "
+                       "local steps (B, then A, ...), without the low-pass filter (ablation)."),
+    ("round", None): ("RoLoRA", "all clients train B in one round and A in the next, alternating by round."),
+    ("freeze_a", None): ("FFA-LoRA", "only B trains; A keeps its random initialisation and is never sent."),
+    ("none", None): ("DP-LoRA", "A and B train together at every step (FedAvg-LoRA)."),
+}
+# peft task_type / pipeline task -> (pipeline task for the model-index, transformers auto class)
+TASKS = {
+    "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
+    "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
+    "TOKEN_CLS": ("token-classification", "AutoModelForTokenClassification"),
+    "SEQ_2_SEQ_LM": ("text2text-generation", "AutoModelForSeq2SeqLM"),
+    "QUESTION_ANS": ("question-answering", "AutoModelForQuestionAnswering"),
+    "FEATURE_EXTRACTION": ("feature-extraction", "AutoModel"),
+}
+AUTO_CLASS_BY_TASK = {task: auto for task, auto in TASKS.values()}
+AUTO_CLASS_BY_TASK["image-classification"] = "AutoModelForImageClassification"
+
+
+def render_model_card(*, base_model: str, adapter_config: dict, privacy_report: dict | None, federated: dict,
+                      metrics: dict, dataset: str | None = None, task: str | None = None,
+                      repo_id: str | None = None) -> str:
+    """
+    README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
+    `metrics` as results) and sections on the method and schedule, the adapter, the federated setup, the privacy
+    guarantee (or "trained without differential privacy" when `privacy_report` is None), the results, how to load
+    it and the paper's citation. `adapter_config` is the adapter's `adapter_config.json` as a dict (or an
+    `LALoraConfig`); `federated` holds `num_clients`, `clients_per_round`, `num_rounds`, `local_steps` and
+    optionally `partition` or `dirichlet_alpha`; `metrics` maps names to numbers.
+    """
+    if not isinstance(base_model, str) or not base_model:
+        raise ConfigError(f"`base_model` must be a non-empty model id or path, got {base_model!r}.")
+    config = _adapter_config_dict(adapter_config)
+    metrics = _check_metrics(metrics)
+    task = task or TASKS.get(str(config.get("task_type")), (None, None))[0]
+    values = {"base_model": base_model, "repo_id": repo_id or "<repo_id or local adapter folder>",
+              "title": f"{repo_id.split('/')[-1]}" if repo_id else f"LA-LoRA adapter for {base_model}",
+              "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"), "task_type": _code(config.get("task_type"))}
+    values.update(_method_values(config))
+    values.update(_federated_values(federated))
+    values["privacy_section"] = _privacy_section(privacy_report)
+    values["dp_clause"] = " with differential privacy" if privacy_report is not None else " without differential privacy"
+    values["metrics_section"] = _metrics_section(metrics, dataset)
+    values["front_matter"] = _front_matter(base_model, metrics, dataset, task, values["title"])
+    return string.Template(_template()).substitute(values)
+
+
+def write_model_card(folder: str, **kwargs) -> str:
+    """
+    Render the card (see `render_model_card`) and write it atomically to `folder/README.md`; returns its path.
+    `adapter_config` defaults to `folder/adapter_config.json`, `base_model` to its `base_model_name_or_path`, and
+    `privacy_report` to `folder/privacy_report.json` (pass `privacy_report=None` explicitly for a non-private run).
+    """
+    if not os.path.isdir(folder):
+        raise ConfigError(f"`folder` must be an existing adapter folder, got {folder!r}. Save the adapter first.")
+    if "adapter_config" not in kwargs:
+        kwargs["adapter_config"] = _read_json(os.path.join(folder, "adapter_config.json"), "adapter_config")
+    kwargs.setdefault("base_model", _adapter_config_dict(kwargs["adapter_config"]).get("base_model_name_or_path"))
+    if "privacy_report" not in kwargs:
+        report_path = os.path.join(folder, "privacy_report.json")
+        if not os.path.isfile(report_path):
+            raise ConfigError(f"`privacy_report` was not given and {report_path!r} does not exist. Pass the run's "
+                              "privacy report, or `privacy_report=None` for a run trained without differential privacy.")
+        kwargs["privacy_report"] = _read_json(report_path, "privacy_report")
+    text = render_model_card(**kwargs)
+    path = os.path.join(folder, "README.md")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".README-", suffix=".md.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def _template() -> str:
+    try:
+        return TEMPLATE_PATH.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"The model-card template {str(TEMPLATE_PATH)!r} is missing; it ships with the "
+                                "peft_lalora source tree (model_cards/template.md).") from exc
+
+
+def _read_json(path: str, name: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"`{name}` was not given and {path!r} does not exist; pass `{name}=` explicitly.") from exc
+
+
+def _adapter_config_dict(adapter_config) -> dict:
+    if hasattr(adapter_config, "to_dict"):
+        adapter_config = adapter_config.to_dict()
+    if not isinstance(adapter_config, dict):
+        raise ConfigError(f"`adapter_config` must be a dict (adapter_config.json) or an LALoraConfig, got "
+                          f"{type(adapter_config).__name__}.")
+    missing = [k for k in ("r", "lora_alpha", "target_modules", "alternation") if k not in adapter_config]
+    if missing:
+        raise ConfigError(f"`adapter_config` must hold {missing} (an LA-LoRA adapter_config.json), got keys "
+                          f"{sorted(adapter_config)}. Pass the LALORA adapter's config, not a stock LoRA export.")
+    return adapter_config
+
+
+def _method_values(config: dict) -> dict:
+    alternation = config["alternation"]
+    lowpass = config.get("lowpass")
+    lowpass = alternation == "local" if lowpass is None else bool(lowpass)
+    key = (alternation, lowpass) if alternation == "local" else (alternation, None)
+    if key not in METHOD_TEXT:
+        raise ConfigError(f"`adapter_config['alternation']` must be one of ('local', 'round', 'freeze_a', 'none'), "
+                          f"got {alternation!r}.")
+    name, description = METHOD_TEXT[key]
+    targets = config["target_modules"]
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    return {"method_name": name, "method_description": description, "alternation": alternation,
+            "alternation_period": config.get("alternation_period", 1), "first_factor": config.get("first_factor", "B"),
+            "lowpass": "on" if lowpass else "off", "r": config["r"], "lora_alpha": config["lora_alpha"],
+            "target_modules": ", ".join(f"`{t}`" for t in targets)}
+
+
+def _federated_values(federated: dict) -> dict:
+    if not isinstance(federated, dict):
+        raise ConfigError(f"`federated` must be a dict with {FEDERATED_KEYS}, got {type(federated).__name__}.")
+    missing = [k for k in FEDERATED_KEYS if federated.get(k) is None]
+    if missing:
+        raise ConfigError(f"`federated` must hold {list(FEDERATED_KEYS)}; missing {missing} in {federated!r}.")
+    partition = federated.get("partition")
+    if partition is None and federated.get("dirichlet_alpha") is not None:
+        partition = f"Dirichlet, alpha = {federated['dirichlet_alpha']}"
+    return {**{k: federated[k] for k in FEDERATED_KEYS}, "partition": partition or "not reported"}
+
+
+def _privacy_section(report: dict | None) -> str:
+    if report is None:
+        return ("This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
+                "for the clients' data.")
+    if not isinstance(report, dict):
+        raise ConfigError(f"`privacy_report` must be a dict (privacy_report.json) or None, got {type(report).__name__}.")
+    clients = report.get("clients") or []
+    epsilon = report.get("epsilon", max((c["epsilon"] for c in clients if "epsilon" in c), default=None))
+    missing = [k for k in PRIVACY_KEYS if report.get(k) is None] + (["epsilon"] if epsilon is None else [])
+    if missing:
+        raise ConfigError(f"`privacy_report` must hold {missing}; got keys {sorted(report)}. Pass the report "
+                          "written by the privacy accountant, or None for a non-private run.")
+    rates = [c["sample_rate"] for c in clients if "sample_rate" in c] or _as_list(report.get("sample_rate"))
+    steps = [c["steps"] for c in clients if "steps" in c]
+    rows = [("epsilon (worst-case client)", _num(epsilon)), ("delta", _num(report["delta"])),
+            ("noise multiplier sigma", _num(report["noise_multiplier"])),
+            ("per-sample clip norm C (`per_sample_max_grad_norm`)", _num(report["per_sample_max_grad_norm"])),
+            ("sample rate q (min / max over clients)",
+             f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported"),
+            ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
+            ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or DEFAULT_UNIT)]
+    text = [f"Trained with **(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy** "
+            "(DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on every client). "
+            f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
+            "the epsilon above is the largest over clients.", "", "| quantity | value |", "|---|---|"]
+    text += [f"| {name} | {value} |" for name, value in rows]
+    if clients:
+        text += ["", "Per client:", "", "| client | epsilon | sample rate | steps |", "|---|---|---|---|"]
+        text += [f"| {c.get('client', i)} | {_num(c.get('epsilon'))} | {_num(c.get('sample_rate'))} | "
+                 f"{c.get('steps', '')} |" for i, c in enumerate(clients)]
+    return "\n".join(text)
+
+
+def _metrics_section(metrics: dict, dataset: str | None) -> str:
+    if not metrics:
+        return "No evaluation results were reported."
+    head = f"On `{dataset}`:" if dataset else "On the held-out evaluation data:"
+    return "\n".join([head, "", "| metric | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in metrics.items()])
+
+
+def _front_matter(base_model: str, metrics: dict, dataset: str | None, task: str | None, name: str) -> str:
+    data = {"library_name": "peft", "base_model": base_model, "tags": list(TAGS)}
+    if dataset:
+        data["datasets"] = [dataset]
+    if task:
+        data["pipeline_tag"] = task
+    if metrics:
+        result = {"task": {"type": task or "other"},
+                  "dataset": {"name": dataset or "unspecified", "type": dataset or "unspecified"},
+                  "metrics": [{"type": k.removeprefix("eval_"), "value": v, "name": k} for k, v in metrics.items()]}
+        data["model-index"] = [{"name": name, "results": [result]}]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _check_metrics(metrics) -> dict:
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"`metrics` must be a dict of name -> number, got {type(metrics).__name__}.")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"`metrics` must map names to numbers, got {key!r}: {value!r}. Pass plain floats, "
+                              "e.g. {'accuracy': 0.91}.")
+    return {k: int(v) if isinstance(v, numbers.Integral) else float(v) for k, v in metrics.items()}
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _num(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        text = f"{value:.4g}"
+        return text if any(c in text for c in ".e") else text + ".0"
+    return str(value)
+
+
+def _code(value) -> str:
+    return f"`{value}`" if value else "not set"

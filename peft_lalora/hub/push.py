@@ -1,0 +1,181 @@
+"""Push an aggregated LA-LoRA adapter folder to the Hugging Face Hub in one commit.
+
+Only the adapter's artifacts travel: `adapter_config.json`, `adapter_model.safetensors` (both required),
+`README.md` (the card from `write_model_card`) and `privacy_report.json` (when present). Local files are read,
+never written or deleted. Do not use `PeftModel.push_to_hub` for these adapters: it replaces the card with
+peft's generic one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+from ..errors import ConfigError, HubError, LALoraWarning
+
+try:  # the HTTP client huggingface_hub >= 1.0 is built on (network errors are worth a retry)
+    from httpx2 import TransportError as _TransportError
+except ImportError:  # pragma: no cover - older stacks
+    try:
+        from httpx import TransportError as _TransportError
+    except ImportError:
+        _TransportError = ConnectionError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+OPTIONAL_FILES = ("README.md", "privacy_report.json")
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, private: bool = False,
+                        commit_message: str = "Upload LA-LoRA adapter", max_retries: int = 3,
+                        backoff: float = 1.0) -> str:
+    """
+    Upload the adapter artifacts of `folder` to the model repo `repo_id` in ONE commit (the repo is created if
+    needed) and return the commit URL.
+
+    Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md` and
+    `privacy_report.json` when present; nothing else in the folder. Server errors (5xx, 429) and network errors
+    are retried: at most `1 + max_retries` attempts, waiting `backoff * 2**k` seconds before retry `k + 1`.
+    Every failure raises `HubError` (no token, offline mode, invalid token or no write access, exhausted
+    retries, ...); local files are never modified.
+    """
+    _check_args(folder, repo_id, max_retries, backoff, commit_message)
+    contents = _read_artifacts(folder)
+    _check_online()
+    token = _resolve_token(token)
+    api = HfApi(token=token)
+    attempts = 1 + max_retries
+    for attempt in range(1, attempts + 1):
+        try:
+            url = _push_once(api, repo_id, contents, private=private, commit_message=commit_message)
+            logger.info("Pushed %s to %s in one commit: %s", sorted(contents), repo_id, url)
+            return url
+        except Exception as exc:  # noqa: BLE001 - every error is translated below
+            if not _is_transient(exc):
+                translated = _translate(exc, repo_id, endpoint=api.endpoint)
+                if translated is None:  # a programming error: let it surface unchanged
+                    raise
+                raise translated from exc
+            if attempt == attempts:
+                raise HubError(
+                    f"Pushing {folder!r} to `{repo_id}` failed after {attempts} attempts: {_describe(exc)}. The Hub "
+                    f"at {api.endpoint} seems unavailable; retry later or raise `max_retries` (got {max_retries}) "
+                    "or `backoff`. Nothing was committed and the local files are unchanged."
+                ) from exc
+            wait = backoff * 2 ** (attempt - 1)
+            logger.warning("Push to %s failed (%s), attempt %d of %d; retrying in %.2f s.", repo_id,
+                           _describe(exc), attempt, attempts, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _push_once(api: HfApi, repo_id: str, contents: dict, *, private: bool, commit_message: str) -> str:
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in contents.items()]
+    info = api.create_commit(repo_id, operations, commit_message=commit_message)
+    return str(info.commit_url)
+
+
+def _check_args(folder, repo_id, max_retries, backoff, commit_message) -> None:
+    if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
+        raise HubError(f"`folder` must be an existing adapter folder, got {folder!r}. Save the adapter with "
+                       "`save_pretrained(folder)` first.")
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/") or " " in repo_id:
+        raise ConfigError(f"`repo_id` must look like 'namespace/name' (or 'name'), got {repo_id!r}.")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"`max_retries` must be an integer >= 0, got {max_retries!r}. Use 0 for a single attempt.")
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not backoff >= 0:
+        raise ConfigError(f"`backoff` must be a number of seconds >= 0, got {backoff!r}.")
+    if not isinstance(commit_message, str) or not commit_message.strip():
+        raise ConfigError(f"`commit_message` must be a non-empty string, got {commit_message!r}.")
+
+
+def _read_artifacts(folder) -> dict:
+    """name -> bytes of the files to upload (a snapshot: the push never touches the folder again)."""
+    missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise HubError(f"`folder` {str(folder)!r} has no {' and no '.join(missing)}: an adapter folder needs "
+                       f"{list(REQUIRED_FILES)}. Save the adapter with `save_pretrained(folder)` first; nothing was pushed.")
+    contents = {}
+    for name in REQUIRED_FILES + OPTIONAL_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                contents[name] = fh.read()
+    for name in ("adapter_config.json", "privacy_report.json"):
+        if name in contents:
+            try:
+                json.loads(contents[name])
+            except ValueError as exc:
+                raise HubError(f"`folder` holds a {name} that is not valid JSON ({exc}); nothing was pushed.") from exc
+    if "README.md" not in contents:
+        warnings.warn(f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
+                      "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
+    return contents
+
+
+def _check_online() -> None:
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
+    if constants.is_offline_mode() or env in _TRUE:
+        raise HubError("Cannot push: Hugging Face Hub offline mode is on (`HF_HUB_OFFLINE=1` or "
+                       "`TRANSFORMERS_OFFLINE=1`). Unset it (`unset HF_HUB_OFFLINE`, before Python starts) to push; "
+                       "nothing was pushed and the local files are unchanged.")
+
+
+def _resolve_token(token):
+    if token is not None:
+        if not isinstance(token, str) or not token.strip():
+            raise HubError(f"`token` must be a non-empty Hugging Face access token string, got {token!r}.")
+        return token
+    found = get_token()
+    if not found:
+        raise HubError("Cannot push: no Hugging Face token found. Log in with `hf auth login`, pass "
+                       "`token=\"hf_...\"` (a token with write access), or set the `HF_TOKEN` environment variable; "
+                       "nothing was pushed.")
+    return found
+
+
+def _status(exc) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_transient(exc) -> bool:
+    if isinstance(exc, HfHubHTTPError):
+        return _status(exc) in TRANSIENT_STATUS
+    return isinstance(exc, _TransportError) and not isinstance(exc, OfflineModeIsEnabled)
+
+
+def _describe(exc) -> str:
+    status = _status(exc)
+    if status is not None:
+        return f"HTTP {status}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _translate(exc, repo_id: str, endpoint: str) -> HubError | None:
+    status = _status(exc)
+    tail = "Nothing was committed and the local files are unchanged."
+    if isinstance(exc, OfflineModeIsEnabled):
+        return HubError(f"Cannot push to `{repo_id}`: offline mode is on. Unset `HF_HUB_OFFLINE`. {tail}")
+    if status in (401, 403):
+        return HubError(f"The Hub at {endpoint} refused to let this token write to `{repo_id}` (HTTP {status}): the "
+                        "token is invalid or has no write access to that namespace. Log in again with "
+                        f"`hf auth login`, or pass `token=` / set `HF_TOKEN` to a token with write access. {tail}")
+    if status == 404:
+        return HubError(f"The Hub at {endpoint} has no repo `{repo_id}` and could not create it (HTTP 404). Check "
+                        f"the namespace in `repo_id` and the token's permissions. {tail}")
+    if status is not None:
+        return HubError(f"Pushing to `{repo_id}` failed with HTTP {status}: {exc}. {tail}")
+    if isinstance(exc, ValueError):
+        return HubError(f"Pushing to `{repo_id}` was refused: {exc}. {tail}")
+    return None

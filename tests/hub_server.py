@@ -70,7 +70,8 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
         return self.url
 
@@ -112,6 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, bytes):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
+        with self.state.lock:  # recorded before the client can see the answer
+            self.state.requests.append((self.command, urlsplit(self.path).path, status))
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -120,8 +123,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head_only:
             self.wfile.write(body)
-        with self.state.lock:
-            self.state.requests.append((self.command, urlsplit(self.path).path, status))
 
     def _error(self, status: int, message: str, code: str | None = None, head_only: bool = False) -> None:
         headers = {"X-Error-Message": message}

@@ -83,7 +83,11 @@ def write_model_card(folder: str, **kwargs) -> str:
         raise ConfigError(f"`folder` must be an existing adapter folder, got {folder!r}. Save the adapter first.")
     if "adapter_config" not in kwargs:
         kwargs["adapter_config"] = _read_json(os.path.join(folder, "adapter_config.json"), "adapter_config")
-    kwargs.setdefault("base_model", _adapter_config_dict(kwargs["adapter_config"]).get("base_model_name_or_path"))
+    if "base_model" not in kwargs:
+        kwargs["base_model"] = _adapter_config_dict(kwargs["adapter_config"]).get("base_model_name_or_path")
+        if not kwargs["base_model"]:
+            raise ConfigError("`base_model` was not given and the adapter config has no `base_model_name_or_path`; "
+                              "pass `base_model=` (the Hub id of the model the adapter was trained on).")
     if "privacy_report" not in kwargs:
         report_path = os.path.join(folder, "privacy_report.json")
         if not os.path.isfile(report_path):

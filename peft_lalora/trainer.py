@@ -116,6 +116,11 @@ class FederatedDPTrainer(Trainer):
         if args.num_clients > len(self.train_dataset):
             raise ConfigError(f"`num_clients` must be <= the number of training examples ({len(self.train_dataset)}), "
                               f"got {args.num_clients}.")
+        if min_size * args.num_clients > len(self.train_dataset):
+            raise ConfigError(f"`per_device_train_batch_size` ({args.per_device_train_batch_size}) is the expected Poisson "
+                              f"batch of every client, so each of the {args.num_clients} shards needs >= {min_size} "
+                              f"examples, but the dataset has {len(self.train_dataset)}. Lower the batch size, "
+                              "`min_shard_size` or `num_clients`.")
         indices = partition_indices(self.train_dataset, args.num_clients, dirichlet_alpha=args.dirichlet_alpha,
                                     seed=args.seed, min_shard_size=min_size, label_column=args.label_column)
         return [self.train_dataset.select(idx) for idx in indices], partition_fingerprint(indices)

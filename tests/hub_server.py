@@ -8,7 +8,8 @@ Authentication: a request's `Authorization: Bearer <token>` is checked against `
 Writes need a write token (401 for an unknown or missing token, 403 for a read-only one). Reads of a public repo
 need no token, but an unknown token is refused with 401, like the Hub.
 
-Fault injection: `fail_next(status, n)` answers the next `n` requests with `status` (e.g. 503), whatever they are.
+Fault injection: `fail_next(status, n)` answers the next `n` requests with `status` (e.g. 503), whatever they are;
+`fail_next(status, n, path=regex)` only those whose path matches.
 Every request is recorded in `requests` as `(method, path, status)`.
 """
 
@@ -87,18 +88,22 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def fail_next(self, status: int, n: int = 1) -> None:
-        """Answer the next `n` requests, whatever they are, with HTTP `status`."""
+    def fail_next(self, status: int, n: int = 1, path: str | None = None) -> None:
+        """Answer the next `n` requests (those whose path matches the regex `path`, if given) with HTTP `status`."""
         with self.lock:
-            self._faults.extend([status] * n)
+            self._faults.extend([(status, path)] * n)
 
     def count(self, method: str, pattern: str) -> int:
         """Number of recorded requests with this method whose path matches the regex `pattern`."""
         return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p))
 
-    def _take_fault(self) -> int | None:
+    def _take_fault(self, path: str) -> int | None:
         with self.lock:
-            return self._faults.pop(0) if self._faults else None
+            for i, (status, pattern) in enumerate(self._faults):
+                if pattern is None or re.search(pattern, path):
+                    del self._faults[i]
+                    return status
+            return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -156,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path == "/api/agent-harnesses":  # huggingface_hub's telemetry: never faulted
             self._reply(200, {"standardEnvVars": [], "harnesses": {}}, head_only=head_only)
             return
-        fault = self.state._take_fault()
+        fault = self.state._take_fault(urlsplit(self.path).path)
         if fault is not None:
             self._error(fault, f"Injected fault {fault}", head_only=head_only)
             return

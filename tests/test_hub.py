@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from hub_server import FakeHub
-from huggingface_hub import constants
+from huggingface_hub import ModelCard, constants
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import RobertaConfig, RobertaForSequenceClassification
@@ -126,6 +126,22 @@ def test_card_front_matter_and_sections():
     assert "peft_lalora.export_as_lora" in card and "AutoModelForSequenceClassification" in card
     assert "arXiv" in card and "2602.19926" in card and "Liu and Miao and Xi and Liu" in card and "ICLR" in card
     assert "${" not in card
+
+
+def test_card_metadata_parses_with_huggingface_hub():
+    card = ModelCard(render_model_card(**card_kwargs()))
+    assert card.data.library_name == "peft" and card.data.base_model == BASE
+    results = {(r.metric_type, r.metric_value, r.dataset_name, r.task_type) for r in card.data.eval_results}
+    assert results == {("accuracy", 0.8765, "glue/sst2", "text-classification"),
+                       ("loss", 0.4321, "glue/sst2", "text-classification")}
+
+
+def test_card_shows_trainer_report_fields():
+    report = {**REPORT, "target_epsilon": 2.0, "worst_case_epsilon": 1.75, "dp": True}
+    card = render_model_card(**card_kwargs(privacy_report=report))
+    assert "| target epsilon | 2.0 |" in card and "| epsilon bound for a client in every round | 1.75 |" in card
+    non_dp = {"epsilon": float("inf"), "delta": None, "noise_multiplier": 0.0, "dp": False, "clients": []}
+    assert "trained without differential privacy" in render_model_card(**card_kwargs(privacy_report=non_dp))
 
 
 @pytest.mark.parametrize("alternation, lowpass, name", [
@@ -277,6 +293,14 @@ def test_transient_5xx_then_success(adapter, hub):
     push_adapter_folder(adapter["folder"], "alice/lalora-sst2", max_retries=2, backoff=0.25)
     assert snapshot(adapter["folder"]) == before and hub.waits == [0.25, 0.5]
     assert hub.count("POST", r"^/api/repos/create$") == 3
+    repo = hub.repos["alice/lalora-sst2"]
+    assert len(repo.commits) == 1 and set(repo.files) == FILES
+
+
+def test_5xx_on_the_commit_is_retried_without_duplicate(adapter, hub):
+    hub.fail_next(500, 1, path=r"/commit/")
+    push_adapter_folder(adapter["folder"], "alice/lalora-sst2", backoff=0.1)
+    assert hub.count("POST", r"/commit/") == 2 and hub.waits == [0.1]
     repo = hub.repos["alice/lalora-sst2"]
     assert len(repo.commits) == 1 and set(repo.files) == FILES
 

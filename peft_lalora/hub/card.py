@@ -67,7 +67,8 @@ def render_model_card(*, base_model: str, adapter_config: dict, privacy_report: 
     values.update(_method_values(config))
     values.update(_federated_values(federated))
     values["privacy_section"] = _privacy_section(privacy_report)
-    values["dp_clause"] = " with differential privacy" if privacy_report is not None else " without differential privacy"
+    private = privacy_report is not None and privacy_report.get("dp") is not False
+    values["dp_clause"] = " with differential privacy" if private else " without differential privacy"
     values["metrics_section"] = _metrics_section(metrics, dataset)
     values["front_matter"] = _front_matter(base_model, metrics, dataset, task, values["title"])
     return string.Template(_template()).substitute(values)
@@ -168,7 +169,7 @@ def _federated_values(federated: dict) -> dict:
 
 
 def _privacy_section(report: dict | None) -> str:
-    if report is None:
+    if report is None or (isinstance(report, dict) and report.get("dp") is False):
         return ("This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
                 "for the clients' data.")
     if not isinstance(report, dict):
@@ -188,6 +189,10 @@ def _privacy_section(report: dict | None) -> str:
              f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported"),
             ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
             ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or DEFAULT_UNIT)]
+    if report.get("target_epsilon") is not None:
+        rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
+    if report.get("worst_case_epsilon") is not None:
+        rows.insert(1, ("epsilon bound for a client in every round", _num(report["worst_case_epsilon"])))
     text = [f"Trained with **(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy** "
             "(DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on every client). "
             f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "

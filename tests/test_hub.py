@@ -100,6 +100,8 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "ENDPOINT", url)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    if hasattr(constants, "AGENT_HARNESSES_PATH"):  # huggingface_hub caches its telemetry registry there
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf_home" / ".agent_harnesses.json"))
     waits = []
     monkeypatch.setattr(push_module.time, "sleep", waits.append)  # record the backoff instead of sleeping
     server.waits = waits

@@ -8,6 +8,8 @@ DP-SGD steps on Poisson batches, which the Trainer's shuffled fixed-size batches
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -111,7 +113,8 @@ class FederatedDPTrainer(Trainer):
                 raise ConfigError(f"`num_clients` ({args.num_clients}) must equal len(client_datasets) "
                                   f"({len(self.client_datasets)}).")
             shards = list(self.client_datasets)
-            fingerprint = partition_fingerprint([[len(d), getattr(d, "_fingerprint", "")] for d in shards])
+            fingerprint = hashlib.sha256(json.dumps([[len(d), getattr(d, "_fingerprint", "")] for d in shards])
+                                         .encode()).hexdigest()
             return shards, fingerprint
         if args.num_clients > len(self.train_dataset):
             raise ConfigError(f"`num_clients` must be <= the number of training examples ({len(self.train_dataset)}), "

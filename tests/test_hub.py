@@ -249,6 +249,10 @@ def test_push_uploads_only_adapter_files(adapter, hub, tmp_path):
     repo = hub.repos["alice/bare"]
     assert set(repo.files) == {"adapter_config.json", "adapter_model.safetensors"} and repo.private
     assert repo.commits[0].summary == "bare adapter"
+    (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n")  # peft's card
+    with pytest.warns(LALoraWarning, match="not an LA-LoRA model card"):
+        push_adapter_folder(str(folder), "alice/bare")
+    assert len(repo.commits) == 2 and set(repo.commits[1].files) == {"README.md"}  # unchanged files skipped
 
 
 # -- errors: HubError, nothing committed, local files byte-identical -------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 
+import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -120,7 +121,22 @@ def _read_artifacts(folder) -> dict:
     if "README.md" not in contents:
         warnings.warn(f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
                       "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
+    elif not _is_lalora_card(contents["README.md"]):
+        warnings.warn(f"The README.md in {str(folder)!r} is not an LA-LoRA model card (peft's `save_pretrained` "
+                      "writes a generic one without the privacy guarantee). Call "
+                      "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
     return contents
+
+
+def _is_lalora_card(data: bytes) -> bool:
+    text = data.decode("utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    try:
+        meta = yaml.safe_load(text[3:].partition("\n---")[0])
+    except yaml.YAMLError:
+        return False
+    return isinstance(meta, dict) and "lalora" in (meta.get("tags") or [])
 
 
 def _check_online() -> None:

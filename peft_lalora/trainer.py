@@ -64,6 +64,7 @@ class FederatedDPTrainer(Trainer):
         self.adapter_name = model.active_adapter
         self.ledger = None
         self._federation = None
+        self.local_clients = []  # per round, the clients this process ran
 
     # ----- setup -------------------------------------------------------------------------------------------------
     @property
@@ -194,7 +195,9 @@ class FederatedDPTrainer(Trainer):
         total = RoundSum(self.global_adapter.names, self.global_adapter.state)
         records = []
         self.model.train()
-        for client in clients[self.args.process_index::self.args.world_size]:
+        mine = clients[args.process_index::args.world_size]  # this process's disjoint share of the round
+        self.local_clients.append(mine)
+        for client in mine:
             records.append(self._run_client(round_idx, client, lr, total))
         total.reduce(self.accelerator.reduce if args.world_size > 1 else None)
         records = gather_object(records) if args.world_size > 1 else records

@@ -1,0 +1,20 @@
+"""Run by tests/test_accelerate.py under `accelerate launch`: a small federated run, adapter saved to argv[1]."""
+
+import json
+import os
+import sys
+
+from fed_helpers import toy_args, toy_dataset, toy_model
+
+from peft_lalora import FederatedDPTrainer
+
+if __name__ == "__main__":
+    output_dir = sys.argv[1]
+    args = toy_args(output_dir, num_clients=6, clients_per_round=4, num_rounds=2, local_steps=2,
+                     use_cpu=True)  # with torchrun's env, use_cpu makes Accelerate pick MULTI_CPU (gloo)
+    trainer = FederatedDPTrainer(model=toy_model("lalora"), args=args, train_dataset=toy_dataset(240))
+    trainer.train()
+    trainer.save_model(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"clients-{trainer.args.process_index}.json"), "w") as handle:
+        json.dump({"world_size": trainer.args.world_size, "clients": trainer.local_clients}, handle)

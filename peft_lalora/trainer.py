@@ -306,6 +306,26 @@ class FederatedDPTrainer(Trainer):
         save_json(os.path.join(output_dir, "training_args.json"), self.args.to_dict())
         self._write_card(output_dir)
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """The Hub repo is created by `push_to_hub`, not when the trainer is built (which may be offline)."""
+        self.hub_model_id = self.args.hub_model_id
+
+    def push_to_hub(self, commit_message: str = "Upload LA-LoRA adapter", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
+        """Save the aggregated adapter to `output_dir` and upload adapter_config.json, adapter_model.safetensors,
+        README.md (the model card) and privacy_report.json to `args.hub_model_id` in one commit. Returns the
+        commit URL (None on processes other than the main one). Failures raise `HubError`; local files stay."""
+        if not self.args.hub_model_id:
+            raise ConfigError("`hub_model_id` must name the Hub repo to push to (e.g. 'alice/lalora-sst2'), got None.")
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        from .hub import push_adapter_folder
+
+        return push_adapter_folder(self.args.output_dir, self.args.hub_model_id,
+                                   token=token or self.args.hub_token, private=bool(self.args.hub_private_repo),
+                                   commit_message=commit_message)
+
     def _write_card(self, output_dir: str) -> None:
         from .hub import write_model_card  # hub sits above the trainer in the import order
 

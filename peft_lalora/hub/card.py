@@ -1,7 +1,7 @@
 """Model cards for LA-LoRA adapters: README.md with YAML front matter (model-index) and the run's method,
 federated setup, privacy guarantee, results, loading instructions and citation.
 
-The text lives in `model_cards/template.md` (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
+The text lives in `peft_lalora/hub/card_template.md` (package data; `model_cards/template.md` links to it) (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import ConfigError
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
 DEFAULT_UNIT = "one example of one client"
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
@@ -115,7 +115,7 @@ def _template() -> str:
         return TEMPLATE_PATH.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"The model-card template {str(TEMPLATE_PATH)!r} is missing; it ships with the "
-                                "peft_lalora source tree (model_cards/template.md).") from exc
+                                "peft_lalora package (peft_lalora/hub/card_template.md); reinstall the package.") from exc
 
 
 def _read_json(path: str, name: str) -> dict:

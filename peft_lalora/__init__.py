@@ -7,7 +7,6 @@ LALoraConfig(...))` and `PeftModel.from_pretrained(...)` work.
 from .errors import (
     AdapterLoadError,
     CheckpointMismatchError,
-    ClientFailedError,
     ConfigError,
     HubError,
     LALoraError,
@@ -35,7 +34,6 @@ def __getattr__(name):  # the Trainer pulls in accelerate: import it only when a
 __all__ = [
     "AdapterLoadError",
     "CheckpointMismatchError",
-    "ClientFailedError",
     "ConfigError",
     "FederatedDPArguments",
     "FederatedDPTrainer",

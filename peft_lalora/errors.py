@@ -31,10 +31,6 @@ class CheckpointMismatchError(LALoraError, ValueError):
     """A checkpoint was written with different privacy-relevant settings than the run resuming it."""
 
 
-class ClientFailedError(LALoraError):
-    """Too few clients survived a federated round; the round was aborted and nothing was released."""
-
-
 class HubError(LALoraError):
     """Pushing to or loading from the Hugging Face Hub failed; local artifacts are untouched."""
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from peft_lalora import ClientFailedError, ConfigError
-from peft_lalora.federated.aggregation import adapter_delta, apply_delta, mean_of_survivors, weighted_mean
+from peft_lalora import ConfigError
+from peft_lalora.federated.aggregation import adapter_delta, apply_delta, weighted_mean
 
 A = "base.layer.lora_A.default.weight"
 B = "base.layer.lora_B.default.weight"
@@ -162,25 +162,3 @@ def test_round_trip_delta_mean_apply_equals_mean_of_local_adapters():
     # Assert: A = ([2,1]+[0,3])/2 = [1, 2]; B = (1+3)/2 = 2
     torch.testing.assert_close(new[A], _t([[1.0, 2.0]]), rtol=0, atol=0)
     torch.testing.assert_close(new[B], _t([[2.0]]), rtol=0, atol=0)
-
-
-def test_failed_client_gives_the_mean_of_the_survivors():
-    # Prepare: client 1 failed mid-round; weights 1, 5, 3 (examples)
-    deltas = [{A: _t([4.0])}, None, {A: _t([0.0])}]
-    # Execute
-    mean = mean_of_survivors(deltas, weights=[1, 5, 3], min_clients_per_round=2)
-    # Assert: (1 * 4 + 3 * 0) / (1 + 3) = 1, the failed client's weight is not counted
-    torch.testing.assert_close(mean[A], _t([1.0]), rtol=0, atol=0)
-    torch.testing.assert_close(mean_of_survivors(deltas, min_clients_per_round=1)[A], _t([2.0]), rtol=0, atol=0)
-
-
-def test_too_few_survivors_abort_the_round():
-    deltas = [{A: _t([4.0])}, None, None]
-    with pytest.raises(ClientFailedError, match=r"Only 1 of 3 clients.*failed: \[1, 2\].*`min_clients_per_round` = 2"):
-        mean_of_survivors(deltas, min_clients_per_round=2)
-    with pytest.raises(ConfigError, match=r"`min_clients_per_round` must be an integer >= 1, got 0"):
-        mean_of_survivors(deltas, min_clients_per_round=0)
-    with pytest.raises(
-        ConfigError, match=r"`weights` must have one entry per client \(3, failed ones included\), got 1"
-    ):
-        mean_of_survivors(deltas, [1.0], min_clients_per_round=1)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..errors import ClientFailedError, ConfigError
+from ..errors import ConfigError
 
 
 def _check_finite(name: str, tensor: Tensor, where: str) -> None:
@@ -138,38 +138,3 @@ def apply_delta(global_: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> d
         _check_finite(name, delta[name], "the delta")
         updated[name] = (value.detach() + delta[name].detach().to(value.dtype)).to(value.dtype)
     return updated
-
-
-def mean_of_survivors(
-    deltas: list[Mapping[str, Tensor] | None],
-    weights: list[float] | None = None,
-    *,
-    min_clients_per_round: int,
-) -> dict[str, Tensor]:
-    """
-    The round's aggregate when some clients failed: `deltas[i] is None` marks a failed client. The result is
-    `weighted_mean` over the survivors only (their weights renormalised; each client's own noise is left as it
-    is, never rescaled). Fewer than `min_clients_per_round` survivors raise `ClientFailedError`: the round is
-    aborted and nothing is released.
-    """
-    if (
-        isinstance(min_clients_per_round, bool)
-        or not isinstance(min_clients_per_round, int)
-        or min_clients_per_round < 1
-    ):
-        raise ConfigError(f"`min_clients_per_round` must be an integer >= 1, got {min_clients_per_round!r}.")
-    deltas = list(deltas)
-    if weights is not None and len(weights) != len(deltas):
-        raise ConfigError(
-            f"`weights` must have one entry per client ({len(deltas)}, failed ones included), got {len(weights)}."
-        )
-    survivors = [i for i, delta in enumerate(deltas) if delta is not None]
-    if len(survivors) < min_clients_per_round:
-        failed = [i for i, delta in enumerate(deltas) if delta is None]
-        raise ClientFailedError(
-            f"Only {len(survivors)} of {len(deltas)} clients finished the round (failed: {failed}), fewer than "
-            f"`min_clients_per_round` = {min_clients_per_round}; the round was aborted and nothing was released. "
-            "Lower `min_clients_per_round` or fix the failing clients."
-        )
-    kept_weights = None if weights is None else [weights[i] for i in survivors]
-    return weighted_mean([deltas[i] for i in survivors], kept_weights)

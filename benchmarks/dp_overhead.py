@@ -267,9 +267,11 @@ def main(argv=None):
                 "warmup": args.warmup, "memory": "peak RSS (VmHWM after clear_refs) in a subprocess per mode",
                 "mem_reps": args.mem_reps}
     print("settings:", ", ".join(f"{k}={v}" for k, v in settings.items()))
-    rows = [run_factor(args, model, batch, dp, plain, factors) for factors in factors_of(args.factor)]
-    for row in rows:
-        print_row(row)
+    rows = []
+    for factors in factors_of(args.factor):  # print each factor's table as soon as it is measured
+        rows.append(run_factor(args, model, batch, dp, plain, factors))
+        print_row(rows[-1])
+        sys.stdout.flush()
     dp.close()
     if args.json:
         with open(args.json, "w") as fh:

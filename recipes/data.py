@@ -132,13 +132,18 @@ def load_glue(task: str) -> tuple[datasets.DatasetDict, tuple, int]:
     return splits, GLUE_TEXT_COLUMNS[task], GLUE_NUM_LABELS.get(task, 2)
 
 
-def tokenize(dataset: datasets.Dataset, tokenizer, text_columns: tuple, max_seq_length: int) -> datasets.Dataset:
-    """Tokenise to fixed-length `input_ids` / `attention_mask` (padded to `max_seq_length`), keeping `labels`."""
+def tokenize(dataset: datasets.Dataset, tokenizer, text_columns: tuple, max_seq_length: int,
+             pad_to_max_length: bool = False) -> datasets.Dataset:
+    """
+    Tokenise `text_columns` (one column, or a pair) truncated to `max_seq_length`, keeping only the model inputs
+    and `labels`. Unpadded by default: a `DataCollatorWithPadding` pads each batch to its longest example.
+    """
     first, second = text_columns
+    padding = "max_length" if pad_to_max_length else False
 
     def encode(batch):
         texts = (batch[first],) if second is None else (batch[first], batch[second])
-        return tokenizer(*texts, truncation=True, max_length=max_seq_length, padding="max_length")
+        return tokenizer(*texts, truncation=True, max_length=max_seq_length, padding=padding)
 
     drop = [c for c in dataset.column_names if c != "labels"]
     return dataset.map(encode, batched=True, remove_columns=drop, desc="tokenise")
@@ -162,28 +167,45 @@ IMAGE_DATASETS = {
 }
 
 
-def load_image_dataset(name: str) -> tuple[datasets.DatasetDict, str, int]:
-    """CIFAR-100 or Tiny-ImageNet through `datasets`: (train/test splits with `labels`, image column, num_labels)."""
+def load_image_dataset(name: str) -> tuple[datasets.DatasetDict, int]:
+    """
+    CIFAR-100 or Tiny-ImageNet through `datasets`: (train/test splits, num_labels). The images stay PIL images,
+    in a column renamed `pixel_values` (so that the trainer keeps it as a model input); `ImageCollator` turns each
+    batch into tensors. Labels are in `labels`.
+    """
     if name not in IMAGE_DATASETS:
         raise ValueError(f"`dataset_name` must be one of {sorted(IMAGE_DATASETS)} or 'digits', got {name!r}.")
     hub_id, image_column, label_column, eval_split = IMAGE_DATASETS[name]
     raw = datasets.load_dataset(hub_id)
-    splits = datasets.DatasetDict(train=raw["train"], test=raw[eval_split]).rename_column(label_column, "labels")
+    splits = datasets.DatasetDict(train=raw["train"], test=raw[eval_split])
+    splits = splits.rename_columns({label_column: "labels", image_column: "pixel_values"})
     num_labels = splits["train"].features["labels"].num_classes
-    keep = {image_column, "labels"}
-    splits = splits.remove_columns([c for c in splits["train"].column_names if c not in keep])
-    return splits, image_column, num_labels
+    splits = splits.remove_columns([c for c in splits["train"].column_names if c not in ("pixel_values", "labels")])
+    return splits, num_labels
 
 
-def image_transform(image_processor, image_column: str):
-    """A batched `set_transform` function: PIL images -> `pixel_values` through `image_processor`, plus `labels`."""
+class ImageCollator:
+    """
+    Batches `{"pixel_values": image, "labels": int}` rows: PIL images go through `image_processor` (resize,
+    normalise), tensors / arrays are stacked as they are.
+    """
 
-    def transform(batch):
-        images = [image.convert("RGB") for image in batch[image_column]]
-        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": batch["labels"]}
+    def __init__(self, image_processor=None):
+        self.image_processor = image_processor
 
-    return transform
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        images = [f["pixel_values"] for f in features]
+        if images and hasattr(images[0], "convert"):  # PIL
+            if self.image_processor is None:
+                raise ValueError("PIL images need an image processor: pass `--model_name_or_path` of a checkpoint "
+                                 "that has a preprocessor_config.json.")
+            pixel_values = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        else:
+            pixel_values = torch.stack([torch.as_tensor(np.asarray(im), dtype=torch.float32) for im in images])
+        labels = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        return {"pixel_values": pixel_values, "labels": labels}
 
 
 def load_digits_images(image_size: int = 16, test_size: int = 297) -> datasets.DatasetDict:

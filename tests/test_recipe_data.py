@@ -99,23 +99,27 @@ class _CharTokenizer:
     """A stand-in tokenizer: one id per character, fixed-length padding."""
 
     def __call__(self, first, second=None, *, truncation, max_length, padding):
-        assert truncation and padding == "max_length"
+        assert truncation
         texts = first if second is None else [a + "|" + b for a, b in zip(first, second)]
         ids = [[ord(ch) % 50 + 3 for ch in t][:max_length] for t in texts]
+        if not padding:
+            return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
         return {"input_ids": [i + [0] * (max_length - len(i)) for i in ids],
                 "attention_mask": [[1] * len(i) + [0] * (max_length - len(i)) for i in ids]}
 
 
-def test_tokenize_keeps_labels_and_pads_to_fixed_length():
+def test_tokenize_keeps_labels_truncates_and_pads_on_request():
     # Prepare
     ds = Dataset.from_dict({"q": ["ab", "abcdefgh"], "s": ["c", "d"], "labels": [1, 0], "idx": [0, 1]})
     # Execute
-    out = data.tokenize(ds, _CharTokenizer(), ("q", "s"), max_seq_length=6)
-    # Assert
-    assert set(out.column_names) == {"input_ids", "attention_mask", "labels"}
-    assert out["labels"] == [1, 0]
-    assert [len(x) for x in out["input_ids"]] == [6, 6]
-    assert out["attention_mask"][0] == [1, 1, 1, 1, 0, 0]
+    padded = data.tokenize(ds, _CharTokenizer(), ("q", "s"), max_seq_length=6, pad_to_max_length=True)
+    unpadded = data.tokenize(ds, _CharTokenizer(), ("q", "s"), max_seq_length=6)
+    # Assert: "ab|c" has 4 characters, "abcdefgh|d" is truncated to 6
+    assert set(padded.column_names) == {"input_ids", "attention_mask", "labels"}
+    assert padded["labels"] == [1, 0]
+    assert [len(x) for x in padded["input_ids"]] == [6, 6]
+    assert padded["attention_mask"][0] == [1, 1, 1, 1, 0, 0]
+    assert [len(x) for x in unpadded["input_ids"]] == [4, 6]
 
 
 def test_limit_is_seeded_and_bounded():

@@ -122,8 +122,8 @@ def dp_breakdown(model, batch, dp, reps):
             stages["grad samplers"].append(collect_ms[-1])
             stages["fwd+bwd (hooks)"].append(total - collect_ms[-1])
             out = {}
-            stages["clip"].append(timed(lambda: out.__setitem__("c", opt.clip(grad_samples)[0])))
-            stages["sum"].append(timed(lambda: out.__setitem__("s", {n: g.sum(0) for n, g in out["c"].items()})))
+            stages["clip"].append(timed(lambda: out.__setitem__("c", opt.clip_factors(grad_samples))))
+            stages["sum"].append(timed(lambda: out.__setitem__("s", opt.sum_clipped(grad_samples, out["c"]))))
             stages["noise"].append(timed(lambda: out.__setitem__("n", opt.add_noise(out["s"]))))
             stages["scale"].append(timed(lambda: out.__setitem__("x", {n: g / bs for n, g in out["n"].items()})))
             stages["lowpass"].append(timed(lambda: out.__setitem__("l", opt.lowpass(out["x"]))))

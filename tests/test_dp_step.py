@@ -68,8 +68,8 @@ def test_r2_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches
 
 # ----- R3 ----------------------------------------------------------------------------------------------------
 def _summed_clipped(opt, grad_samples):
-    clipped, _ = opt.clip(grad_samples)
-    return {n: g.sum(0) for n, g in clipped.items()}
+    """The production path: per-example factors, then the weighted sum."""
+    return opt.sum_clipped(grad_samples, opt.clip_factors(grad_samples))
 
 
 def _diff_norm(a, b):

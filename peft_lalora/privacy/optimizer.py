@@ -54,24 +54,30 @@ class DPOptimizer:
         self._warned = False
 
     # ----- stages ----------------------------------------------------------------------------------------------
-    def clip(self, grad_samples: dict) -> tuple[dict, torch.Tensor]:
-        """Scale each example's gradients so that their joint L2 norm is at most C; drop non-finite examples.
-        Returns the clipped per-sample gradients and the boolean mask of kept examples."""
-        names = list(grad_samples)
-        batch = grad_samples[names[0]].shape[0]
-        sq = torch.zeros(batch, dtype=torch.float64, device=grad_samples[names[0]].device)
+    def clip_factors(self, grad_samples: dict) -> torch.Tensor:
+        """Per-example scale factors min(1, C / ||g_i||) of the joint L2 norm over the active tensors; 0 for an
+        example whose gradient is not finite (dropped and counted)."""
+        first = next(iter(grad_samples.values()))
+        batch = first.shape[0]
+        sq = torch.zeros(batch, dtype=torch.float64, device=first.device)
         for g in grad_samples.values():
-            sq = sq + g.reshape(batch, -1).double().pow(2).sum(dim=1)
+            sq = sq + g.reshape(batch, -1).pow(2).sum(dim=1, dtype=torch.float64)
         norms = sq.sqrt()
         keep = torch.isfinite(norms)
         self._count_dropped(int((~keep).sum()))
-        factor = torch.where(keep, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
-        clipped = {}
+        return torch.where(keep, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+
+    @staticmethod
+    def sum_clipped(grad_samples: dict, factors: torch.Tensor) -> dict:
+        """sum_i factor_i * g_i for every tensor, without materialising the clipped per-example gradients;
+        a dropped (non-finite) example contributes exactly zero."""
+        dropped = factors == 0
+        out = {}
         for name, g in grad_samples.items():
-            shape = (batch,) + (1,) * (g.dim() - 1)
-            safe = torch.where(keep.view(shape), g, torch.zeros_like(g))
-            clipped[name] = safe * factor.to(g.dtype).view(shape)
-        return clipped, keep
+            if bool(dropped.any()):
+                g = torch.where(dropped.view((-1,) + (1,) * (g.dim() - 1)), torch.zeros_like(g), g)
+            out[name] = torch.einsum("b...,b->...", g, factors.to(g.dtype))
+        return out
 
     def add_noise(self, summed: dict) -> dict:
         if self.noise_multiplier == 0.0:
@@ -92,8 +98,7 @@ class DPOptimizer:
         if not expected_batch_size > 0:
             raise ConfigError(f"`expected_batch_size` must be > 0, got {expected_batch_size!r}.")
         if grad_samples and next(iter(grad_samples.values())).shape[0] > 0:
-            clipped, _ = self.clip(grad_samples)
-            summed = {name: g.sum(dim=0) for name, g in clipped.items()}
+            summed = self.sum_clipped(grad_samples, self.clip_factors(grad_samples))
         else:  # an empty Poisson batch: a noise-only step, accounted like any other
             summed = {name: torch.zeros_like(p) for name, p in params.items()}
         noisy = self.add_noise(summed)

@@ -76,7 +76,7 @@ class FederatedDPTrainer(Trainer):
             return
         args = self.args
         shards, fingerprint = self._client_shards()
-        sizes = [len(s) for s in shards]
+        sizes = [len(d) if idx is None else len(idx) for d, idx in shards]
         rates = {k: sample_rate_for(args.per_device_train_batch_size, n, client=k) for k, n in enumerate(sizes)}
         noise_multiplier, delta = 0.0, None
         if args.dp:
@@ -93,10 +93,15 @@ class FederatedDPTrainer(Trainer):
                         noise_multiplier, args.per_sample_max_grad_norm, delta, min(rates.values()),
                         max(rates.values()), args.num_rounds * args.local_steps)
         config = self.model.peft_config[self.adapter_name]
-        collate = self.data_collator
         columns = model_columns(self.model)
+        trimmed = {}  # each distinct dataset is restricted to the model's columns once
+        clients = []
+        for dataset, idx in shards:
+            if id(dataset) not in trimmed:
+                trimmed[id(dataset)] = ClientShard(dataset, self.data_collator, columns, self.args.device).dataset
+            clients.append(ClientShard(trimmed[id(dataset)], self.data_collator, columns, self.args.device, idx))
         self._federation = {
-            "shards": [ClientShard(d, collate, columns, self.args.device) for d in shards],
+            "shards": clients,
             "fingerprint": fingerprint, "sizes": sizes, "noise_multiplier": noise_multiplier, "delta": delta,
         }
         self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
@@ -107,15 +112,16 @@ class FederatedDPTrainer(Trainer):
                                 backend=args.per_sample_grad_backend, adapter_name=self.adapter_name)
 
     def _client_shards(self) -> tuple[list, str]:
+        """[(dataset, row indices or None)] per client, and a fingerprint of the split (for resume checks)."""
         args = self.args
         min_size = args.min_shard_size or args.per_device_train_batch_size
         if self.client_datasets is not None:
             if len(self.client_datasets) != args.num_clients:
                 raise ConfigError(f"`num_clients` ({args.num_clients}) must equal len(client_datasets) "
                                   f"({len(self.client_datasets)}).")
-            shards = list(self.client_datasets)
-            fingerprint = hashlib.sha256(json.dumps([[len(d), getattr(d, "_fingerprint", "")] for d in shards])
-                                         .encode()).hexdigest()
+            shards = [(d, None) for d in self.client_datasets]
+            fingerprint = hashlib.sha256(json.dumps([[len(d), getattr(d, "_fingerprint", "")]
+                                                     for d in self.client_datasets]).encode()).hexdigest()
             return shards, fingerprint
         if args.num_clients > len(self.train_dataset):
             raise ConfigError(f"`num_clients` must be <= the number of training examples ({len(self.train_dataset)}), "
@@ -127,7 +133,7 @@ class FederatedDPTrainer(Trainer):
                               "`min_shard_size` or `num_clients`.")
         indices = partition_indices(self.train_dataset, args.num_clients, dirichlet_alpha=args.dirichlet_alpha,
                                     seed=args.seed, min_shard_size=min_size, label_column=args.label_column)
-        return [self.train_dataset.select(idx) for idx in indices], partition_fingerprint(indices)
+        return [(self.train_dataset, idx) for idx in indices], partition_fingerprint(indices)
 
     def _delta(self, smallest: int) -> float:
         delta = self.args.target_delta if self.args.target_delta is not None else default_delta(smallest)
@@ -252,7 +258,8 @@ class FederatedDPTrainer(Trainer):
                 "noise_multiplier": self._federation["noise_multiplier"], "delta": self._federation["delta"]}
 
     def _save_round(self, round_idx: int) -> None:
-        if not self.args.should_save:
+        """Checkpoint after every round (resume needs it), unless `save_strategy="no"`."""
+        if not self.args.should_save or self.args.save_strategy == "no":
             return
         server_state = {"settings": self._settings(), "log_history": self.state.log_history,
                         "ledger": self.ledger.state_dict() if self.ledger is not None else None}

@@ -24,7 +24,7 @@ class KillAfterRound(TrainerCallback):
 
 
 def trainer_for(path, callbacks=None, **overrides):
-    args = toy_args(path, **{"num_rounds": 3, "save_strategy": "no", **overrides})
+    args = toy_args(path, **{"num_rounds": 3, **overrides})
     return FederatedDPTrainer(model=toy_model(), args=args, train_dataset=toy_dataset(), callbacks=callbacks)
 
 
@@ -74,7 +74,7 @@ def test_r11_resume_with_changed_adapter_is_refused(tmp_path, config_change):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    args = toy_args(tmp_path, num_rounds=3, save_strategy="no")
+    args = toy_args(tmp_path, num_rounds=3)
     changed = FederatedDPTrainer(model=toy_model(**config_change), args=args, train_dataset=toy_dataset())
     with pytest.raises(Exception, match="r|lora_alpha|target_modules|shape"):
         changed.train(resume_from_checkpoint=True)
@@ -84,10 +84,15 @@ def test_r11_changed_schedule_is_refused(tmp_path):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    args = toy_args(tmp_path, num_rounds=3, save_strategy="no")
+    args = toy_args(tmp_path, num_rounds=3)
     changed = FederatedDPTrainer(model=toy_model("rolora"), args=args, train_dataset=toy_dataset())
     with pytest.raises(CheckpointMismatchError, match="alternation"):
         changed.train(resume_from_checkpoint=True)
+
+
+def test_save_strategy_no_writes_no_round_checkpoints(tmp_path):
+    trainer_for(tmp_path, num_rounds=1, save_strategy="no").train()
+    assert not (tmp_path / STATE_DIR).exists()
 
 
 def test_r12_kill_during_checkpoint_save_leaves_previous_loadable(tmp_path, monkeypatch):

@@ -22,22 +22,25 @@ def model_columns(model: torch.nn.Module) -> set:
 
 
 class ClientShard:
-    """One client's examples (a `datasets.Dataset`, restricted to model columns) and its batch collation."""
+    """One client's examples: rows `indices` of a `datasets.Dataset` (all rows if None), read on demand, so
+    partitioning never copies or re-indexes the data; the dataset is restricted to model columns."""
 
-    def __init__(self, dataset, collate: Callable, columns: set, device):
+    def __init__(self, dataset, collate: Callable, columns: set, device, indices=None):
         drop = [c for c in dataset.column_names if c not in columns]
         self.dataset = dataset.remove_columns(drop) if drop else dataset
+        self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         self.collate = collate
         self.device = device
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
-    def batch(self, indices: list) -> dict:
-        if not indices:  # an empty Poisson batch: the right keys and shapes, zero rows
-            one = self.collate([self.dataset[0]])
+    def batch(self, positions: list) -> dict:
+        """Collate the shard's examples at `positions` (0-based within the shard) into model inputs."""
+        if not positions:  # an empty Poisson batch: the right keys and shapes, zero rows
+            one = self.collate([self.dataset[self.indices[0]]])
             return {k: v[:0].to(self.device) for k, v in one.items() if isinstance(v, torch.Tensor)}
-        rows = self.dataset[indices]
+        rows = self.dataset[[self.indices[p] for p in positions]]
         features = [dict(zip(rows, values)) for values in zip(*rows.values())]
         out = self.collate(features)
         if "label" in out and "labels" not in out:

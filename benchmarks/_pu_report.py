@@ -1,0 +1,94 @@
+"""Markdown table and plot of `privacy_utility.py`'s runs (final phase: mean and std of test accuracy over seeds)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+LABELS = {"dplora": "DP-LoRA", "ffa": "FFA-LoRA", "rolora": "RoLoRA", "lalora_nofilter": "LA-LoRA w/o filter",
+          "lalora": "LA-LoRA", "nonprivate": "LoRA (non-private)"}
+
+
+def final_groups(runs) -> dict:
+    groups = defaultdict(list)
+    for run in runs:
+        if run["phase"] == "final":
+            groups[(run["method"], run["epsilon_target"])].append(run)
+    return groups
+
+
+def mean_std(values) -> tuple:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_table(path, command, settings, runs, wall) -> str:
+    groups = final_groups(runs)
+    epsilons = sorted({e for (_, e) in groups if e is not None})
+    methods = [m for m in LABELS if any(k[0] == m for k in groups)]
+    lines = [f"Command: `{command}`", "",
+             f"Wall time: {wall / 60:.1f} min. Test accuracy, mean ± std over seeds {settings['seeds']} "
+             f"(learning rate chosen per cell from {settings['lr_grid']} by validation accuracy, seed "
+             f"{settings['tune_seed']}); in brackets the chosen learning rate.", ""]
+    head = "| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |"
+    lines += [head, "|" + "---|" * (len(epsilons) + 2)]
+    for m in methods:
+        cells = []
+        for e in epsilons + [None]:
+            group = groups.get((m, e))
+            if not group:
+                cells.append("")
+                continue
+            mu, sd = mean_std([r["test_accuracy"] for r in group])
+            cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f} ({group[0]['learning_rate']:g})")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    sigmas = {}
+    for (m, e), group in groups.items():
+        if e is not None:
+            sigmas[e] = group[0]["noise_multiplier"]
+    reached = {e: max(r["epsilon_reached"] for (m, ee), g in groups.items() if ee == e for r in g) for e in epsilons}
+    lines += ["", "Noise multiplier σ and the largest ε reached by any client (δ = "
+              f"{next((r['delta'] for r in runs if r.get('delta')), None)}): " +
+              ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons), "",
+              "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "client_sizes"),
+              f"client sizes: {settings.get('client_sizes')}", ""]
+    text = "\n".join(lines)
+    with open(path, "w") as handle:
+        handle.write(text)
+    return text
+
+
+def plot(path, runs, settings) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = final_groups(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"dplora": "o", "ffa": "s", "rolora": "^", "lalora_nofilter": "v", "lalora": "D"}
+    for i, m in enumerate(markers):
+        points = sorted((e, mean_std([r["test_accuracy"] for r in g])) for (mm, e), g in groups.items()
+                        if mm == m and e is not None)
+        if not points:
+            continue
+        x = [e * (1 + 0.015 * (i - 2)) for e, _ in points]  # small horizontal offsets keep error bars apart
+        ax.errorbar(x, [100 * p[1][0] for p in points], yerr=[100 * p[1][1] for p in points], marker=markers[m],
+                    capsize=3, label=LABELS[m], linewidth=2.2 if m == "lalora" else 1.3)
+    if ("nonprivate", None) in groups:
+        mu, sd = mean_std([r["test_accuracy"] for r in groups[("nonprivate", None)]])
+        ax.axhline(100 * mu, color="black", linestyle="--", label=f"LoRA non-private ({100 * mu:.1f})")
+        ax.axhspan(100 * (mu - sd), 100 * (mu + sd), color="black", alpha=0.08)
+    epsilons = sorted({e for (_, e) in groups if e is not None})
+    ax.set_xticks(epsilons)
+    ax.set_xticklabels([f"{e:g}" for e in epsilons])
+    ax.set_xlabel("target ε (sample-level, per client)")
+    ax.set_ylabel("test accuracy (%)")
+    layers = settings.get("layers")
+    ax.set_title(f"{settings['model'].split('/')[-1]}{f' ({layers} layers)' if layers else ''} on "
+                 f"{settings['task']}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
+                 f"{settings['local_steps']} steps", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

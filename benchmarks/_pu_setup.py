@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))  # the recipes' `data.py` (pub
 
 import data  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from pooling import use_mean_pooling  # noqa: E402  (recipes/pooling.py: the same head as the default job)
 from transformers import (  # noqa: E402
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -99,43 +100,6 @@ def text_setup(opts) -> Setup:
                    "dirichlet_alpha": opts.dirichlet_alpha if opts.client_split == "dirichlet" else None,
                    "pooling": opts.pooling, "train_pooler": bool(opts.train_pooler and opts.pooling == "cls")}
     return Setup(clients, tok(val), tok(test), DataCollatorWithPadding(tokenizer), build_model, description)
-
-
-class MeanPooler(torch.nn.Module):
-    """Parameter-free replacement of BERT's pooler: the mean of the last hidden states over the non-padding
-    tokens, layer-normalised without affine weights (all-MiniLM-L6-v2's sentence embedding is mean pooling then
-    L2 normalisation; unit RMS instead of unit norm keeps the logits' scale usable by a fresh linear head). It was trained
-    with mean pooling; its [CLS] state after 1-2 layers is nearly constant
-    across inputs (feature std ~1e-3; a logistic probe on it stays at the majority class, on the mean 0.72)."""
-
-    def __init__(self, center=None, scale=None):
-        super().__init__()
-        self.mask = None
-        self.register_buffer("center", center)
-        self.register_buffer("scale", scale)
-
-    def forward(self, hidden_states):
-        if self.mask is None:
-            mean = hidden_states.mean(1)
-        else:
-            mask = self.mask.to(hidden_states.dtype).unsqueeze(-1)
-            mean = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        features = torch.nn.functional.layer_norm(mean, mean.shape[-1:])  # centred, unit RMS per example
-        if self.center is not None:  # fixed per-dimension standardisation (see `pooler_statistics`)
-            features = (features - self.center) / self.scale
-        return features
-
-
-def use_mean_pooling(model, center=None, scale=None) -> None:
-    """Swap the encoder's pooler for `MeanPooler`, fed the attention mask by a forward pre-hook."""
-    encoder = getattr(model, model.base_model_prefix)
-    pooler = MeanPooler(center, scale)
-    encoder.pooler = pooler
-
-    def capture(module, args, kwargs):
-        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    encoder.register_forward_pre_hook(capture, with_kwargs=True)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ from peft import LoraConfig
 from ..errors import ConfigError
 
 
-
 class _PeftTypeName(str):
     """The string "LALORA" with the `.value` that code written for peft's `PeftType` enum reads
     (transformers' `load_adapter` calls `peft_config.peft_type.value`). JSON writes it as a plain string."""
@@ -92,7 +91,7 @@ class LALoraConfig(LoraConfig):
         self.lowpass_kernel = _check_kernel(self.lowpass_kernel)
 
     @classmethod
-    def for_method(cls, method: str, **kwargs) -> "LALoraConfig":
+    def for_method(cls, method: str, **kwargs) -> LALoraConfig:
         """Config for one of the paper's methods: `lalora`, `lalora_nofilter`, `rolora`, `ffa` or `dplora`."""
         if method not in METHODS:
             raise ConfigError(f"`method` must be one of {tuple(METHODS)}, got {method!r}.")

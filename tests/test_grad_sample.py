@@ -12,19 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from tiny_models import tiny_bert, tiny_llama, tiny_roberta, tiny_swin, tiny_vit
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    SwinConfig,
-    SwinForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 import peft_lalora  # noqa: F401  (registers LALORA with peft)
 from peft_lalora import ConfigError, LALoraConfig, UnsupportedModelError
@@ -35,27 +24,8 @@ from peft_lalora.privacy.losses import per_example_loss
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 ATOL, RTOL = 1e-6, 1e-5
-TEXT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=40, num_labels=3)
-VISION = dict(num_channels=3, num_labels=3)
-
-
-# ----- tiny models and batches ---------------------------------------------------------------------------------
-def _base(name: str) -> nn.Module:
-    if name == "bert":
-        return BertForSequenceClassification(BertConfig(**TEXT))
-    if name == "roberta":
-        return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **TEXT))
-    if name == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1))
-    if name == "vit":
-        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2,
-                                                   num_attention_heads=2, intermediate_size=32, **VISION))
-    if name == "swin":
-        return SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1],
-                                                     num_heads=[1, 2], window_size=2, **VISION))
-    raise AssertionError(name)
+BUILDERS = {"bert": lambda: tiny_bert(num_labels=3), "roberta": lambda: tiny_roberta(num_labels=3),
+            "llama": tiny_llama, "vit": tiny_vit, "swin": tiny_swin}  # shared tiny configs, 3 labels
 
 
 TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
@@ -69,7 +39,7 @@ def peft_model(name: str, lora_dropout: float = 0.0):
     head = None if name in TASKS else ["classifier"]
     config = LALoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[name], task_type=TASKS.get(name),
                           modules_to_save=head, lora_dropout=lora_dropout)
-    model = get_peft_model(_base(name), config).eval()
+    model = get_peft_model(BUILDERS[name](), config).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero B so that A's gradient is non-zero too
         for pname, param in model.named_parameters():

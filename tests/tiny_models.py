@@ -20,14 +20,14 @@ TEXT_KW = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attentio
                max_position_embeddings=64, num_labels=2)
 
 
-def tiny_bert(seed: int = 0):
+def tiny_bert(seed: int = 0, num_labels: int = 2):
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(**TEXT_KW)).eval()
+    return BertForSequenceClassification(BertConfig(**{**TEXT_KW, "num_labels": num_labels})).eval()
 
 
-def tiny_roberta(seed: int = 0):
+def tiny_roberta(seed: int = 0, num_labels: int = 2):
     torch.manual_seed(seed)
-    return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **TEXT_KW)).eval()
+    return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **{**TEXT_KW, "num_labels": num_labels})).eval()
 
 
 def tiny_vit(seed: int = 0, num_labels: int = 3):

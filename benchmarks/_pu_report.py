@@ -21,6 +21,37 @@ def mean_std(values) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+BASELINES = ("dplora", "ffa", "rolora")
+
+
+def paired(groups, a, b, eps) -> tuple | None:
+    """Mean and std over seeds of accuracy(a) - accuracy(b), paired by seed (same clients, same head init)."""
+    by_seed = {r["seed"]: r["test_accuracy"] for r in groups.get((b, eps), [])}
+    diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in groups.get((a, eps), []) if r["seed"] in by_seed]
+    return mean_std(diffs) + (len(diffs),) if diffs else None
+
+
+def comparison_lines(groups, epsilons) -> list:
+    """The issue's two questions, per ε: LA-LoRA minus the best baseline (by mean), and the gap to non-private."""
+    lines = ["| ε | best baseline | LA-LoRA − best baseline (paired by seed) | LA-LoRA − LA-LoRA w/o filter | "
+             "non-private − LA-LoRA |", "|---|---|---|---|---|"]
+    nonprivate = groups.get(("nonprivate", None))
+    for eps in epsilons:
+        present = [m for m in BASELINES if (m, eps) in groups]
+        if ("lalora", eps) not in groups or not present:
+            continue
+        best = max(present, key=lambda m: mean_std([r["test_accuracy"] for r in groups[(m, eps)]])[0])
+        cells = []
+        for other in (best, "lalora_nofilter"):
+            d = paired(groups, "lalora", other, eps)
+            cells.append("" if d is None else f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f} (n={d[2]})")
+        gap = ""
+        if nonprivate:
+            gap = f"{100 * (mean_std([r['test_accuracy'] for r in nonprivate])[0] - mean_std([r['test_accuracy'] for r in groups[('lalora', eps)]])[0]):.2f}"
+        lines.append(f"| {eps:g} | {LABELS[best]} | {cells[0]} | {cells[1]} | {gap} |")
+    return lines
+
+
 def write_table(path, command, settings, runs, wall) -> str:
     groups = final_groups(runs)
     epsilons = sorted({e for (_, e) in groups if e is not None})
@@ -47,6 +78,7 @@ def write_table(path, command, settings, runs, wall) -> str:
         if e is not None:
             sigmas[e] = group[0]["noise_multiplier"]
     reached = {e: max(r["epsilon_reached"] for (m, ee), g in groups.items() if ee == e for r in g) for e in epsilons}
+    lines += [""] + comparison_lines(groups, epsilons)
     lines += ["", "Noise multiplier σ and the largest ε reached by any client (δ = "
               f"{next((r['delta'] for r in runs if r.get('delta')), None)}): " +
               ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons), "",
@@ -85,9 +117,9 @@ def plot(path, runs, settings) -> None:
     ax.set_xlabel("target ε (sample-level, per client)")
     ax.set_ylabel("test accuracy (%)")
     layers = settings.get("layers")
-    ax.set_title(f"{settings['model'].split('/')[-1]}{f' ({layers} layers)' if layers else ''} on "
+    ax.set_title(f"{settings['model'].split(' (')[0].split('/')[-1]}{f' ({layers} layers)' if layers else ''} on "
                  f"{settings['task']}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
-                 f"{settings['local_steps']} steps", fontsize=9)
+                 f"{settings['local_steps']} steps" + (", head frozen" if settings.get("head") == "frozen" else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

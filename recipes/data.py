@@ -174,7 +174,7 @@ def load_image_dataset(name: str) -> tuple[datasets.DatasetDict, int]:
     batch into tensors. Labels are in `labels`.
     """
     if name not in IMAGE_DATASETS:
-        raise ValueError(f"`dataset_name` must be one of {sorted(IMAGE_DATASETS)} or 'digits', got {name!r}.")
+        raise ValueError(f"`dataset_name` must be one of {sorted(IMAGE_DATASETS)}, 'digits', 'mnist' or 'fashion_mnist', got {name!r}.")
     hub_id, image_column, label_column, eval_split = IMAGE_DATASETS[name]
     raw = datasets.load_dataset(hub_id)
     splits = datasets.DatasetDict(train=raw["train"], test=raw[eval_split])

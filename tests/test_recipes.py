@@ -73,6 +73,30 @@ def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
+def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(tmp_path):
+    # Prepare: a tiny 1-channel 28x28 ViT checkpoint (stands in for benchmarks/fashion_vit.py's), 10 labels
+    import torch
+    from safetensors.torch import load_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ckpt = tmp_path / "tiny_grey_vit"
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32, num_labels=10)).save_pretrained(ckpt)
+    out_dir = tmp_path / "out"
+    flags = ["--model_name_or_path", str(ckpt), "--dataset_name", "mnist", "--max_train_samples", "200",
+             "--max_eval_samples", "50", "--dirichlet_alpha", "1.0", "--output_dir", str(out_dir)] + SMALL_FED
+    # Execute
+    stdout = _launch("fed_vision.py", flags, tmp_path)
+    # Assert: it trained on the mnist data, and the saved head is a new one, not the checkpoint's
+    _assert_artifacts(out_dir, stdout)
+    assert '"dataset": "mnist"' in stdout
+    saved = load_file(str(out_dir / "adapter_model.safetensors"))
+    head = next(v for k, v in saved.items() if "classifier" in k and k.endswith("weight"))
+    original = load_file(str(ckpt / "model.safetensors"))["classifier.weight"]
+    assert head.shape == original.shape and not torch.allclose(head, original, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_fed_vision_runs_a_swin_checkpoint_with_a_dirichlet_split(tmp_path):
     # Prepare: a tiny Swin saved from a config (the backend `auto` must pick exact per-sample gradients)

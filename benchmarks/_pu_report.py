@@ -117,7 +117,8 @@ def plot(path, runs, settings) -> None:
     ax.set_xlabel("target ε (sample-level, per client)")
     ax.set_ylabel("test accuracy (%)")
     layers = settings.get("layers")
-    ax.set_title(f"{settings['model'].split(' (')[0].split('/')[-1]}{f' ({layers} layers)' if layers else ''} on "
+    depth = f" ({layers} layer{'s' if layers != 1 else ''})" if layers else ""
+    ax.set_title(f"{settings['model'].split(' (')[0].split('/')[-1]}{depth} on "
                  f"{settings['task']}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
                  f"{settings['local_steps']} steps" + (", head frozen" if settings.get("head") == "frozen" else ""), fontsize=9)
     ax.grid(alpha=0.3)

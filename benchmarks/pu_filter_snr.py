@@ -9,11 +9,18 @@ noise is N(0, (sigma C / B)^2) per coordinate with the benchmark's sigma and bat
 raw and filtered (white noise keeps 70/256 = 0.273 of its energy), and the cosine of the noisy gradient with g.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_filter_snr.py
+    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_filter_snr.py --vision fashion-vit
+    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_filter_snr.py --head frozen \
+        --name privacy_utility_frozen_head
+Any `privacy_utility.py` flag selects the setting; sigma per epsilon is read from that setting's results JSON
+(`<out>/<name>.json`) when it exists, else the text track's values below are used.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import warnings
 
@@ -47,11 +54,29 @@ def clipped_mean(model, params, names, dataset, collator, n: int) -> dict:
     return {k: v / n for k, v in acc.items()}
 
 
-def main() -> None:
+def short(name: str) -> str:
+    """'layer 0 query.lora_B' from a peft parameter name (BERT and ViT)."""
+    layer = re.search(r"layer\.(\d+)\.", name)
+    return f"layer {layer.group(1) if layer else '?'} " + name.split("attention.")[-1].split(".default")[0].replace("self.", "")
+
+
+def sigmas_of(path: str) -> dict:
+    """{epsilon: sigma} of a finished privacy_utility run (its calibrated noise multipliers), else SIGMAS."""
+    if not os.path.exists(path):
+        return SIGMAS
+    with open(path) as handle:
+        runs = json.load(handle)["runs"]
+    return {r["epsilon_target"]: r["noise_multiplier"] for r in runs if r["epsilon_target"] is not None}
+
+
+def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    opts = privacy_utility.parse([])
-    setup = _pu_setup.text_setup(opts)
+    opts = privacy_utility.parse(sys.argv[1:] if argv is None else argv)
+    setup = _pu_setup.fashion_transfer_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
+    sigmas = sigmas_of(os.path.join(opts.out, opts.name + ".json"))
+    print(f"# setting: {' '.join(sys.argv[1:] if argv is None else argv) or 'text track defaults'}; sigma by epsilon "
+          f"{ {k: round(v, 3) for k, v in sorted(sigmas.items())} }")
     model = setup.build_model("dplora", 0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,9 +87,9 @@ def main() -> None:
         names = [k for k in params if f"lora_{active}" in k or "classifier" in k]
         g_all = clipped_mean(model, params, names, setup.clients[0], setup.collator, 128)
         total = torch.sqrt(sum((g ** 2).sum() for g in g_all.values()))
-        head = torch.sqrt(sum((g ** 2).sum() for k, g in g_all.items() if "classifier" in k))
+        head = torch.sqrt(sum(((g ** 2).sum() for k, g in g_all.items() if "classifier" in k), torch.tensor(0.0)))
         print(f"active {active}: |clipped mean gradient| = {total:.4f}, of which the head {head:.4f}")
-        for eps, sigma in SIGMAS.items():
+        for eps, sigma in sorted(sigmas.items()):
             std = sigma * opts.clip / opts.batch_size
             for k, g in g_all.items():
                 if "classifier" in k:
@@ -76,7 +101,7 @@ def main() -> None:
                 cos = torch.nn.functional.cosine_similarity
                 c_raw = float(cos((g + xi).flatten(1), g.flatten()[None]).mean())
                 c_f = float(cos(torch.stack([lowpass(g + x, dim) for x in xi]).flatten(1), g.flatten()[None]).mean())
-                print(f"  eps={eps} sigma={sigma:.3f} {k.split('attention.self.')[-1].split('.default')[0]:14s} "
+                print(f"  eps={eps} sigma={sigma:.3f} {short(k):22s} "
                       f"|g|={g.norm():.2e} |Fg|/|g|={fg.norm() / g.norm():.3f} SNR raw={snr:.2e} "
                       f"filtered={snr_f:.2e} (x{snr_f / snr:.2f}) cos(noisy,g)={c_raw:+.4f} filtered {c_f:+.4f}")
     a = next(p for k, p in params.items() if "lora_A" in k)

@@ -119,7 +119,7 @@ def plot(path, runs, settings) -> None:
     layers = settings.get("layers")
     depth = f" ({layers} layer{'s' if layers != 1 else ''})" if layers else ""
     ax.set_title(f"{settings['model'].split(' (')[0].split('/')[-1]}{depth} on "
-                 f"{settings['task']}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
+                 f"{settings['task'].split(' (')[0]}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
                  f"{settings['local_steps']} steps" + (", head frozen" if settings.get("head") == "frozen" else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

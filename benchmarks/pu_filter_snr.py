@@ -56,7 +56,7 @@ def clipped_mean(model, params, names, dataset, collator, n: int) -> dict:
 
 def short(name: str) -> str:
     """'layer 0 query.lora_B' from a peft parameter name (BERT and ViT)."""
-    layer = re.search(r"layer\.(\d+)\.", name)
+    layer = re.search(r"layers?\.(\d+)\.", name)
     return f"layer {layer.group(1) if layer else '?'} " + name.split("attention.")[-1].split(".default")[0].replace("self.", "")
 
 

@@ -49,7 +49,7 @@ def comparison_lines(groups, epsilons) -> list:
         if nonprivate:
             gap = f"{100 * (mean_std([r['test_accuracy'] for r in nonprivate])[0] - mean_std([r['test_accuracy'] for r in groups[('lalora', eps)]])[0]):.2f}"
         lines.append(f"| {eps:g} | {LABELS[best]} | {cells[0]} | {cells[1]} | {gap} |")
-    return lines
+    return lines if len(lines) > 2 else []
 
 
 def write_table(path, command, settings, runs, wall) -> str:

@@ -150,6 +150,24 @@ def vision_setup(opts) -> Setup:
     return Setup(shards, val, test, data.ImageCollator(processor), build_model, description)
 
 
+def setup_of(opts) -> Setup:
+    """The setup that `opts` names: the offline vision track, a hub image model, or text (the default)."""
+    if opts.vision == FASHION_VIT:
+        return fashion_transfer_setup(opts)
+    return vision_setup(opts) if opts.vision else text_setup(opts)
+
+
+def probe_model(setup: Setup, b_std: float = 0.02):
+    """The gradient probes' model: DP-LoRA at seed 0 with B drawn from N(0, b_std), so that A's gradient is not
+    zero (at init B = 0)."""
+    model = setup.build_model("dplora", 0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, b_std)
+    return model
+
+
 def freeze_head(model):
     """Ablation (`--head frozen`): the new classifier keeps its random initialisation, so that the LoRA factors
     carry all of the learning and take the whole clipped gradient (peft always adds the head of a SEQ_CLS model

@@ -200,10 +200,7 @@ def main(argv=None) -> dict:
     command = "PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py " + \
         " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     t0 = time.time()
-    if opts.vision == _pu_setup.FASHION_VIT:
-        setup = _pu_setup.fashion_transfer_setup(opts)
-    else:
-        setup = _pu_setup.vision_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
+    setup = _pu_setup.setup_of(opts)
     settings = settings_of(opts, setup)
     print(json.dumps(settings), flush=True)
     configs = configurations(opts)

@@ -73,15 +73,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     opts = privacy_utility.parse(sys.argv[1:] if argv is None else argv)
-    setup = _pu_setup.fashion_transfer_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
+    setup = _pu_setup.setup_of(opts)
     sigmas = sigmas_of(os.path.join(opts.out, opts.name + ".json"))
     print(f"# setting: {' '.join(sys.argv[1:] if argv is None else argv) or 'text track defaults'}; sigma by epsilon "
           f"{ {k: round(v, 3) for k, v in sorted(sigmas.items())} }")
-    model = setup.build_model("dplora", 0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
+    model = _pu_setup.probe_model(setup)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     for active, dim in (("B", 0), ("A", 1)):
         names = [k for k in params if f"lora_{active}" in k or "classifier" in k]

@@ -37,12 +37,8 @@ def group_of(name: str) -> str | None:
 
 def shares(argv: list, n: int = 128, clip: float = 1.0) -> dict:
     opts = privacy_utility.parse(argv)
-    setup = _pu_setup.fashion_transfer_setup(opts) if opts.vision else _pu_setup.text_setup(opts)
-    model = setup.build_model("dplora", 0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0.0, 0.02)
+    setup = _pu_setup.setup_of(opts)
+    model = _pu_setup.probe_model(setup)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     norms = {"head": [], "A": [], "B": [], "all": [], "lora share after clipping": []}
     model.train()

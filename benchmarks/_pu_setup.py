@@ -65,11 +65,8 @@ def text_setup(opts) -> Setup:
     test = data.limit(raw["test"], opts.test_size, seed=opts.partition_seed)
     if opts.client_split == "movie":
         shards = data.split_by_group(train, "movie", opts.num_clients, seed=opts.partition_seed)
-    elif opts.client_split == "dirichlet-balanced":
-        shards = balanced_dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed)
     else:
-        shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
-                                  min_size=opts.batch_size)
+        shards = label_skew_shards(train, opts)
 
     def tok(ds):
         return data.tokenize(ds, tokenizer, columns, opts.max_seq_length)
@@ -190,11 +187,7 @@ def fashion_transfer_setup(opts) -> Setup:
     raw = mnist_data.load_mnist_5k(test_size=opts.test_size)
     train, val = _val_split(raw["train"], opts.val_size, opts.partition_seed)
     train = data.limit(train, opts.train_examples, seed=opts.partition_seed)
-    if opts.client_split == "dirichlet-balanced":
-        shards = balanced_dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed)
-    else:
-        shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
-                                  min_size=opts.batch_size)
+    shards = label_skew_shards(train, opts)
 
     def build_model(method: str, seed: int):
         torch.manual_seed(seed)  # the new head and LoRA A's init depend on the training seed
@@ -215,6 +208,13 @@ def fashion_transfer_setup(opts) -> Setup:
                    "client_sizes": [len(s) for s in shards], "val_examples": len(val), "test_examples": len(raw["test"]),
                    "client_split": opts.client_split, "dirichlet_alpha": opts.dirichlet_alpha, "head": opts.head}
     return Setup(shards, val, raw["test"], data.ImageCollator(), build_model, description)
+
+
+def label_skew_shards(train, opts) -> list:
+    """Dirichlet(`dirichlet_alpha`) label-skewed clients: of equal size (`dirichlet-balanced`) or not (`dirichlet`)."""
+    if opts.client_split == "dirichlet-balanced":
+        return balanced_dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed)
+    return dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed, min_size=opts.batch_size)
 
 
 def dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int, min_size: int):

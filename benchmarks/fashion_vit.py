@@ -20,7 +20,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,12 +42,8 @@ def settings_key(config: dict, training: dict) -> str:
 
 
 def _arrays(directory: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    paths = [os.path.join(directory, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
-    if not all(os.path.exists(p) for p in paths):
-        raise FileNotFoundError(f"Fashion-MNIST not found in {directory!r}: `{mnist_data.FASHION_MNIST_INSTALL}`.")
-    images = torch.from_numpy(mnist_data.to_images(mnist_data.read_idx(paths[0])))
-    return images, torch.from_numpy(mnist_data.read_idx(paths[1]).astype(np.int64))
+    images, labels = mnist_data.fashion_mnist_arrays(split, directory)
+    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 @torch.no_grad()

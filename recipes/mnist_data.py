@@ -51,20 +51,25 @@ def image_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
     return ds.with_format("torch")
 
 
+def fashion_mnist_arrays(split: str, directory: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (N, 1, 28, 28) in [-1, 1], labels int64 (N,)) of Fashion-MNIST's `split` ('train' or
+    'test') from the Debian package's idx files."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    paths = [os.path.join(directory, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST file {missing[0]!r} not found (`directory`={directory!r}). "
+                                f"Install it with `{FASHION_MNIST_INSTALL}`.")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if len(images) != len(labels):
+        raise ValueError(f"{paths[0]!r} has {len(images)} images but {paths[1]!r} {len(labels)} labels.")
+    return to_images(images), labels.astype(np.int64)
+
+
 def load_fashion_mnist(directory: str = FASHION_MNIST_DIR) -> datasets.DatasetDict:
-    """Fashion-MNIST's 60,000 training and 10,000 test images from the Debian package's idx files."""
-    splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        paths = [os.path.join(directory, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"Fashion-MNIST file {missing[0]!r} not found (`directory`={directory!r}). "
-                                    f"Install it with `{FASHION_MNIST_INSTALL}`.")
-        images, labels = read_idx(paths[0]), read_idx(paths[1])
-        if len(images) != len(labels):
-            raise ValueError(f"{paths[0]!r} has {len(images)} images but {paths[1]!r} {len(labels)} labels.")
-        splits[split] = image_dataset(to_images(images), labels)
-    return datasets.DatasetDict(splits)
+    """Fashion-MNIST's 60,000 training and 10,000 test images as `datasets` splits."""
+    return datasets.DatasetDict({split: image_dataset(*fashion_mnist_arrays(split, directory))
+                                 for split in ("train", "test")})
 
 
 def mnist_5k_path() -> str:

@@ -249,3 +249,18 @@ def test_bad_dp_arguments(kwargs, match):
     args = {"noise_multiplier": 1.0, "per_sample_max_grad_norm": 1.0, **kwargs}
     with pytest.raises(ConfigError, match=match):
         DPOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), **args)
+
+
+def test_noise_is_drawn_and_summed_in_float32_for_a_bfloat16_adapter():
+    # Prepare: a bf16 parameter with zero per-sample gradients, so the privatised gradient is the noise alone
+    param = torch.nn.Parameter(torch.zeros(400, 250, dtype=torch.bfloat16))
+    opt = DPOptimizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=2.0, per_sample_max_grad_norm=0.5,
+                      generator=torch.Generator().manual_seed(0))
+    grad_samples = {"w": torch.zeros(4, 400, 250, dtype=torch.bfloat16)}
+    # Execute
+    noisy = opt.privatize(grad_samples, {"w": param}, expected_batch_size=4)["w"]
+    # Assert: float32 noise of std sigma * C / B, not rounded to bfloat16's 8-bit mantissa
+    assert noisy.dtype == torch.float32
+    assert abs(float(noisy.std()) / (2.0 * 0.5 / 4) - 1) < 0.01
+    off_grid = (noisy != noisy.to(torch.bfloat16).to(torch.float32)).float().mean()
+    assert off_grid > 0.9

@@ -3,7 +3,7 @@
     clip      per-sample clipping of the joint L2 norm of the active tensors to a fixed C; a non-finite
               per-sample gradient is dropped (counted), never averaged in
     sum       over the examples of the (Poisson) batch
-    noise     + N(0, (sigma * C)^2) on every coordinate of every active tensor
+    noise     + N(0, (sigma * C)^2) on every coordinate of every active tensor, in at least float32
     scale     / expected batch size (q * n_k, not the realised size, which would leak it)
     lowpass   Gaussian low-pass filter on the active LoRA factor (post-processing: no privacy cost)
     inner     the wrapped optimizer's step (SGD by default); inactive tensors have `.grad = None` and never move
@@ -76,15 +76,21 @@ class DPOptimizer:
         for name, g in grad_samples.items():
             if bool(dropped.any()):
                 g = torch.where(dropped.view((-1,) + (1,) * (g.dim() - 1)), torch.zeros_like(g), g)
-            out[name] = torch.einsum("b...,b->...", g, factors.to(g.dtype))
+            acc = torch.promote_types(g.dtype, torch.float32)  # bf16 gradients are summed in float32
+            out[name] = torch.einsum("b...,b->...", g.to(acc), factors.to(acc))
         return out
 
     def add_noise(self, summed: dict) -> dict:
+        """+ N(0, (sigma C)^2), drawn in at least float32 (a bfloat16 draw would keep 8 bits of the noise)."""
         if self.noise_multiplier == 0.0:
             return summed
         std = self.noise_multiplier * self.max_grad_norm
-        return {name: s + torch.normal(0.0, std, s.shape, device=s.device, dtype=s.dtype, generator=self.generator)
-                for name, s in summed.items()}
+        out = {}
+        for name, s in summed.items():
+            dtype = torch.promote_types(s.dtype, torch.float32)
+            out[name] = s.to(dtype) + torch.normal(0.0, std, s.shape, device=s.device, dtype=dtype,
+                                                   generator=self.generator)
+        return out
 
     def lowpass(self, grads: dict) -> dict:
         if self.lowpass_kernel is None:
@@ -100,7 +106,8 @@ class DPOptimizer:
         if grad_samples and next(iter(grad_samples.values())).shape[0] > 0:
             summed = self.sum_clipped(grad_samples, self.clip_factors(grad_samples))
         else:  # an empty Poisson batch: a noise-only step, accounted like any other
-            summed = {name: torch.zeros_like(p) for name, p in params.items()}
+            summed = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                      for name, p in params.items()}
         noisy = self.add_noise(summed)
         scaled = {name: g / expected_batch_size for name, g in noisy.items()}
         return self.lowpass(scaled)

@@ -336,3 +336,18 @@ def test_unknown_client_and_bad_steps():
     with pytest.raises(ConfigError, match="`steps` must be an integer >= 0, got -1"):
         ledger.charge(0, -1)
     assert ledger.steps(0) == 0
+
+
+def test_calibration_tolerance_is_relative_for_small_targets():
+    # An absolute 0.01 would accept epsilon 0.29 for a target of 0.3 (3 % more noise than needed).
+    target = 0.3
+    sigma = calibrate_noise_multiplier(target_epsilon=target, target_delta=DELTA, sample_rate=0.1, steps=10)
+    reached = compute_epsilon(noise_multiplier=sigma, sample_rate=0.1, steps=10, delta=DELTA)
+    assert target * (1 - 1e-3) <= reached <= target
+
+
+def test_calibration_warns_when_sigma_is_beyond_any_useful_range():
+    floor = compute_epsilon(noise_multiplier=1e6, sample_rate=0.1, steps=10, delta=DELTA)
+    with pytest.warns(LALoraWarning, match="drowns any gradient"):
+        sigma = calibrate_noise_multiplier(target_epsilon=floor * 1.01, target_delta=DELTA, sample_rate=0.1, steps=10)
+    assert sigma > 50

@@ -31,6 +31,8 @@ __all__ = ["ACCOUNTANTS", "PrivacyLedger", "calibrate_noise_multiplier", "comput
 ACCOUNTANTS = ("rdp", "prv")
 MAX_NOISE_MULTIPLIER = 1e6  # calibration never searches above this sigma (same bound as opacus)
 _MAX_BISECTIONS = 200
+USEFUL_NOISE_MULTIPLIER = 50.0  # above this sigma the noise drowns any gradient signal: warn
+EPSILON_RTOL = 1e-3  # calibration: epsilon within target * (1 - EPSILON_RTOL) and target
 _STATE_FORMAT, _STATE_VERSION = "peft_lalora.PrivacyLedger", 1
 REPORT_UNIT = "one example of one client"
 
@@ -139,12 +141,14 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "rdp",
-    epsilon_tolerance: float = 0.01,
+    epsilon_tolerance: float | None = None,
 ) -> float:
     """The smallest sigma (binary search) whose epsilon after `steps` steps at `sample_rate` is within the target.
 
     Pass the worst-case client: the largest q and the steps of a client that takes part in every round
-    (num_rounds x local_steps). The returned sigma gives target - epsilon_tolerance <= epsilon <= target.
+    (num_rounds x local_steps). The returned sigma gives target - epsilon_tolerance <= epsilon <= target;
+    the default tolerance is relative, `EPSILON_RTOL` x target (an absolute 0.01 would over-noise small targets).
+    A sigma above `USEFUL_NOISE_MULTIPLIER` (a target just above the smallest feasible epsilon) is warned about.
 
     Raises:
         ConfigError: on invalid arguments, or when even sigma = 1e6 cannot meet the target (the message gives the
@@ -155,8 +159,10 @@ def calibrate_noise_multiplier(
     q = _check_q(sample_rate)
     n = _steps("steps", steps, minimum=1)
     acc = _check_accountant(accountant)
+    if epsilon_tolerance is None:
+        epsilon_tolerance = EPSILON_RTOL * target
     tol = _real("epsilon_tolerance", epsilon_tolerance, "a number in (0, target_epsilon)",
-                lambda v: 0.0 < v < target, "Use a small positive tolerance such as 0.01.")
+                lambda v: 0.0 < v < target, "Use a small positive tolerance such as 0.001 * target_epsilon.")
 
     def eps(sigma: float) -> float:
         return _epsilon_of_history([(sigma, q, n)], delta, acc)
@@ -172,8 +178,10 @@ def calibrate_noise_multiplier(
     start = 1.0
     if acc == "prv" and _epsilon_of_history([(MAX_NOISE_MULTIPLIER, q, n)], delta, "rdp") < target:
         # PRV is slow at small sigma: start the search at the RDP answer, which is close and usually above.
-        start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=n,
-                                           epsilon_tolerance=max(tol, 0.05 * target))
+        with warnings.catch_warnings():  # only a starting point: the answer below warns if it must
+            warnings.simplefilter("ignore", LALoraWarning)
+            start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=n,
+                                               epsilon_tolerance=max(tol, 0.05 * target))
     lo, hi, eps_hi = _bracket(eps, target, start, floor)
     hi, eps_hi = _bisect(eps, target, tol, lo, hi, eps_hi)
     if target - eps_hi > tol:
@@ -181,6 +189,15 @@ def calibrate_noise_multiplier(
             f"Noise calibration stopped at sigma={hi:.6g} with epsilon={eps_hi:.4f}, more than "
             f"`epsilon_tolerance`={tol} below `target_epsilon`={target} (the accountant is not continuous here); "
             "the guarantee holds but is conservative.",
+            LALoraWarning,
+            stacklevel=2,
+        )
+    if hi > USEFUL_NOISE_MULTIPLIER:
+        warnings.warn(
+            f"`target_epsilon`={target} is only just above the smallest epsilon this schedule can reach "
+            f"({floor:.4f} with infinite noise; delta={delta}, q={q:.6g}, steps={n}): it needs sigma={hi:.4g}, whose "
+            f"noise drowns any gradient (above {USEFUL_NOISE_MULTIPLIER:g} nothing useful is learned). Raise "
+            "`target_epsilon`, or lower the steps or the sample rate.",
             LALoraWarning,
             stacklevel=2,
         )

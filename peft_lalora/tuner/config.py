@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -88,6 +89,9 @@ class LALoraConfig(LoraConfig):
             raise ConfigError("`first_factor` must be 'B' with `alternation='freeze_a'` (A never trains), got 'A'.")
         if self.lowpass is None:
             self.lowpass = self.alternation == "local"
+        if not isinstance(self.lowpass, bool):
+            raise ConfigError(f"`lowpass` must be True, False or None (the method's default), got {self.lowpass!r} of "
+                              f"type {type(self.lowpass).__name__}; a string such as 'false' would count as true.")
         self.lowpass_kernel = _check_kernel(self.lowpass_kernel)
 
     @classmethod
@@ -110,10 +114,16 @@ def _check_positive(name: str, value) -> None:
 
 
 def _check_kernel(kernel) -> tuple:
+    if isinstance(kernel, (str, bytes)):
+        raise ConfigError(f"`lowpass_kernel` must be a sequence of numbers such as (1, 4, 6, 4, 1), got the string "
+                          f"{kernel!r} (its characters would be read as digits).")
     try:
-        values = tuple(float(k) for k in kernel)
+        items = tuple(kernel)
     except TypeError as exc:
         raise ConfigError(f"`lowpass_kernel` must be a sequence of numbers, got {kernel!r}.") from exc
+    if not all(isinstance(k, numbers.Real) and not isinstance(k, bool) for k in items):
+        raise ConfigError(f"`lowpass_kernel` must hold numbers, got {kernel!r}: pass e.g. (1, 4, 6, 4, 1).")
+    values = tuple(float(k) for k in items)
     if not values:
         raise ConfigError("`lowpass_kernel` must not be empty; use the default (1, 4, 6, 4, 1) or set `lowpass=False`.")
     if any(not math.isfinite(v) or v < 0 for v in values):

@@ -153,7 +153,8 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
                       accountant=opts.accountant, seed=seed, report_to=[], disable_tqdm=True, eval_rounds=0,
                       save_strategy="no", logging_strategy="no", use_cpu=opts.device == "cpu",
                       remove_unused_columns=opts.vision is None, local_optimizer=opts.optimizer, weight_decay=0.0)
-        kwargs.update(dp=True, target_epsilon=epsilon) if private else kwargs.update(dp=False)
+        # research: the noise is fixed by the seed so that every committed number can be re-run (no guarantee)
+        kwargs.update(dp=True, target_epsilon=epsilon, noise_seed=seed) if private else kwargs.update(dp=False)
         args = FederatedDPArguments(**kwargs)
         trainer = FederatedDPTrainer(model=model, args=args, client_datasets=setup.clients,
                                      data_collator=setup.collator, compute_metrics=_accuracy)

@@ -7,6 +7,7 @@ LALoraConfig(...))` and `PeftModel.from_pretrained(...)` work.
 from .errors import (
     AdapterLoadError,
     CheckpointMismatchError,
+    ClientDataError,
     ConfigError,
     HubError,
     LALoraError,
@@ -34,6 +35,7 @@ def __getattr__(name):  # the Trainer pulls in accelerate: import it only when a
 __all__ = [
     "AdapterLoadError",
     "CheckpointMismatchError",
+    "ClientDataError",
     "ConfigError",
     "FederatedDPArguments",
     "FederatedDPTrainer",

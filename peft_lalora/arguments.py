@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
+from .training_arguments import refuse_ignored_training_arguments
 
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
@@ -62,8 +63,20 @@ class FederatedDPArguments(TrainingArguments):
     local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
     per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
     label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
+    noise_seed: Optional[int] = field(default=None, metadata={
+        "help": "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
+                "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
+                "refuses. Default None: secret randomness from the operating system, kept in the private checkpoint."})
+    allow_fixed_noise_seed: bool = field(default=False, metadata={
+        "help": "Allow push_to_hub of a run whose `noise_seed` was fixed (its privacy report says it is not private)."})
+    # The federated loop's own defaults for TrainingArguments fields it reads differently (schedules over rounds).
+    lr_scheduler_type: str = field(default="constant", metadata={
+        "help": "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
+                "one value per round, times `round_lr_decay` ** round."})
 
     def __post_init__(self):
+        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed"):
+            _bool(name, getattr(self, name))
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):
             # The Trainer's global clipping would log a non-private gradient norm; DP clips per example instead.
@@ -71,6 +84,7 @@ class FederatedDPArguments(TrainingArguments):
         self.validate()
 
     def validate(self) -> None:
+        refuse_ignored_training_arguments(self)
         _int_at_least("num_clients", self.num_clients, 1)
         _int_at_least("clients_per_round", self.clients_per_round, 1)
         if self.clients_per_round > self.num_clients:
@@ -94,8 +108,17 @@ class FederatedDPArguments(TrainingArguments):
         _choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
         if not 0 <= self.local_momentum < 1:
             raise ConfigError(f"`local_momentum` must be in [0, 1), got {self.local_momentum!r}.")
+        if self.noise_seed is not None:
+            _int_at_least("noise_seed", self.noise_seed, 0)
         if self.dp:
             self._validate_dp()
+        else:
+            given = [n for n in ("target_epsilon", "target_delta", "noise_multiplier", "noise_seed")
+                     if getattr(self, n) is not None]
+            if given:
+                raise ConfigError(f"`dp=False` trains without any privacy, but DP settings were given: "
+                                  f"{', '.join(f'`{n}`={getattr(self, n)!r}' for n in given)}. Drop them for the "
+                                  "non-private baseline, or keep `dp=True` for a private run.")
 
     def _validate_dp(self) -> None:
         if self.gradient_accumulation_steps != 1:
@@ -119,14 +142,31 @@ class FederatedDPArguments(TrainingArguments):
                               "min(1e-5, 1 / n) for the smallest client.")
         _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
         _choice("accountant", self.accountant, ACCOUNTANTS)
+        if self.noise_seed is not None:
+            warnings.warn(f"`noise_seed`={self.noise_seed} fixes the DP noise and the Poisson batches: anyone who "
+                          "knows it can re-create them, so this run has NO differential-privacy guarantee, whatever "
+                          "epsilon it reports. Use it for tests and research only; leave it None for a private run.",
+                          LALoraWarning, stacklevel=3)
 
     def privacy_settings(self) -> dict:
         """The settings a resumed run must share with the checkpoint it resumes (R11)."""
         names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
                  "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
                  "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",
-                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay")
-        return {n: getattr(self, n) for n in names}
+                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "lr_scheduler_type",
+                 "warmup_steps", "bf16")
+        return {n: _plain(getattr(self, n)) for n in names}
+
+
+def _plain(value):
+    """Enum-valued TrainingArguments fields as their string values (JSON, and equal across a resume)."""
+    return getattr(value, "value", value)
+
+
+def _bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{name}` must be a bool (True or False), got {value!r} of type {type(value).__name__}; "
+                          "a string such as 'False' would count as true.")
 
 
 def _int_at_least(name: str, value, minimum: int) -> None:

@@ -31,6 +31,11 @@ class CheckpointMismatchError(LALoraError, ValueError):
     """A checkpoint was written with different privacy-relevant settings than the run resuming it."""
 
 
+class ClientDataError(LALoraError, ValueError):
+    """Every client's data fails the same way (a user error: raised before any budget is charged), or all
+    clients of a round failed."""
+
+
 class HubError(LALoraError):
     """Pushing to or loading from the Hugging Face Hub failed; local artifacts are untouched."""
 

@@ -17,25 +17,30 @@ import time
 import warnings
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from .arguments import FederatedDPArguments
-from .errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
+from .errors import CheckpointMismatchError, ClientDataError, ConfigError, LALoraWarning, PrivacyBudgetExceededError
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns, run_local_round
+from .federated.ledger_check import checked_ledger
 from .federated.partition import partition_fingerprint, partition_indices
-from .federated.seeding import select_clients
+from .federated.preflight import PROBE_ROWS, preflight
+from .federated.seeding import secret_seed, select_clients
 from .federated.server import GlobalAdapter, RoundSum, adapter_tensor_names
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, compute_epsilon, default_delta
 from .privacy.engine import NonPrivateStep, PrivateStep
 from .privacy.sampling import sample_rate_for
+from .training_arguments import round_learning_rates
 from .tuner.model import LALoraModel
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT = "privacy_report.json"
+FIXED_SEED_WARNING = ("`noise_seed` was fixed: the DP noise and the Poisson batches can be re-created by anyone who "
+                      "knows it, so this run has NO differential-privacy guarantee, whatever epsilon says.")
 
 
 class FederatedDPTrainer(Trainer):
@@ -65,6 +70,8 @@ class FederatedDPTrainer(Trainer):
         self.ledger = None
         self._federation = None
         self.local_clients = []  # per round, the clients this process ran
+        self._train_called = False
+        self._private_seed = None  # root of the noise and the batches: secret, only in the private checkpoint
 
     # ----- setup -------------------------------------------------------------------------------------------------
     @property
@@ -105,11 +112,27 @@ class FederatedDPTrainer(Trainer):
             "fingerprint": fingerprint, "sizes": sizes, "noise_multiplier": noise_multiplier, "delta": delta,
         }
         self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
+        self._round_lrs = round_learning_rates(args)
+        self._private_seed = self._draw_private_seed()
         step_cls = PrivateStep if args.dp else NonPrivateStep
         self.stepper = step_cls(self.model, None, noise_multiplier=noise_multiplier,
                                 per_sample_max_grad_norm=args.per_sample_max_grad_norm,
                                 lowpass_kernel=config.lowpass_kernel if config.lowpass else None,
-                                backend=args.per_sample_grad_backend, adapter_name=self.adapter_name)
+                                backend=args.per_sample_grad_backend, adapter_name=self.adapter_name,
+                                autocast_dtype=torch.bfloat16 if args.bf16 else None)
+
+    def _draw_private_seed(self):
+        """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
+        for tests and research; no guarantee then), the public seed for the non-private baseline."""
+        args = self.args
+        if not args.dp:
+            return args.seed
+        if args.noise_seed is not None:
+            return args.noise_seed
+        secret = [secret_seed()]
+        if args.world_size > 1:  # every process runs a share of the clients from the same root
+            broadcast_object_list(secret, from_process=0)
+        return secret[0]
 
     def _client_shards(self) -> tuple[list, str]:
         """[(dataset, row indices or None)] per client, and a fingerprint of the split (for resume checks)."""
@@ -154,15 +177,25 @@ class FederatedDPTrainer(Trainer):
         ratios = {"A": 1.0, "B": args.lora_b_lr_ratio, "head": 1.0}
         param_groups = [{"params": p, "lr": lr * ratios[k]} for k, p in groups.items() if p]
         if args.local_optimizer == "adamw":
-            return torch.optim.AdamW(param_groups, lr=lr, weight_decay=args.weight_decay)
+            return torch.optim.AdamW(param_groups, lr=lr, weight_decay=args.weight_decay,
+                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         return torch.optim.SGD(param_groups, lr=lr, momentum=args.local_momentum, weight_decay=args.weight_decay)
 
     # ----- the loop ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Run `num_rounds` federated rounds (continuing from a checkpoint if `resume_from_checkpoint` is True or
-        a `federated_state` folder). Returns a `TrainOutput` whose `global_step` counts rounds."""
+        a `federated_state` folder). Returns a `TrainOutput` whose `global_step` counts rounds. A trainer trains
+        once: a second call would replay the same rounds, noise and batches, which no accountant covers."""
+        if self._train_called:
+            raise ConfigError("`train()` was already called on this trainer: a second call would re-run rounds "
+                              "0..num_rounds-1 with the same noise and Poisson batches, releases the accountant "
+                              "cannot count as independent. Build a new FederatedDPTrainer (and pass "
+                              "`resume_from_checkpoint=True` to finish an interrupted run).")
+        self._train_called = True
         self._setup_federation()
         start = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
+        if start < self.args.num_rounds:
+            self._preflight(start)
         args, state = self.args, self.state
         state.max_steps, state.global_step = args.num_rounds, start
         state.is_local_process_zero, state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
@@ -183,7 +216,8 @@ class FederatedDPTrainer(Trainer):
         if not args.eval_rounds and self.eval_dataset is not None:
             self.evaluate(ignore_keys=ignore_keys_for_eval)
         finite = [x for x in losses if math.isfinite(x)]
-        metrics = {"train_runtime": time.time() - start_time, "train_loss": sum(finite) / max(len(finite), 1)}
+        metrics = {"train_runtime": time.time() - start_time,
+                   "train_loss": sum(finite) / len(finite) if finite else float("nan")}
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.report()["epsilon"]
         self.control = self.callback_handler.on_train_end(args, state, self.control)
@@ -192,12 +226,14 @@ class FederatedDPTrainer(Trainer):
     def _run_round(self, round_idx: int) -> dict:
         args = self.args
         clients = select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round)
+        ledger_before = None
         if self.ledger is not None:  # refuse before anything is computed or released; charged whether it survives
+            ledger_before = self.ledger.state_dict()
             for client in clients:
                 self.ledger.check_release(client, args.local_steps)
             for client in clients:
                 self.ledger.charge(client, args.local_steps)
-        lr = args.learning_rate * args.round_lr_decay ** round_idx
+        lr = self._round_lrs[round_idx]
         total = RoundSum(self.global_adapter.names, self.global_adapter.state)
         records = []
         self.model.train()
@@ -208,8 +244,16 @@ class FederatedDPTrainer(Trainer):
         total.reduce(self.accelerator.reduce if args.world_size > 1 else None)
         records = gather_object(records) if args.world_size > 1 else records
         failed = [r for r in records if "error" in r]
+        if failed and len(failed) == len(clients):  # shared by every client: the user's error, not a dropout
+            if ledger_before is not None:  # nothing left any client: the round's charge is withdrawn
+                self.ledger = PrivacyLedger.from_state_dict(ledger_before)
+            self.global_adapter.load_into_model()
+            first = min(failed, key=lambda r: r["client"])
+            raise ClientDataError(f"Every client of round {round_idx} failed, so nothing was released or charged. "
+                                  f"Client {first['client']}: {first['error']}")
         logs = {"round": float(round_idx + 1), "learning_rate": lr, "clients": float(total.survivors),
-                "failed_clients": float(len(failed))}
+                "failed_clients": float(len(failed)),
+                "dropped_examples": float(sum(r.get("dropped", 0) for r in records))}
         for record in failed:
             logger.warning("round %d: client %d failed and was dropped: %s", round_idx, record["client"], record["error"])
         if total.survivors < args.min_clients_per_round:
@@ -233,7 +277,11 @@ class FederatedDPTrainer(Trainer):
             stats = run_local_round(tuner=self.tuner, stepper=self.stepper, shard=self._federation["shards"][client],
                                     make_optimizer=lambda: self._make_optimizer(lr), round_idx=round_idx,
                                     client=client, local_steps=self.args.local_steps,
-                                    batch_size=self.args.per_device_train_batch_size, seed=self.args.seed)
+                                    batch_size=self.args.per_device_train_batch_size, seed=self._private_seed)
+            if stats["examples"] and stats["dropped"] == stats["examples"]:  # noise only: not a healthy client
+                return {"client": client, "dropped": stats["dropped"],
+                        "error": f"FloatingPointError: all {stats['examples']} sampled examples had a non-finite "
+                                 "gradient and were dropped: the update would be noise only"}
             sent = [n for n in self.global_adapter.names if _factor(n) is None or _factor(n) in stats["factors"]]
             delta = self.global_adapter.client_delta(sent)
             if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
@@ -244,7 +292,18 @@ class FederatedDPTrainer(Trainer):
             return {"client": client, "error": f"{type(exc).__name__}: {exc}"}
         weight = 1.0 if self.args.aggregation_weights == "uniform" else float(self._federation["sizes"][client])
         total.add(delta, weight)
-        return {"client": client, "loss": stats["loss"], "examples": stats["examples"]}
+        return {"client": client, "loss": stats["loss"], "examples": stats["examples"], "dropped": stats["dropped"]}
+
+    def _preflight(self, start_round: int) -> None:
+        """Check every client's data once before anything is charged (see `federated.preflight`)."""
+        shards = self._federation["shards"]
+
+        def gradient_probe(shard):
+            self.tuner.set_trainable_factors(self.tuner.trainable_factors(start_round, 0))
+            self.stepper.probe(shard.batch(list(range(min(PROBE_ROWS, len(shard))))))
+
+        self.global_adapter.load_into_model()
+        preflight(self.model, shards, gradient_probe)
 
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -262,7 +321,8 @@ class FederatedDPTrainer(Trainer):
         if not self.args.should_save or self.args.save_strategy == "no":
             return
         server_state = {"settings": self._settings(), "log_history": self.state.log_history,
-                        "ledger": self.ledger.state_dict() if self.ledger is not None else None}
+                        "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+                        "private_seed": self._private_seed}  # private: this folder must never be published
         save_checkpoint(os.path.join(self.args.output_dir, STATE_DIR), round_idx=round_idx,
                         global_state=self.global_adapter.state, server_state=server_state)
 
@@ -275,8 +335,17 @@ class FederatedDPTrainer(Trainer):
                         for n, t in tensors.items()}
         self.global_adapter.state = device_state
         self.global_adapter.load_into_model()
-        if state.get("ledger") is not None:
-            self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
+        if self.args.dp:
+            fed, args = self._federation, self.args
+            self.ledger = checked_ledger(state, directory, seed=args.seed, num_clients=args.num_clients,
+                                         clients_per_round=args.clients_per_round, local_steps=args.local_steps,
+                                         noise_multiplier=fed["noise_multiplier"], delta=fed["delta"],
+                                         accountant=args.accountant)
+            self._private_seed = state.get("private_seed")
+            if self._private_seed is None:
+                raise CheckpointMismatchError(f"The checkpoint {directory!r} holds no private randomness "
+                                              "(`private_seed`): resuming would have to draw new noise for the "
+                                              "rounds already run. Start a fresh `output_dir`.")
         self.state.log_history = list(state.get("log_history", []))
         logger.info("resumed from %s after round %d", directory, state["round"])
         return int(state["round"]) + 1
@@ -289,6 +358,9 @@ class FederatedDPTrainer(Trainer):
             return {"epsilon": math.inf, "delta": None, "noise_multiplier": 0.0, "per_sample_max_grad_norm": None,
                     "accountant": None, "unit": "one example of one client", "dp": False, "clients": []}
         report = self.ledger.report()
+        report["secret_randomness"] = self.args.noise_seed is None
+        if self.args.noise_seed is not None:
+            report["noise_seed_warning"] = FIXED_SEED_WARNING
         report.update(dp=True, target_epsilon=self.args.target_epsilon, num_rounds=self.args.num_rounds,
                       local_steps=self.args.local_steps,
                       worst_case_epsilon=compute_epsilon(noise_multiplier=self.ledger.noise_multiplier,
@@ -324,6 +396,11 @@ class FederatedDPTrainer(Trainer):
         commit URL (None on processes other than the main one). Failures raise `HubError`; local files stay."""
         if not self.args.hub_model_id:
             raise ConfigError("`hub_model_id` must name the Hub repo to push to (e.g. 'alice/lalora-sst2'), got None.")
+        if self.args.dp and self.args.noise_seed is not None and not self.args.allow_fixed_noise_seed:
+            raise ConfigError(f"`noise_seed`={self.args.noise_seed} was fixed, so this adapter is NOT differentially "
+                              "private (the noise can be re-created from the seed): refusing to publish it. Retrain "
+                              "with `noise_seed=None`, or set `allow_fixed_noise_seed=True` to publish it anyway "
+                              "(its card and report say it is not private).")
         self.save_model(self.args.output_dir)
         if not self.is_world_process_zero():
             return None

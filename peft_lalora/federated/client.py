@@ -52,15 +52,17 @@ def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Calla
                     local_steps: int, batch_size: int, seed: int) -> dict:
     """
     Train the model (already holding the global adapter) on one client's shard for `local_steps` steps.
-    Every random draw (batches, noise, dropout) derives from (seed, round, client). Returns the factors that
-    trained (the tensors to send) and statistics.
+    Every random draw (batches, noise, dropout) derives from (seed, round, client), where `seed` is the run's
+    private root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run. Returns the
+    factors that trained (the tensors to send) and statistics, `dropped` counting examples whose gradient was
+    not finite.
     """
     sampler = generator(seed, "sample", round_idx, client)
     noise = generator(seed, "noise", round_idx, client, device=shard.device)
     torch.manual_seed(derive_seed(seed, "dropout", round_idx, client))
     stepper.reset(make_optimizer(), noise)
     sample_rate = batch_size / len(shard)
-    trained, losses, examples = set(), [], 0
+    trained, losses, examples, dropped = set(), [], 0, 0
     for step in range(local_steps):
         factors = tuner.trainable_factors(round_idx, step)
         tuner.set_trainable_factors(factors)
@@ -70,7 +72,8 @@ def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Calla
             continue  # nothing to learn from, and no privacy mechanism that must run
         out = stepper(shard.batch(indices), expected_batch_size=batch_size)
         examples += out["batch_size"]
+        dropped += out.get("dropped", 0)
         if math.isfinite(out["loss"]):
             losses.append(out["loss"])
     return {"factors": frozenset(trained), "loss": sum(losses) / len(losses) if losses else float("nan"),
-            "examples": examples}
+            "examples": examples, "dropped": dropped}

@@ -1,12 +1,15 @@
-"""Deterministic randomness of a federated run: every draw derives from (seed, what, round, client).
+"""Randomness of a federated run: every draw derives from (seed, what, round, client).
 
-Nothing random is carried from one client or round to the next, so a client's local round gives the same
-result whichever process runs it and after any resume (bit-identical checkpoints, multi-process runs).
+Two roots: the public `seed` (partition, client selection, initialisation: what may be known) and the private
+root of the DP noise and the Poisson batches, drawn from the operating system's entropy for each run
+(`secret_seed`) and kept only in the private checkpoint. Nothing random is carried from one client or round to
+the next, so a client's local round gives the same result whichever process runs it and after any resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 import numpy as np
 import torch
@@ -16,6 +19,12 @@ def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed from the run seed and any keys (e.g. "noise", round, client)."""
     text = ":".join(str(k) for k in (seed, *keys)).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def secret_seed() -> str:
+    """A fresh 256-bit private root from the operating system's entropy (`secrets`): no public setting, and no
+    earlier run, lets anyone re-create the noise and the batches derived from it."""
+    return secrets.token_hex(32)
 
 
 def generator(seed: int, *keys, device="cpu") -> torch.Generator:

@@ -28,6 +28,12 @@ def factor_names(model: torch.nn.Module, adapter_name: str = "default") -> dict:
     return out
 
 
+def mixed_precision(model: torch.nn.Module, dtype: Optional[torch.dtype]):
+    """Autocast of the forward and backward pass to `dtype` (bf16) on the model's device; a no-op for None."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def active_parameters(model: torch.nn.Module) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -51,8 +57,9 @@ class PrivateStep:
     def __init__(self, model, optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
                  lowpass_kernel: Optional[tuple] = None, backend: str = "auto",
                  generator: Optional[torch.Generator] = None, loss_fn: Callable = per_example_loss,
-                 adapter_name: str = "default"):
+                 adapter_name: str = "default", autocast_dtype: Optional[torch.dtype] = None):
         self.model = model
+        self.autocast_dtype = autocast_dtype
         self.backend = select_backend(model, backend, loss_fn)
         self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                               per_sample_max_grad_norm=per_sample_max_grad_norm,
@@ -70,10 +77,18 @@ class PrivateStep:
 
     def __call__(self, batch: dict, expected_batch_size: float) -> dict:
         params = active_parameters(self.model)
-        grad_samples, losses = self.backend.compute(batch, params)
+        with mixed_precision(self.model, self.autocast_dtype):
+            grad_samples, losses = self.backend.compute(batch, params)
+        dropped_before = self.dp.dropped_samples
         self.dp.step(grad_samples, params, expected_batch_size)
         finite = losses[torch.isfinite(losses)]
-        return {"loss": float(finite.mean()) if finite.numel() else float("nan"), "batch_size": int(losses.shape[0])}
+        return {"loss": float(finite.mean()) if finite.numel() else float("nan"), "batch_size": int(losses.shape[0]),
+                "dropped": self.dp.dropped_samples - dropped_before}
+
+    def probe(self, batch: dict) -> None:
+        """Per-sample gradients of one batch of the active tensors, discarded (a pre-flight check)."""
+        with mixed_precision(self.model, self.autocast_dtype):
+            self.backend.compute(batch, active_parameters(self.model))
 
     def close(self) -> None:
         self.backend.close()
@@ -84,10 +99,12 @@ class NonPrivateStep:
 
     private = False
 
-    def __init__(self, model, optimizer, *, loss_fn: Callable = per_example_loss, **_unused):
+    def __init__(self, model, optimizer, *, loss_fn: Callable = per_example_loss,
+                 autocast_dtype: Optional[torch.dtype] = None, **_unused):
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.autocast_dtype = autocast_dtype
 
     def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator] = None) -> None:
         self.optimizer = optimizer
@@ -97,13 +114,24 @@ class NonPrivateStep:
         size = int(next(iter(batch.values())).shape[0]) if batch else 0
         if size == 0:
             return {"loss": float("nan"), "batch_size": 0}
-        losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
-        loss = losses.mean()
+        with mixed_precision(self.model, self.autocast_dtype):
+            losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
+        loss = losses.float().mean()
         loss.backward()
         self.optimizer.step()
         for p in params.values():
             p.grad = None
-        return {"loss": float(loss.detach()), "batch_size": size}
+        return {"loss": float(loss.detach()), "batch_size": size, "dropped": 0}
+
+    def probe(self, batch: dict) -> None:
+        """The gradient of one batch of the active tensors, discarded (a pre-flight check)."""
+        params = active_parameters(self.model)
+        with mixed_precision(self.model, self.autocast_dtype):
+            losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
+        if losses.requires_grad:
+            losses.float().mean().backward()
+        for p in params.values():
+            p.grad = None
 
     def close(self) -> None:
         pass

@@ -1,0 +1,199 @@
+"""R18: a failure shared by every client is raised (before any budget is charged where it can be caught up
+front), a client whose every example was dropped is not a healthy client, and a training argument the
+federated loop would ignore is refused or honoured."""
+
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from fed_helpers import adapter_state, make_trainer, toy_args, toy_dataset
+from peft import get_peft_model
+from tiny_models import tiny_vit
+
+import peft_lalora.trainer as trainer_module
+from peft_lalora import ClientDataError, ConfigError, FederatedDPTrainer, LALoraConfig
+from peft_lalora.federated.checkpoint import STATE_DIR
+from peft_lalora.training_arguments import REFUSED
+
+
+def _with(dataset, **columns):
+    data = dataset.to_dict()
+    data.update(columns)
+    return Dataset.from_dict(data)
+
+
+def _broken(kind: str) -> Dataset:
+    data = toy_dataset(240)
+    n = len(data)
+    if kind == "no_labels":
+        return data.remove_columns("labels")
+    if kind == "labels_out_of_range":
+        return _with(data, labels=[5] * n)
+    if kind == "string_labels":
+        return _with(data, labels=["pos"] * n)
+    if kind == "too_long":
+        return _with(data, input_ids=[[5] * 80] * n, attention_mask=[[1] * 80] * n)  # 64 positions
+    if kind == "token_ids_beyond_vocab":
+        return _with(data, input_ids=[[500] * 8] * n)  # vocabulary of 100
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("no_labels", "labels"),
+    ("labels_out_of_range", "outside \\[0, 2\\)"),
+    ("string_labels", "Client 0"),
+    ("too_long", "max_position_embeddings"),
+    ("token_ids_beyond_vocab", "vocabulary"),
+])
+def test_r18_a_failure_every_client_shares_is_raised_before_any_charge(tmp_path, kind, match):
+    # Prepare: every client holds the same broken data
+    trainer = make_trainer(tmp_path, dataset=_broken(kind), dirichlet_alpha=None)
+    start = adapter_state(trainer.model)
+    # Execute / Assert: raised with the first client's message; nothing charged, trained or checkpointed
+    with pytest.raises(ClientDataError, match=match):
+        trainer.train()
+    assert all(trainer.ledger.steps(c) == 0 for c in range(4))
+    after = adapter_state(trainer.model)
+    assert all(torch.equal(start[n], after[n]) for n in start)
+    assert not (tmp_path / STATE_DIR).exists()
+
+
+def test_r18_a_backend_that_cannot_trace_the_model_is_raised_before_any_charge(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path)
+    trainer._setup_federation()
+
+    def untraceable(batch):
+        raise RuntimeError("vmap: cannot trace this model")
+
+    monkeypatch.setattr(trainer.stepper, "probe", untraceable)
+    with pytest.raises(ClientDataError, match="cannot trace"):
+        trainer.train()
+    assert all(trainer.ledger.steps(c) == 0 for c in range(4))
+
+
+def test_r18_a_round_where_every_client_fails_is_raised_and_its_charge_withdrawn(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, num_rounds=3)
+
+    def failing_round(**kwargs):
+        raise RuntimeError("boom in the local step")
+
+    monkeypatch.setattr(trainer_module, "run_local_round", failing_round)
+    with pytest.raises(ClientDataError, match="boom in the local step"):
+        trainer.train()
+    assert all(trainer.ledger.steps(c) == 0 for c in range(4))
+    assert trainer.state.global_step == 0
+
+
+def vit_clients(nan_clients):
+    clients = []
+    for k in range(3):
+        pixels = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(k))
+        if k in nan_clients:
+            pixels[:] = float("nan")
+        clients.append(Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": [k % 3] * 40}))
+    return clients
+
+
+def vit_trainer(tmp_path, nan_clients):
+    model = get_peft_model(tiny_vit(), LALoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                    modules_to_save=["classifier"], alternation="none"))
+    args = toy_args(tmp_path, num_clients=3, clients_per_round=3, num_rounds=1, remove_unused_columns=False)
+    return FederatedDPTrainer(model=model, args=args, client_datasets=vit_clients(nan_clients))
+
+
+def test_r18_a_client_whose_every_example_was_dropped_is_a_failed_client(tmp_path):
+    trainer = vit_trainer(tmp_path, nan_clients={1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    log = next(entry for entry in trainer.state.log_history if "round" in entry)
+    assert log["failed_clients"] == 1.0 and log["clients"] == 2.0
+    assert log["dropped_examples"] > 0
+
+
+def test_r18_every_example_dropped_everywhere_is_raised_not_reported_as_loss_zero(tmp_path):
+    trainer = vit_trainer(tmp_path, nan_clients={0, 1, 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ClientDataError, match="non-finite"):
+            trainer.train()
+
+
+# ----- training arguments the federated loop would ignore ------------------------------------------------------
+REFUSED_VALUES = {
+    "max_steps": 10, "num_train_epochs": 1.0, "optim": "sgd", "label_smoothing_factor": 0.1,
+    "gradient_checkpointing": True, "fp16": True, "eval_strategy": "steps", "eval_steps": 5, "eval_delay": 1,
+}
+
+
+@pytest.mark.parametrize("field", sorted(set(REFUSED) & set(REFUSED_VALUES)))
+def test_ignored_training_argument_is_refused_naming_the_federated_field(tmp_path, field):
+    extra = {"eval_steps": 5} if field == "eval_strategy" else {}
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        toy_args(tmp_path, **{field: REFUSED_VALUES[field], **extra})
+
+
+def test_lr_scheduler_and_warmup_run_over_rounds(tmp_path):
+    # Prepare: linear schedule, 1 warmup round, 4 rounds; hand-computed: warmup 0, then lr * (4 - t) / (4 - 1)
+    trainer = make_trainer(tmp_path, num_rounds=4, lr_scheduler_type="linear", warmup_steps=1, learning_rate=0.3,
+                           round_lr_decay=0.5)
+    trainer.train()
+    logged = [log["learning_rate"] for log in trainer.state.log_history if "round" in log]
+    expected = [0.0] + [0.3 * (4 - t) / 3 * 0.5 ** t for t in (1, 2, 3)]
+    assert logged == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_default_schedule_is_constant_times_round_decay(tmp_path):
+    trainer = make_trainer(tmp_path, num_rounds=3, learning_rate=0.2, round_lr_decay=0.5)
+    trainer.train()
+    assert [log["learning_rate"] for log in trainer.state.log_history if "round" in log] == [0.2, 0.1, 0.05]
+
+
+def test_adam_settings_reach_the_client_optimizer(tmp_path):
+    trainer = make_trainer(tmp_path, local_optimizer="adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    trainer._setup_federation()
+    optimizer = trainer._make_optimizer(0.1)
+    assert optimizer.defaults["betas"] == (0.8, 0.95) and optimizer.defaults["eps"] == 1e-6
+
+
+def test_bf16_trains_in_mixed_precision_with_the_same_privacy(tmp_path):
+    fp32 = make_trainer(tmp_path / "fp32", use_cpu=True)
+    bf16 = make_trainer(tmp_path / "bf16", use_cpu=True, bf16=True)
+    seen = []
+    fp32.train()
+
+    def spy(module, args, output):
+        seen.append(output.dtype)
+
+    handle = next(m for n, m in bf16.model.named_modules() if n.endswith("query.base_layer")).register_forward_hook(spy)
+    bf16.train()
+    handle.remove()
+    assert torch.bfloat16 in seen  # the local step ran under bf16 autocast
+    a, b = adapter_state(fp32.model), adapter_state(bf16.model)
+    assert all(torch.isfinite(b[n]).all() for n in b)
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    assert bf16.privacy_report()["epsilon"] == fp32.privacy_report()["epsilon"]
+    assert all(v.dtype == torch.float32 for v in b.values())
+
+
+@pytest.mark.parametrize("field, value", [("dp", "False"), ("allow_large_delta", "yes"), ("allow_fixed_noise_seed", 1)])
+def test_wrong_type_for_a_boolean_is_refused(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=f"`{field}` must be a bool"):
+        toy_args(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("lowpass", "false"), ("lowpass_kernel", "14641"),
+                                          ("lowpass_kernel", ("1", "4", "6", "4", "1"))])
+def test_wrong_type_in_the_adapter_config_is_refused(field, value):
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        LALoraConfig(target_modules=["query"], **{field: value})
+
+
+@pytest.mark.parametrize("given", [{"target_epsilon": 3.0}, {"noise_multiplier": 1.0}, {"target_delta": 1e-5}])
+def test_dp_false_with_dp_settings_is_refused(tmp_path, given):
+    kwargs = dict(output_dir=str(tmp_path), dp=False, report_to=[], **given)
+    with pytest.raises(ConfigError, match="dp=False"):
+        from peft_lalora import FederatedDPArguments
+
+        FederatedDPArguments(**kwargs)

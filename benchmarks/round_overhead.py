@@ -15,7 +15,7 @@ Timing: wall clock (time.perf_counter) of every round, from the Trainer's on_ste
 name `peft_lalora.trainer` imports, never library code): the stepper's `__call__` (= local-step compute: per-sample
 gradients, clip, noise, low-pass, SGD), batch collation (`ClientShard.batch`), Poisson sampling, factor switching,
 optimizer creation, per-client RNG seeding (`generator`, `derive_seed`, `torch.manual_seed`), adapter load
-(`GlobalAdapter.load_into_model`), client delta, `RoundSum.add`, aggregation (`RoundSum.mean` + `GlobalAdapter.apply`), ledger check/charge, ledger report (epsilon of every client), client
+(`client_update.load_state`), client delta, `Aggregator.add`, aggregation (`Aggregator.merged`), ledger check/charge, ledger report (epsilon of every client), client
 selection, `Trainer.log` and `_save_round` (checkpoint). "other" = round wall - sum of leaves. The first --warmup
 rounds are excluded from the sums (first-call allocations); ratio = sum(round wall) / sum(local-step time).
 Setup (partition, shards, calibration, ledger) is timed separately.
@@ -30,6 +30,7 @@ between the smallest and largest client count. The machine is shared (2 cores): 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -122,17 +123,21 @@ def build_model(args):
 
 
 def instrument_setup(timers: Timers):
+    import peft_lalora.privacy.plan as plan
     import peft_lalora.trainer as tr
 
-    for name, key in (("calibrate_noise_multiplier", "calibrate"), ("PrivacyLedger", "ledger_init"),
-                      ("ClientShard", "client_shards"), ("GlobalAdapter", "global_adapter"),
-                      ("PrivateStep", "stepper_init"), ("partition_indices", "partition")):
+    plan.calibrate_noise_multiplier = timers.wrap("calibrate", plan.calibrate_noise_multiplier)
+    plan.PrivacyLedger = timers.wrap("ledger_init", plan.PrivacyLedger)
+    for name, key in (("ClientShard", "client_shards"), ("GlobalAdapter", "global_adapter"),
+                      ("make_stepper", "stepper_init"), ("partition_indices", "partition")):
         setattr(tr, name, timers.wrap(key, getattr(tr, name)))
 
 
 def instrument_rounds(trainer, timers: Timers) -> None:
     import peft_lalora.federated.client as client_mod
     import peft_lalora.trainer as tr
+
+    update_mod = importlib.import_module("peft_lalora.federated.client_update")  # the module, not the function
 
     trainer.stepper = TimedStepper(trainer.stepper, timers)
     for shard in trainer._federation["shards"]:
@@ -144,13 +149,11 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     tuner = trainer.tuner
     tuner.trainable_factors = timers.wrap("set_factors", tuner.trainable_factors)
     tuner.set_trainable_factors = timers.wrap("set_factors", tuner.set_trainable_factors)
-    trainer._make_optimizer = timers.wrap("make_optimizer", trainer._make_optimizer)
-    adapter = trainer.global_adapter
-    adapter.load_into_model = timers.wrap("load_adapter", adapter.load_into_model)
-    adapter.client_delta = timers.wrap("client_delta", adapter.client_delta)
-    adapter.apply = timers.wrap("aggregate", adapter.apply)
-    tr.RoundSum.add = timers.wrap("round_sum_add", tr.RoundSum.add)
-    tr.RoundSum.mean = timers.wrap("aggregate", tr.RoundSum.mean)
+    update_mod.make_optimizer = timers.wrap("make_optimizer", update_mod.make_optimizer)
+    update_mod.load_state = timers.wrap("load_adapter", update_mod.load_state)
+    update_mod.adapter_delta = timers.wrap("client_delta", update_mod.adapter_delta)
+    tr.Aggregator.add = timers.wrap("round_sum_add", tr.Aggregator.add)
+    tr.Aggregator.merged = timers.wrap("aggregate", tr.Aggregator.merged)
     tr.select_clients = timers.wrap("select_clients", tr.select_clients)
     if trainer.ledger is not None:
         trainer.ledger.check_release = timers.wrap("ledger_charge", trainer.ledger.check_release)

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import time
-import warnings
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
@@ -22,17 +21,19 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from .arguments import FederatedDPArguments
-from .errors import CheckpointMismatchError, ClientDataError, ConfigError, LALoraWarning, PrivacyBudgetExceededError
+from .errors import CheckpointMismatchError, ClientDataError, ConfigError, PrivacyBudgetExceededError
+from .federated.aggregation import Aggregator
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
-from .federated.client import ClientShard, model_columns, run_local_round
+from .federated.client import ClientShard, model_columns
+from .federated.client_update import LocalConfig, client_update, make_optimizer, make_stepper
 from .federated.ledger_check import checked_ledger
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
 from .federated.seeding import secret_seed, select_clients
-from .federated.server import GlobalAdapter, RoundSum, adapter_tensor_names
+from .federated.server import GlobalAdapter, adapter_tensor_names
 from .federated.state_io import compare_settings, save_json
-from .privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, compute_epsilon, default_delta
-from .privacy.engine import NonPrivateStep, PrivateStep
+from .privacy.accounting import PrivacyLedger, compute_epsilon
+from .privacy.plan import PrivacyPlan
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
 from .tuner.model import LALoraModel
@@ -84,22 +85,16 @@ class FederatedDPTrainer(Trainer):
         args = self.args
         shards, fingerprint = self._client_shards()
         sizes = [len(d) if idx is None else len(idx) for d, idx in shards]
-        rates = {k: sample_rate_for(args.per_device_train_batch_size, n, client=k) for k, n in enumerate(sizes)}
+        for k, n in enumerate(sizes):  # q = B / n_k <= 1 for every client, private or not
+            sample_rate_for(args.per_device_train_batch_size, n, client=k)
         noise_multiplier, delta = 0.0, None
         if args.dp:
-            delta = self._delta(min(sizes))
-            noise_multiplier = args.noise_multiplier
-            if noise_multiplier is None:
-                noise_multiplier = calibrate_noise_multiplier(
-                    target_epsilon=args.target_epsilon, target_delta=delta, sample_rate=max(rates.values()),
-                    steps=args.num_rounds * args.local_steps, accountant=args.accountant)
-            self.ledger = PrivacyLedger(sample_rates=rates, noise_multiplier=noise_multiplier, delta=delta,
-                                        accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-                                        target_epsilon=args.target_epsilon)
-            logger.info("DP: sigma=%.4f C=%s delta=%.2e q in [%.4f, %.4f], %d steps per client at most",
-                        noise_multiplier, args.per_sample_max_grad_norm, delta, min(rates.values()),
-                        max(rates.values()), args.num_rounds * args.local_steps)
-        config = self.model.peft_config[self.adapter_name]
+            plan = PrivacyPlan.build(client_sizes=dict(enumerate(sizes)), batch_size=args.per_device_train_batch_size,
+                                     num_rounds=args.num_rounds, local_steps=args.local_steps,
+                                     target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
+                                     target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
+                                     accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm)
+            noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
         columns = model_columns(self.model)
         trimmed = {}  # each distinct dataset is restricted to the model's columns once
         clients = []
@@ -113,13 +108,12 @@ class FederatedDPTrainer(Trainer):
         }
         self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
         self._round_lrs = round_learning_rates(args)
+        self._local = LocalConfig.from_args(args)
         self._private_seed = self._draw_private_seed()
-        step_cls = PrivateStep if args.dp else NonPrivateStep
-        self.stepper = step_cls(self.model, None, noise_multiplier=noise_multiplier,
-                                per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-                                lowpass_kernel=config.lowpass_kernel if config.lowpass else None,
-                                backend=args.per_sample_grad_backend, adapter_name=self.adapter_name,
-                                autocast_dtype=torch.bfloat16 if args.bf16 else None)
+        self.stepper = make_stepper(self.model, dp=args.dp, noise_multiplier=noise_multiplier,
+                                    per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                                    adapter_name=self.adapter_name, backend=args.per_sample_grad_backend,
+                                    autocast_dtype=torch.bfloat16 if args.bf16 else None)
 
     def _draw_private_seed(self):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
@@ -158,28 +152,8 @@ class FederatedDPTrainer(Trainer):
                                     seed=args.seed, min_shard_size=min_size, label_column=args.label_column)
         return [(self.train_dataset, idx) for idx in indices], partition_fingerprint(indices)
 
-    def _delta(self, smallest: int) -> float:
-        delta = self.args.target_delta if self.args.target_delta is not None else default_delta(smallest)
-        if delta >= 1 / smallest:
-            if not self.args.allow_large_delta:
-                raise ConfigError(f"`target_delta` must be < 1 / n_k = {1 / smallest:.3g} for the smallest client "
-                                  f"(n_k = {smallest}), got {delta!r}: a larger delta allows releasing an example "
-                                  "outright. Lower it, or set `allow_large_delta=True` to accept the risk.")
-            warnings.warn(f"`target_delta`={delta} >= 1/n_k for the smallest client.", LALoraWarning, stacklevel=3)
-        return delta
-
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        args, params = self.args, dict(self.model.named_parameters())
-        groups = {"A": [], "B": [], "head": []}
-        for name in self.global_adapter.names:
-            key = "A" if ".lora_A." in name else "B" if ".lora_B." in name else "head"
-            groups[key].append(params[name])
-        ratios = {"A": 1.0, "B": args.lora_b_lr_ratio, "head": 1.0}
-        param_groups = [{"params": p, "lr": lr * ratios[k]} for k, p in groups.items() if p]
-        if args.local_optimizer == "adamw":
-            return torch.optim.AdamW(param_groups, lr=lr, weight_decay=args.weight_decay,
-                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        return torch.optim.SGD(param_groups, lr=lr, momentum=args.local_momentum, weight_decay=args.weight_decay)
+        return make_optimizer(self.model, lr, self._local, self.adapter_name)
 
     # ----- the loop ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -234,7 +208,7 @@ class FederatedDPTrainer(Trainer):
             for client in clients:
                 self.ledger.charge(client, args.local_steps)
         lr = self._round_lrs[round_idx]
-        total = RoundSum(self.global_adapter.names, self.global_adapter.state)
+        total = Aggregator(self.global_adapter.state)
         records = []
         self.model.train()
         mine = clients[args.process_index::args.world_size]  # this process's disjoint share of the round
@@ -261,7 +235,7 @@ class FederatedDPTrainer(Trainer):
                            "nothing released", round_idx, total.survivors, len(clients), args.min_clients_per_round)
             logs["round_aborted"] = 1.0
         else:
-            self.global_adapter.apply(total.mean())
+            self.global_adapter.state = total.merged()
         self.global_adapter.load_into_model()
         finite = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
         if finite:
@@ -270,29 +244,19 @@ class FederatedDPTrainer(Trainer):
             logs["epsilon"] = self.ledger.report()["epsilon"]
         return logs
 
-    def _run_client(self, round_idx: int, client: int, lr: float, total: RoundSum) -> dict:
-        """One client's local round into `total`; a client that raises is dropped (R14), a budget error is not."""
-        self.global_adapter.load_into_model()
+    def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:
+        """One client's update into `total`; a client that raises is dropped (R14), a budget error is not."""
         try:
-            stats = run_local_round(tuner=self.tuner, stepper=self.stepper, shard=self._federation["shards"][client],
-                                    make_optimizer=lambda: self._make_optimizer(lr), round_idx=round_idx,
-                                    client=client, local_steps=self.args.local_steps,
-                                    batch_size=self.args.per_device_train_batch_size, seed=self._private_seed)
-            if stats["examples"] and stats["dropped"] == stats["examples"]:  # noise only: not a healthy client
-                return {"client": client, "dropped": stats["dropped"],
-                        "error": f"FloatingPointError: all {stats['examples']} sampled examples had a non-finite "
-                                 "gradient and were dropped: the update would be noise only"}
-            sent = [n for n in self.global_adapter.names if _factor(n) is None or _factor(n) in stats["factors"]]
-            delta = self.global_adapter.client_delta(sent)
-            if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
-                raise FloatingPointError("the client's update is not finite")
+            update = client_update(model=self.model, stepper=self.stepper, shard=self._federation["shards"][client],
+                                   global_state=self.global_adapter.state, round_idx=round_idx, client=client, lr=lr,
+                                   local=self._local, private_seed=self._private_seed, adapter_name=self.adapter_name)
         except PrivacyBudgetExceededError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing client must not take the federation down
-            return {"client": client, "error": f"{type(exc).__name__}: {exc}"}
-        weight = 1.0 if self.args.aggregation_weights == "uniform" else float(self._federation["sizes"][client])
-        total.add(delta, weight)
-        return {"client": client, "loss": stats["loss"], "examples": stats["examples"], "dropped": stats["dropped"]}
+            return {"client": client, "error": f"{type(exc).__name__}: {exc}", "dropped": getattr(exc, "dropped", 0)}
+        weight = 1.0 if self.args.aggregation_weights == "uniform" else float(update.num_examples)
+        total.add(update.delta, weight)
+        return {"client": client, "loss": update.loss, "examples": update.sampled, "dropped": update.dropped}
 
     def _preflight(self, start_round: int) -> None:
         """Check every client's data once before anything is charged (see `federated.preflight`)."""
@@ -426,6 +390,3 @@ class FederatedDPTrainer(Trainer):
                               (f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID")},
                 "repo_id": args.hub_model_id}
 
-
-def _factor(name: str):
-    return "A" if ".lora_A." in name else "B" if ".lora_B." in name else None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peft_lalora import ConfigError
-from peft_lalora.federated.aggregation import adapter_delta, apply_delta, weighted_mean
+from peft_lalora.federated.aggregation import Aggregator, adapter_delta, apply_delta
 
 A = "base.layer.lora_A.default.weight"
 B = "base.layer.lora_B.default.weight"
@@ -13,6 +13,15 @@ B = "base.layer.lora_B.default.weight"
 
 def _t(values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)
+
+
+def weighted_mean(deltas, weights=None):
+    """The aggregator's mean delta of `deltas` (the global state is zeros, so it is the mean itself)."""
+    names = {n: t for delta in deltas for n, t in delta.items()}
+    aggregator = Aggregator({n: torch.zeros_like(t) for n, t in names.items()})
+    for delta, weight in zip(deltas, weights if weights is not None else [1.0] * len(deltas)):
+        aggregator.add(delta, weight)
+    return aggregator.mean()
 
 
 def test_adapter_delta_is_local_minus_global():
@@ -89,21 +98,37 @@ def test_key_absent_from_all_clients_is_fine():
     torch.testing.assert_close(mean[B], _t([2.0]), rtol=0, atol=0)
 
 
-def test_key_missing_from_some_clients_raises():
-    deltas = [{A: _t([1.0]), B: _t([1.0])}, {B: _t([3.0])}, {A: _t([1.0]), B: _t([1.0])}]
-    with pytest.raises(ConfigError, match=rf"`{A}` is missing from client\(s\) \[1\] but sent by the others"):
-        weighted_mean(deltas)
+def test_tensor_sent_by_some_clients_is_averaged_over_those_that_sent_it():
+    # Factor-wise: client 1 sent no A, so A is the mean over clients 0 and 2; B over all three
+    deltas = [{A: _t([1.0]), B: _t([1.0])}, {B: _t([4.0])}, {A: _t([3.0]), B: _t([1.0])}]
+    mean = weighted_mean(deltas)
+    torch.testing.assert_close(mean[A], _t([2.0]), rtol=0, atol=0)
+    torch.testing.assert_close(mean[B], _t([2.0]), rtol=0, atol=0)
+
+
+def test_merged_keeps_a_tensor_nobody_sent_bit_identical():
+    global_ = {A: _t([0.1, 0.2]), B: _t([1.0])}
+    aggregator = Aggregator(global_)
+    aggregator.add({B: _t([0.5])}, 1.0)
+    aggregator.add({B: _t([1.5])}, 3.0)
+    new = aggregator.merged()
+    assert new[A].numpy().tobytes() == global_[A].numpy().tobytes()
+    torch.testing.assert_close(new[B], _t([2.25]), rtol=0, atol=0)  # 1 + (0.5 * 1 + 1.5 * 3) / 4
+
+
+def test_delta_with_an_unknown_tensor_is_refused():
+    with pytest.raises(ConfigError, match=r"`delta` holds tensors the global adapter does not have: \['x'\]"):
+        Aggregator({A: _t([1.0])}).add({"x": _t([1.0])})
 
 
 @pytest.mark.parametrize(
     "weights, match",
     [
-        ([1.0, 0.0], r"`weights` must be finite numbers > 0.*got 0.0 for client 1"),
+        ([1.0, 0.0], r"`weight` must be a finite number > 0.*got 0.0 for client 1"),
         ([-1.0, 2.0], r"got -1.0 for client 0"),
         ([1.0, float("inf")], r"got inf for client 1"),
         ([1.0, float("nan")], r"got nan for client 1"),
         ([True, 1.0], r"got True for client 0"),
-        ([1.0], r"`weights` must have one entry per client delta \(2\), got 1 entries"),
     ],
 )
 def test_bad_weights_raise(weights, match):
@@ -121,12 +146,10 @@ def test_non_finite_tensor_raises_naming_it_and_the_client(bad):
 
 
 def test_empty_list_and_shape_mismatch_raise():
-    with pytest.raises(ConfigError, match=r"`deltas` must hold at least one client delta"):
-        weighted_mean([])
-    with pytest.raises(
-        ConfigError, match=r"same shape in every client \(client 0 and client 1\), got \(2,\) and \(3,\)"
-    ):
-        weighted_mean([{A: torch.zeros(2)}, {A: torch.zeros(3)}])
+    with pytest.raises(ConfigError, match=r"at least one surviving client"):
+        Aggregator({A: torch.zeros(2)}).mean()
+    with pytest.raises(ConfigError, match=r"same shape in the global adapter and the delta, got \(2,\) and \(3,\)"):
+        Aggregator({A: torch.zeros(2)}).add({A: torch.zeros(3)})
 
 
 def test_apply_delta_adds_and_leaves_absent_keys_bit_identical():

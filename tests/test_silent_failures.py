@@ -78,7 +78,7 @@ def test_r18_a_round_where_every_client_fails_is_raised_and_its_charge_withdrawn
     def failing_round(**kwargs):
         raise RuntimeError("boom in the local step")
 
-    monkeypatch.setattr(trainer_module, "run_local_round", failing_round)
+    monkeypatch.setattr(trainer_module, "client_update", failing_round)
     with pytest.raises(ClientDataError, match="boom in the local step"):
         trainer.train()
     assert all(trainer.ledger.steps(c) == 0 for c in range(4))

@@ -1,14 +1,25 @@
-"""Federated building blocks: client partitions, the local round, aggregation, checkpoints."""
+"""Federated building blocks, the round as a public API that the in-process trainer and the Flower apps share:
+client partitions, the client update, the aggregator, seeding and checkpoints."""
 
-from .aggregation import adapter_delta, apply_delta, weighted_mean
+from .aggregation import Aggregator, adapter_delta, apply_delta
+from .client import ClientShard, model_columns
+from .client_update import ClientUpdate, ClientUpdateError, LocalConfig, client_update, make_optimizer, make_stepper
 from .partition import group_by, partition_dataset, partition_dirichlet, partition_iid
 
 __all__ = [
+    "Aggregator",
+    "ClientShard",
+    "ClientUpdate",
+    "ClientUpdateError",
+    "LocalConfig",
     "adapter_delta",
     "apply_delta",
+    "client_update",
     "group_by",
+    "make_optimizer",
+    "make_stepper",
+    "model_columns",
     "partition_dataset",
     "partition_dirichlet",
     "partition_iid",
-    "weighted_mean",
 ]

@@ -1,14 +1,16 @@
 """Server-side aggregation: pure functions over `{name: tensor}` dicts (adapter factors A, B and the head).
 
-The server averages every tensor on its own (A with A, B with B), never the product B @ A. Sums run in client
-order in the tensors' own dtype, so the same inputs always give bit-identical results.
+The server averages every tensor on its own (A with A, B with B), never the product B @ A (`Aggregator`). Sums
+run in client order in the tensors' own dtype, so the same inputs always give bit-identical results. Both the
+in-process trainer and the Flower server aggregate with `Aggregator`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -53,68 +55,77 @@ def adapter_delta(local: Mapping[str, Tensor], global_: Mapping[str, Tensor]) ->
     return delta
 
 
-def _normalised_weights(weights, num_clients: int) -> list[float]:
-    if weights is None:
-        return [1.0 / num_clients] * num_clients
-    weights = list(weights)
-    if len(weights) != num_clients:
+def check_weight(weight, client) -> float:
+    """A client's aggregation weight: a finite number > 0 (e.g. 1.0, or its example count)."""
+    ok = not isinstance(weight, bool) and isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0
+    if not ok:
         raise ConfigError(
-            f"`weights` must have one entry per client delta ({num_clients}), got {len(weights)} entries."
+            f"`weight` must be a finite number > 0 (e.g. 1.0 or the client's example count), got {weight!r} for "
+            f"client {client}. Leave a client out of the round instead of giving it weight 0."
         )
-    for i, w in enumerate(weights):
-        ok = not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w) and w > 0
-        if not ok:
-            raise ConfigError(
-                f"`weights` must be finite numbers > 0 (e.g. client example counts), got {w!r} for client {i}. "
-                "Leave a client out of the round instead of giving it weight 0."
-            )
-    total = math.fsum(float(w) for w in weights)
-    return [float(w) / total for w in weights]
+    return float(weight)
 
 
-def _check_keys(deltas: list[Mapping[str, Tensor]]) -> list[str]:
-    names: list[str] = []
-    for delta in deltas:
-        names.extend(name for name in delta if name not in names)
-    for name in names:
-        missing = [i for i, delta in enumerate(deltas) if name not in delta]
-        if missing:
-            raise ConfigError(
-                f"`deltas` must all hold the same tensors: `{name}` is missing from client(s) {missing} but sent by "
-                "the others. A tensor may be absent only from every client (e.g. A under FFA-LoRA)."
-            )
-    return names
-
-
-@torch.no_grad()
-def weighted_mean(deltas: list[Mapping[str, Tensor]], weights: list[float] | None = None) -> dict[str, Tensor]:
+class Aggregator:
     """
-    FedAvg: the weighted mean of each tensor over the clients, with `weights` normalised to sum to 1
-    (`None`: uniform). Each tensor is averaged separately; the result keeps the first client's key order and the
-    tensors' dtype.
+    The server side of a round: the weighted sum of the clients' deltas, tensor by tensor (A with A, B with B,
+    never the product), then `merged()`, the new global adapter. A tensor nobody sent (FFA-LoRA's A, RoLoRA's
+    idle factor) keeps its global value; a tensor is averaged over the clients that sent it. Sums run in client
+    order in the tensors' dtype (bit-identical for the same inputs); the weights are summed in float64.
 
-    Raises `ConfigError` on an empty list, a tensor sent by some clients but not all, mismatched shapes,
-    non-positive or non-finite weights, or a non-finite tensor.
+    Every delta is checked: only tensors of the global adapter, with its shapes, finite values, a positive weight.
+    Memory: one adapter, whatever the number of clients. Under Accelerate each process adds its share of the
+    clients and `reduce(fn)` sums the partial sums across processes.
     """
-    deltas = list(deltas)
-    if not deltas:
-        raise ConfigError("`deltas` must hold at least one client delta, got an empty list.")
-    names = _check_keys(deltas)
-    coefficients = _normalised_weights(weights, len(deltas))
-    mean = {}
-    for name in names:
-        first = deltas[0][name]
-        if not first.is_floating_point():
-            raise ConfigError(f"`{name}` must be a floating-point tensor to be averaged, got dtype {first.dtype}.")
-        total = None
-        for i, (delta, coefficient) in enumerate(zip(deltas, coefficients)):
-            value = delta[name].detach()
-            _check_shapes(name, first, value, f"every client (client 0 and client {i})")
-            _check_finite(name, value, f"client {i}")
-            term = value.to(first.dtype) * coefficient
-            total = term if total is None else total + term
-        mean[name] = total
-    return mean
+
+    def __init__(self, global_state: Mapping[str, Tensor]):
+        self.global_state = dict(global_state)
+        self.names = list(self.global_state)
+        self.sums = {n: torch.zeros_like(t) for n, t in self.global_state.items()}
+        self.counts = dict.fromkeys(self.names, 0.0)  # total weight per tensor, float64
+        self.survivors = 0
+
+    @torch.no_grad()
+    def add(self, delta: Mapping[str, Tensor], weight: float = 1.0) -> None:
+        client = self.survivors
+        weight = check_weight(weight, client)
+        unknown = sorted(set(delta) - set(self.sums))
+        if unknown:
+            raise ConfigError(f"`delta` holds tensors the global adapter does not have: {unknown}. A client must "
+                              "send deltas of the global adapter's tensors.")
+        for name, value in delta.items():
+            _check_shapes(name, self.sums[name], value, "the global adapter and the delta")
+            _check_finite(name, value, f"client {client}")
+        for name, value in delta.items():
+            self.sums[name].add_(value, alpha=weight)
+            self.counts[name] += weight
+        self.survivors += 1
+
+    def reduce(self, reduce_fn: Optional[Callable] = None) -> None:
+        """Sum the partial sums of every process (`reduce_fn` sums a tensor across processes)."""
+        if reduce_fn is None:
+            return
+        first = self.sums[self.names[0]]
+        flat = reduce_fn(torch.cat([self.sums[n].reshape(-1) for n in self.names]))
+        offset = 0
+        for name in self.names:
+            size = self.sums[name].numel()
+            self.sums[name] = flat[offset:offset + size].view_as(self.sums[name]).clone()
+            offset += size
+        tail = reduce_fn(torch.tensor([self.counts[n] for n in self.names] + [float(self.survivors)],
+                                      dtype=torch.float64, device=first.device)).tolist()
+        self.counts = {n: float(c) for n, c in zip(self.names, tail[:-1])}
+        self.survivors = int(round(tail[-1]))
+
+    def mean(self) -> dict:
+        """The weighted mean delta of every tensor some client sent (tensors nobody sent are left out)."""
+        if self.survivors == 0:
+            raise ConfigError("No client delta was added: a round needs at least one surviving client to aggregate.")
+        return {n: self.sums[n] / self.counts[n] for n in self.names if self.counts[n] > 0}
+
+    def merged(self) -> dict:
+        """The new global adapter: the global state plus the mean delta (tensors nobody sent unchanged)."""
+        return apply_delta(self.global_state, self.mean())
 
 
 @torch.no_grad()

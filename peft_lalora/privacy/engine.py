@@ -11,21 +11,11 @@ from typing import Optional
 
 import torch
 
+from ..tuner.roles import factor_names
 from .grad_sample import select_backend
 from .grad_sample_base import model_inputs
 from .losses import per_example_loss
 from .optimizer import DPOptimizer
-
-
-def factor_names(model: torch.nn.Module, adapter_name: str = "default") -> dict:
-    """Parameter name (as in `model.named_parameters()`) -> "A" / "B" for the adapter's LoRA weights."""
-    out = {}
-    for name, _ in model.named_parameters():
-        if f".lora_A.{adapter_name}." in name:
-            out[name] = "A"
-        elif f".lora_B.{adapter_name}." in name:
-            out[name] = "B"
-    return out
 
 
 def mixed_precision(model: torch.nn.Module, dtype: Optional[torch.dtype]):

@@ -1,0 +1,120 @@
+"""A client's update, the public unit of a round that both engines call: the in-process trainer (one job, all
+clients) and a Flower ClientApp (one machine, one client). Given the model, the global adapter, the client's
+shard, the round and the settings, it runs the local steps of the schedule and returns the delta of what it
+trained (the factors that trained, plus the head), with counts. Privacy accounting is the caller's: it charges
+`local` steps before calling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..privacy.engine import NonPrivateStep, PrivateStep
+from ..tuner.roles import adapter_tensor_names, tensor_role
+from .aggregation import adapter_delta
+from .client import ClientShard, run_local_round
+
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
+
+
+class ClientUpdateError(RuntimeError):
+    """A client's local round produced nothing that may be sent (its update is dropped, R14); `dropped` counts
+    the examples dropped for a non-finite gradient."""
+
+    def __init__(self, message: str, dropped: int = 0):
+        super().__init__(message)
+        self.dropped = dropped
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """The local half of the settings: steps per round, the expected Poisson batch, the client optimizer."""
+
+    local_steps: int
+    batch_size: int
+    local_optimizer: str = "sgd"
+    local_momentum: float = 0.0
+    weight_decay: float = 0.0
+    lora_b_lr_ratio: float = 1.0
+    adam_betas: tuple = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+
+    @classmethod
+    def from_args(cls, args) -> LocalConfig:
+        """From `FederatedDPArguments` (`per_device_train_batch_size` is the expected Poisson batch)."""
+        return cls(local_steps=args.local_steps, batch_size=args.per_device_train_batch_size,
+                   local_optimizer=args.local_optimizer, local_momentum=args.local_momentum,
+                   weight_decay=args.weight_decay, lora_b_lr_ratio=args.lora_b_lr_ratio,
+                   adam_betas=(args.adam_beta1, args.adam_beta2), adam_epsilon=args.adam_epsilon)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends (`delta`: only the tensors it trained) and what it reports."""
+
+    delta: dict
+    num_examples: int  # the client's shard size n_k
+    loss: float
+    steps: int  # local steps run (and charged)
+    sampled: int  # examples drawn by Poisson sampling over the steps
+    dropped: int  # of those, dropped for a non-finite gradient
+
+
+def make_stepper(model, *, dp: bool, noise_multiplier: float = 0.0, per_sample_max_grad_norm: float = 1.0,
+                 adapter_name: str = "default", backend: str = "auto",
+                 autocast_dtype: Optional[torch.dtype] = None):
+    """The local step of the adapter's method: DP-SGD (with the config's low-pass filter) or the non-private one."""
+    config = model.peft_config[adapter_name]
+    step_cls = PrivateStep if dp else NonPrivateStep
+    return step_cls(model, None, noise_multiplier=noise_multiplier, per_sample_max_grad_norm=per_sample_max_grad_norm,
+                    lowpass_kernel=config.lowpass_kernel if config.lowpass else None, backend=backend,
+                    adapter_name=adapter_name, autocast_dtype=autocast_dtype)
+
+
+def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "default") -> torch.optim.Optimizer:
+    """The client optimizer over the adapter's tensors, one parameter group per role (B may have its own rate)."""
+    params = dict(model.named_parameters())
+    groups = {"A": [], "B": [], "head": []}
+    for name in adapter_tensor_names(model, adapter_name):
+        groups[tensor_role(name, adapter_name)].append(params[name])
+    ratios = {"A": 1.0, "B": local.lora_b_lr_ratio, "head": 1.0}
+    param_groups = [{"params": p, "lr": lr * ratios[k]} for k, p in groups.items() if p]
+    if local.local_optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=local.weight_decay, betas=tuple(local.adam_betas),
+                                 eps=local.adam_epsilon)
+    return torch.optim.SGD(param_groups, lr=lr, momentum=local.local_momentum, weight_decay=local.weight_decay)
+
+
+@torch.no_grad()
+def load_state(model, state: dict) -> None:
+    """Copy the adapter tensors `state` into the model (never copies the model)."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+def client_update(*, model, stepper, shard: ClientShard, global_state: dict, round_idx: int, client: int, lr: float,
+                  local: LocalConfig, private_seed, adapter_name: str = "default") -> ClientUpdate:
+    """
+    Load `global_state` into `model`, run `local.local_steps` steps of the schedule on Poisson batches of `shard`
+    (noise, batches and dropout from `private_seed`, round and client) and return the delta of the factors that
+    trained plus the head. Raises `ClientUpdateError` when every sampled example was dropped (noise only) or the
+    update is not finite; any other error of the local round propagates.
+    """
+    load_state(model, global_state)
+    stats = run_local_round(tuner=model.base_model, stepper=stepper, shard=shard,
+                            make_optimizer=lambda: make_optimizer(model, lr, local, adapter_name), round_idx=round_idx,
+                            client=client, local_steps=local.local_steps, batch_size=local.batch_size, seed=private_seed)
+    if stats["examples"] and stats["dropped"] == stats["examples"]:
+        raise ClientUpdateError(f"all {stats['examples']} sampled examples had a non-finite gradient and were "
+                                "dropped: the update would be noise only", dropped=stats["dropped"])
+    sent = [n for n in global_state if tensor_role(n, adapter_name) not in ("A", "B")
+            or tensor_role(n, adapter_name) in stats["factors"]]
+    params = dict(model.named_parameters())
+    delta = adapter_delta({n: params[n].detach() for n in sent}, {n: global_state[n] for n in sent})
+    if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+        raise ClientUpdateError("the client's update is not finite (NaN or inf): lower the learning rate")
+    return ClientUpdate(delta=delta, num_examples=len(shard), loss=stats["loss"], steps=local.local_steps,
+                        sampled=stats["examples"], dropped=stats["dropped"])

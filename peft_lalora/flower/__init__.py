@@ -1,0 +1,27 @@
+"""The cross-machine engine: LA-LoRA (or a baseline) as a Flower app. Each SuperNode holds one client's data and
+its own privacy ledger; the ServerApp runs the public schedule and aggregates with the library's `Aggregator`.
+
+Install with `pip install "peft_lalora[flower]"`. This is the only part of peft_lalora that imports `flwr`.
+
+    from peft_lalora.flower import FlowerTask, make_client_app, make_server_app
+
+    TASK = FlowerTask(build_model=..., load_client_data=...)
+    server_app = make_server_app(TASK)   # [tool.flwr.app.components] serverapp = "my_app.apps:server_app"
+    client_app = make_client_app(TASK)   # clientapp = "my_app.apps:client_app"
+"""
+
+from __future__ import annotations
+
+try:
+    import flwr  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("peft_lalora.flower needs Flower: install it with `pip install \"peft_lalora[flower]\"` "
+                      "(flwr==1.42.*).") from exc
+
+from .client_app import make_client_app
+from .client_state import ClientState
+from .server_app import make_server_app
+from .strategy import LALoraStrategy
+from .task import FlowerTask
+
+__all__ = ["ClientState", "FlowerTask", "LALoraStrategy", "make_client_app", "make_server_app"]

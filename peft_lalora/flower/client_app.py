@@ -1,0 +1,204 @@
+"""The ClientApp: one SuperNode, one client. It loads its own data (`FlowerTask.load_client_data`), plans its
+own privacy (sigma for its own size and the run's target), charges each round on its own disk before training
+(`ClientState`), runs the library's client update (`federated.client_update`) and sends only what it trained.
+
+Node config (`flower-supernode --node-config '...'`): `partition-id` (the client's id in the public schedule),
+`state-dir` (its private state folder: ledger and secret randomness), optional `max-epsilon` (the node's own cap
+on its lifetime epsilon), plus whatever the task reads (e.g. `data-path`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..errors import ClientDataError, ConfigError, PrivacyBudgetExceededError
+from ..federated.client import ClientShard, model_columns
+from ..federated.client_update import LocalConfig, client_update, load_state, make_stepper
+from ..federated.preflight import PROBE_ROWS, preflight
+from ..privacy.plan import PrivacyPlan
+from ..tuner.roles import adapter_tensor_names
+from . import protocol
+from .client_state import ClientState
+from .settings import federated_args
+from .task import FlowerTask
+
+logger = logging.getLogger(__name__)
+_JOBS: OrderedDict = OrderedDict()  # (task, run, node) -> _Job: a process that serves several rounds keeps its model
+_MAX_JOBS = 8
+
+
+@dataclass
+class _Job:
+    args: Any
+    client: int
+    model: Any
+    shard: ClientShard
+    stepper: Any
+    plan: Optional[PrivacyPlan]
+    local: LocalConfig
+    checked: bool = False  # the pre-flight check of the data ran
+
+
+def make_client_app(task: FlowerTask) -> ClientApp:
+    """A `ClientApp` that answers the server's queries and runs `task`'s client updates."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        try:
+            record = ConfigRecord({"partition-id": protocol.partition_id(context.node_config)})
+        except ConfigError as exc:
+            return Message(Error(protocol.CLIENT_CONFIG, str(exc)), reply_to=message)
+        return Message(RecordDict({protocol.NODE: record}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return train_round(task, message, context)
+
+    return app
+
+
+def train_round(task: FlowerTask, message: Message, context: Context) -> Message:
+    """One round of this client: charge (durably), train, reply with the delta; or an error reply."""
+    try:
+        job = _job(task, context)
+        config = message.content[protocol.CONFIG]
+        round_idx, lr, steps = int(config["round"]), float(config["learning-rate"]), int(config["local-steps"])
+        if steps != job.args.local_steps:
+            raise ConfigError(f"The server asks for `local-steps`={steps}, but the run's config (and this client's "
+                              f"privacy plan) has {job.args.local_steps}.")
+        global_state = _global_state(job, message.content[protocol.GLOBAL])
+        if not job.checked:  # the data fails here, before any charge (R18)
+            _preflight(job, global_state, round_idx)
+            job.checked = True
+        ledger, seed = _charge(job, context, round_idx, steps)
+    except PrivacyBudgetExceededError as exc:
+        logger.warning("round %s refused: %s", message.content[protocol.CONFIG].get("round"), exc)
+        return Message(Error(protocol.BUDGET_EXCEEDED, str(exc)), reply_to=message)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, never a crash of the node
+        logger.exception("client configuration failed")
+        return Message(Error(protocol.CLIENT_CONFIG, f"{type(exc).__name__}: {exc}"), reply_to=message)
+    try:  # charged: a failure from here on keeps the charge (the update may have been partly computed)
+        job.model.train()
+        start = time.perf_counter()
+        update = client_update(model=job.model, stepper=job.stepper, shard=job.shard, global_state=global_state,
+                               round_idx=round_idx, client=job.client, lr=lr, local=job.local, private_seed=seed,
+                               adapter_name=job.model.active_adapter)
+        seconds = time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("client update failed")
+        return Message(Error(protocol.UPDATE_FAILED, f"{type(exc).__name__}: {exc}"), reply_to=message)
+    delta = ArrayRecord({n: t.detach().to("cpu", torch.float32) for n, t in update.delta.items()})
+    sent = delta.count_bytes()
+    epsilon = ledger.epsilon(job.client) if ledger is not None else float("inf")
+    metrics = MetricRecord({"num-examples": int(update.num_examples), "loss": float(update.loss),
+                            "steps": int(update.steps), "sampled": int(update.sampled), "dropped": int(update.dropped),
+                            "epsilon": float(epsilon), "bytes-sent": int(sent),
+                            "train-seconds": float(seconds)})
+    logger.info("round %d: client %d sends %d tensors (%d bytes), epsilon %.4f", round_idx, job.client, len(delta),
+                sent, epsilon)
+    content = RecordDict({protocol.DELTA: delta, protocol.METRICS: metrics,
+                          protocol.PRIVACY: privacy_record(job, ledger)})
+    return Message(content, reply_to=message)
+
+
+def privacy_record(job: _Job, ledger) -> ConfigRecord:
+    """The client's accounting as the server reports it (its epsilon is over every step on this data)."""
+    record = {"partition-id": job.client, "dp": bool(job.args.dp),
+              "secret-randomness": bool(job.args.dp and job.args.noise_seed is None)}
+    if ledger is not None:
+        record.update({"epsilon": float(ledger.epsilon(job.client)), "delta": float(ledger.delta),
+                       "noise-multiplier": float(ledger.noise_multiplier),
+                       "per-sample-max-grad-norm": float(ledger.per_sample_max_grad_norm),
+                       "sample-rate": float(ledger.sample_rate(job.client)), "steps": int(ledger.steps(job.client)),
+                       "accountant": ledger.accountant})
+        if ledger.target_epsilon is not None:
+            record["budget"] = float(ledger.target_epsilon)
+    return ConfigRecord(record)
+
+
+def _job(task: FlowerTask, context: Context) -> _Job:
+    key = (id(task), context.run_id, context.node_id, repr(sorted(context.run_config.items())),
+           repr(sorted(context.node_config.items())))
+    if key in _JOBS:
+        return _JOBS[key]
+    args = federated_args(context.run_config, task.config_keys)
+    client = protocol.partition_id(context.node_config)
+    if client >= args.num_clients:
+        raise ConfigError(f"`partition-id` {client} must be < `num-clients` = {args.num_clients} of the run.")
+    model = task.model(context.run_config)
+    dataset, collate = task.client_data(context.node_config, context.run_config)
+    device = next(model.parameters()).device
+    shard = ClientShard(dataset, collate, model_columns(model), device)
+    plan = None
+    if args.dp:  # this client plans for itself alone: its size, its worst case (every round)
+        plan = PrivacyPlan.build(client_sizes={client: len(shard)}, batch_size=args.per_device_train_batch_size,
+                                 num_rounds=args.num_rounds, local_steps=args.local_steps,
+                                 target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
+                                 target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
+                                 accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm)
+    stepper = make_stepper(model, dp=args.dp, noise_multiplier=plan.noise_multiplier if plan else 0.0,
+                           per_sample_max_grad_norm=args.per_sample_max_grad_norm, adapter_name=model.active_adapter,
+                           backend=args.per_sample_grad_backend,
+                           autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    job = _Job(args=args, client=client, model=model, shard=shard, stepper=stepper, plan=plan,
+               local=LocalConfig.from_args(args))
+    _JOBS[key] = job
+    while len(_JOBS) > _MAX_JOBS:
+        _JOBS.popitem(last=False)
+    return job
+
+
+def _global_state(job: _Job, arrays: ArrayRecord) -> dict:
+    """The server's adapter tensors, checked against this client's model and cast to its parameters."""
+    params = dict(job.model.named_parameters())
+    expected = adapter_tensor_names(job.model, job.model.active_adapter)
+    state = arrays.to_torch_state_dict()
+    if sorted(state) != sorted(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ConfigError(f"The server's adapter does not match this client's model: missing {missing[:5]}, "
+                          f"unexpected {extra[:5]}. Server and clients must build the same model and LALoraConfig.")
+    out = {}
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ConfigError(f"`{name}` has shape {tuple(value.shape)} on the server and {tuple(params[name].shape)} "
+                              "here: server and clients must share one LALoraConfig (r, target modules).")
+        out[name] = value.to(params[name].device, params[name].dtype)
+    return out
+
+
+def _preflight(job: _Job, global_state: dict, round_idx: int) -> None:
+    """The library's data check on this client's first examples (no random draw, nothing charged)."""
+    tuner = job.model.base_model
+
+    def gradient_probe(shard):
+        tuner.set_trainable_factors(tuner.trainable_factors(round_idx, 0))
+        job.stepper.probe(shard.batch(list(range(min(PROBE_ROWS, len(shard))))))
+
+    load_state(job.model, global_state)
+    failing = preflight(job.model, [job.shard], gradient_probe)
+    if failing:  # pragma: no cover - preflight raises when its only client fails
+        raise ClientDataError(f"client {job.client}'s data fails the pre-flight check")
+
+
+def _charge(job: _Job, context: Context, round_idx: int, steps: int) -> tuple:
+    """Charge the round to the ledger on disk before training; returns (ledger or None, the private seed)."""
+    args = job.args
+    if not args.dp:
+        return None, args.seed  # the non-private baseline: no ledger, public randomness (as in the trainer)
+    state = ClientState(context.node_config.get("state-dir"))
+    max_epsilon = context.node_config.get("max-epsilon")
+    with state.locked():
+        ledger = state.ledger(job.plan, job.client, max_epsilon=max_epsilon)
+        ledger.charge(job.client, steps)  # raises PrivacyBudgetExceededError: nothing charged or trained
+        state.save_charge(ledger, client=job.client, run_id=context.run_id, round_idx=round_idx, steps=steps)
+        seed = args.noise_seed if args.noise_seed is not None else state.private_seed(context.run_id)
+    return ledger, seed

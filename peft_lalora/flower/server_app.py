@@ -1,0 +1,109 @@
+"""The ServerApp: builds the model (for its initial adapter), finds which SuperNode holds which client, runs the
+rounds with `LALoraStrategy`, then writes the final adapter (peft format), the privacy report, the round history
+and the model card to `output-dir`, and pushes them to the Hub when `push-to-hub` is set.
+
+Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
+`settings`), `round-timeout` and `node-wait-timeout` (seconds), and the task's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..errors import ConfigError
+from ..federated.client_update import load_state
+from ..federated.state_io import save_json
+from ..training_arguments import round_learning_rates
+from ..tuner.roles import adapter_tensor_names
+from .report import privacy_report
+from .settings import federated_args, server_setting
+from .strategy import LALoraStrategy
+from .task import FlowerTask
+
+logger = logging.getLogger(__name__)
+PRIVACY_REPORT, HISTORY, RUN_CONFIG = "privacy_report.json", "flower_history.json", "run_config.json"
+DEFAULT_OUTPUT_DIR = "lalora_flower_output"
+
+
+def make_server_app(task: FlowerTask) -> ServerApp:
+    """A `ServerApp` whose main function runs `task` across the SuperNodes (see `run_federation`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(task, grid, context)
+
+    return app
+
+
+def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
+    """Run the rounds and save the results; returns the privacy report."""
+    run_config = dict(context.run_config)
+    run_config.setdefault("output-dir", DEFAULT_OUTPUT_DIR)
+    args = federated_args(run_config, task.config_keys)
+    _check_publishable(args)
+    model = task.model(run_config)
+    params = dict(model.named_parameters())
+    names = adapter_tensor_names(model, model.active_adapter)
+    strategy = LALoraStrategy(args=args, global_state={n: params[n] for n in names},
+                              learning_rates=round_learning_rates(args),
+                              round_timeout=server_setting(run_config, "round-timeout"))
+    wait = server_setting(run_config, "node-wait-timeout")
+    found = strategy.discover(grid, wait=wait, until=args.num_clients)
+    if len(found) < args.min_clients_per_round:
+        raise ConfigError(f"Only {len(found)} of the {args.num_clients} clients (partition-ids {sorted(found)}) have "
+                          f"a SuperNode after waiting {wait:.0f} s (`node-wait-timeout`), fewer than "
+                          f"`min-clients-per-round` = {args.min_clients_per_round}. Start more SuperNodes.")
+    if len(found) < args.num_clients:
+        logger.warning("Only partition-ids %s of %d have a SuperNode; the others' rounds count as failed clients.",
+                       sorted(found), args.num_clients)
+    strategy.start(grid=grid, initial_arrays=strategy.arrays(), num_rounds=args.num_rounds,
+                   timeout=strategy.round_timeout)
+    return save_results(task, model, strategy, run_config)
+
+
+def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict) -> dict:
+    """Adapter (safetensors, peft format), privacy report, history, run config and card; push if asked."""
+    from ..hub import push_adapter_folder, write_model_card  # hub sits above flower in the import order
+
+    args, out = strategy.args, strategy.args.output_dir
+    os.makedirs(out, exist_ok=True)
+    params = dict(model.named_parameters())
+    load_state(model, {n: t.to(params[n].device, params[n].dtype) for n, t in strategy.global_state.items()})
+    model.save_pretrained(out, selected_adapters=[model.active_adapter])
+    if task.save_extras is not None:
+        task.save_extras(out, run_config)
+    report = privacy_report(strategy)
+    save_json(os.path.join(out, PRIVACY_REPORT), report)
+    save_json(os.path.join(out, HISTORY), strategy.history)
+    save_json(os.path.join(out, RUN_CONFIG), run_config)
+    config = model.peft_config[model.active_adapter]
+    if args.dp and report["epsilon"] is None:  # no epsilon to state: no card, not peft's generic one either
+        logger.warning("No client ever reported its epsilon (every round failed): no model card is written.")
+        if os.path.exists(os.path.join(out, "README.md")):
+            os.remove(os.path.join(out, "README.md"))
+    else:
+        write_model_card(out, base_model=config.base_model_name_or_path or "unknown", adapter_config=config.to_dict(),
+                         privacy_report=report if args.dp else None, metrics={}, repo_id=args.hub_model_id,
+                         federated={"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
+                                    "num_rounds": args.num_rounds, "local_steps": args.local_steps,
+                                    "partition": "each client's own data on its own SuperNode (Flower)"})
+    logger.info("saved the adapter, %s and %s to %s (epsilon %s)", PRIVACY_REPORT, HISTORY, out, report["epsilon"])
+    if args.push_to_hub:
+        push_adapter_folder(out, args.hub_model_id, token=args.hub_token, private=bool(args.hub_private_repo))
+    return report
+
+
+def _check_publishable(args) -> None:
+    """Refuse a push that cannot succeed or must not happen, before any round is run."""
+    if not args.push_to_hub:
+        return
+    if not args.hub_model_id:
+        raise ConfigError("`push-to-hub` is set but `hub-model-id` is not: name the Hub repo (e.g. 'alice/lalora').")
+    if args.dp and args.noise_seed is not None and not args.allow_fixed_noise_seed:
+        raise ConfigError(f"`noise-seed`={args.noise_seed} fixes the noise, so the adapter would NOT be differentially "
+                          "private: refusing to publish it. Leave `noise-seed` out, or set `allow-fixed-noise-seed`.")

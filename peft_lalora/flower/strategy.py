@@ -1,0 +1,202 @@
+"""`LALoraStrategy`: the server side of a Flower run, a Flower `Strategy` that reproduces `FederatedDPTrainer`'s
+rounds. Round r selects the clients `select_clients(seed, r, num_clients, clients_per_round)` (the public schedule,
+over the SuperNodes' `partition-id`s), sends them the global adapter and the round's settings, and aggregates the
+replies with the library's `Aggregator`, in client order: A with A, B with B, a tensor nobody sent (FFA-LoRA's A,
+RoLoRA's idle factor) keeps its global value. A round with fewer than `min_clients_per_round` surviving clients is
+aborted and releases nothing. The server holds no privacy state: each client accounts for itself and reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..federated.aggregation import Aggregator
+from ..federated.seeding import select_clients
+from . import protocol
+
+logger = logging.getLogger(__name__)
+NO_REPLY = "no reply within the round's timeout"
+
+
+class LALoraStrategy(Strategy):
+    """
+    Args:
+        args (`FederatedDPArguments`): the run's settings (see `settings.federated_args`).
+        global_state (`dict[str, Tensor]`): the initial adapter tensors (A, B and the head), by parameter name.
+        learning_rates (`list[float]`): the learning rate of every round (`round_learning_rates(args)`).
+        round_timeout (`float`): seconds to wait for a round's replies (also the messages' time to live).
+        query_timeout (`float`): seconds to wait for the SuperNodes' answers to "which partition are you?".
+    """
+
+    def __init__(self, *, args, global_state: dict, learning_rates: list, round_timeout: float = 3600.0,
+                 query_timeout: float = 120.0):
+        self.args = args
+        self.global_state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
+        self.learning_rates = list(learning_rates)
+        self.round_timeout, self.query_timeout = float(round_timeout), float(query_timeout)
+        self.nodes: dict[int, int] = {}  # partition id -> node id
+        self._asked: set[int] = set()  # nodes that told us their partition id
+        self.history: list[dict] = []  # one record per round
+        self.clients: dict[int, dict] = {}  # partition id -> its last privacy report
+        self.unanswered: dict[int, list] = {}  # partition id -> rounds it was sent and never answered
+        self.refused: list[dict] = []  # budget refusals
+        self._round: dict = {}
+
+    def arrays(self) -> ArrayRecord:
+        return ArrayRecord(self.global_state)
+
+    # ----- which SuperNode is which client ------------------------------------------------------------------
+    def discover(self, grid: Grid, *, wait: float = 0.0, until: int | None = None) -> dict:
+        """Ask every node not asked yet for its `partition-id`; with `until`, keep asking new nodes for up to
+        `wait` seconds until that many partitions have a node. Returns {partition id: node id}."""
+        deadline = time.time() + wait
+        while True:
+            fresh = [n for n in grid.get_node_ids() if n not in self._asked]
+            if fresh:
+                self._ask(grid, fresh)
+            if until is None or len(self.nodes) >= until or time.time() >= deadline:
+                return dict(self.nodes)
+            time.sleep(min(1.0, max(0.0, deadline - time.time())))
+
+    def _ask(self, grid: Grid, nodes: list) -> None:
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=self.query_timeout)
+                    for n in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=self.query_timeout))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                logger.warning("SuperNode %s did not say which client it is: %s", node, reply.error.reason)
+                continue
+            self._asked.add(node)
+            pid = int(reply.content[protocol.NODE]["partition-id"])
+            if pid >= self.args.num_clients:
+                logger.warning("SuperNode %s has partition-id %d, outside the run's num-clients=%d: not used", node,
+                               pid, self.args.num_clients)
+                continue
+            if self.nodes.get(pid, node) != node:
+                logger.warning("partition-id %d is now served by SuperNode %s (was %s)", pid, node, self.nodes[pid])
+            self.nodes[pid] = node
+
+    # ----- training rounds -------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Messages to the round's clients of the public schedule (`server_round` counts from 1, `round` from 0)."""
+        args, round_idx = self.args, server_round - 1
+        selected = select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round)
+        online = set(grid.get_node_ids())
+        if any(self.nodes.get(pid) not in online for pid in selected) or online - self._asked:
+            self.discover(grid)  # a node (re)joined, or a selected client has none
+        self._round = {"round": round_idx, "selected": selected, "failed": {}, "messages": [], "start": time.time()}
+        content = RecordDict({protocol.GLOBAL: self.arrays(), protocol.CONFIG: ConfigRecord({
+            "round": round_idx, "learning-rate": float(self.learning_rates[round_idx]),
+            "local-steps": args.local_steps, "seed": args.seed})})
+        for pid in selected:
+            node = self.nodes.get(pid)
+            if node is None or node not in online:
+                self._round["failed"][pid] = "no SuperNode online with this partition-id"
+                continue
+            message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round),
+                              ttl=self.round_timeout)
+            self._round["messages"].append((message, pid))
+        logger.info("round %d: clients %s, sent to %d SuperNode(s)", round_idx, selected, len(self._round["messages"]))
+        return [m for m, _ in self._round["messages"]]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple:
+        """The new global adapter (None when the round is aborted) and the round's metrics."""
+        record = self._round
+        by_message = {m.metadata.message_id: pid for m, pid in record["messages"]}
+        by_node = {m.metadata.dst_node_id: pid for m, pid in record["messages"]}
+        answered = {}
+        for reply in replies:
+            pid = by_message.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id))
+            if pid is None:
+                continue
+            if reply.has_error():
+                self._failed(pid, reply.error.code, reply.error.reason)
+            else:
+                answered[pid] = reply
+        aggregator = Aggregator(self.global_state)
+        clients = {}
+        for pid in sorted(answered):  # client order, as the in-process trainer adds them
+            try:
+                clients[pid] = self._add(aggregator, pid, answered[pid])
+            except Exception as exc:  # noqa: BLE001 - a malformed reply drops that client, not the run
+                record["failed"][pid] = f"invalid reply: {type(exc).__name__}: {exc}"
+        for pid in (pid for _, pid in record["messages"]):
+            if pid not in clients and pid not in record["failed"]:
+                record["failed"][pid] = NO_REPLY
+                self.unanswered.setdefault(pid, []).append(record["round"])
+        return self._close_round(aggregator, clients)
+
+    def _failed(self, pid: int, code: int, reason: str) -> None:
+        name = protocol.ERROR_NAMES.get(code, f"flwr error {code}")
+        self._round["failed"][pid] = f"{name}: {reason}"
+        if code == protocol.BUDGET_EXCEEDED:
+            self.refused.append({"client": pid, "round": self._round["round"], "reason": reason})
+        logger.warning("round %d: client %d failed (%s): %s", self._round["round"], pid, name, reason)
+
+    def _add(self, aggregator: Aggregator, pid: int, reply: Message) -> dict:
+        metrics = dict(reply.content[protocol.METRICS])
+        privacy = dict(reply.content[protocol.PRIVACY])
+        if privacy.get("partition-id") != pid:
+            raise ValueError(f"the reply says partition-id {privacy.get('partition-id')!r}, the node serves {pid}")
+        weight = 1.0 if self.args.aggregation_weights == "uniform" else float(metrics["num-examples"])
+        aggregator.add(reply.content[protocol.DELTA].to_torch_state_dict(), weight)
+        self.clients[pid] = {**privacy, "last_round": self._round["round"]}
+        return metrics
+
+    def _close_round(self, aggregator: Aggregator, clients: dict) -> tuple:
+        record, args = self._round, self.args
+        aborted = aggregator.survivors < args.min_clients_per_round
+        if aborted:
+            logger.warning("round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; nothing "
+                           "released", record["round"], aggregator.survivors, len(record["selected"]),
+                           args.min_clients_per_round)
+        else:
+            self.global_state = aggregator.merged()
+        losses = [m["loss"] for m in clients.values() if math.isfinite(m["loss"])]
+        entry = {"round": record["round"], "selected": record["selected"], "survivors": sorted(clients),
+                 "failed": {str(k): v for k, v in sorted(record["failed"].items())}, "aborted": aborted,
+                 "seconds": time.time() - record["start"],
+                 "bytes_sent": {str(k): int(m["bytes-sent"]) for k, m in clients.items()},
+                 "client_seconds": {str(k): float(m.get("train-seconds", float("nan"))) for k, m in clients.items()},
+                 "loss": sum(losses) / len(losses) if losses else float("nan"),
+                 "adapter_sha256": state_sha256(self.global_state)}
+        self.history.append(entry)
+        metrics = MetricRecord({"clients": len(clients), "failed": len(record["failed"]), "aborted": int(aborted),
+                                "loss": entry["loss"], "epsilon": max([float(m["epsilon"]) for m in clients.values()],
+                                                                      default=0.0)})
+        return (None if aborted else self.arrays()), metrics
+
+    # ----- no federated evaluation: the clients' data is theirs; evaluate the saved adapter -------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        args = self.args
+        logger.info("LALoraStrategy: %d clients, %d per round (at least %d), %d rounds x %d local steps, %s weights",
+                    args.num_clients, args.clients_per_round, args.min_clients_per_round, args.num_rounds,
+                    args.local_steps, args.aggregation_weights)
+
+
+def state_sha256(state: dict) -> str:
+    """A fingerprint of an adapter state (names, shapes and float32 bytes), to show which rounds changed it."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode() + str(tuple(tensor.shape)).encode() + tensor.numpy().tobytes())
+    return digest.hexdigest()

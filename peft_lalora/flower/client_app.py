@@ -134,7 +134,7 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     client = protocol.partition_id(context.node_config)
     if client >= args.num_clients:
         raise ConfigError(f"`partition-id` {client} must be < `num-clients` = {args.num_clients} of the run.")
-    model = task.model(context.run_config)
+    model = task.model(context.run_config, context.node_config)
     dataset, collate = task.client_data(context.node_config, context.run_config)
     device = next(model.parameters()).device
     shard = ClientShard(dataset, collate, model_columns(model), device)

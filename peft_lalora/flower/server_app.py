@@ -46,7 +46,7 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     run_config.setdefault("output-dir", DEFAULT_OUTPUT_DIR)
     args = federated_args(run_config, task.config_keys)
     _check_publishable(args)
-    model = task.model(run_config)
+    model = task.model(run_config, context.node_config)
     params = dict(model.named_parameters())
     names = adapter_tensor_names(model, model.active_adapter)
     strategy = LALoraStrategy(args=args, global_state={n: params[n] for n in names},

@@ -15,9 +15,11 @@ from ..tuner.model import LALoraModel
 class FlowerTask:
     """
     Args:
-        build_model (`Callable[[dict], PeftModel]`): `run_config -> get_peft_model(base, LALoraConfig(...))`. Called
-            by the server (the initial global adapter, the saved adapter) and by every client, so the frozen base
-            weights must be the same everywhere (a pretrained checkpoint, or a model built from the public seed).
+        build_model (`Callable[[dict, dict], PeftModel]`): `(run_config, node_config) -> get_peft_model(base,
+            LALoraConfig(...))`. Called by the server (the initial global adapter, the saved adapter; its
+            node_config is usually empty) and by every client (e.g. `node_config["model-path"]`: where this machine
+            keeps the base model), so the frozen base weights must be the same everywhere (a pretrained checkpoint,
+            or a model built from the public seed).
         load_client_data (`Callable[[dict, dict], tuple]`): `(node_config, run_config) -> (dataset, collate)`: the
             client's `datasets.Dataset` (model inputs and `labels`) and its collate function, read from the
             SuperNode's own disk (e.g. `node_config["data-path"]`). Only the client process calls it.
@@ -27,13 +29,13 @@ class FlowerTask:
             the saved adapter needs besides it (a tokenizer, pooling statistics). Called by the server.
     """
 
-    build_model: Callable[[dict], Any]
+    build_model: Callable[[dict, dict], Any]
     load_client_data: Callable[[dict, dict], tuple]
     config_keys: tuple = field(default=())
     save_extras: Callable[[str, dict], None] | None = None
 
-    def model(self, run_config: dict):
-        model = self.build_model(dict(run_config))
+    def model(self, run_config: dict, node_config: dict):
+        model = self.build_model(dict(run_config), dict(node_config))
         if not isinstance(getattr(model, "base_model", None), LALoraModel):
             raise ConfigError("`build_model` must return `get_peft_model(base, LALoraConfig(...))` (after `import "
                               f"peft_lalora`), got {type(model).__name__}.")

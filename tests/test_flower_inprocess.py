@@ -256,7 +256,7 @@ def test_client_killed_mid_run_continues_or_aborts_the_round(tmp_path, shards, q
             assert entry["adapter_sha256"] == previous
         previous = entry["adapter_sha256"]
     report = read_json(tmp_path / "flower" / "privacy_report.json")
-    assert report["unanswered"] == {"1": [3, 4]}
+    assert report["unreported"] == {"1": [3, 4]}
     assert next(c for c in report["clients"] if c["client"] == 1)["last_round"] == 0
 
 

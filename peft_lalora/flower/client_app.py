@@ -197,8 +197,8 @@ def _charge(job: _Job, context: Context, round_idx: int, steps: int) -> tuple:
     state = ClientState(context.node_config.get("state-dir"))
     max_epsilon = context.node_config.get("max-epsilon")
     with state.locked():
+        seed = args.noise_seed if args.noise_seed is not None else state.private_seed(context.run_id)
         ledger = state.ledger(job.plan, job.client, max_epsilon=max_epsilon)
         ledger.charge(job.client, steps)  # raises PrivacyBudgetExceededError: nothing charged or trained
         state.save_charge(ledger, client=job.client, run_id=context.run_id, round_idx=round_idx, steps=steps)
-        seed = args.noise_seed if args.noise_seed is not None else state.private_seed(context.run_id)
-    return ledger, seed
+    return ledger, seed  # the last step that can fail before training is the durable charge

@@ -9,8 +9,9 @@ from ..privacy.accounting import REPORT_UNIT
 from ..trainer import FIXED_SEED_WARNING
 
 NOTE = ("Each client's epsilon is its own ledger's (kept on its own disk), over every local step ever charged to "
-        "its data, earlier runs included. A client in `unanswered` was sent those rounds but never replied: it may "
-        "have charged them after its last report, and its ledger file is the authority.")
+        "its data, earlier runs included. A client in `unreported` was sent those rounds and did not report back "
+        "(killed, unreachable, or its update failed): it may have charged them after its last report, and its "
+        "ledger file is the authority.")
 
 
 def privacy_report(strategy) -> dict:
@@ -31,7 +32,7 @@ def privacy_report(strategy) -> dict:
         "per_sample_max_grad_norm": args.per_sample_max_grad_norm, "accountant": args.accountant,
         "target_epsilon": args.target_epsilon, "num_rounds": args.num_rounds, "local_steps": args.local_steps,
         "secret_randomness": args.noise_seed is None, "clients": clients,
-        "refused": list(strategy.refused), "unanswered": {str(k): v for k, v in sorted(strategy.unanswered.items())},
+        "refused": list(strategy.refused), "unreported": {str(k): v for k, v in sorted(strategy.unreported.items())},
         "note": NOTE,
     }
     if args.noise_seed is not None:

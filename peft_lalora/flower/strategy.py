@@ -47,9 +47,10 @@ class LALoraStrategy(Strategy):
         self._asked: set[int] = set()  # nodes that told us their partition id
         self.history: list[dict] = []  # one record per round
         self.clients: dict[int, dict] = {}  # partition id -> its last privacy report
-        self.unanswered: dict[int, list] = {}  # partition id -> rounds it was sent and never answered
+        self.unreported: dict[int, list] = {}  # partition id -> rounds it may have charged without reporting
         self.refused: list[dict] = []  # budget refusals
         self._round: dict = {}
+        self._uncharged: set = set()
 
     def arrays(self) -> ArrayRecord:
         return ArrayRecord(self.global_state)
@@ -97,6 +98,7 @@ class LALoraStrategy(Strategy):
         if any(self.nodes.get(pid) not in online for pid in selected) or online - self._asked:
             self.discover(grid)  # a node (re)joined, or a selected client has none
         self._round = {"round": round_idx, "selected": selected, "failed": {}, "messages": [], "start": time.time()}
+        self._uncharged = set()  # clients whose error reply says nothing was charged
         content = RecordDict({protocol.GLOBAL: self.arrays(), protocol.CONFIG: ConfigRecord({
             "round": round_idx, "learning-rate": float(self.learning_rates[round_idx]),
             "local-steps": args.local_steps, "seed": args.seed})})
@@ -108,6 +110,13 @@ class LALoraStrategy(Strategy):
             message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round),
                               ttl=self.round_timeout)
             self._round["messages"].append((message, pid))
+        if len(self._round["messages"]) < args.min_clients_per_round:  # known before anyone trains: charge nobody
+            logger.warning("round %d: only %d of its clients have a SuperNode online, fewer than "
+                           "min_clients_per_round=%d: aborted before sending", round_idx, len(self._round["messages"]),
+                           args.min_clients_per_round)
+            for _, pid in self._round["messages"]:
+                self._round["failed"][pid] = "not sent: the round could not reach min_clients_per_round"
+            self._round["messages"] = []
         logger.info("round %d: clients %s, sent to %d SuperNode(s)", round_idx, selected, len(self._round["messages"]))
         return [m for m, _ in self._round["messages"]]
 
@@ -135,12 +144,15 @@ class LALoraStrategy(Strategy):
         for pid in (pid for _, pid in record["messages"]):
             if pid not in clients and pid not in record["failed"]:
                 record["failed"][pid] = NO_REPLY
-                self.unanswered.setdefault(pid, []).append(record["round"])
+            if pid not in clients and pid not in self._uncharged:
+                self.unreported.setdefault(pid, []).append(record["round"])
         return self._close_round(aggregator, clients)
 
     def _failed(self, pid: int, code: int, reason: str) -> None:
         name = protocol.ERROR_NAMES.get(code, f"flwr error {code}")
         self._round["failed"][pid] = f"{name}: {reason}"
+        if code in protocol.NOT_CHARGED:
+            self._uncharged.add(pid)
         if code == protocol.BUDGET_EXCEEDED:
             self.refused.append({"client": pid, "round": self._round["round"], "reason": reason})
         logger.warning("round %d: client %d failed (%s): %s", self._round["round"], pid, name, reason)

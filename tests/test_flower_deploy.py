@@ -1,0 +1,201 @@
+"""The real engine on 127.0.0.1: `flower-superlink` with TLS and SuperNode authentication, two `flower-supernode`s
+with registered keys, jobs submitted with `flwr run` (R19, R20). Every process is stopped by PID, children included.
+
+One SuperLink per test; each job runs a tiny RoBERTa (tests/fed_helpers.py) for a few rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.[flower]'` (CI installs it)")
+
+import torch  # noqa: E402
+from fed_helpers import toy_args, toy_dataset, toy_model  # noqa: E402
+from flower_deploy import UNREGISTERED_EXIT_CODE, Deployment, flwr_bin, make_node_key, write_toy_app  # noqa: E402
+from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from tiny_models import tiny_roberta  # noqa: E402
+
+import peft_lalora  # noqa: E402, F401
+from peft_lalora import FederatedDPTrainer  # noqa: E402
+from peft_lalora.flower import ClientState  # noqa: E402
+
+SIZES = (100, 120)
+JOB = {"method": "lalora", "num-clients": 2, "clients-per-round": 2, "min-clients-per-round": 1, "num-rounds": 2,
+       "local-steps": 2, "batch-size": 8, "learning-rate": 0.5, "per-sample-max-grad-norm": 1.0, "seed": 0,
+       "output-dir": "out", "round-timeout": 120, "node-wait-timeout": 120}
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    deploy = Deployment(str(tmp_path / "deploy"))
+    data, start = toy_dataset(), 0
+    for k, n in enumerate(SIZES):
+        data.select(range(start, start + n)).save_to_disk(str(tmp_path / "data" / str(k)))
+        start += n
+    deploy.start_superlink()
+    try:
+        yield deploy
+    finally:
+        deploy.close()
+        assert not deploy.procs
+
+
+def node_config(tmp_path, k: int) -> dict:
+    return {"partition-id": k, "data-path": str(tmp_path / "data" / str(k)), "state-dir": str(tmp_path / f"state{k}")}
+
+
+def start_node(deploy, tmp_path, k: int, *, register: bool = True):
+    key, public = (os.path.join(deploy.root, f"node{k}"), os.path.join(deploy.root, f"node{k}.pub"))
+    if not os.path.exists(key):
+        key, public = make_node_key(deploy.root, f"node{k}")
+        if register:
+            deploy.register(public)
+    return deploy.start_supernode(f"node{k}", key, node_config(tmp_path, k))
+
+
+def run_job(deploy, tmp_path, name: str, app_config: dict, **overrides) -> dict:
+    app = write_toy_app(str(tmp_path / f"app_{name}"), app_config)
+    out = deploy.run(app, {"output-dir": str(tmp_path / name), **overrides})
+    deploy.record_children()
+    assert out.returncode == 0, f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert (tmp_path / name / "privacy_report.json").exists(), out.stdout[-5000:] + deploy.log("superlink")[-5000:]
+    return json.loads((tmp_path / name / "privacy_report.json").read_text())
+
+
+def history(tmp_path, name: str) -> list:
+    return json.loads((tmp_path / name / "flower_history.json").read_text())
+
+
+def test_two_supernodes_with_tls_and_node_auth_run_a_job(deployment, tmp_path):
+    # Prepare: two registered SuperNodes, each with its own shard and state folder; the noise seed is fixed so
+    # that the job can be compared with the in-process trainer
+    for k in range(2):
+        start_node(deployment, tmp_path, k)
+    config = dict(JOB, **{"noise-multiplier": 1.0, "noise-seed": 0})
+
+    # Execute
+    report = run_job(deployment, tmp_path, "job", config)
+
+    # Assert: the adapter loads with peft and equals the in-process trainer's (<= 1e-6)
+    out = tmp_path / "job"
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(tiny_roberta(0), str(out)))
+    data, start, shards = toy_dataset(), 0, []
+    for n in SIZES:
+        shards.append(data.select(range(start, start + n)))
+        start += n
+    trainer = FederatedDPTrainer(model=toy_model("lalora"), args=toy_args(tmp_path / "trainer", num_clients=2),
+                                 client_datasets=shards)
+    trainer.train()
+    expected = get_peft_model_state_dict(trainer.model)
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value, atol=1e-6, rtol=0)
+    # Assert: each client's ledger on its own disk agrees with the report (2 rounds x 2 steps, both clients)
+    assert [c["client"] for c in report["clients"]] == [0, 1]
+    for entry in report["clients"]:
+        state = ClientState(str(tmp_path / f"state{entry['client']}"))
+        charges = state.saved()["charges"]
+        assert [c["round"] for c in charges] == [0, 1] and len({c["run_id"] for c in charges}) == 1
+        assert entry["steps"] == 4 and entry["epsilon"] == pytest.approx(state.epsilon(), rel=1e-12)
+    assert report["epsilon"] == pytest.approx(max(c["epsilon"] for c in report["clients"]), rel=1e-12)
+    assert all(h["bytes_sent"] and not h["failed"] for h in history(tmp_path, "job"))
+
+
+def test_supernode_restarted_between_runs_keeps_its_ledger(deployment, tmp_path):
+    # Prepare: a first run spends both clients' budgets (epsilon 3, both in every round, secret randomness)
+    for k in range(2):
+        start_node(deployment, tmp_path, k)
+    config = dict(JOB, **{"target-epsilon": 3.0, "num-rounds": 1})
+    first = run_job(deployment, tmp_path, "first", config)
+    states = [ClientState(str(tmp_path / f"state{k}")) for k in range(2)]
+    spent = [s.saved() for s in states]
+
+    # Execute: restart SuperNode 0 (same key, same state folder), then a second run
+    deployment.stop("node0")
+    start_node(deployment, tmp_path, 0)
+    second = run_job(deployment, tmp_path, "second", config)
+
+    # Assert: both refused, nothing charged or released; the secret roots stayed on the nodes
+    assert all(2.9 < c["epsilon"] <= 3.0 for c in first["clients"])
+    assert [s.saved() for s in states] == spent
+    assert {(r["client"], r["round"]) for r in second["refused"]} == {(0, 0), (1, 0)}
+    assert all(h["aborted"] for h in history(tmp_path, "second"))
+    initial = get_peft_model_state_dict(toy_model("lalora"))
+    saved = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[n], initial[n]) for n in initial)
+    secrets = [v for k in range(2) for v in json.loads((tmp_path / f"state{k}" / "secret.json").read_text())["runs"].values()]
+    published = "".join((tmp_path / run / f).read_text(errors="replace") for run in ("first", "second")
+                        for f in os.listdir(tmp_path / run) if not f.endswith(".safetensors"))
+    assert len(set(secrets)) == 4 and not any(s in published for s in secrets)  # one per node and run
+
+
+def run_and_kill(deploy, tmp_path, name: str, app_config: dict, k: int) -> None:
+    """Submit a job, SIGKILL SuperNode `k` (and its ClientApp) as soon as it has charged its first round, and wait
+    for the job to finish."""
+    app = write_toy_app(str(tmp_path / f"app_{name}"), app_config)
+    job = subprocess.Popen([flwr_bin(), "run", app, "local", "--stream", "--run-config",
+                            f'output-dir="{tmp_path / name}"'], env=deploy.env, cwd=deploy.root,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        state, charges, deadline = ClientState(str(tmp_path / f"state{k}")), None, time.time() + 300
+        before = len((state.saved() or {"charges": []})["charges"])
+        while time.time() < deadline:
+            deploy.record_children()
+            charges = (state.saved() or {"charges": []})["charges"]
+            if len(charges) > before:
+                break
+            time.sleep(0.1)
+        deploy.stop(f"node{k}", sig=signal.SIGKILL)
+        assert job.wait(timeout=600) == 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+@pytest.mark.slow  # ~3 min: a killed node is only declared offline after two missed heartbeats (60 s)
+def test_supernode_killed_mid_run(deployment, tmp_path):
+    # Prepare: two SuperNodes; SuperNode 1 will be killed (SIGKILL) right after it charged round 0
+    for k in range(2):
+        start_node(deployment, tmp_path, k)
+    job = dict(JOB, **{"noise-multiplier": 1.0, "round-timeout": 45})
+
+    # Execute: a 3-round job that may continue with one client
+    run_and_kill(deployment, tmp_path, "survive", dict(job, **{"num-rounds": 3}), 1)
+
+    # Assert: every round released client 0's update; client 1's charge is on its disk, and the report says it
+    # was sent round 0 but never reported
+    rounds = history(tmp_path, "survive")
+    assert [h["survivors"] for h in rounds] == [[0], [0], [0]] and not any(h["aborted"] for h in rounds)
+    assert len({h["adapter_sha256"] for h in rounds}) == 3
+    report = json.loads((tmp_path / "survive" / "privacy_report.json").read_text())
+    assert [c["client"] for c in report["clients"]] == [0] and report["unreported"]["1"][0] == 0
+    assert [c["round"] for c in ClientState(str(tmp_path / "state1")).saved()["charges"]] == [0]
+
+    # Execute: the node comes back; a job that needs both clients in every round, and the node is killed again
+    start_node(deployment, tmp_path, 1)
+    run_and_kill(deployment, tmp_path, "quorum", dict(job, **{"num-rounds": 2, "min-clients-per-round": 2}), 1)
+
+    # Assert: no round reached the quorum, so nothing was released: the adapter is the initial one
+    assert all(h["aborted"] for h in history(tmp_path, "quorum"))
+    initial = get_peft_model_state_dict(toy_model("lalora"))
+    saved = load_file(str(tmp_path / "quorum" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[n], initial[n]) for n in initial)
+
+
+def test_unregistered_supernode_is_refused(deployment, tmp_path):
+    # Prepare / Execute: a SuperNode whose key was never registered with the SuperLink
+    node = start_node(deployment, tmp_path, 0, register=False)
+
+    # Assert: it exits with Flower's "failed to activate" error (the log says exit code 305; the process returns
+    # 1), and never received work
+    assert node.wait(timeout=120) != 0
+    assert f"Exit Code: {UNREGISTERED_EXIT_CODE}" in deployment.log("node0")
+    assert ClientState(str(tmp_path / "state0")).saved() is None

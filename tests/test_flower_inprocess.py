@@ -95,6 +95,8 @@ def test_flower_run_equals_the_trainer(tmp_path, shards, case):
 
     def record(node, message, reply):
         if message.metadata.message_type == "train" and reply.has_content():
+            # loss and dropped counts are not noised: a private client keeps them unless its owner shares them
+            assert ("loss" in reply.content[protocol.METRICS]) == (case == "nonprivate")
             names = list(reply.content[protocol.DELTA].keys())
             roles = {"A" if ".lora_A." in n else "B" if ".lora_B." in n else "head" for n in names}
             sent.append((message.content[protocol.CONFIG]["round"], node - 100, roles))
@@ -191,6 +193,33 @@ def test_second_run_continues_the_ledger_and_is_refused_beyond_the_budget(tmp_pa
     initial = get_peft_model_state_dict(toy_model("lalora"))
     assert all(torch.equal(second[n], initial[n]) for n in initial)  # nothing of run 2 was released
     assert any(not torch.equal(first[n], initial[n]) for n in initial)
+
+
+def test_a_larger_target_in_a_later_run_does_not_raise_the_budget(tmp_path, shards):
+    # Prepare: a first run at epsilon 3 spends each client's budget
+    root, _ = shards
+    run_flower(tmp_path, root, run_config(tmp_path, target_epsilon=3.0, clients_per_round=4, noise_seed=None))
+    spent = [ClientState(str(tmp_path / "state" / str(k))).epsilon() for k in range(4)]
+
+    # Execute: a second run asks for epsilon 8 (less noise)
+    run_flower(tmp_path, root, run_config(tmp_path, target_epsilon=8.0, clients_per_round=4, noise_seed=None),
+               run_id=2)
+
+    # Assert: the ledgers keep the smaller budget and refuse; nothing more is spent
+    assert [ClientState(str(tmp_path / "state" / str(k))).epsilon() for k in range(4)] == spent
+    assert all(ClientState(str(tmp_path / "state" / str(k))).saved()["target_epsilon"] == 3.0 for k in range(4))
+    assert len(read_json(tmp_path / "flower" / "privacy_report.json")["refused"]) == 8
+
+
+def test_node_shares_training_metrics_only_when_its_owner_says_so(tmp_path, shards):
+    root, _ = shards
+    seen = []
+    run_flower(tmp_path, root, run_config(tmp_path), node_extra={"share-training-metrics": True},
+               on_reply=lambda node, message, reply: seen.append(dict(reply.content[protocol.METRICS]))
+               if message.metadata.message_type == "train" else None)
+    assert seen and all({"loss", "sampled", "dropped"} <= set(m) for m in seen)
+    history = read_json(tmp_path / "flower" / "flower_history.json")
+    assert all(0 < h["loss"] < 10 for h in history)
 
 
 def test_node_cap_refuses_the_first_round_and_charges_nothing(tmp_path, shards):

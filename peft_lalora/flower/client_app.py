@@ -4,7 +4,9 @@ own privacy (sigma for its own size and the run's target), charges each round on
 
 Node config (`flower-supernode --node-config '...'`): `partition-id` (the client's id in the public schedule),
 `state-dir` (its private state folder: ledger and secret randomness), optional `max-epsilon` (the node's own cap
-on its lifetime epsilon), plus whatever the task reads (e.g. `data-path`).
+on its lifetime epsilon) and `share-training-metrics` (true: also send the loss and the sampled / dropped counts,
+which are computed from the data without noise and so are outside the DP guarantee; a non-private run always
+sends them), plus whatever the task reads (e.g. `data-path`).
 """
 
 from __future__ import annotations
@@ -99,13 +101,16 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
     delta = ArrayRecord({n: t.detach().to("cpu", torch.float32) for n, t in update.delta.items()})
     sent = delta.count_bytes()
     epsilon = ledger.epsilon(job.client) if ledger is not None else float("inf")
-    metrics = MetricRecord({"num-examples": int(update.num_examples), "loss": float(update.loss),
-                            "steps": int(update.steps), "sampled": int(update.sampled), "dropped": int(update.dropped),
-                            "epsilon": float(epsilon), "bytes-sent": int(sent),
-                            "train-seconds": float(seconds)})
+    metrics = {"num-examples": int(update.num_examples), "steps": int(update.steps), "epsilon": float(epsilon),
+               "bytes-sent": int(sent), "train-seconds": float(seconds)}
+    if context.node_config.get("share-training-metrics") is True or not job.args.dp:
+        # loss and dropped examples are computed from the data without noise: only the node's owner may share them
+        metrics.update({"loss": float(update.loss), "sampled": int(update.sampled), "dropped": int(update.dropped)})
+    logger.info("round %d: client %d loss %.4f, %d sampled, %d dropped", round_idx, job.client, update.loss,
+                update.sampled, update.dropped)
     logger.info("round %d: client %d sends %d tensors (%d bytes), epsilon %.4f", round_idx, job.client, len(delta),
                 sent, epsilon)
-    content = RecordDict({protocol.DELTA: delta, protocol.METRICS: metrics,
+    content = RecordDict({protocol.DELTA: delta, protocol.METRICS: MetricRecord(metrics),
                           protocol.PRIVACY: privacy_record(job, ledger)})
     return Message(content, reply_to=message)
 

@@ -3,8 +3,9 @@
 Server -> client (train): `global` (ArrayRecord: every adapter tensor, float32) and `config` (ConfigRecord:
 `round` (0-based, as in `FederatedDPTrainer`), `learning-rate`, `local-steps`, `seed` (the public seed)).
 Client -> server: `delta` (ArrayRecord: only the tensors it trained, plus the head), `metrics` (MetricRecord:
-`num-examples`, `loss`, `steps`, `sampled`, `dropped`, `epsilon`, `bytes-sent`) and `privacy` (ConfigRecord:
-the client's accounting, see `client_app.privacy_record`), or an error reply with one of the codes below.
+`num-examples`, `steps`, `epsilon`, `bytes-sent`, `train-seconds`; `loss`, `sampled`, `dropped` only where the
+node shares them or the run is not private) and `privacy` (ConfigRecord: the client's accounting, see
+`client_app.privacy_record`), or an error reply with one of the codes below.
 Query: the server asks a node which client it is; the reply is `node` (ConfigRecord: `partition-id`).
 """
 

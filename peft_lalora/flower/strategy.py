@@ -176,7 +176,7 @@ class LALoraStrategy(Strategy):
                            args.min_clients_per_round)
         else:
             self.global_state = aggregator.merged()
-        losses = [m["loss"] for m in clients.values() if math.isfinite(m["loss"])]
+        losses = [m["loss"] for m in clients.values() if math.isfinite(m.get("loss", math.nan))]
         entry = {"round": record["round"], "selected": record["selected"], "survivors": sorted(clients),
                  "failed": {str(k): v for k, v in sorted(record["failed"].items())}, "aborted": aborted,
                  "seconds": time.time() - record["start"],

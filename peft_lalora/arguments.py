@@ -38,6 +38,8 @@ class FederatedDPArguments(TrainingArguments):
         eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
         min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
         aggregation_weights (`str`): "uniform" or "num_samples".
+        overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
+            run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
     """
 
     num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
@@ -62,6 +64,8 @@ class FederatedDPArguments(TrainingArguments):
     local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
     per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
     label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the run an `output_dir` holds "
+                                                                        "(checkpoint, adapter, card) before training."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -25,6 +25,7 @@ from .arguments import FederatedDPArguments
 from .errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns, run_local_round
+from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.seeding import select_clients
 from .federated.server import GlobalAdapter, RoundSum, adapter_tensor_names
@@ -161,6 +162,7 @@ class FederatedDPTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Run `num_rounds` federated rounds (continuing from a checkpoint if `resume_from_checkpoint` is True or
         a `federated_state` folder). Returns a `TrainOutput` whose `global_step` counts rounds."""
+        prepare_output_dir(self.args, resuming=bool(resume_from_checkpoint))
         self._setup_federation()
         start = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
         args, state = self.args, self.state

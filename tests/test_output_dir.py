@@ -7,6 +7,7 @@ import os
 import pytest
 from fed_helpers import make_trainer
 
+import peft_lalora
 from peft_lalora import ConfigError
 from peft_lalora.federated.checkpoint import STATE_DIR
 
@@ -64,3 +65,25 @@ def test_an_empty_or_unrelated_folder_is_fine(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's own file")
     make_trainer(tmp_path, num_rounds=1).train()
     assert (tmp_path / STATE_DIR / "state.json").is_file() and (tmp_path / "notes.txt").is_file()
+
+
+def test_export_as_lora_refuses_a_folder_holding_a_privacy_card(tmp_path):
+    # Prepare: the folder `save_model` writes (adapter, privacy card, report)
+    trainer = make_trainer(tmp_path / "run", num_rounds=1, save_strategy="no")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    before = snapshot(tmp_path / "final")
+    # Execute / Assert: refused, the card and the LALORA config untouched
+    with pytest.raises(ConfigError, match=r"`save_directory` .*final.* holds an LA-LoRA adapter.*another folder"):
+        peft_lalora.export_as_lora(trainer.model, str(tmp_path / "final"))
+    assert snapshot(tmp_path / "final") == before
+    # a card alone (adapter files removed) is refused too
+    for name in ("adapter_config.json", "adapter_model.safetensors", "privacy_report.json"):
+        os.remove(tmp_path / "final" / name)
+    with pytest.raises(ConfigError, match="privacy card"):
+        peft_lalora.export_as_lora(trainer.model, str(tmp_path / "final"))
+    # a fresh folder, and then the same export folder again, are fine
+    peft_lalora.export_as_lora(trainer.model, str(tmp_path / "export"))
+    peft_lalora.export_as_lora(trainer.model, str(tmp_path / "export"))
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"

@@ -34,6 +34,7 @@ from .privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, compu
 from .privacy.engine import NonPrivateStep, PrivateStep
 from .privacy.sampling import sample_rate_for
 from .tuner.model import LALoraModel
+from .tuner.saving import save_adapter_files
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT = "privacy_report.json"
@@ -300,15 +301,16 @@ class FederatedDPTrainer(Trainer):
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the global adapter (peft format, safetensors), `privacy_report.json`, the training arguments as
-        JSON and the model card. Nothing is pickled (the Trainer's own `_save` writes `training_args.bin`)."""
+        """Write the global adapter (peft format, safetensors, at the top of the folder even when the adapter is not
+        named "default"), `privacy_report.json`, the training arguments as JSON and the model card. Nothing is
+        pickled (the Trainer's own `_save` writes `training_args.bin`)."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         self._setup_federation()
         os.makedirs(output_dir, exist_ok=True)
         self.global_adapter.load_into_model()
-        self.model.save_pretrained(output_dir, selected_adapters=[self.adapter_name])
+        save_adapter_files(self.model, output_dir, self.adapter_name)  # at the top, whatever the adapter's name
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         save_json(os.path.join(output_dir, PRIVACY_REPORT), self.privacy_report())

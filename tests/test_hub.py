@@ -336,3 +336,29 @@ def test_trainer_push_to_hub_uploads_the_aggregated_adapter(hub, tmp_path):
     assert f"{epsilon:.2f}" in card and "import peft_lalora" in card
     local = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
     assert repo.commits[0].files["adapter_model.safetensors"] == local
+
+
+def test_trainer_with_a_named_adapter_saves_at_the_top_then_loads_and_pushes(hub, tmp_path):
+    from fed_helpers import toy_args, toy_dataset
+    from peft import PeftModel
+    from tiny_models import text_inputs, tiny_roberta
+
+    from peft_lalora import FederatedDPTrainer
+
+    # Prepare: an adapter named "client_adapter", which peft's save_pretrained would put in a subfolder
+    config = LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(tiny_roberta(0), config, adapter_name="client_adapter")
+    args = toy_args(tmp_path / "run", num_rounds=1, hub_model_id="alice/named", target_epsilon=3.0)
+    trainer = FederatedDPTrainer(model=model, args=args, train_dataset=toy_dataset())
+    trainer.train()
+    # Execute
+    trainer.push_to_hub()
+    # Assert: adapter, card and report side by side; peft loads the folder; the Hub got all four files
+    folder = tmp_path / "run"
+    assert FILES <= set(os.listdir(folder)) and not (folder / "client_adapter").exists()
+    loaded = PeftModel.from_pretrained(tiny_roberta(0), str(folder)).eval()
+    inputs = text_inputs()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert set(hub.repos["alice/named"].commits[0].files) == FILES

@@ -40,6 +40,8 @@ class FederatedDPArguments(TrainingArguments):
         aggregation_weights (`str`): "uniform" or "num_samples".
         overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
             run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
+        card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
+            model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
     """
 
     num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
@@ -66,6 +68,8 @@ class FederatedDPArguments(TrainingArguments):
     label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the run an `output_dir` holds "
                                                                         "(checkpoint, adapter, card) before training."})
+    card_dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset named in the model card "
+                                                                             "(e.g. 'glue/sst2')."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -343,10 +343,15 @@ class FederatedDPTrainer(Trainer):
         write_model_card(output_dir, **self.card_context())
 
     def card_context(self) -> dict:
+        """The model card's inputs: the metrics of the LAST evaluation and its round (an earlier round's are said
+        to be so), the adapter's round, `card_dataset_name` as the dataset, no base model when none is recorded."""
         args, config = self.args, self.model.peft_config[self.adapter_name]
-        metrics = {k: v for log in self.state.log_history for k, v in log.items() if k.startswith("eval_")}
-        return {"base_model": config.base_model_name_or_path or "unknown", "adapter_config": config.to_dict(),
+        last = next((log for log in reversed(self.state.log_history) if any(k.startswith("eval_") for k in log)), {})
+        metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        return {"base_model": config.base_model_name_or_path or None, "adapter_config": config.to_dict(),
                 "privacy_report": self.privacy_report() if args.dp else None, "metrics": metrics,
+                "eval_round": last.get("step"), "adapter_round": self.state.global_step,
+                "dataset": getattr(args, "card_dataset_name", None),
                 "federated": {"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
                               "num_rounds": args.num_rounds, "local_steps": args.local_steps,
                               "partition": "given per client" if self.client_datasets is not None else

@@ -1,6 +1,7 @@
 """What the model card claims: real metrics only, of the last evaluation and its round, the dataset, the base model
-(or nothing), the modules trained in full."""
+(or nothing), the modules trained in full, the `differential-privacy` tag only for a private run."""
 
+import pytest
 import yaml
 from fed_helpers import accuracy, toy_args, toy_dataset, toy_model
 
@@ -79,3 +80,21 @@ def test_modules_to_save_listed_once_in_order():
                           modules_to_save=["classifier", "pooler", "classifier", "score"]).to_dict()
     card = render_model_card(**card_kwargs(adapter_config=config))
     assert "| modules trained in full (`modules_to_save`) | `classifier`, `pooler`, `score` |" in card
+
+
+# -- differential-privacy tag and fixed noise seed ------------------------------------------------------------
+@pytest.mark.parametrize("report, private", [
+    (REPORT, True),
+    (None, False),
+    ({**REPORT, "dp": False}, False),
+    ({**REPORT, "noise_multiplier": 0.0, "epsilon": float("inf")}, False),
+])
+def test_differential_privacy_tag_only_for_a_private_run(report, private):
+    card = render_model_card(**card_kwargs(privacy_report=report))
+    assert ("differential-privacy" in front_matter(card)["tags"]) == private
+    assert ("with differential privacy" in card) == private
+
+
+def test_non_private_trainer_card_has_no_differential_privacy_tag(tmp_path):
+    trainer = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, dp=False), train_dataset=toy_dataset())
+    assert "differential-privacy" not in front_matter(render_model_card(**trainer.card_context()))["tags"]

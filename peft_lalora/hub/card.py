@@ -20,6 +20,7 @@ from ..errors import ConfigError
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
+DP_TAG = "differential-privacy"  # only on the card of a private run (DP with noise)
 # Trainer.evaluate()'s timing entries: not results. A loss is shown but is no model-index result (as transformers'
 # own cards: a benchmark result is a task metric such as accuracy).
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
@@ -80,15 +81,25 @@ def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_r
               "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"), "task_type": _code(config.get("task_type"))}
     values.update(_method_values(config))
     values.update(_federated_values(federated))
+    status = privacy_status(privacy_report)
     values["privacy_section"] = _privacy_section(privacy_report)
-    private = privacy_report is not None and privacy_report.get("dp") is not False
-    values["dp_clause"] = " with differential privacy" if private else " without differential privacy"
+    values["dp_clause"] = " with differential privacy" if status == "private" else " without differential privacy"
     adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
     final = eval_round is None or eval_round == adapter_round
     values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])
     index_metrics = {k: v for k, v in metrics.items() if _metric_kind(k) not in NOT_INDEX_METRICS} if final else {}
-    values["front_matter"] = _front_matter(base_model, index_metrics, dataset, task, title)
+    values["front_matter"] = _front_matter(base_model, index_metrics, dataset, task, title,
+                                           private=status == "private")
     return string.Template(_template()).substitute(values)
+
+
+def privacy_status(report: dict | None) -> str:
+    """"private" (DP with noise), "no_noise" (noise_multiplier 0: epsilon = inf) or "none" (trained without DP)."""
+    if report is None or (isinstance(report, dict) and report.get("dp") is False):
+        return "none"
+    if isinstance(report, dict) and not (report.get("noise_multiplier") or 0) > 0:
+        return "no_noise"
+    return "private"
 
 
 def write_model_card(folder: str, **kwargs) -> str:
@@ -212,16 +223,25 @@ def _privacy_section(report: dict | None) -> str:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
         rows.insert(1, ("epsilon bound for a client in every round", _num(report["worst_case_epsilon"])))
-    text = [f"Trained with **(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy** "
-            "(DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on every client). "
-            f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
-            "the epsilon above is the largest over clients.", "", "| quantity | value |", "|---|---|"]
+    text = _privacy_lead(report, epsilon) + ["", "| quantity | value |", "|---|---|"]
     text += [f"| {name} | {value} |" for name, value in rows]
     if clients:
         text += ["", "Per client:", "", "| client | epsilon | sample rate | steps |", "|---|---|---|---|"]
         text += [f"| {c.get('client', i)} | {_num(c.get('epsilon'))} | {_num(c.get('sample_rate'))} | "
                  f"{c.get('steps', '')} |" for i, c in enumerate(clients)]
     return "\n".join(text)
+
+
+def _privacy_lead(report: dict, epsilon) -> list[str]:
+    guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy"
+    unit = (f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
+            "the epsilon is the largest over clients.")
+    status = privacy_status(report)
+    if status == "no_noise":
+        return ["This adapter was trained with DP-SGD's per-sample clipping but **without noise** (noise multiplier "
+                "0, epsilon = inf): it carries **no formal privacy guarantee** for the clients' data."]
+    return [f"Trained with **{guarantee}** (DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on "
+            f"every client). {unit}"]
 
 
 def _metric_kind(name: str) -> str:
@@ -242,11 +262,12 @@ def _metrics_section(metrics: dict, dataset: str | None, eval_round, adapter_rou
     return "\n".join([head, "", "| metric | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in metrics.items()])
 
 
-def _front_matter(base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str) -> str:
+def _front_matter(base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str, *,
+                  private: bool) -> str:
     data = {"library_name": "peft"}
     if base_model:
         data["base_model"] = base_model
-    data["tags"] = list(TAGS)
+    data["tags"] = [t for t in TAGS if private or t != DP_TAG]
     if dataset:
         data["datasets"] = [dataset]
     if task:

@@ -335,7 +335,8 @@ class FederatedDPTrainer(Trainer):
 
         return push_adapter_folder(self.args.output_dir, self.args.hub_model_id,
                                    token=token or self.args.hub_token, private=bool(self.args.hub_private_repo),
-                                   commit_message=commit_message)
+                                   commit_message=commit_message,
+                                   allow_fixed_noise_seed=bool(getattr(self.args, "allow_fixed_noise_seed", False)))
 
     def _write_card(self, output_dir: str) -> None:
         from .hub import write_model_card  # hub sits above the trainer in the import order

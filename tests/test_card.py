@@ -1,5 +1,6 @@
 """What the model card claims: real metrics only, of the last evaluation and its round, the dataset, the base model
-(or nothing), the modules trained in full, the `differential-privacy` tag only for a private run."""
+(or nothing), the modules trained in full, the `differential-privacy` tag only for a private run, and a warning
+for a run whose noise came from a fixed seed."""
 
 import pytest
 import yaml
@@ -88,6 +89,7 @@ def test_modules_to_save_listed_once_in_order():
     (None, False),
     ({**REPORT, "dp": False}, False),
     ({**REPORT, "noise_multiplier": 0.0, "epsilon": float("inf")}, False),
+    ({**REPORT, "secret_randomness": False, "noise_seed_warning": "noise_seed=3 was fixed"}, False),
 ])
 def test_differential_privacy_tag_only_for_a_private_run(report, private):
     card = render_model_card(**card_kwargs(privacy_report=report))
@@ -98,3 +100,13 @@ def test_differential_privacy_tag_only_for_a_private_run(report, private):
 def test_non_private_trainer_card_has_no_differential_privacy_tag(tmp_path):
     trainer = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, dp=False), train_dataset=toy_dataset())
     assert "differential-privacy" not in front_matter(render_model_card(**trainer.card_context()))["tags"]
+
+
+def test_fixed_noise_seed_card_warns_that_no_guarantee_holds():
+    report = {**REPORT, "secret_randomness": False, "noise_seed_warning": "noise_seed=3 was fixed by the user."}
+    card = render_model_card(**card_kwargs(privacy_report=report))
+    privacy = card.split("## Privacy", 1)[1].split("\n## ", 1)[0]
+    assert "> **Warning: no privacy guarantee.**" in privacy and "noise_seed=3 was fixed by the user." in privacy
+    assert privacy.index("Warning") < privacy.index("epsilon")  # before the numbers it voids
+    for older in (REPORT, {**REPORT, "secret_randomness": True}):  # a report without the key: secret randomness
+        assert "Warning: no privacy guarantee" not in render_model_card(**card_kwargs(privacy_report=older))

@@ -361,3 +361,38 @@ def test_trainer_with_a_named_adapter_saves_at_the_top_then_loads_and_pushes(hub
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     assert set(hub.repos["alice/named"].commits[0].files) == FILES
+
+
+def test_fixed_noise_seed_folder_is_not_pushed_unless_allowed(adapter, hub, tmp_path):
+    # Prepare: the adapter folder with a report whose noise came from a fixed seed
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    for name, data in snapshot(adapter["folder"]).items():
+        (folder / name).write_bytes(data)
+    report = {**REPORT, "secret_randomness": False, "noise_seed_warning": "noise_seed=3 was fixed."}
+    (folder / "privacy_report.json").write_text(json.dumps(report))
+    before = snapshot(str(folder))
+    # Execute / Assert: refused before anything leaves, then pushed with the explicit override
+    with pytest.raises(HubError, match=r"`secret_randomness: false`.*no privacy guarantee.*allow_fixed_noise_seed=True"):
+        push_adapter_folder(str(folder), "alice/fixed")
+    assert snapshot(str(folder)) == before and hub.repos == {}
+    with pytest.warns(LALoraWarning, match="fixed noise seed"):
+        push_adapter_folder(str(folder), "alice/fixed", allow_fixed_noise_seed=True)
+    assert set(hub.repos["alice/fixed"].files) == FILES
+
+
+def test_trainer_push_passes_allow_fixed_noise_seed(hub, tmp_path):
+    from fed_helpers import make_trainer
+
+    trainer = make_trainer(tmp_path / "run", num_rounds=1, hub_model_id="alice/seeded")
+    trainer.train()
+    report = trainer.privacy_report()
+    trainer.privacy_report = lambda: {**report, "secret_randomness": False, "noise_seed_warning": "seed fixed"}
+    with pytest.raises(HubError, match="allow_fixed_noise_seed"):
+        trainer.push_to_hub()
+    assert hub.repos == {}
+    trainer.args.allow_fixed_noise_seed = True  # the argument of a run that fixed `noise_seed` on purpose
+    with pytest.warns(LALoraWarning, match="fixed noise seed"):
+        trainer.push_to_hub()
+    card = hub.repos["alice/seeded"].files["README.md"].decode()
+    assert "Warning: no privacy guarantee" in card and "differential-privacy" not in card

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
-DP_TAG = "differential-privacy"  # only on the card of a private run (DP with noise)
+DP_TAG = "differential-privacy"  # only on the card of a private run (DP with noise from secret randomness)
 # Trainer.evaluate()'s timing entries: not results. A loss is shown but is no model-index result (as transformers'
 # own cards: a benchmark result is a task metric such as accuracy).
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
@@ -83,7 +83,8 @@ def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_r
     values.update(_federated_values(federated))
     status = privacy_status(privacy_report)
     values["privacy_section"] = _privacy_section(privacy_report)
-    values["dp_clause"] = " with differential privacy" if status == "private" else " without differential privacy"
+    values["dp_clause"] = {"private": " with differential privacy", "fixed_seed": " with DP-SGD noise from a fixed "
+                           "seed (no privacy guarantee)"}.get(status, " without differential privacy")
     adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
     final = eval_round is None or eval_round == adapter_round
     values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])
@@ -94,11 +95,14 @@ def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_r
 
 
 def privacy_status(report: dict | None) -> str:
-    """"private" (DP with noise), "no_noise" (noise_multiplier 0: epsilon = inf) or "none" (trained without DP)."""
+    """"private" (DP with noise from secret randomness), "fixed_seed" (the noise can be re-created: no guarantee),
+    "no_noise" (noise_multiplier 0: epsilon = inf) or "none" (trained without DP)."""
     if report is None or (isinstance(report, dict) and report.get("dp") is False):
         return "none"
     if isinstance(report, dict) and not (report.get("noise_multiplier") or 0) > 0:
         return "no_noise"
+    if isinstance(report, dict) and report.get("secret_randomness") is False:  # a missing key: an older report
+        return "fixed_seed"
     return "private"
 
 
@@ -240,6 +244,13 @@ def _privacy_lead(report: dict, epsilon) -> list[str]:
     if status == "no_noise":
         return ["This adapter was trained with DP-SGD's per-sample clipping but **without noise** (noise multiplier "
                 "0, epsilon = inf): it carries **no formal privacy guarantee** for the clients' data."]
+    if status == "fixed_seed":
+        detail = report.get("noise_seed_warning")
+        return ["> **Warning: no privacy guarantee.** The DP noise and Poisson sampling of this run came from a fixed "
+                "`noise_seed` (a setting for tests and research), not from secret randomness: anyone who knows the "
+                "seed can re-create the noise and remove it, so the guarantee computed below does **not** hold."
+                + (f"\n> {detail}" if detail else ""), "",
+                f"Had the randomness been secret, the accountant's numbers would give {guarantee}. {unit}"]
     return [f"Trained with **{guarantee}** (DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on "
             f"every client). {unit}"]
 

@@ -39,6 +39,10 @@ class FederatedDPArguments(TrainingArguments):
         eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
         min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
         aggregation_weights (`str`): "uniform" or "num_samples".
+        overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
+            run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
+        card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
+            model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
     """
 
     num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
@@ -73,9 +77,13 @@ class FederatedDPArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="constant", metadata={
         "help": "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
                 "one value per round, times `round_lr_decay` ** round."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the run an `output_dir` holds "
+                                                                        "(checkpoint, adapter, card) before training."})
+    card_dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset named in the model card "
+                                                                             "(e.g. 'glue/sst2')."})
 
     def __post_init__(self):
-        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed"):
+        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir"):
             _bool(name, getattr(self, name))
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):

@@ -174,6 +174,8 @@ def load_splits(data_args: DataArguments, args: FederatedDPArguments, tokenizer,
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
+    args.card_dataset_name = args.card_dataset_name or (data_args.task_name if data_args.task_name == RT_TASK
+                                                         else f"glue/{data_args.task_name}")  # named in the card
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
     start = time.time()
     split = resolve_client_split(data_args, args)

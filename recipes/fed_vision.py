@@ -167,6 +167,7 @@ def load_splits(data_args: DataArguments, image_size: int, seed: int):
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
+    args.card_dataset_name = args.card_dataset_name or data_args.dataset_name  # named in the model card
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
     start = time.time()
     split = resolve_client_split(data_args, args)

@@ -58,6 +58,7 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     # the default pools by the mean (recipes/pooling.py) and saves the statistics needed to reproduce it
     assert (out_dir / "pooling.safetensors").exists()
     assert '"client_split": "movie"' in stdout
+    assert "\ndatasets:\n- rotten_tomatoes\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
 def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
@@ -71,6 +72,7 @@ def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     config = _assert_artifacts(out_dir, stdout)
     assert config["alternation"] == "freeze_a"
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert "\ndatasets:\n- digits\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
 def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(tmp_path):

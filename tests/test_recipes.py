@@ -177,3 +177,17 @@ def test_help_lists_the_recipe_and_federated_flags_before_the_generic_training_a
     batch_help = " ".join(text[first["per_device_train_batch_size"]:].split("\n  --")[0].split()).lower()
     assert "each client's expected poisson batch size b" in batch_help and "q = b / n_k" in batch_help
     assert "per device" not in batch_help and "(default: 32)" in batch_help
+
+
+def test_readme_states_the_train_pooler_default_of_the_recipe():
+    # Prepare
+    fed_roberta = _recipe("fed_roberta")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = " ".join(fh.read().split())
+    # Execute
+    stated = re.findall(r"`--train_pooler`[^.]*?\bdefault (on|off|True|False)\b", readme)
+    # Assert: the README names the default once, and it is the dataclass's
+    default = fed_roberta.ModelArguments.__dataclass_fields__["train_pooler"].default
+    assert stated == [("on" if default else "off")], stated
+    model_args, _, _ = fed_roberta.parse_args([])
+    assert model_args.train_pooler is default

@@ -57,11 +57,14 @@ def final_metrics(trainer) -> dict:
     return trainer.evaluate()
 
 
-def train_and_report(trainer, args, start: float, **extra) -> dict:
-    """Train, save the adapter folder (adapter, card, privacy report), push if asked, print and return the result."""
+def train_and_report(trainer, args, start: float, after_save=None, **extra) -> dict:
+    """Train, save the adapter folder (adapter, card, privacy report; then `after_save(output_dir)` adds the
+    recipe's own files), push if asked, print and return the result."""
     trainer.train()
     metrics = final_metrics(trainer)
     trainer.save_model(args.output_dir)
+    if after_save is not None and trainer.is_world_process_zero():
+        after_save(args.output_dir)
     report = trainer.privacy_report()
     if args.push_to_hub:
         trainer.push_to_hub()

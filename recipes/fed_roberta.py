@@ -181,13 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
     train, clients, test, task = load_splits(data_args, args, tokenizer, split)
     if resolve_pooling(model_args) == "mean":  # statistics of unlabeled held-out inputs: no privacy cost
         standardise(model.get_base_model(), test, DataCollatorWithPadding(tokenizer))
-        save_pooling(model.get_base_model(), args.output_dir)
     trainer = FederatedDPTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=test, client_datasets=clients,
         data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
         compute_metrics=data.make_compute_metrics(data.load_metric(task)),
     )
-    return train_and_report(trainer, args, start, client_split=split, method=model_args.method)
+    # the mean pooling's statistics go next to the adapter (`push_to_hub` uploads them; `load_pooling` applies them)
+    return train_and_report(trainer, args, start, after_save=lambda folder: save_pooling(model.get_base_model(), folder),
+                            client_split=split, method=model_args.method)
 
 
 if __name__ == "__main__":

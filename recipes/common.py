@@ -18,7 +18,7 @@ from peft_lalora import FederatedDPArguments
 class RecipeArgumentParser(HfArgumentParser):
     """
     `HfArgumentParser` whose `--help` lists the recipe's own flags first, then the federated / DP flags (the
-    fields `FederatedDPArguments` adds or redefines, such as `per_device_train_batch_size`), then the ~200
+    fields `FederatedDPArguments` adds or redefines, such as `per_device_train_batch_size`), then the
     generic `TrainingArguments` flags. Parsing is unchanged.
     """
 

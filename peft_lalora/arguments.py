@@ -45,6 +45,9 @@ class FederatedDPArguments(TrainingArguments):
             model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
     """
 
+    per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
+        default=8, metadata={"help": "Each client's expected Poisson batch size B: a client with n_k examples "
+                                     "samples every example with probability q = B / n_k at each local step."})
     num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
     clients_per_round: int = field(default=4, metadata={"help": "Clients sampled per round."})
     num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})

@@ -154,3 +154,42 @@ def test_recipes_refuse_a_dirichlet_alpha_with_an_iid_split():
         fed_vision.resolve_client_split(data_args, args)
     _, data_args, args = fed_vision.parse_args(["--client_split", "dirichlet"])
     assert fed_vision.resolve_client_split(data_args, args) == "dirichlet" and args.dirichlet_alpha == 0.5
+
+
+@pytest.mark.parametrize("name", ["fed_roberta", "fed_vision"])
+def test_help_lists_the_recipe_and_federated_flags_before_the_generic_training_arguments(name):
+    # Prepare: the flags of each kind, from the dataclasses themselves
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    from peft_lalora import FederatedDPArguments
+
+    recipe = _recipe(name)
+    generic = {f.name for f in fields(TrainingArguments)} - {"per_device_train_batch_size"}
+    federated = {f.name for f in fields(FederatedDPArguments)} - generic
+    own = {f.name for cls in (recipe.ModelArguments, recipe.DataArguments) for f in fields(cls)}
+    # Execute
+    text = recipe.build_parser().format_help().split("\n\n", 1)[1]  # the flag descriptions, after the usage
+    # Assert: every recipe flag, then every federated / DP flag, then the generic TrainingArguments flags
+    first = {flag: text.index(f"--{flag} ") for flag in own | federated | generic if f"--{flag} " in text}
+    assert federated <= set(first) and own <= set(first)
+    assert max(first[f] for f in own) < min(first[f] for f in federated)
+    assert max(first[f] for f in federated) < min(first[f] for f in generic if f in first)
+    batch_help = " ".join(text[first["per_device_train_batch_size"]:].split("\n  --")[0].split()).lower()
+    assert "each client's expected poisson batch size b" in batch_help and "q = b / n_k" in batch_help
+    assert "per device" not in batch_help and "(default: 32)" in batch_help
+
+
+def test_readme_states_the_train_pooler_default_of_the_recipe():
+    # Prepare
+    fed_roberta = _recipe("fed_roberta")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = " ".join(fh.read().split())
+    # Execute
+    stated = re.findall(r"`--train_pooler`[^.]*?\bdefault (on|off|True|False)\b", readme)
+    # Assert: the README names the default once, and it is the dataclass's
+    default = fed_roberta.ModelArguments.__dataclass_fields__["train_pooler"].default
+    assert stated == [("on" if default else "off")], stated
+    model_args, _, _ = fed_roberta.parse_args([])
+    assert model_args.train_pooler is default

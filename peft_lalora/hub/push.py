@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older stacks
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-OPTIONAL_FILES = ("README.md", "privacy_report.json")
+OPTIONAL_FILES = ("README.md", "privacy_report.json", "pooling.safetensors")  # the last: peft_lalora.pooling
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 _TRUE = {"1", "ON", "YES", "TRUE"}
 

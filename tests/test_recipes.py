@@ -166,7 +166,9 @@ def test_help_lists_the_recipe_and_federated_flags_before_the_generic_training_a
     from peft_lalora import FederatedDPArguments
 
     recipe = _recipe(name)
-    generic = {f.name for f in fields(TrainingArguments)} - {"per_device_train_batch_size"}
+    # fields FederatedDPArguments redefines (e.g. lr_scheduler_type, a schedule over rounds) are federated flags
+    generic = {f.name for f in fields(TrainingArguments)} - {"per_device_train_batch_size"} \
+        - set(FederatedDPArguments.__annotations__)
     federated = {f.name for f in fields(FederatedDPArguments)} - generic
     own = {f.name for cls in (recipe.ModelArguments, recipe.DataArguments) for f in fields(cls)}
     # Execute

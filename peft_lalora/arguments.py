@@ -16,6 +16,7 @@ from .training_arguments import refuse_ignored_training_arguments
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
 BACKENDS = ("auto", "hooks", "func")
+SIGMA_CALIBRATIONS = ("schedule", "worst_case")
 
 
 @dataclass
@@ -31,7 +32,9 @@ class FederatedDPArguments(TrainingArguments):
         min_shard_size (`int`, *optional*): smallest client shard; defaults to the batch size (q <= 1).
         dp (`bool`, defaults to True): False = the non-private baseline (no clipping, noise or accounting).
         target_epsilon / target_delta / noise_multiplier: exactly one of target_epsilon (sigma calibrated before
-            training for the worst-case client) and noise_multiplier (epsilon reported).
+            training, see `sigma_calibration`) and noise_multiplier (epsilon reported).
+        sigma_calibration (`str`): "schedule" (default: every client's scheduled steps meet the target) or
+            "worst_case" (a client taking part in every round).
         per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
         accountant (`str`): "rdp" (default) or "prv".
         lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
@@ -70,6 +73,9 @@ class FederatedDPArguments(TrainingArguments):
     local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
     per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
     label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
+    sigma_calibration: str = field(default="schedule", metadata={
+        "help": "With target_epsilon: 'schedule' calibrates sigma for each client's scheduled steps (the public "
+                "participation schedule); 'worst_case' for a client taking part in every round."})
     noise_seed: Optional[int] = field(default=None, metadata={
         "help": "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
                 "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
@@ -153,6 +159,7 @@ class FederatedDPArguments(TrainingArguments):
                               "min(1e-5, 1 / n) for the smallest client.")
         _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
         _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("sigma_calibration", self.sigma_calibration, SIGMA_CALIBRATIONS)
         if self.noise_seed is not None:
             warnings.warn(f"`noise_seed`={self.noise_seed} fixes the DP noise and the Poisson batches: anyone who "
                           "knows it can re-create them, so this run has NO differential-privacy guarantee, whatever "
@@ -164,7 +171,7 @@ class FederatedDPArguments(TrainingArguments):
         names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
                  "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
                  "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",
-                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "lr_scheduler_type",
+                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "sigma_calibration", "lr_scheduler_type",
                  "warmup_steps", "bf16")
         return {n: _plain(getattr(self, n)) for n in names}
 

@@ -30,7 +30,7 @@ from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
-from .federated.seeding import secret_seed, select_clients
+from .federated.seeding import scheduled_steps, secret_seed, select_clients
 from .federated.server import GlobalAdapter, adapter_tensor_names
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, compute_epsilon
@@ -71,6 +71,7 @@ class FederatedDPTrainer(Trainer):
         self.client_datasets = client_datasets
         self.adapter_name = model.active_adapter
         self.ledger = None
+        self._calibration = None  # how sigma was chosen: "schedule", "worst_case" or "given"
         self._federation = None
         self.local_clients = []  # per round, the clients this process ran
         self._train_called = False
@@ -95,8 +96,10 @@ class FederatedDPTrainer(Trainer):
                                      num_rounds=args.num_rounds, local_steps=args.local_steps,
                                      target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
                                      target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
-                                     accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm)
+                                     accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                                     scheduled_steps=self._scheduled_steps() if args.sigma_calibration == "schedule" else None)
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
+            self._calibration = plan.calibration
         columns = model_columns(self.model)
         trimmed = {}  # each distinct dataset is restricted to the model's columns once
         clients = []
@@ -116,6 +119,11 @@ class FederatedDPTrainer(Trainer):
                                     per_sample_max_grad_norm=args.per_sample_max_grad_norm,
                                     adapter_name=self.adapter_name, backend=args.per_sample_grad_backend,
                                     autocast_dtype=torch.bfloat16 if args.bf16 else None)
+
+    def _scheduled_steps(self) -> dict:
+        args = self.args
+        return scheduled_steps(seed=args.seed, rounds=args.num_rounds, num_clients=args.num_clients,
+                               clients_per_round=args.clients_per_round, local_steps=args.local_steps)
 
     def _draw_private_seed(self):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
@@ -326,6 +334,7 @@ class FederatedDPTrainer(Trainer):
                     "accountant": None, "unit": "one example of one client", "dp": False, "clients": []}
         report = self.ledger.report()
         report["secret_randomness"] = self.args.noise_seed is None
+        report["sigma_calibration"] = self._calibration
         if self.args.noise_seed is not None:
             report["noise_seed_warning"] = FIXED_SEED_WARNING
         report.update(dp=True, target_epsilon=self.args.target_epsilon, num_rounds=self.args.num_rounds,

@@ -138,15 +138,16 @@ def calibrate_noise_multiplier(
     *,
     target_epsilon: float,
     target_delta: float,
-    sample_rate: float,
-    steps: int,
+    sample_rate,
+    steps,
     accountant: str = "rdp",
     epsilon_tolerance: float | None = None,
 ) -> float:
-    """The smallest sigma (binary search) whose epsilon after `steps` steps at `sample_rate` is within the target.
+    """The smallest sigma whose epsilon after `steps` steps at `sample_rate` is within the target.
 
-    Pass the worst-case client: the largest q and the steps of a client that takes part in every round
-    (num_rounds x local_steps). The returned sigma gives target - epsilon_tolerance <= epsilon <= target;
+    Either one client (numbers: e.g. the worst case, the largest q and a client taking part in every round,
+    num_rounds x local_steps), or every client's schedule (equal-length sequences of q_k and scheduled steps_k:
+    the largest epsilon over the clients meets the target). The returned sigma gives target - epsilon_tolerance <= epsilon <= target;
     the default tolerance is relative, `EPSILON_RTOL` x target (an absolute 0.01 would over-noise small targets).
     A sigma above `USEFUL_NOISE_MULTIPLIER` (a target just above the smallest feasible epsilon) is warned about.
 
@@ -156,8 +157,8 @@ def calibrate_noise_multiplier(
     """
     target = _check_target(target_epsilon)
     delta = _check_delta(target_delta, "target_delta")
-    q = _check_q(sample_rate)
-    n = _steps("steps", steps, minimum=1)
+    pairs = _pareto_schedule(sample_rate, steps)
+    q, n = max(p[0] for p in pairs), max(p[1] for p in pairs)  # for the messages: a bound on every client
     acc = _check_accountant(accountant)
     if epsilon_tolerance is None:
         epsilon_tolerance = EPSILON_RTOL * target
@@ -165,7 +166,7 @@ def calibrate_noise_multiplier(
                 lambda v: 0.0 < v < target, "Use a small positive tolerance such as 0.001 * target_epsilon.")
 
     def eps(sigma: float) -> float:
-        return _epsilon_of_history([(sigma, q, n)], delta, acc)
+        return max(_epsilon_of_history([(sigma, q_k, n_k)], delta, acc) for q_k, n_k in pairs)
 
     def infeasible(floor: float) -> ConfigError:
         return ConfigError(
@@ -181,7 +182,8 @@ def calibrate_noise_multiplier(
         with warnings.catch_warnings():  # only a starting point: the answer below warns if it must
             warnings.simplefilter("ignore", LALoraWarning)
             try:
-                start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=n,
+                start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta,
+                                                   sample_rate=[p[0] for p in pairs], steps=[p[1] for p in pairs],
                                                    epsilon_tolerance=max(tol, 0.05 * target))
             except ConfigError:  # infeasible under RDP: PRV may still meet it
                 start = 1.0
@@ -210,6 +212,24 @@ def calibrate_noise_multiplier(
     logger.info("Calibrated noise_multiplier=%.6g: epsilon=%.4f (target %.4g, delta=%g, q=%.6g, steps=%d, %s)",
                 hi, eps_hi, target, delta, q, n, acc)
     return hi
+
+
+def _pareto_schedule(sample_rate, steps) -> list:
+    """[(q, steps)] of the clients that can be the worst: epsilon grows with q and with steps, so a client with
+    both no larger than another's never decides sigma. Clients with 0 steps never release anything."""
+    if isinstance(sample_rate, (list, tuple)) or isinstance(steps, (list, tuple)):
+        if not (isinstance(sample_rate, (list, tuple)) and isinstance(steps, (list, tuple))
+                and len(sample_rate) == len(steps) and len(steps) > 0):
+            raise ConfigError(f"`sample_rate` and `steps` must both be numbers, or sequences of the same length "
+                              f"(one entry per client), got {sample_rate!r} and {steps!r}.")
+        pairs = {(_check_q(q, f"sample_rate[{i}]"), _steps(f"steps[{i}]", n)) for i, (q, n) in
+                 enumerate(zip(sample_rate, steps))}
+        pairs = {p for p in pairs if p[1] > 0}
+        if not pairs:
+            raise ConfigError("`steps` must schedule at least one local step for some client, got only zeros.")
+    else:
+        pairs = {(_check_q(sample_rate), _steps("steps", steps, minimum=1))}
+    return sorted(p for p in pairs if not any(o != p and o[0] >= p[0] and o[1] >= p[1] for o in pairs))
 
 
 def _bracket(eps, target: float, start: float) -> tuple[float, float, float, float]:

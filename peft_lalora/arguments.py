@@ -36,6 +36,8 @@ class FederatedDPArguments(TrainingArguments):
         sigma_calibration (`str`): "schedule" (default: every client's scheduled steps meet the target) or
             "worst_case" (a client taking part in every round).
         per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
+        per_sample_head_max_grad_norm (`float`, *optional*): clipping groups: the head's own clip norm (the LoRA
+            factors keep C); the noise covers sqrt(C^2 + C_head^2).
         accountant (`str`): "rdp" (default) or "prv".
         lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
         round_lr_decay (`float`): learning rate of round t is learning_rate * round_lr_decay ** t.
@@ -63,6 +65,10 @@ class FederatedDPArguments(TrainingArguments):
     allow_large_delta: bool = field(default=False, metadata={"help": "Allow target_delta >= 1/n_k (warns)."})
     noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Explicit sigma (epsilon reported)."})
     per_sample_max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clip norm C."})
+    per_sample_head_max_grad_norm: Optional[float] = field(default=None, metadata={
+        "help": "Clipping groups: clip the head's per-example gradient to this norm and the LoRA factors' to "
+                "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
+                "None: one joint clip (the head can take most of C)."})
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
     lora_b_lr_ratio: float = field(default=1.0, metadata={"help": "LR of lora_B relative to lora_A and the head."})
     round_lr_decay: float = field(default=1.0, metadata={"help": "Per-round learning-rate decay factor."})
@@ -158,6 +164,9 @@ class FederatedDPArguments(TrainingArguments):
             raise ConfigError(f"`target_delta` must be in (0, 1), got {self.target_delta!r}; the default is "
                               "min(1e-5, 1 / n) for the smallest client.")
         _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
+        if self.per_sample_head_max_grad_norm is not None:
+            _positive("per_sample_head_max_grad_norm", self.per_sample_head_max_grad_norm,
+                      "a fixed clip norm of the head, or None for one joint clip")
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("sigma_calibration", self.sigma_calibration, SIGMA_CALIBRATIONS)
         if self.noise_seed is not None:
@@ -171,7 +180,7 @@ class FederatedDPArguments(TrainingArguments):
         names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
                  "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
                  "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",
-                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "sigma_calibration", "lr_scheduler_type",
+                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "sigma_calibration", "per_sample_head_max_grad_norm", "lr_scheduler_type",
                  "warmup_steps", "bf16")
         return {n: _plain(getattr(self, n)) for n in names}
 

@@ -118,7 +118,8 @@ class FederatedDPTrainer(Trainer):
         self.stepper = make_stepper(self.model, dp=args.dp, noise_multiplier=noise_multiplier,
                                     per_sample_max_grad_norm=args.per_sample_max_grad_norm,
                                     adapter_name=self.adapter_name, backend=args.per_sample_grad_backend,
-                                    autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                                    autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                                    head_max_grad_norm=args.per_sample_head_max_grad_norm)
 
     def _scheduled_steps(self) -> dict:
         args = self.args
@@ -335,6 +336,11 @@ class FederatedDPTrainer(Trainer):
         report = self.ledger.report()
         report["secret_randomness"] = self.args.noise_seed is None
         report["sigma_calibration"] = self._calibration
+        if self.args.per_sample_head_max_grad_norm is not None:
+            report["clip_groups"] = {"lora": self.args.per_sample_max_grad_norm,
+                                     "head": self.args.per_sample_head_max_grad_norm}
+            report["sensitivity"] = math.hypot(self.args.per_sample_max_grad_norm,
+                                               self.args.per_sample_head_max_grad_norm)
         if self.args.noise_seed is not None:
             report["noise_seed_warning"] = FIXED_SEED_WARNING
         report.update(dp=True, target_epsilon=self.args.target_epsilon, num_rounds=self.args.num_rounds,

@@ -227,6 +227,15 @@ def _privacy_section(report: dict | None) -> str:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
         rows.insert(1, ("epsilon bound for a client in every round", _num(report["worst_case_epsilon"])))
+    if report.get("sigma_calibration"):
+        rows.append(("sigma calibrated for", {"schedule": "each client's scheduled steps",
+                                              "worst_case": "a client in every round",
+                                              "given": "(sigma given explicitly)"}.get(report["sigma_calibration"],
+                                                                                      report["sigma_calibration"])))
+    if report.get("clip_groups"):
+        groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report["clip_groups"].items())
+        rows.append(("clipping groups (per-example clip norm of each)", groups))
+        rows.append(("joint per-example sensitivity (noise std / sigma)", _num(float(report["sensitivity"]))))
     text = _privacy_lead(report, epsilon) + ["", "| quantity | value |", "|---|---|"]
     text += [f"| {name} | {value} |" for name, value in rows]
     if clients:

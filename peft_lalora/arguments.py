@@ -98,7 +98,7 @@ class FederatedDPArguments(TrainingArguments):
                                                                              "(e.g. 'glue/sst2')."})
 
     def __post_init__(self):
-        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir"):
+        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir", "bf16", "fp16"):
             _bool(name, getattr(self, name))
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):
@@ -124,6 +124,8 @@ class FederatedDPArguments(TrainingArguments):
             _positive("dirichlet_alpha", self.dirichlet_alpha, "use None for an IID split")
         if self.min_shard_size is not None:
             _int_at_least("min_shard_size", self.min_shard_size, 1)
+        _positive("learning_rate", self.learning_rate, "the local learning rate of round 0, e.g. 0.5")
+        _number_at_least("weight_decay", self.weight_decay, 0.0)
         _positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
         _positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
         _choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
@@ -199,6 +201,11 @@ def _bool(name: str, value) -> None:
 def _int_at_least(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def _number_at_least(name: str, value, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"`{name}` must be a number >= {minimum}, got {value!r} of type {type(value).__name__}.")
 
 
 def _positive(name: str, value, hint: str) -> None:

@@ -358,6 +358,10 @@ class FederatedDPTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir) \
+                and os.path.isdir(os.path.join(output_dir, STATE_DIR)):
+            raise ConfigError(f"`output_dir` {output_dir!r} holds another run's checkpoint ({STATE_DIR}/): saving this "
+                              "adapter, card and privacy report there would mix two runs. Save to a fresh folder.")
         self._setup_federation()
         os.makedirs(output_dir, exist_ok=True)
         self.global_adapter.load_into_model()
@@ -375,7 +379,8 @@ class FederatedDPTrainer(Trainer):
     def push_to_hub(self, commit_message: str = "Upload LA-LoRA adapter", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
         """Save the aggregated adapter to `output_dir` and upload adapter_config.json, adapter_model.safetensors,
-        README.md (the model card) and privacy_report.json to `args.hub_model_id` in one commit. Returns the
+        README.md (the model card), privacy_report.json (and pooling.safetensors when the job wrote one) to
+        `args.hub_model_id` in one commit. Returns the
         commit URL (None on processes other than the main one). Failures raise `HubError`; local files stay."""
         if not self.args.hub_model_id:
             raise ConfigError("`hub_model_id` must name the Hub repo to push to (e.g. 'alice/lalora-sst2'), got None.")

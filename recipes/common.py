@@ -37,7 +37,9 @@ class RecipeArgumentParser(HfArgumentParser):
 
 def recipe_parser(*recipe_dataclasses, defaults: dict) -> RecipeArgumentParser:
     """The parser of a recipe: its own dataclasses, then `FederatedDPArguments`, with the recipe's defaults."""
-    parser = RecipeArgumentParser((*recipe_dataclasses, FederatedDPArguments))
+    parser = RecipeArgumentParser((*recipe_dataclasses, FederatedDPArguments),
+                                  usage="%(prog)s [--flag value ...]  (recipe flags, then federated / DP flags, then "
+                                        "the generic TrainingArguments flags, below)")
     parser.set_defaults(**defaults)
     return parser
 

@@ -50,6 +50,7 @@ def test_overwrite_output_dir_removes_the_old_run_before_training(tmp_path):
     # Prepare: a private run with its checkpoint, adapter, card and privacy report
     first_run(tmp_path, "both")
     (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "pooling.safetensors").write_bytes(b"the old run's pooler statistics")  # would load with the new adapter
     # Execute: a non-private run that writes no checkpoint, allowed to overwrite
     second = make_trainer(tmp_path, num_rounds=1, dp=False, save_strategy="no", overwrite_output_dir=True)
     second.train()

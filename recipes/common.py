@@ -1,10 +1,54 @@
-"""What both recipes do after building their trainer: train, evaluate, save, push, print the result."""
+"""What both recipes share: their argument parser, and what they do after building their trainer (train,
+evaluate, save, push, print the result)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 import time
+import typing
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from peft_lalora import FederatedDPArguments
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """
+    `HfArgumentParser` whose `--help` lists the recipe's own flags first, then the federated / DP flags (the
+    fields `FederatedDPArguments` adds or redefines, such as `per_device_train_batch_size`), then the
+    generic `TrainingArguments` flags. Parsing is unchanged.
+    """
+
+    def _add_dataclass_arguments(self, dtype):
+        if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments)):
+            return super()._add_dataclass_arguments(dtype)
+        generic = TrainingArguments.__dataclass_fields__
+        groups = {False: self.add_argument_group(f"federated and differential-privacy arguments ({dtype.__name__})"),
+                  True: self.add_argument_group("generic transformers TrainingArguments")}
+        hints = typing.get_type_hints(dtype)
+        for field in sorted(dataclasses.fields(dtype), key=lambda f: generic.get(f.name) is f):
+            if field.init:
+                field.type = hints[field.name]
+                self._parse_dataclass_field(groups[generic.get(field.name) is field], field)
+
+
+def recipe_parser(*recipe_dataclasses, defaults: dict) -> RecipeArgumentParser:
+    """The parser of a recipe: its own dataclasses, then `FederatedDPArguments`, with the recipe's defaults."""
+    parser = RecipeArgumentParser((*recipe_dataclasses, FederatedDPArguments),
+                                  usage="%(prog)s [--flag value ...]  (recipe flags, then federated / DP flags, then "
+                                        "the generic TrainingArguments flags, below)")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def parse_recipe_args(parser: HfArgumentParser, argv: list[str] | None, default_target_epsilon: float) -> tuple:
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv):
+        parser.set_defaults(target_epsilon=default_target_epsilon)  # DP needs exactly one of the two
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def final_metrics(trainer) -> dict:
@@ -15,11 +59,14 @@ def final_metrics(trainer) -> dict:
     return trainer.evaluate()
 
 
-def train_and_report(trainer, args, start: float, **extra) -> dict:
-    """Train, save the adapter folder (adapter, card, privacy report), push if asked, print and return the result."""
+def train_and_report(trainer, args, start: float, after_save=None, **extra) -> dict:
+    """Train, save the adapter folder (adapter, card, privacy report; then `after_save(output_dir)` adds the
+    recipe's own files), push if asked, print and return the result."""
     trainer.train()
     metrics = final_metrics(trainer)
     trainer.save_model(args.output_dir)
+    if after_save is not None and trainer.is_world_process_zero():
+        after_save(args.output_dir)
     report = trainer.privacy_report()
     if args.push_to_hub:
         trainer.push_to_hub()

@@ -35,14 +35,13 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--task_name", "--push_to
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default job never touches the Hub
 
 import data  # noqa: E402
-from common import train_and_report  # noqa: E402
+from common import parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from pooling import save_pooling, standardise, use_mean_pooling  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
 )
 
 from peft_lalora import FederatedDPArguments, FederatedDPTrainer, LALoraConfig  # noqa: E402
@@ -94,13 +93,13 @@ class DataArguments:
                                         "rotten_tomatoes, iid otherwise."})
 
 
+def build_parser():
+    """Flags: this recipe's, then the federated / DP ones, then the generic TrainingArguments (`--help`)."""
+    return recipe_parser(ModelArguments, DataArguments, defaults=DEFAULTS)
+
+
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, FederatedDPArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    parser.set_defaults(**DEFAULTS)
-    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv):
-        parser.set_defaults(target_epsilon=DEFAULT_TARGET_EPSILON)  # DP needs exactly one of the two
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_recipe_args(build_parser(), argv, DEFAULT_TARGET_EPSILON)
 
 
 def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -> str:
@@ -174,6 +173,8 @@ def load_splits(data_args: DataArguments, args: FederatedDPArguments, tokenizer,
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
+    args.card_dataset_name = args.card_dataset_name or (data_args.task_name if data_args.task_name == RT_TASK
+                                                         else f"glue/{data_args.task_name}")  # named in the card
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
     start = time.time()
     split = resolve_client_split(data_args, args)
@@ -182,13 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
     train, clients, test, task = load_splits(data_args, args, tokenizer, split)
     if resolve_pooling(model_args) == "mean":  # statistics of unlabeled held-out inputs: no privacy cost
         standardise(model.get_base_model(), test, DataCollatorWithPadding(tokenizer))
-        save_pooling(model.get_base_model(), args.output_dir)
     trainer = FederatedDPTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=test, client_datasets=clients,
         data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
         compute_metrics=data.make_compute_metrics(data.load_metric(task)),
     )
-    return train_and_report(trainer, args, start, client_split=split, method=model_args.method)
+    # the mean pooling's statistics go next to the adapter (`push_to_hub` uploads them; `load_pooling` applies them)
+    return train_and_report(trainer, args, start, after_save=lambda folder: save_pooling(model.get_base_model(), folder),
+                            client_split=split, method=model_args.method)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,11 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--dataset_name", "--push
 import data  # noqa: E402
 import mnist_data  # noqa: E402
 import torch  # noqa: E402
-from common import train_and_report  # noqa: E402
+from common import parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -99,13 +98,13 @@ class DataArguments:
                                         "dirichlet if --dirichlet_alpha is given, else iid."})
 
 
+def build_parser():
+    """Flags: this recipe's, then the federated / DP ones, then the generic TrainingArguments (`--help`)."""
+    return recipe_parser(ModelArguments, DataArguments, defaults=DEFAULTS)
+
+
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, FederatedDPArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    parser.set_defaults(**DEFAULTS)
-    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv):
-        parser.set_defaults(target_epsilon=DEFAULT_TARGET_EPSILON)  # DP needs exactly one of the two
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_recipe_args(build_parser(), argv, DEFAULT_TARGET_EPSILON)
 
 
 def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -> str:
@@ -167,6 +166,7 @@ def load_splits(data_args: DataArguments, image_size: int, seed: int):
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
+    args.card_dataset_name = args.card_dataset_name or data_args.dataset_name  # named in the model card
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
     start = time.time()
     split = resolve_client_split(data_args, args)

@@ -22,9 +22,10 @@ def toy_dataset(n: int = 240, length: int = 8, seed: int = 0) -> Dataset:
                               "labels": labels.tolist()})
 
 
-def toy_model(method: str = "lalora", seed: int = 0, **config):
+def toy_model(method: str = "lalora", seed: int = 0, device: str = "cpu", **config):
+    """The tiny RoBERTa with the method's adapter; the base is put on `device` first, so the adapter lands there too."""
     config = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS", **config}
-    return get_peft_model(tiny_roberta(seed), LALoraConfig.for_method(method, **config))
+    return get_peft_model(tiny_roberta(seed).to(device), LALoraConfig.for_method(method, **config))
 
 
 def toy_args(output_dir, **overrides) -> FederatedDPArguments:

@@ -313,3 +313,32 @@ def test_per_example_loss_errors():
         per_example_loss({"logits": torch.zeros(2, 3)}, {"input_ids": torch.zeros(2)})
     with pytest.raises(ConfigError, match=r"`outputs.logits` of shape \(2, 3, 4, 5\)"):
         per_example_loss({"logits": torch.zeros(2, 3, 4, 5)}, {"labels": torch.zeros(2, dtype=torch.long)})
+
+
+def test_func_backend_retries_with_math_attention_when_fused_kernels_refuse_vmap(monkeypatch):
+    # On CUDA the fused SDPA kernels refused Swin's batched bias under vmap ("attn_bias: wrong shape"); the backend
+    # then switches to the math kernel. Simulated here: attention raises that error until the switch.
+    from tiny_models import image_inputs
+
+    from peft_lalora.privacy.grad_sample_func import FuncBackend
+
+    model = get_peft_model(tiny_swin(), LALoraConfig(r=2, target_modules=["q_proj", "v_proj"], alternation="none"))
+    backend = FuncBackend(model)
+    original, calls = F.scaled_dot_product_attention, []
+
+    def fused_refuses(*args, **kwargs):
+        calls.append(backend._math_attention)
+        if not backend._math_attention:
+            raise RuntimeError("attn_bias: wrong shape (batch dimension)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused_refuses)
+    batch = {**image_inputs(16), "labels": torch.tensor([0, 1, 2])}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads, _ = backend.compute(batch, params)
+    assert calls[0] is False and calls[-1] is True  # refused once, then retried with the math kernel
+    assert all(g.shape[0] == 3 and torch.isfinite(g).all() for g in grads.values())
+    with pytest.raises(UnsupportedModelError, match="attn_bias"):  # a refusal under the math kernel is final
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("attn_bias: still wrong")))
+        backend.compute(batch, params)

@@ -117,7 +117,7 @@ def test_card_front_matter_and_sections():
     assert meta["tags"] == ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
     result = meta["model-index"][0]["results"][0]
     assert result["task"]["type"] == "text-classification" and result["dataset"]["name"] == "glue/sst2"
-    assert {(m["name"], m["value"]) for m in result["metrics"]} == set(METRICS.items())
+    assert {(m["name"], m["value"]) for m in result["metrics"]} == {("eval_accuracy", 0.8765)}  # a loss is no result
     assert "**LA-LoRA**" in card and "| `lowpass` (Gaussian low-pass filter on the active factor's noisy gradient) | on |" in card
     assert "(epsilon = 1.0, delta = 1e-05)-differential privacy" in card
     assert "| noise multiplier sigma | 1.2 |" in card and "| sample rate q (min / max over clients) | 0.05 / 0.1 |" in card
@@ -134,8 +134,7 @@ def test_card_metadata_parses_with_huggingface_hub():
     card = ModelCard(render_model_card(**card_kwargs()))
     assert card.data.library_name == "peft" and card.data.base_model == BASE
     results = {(r.metric_type, r.metric_value, r.dataset_name, r.task_type) for r in card.data.eval_results}
-    assert results == {("accuracy", 0.8765, "glue/sst2", "text-classification"),
-                       ("loss", 0.4321, "glue/sst2", "text-classification")}
+    assert results == {("accuracy", 0.8765, "glue/sst2", "text-classification")}
 
 
 def test_card_shows_trainer_report_fields():
@@ -337,3 +336,64 @@ def test_trainer_push_to_hub_uploads_the_aggregated_adapter(hub, tmp_path):
     assert f"{epsilon:.4g}" in card and "import peft_lalora" in card
     local = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
     assert repo.commits[0].files["adapter_model.safetensors"] == local
+
+
+def test_trainer_with_a_named_adapter_saves_at_the_top_then_loads_and_pushes(hub, tmp_path):
+    from fed_helpers import toy_args, toy_dataset
+    from peft import PeftModel
+    from tiny_models import text_inputs, tiny_roberta
+
+    from peft_lalora import FederatedDPTrainer
+
+    # Prepare: an adapter named "client_adapter", which peft's save_pretrained would put in a subfolder
+    config = LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(tiny_roberta(0), config, adapter_name="client_adapter")
+    args = toy_args(tmp_path / "run", num_rounds=1, hub_model_id="alice/named", target_epsilon=3.0, noise_seed=None)
+    trainer = FederatedDPTrainer(model=model, args=args, train_dataset=toy_dataset())
+    trainer.train()
+    # Execute
+    trainer.push_to_hub()
+    # Assert: adapter, card and report side by side; peft loads the folder; the Hub got all four files
+    folder = tmp_path / "run"
+    assert FILES <= set(os.listdir(folder)) and not (folder / "client_adapter").exists()
+    loaded = PeftModel.from_pretrained(tiny_roberta(0), str(folder)).eval()
+    inputs = text_inputs()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert set(hub.repos["alice/named"].commits[0].files) == FILES
+
+
+def test_fixed_noise_seed_folder_is_not_pushed_unless_allowed(adapter, hub, tmp_path):
+    # Prepare: the adapter folder with a report whose noise came from a fixed seed
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    for name, data in snapshot(adapter["folder"]).items():
+        (folder / name).write_bytes(data)
+    report = {**REPORT, "secret_randomness": False, "noise_seed_warning": "noise_seed=3 was fixed."}
+    (folder / "privacy_report.json").write_text(json.dumps(report))
+    before = snapshot(str(folder))
+    # Execute / Assert: refused before anything leaves, then pushed with the explicit override
+    with pytest.raises(HubError, match=r"`secret_randomness: false`.*no privacy guarantee.*allow_fixed_noise_seed=True"):
+        push_adapter_folder(str(folder), "alice/fixed")
+    assert snapshot(str(folder)) == before and hub.repos == {}
+    with pytest.warns(LALoraWarning, match="fixed noise seed"):
+        push_adapter_folder(str(folder), "alice/fixed", allow_fixed_noise_seed=True)
+    assert set(hub.repos["alice/fixed"].files) == FILES
+
+
+def test_trainer_push_passes_allow_fixed_noise_seed(hub, tmp_path):
+    from fed_helpers import make_trainer
+
+    trainer = make_trainer(tmp_path / "run", num_rounds=1, hub_model_id="alice/seeded")
+    trainer.train()
+    report = trainer.privacy_report()
+    trainer.privacy_report = lambda: {**report, "secret_randomness": False, "noise_seed_warning": "seed fixed"}
+    with pytest.raises(HubError, match="allow_fixed_noise_seed"):
+        trainer.push_to_hub()
+    assert hub.repos == {}
+    trainer.args.allow_fixed_noise_seed = True  # the argument of a run that fixed `noise_seed` on purpose
+    with pytest.warns(LALoraWarning, match="fixed noise seed"):
+        trainer.push_to_hub()
+    card = hub.repos["alice/seeded"].files["README.md"].decode()
+    assert "Warning: no privacy guarantee" in card and "differential-privacy" not in card

@@ -58,6 +58,7 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     # the default pools by the mean (recipes/pooling.py) and saves the statistics needed to reproduce it
     assert (out_dir / "pooling.safetensors").exists()
     assert '"client_split": "movie"' in stdout
+    assert "\ndatasets:\n- rotten_tomatoes\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
 def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
@@ -71,6 +72,7 @@ def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     config = _assert_artifacts(out_dir, stdout)
     assert config["alternation"] == "freeze_a"
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert "\ndatasets:\n- digits\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
 def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(tmp_path):
@@ -152,3 +154,50 @@ def test_recipes_refuse_a_dirichlet_alpha_with_an_iid_split():
         fed_vision.resolve_client_split(data_args, args)
     _, data_args, args = fed_vision.parse_args(["--client_split", "dirichlet"])
     assert fed_vision.resolve_client_split(data_args, args) == "dirichlet" and args.dirichlet_alpha == 0.5
+
+
+@pytest.mark.parametrize("name", ["fed_roberta", "fed_vision"])
+def test_help_lists_the_recipe_and_federated_flags_before_the_generic_training_arguments(name):
+    # Prepare: the flags of each kind, from the dataclasses themselves
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    from peft_lalora import FederatedDPArguments
+
+    recipe = _recipe(name)
+    # fields FederatedDPArguments redefines (e.g. lr_scheduler_type, a schedule over rounds) are federated flags
+    generic = {f.name for f in fields(TrainingArguments)} - {"per_device_train_batch_size"} \
+        - set(FederatedDPArguments.__annotations__)
+    federated = {f.name for f in fields(FederatedDPArguments)} - generic
+    own = {f.name for cls in (recipe.ModelArguments, recipe.DataArguments) for f in fields(cls)}
+    # Execute
+    text = recipe.build_parser().format_help().split("\n\n", 1)[1]  # the flag descriptions, after the usage
+    # Assert: every recipe flag, then every federated / DP flag, then the generic TrainingArguments flags
+    first = {flag: text.index(f"--{flag} ") for flag in own | federated | generic if f"--{flag} " in text}
+    assert federated <= set(first) and own <= set(first)
+    assert max(first[f] for f in own) < min(first[f] for f in federated)
+    assert max(first[f] for f in federated) < min(first[f] for f in generic if f in first)
+    batch_help = " ".join(text[first["per_device_train_batch_size"]:].split("\n  --")[0].split()).lower()
+    assert "each client's expected poisson batch size b" in batch_help and "q = b / n_k" in batch_help
+    assert "per device" not in batch_help and "(default: 32)" in batch_help
+
+
+def test_readme_states_the_train_pooler_default_of_the_recipe():
+    # Prepare
+    fed_roberta = _recipe("fed_roberta")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = " ".join(fh.read().split())
+    # Execute
+    stated = re.findall(r"`--train_pooler`[^.]*?\bdefault (on|off|True|False)\b", readme)
+    # Assert: the README names the default once, and it is the dataclass's
+    default = fed_roberta.ModelArguments.__dataclass_fields__["train_pooler"].default
+    assert stated == [("on" if default else "off")], stated
+    model_args, _, _ = fed_roberta.parse_args([])
+    assert model_args.train_pooler is default
+
+
+@pytest.mark.parametrize("name", ["fed_roberta", "fed_vision"])
+def test_help_usage_is_one_line_not_a_list_of_every_flag(name):
+    usage = _recipe(name).build_parser().format_usage()
+    assert len(usage.strip().splitlines()) <= 3 and "federated / DP flags" in usage

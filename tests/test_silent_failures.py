@@ -197,3 +197,29 @@ def test_dp_false_with_dp_settings_is_refused(tmp_path, given):
         from peft_lalora import FederatedDPArguments
 
         FederatedDPArguments(**kwargs)
+
+
+# ----- found by trying the library as a new user ---------------------------------------------------------------
+def test_string_learning_rate_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="`learning_rate` must be > 0"):
+        toy_args(tmp_path, learning_rate="0.5")
+
+
+def test_for_method_refuses_overriding_what_the_method_sets():
+    with pytest.raises(ConfigError, match="`lowpass` is set by `method`='lalora'.*lalora_nofilter"):
+        LALoraConfig.for_method("lalora", lowpass=False, target_modules=["query"])
+
+
+def test_string_labels_are_named_as_such(tmp_path):
+    trainer = make_trainer(tmp_path, dataset=_broken("string_labels"))
+    with pytest.raises(ClientDataError, match="holds values that are not numbers.*'pos'"):
+        trainer.train()
+
+
+def test_save_model_into_another_runs_folder_is_refused(tmp_path):
+    first, second = make_trainer(tmp_path / "a", num_rounds=1), make_trainer(tmp_path / "b", num_rounds=1)
+    first.train()
+    second.train()
+    with pytest.raises(ConfigError, match="holds another run's checkpoint"):
+        second.save_model(str(tmp_path / "a"))
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()

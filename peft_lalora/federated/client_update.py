@@ -64,13 +64,15 @@ class ClientUpdate:
 
 def make_stepper(model, *, dp: bool, noise_multiplier: float = 0.0, per_sample_max_grad_norm: float = 1.0,
                  adapter_name: str = "default", backend: str = "auto",
-                 autocast_dtype: Optional[torch.dtype] = None):
-    """The local step of the adapter's method: DP-SGD (with the config's low-pass filter) or the non-private one."""
+                 autocast_dtype: Optional[torch.dtype] = None, head_max_grad_norm: Optional[float] = None):
+    """The local step of the adapter's method: DP-SGD (with the config's low-pass filter and, with
+    `head_max_grad_norm`, clipping groups {LoRA factors: C, head: C_h}) or the non-private one."""
     config = model.peft_config[adapter_name]
-    step_cls = PrivateStep if dp else NonPrivateStep
-    return step_cls(model, None, noise_multiplier=noise_multiplier, per_sample_max_grad_norm=per_sample_max_grad_norm,
-                    lowpass_kernel=config.lowpass_kernel if config.lowpass else None, backend=backend,
-                    adapter_name=adapter_name, autocast_dtype=autocast_dtype)
+    if not dp:
+        return NonPrivateStep(model, None, autocast_dtype=autocast_dtype)
+    return PrivateStep(model, None, noise_multiplier=noise_multiplier, per_sample_max_grad_norm=per_sample_max_grad_norm,
+                       lowpass_kernel=config.lowpass_kernel if config.lowpass else None, backend=backend,
+                       adapter_name=adapter_name, autocast_dtype=autocast_dtype, head_max_grad_norm=head_max_grad_norm)
 
 
 def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "default") -> torch.optim.Optimizer:

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 from ..errors import CheckpointMismatchError, ConfigError
 from ..privacy.accounting import PrivacyLedger
-from .seeding import select_clients
+from .seeding import scheduled_steps
 
 _FIX = "The checkpoint was altered or is incomplete: start a fresh `output_dir`."
-
-
-def expected_steps(*, seed: int, rounds: int, num_clients: int, clients_per_round: int, local_steps: int) -> dict:
-    """Local steps charged to each client after `rounds` rounds (every scheduled participation is charged)."""
-    steps = dict.fromkeys(range(num_clients), 0)
-    for round_idx in range(rounds):
-        for client in select_clients(seed, round_idx, num_clients, clients_per_round):
-            steps[client] += local_steps
-    return steps
 
 
 def checked_ledger(state: dict, directory: str, *, seed: int, num_clients: int, clients_per_round: int,
@@ -31,8 +22,8 @@ def checked_ledger(state: dict, directory: str, *, seed: int, num_clients: int, 
     except ConfigError as exc:
         raise CheckpointMismatchError(f"The DP checkpoint {directory!r} holds an unreadable ledger ({exc}). {_FIX}") from exc
     rounds = int(state["round"]) + 1
-    expected = expected_steps(seed=seed, rounds=rounds, num_clients=num_clients,
-                              clients_per_round=clients_per_round, local_steps=local_steps)
+    expected = scheduled_steps(seed=seed, rounds=rounds, num_clients=num_clients,
+                               clients_per_round=clients_per_round, local_steps=local_steps)
     if set(ledger.clients) != set(expected):
         raise CheckpointMismatchError(f"The DP checkpoint {directory!r} has a ledger for clients "
                                       f"{sorted(ledger.clients)[:10]}, not the run's {num_clients}. {_FIX}")

@@ -53,6 +53,11 @@ def check_labels(logits: torch.Tensor, batch: dict) -> None:
 def _forward_check(model, shard) -> None:
     batch = shard.batch(list(range(min(PROBE_ROWS, len(shard)))))
     if "labels" not in batch:
+        present = [c for c in ("labels", "label", "label_ids") if c in shard.dataset.column_names]
+        if present:
+            raise ClientDataError(f"the `{present[0]}` column holds values that are not numbers (e.g. "
+                                  f"{shard.dataset[shard.indices[0]][present[0]]!r}): map them to integer class ids "
+                                  "0..num_labels-1 (e.g. `dataset.class_encode_column`).")
         raise ClientDataError(f"the batch has no `labels` (keys {sorted(batch)}): the dataset needs a 'labels' "
                               "(or 'label') column of targets.")
     config = getattr(model, "config", None)

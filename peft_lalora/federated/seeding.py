@@ -35,3 +35,13 @@ def select_clients(seed: int, round_idx: int, num_clients: int, clients_per_roun
     """The round's participants: `clients_per_round` distinct clients, uniformly at random, sorted."""
     rng = np.random.default_rng(derive_seed(seed, "select", round_idx))
     return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
+
+
+def scheduled_steps(*, seed: int, rounds: int, num_clients: int, clients_per_round: int, local_steps: int) -> dict:
+    """Local steps each client takes in rounds 0..rounds-1 under the public participation schedule (known before
+    training: it depends on the public seed only, never on the data)."""
+    steps = dict.fromkeys(range(num_clients), 0)
+    for round_idx in range(rounds):
+        for client in select_clients(seed, round_idx, num_clients, clients_per_round):
+            steps[client] += local_steps
+    return steps

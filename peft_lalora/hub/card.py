@@ -20,6 +20,11 @@ from ..errors import ConfigError
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
+DP_TAG = "differential-privacy"  # only on the card of a private run (DP with noise from secret randomness)
+# Trainer.evaluate()'s timing entries: not results. A loss is shown but is no model-index result (as transformers'
+# own cards: a benchmark result is a task metric such as accuracy).
+NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
+NOT_INDEX_METRICS = ("loss",)
 DEFAULT_UNIT = "one example of one client"
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
 PRIVACY_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")
@@ -45,33 +50,60 @@ AUTO_CLASS_BY_TASK = {task: auto for task, auto in TASKS.values()}
 AUTO_CLASS_BY_TASK["image-classification"] = "AutoModelForImageClassification"
 
 
-def render_model_card(*, base_model: str, adapter_config: dict, privacy_report: dict | None, federated: dict,
-                      metrics: dict, dataset: str | None = None, task: str | None = None,
-                      repo_id: str | None = None) -> str:
+def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_report: dict | None,
+                      federated: dict, metrics: dict, dataset: str | None = None, task: str | None = None,
+                      repo_id: str | None = None, eval_round: int | None = None,
+                      adapter_round: int | None = None) -> str:
     """
     README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
     `metrics` as results) and sections on the method and schedule, the adapter, the federated setup, the privacy
     guarantee (or "trained without differential privacy" when `privacy_report` is None), the results, how to load
     it and the paper's citation. `adapter_config` is the adapter's `adapter_config.json` as a dict (or an
     `LALoraConfig`); `federated` holds `num_clients`, `clients_per_round`, `num_rounds`, `local_steps` and
-    optionally `partition` or `dirichlet_alpha`; `metrics` maps names to numbers.
+    optionally `partition` or `dirichlet_alpha`; `metrics` maps names to numbers (one evaluation's; timings are
+    dropped). `base_model=None` (not recorded) leaves `base_model` out of the metadata. `eval_round` is the round
+    after which `metrics` were measured and `adapter_round` the adapter's (default: `num_rounds`); results of an
+    earlier round are said to be so and are no model-index claim.
     """
-    if not isinstance(base_model, str) or not base_model:
-        raise ConfigError(f"`base_model` must be a non-empty model id or path, got {base_model!r}.")
+    if base_model is not None and (not isinstance(base_model, str) or not base_model):
+        raise ConfigError(f"`base_model` must be a non-empty model id or path (or None when not recorded), got "
+                          f"{base_model!r}.")
     config = _adapter_config_dict(adapter_config)
-    metrics = _check_metrics(metrics)
+    metrics = {k: v for k, v in _check_metrics(metrics).items() if _metric_kind(k) not in NOT_METRICS}
     task = task or TASKS.get(str(config.get("task_type")), (None, None))[0]
-    values = {"base_model": base_model, "repo_id": repo_id or "<repo_id or local adapter folder>",
-              "title": f"{repo_id.split('/')[-1]}" if repo_id else f"LA-LoRA adapter for {base_model}",
+    title = f"{repo_id.split('/')[-1]}" if repo_id else f"LA-LoRA adapter for {base_model}" if base_model \
+        else "LA-LoRA adapter"
+    values = {"base_model_text": f"`{base_model}`" if base_model else "not recorded",
+              "adapter_for": f"LoRA adapter for `{base_model}`" if base_model else
+              "LoRA adapter (its base model was not recorded)",
+              "base_model_load": base_model or "<the base model's id or path>",
+              "repo_id": repo_id or "<repo_id or local adapter folder>", "title": title,
               "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"), "task_type": _code(config.get("task_type"))}
     values.update(_method_values(config))
     values.update(_federated_values(federated))
+    status = privacy_status(privacy_report)
     values["privacy_section"] = _privacy_section(privacy_report)
-    private = privacy_report is not None and privacy_report.get("dp") is not False
-    values["dp_clause"] = " with differential privacy" if private else " without differential privacy"
-    values["metrics_section"] = _metrics_section(metrics, dataset)
-    values["front_matter"] = _front_matter(base_model, metrics, dataset, task, values["title"])
+    values["dp_clause"] = {"private": " with differential privacy", "fixed_seed": " with DP-SGD noise from a fixed "
+                           "seed (no privacy guarantee)"}.get(status, " without differential privacy")
+    adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
+    final = eval_round is None or eval_round == adapter_round
+    values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])
+    index_metrics = {k: v for k, v in metrics.items() if _metric_kind(k) not in NOT_INDEX_METRICS} if final else {}
+    values["front_matter"] = _front_matter(base_model, index_metrics, dataset, task, title,
+                                           private=status == "private")
     return string.Template(_template()).substitute(values)
+
+
+def privacy_status(report: dict | None) -> str:
+    """"private" (DP with noise from secret randomness), "fixed_seed" (the noise can be re-created: no guarantee),
+    "no_noise" (noise_multiplier 0: epsilon = inf) or "none" (trained without DP)."""
+    if report is None or (isinstance(report, dict) and report.get("dp") is False):
+        return "none"
+    if isinstance(report, dict) and not (report.get("noise_multiplier") or 0) > 0:
+        return "no_noise"
+    if isinstance(report, dict) and report.get("secret_randomness") is False:  # a missing key: an older report
+        return "fixed_seed"
+    return "private"
 
 
 def write_model_card(folder: str, **kwargs) -> str:
@@ -153,7 +185,9 @@ def _method_values(config: dict) -> dict:
     return {"method_name": name, "method_description": description, "alternation": alternation,
             "alternation_period": config.get("alternation_period", 1), "first_factor": config.get("first_factor", "B"),
             "lowpass": "on" if lowpass else "off", "r": config["r"], "lora_alpha": config["lora_alpha"],
-            "target_modules": ", ".join(f"`{t}`" for t in targets)}
+            "target_modules": ", ".join(f"`{t}`" for t in targets),
+            "modules_to_save": ", ".join(f"`{m}`" for m in dict.fromkeys(_as_list(config.get("modules_to_save"))))
+            or "none"}
 
 
 def _federated_values(federated: dict) -> dict:
@@ -193,10 +227,16 @@ def _privacy_section(report: dict | None) -> str:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
         rows.insert(1, ("epsilon bound for a client in every round", _num(report["worst_case_epsilon"])))
-    text = [f"Trained with **(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy** "
-            "(DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on every client). "
-            f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
-            "the epsilon above is the largest over clients.", "", "| quantity | value |", "|---|---|"]
+    if report.get("sigma_calibration"):
+        rows.append(("sigma calibrated for", {"schedule": "each client's scheduled steps",
+                                              "worst_case": "a client in every round",
+                                              "given": "(sigma given explicitly)"}.get(report["sigma_calibration"],
+                                                                                      report["sigma_calibration"])))
+    if report.get("clip_groups"):
+        groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report["clip_groups"].items())
+        rows.append(("clipping groups (per-example clip norm of each)", groups))
+        rows.append(("joint per-example sensitivity (noise std / sigma)", _num(float(report["sensitivity"]))))
+    text = _privacy_lead(report, epsilon) + ["", "| quantity | value |", "|---|---|"]
     text += [f"| {name} | {value} |" for name, value in rows]
     if clients:
         text += ["", "Per client:", "", "| client | epsilon | sample rate | steps |", "|---|---|---|---|"]
@@ -205,15 +245,49 @@ def _privacy_section(report: dict | None) -> str:
     return "\n".join(text)
 
 
-def _metrics_section(metrics: dict, dataset: str | None) -> str:
+def _privacy_lead(report: dict, epsilon) -> list[str]:
+    guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy"
+    unit = (f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
+            "the epsilon is the largest over clients.")
+    status = privacy_status(report)
+    if status == "no_noise":
+        return ["This adapter was trained with DP-SGD's per-sample clipping but **without noise** (noise multiplier "
+                "0, epsilon = inf): it carries **no formal privacy guarantee** for the clients' data."]
+    if status == "fixed_seed":
+        detail = report.get("noise_seed_warning")
+        return ["> **Warning: no privacy guarantee.** The DP noise and Poisson sampling of this run came from a fixed "
+                "`noise_seed` (a setting for tests and research), not from secret randomness: anyone who knows the "
+                "seed can re-create the noise and remove it, so the guarantee computed below does **not** hold."
+                + (f"\n> {detail}" if detail else ""), "",
+                f"Had the randomness been secret, the accountant's numbers would give {guarantee}. {unit}"]
+    return [f"Trained with **{guarantee}** (DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on "
+            f"every client). {unit}"]
+
+
+def _metric_kind(name: str) -> str:
+    return name.split("_", 1)[1] if name.startswith(("eval_", "test_")) else name
+
+
+def _metrics_section(metrics: dict, dataset: str | None, eval_round, adapter_round, num_rounds) -> str:
     if not metrics:
         return "No evaluation results were reported."
-    head = f"On `{dataset}`:" if dataset else "On the held-out evaluation data:"
+    head = f"On `{dataset}`" if dataset else "On the held-out evaluation data"
+    if eval_round is not None:
+        head += f", after round {eval_round} of {num_rounds}"
+    head += ":"
+    if eval_round is not None and eval_round != adapter_round:
+        head += (f"\n\n**These results are of the global adapter after round {eval_round}, not of the final adapter "
+                 f"in this repo (after round {adapter_round}), which was not evaluated.** They are not listed as "
+                 "model-index results.")
     return "\n".join([head, "", "| metric | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in metrics.items()])
 
 
-def _front_matter(base_model: str, metrics: dict, dataset: str | None, task: str | None, name: str) -> str:
-    data = {"library_name": "peft", "base_model": base_model, "tags": list(TAGS)}
+def _front_matter(base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str, *,
+                  private: bool) -> str:
+    data = {"library_name": "peft"}
+    if base_model:
+        data["base_model"] = base_model
+    data["tags"] = [t for t in TAGS if private or t != DP_TAG]
     if dataset:
         data["datasets"] = [dataset]
     if task:
@@ -221,7 +295,7 @@ def _front_matter(base_model: str, metrics: dict, dataset: str | None, task: str
     if metrics:
         result = {"task": {"type": task or "other"},
                   "dataset": {"name": dataset or "unspecified", "type": dataset or "unspecified"},
-                  "metrics": [{"type": k.removeprefix("eval_"), "value": v, "name": k} for k, v in metrics.items()]}
+                  "metrics": [{"type": _metric_kind(k), "value": v, "name": k} for k, v in metrics.items()]}
         data["model-index"] = [{"name": name, "results": [result]}]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

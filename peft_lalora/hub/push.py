@@ -1,8 +1,8 @@
 """Push an aggregated LA-LoRA adapter folder to the Hugging Face Hub in one commit.
 
 Only the adapter's artifacts travel: `adapter_config.json`, `adapter_model.safetensors` (both required),
-`README.md` (the card from `write_model_card`) and `privacy_report.json` (when present). Local files are read,
-never written or deleted. Do not use `PeftModel.push_to_hub` for these adapters: it replaces the card with
+`README.md` (the card from `write_model_card`), `privacy_report.json` and `pooling.safetensors` (when
+present). Local files are read, never written or deleted. Do not use `PeftModel.push_to_hub` for these adapters: it replaces the card with
 peft's generic one.
 """
 
@@ -31,26 +31,29 @@ except ImportError:  # pragma: no cover - older stacks
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-OPTIONAL_FILES = ("README.md", "privacy_report.json")
+OPTIONAL_FILES = ("README.md", "privacy_report.json", "pooling.safetensors")  # the last: peft_lalora.pooling
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, private: bool = False,
                         commit_message: str = "Upload LA-LoRA adapter", max_retries: int = 3,
-                        backoff: float = 1.0) -> str:
+                        backoff: float = 1.0, allow_fixed_noise_seed: bool = False) -> str:
     """
     Upload the adapter artifacts of `folder` to the model repo `repo_id` in ONE commit (the repo is created if
     needed) and return the commit URL.
 
-    Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md` and
-    `privacy_report.json` when present; nothing else in the folder. Server errors (5xx, 429) and network errors
+    Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md`,
+    `privacy_report.json` and `pooling.safetensors` when present; nothing else in the folder. Server errors (5xx, 429) and network errors
     are retried: at most `1 + max_retries` attempts, waiting `backoff * 2**k` seconds before retry `k + 1`.
     Every failure raises `HubError` (no token, offline mode, invalid token or no write access, exhausted
-    retries, ...); local files are never modified.
+    retries, ...); local files are never modified. A folder whose `privacy_report.json` says
+    `secret_randomness: false` (the noise came from a fixed `noise_seed`, so no privacy guarantee holds) is
+    refused unless `allow_fixed_noise_seed=True`.
     """
     _check_args(folder, repo_id, max_retries, backoff, commit_message)
     contents = _read_artifacts(folder)
+    _check_secret_randomness(folder, contents, allow_fixed_noise_seed)
     _check_online()
     token = _resolve_token(token)
     api = HfApi(token=token)
@@ -126,6 +129,24 @@ def _read_artifacts(folder) -> dict:
                       "writes a generic one without the privacy guarantee). Call "
                       "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
     return contents
+
+
+def _check_secret_randomness(folder, contents: dict, allow: bool) -> None:
+    """R17: the noise of a run with a fixed `noise_seed` can be re-created from the seed; publishing it is opt-in."""
+    if "privacy_report.json" not in contents:
+        return
+    report = json.loads(contents["privacy_report.json"])
+    if not isinstance(report, dict) or report.get("secret_randomness") is not False:  # missing: an older report
+        return
+    detail = f" ({report['noise_seed_warning']})" if report.get("noise_seed_warning") else ""
+    if not allow:
+        raise HubError(f"`folder` {str(folder)!r} holds a privacy_report.json with `secret_randomness: false`: the "
+                       f"run's DP noise came from a fixed `noise_seed`{detail}, so anyone who knows the seed can "
+                       "re-create it and the adapter carries no privacy guarantee. Retrain without a fixed "
+                       "`noise_seed` to publish it, or pass `allow_fixed_noise_seed=True` (the "
+                       "`allow_fixed_noise_seed` argument of the trainer) to upload it anyway; nothing was pushed.")
+    warnings.warn(f"Pushing {str(folder)!r}, trained with a fixed noise seed: it carries no privacy guarantee "
+                  "(`allow_fixed_noise_seed=True`).", LALoraWarning, stacklevel=3)
 
 
 def _is_lalora_card(data: bytes) -> bool:

@@ -47,14 +47,15 @@ class PrivateStep:
     def __init__(self, model, optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
                  lowpass_kernel: Optional[tuple] = None, backend: str = "auto",
                  generator: Optional[torch.Generator] = None, loss_fn: Callable = per_example_loss,
-                 adapter_name: str = "default", autocast_dtype: Optional[torch.dtype] = None):
+                 adapter_name: str = "default", autocast_dtype: Optional[torch.dtype] = None,
+                 head_max_grad_norm: Optional[float] = None):
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.backend = select_backend(model, backend, loss_fn)
         self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                               per_sample_max_grad_norm=per_sample_max_grad_norm,
                               factor_of=factor_names(model, adapter_name), lowpass_kernel=lowpass_kernel,
-                              generator=generator)
+                              generator=generator, head_max_grad_norm=head_max_grad_norm)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

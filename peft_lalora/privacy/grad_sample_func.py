@@ -8,18 +8,27 @@ Dropout draws independent masks per example (`randomness="different"`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import LALoraError, UnsupportedModelError
 from .grad_sample_base import PerSampleGradients, check_losses, model_inputs, model_type
 from .losses import per_example_loss
 
 logger = logging.getLogger(__name__)
+
+
+def _is_fused_attention_refusal(exc: Exception) -> bool:
+    """On CUDA, scaled-dot-product attention's fused kernels reject a batched attention bias under vmap
+    ("attn_bias: wrong shape (batch dimension)", measured on an H100 with Swin); its math kernel accepts it.
+    The math kernel is not forced everywhere: under bf16 autocast it failed for ViT where the fused one runs."""
+    return isinstance(exc, RuntimeError) and "attn_bias" in str(exc)
 
 
 class FuncBackend(PerSampleGradients):
@@ -29,6 +38,7 @@ class FuncBackend(PerSampleGradients):
 
     def __init__(self, model: nn.Module, loss_fn: Callable = per_example_loss):
         super().__init__(model, loss_fn)
+        self._math_attention = False  # set once the fused attention kernels refused this model under vmap
 
     def _compute(self, batch, params, batch_size):
         names = list(params)
@@ -46,8 +56,16 @@ class FuncBackend(PerSampleGradients):
 
         per_example = vmap(grad(loss_of_one, has_aux=True), in_dims=(None, 0), randomness="different")
         try:
-            with torch.enable_grad():
-                grads, losses = per_example(primals, tensors)
+            try:
+                with torch.enable_grad(), self._attention_kernels():
+                    grads, losses = per_example(primals, tensors)
+            except RuntimeError as exc:
+                if self._math_attention or not _is_fused_attention_refusal(exc):
+                    raise
+                self._math_attention = True
+                logger.info("func backend: fused attention refused vmap (%s); using the math kernel", exc)
+                with torch.enable_grad(), self._attention_kernels():
+                    grads, losses = per_example(primals, tensors)
         except LALoraError:
             raise
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
@@ -57,3 +75,6 @@ class FuncBackend(PerSampleGradients):
                 "layer sees the examples in dim 0."
             ) from exc
         return {name: g.detach() for name, g in zip(names, grads)}, losses
+
+    def _attention_kernels(self):
+        return sdpa_kernel([SDPBackend.MATH]) if self._math_attention else contextlib.nullcontext()

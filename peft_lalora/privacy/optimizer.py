@@ -4,6 +4,7 @@
               per-sample gradient is dropped (counted), never averaged in
     sum       over the examples of the (Poisson) batch
     noise     + N(0, (sigma * C)^2) on every coordinate of every active tensor, in at least float32
+              (with clipping groups, C is the joint sensitivity sqrt(C_lora^2 + C_head^2))
     scale     / expected batch size (q * n_k, not the realised size, which would leak it)
     lowpass   Gaussian low-pass filter on the active LoRA factor (post-processing: no privacy cost)
     inner     the wrapped optimizer's step (SGD by default); inactive tensors have `.grad = None` and never move
@@ -33,17 +34,25 @@ class DPOptimizer:
         factor_of (`dict[str, str]`): parameter name -> "A" / "B" for LoRA weights (others: head).
         lowpass_kernel (`tuple`, *optional*): kernel of the low-pass stage; None disables it.
         generator (`torch.Generator`, *optional*): the noise RNG (checkpointed for bit-identical resume).
+        head_max_grad_norm (`float`, *optional*): clipping groups. None (default): one joint clip of every active
+            tensor to C. A number C_h: the LoRA factors are clipped to C and the head (every other tensor) to
+            C_h, each example in each group separately; the noise is then calibrated to the joint per-example
+            sensitivity sqrt(C^2 + C_h^2) of the groups that are active, so sigma keeps its meaning.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
                  factor_of: Optional[dict] = None, lowpass_kernel: Optional[tuple] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, head_max_grad_norm: Optional[float] = None):
         if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ConfigError(f"`noise_multiplier` must be a finite number >= 0, got {noise_multiplier!r}.")
         if not (isinstance(per_sample_max_grad_norm, (int, float)) and math.isfinite(per_sample_max_grad_norm)
                 and per_sample_max_grad_norm > 0):
             raise ConfigError(f"`per_sample_max_grad_norm` must be > 0, got {per_sample_max_grad_norm!r}. "
                               "It is the fixed per-example clip norm C, e.g. 1.0.")
+        if head_max_grad_norm is not None and not (isinstance(head_max_grad_norm, (int, float))
+                                                   and math.isfinite(head_max_grad_norm) and head_max_grad_norm > 0):
+            raise ConfigError(f"`head_max_grad_norm` must be > 0 or None (one joint clip), got {head_max_grad_norm!r}.")
+        self.head_max_grad_norm = None if head_max_grad_norm is None else float(head_max_grad_norm)
         self.optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(per_sample_max_grad_norm)
@@ -67,24 +76,60 @@ class DPOptimizer:
         self._count_dropped(int((~keep).sum()))
         return torch.where(keep, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
 
+    def group_of(self, name: str) -> str:
+        return "lora" if name in self.factor_of else "head"
+
+    def group_clip_factors(self, grad_samples: dict) -> dict:
+        """Per-tensor per-example factors: the joint `clip_factors` for every tensor, or, with clipping groups,
+        min(1, C_g / ||g_i restricted to group g||) for the tensors of group g; an example with a non-finite
+        gradient in any group is dropped from all of them."""
+        if self.head_max_grad_norm is None:
+            factors = self.clip_factors(grad_samples)
+            return dict.fromkeys(grad_samples, factors)
+        first = next(iter(grad_samples.values()))
+        batch = first.shape[0]
+        sq = {}
+        for name, g in grad_samples.items():
+            group = self.group_of(name)
+            part = g.reshape(batch, -1).pow(2).sum(dim=1, dtype=torch.float64)
+            sq[group] = sq[group] + part if group in sq else part
+        norms = {group: v.sqrt() for group, v in sq.items()}
+        keep = torch.stack([torch.isfinite(v) for v in norms.values()]).all(dim=0)
+        self._count_dropped(int((~keep).sum()))
+        factors = {group: torch.where(keep, (self._threshold(group) / (v + 1e-6)).clamp(max=1.0), torch.zeros_like(v))
+                   for group, v in norms.items()}
+        return {name: factors[self.group_of(name)] for name in grad_samples}
+
+    def _threshold(self, group: str) -> float:
+        return self.head_max_grad_norm if group == "head" and self.head_max_grad_norm is not None else self.max_grad_norm
+
+    def sensitivity(self, names) -> float:
+        """The per-example L2 sensitivity of the summed gradient of the tensors `names`: C for one joint clip,
+        sqrt(sum of C_g^2) over the groups present with clipping groups."""
+        if self.head_max_grad_norm is None:
+            return self.max_grad_norm
+        return math.sqrt(sum(self._threshold(g) ** 2 for g in {self.group_of(n) for n in names}))
+
     @staticmethod
-    def sum_clipped(grad_samples: dict, factors: torch.Tensor) -> dict:
+    def sum_clipped(grad_samples: dict, factors) -> dict:
         """sum_i factor_i * g_i for every tensor, without materialising the clipped per-example gradients;
-        a dropped (non-finite) example contributes exactly zero."""
-        dropped = factors == 0
+        a dropped (non-finite) example contributes exactly zero. `factors`: one (B,) tensor for every tensor,
+        or a dict of them per tensor (clipping groups)."""
         out = {}
         for name, g in grad_samples.items():
+            tensor_factors = factors[name] if isinstance(factors, dict) else factors
+            dropped = tensor_factors == 0
             if bool(dropped.any()):
                 g = torch.where(dropped.view((-1,) + (1,) * (g.dim() - 1)), torch.zeros_like(g), g)
             acc = torch.promote_types(g.dtype, torch.float32)  # bf16 gradients are summed in float32
-            out[name] = torch.einsum("b...,b->...", g.to(acc), factors.to(acc))
+            out[name] = torch.einsum("b...,b->...", g.to(acc), tensor_factors.to(acc))
         return out
 
     def add_noise(self, summed: dict) -> dict:
         """+ N(0, (sigma C)^2), drawn in at least float32 (a bfloat16 draw would keep 8 bits of the noise)."""
         if self.noise_multiplier == 0.0:
             return summed
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_multiplier * self.sensitivity(summed)
         out = {}
         for name, s in summed.items():
             dtype = torch.promote_types(s.dtype, torch.float32)
@@ -104,7 +149,7 @@ class DPOptimizer:
         if not expected_batch_size > 0:
             raise ConfigError(f"`expected_batch_size` must be > 0, got {expected_batch_size!r}.")
         if grad_samples and next(iter(grad_samples.values())).shape[0] > 0:
-            summed = self.sum_clipped(grad_samples, self.clip_factors(grad_samples))
+            summed = self.sum_clipped(grad_samples, self.group_clip_factors(grad_samples))
         else:  # an empty Poisson batch: a noise-only step, accounted like any other
             summed = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
                       for name, p in params.items()}

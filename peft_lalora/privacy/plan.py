@@ -25,7 +25,9 @@ class PrivacyPlan:
         sample_rates (`dict[int, float]`): each client's Poisson rate q_k = batch_size / n_k.
         accountant (`str`), per_sample_max_grad_norm (`float`): the accountant and the clip norm C.
         target_epsilon (`float`, *optional*): the budget the ledger refuses to exceed.
-        calibrated_steps (`int`): the local steps sigma was calibrated for (the worst-case client).
+        calibrated_steps (`int`): the most local steps a client was calibrated for.
+        calibration (`str`): "schedule" (sigma meets the target for every client's scheduled steps) or
+            "worst_case" (for a client taking part in every round); "given" when sigma was set explicitly.
     """
 
     noise_multiplier: float
@@ -35,15 +37,17 @@ class PrivacyPlan:
     per_sample_max_grad_norm: float
     target_epsilon: Optional[float]
     calibrated_steps: int
+    calibration: str = "worst_case"
 
     @classmethod
     def build(cls, *, client_sizes: dict, batch_size: int, num_rounds: int, local_steps: int,
               target_epsilon: Optional[float] = None, noise_multiplier: Optional[float] = None,
               target_delta: Optional[float] = None, allow_large_delta: bool = False, accountant: str = "rdp",
-              per_sample_max_grad_norm: float = 1.0) -> PrivacyPlan:
-        """Plan for clients `{id: n_k}`: delta defaults to min(1e-5, 1 / n) of the smallest client; sigma is
-        calibrated (when `target_epsilon` is given) so that a client taking part in all `num_rounds` rounds at
-        the largest rate stays within the target."""
+              per_sample_max_grad_norm: float = 1.0, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
+        """Plan for clients `{id: n_k}`: delta defaults to min(1e-5, 1 / n) of the smallest client. With
+        `target_epsilon`, sigma is calibrated so that every client stays within the target: for its
+        `scheduled_steps[id]` (the public participation schedule, known before training), or, without them, for
+        a client taking part in all `num_rounds` rounds at the largest rate (the worst case)."""
         if not isinstance(client_sizes, dict) or not client_sizes:
             raise ConfigError(f"`client_sizes` must be a non-empty dict {{client id: number of examples}}, got "
                               f"{client_sizes!r}.")
@@ -52,8 +56,16 @@ class PrivacyPlan:
                               f"(epsilon is reported), got {target_epsilon!r} and {noise_multiplier!r}.")
         rates = {k: sample_rate_for(batch_size, n, client=k) for k, n in client_sizes.items()}
         delta = plan_delta(min(client_sizes.values()), target_delta, allow_large_delta)
-        steps = num_rounds * local_steps
-        if noise_multiplier is None:
+        steps, calibration = num_rounds * local_steps, "given"
+        if noise_multiplier is None and scheduled_steps is not None:
+            clients = sorted(rates)
+            steps, calibration = max(scheduled_steps[k] for k in clients), "schedule"
+            noise_multiplier = calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                                          sample_rate=[rates[k] for k in clients],
+                                                          steps=[scheduled_steps[k] for k in clients],
+                                                          accountant=accountant)
+        elif noise_multiplier is None:
+            calibration = "worst_case"
             noise_multiplier = calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                                           sample_rate=max(rates.values()), steps=steps,
                                                           accountant=accountant)
@@ -61,7 +73,7 @@ class PrivacyPlan:
                     noise_multiplier, per_sample_max_grad_norm, delta, min(rates.values()), max(rates.values()), steps)
         return cls(noise_multiplier=noise_multiplier, delta=delta, sample_rates=rates, accountant=accountant,
                    per_sample_max_grad_norm=per_sample_max_grad_norm, target_epsilon=target_epsilon,
-                   calibrated_steps=steps)
+                   calibrated_steps=steps, calibration=calibration)
 
     def new_ledger(self) -> PrivacyLedger:
         """An empty ledger: one accountant per client, refusing releases beyond `target_epsilon`."""

@@ -99,6 +99,11 @@ class LALoraConfig(LoraConfig):
         """Config for one of the paper's methods: `lalora`, `lalora_nofilter`, `rolora`, `ffa` or `dplora`."""
         if method not in METHODS:
             raise ConfigError(f"`method` must be one of {tuple(METHODS)}, got {method!r}.")
+        fixed = sorted({"alternation", "lowpass"} & set(kwargs))
+        if fixed:
+            raise ConfigError(f"{', '.join(f'`{k}`' for k in fixed)} is set by `method`={method!r}; pick the method "
+                              "that has it (e.g. 'lalora_nofilter' for LA-LoRA without the filter), or build "
+                              "`LALoraConfig(alternation=..., lowpass=...)` directly.")
         alternation, lowpass = METHODS[method]
         return cls(alternation=alternation, lowpass=lowpass, **kwargs)
 

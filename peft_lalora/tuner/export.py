@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
+import yaml
+
+from ..errors import ConfigError
 from .config import LALoraConfig
+from .saving import save_adapter_files
 
 SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(LALoraConfig) if f.name not in
                         {f2.name for f2 in dataclasses.fields(LALoraConfig.__mro__[1])})
@@ -23,20 +25,54 @@ def export_as_lora(peft_model, save_directory: str, adapter_name: str = "default
     Write adapter `adapter_name` of `peft_model` to `save_directory` as a stock LoRA adapter that
     `PeftModel.from_pretrained` loads without `import peft_lalora`. Returns `save_directory`.
     Files are written to a temporary folder first and moved into place, so a failure leaves nothing half-written.
+    A folder holding an LA-LoRA adapter or its privacy card (what `FederatedDPTrainer.save_model` writes) is
+    refused: the export would replace its model card and adapter config.
     """
-    os.makedirs(save_directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".export-") as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
-        src = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
-        config_path = os.path.join(src, "adapter_config.json")
-        with open(config_path, encoding="utf-8") as fh:
-            config = json.load(fh)
+    _refuse_lalora_folder(save_directory)
+
+    def to_lora(config: dict) -> dict:
         for name in SCHEDULE_FIELDS:
             config.pop(name, None)
         config["peft_type"] = "LORA"
-        with open(config_path, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-        for name in os.listdir(src):
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.move(os.path.join(src, name), os.path.join(save_directory, name))
+        return config
+
+    save_adapter_files(peft_model, save_directory, adapter_name, edit_config=to_lora)
     return save_directory
+
+
+def _refuse_lalora_folder(save_directory: str) -> None:
+    found = []
+    config_path = os.path.join(save_directory, "adapter_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                peft_type = json.load(fh).get("peft_type")
+        except (ValueError, AttributeError):
+            peft_type = None
+        if peft_type != "LORA":
+            found.append(f"adapter_config.json with peft_type {peft_type!r}")
+    if os.path.isfile(os.path.join(save_directory, "privacy_report.json")):
+        found.append("privacy_report.json")
+    if _is_lalora_card(os.path.join(save_directory, "README.md")):
+        found.append("README.md (an LA-LoRA model card)")
+    if found:
+        suggestion = os.path.join(os.path.dirname(os.path.normpath(save_directory)) or ".",
+                                  os.path.basename(os.path.normpath(save_directory)) + "-lora")
+        raise ConfigError(
+            f"`save_directory` {save_directory!r} holds an LA-LoRA adapter or its privacy card ({'; '.join(found)}): "
+            "a stock LoRA export there would replace the privacy card (README.md) and adapter_config.json. Export "
+            f"to another folder, e.g. {suggestion!r}.")
+
+
+def _is_lalora_card(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    if not text.startswith("---"):
+        return False
+    try:
+        meta = yaml.safe_load(text[3:].partition("\n---")[0])
+    except yaml.YAMLError:
+        return False
+    return isinstance(meta, dict) and "lalora" in (meta.get("tags") or [])

@@ -20,11 +20,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from peft_lalora import LALoraConfig
 from peft_lalora.flower import FlowerTask
-
-from .pooling import use_mean_pooling
+from peft_lalora.pooling import POOLING_FILE, use_mean_pooling
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-POOLING_FILE = "pooling.safetensors"
 KEYS = ("method", "lora-r", "lora-alpha", "num-hidden-layers", "model-path", "pooling-path")
 
 

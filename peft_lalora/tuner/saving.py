@@ -1,0 +1,39 @@
+"""Save one adapter's files at the top of a folder, whatever its name.
+
+peft's `save_pretrained` puts an adapter not named "default" in a subfolder named after it, which
+`PeftModel.from_pretrained(base, folder)` and a Hub push of `folder` then do not find.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+PEFT_CARD = "README.md"  # peft's generic card: the caller writes its own (or none)
+
+
+def save_adapter_files(peft_model, save_directory: str, adapter_name: str,
+                       edit_config: Callable[[dict], dict] | None = None) -> list[str]:
+    """
+    Write `adapter_config.json` and the weights of adapter `adapter_name` to the top of `save_directory` and
+    return the names written. The files are written to a temporary folder inside `save_directory` first (the
+    config rewritten by `edit_config` there) and then renamed into place, so a failure leaves nothing
+    half-written. peft's generic README.md is not copied.
+    """
+    os.makedirs(save_directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter-") as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        src = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
+        if edit_config is not None:
+            config_path = os.path.join(src, "adapter_config.json")
+            with open(config_path, encoding="utf-8") as fh:
+                config = edit_config(json.load(fh))
+            with open(config_path, "w", encoding="utf-8") as fh:
+                json.dump(config, fh, indent=2, sort_keys=True)
+        names = sorted(n for n in os.listdir(src) if n != PEFT_CARD and os.path.isfile(os.path.join(src, n)))
+        for name in names:
+            shutil.move(os.path.join(src, name), os.path.join(save_directory, name))
+    return names

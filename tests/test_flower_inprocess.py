@@ -19,8 +19,10 @@ import torch  # noqa: E402
 from datasets import load_from_disk  # noqa: E402
 from fed_helpers import toy_args, toy_dataset, toy_model  # noqa: E402
 from flower_grid import InProcessGrid  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from test_hub import hub  # noqa: E402, F401  (the fake Hub fixture)
 from tiny_models import tiny_roberta  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
@@ -41,6 +43,7 @@ CASES = {
     "ffa": ("ffa", {}),
     "dplora": ("dplora", {"aggregation_weights": "num_samples", "lr_scheduler_type": "linear"}),
     "nonprivate": ("lalora", {"dp": False}),
+    "clip_groups": ("lalora", {"per_sample_head_max_grad_norm": 0.5}),  # head and factors clipped apart
 }
 
 
@@ -202,13 +205,13 @@ def test_a_larger_target_in_a_later_run_does_not_raise_the_budget(tmp_path, shar
     spent = [ClientState(str(tmp_path / "state" / str(k))).epsilon() for k in range(4)]
 
     # Execute: a second run asks for epsilon 8 (less noise)
-    run_flower(tmp_path, root, run_config(tmp_path, target_epsilon=8.0, clients_per_round=4, noise_seed=None),
-               run_id=2)
+    later = run_config(tmp_path, target_epsilon=8.0, clients_per_round=4, noise_seed=None)
+    run_flower(tmp_path, root, dict(later, **{"output-dir": str(tmp_path / "later")}), run_id=2)
 
     # Assert: the ledgers keep the smaller budget and refuse; nothing more is spent
     assert [ClientState(str(tmp_path / "state" / str(k))).epsilon() for k in range(4)] == spent
     assert all(ClientState(str(tmp_path / "state" / str(k))).saved()["target_epsilon"] == 3.0 for k in range(4))
-    assert len(read_json(tmp_path / "flower" / "privacy_report.json")["refused"]) == 8
+    assert len(read_json(tmp_path / "later" / "privacy_report.json")["refused"]) == 8
 
 
 def test_node_shares_training_metrics_only_when_its_owner_says_so(tmp_path, shards):
@@ -301,8 +304,10 @@ def test_bad_settings_are_refused_before_any_round(tmp_path, shards):
 def test_ledger_refuses_a_run_at_another_delta(tmp_path, shards):
     root, _ = shards
     run_flower(tmp_path, root, run_config(tmp_path, clients_per_round=4))
-    run_flower(tmp_path, root, dict(run_config(tmp_path, clients_per_round=4), **{"target-delta": 1e-6}), run_id=2)
-    history = read_json(tmp_path / "flower" / "flower_history.json")
+    run_flower(tmp_path, root, dict(run_config(tmp_path, clients_per_round=4), **{"target-delta": 1e-6,
+                                                                                   "output-dir": str(tmp_path / "b")}),
+               run_id=2)
+    history = read_json(tmp_path / "b" / "flower_history.json")
     assert all("target-delta" in reason for h in history for reason in h["failed"].values())
     assert all(len(ClientState(str(tmp_path / "state" / str(k))).saved()["charges"]) == 2 for k in range(4))
 
@@ -339,3 +344,37 @@ def test_recipe_app_trains_the_offline_default_in_process(tmp_path):
     assert (out / "pooling.safetensors").exists() and (out / "tokenizer.json").exists()
     report = read_json(out / "privacy_report.json")
     assert [c["client"] for c in report["clients"]] == [0, 1] and 7.9 < report["epsilon"] <= 8.0
+
+
+def test_client_refuses_a_round_the_public_schedule_does_not_give_it(tmp_path, shards):
+    # Prepare: a message for client 0 in round 0, whose clients are 1 and 3 (seed 0)
+    root, _ = shards
+    config = run_config(tmp_path)
+    nodes = {100: {"partition-id": 0, "data-path": str(root / "0"), "state-dir": str(tmp_path / "state0")}}
+    grid = InProcessGrid(make_client_app(TASK), nodes, config)
+    state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
+    content = RecordDict({protocol.GLOBAL: ArrayRecord(state), protocol.CONFIG: ConfigRecord(
+        {"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0})})
+
+    # Execute
+    (reply,) = grid.send_and_receive([Message(content, dst_node_id=100, message_type="train")])
+
+    # Assert: refused before anything was charged
+    assert reply.has_error() and reply.error.code == protocol.CLIENT_CONFIG
+    assert "not among round 0's clients" in reply.error.reason and not (tmp_path / "state0" / "ledger.json").exists()
+
+
+def test_server_pushes_adapter_card_and_report_in_one_commit(tmp_path, shards, hub):  # noqa: F811
+    root, _ = shards
+    config = dict(run_config(tmp_path, noise_seed=None), **{"push-to-hub": True, "hub-model-id": "alice/flower"})
+    run_flower(tmp_path, root, config)
+    (commit,) = hub.repos["alice/flower"].commits
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "privacy_report.json"} <= set(commit.files)
+    assert commit.files["adapter_model.safetensors"] == (tmp_path / "flower" / "adapter_model.safetensors").read_bytes()
+
+
+def test_server_refuses_to_publish_a_fixed_noise_seed_before_any_round(tmp_path, shards, hub):  # noqa: F811
+    root, _ = shards
+    with pytest.raises(ConfigError, match="NOT be differentially private"):
+        run_flower(tmp_path, root, dict(run_config(tmp_path), **{"push-to-hub": True, "hub-model-id": "alice/x"}))
+    assert hub.repos == {} and not (tmp_path / "state").exists()

@@ -25,6 +25,7 @@ from ..errors import ClientDataError, ConfigError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, make_stepper
 from ..federated.preflight import PROBE_ROWS, preflight
+from ..federated.seeding import scheduled_steps, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
 from . import protocol
@@ -77,6 +78,7 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         if steps != job.args.local_steps:
             raise ConfigError(f"The server asks for `local-steps`={steps}, but the run's config (and this client's "
                               f"privacy plan) has {job.args.local_steps}.")
+        _check_scheduled(job, round_idx)
         global_state = _global_state(job, message.content[protocol.GLOBAL])
         if not job.checked:  # the data fails here, before any charge (R18)
             _preflight(job, global_state, round_idx)
@@ -121,7 +123,7 @@ def privacy_record(job: _Job, ledger) -> ConfigRecord:
               "secret-randomness": bool(job.args.dp and job.args.noise_seed is None)}
     if ledger is not None:
         record.update({"epsilon": float(ledger.epsilon(job.client)), "delta": float(ledger.delta),
-                       "noise-multiplier": float(ledger.noise_multiplier),
+                       "noise-multiplier": float(ledger.noise_multiplier), "sigma-calibration": job.plan.calibration,
                        "per-sample-max-grad-norm": float(ledger.per_sample_max_grad_norm),
                        "sample-rate": float(ledger.sample_rate(job.client)), "steps": int(ledger.steps(job.client)),
                        "accountant": ledger.accountant})
@@ -144,22 +146,38 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     device = next(model.parameters()).device
     shard = ClientShard(dataset, collate, model_columns(model), device)
     plan = None
-    if args.dp:  # this client plans for itself alone: its size, its worst case (every round)
+    if args.dp:  # this client plans for itself alone: its size, and its own steps in the public schedule
+        scheduled = None
+        if args.sigma_calibration == "schedule":
+            scheduled = {client: scheduled_steps(seed=args.seed, rounds=args.num_rounds, num_clients=args.num_clients,
+                                                 clients_per_round=args.clients_per_round,
+                                                 local_steps=args.local_steps)[client]}
         plan = PrivacyPlan.build(client_sizes={client: len(shard)}, batch_size=args.per_device_train_batch_size,
                                  num_rounds=args.num_rounds, local_steps=args.local_steps,
                                  target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
                                  target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
-                                 accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm)
+                                 accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                                 scheduled_steps=scheduled)
     stepper = make_stepper(model, dp=args.dp, noise_multiplier=plan.noise_multiplier if plan else 0.0,
                            per_sample_max_grad_norm=args.per_sample_max_grad_norm, adapter_name=model.active_adapter,
-                           backend=args.per_sample_grad_backend,
-                           autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                           backend=args.per_sample_grad_backend, autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                           head_max_grad_norm=args.per_sample_head_max_grad_norm)
     job = _Job(args=args, client=client, model=model, shard=shard, stepper=stepper, plan=plan,
                local=LocalConfig.from_args(args))
     _JOBS[key] = job
     while len(_JOBS) > _MAX_JOBS:
         _JOBS.popitem(last=False)
     return job
+
+
+def _check_scheduled(job: _Job, round_idx: int) -> None:
+    """A client trains only in the rounds the public schedule gives it (its sigma may be calibrated for those)."""
+    args = job.args
+    if not 0 <= round_idx < args.num_rounds:
+        raise ConfigError(f"The server asks for round {round_idx}, outside the run's `num-rounds` = {args.num_rounds}.")
+    if job.client not in select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round):
+        raise ConfigError(f"Client {job.client} is not among round {round_idx}'s clients in the public schedule "
+                          f"(seed {args.seed}): refusing to train in it.")
 
 
 def _global_state(job: _Job, arrays: ArrayRecord) -> dict:

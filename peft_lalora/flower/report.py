@@ -22,7 +22,8 @@ def privacy_report(strategy) -> dict:
                 "per_sample_max_grad_norm": None, "accountant": None, "unit": REPORT_UNIT, "clients": []}
     clients = [{"client": pid, "epsilon": r["epsilon"], "delta": r["delta"], "noise_multiplier": r["noise-multiplier"],
                 "sample_rate": r["sample-rate"], "steps": r["steps"], "budget": r.get("budget"),
-                "last_round": r["last_round"], "secret_randomness": r["secret-randomness"]}
+                "last_round": r["last_round"], "secret_randomness": r["secret-randomness"],
+                "sigma_calibration": r.get("sigma-calibration")}
                for pid, r in sorted(strategy.clients.items())]
     report = {
         "engine": "flower", "dp": True, "unit": REPORT_UNIT,
@@ -31,10 +32,14 @@ def privacy_report(strategy) -> dict:
         "noise_multiplier": min((c["noise_multiplier"] for c in clients), default=None),
         "per_sample_max_grad_norm": args.per_sample_max_grad_norm, "accountant": args.accountant,
         "target_epsilon": args.target_epsilon, "num_rounds": args.num_rounds, "local_steps": args.local_steps,
+        "sigma_calibration": f"each client for itself: {args.sigma_calibration}",
         "secret_randomness": args.noise_seed is None, "clients": clients,
         "refused": list(strategy.refused), "unreported": {str(k): v for k, v in sorted(strategy.unreported.items())},
         "note": NOTE,
     }
+    if args.per_sample_head_max_grad_norm is not None:
+        report["clip_groups"] = {"lora": args.per_sample_max_grad_norm, "head": args.per_sample_head_max_grad_norm}
+        report["sensitivity"] = math.hypot(args.per_sample_max_grad_norm, args.per_sample_head_max_grad_norm)
     if args.noise_seed is not None:
         report["noise_seed_warning"] = FIXED_SEED_WARNING
     return report

@@ -16,9 +16,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..errors import ConfigError
 from ..federated.client_update import load_state
+from ..federated.output_dir import prepare_output_dir
 from ..federated.state_io import save_json
 from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
+from ..tuner.saving import save_adapter_files
 from .report import privacy_report
 from .settings import federated_args, server_setting
 from .strategy import LALoraStrategy
@@ -46,6 +48,10 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     run_config.setdefault("output-dir", DEFAULT_OUTPUT_DIR)
     args = federated_args(run_config, task.config_keys)
     _check_publishable(args)
+    prepare_output_dir(args, resuming=False)  # one run per folder: refused (or cleared) before any round
+    for name in (HISTORY, RUN_CONFIG):
+        if os.path.isfile(os.path.join(args.output_dir, name)):
+            os.remove(os.path.join(args.output_dir, name))
     model = task.model(run_config, context.node_config)
     params = dict(model.named_parameters())
     names = adapter_tensor_names(model, model.active_adapter)
@@ -74,7 +80,7 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
     os.makedirs(out, exist_ok=True)
     params = dict(model.named_parameters())
     load_state(model, {n: t.to(params[n].device, params[n].dtype) for n, t in strategy.global_state.items()})
-    model.save_pretrained(out, selected_adapters=[model.active_adapter])
+    save_adapter_files(model, out, model.active_adapter)  # at the top, whatever the adapter's name
     if task.save_extras is not None:
         task.save_extras(out, run_config)
     report = privacy_report(strategy)
@@ -82,10 +88,8 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
     save_json(os.path.join(out, HISTORY), strategy.history)
     save_json(os.path.join(out, RUN_CONFIG), run_config)
     config = model.peft_config[model.active_adapter]
-    if args.dp and report["epsilon"] is None:  # no epsilon to state: no card, not peft's generic one either
+    if args.dp and report["epsilon"] is None:  # no epsilon to state: no card
         logger.warning("No client ever reported its epsilon (every round failed): no model card is written.")
-        if os.path.exists(os.path.join(out, "README.md")):
-            os.remove(os.path.join(out, "README.md"))
     else:
         write_model_card(out, base_model=config.base_model_name_or_path or "unknown", adapter_config=config.to_dict(),
                          privacy_report=report if args.dp else None, metrics={}, repo_id=args.hub_model_id,
@@ -94,7 +98,8 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
                                     "partition": "each client's own data on its own SuperNode (Flower)"})
     logger.info("saved the adapter, %s and %s to %s (epsilon %s)", PRIVACY_REPORT, HISTORY, out, report["epsilon"])
     if args.push_to_hub:
-        push_adapter_folder(out, args.hub_model_id, token=args.hub_token, private=bool(args.hub_private_repo))
+        push_adapter_folder(out, args.hub_model_id, token=args.hub_token, private=bool(args.hub_private_repo),
+                            allow_fixed_noise_seed=bool(args.allow_fixed_noise_seed))
     return report
 
 

@@ -24,7 +24,8 @@ FIELDS = (
     "accountant", "noise_seed", "allow_fixed_noise_seed", "seed", "learning_rate", "lr_scheduler_type",
     "warmup_steps", "round_lr_decay", "lora_b_lr_ratio", "local_optimizer", "local_momentum", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "per_sample_grad_backend", "bf16", "use_cpu", "output_dir",
-    "push_to_hub", "hub_model_id", "hub_private_repo", "per_device_train_batch_size",
+    "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "per_device_train_batch_size",
+    "sigma_calibration", "per_sample_head_max_grad_norm",
 )
 SERVER_KEYS = {"round-timeout": 3600.0, "node-wait-timeout": 300.0}
 

@@ -74,8 +74,24 @@ def _third_party_imports(paths, local: set[str]) -> dict[str, str]:
     return found
 
 
+FLOWER = ROOT / "peft_lalora" / "flower"  # the optional integration: its imports are the `flower` extra's
+
+
 def _package_files():
-    return sorted((ROOT / "peft_lalora").rglob("*.py")) + [ROOT / "_peft_lalora_hint.py"]
+    core = [p for p in sorted((ROOT / "peft_lalora").rglob("*.py")) if FLOWER not in p.parents]
+    return core + [ROOT / "_peft_lalora_hint.py"]
+
+
+def test_the_flower_extra_declares_what_the_flower_integration_imports():
+    config = _setup_cfg()
+    declared = _requirements(config["options"]["install_requires"])
+    flower_extra = _requirements(config["options.extras_require"]["flower"])
+    imported = _third_party_imports(sorted(FLOWER.rglob("*.py")), local={"peft_lalora"})
+    missing = {name: where for name, where in imported.items() if name not in declared | flower_extra}
+    assert not missing, f"imported by peft_lalora/flower/ but in neither install_requires nor `flower`: {missing}"
+    assert flower_extra <= set(imported), "the `flower` extra holds something peft_lalora/flower/ never imports"
+    core = _third_party_imports(_package_files(), local={"peft_lalora"})
+    assert not flower_extra & set(core), "the core package must not import the optional flwr"
 
 
 def test_install_requires_is_exactly_what_the_package_imports():
@@ -111,8 +127,8 @@ def test_the_recipes_extra_declares_what_only_the_recipes_import():
 def test_the_test_extra_declares_what_the_tests_import():
     config = _setup_cfg()
     declared = _requirements(config["options"]["install_requires"]) | _requirements(
-        config["options.extras_require"]["test"])
-    local = {path.stem for path in (ROOT / "tests").glob("*.py")} | {"peft_lalora"}
+        config["options.extras_require"]["test"]) | _requirements(config["options.extras_require"]["flower"])
+    local = {path.stem for path in (ROOT / "tests").glob("*.py")} | {"peft_lalora", "lalora_rt"}  # + the Flower app
 
     imported = _third_party_imports(sorted((ROOT / "tests").glob("*.py")), local=local)
 

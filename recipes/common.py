@@ -44,9 +44,21 @@ def recipe_parser(*recipe_dataclasses, defaults: dict) -> RecipeArgumentParser:
 
 def parse_recipe_args(parser: HfArgumentParser, argv: list[str] | None, default_target_epsilon: float) -> tuple:
     argv = sys.argv[1:] if argv is None else argv
-    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv):
+    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv) and not _dp_off(argv):
         parser.set_defaults(target_epsilon=default_target_epsilon)  # DP needs exactly one of the two
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _dp_off(argv: list[str]) -> bool:
+    """Whether the command line turns DP off (`--dp False`, `--dp=false`, `--no_dp`): no default epsilon then."""
+    for i, arg in enumerate(argv):
+        if arg == "--no_dp":
+            return True
+        name, _, value = arg.partition("=")
+        if name == "--dp":
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            return value.lower() in ("false", "0", "no", "n", "f")
+    return False
 
 
 def final_metrics(trainer, key: str = "eval_accuracy") -> dict:

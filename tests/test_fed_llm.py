@@ -305,3 +305,22 @@ def test_fed_llm_fine_tunes_a_local_gpt2_on_a_jsonl_file_with_left_padding_and_m
     config = json.loads((out_dir / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
     assert "exact_match: " in stdout
+
+
+def test_fed_llm_arguments_defaults_and_checks():
+    fed_llm = _recipe()
+    model_args, data_args, args = fed_llm.parse_args([])
+    assert model_args.model_name_or_path is None and data_args.dataset is None and args.target_epsilon == 8.0
+    assert fed_llm.resolve_client_split(data_args, args) == "column" and data_args.client_column == "movie"
+    assert fed_llm.resolve_targets(model_args, "llama") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model_args.lora_on_mlp = True
+    assert fed_llm.resolve_targets(model_args, "gpt2") == ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    # the non-private baseline gets no default epsilon (DP settings with dp=False are refused)
+    _, _, args = fed_llm.parse_args(["--dp", "False"])
+    assert not args.dp and args.target_epsilon is None
+    _, data_args, args = fed_llm.parse_args(["--dataset", "x.jsonl", "--client_split", "column"])
+    with pytest.raises(ValueError, match="`client_split` 'column' needs `client_column`"):
+        fed_llm.resolve_client_split(data_args, args)
+    _, data_args, args = fed_llm.parse_args(["--dataset", "x.jsonl", "--client_split", "dirichlet"])
+    with pytest.raises(ValueError, match="needs `label_column` naming a category column"):
+        fed_llm.resolve_client_split(data_args, args)

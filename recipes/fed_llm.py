@@ -207,7 +207,7 @@ def load_records(data_args: DataArguments, args: FederatedDPArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
-    args.card_dataset_name = args.card_dataset_name or data_args.dataset or "rotten_tomatoes (as instructions)"
+    args.card_dataset_name = args.card_dataset_name or data_args.dataset or "rotten_tomatoes"
     args.card_data_format = args.card_data_format or llm_data.DATA_FORMAT
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
     start = time.time()
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         logged = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
         out = {"perplexity": math.exp(min(logged[-1], 50.0))} if logged else {}
         if len(answers):
-            out["exact_match"] = llm_data.generation_exact_match(model, tokenizer, answers)
+            out["exact_match"] = llm_data.generation_exact_match(model, tokenizer, answers,
+                                                                max_seq_length=data_args.max_seq_length)
         return out
 
     return train_and_report(trainer, args, start, metric="loss", extra_metrics=extra_metrics, client_split=split,

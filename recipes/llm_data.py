@@ -168,12 +168,14 @@ def train_byte_bpe_tokenizer(texts, vocab_size: int = 2048):
 
 
 @torch.no_grad()
-def generation_exact_match(model, tokenizer, records: datasets.Dataset, *, max_new_tokens: int = 8,
-                           batch_size: int = 32) -> float:
+def generation_exact_match(model, tokenizer, records: datasets.Dataset, *, max_seq_length: int,
+                           max_new_tokens: int = 8, batch_size: int = 32) -> float:
     """
     The share of `records` whose greedy continuation of the prompt (`model.generate`, left padding), up to EOS and
-    stripped, equals the reference `output` stripped.
+    stripped, equals the reference `output` stripped. Prompts are cut from their start, as in training, so that
+    prompt and answer fit in `max_seq_length` tokens.
     """
+    keep = max(1, max_seq_length - max_new_tokens)
     if len(records) == 0:
         return float("nan")
     was_training, device = model.training, next(model.parameters()).device
@@ -182,7 +184,7 @@ def generation_exact_match(model, tokenizer, records: datasets.Dataset, *, max_n
     try:
         for start in range(0, len(records), batch_size):
             rows = records.select(range(start, min(start + batch_size, len(records))))
-            prompts = [tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"] for r in rows]
+            prompts = [tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"][-keep:] for r in rows]
             collate = CausalLMCollator(tokenizer.pad_token_id, "left", position_ids=False)
             batch = collate([{"input_ids": p} for p in prompts])
             out = model.generate(input_ids=batch["input_ids"].to(device),

@@ -9,6 +9,7 @@ bound is C / B from the definition of the clipped mean. Tolerance: |got - ref| <
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,8 +29,10 @@ from peft_lalora.privacy.grad_sample import select_backend
 from peft_lalora.privacy.losses import per_example_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
-import llm_data  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "recipes"))  # llm_data imports its sibling `data`
+_spec = importlib.util.spec_from_file_location("llm_data", os.path.join(ROOT, "recipes", "llm_data.py"))
+llm_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(llm_data)
 
 ATOL, RTOL = 1e-6, 1e-5
 VOCAB = 64
@@ -229,8 +232,6 @@ def _launch(flags: list, tmp_path) -> str:
 
 
 def _recipe():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("recipe_fed_llm", os.path.join(ROOT, "recipes", "fed_llm.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules

@@ -48,6 +48,8 @@ class FederatedDPArguments(TrainingArguments):
             run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
         card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
             model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
+        card_data_format (`str`, *optional*): the training data's format (e.g. an instruction prompt template),
+            written in the model card's "Training data" section.
     """
 
     per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
@@ -96,6 +98,9 @@ class FederatedDPArguments(TrainingArguments):
                                                                         "(checkpoint, adapter, card) before training."})
     card_dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset named in the model card "
                                                                              "(e.g. 'glue/sst2')."})
+    card_data_format: Optional[str] = field(default=None, metadata={
+        "help": "The training data's format, described in the model card's 'Training data' section (e.g. the "
+                "prompt template of an instruction-tuned causal LM)."})
 
     def __post_init__(self):
         for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir", "bf16", "fp16"):

@@ -409,6 +409,7 @@ class FederatedDPTrainer(Trainer):
                 "privacy_report": self.privacy_report() if args.dp else None, "metrics": metrics,
                 "eval_round": last.get("step"), "adapter_round": self.state.global_step,
                 "dataset": getattr(args, "card_dataset_name", None),
+                "data_format": getattr(args, "card_data_format", None),
                 "federated": {"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
                               "num_rounds": args.num_rounds, "local_steps": args.local_steps,
                               "partition": "given per client" if self.client_datasets is not None else

@@ -26,7 +26,9 @@ REFUSED = {
     "num_train_epochs": "`num_rounds` and `local_steps` (clients sample Poisson batches, not epochs)",
     "optim": "`local_optimizer` ('sgd' or 'adamw') and `local_momentum`",
     "label_smoothing_factor": "a custom `loss_fn` (the per-example loss has no label smoothing)",
-    "gradient_checkpointing": "nothing yet: per-sample gradients are not verified under gradient checkpointing",
+    "gradient_checkpointing": "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                              "False})` on the base model before `get_peft_model` (exact per-sample gradients with the "
+                              "hooks backend; reentrant checkpointing is refused)",
     "fp16": "`bf16=True` (float16 needs a loss scaler, which the DP step does not have)",
     "eval_strategy": "`eval_rounds` (evaluate every N rounds; 0 = only at the end)",
     "eval_steps": "`eval_rounds` (evaluate every N rounds)",

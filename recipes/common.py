@@ -46,36 +46,53 @@ def recipe_parser(*recipe_dataclasses, defaults: dict) -> RecipeArgumentParser:
 
 def parse_recipe_args(parser: HfArgumentParser, argv: list[str] | None, default_target_epsilon: float) -> tuple:
     argv = sys.argv[1:] if argv is None else argv
-    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv):
+    if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv) and not _dp_off(argv):
         parser.set_defaults(target_epsilon=default_target_epsilon)  # DP needs exactly one of the two
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def final_metrics(trainer) -> dict:
+def _dp_off(argv: list[str]) -> bool:
+    """Whether the command line turns DP off (`--dp False`, `--dp=false`, `--no_dp`): no default epsilon then."""
+    for i, arg in enumerate(argv):
+        if arg == "--no_dp":
+            return True
+        name, _, value = arg.partition("=")
+        if name == "--dp":
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            return value.lower() in ("false", "0", "no", "n", "f")
+    return False
+
+
+def final_metrics(trainer, key: str = "eval_accuracy") -> dict:
     """The evaluation of the final global adapter: the one logged after the last round, else a fresh one."""
-    logged = [log for log in trainer.state.log_history if "eval_accuracy" in log]
+    logged = [log for log in trainer.state.log_history if key in log]
     if logged and logged[-1].get("step") == trainer.args.num_rounds:
         return logged[-1]
     return trainer.evaluate()
 
 
-def train_and_report(trainer, args, start: float, after_save=None, **extra) -> dict:
+def train_and_report(trainer, args, start: float, after_save=None, metric: str = "accuracy", extra_metrics=None,
+                     **extra) -> dict:
     """Train, save the adapter folder (adapter, card, privacy report; then `after_save(output_dir)` adds the
-    recipe's own files), push if asked, print and return the result."""
+    recipe's own files), push if asked, print and return the result. `metric` is the evaluation metric printed
+    (`eval_<metric>`); `extra_metrics()` returns more results measured after training (e.g. by generation)."""
     trainer.train()
-    metrics = final_metrics(trainer)
+    metrics = final_metrics(trainer, f"eval_{metric}")
+    more = extra_metrics() if extra_metrics is not None else {}
     trainer.save_model(args.output_dir)
     if after_save is not None and trainer.is_world_process_zero():
         after_save(args.output_dir)
     report = trainer.privacy_report()
     if args.push_to_hub:
         trainer.push_to_hub()
-    result = {"eval_accuracy": metrics.get("eval_accuracy"), "epsilon": report["epsilon"],
+    result = {f"eval_{metric}": metrics.get(f"eval_{metric}"), **more, "epsilon": report["epsilon"],
               "delta": report.get("delta"), "noise_multiplier": report.get("noise_multiplier"),
               "output_dir": os.path.abspath(args.output_dir), "wall_time_s": round(time.time() - start, 1), **extra}
     if trainer.is_world_process_zero():
         print(json.dumps(result, indent=1))
-        print(f"accuracy: {result['eval_accuracy']:.4f}")
+        for name in (f"eval_{metric}", *more):
+            value = result[name]
+            print(f"{name.removeprefix('eval_')}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
         print(f"epsilon: {result['epsilon']:.4f} (delta {result['delta']}, sample-level, per client)")
         print(f"output_dir: {result['output_dir']}")
     return result

@@ -53,7 +53,7 @@ AUTO_CLASS_BY_TASK["image-classification"] = "AutoModelForImageClassification"
 def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_report: dict | None,
                       federated: dict, metrics: dict, dataset: str | None = None, task: str | None = None,
                       repo_id: str | None = None, eval_round: int | None = None,
-                      adapter_round: int | None = None) -> str:
+                      adapter_round: int | None = None, data_format: str | None = None) -> str:
     """
     README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
     `metrics` as results) and sections on the method and schedule, the adapter, the federated setup, the privacy
@@ -63,7 +63,8 @@ def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_r
     optionally `partition` or `dirichlet_alpha`; `metrics` maps names to numbers (one evaluation's; timings are
     dropped). `base_model=None` (not recorded) leaves `base_model` out of the metadata. `eval_round` is the round
     after which `metrics` were measured and `adapter_round` the adapter's (default: `num_rounds`); results of an
-    earlier round are said to be so and are no model-index claim.
+    earlier round are said to be so and are no model-index claim. `data_format` (e.g. the prompt template of an
+    instruction-tuned causal LM) becomes a "Training data" section.
     """
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
         raise ConfigError(f"`base_model` must be a non-empty model id or path (or None when not recorded), got "
@@ -73,9 +74,11 @@ def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_r
     task = task or TASKS.get(str(config.get("task_type")), (None, None))[0]
     title = f"{repo_id.split('/')[-1]}" if repo_id else f"LA-LoRA adapter for {base_model}" if base_model \
         else "LA-LoRA adapter"
+    kind = "causal-LM (text-generation) LoRA adapter" if task == "text-generation" else "LoRA adapter"
     values = {"base_model_text": f"`{base_model}`" if base_model else "not recorded",
-              "adapter_for": f"LoRA adapter for `{base_model}`" if base_model else
-              "LoRA adapter (its base model was not recorded)",
+              "adapter_for": f"{kind[0].upper()}{kind[1:]} for `{base_model}`" if base_model else
+              f"{kind[0].upper()}{kind[1:]} (its base model was not recorded)",
+              "data_section": f"## Training data\n\n{data_format.strip()}\n\n" if data_format else "",
               "base_model_load": base_model or "<the base model's id or path>",
               "repo_id": repo_id or "<repo_id or local adapter folder>", "title": title,
               "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"), "task_type": _code(config.get("task_type"))}

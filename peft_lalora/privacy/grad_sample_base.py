@@ -51,6 +51,7 @@ class PerSampleGradients:
         """
         batch_size = check_batch(batch)
         params = self._check_params(params)
+        refuse_unverified_checkpointing(self.model, self.name)
         if batch_size == 0:
             empty = {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
             return empty, next(iter(params.values())).new_zeros((0,))
@@ -145,6 +146,40 @@ def first_adapter_module(model: nn.Module) -> str:
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             return name
     return type(model).__name__
+
+
+def checkpointing_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules with transformers' gradient checkpointing switched on (`gradient_checkpointing_enable()`)."""
+    return [(name, m) for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def refuse_unverified_checkpointing(model: nn.Module, backend: str) -> None:
+    """
+    Gradient checkpointing is exact with the hooks backend when it is non-reentrant (`use_reentrant=False`,
+    transformers 5's default: the backward runs through the first forward's graph). Reentrant checkpointing
+    runs its own inner backward, which `torch.autograd.grad` never sees: the LoRA tensors inside the checkpointed
+    layers would get zero per-sample gradients (measured on Llama, Qwen2 and GPT-2), so it is refused; so is any
+    checkpointing under `torch.func.vmap`, which cannot trace it.
+    """
+    modules = checkpointing_modules(model)
+    if not modules:
+        return
+    name, module = modules[0]
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    reentrant = getattr(func, "keywords", {}).get("use_reentrant", True) is not False
+    if reentrant:
+        raise UnsupportedModelError(
+            f"module `{name}` uses reentrant gradient checkpointing (`use_reentrant` is not False, got {func!r}): its "
+            "inner backward is invisible to per-sample gradients, which would be zero for the checkpointed layers. "
+            "Enable it with `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+            "False})`, or call `model.gradient_checkpointing_disable()`."
+        )
+    if backend != "hooks":
+        raise UnsupportedModelError(
+            f"module `{name}` uses gradient checkpointing, which `backend={backend!r}` (torch.func.vmap) cannot trace. "
+            "Use `backend='hooks'` (exact with non-reentrant checkpointing), or call "
+            "`model.gradient_checkpointing_disable()`."
+        )
 
 
 def refuse_batch_norm(model: nn.Module) -> None:

@@ -3,9 +3,11 @@
 The model is not wrapped (its state-dict keys stay peft's). Only modules that own a trainable tensor in the
 current call are hooked, and the hooks are re-attached whenever the set of trainable tensors changes (LA-LoRA
 alternates factors), so a frozen factor never meets a hook ("No activations detected" in plain Opacus).
-For each hooked module the forward hook saves its inputs and checks that dim 0 is the example batch; a tensor
-hook on its output saves the gradient of the summed per-example loss w.r.t. that output (the backprops).
-Opacus' grad sampler of the layer type then turns (activations, backprops) into per-example gradients.
+For each hooked module the forward hook keeps its inputs and checks that dim 0 is the example batch; a tensor
+hook on its output receives the gradient of the summed per-example loss w.r.t. that output (the backprops), and
+Opacus' grad sampler of the layer type turns (activations, backprops) into per-example gradients right there,
+during the backward pass, so that no layer's backprops outlive its hook (at sequence length 2048 they would be
+the largest extra memory of the DP step).
 The backward pass uses `torch.autograd.grad`, so no `.grad` is ever written.
 """
 
@@ -58,7 +60,7 @@ class HooksBackend(PerSampleGradients):
         self._handles: list = []
         self._hooked: dict[nn.Module, str] = {}
         self._attached_for: frozenset = frozenset()
-        self._records = None  # module -> list of [activations, backprops]; None outside compute()
+        self._grads = None  # id(param) -> (B, *shape) summed over the module's calls; None outside compute()
         self._batch_size = 0
 
     # ----- hooks -------------------------------------------------------------------------------------------
@@ -93,7 +95,7 @@ class HooksBackend(PerSampleGradients):
         self._hooked, self._attached_for = {}, frozenset()
 
     def _forward_hook(self, module: nn.Module, inputs, output) -> None:
-        if self._records is None or not torch.is_grad_enabled():
+        if self._grads is None or not torch.is_grad_enabled():
             return  # inert outside compute()
         if not isinstance(output, torch.Tensor):
             raise UnsupportedModelError(
@@ -110,46 +112,38 @@ class HooksBackend(PerSampleGradients):
                 f"{self._batch_size} examples, so hooks cannot give exact per-sample gradients for it. "
                 "Use `backend='func'` (torch.func over examples)."
             )
-        record = [activations, None]
-        self._records.setdefault(module, []).append(record)
-        output.register_hook(lambda grad, rec=record: rec.__setitem__(1, grad.detach()))
+        grads = self._grads
+        output.register_hook(lambda grad: self._accumulate(grads, module, activations, grad.detach()))
+
+    def _accumulate(self, grads: dict, module: nn.Module, activations: list, backprops: torch.Tensor) -> None:
+        """Per-example gradients of one call of `module`, added to `grads` (during the backward pass)."""
+        if backprops.shape[0] != self._batch_size:
+            raise UnsupportedModelError(
+                f"module `{self._hooked[module]}` got output gradients of shape {tuple(backprops.shape)} whose "
+                f"dim 0 is not the batch of {self._batch_size}. Use `backend='func'`."
+            )
+        for param, sample in grad_samplers()[type(module)](module, activations, backprops).items():
+            key = id(param)
+            grads[key] = sample if key not in grads else grads[key] + sample
 
     # ----- compute -----------------------------------------------------------------------------------------
     def _compute(self, batch, params, batch_size):
         self._attach(params)
-        self._records, self._batch_size = {}, batch_size
+        self._grads, self._batch_size = {}, batch_size
         try:
             with torch.enable_grad():
                 losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
                 check_losses(losses, batch_size)
                 if losses.requires_grad:
                     torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
-            records = self._records
+            by_param = self._grads
         finally:
-            self._records = None
-        return self._collect(records, params, batch_size), losses
-
-    def _collect(self, records: dict, params: dict, batch_size: int) -> dict:
-        samplers = grad_samplers()
-        by_param: dict[int, torch.Tensor] = {}
-        for module, calls in records.items():
-            for activations, backprops in calls:
-                if backprops is None:  # output did not reach the loss: zero gradient
-                    continue
-                if backprops.shape[0] != batch_size:
-                    raise UnsupportedModelError(
-                        f"module `{self._hooked[module]}` got output gradients of shape {tuple(backprops.shape)} whose "
-                        f"dim 0 is not the batch of {batch_size}. Use `backend='func'`."
-                    )
-                for param, sample in samplers[type(module)](module, activations, backprops).items():
-                    key = id(param)
-                    by_param[key] = sample if key not in by_param else by_param[key] + sample
+            self._grads = None
         grads = {}
         for name, param in params.items():
             sample = by_param.get(id(param))
-            if sample is None:
+            if sample is None:  # a module whose output did not reach the loss: zero gradient
                 logger.debug("hooks backend: %s took no part in the loss; its per-sample gradient is zero", name)
                 sample = param.new_zeros((batch_size, *param.shape))
             grads[name] = sample.detach()
-        return grads
-
+        return grads, losses

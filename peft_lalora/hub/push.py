@@ -14,11 +14,11 @@ import os
 import time
 import warnings
 
-import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from ..errors import ConfigError, HubError, LALoraWarning
+from ..tuner.saving import is_lalora_card
 
 try:  # the HTTP client huggingface_hub >= 1.0 is built on (network errors are worth a retry)
     from httpx2 import TransportError as _TransportError
@@ -124,7 +124,7 @@ def _read_artifacts(folder) -> dict:
     if "README.md" not in contents:
         warnings.warn(f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
                       "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
-    elif not _is_lalora_card(contents["README.md"]):
+    elif not is_lalora_card(contents["README.md"].decode("utf-8", errors="replace")):
         warnings.warn(f"The README.md in {str(folder)!r} is not an LA-LoRA model card (peft's `save_pretrained` "
                       "writes a generic one without the privacy guarantee). Call "
                       "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
@@ -147,17 +147,6 @@ def _check_secret_randomness(folder, contents: dict, allow: bool) -> None:
                        "`allow_fixed_noise_seed` argument of the trainer) to upload it anyway; nothing was pushed.")
     warnings.warn(f"Pushing {str(folder)!r}, trained with a fixed noise seed: it carries no privacy guarantee "
                   "(`allow_fixed_noise_seed=True`).", LALoraWarning, stacklevel=3)
-
-
-def _is_lalora_card(data: bytes) -> bool:
-    text = data.decode("utf-8", errors="replace")
-    if not text.startswith("---"):
-        return False
-    try:
-        meta = yaml.safe_load(text[3:].partition("\n---")[0])
-    except yaml.YAMLError:
-        return False
-    return isinstance(meta, dict) and "lalora" in (meta.get("tags") or [])
 
 
 def _check_online() -> None:

@@ -10,11 +10,9 @@ import dataclasses
 import json
 import os
 
-import yaml
-
 from ..errors import ConfigError
 from .config import LALoraConfig
-from .saving import save_adapter_files
+from .saving import is_lalora_card, save_adapter_files
 
 SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(LALoraConfig) if f.name not in
                         {f2.name for f2 in dataclasses.fields(LALoraConfig.__mro__[1])})
@@ -53,7 +51,7 @@ def _refuse_lalora_folder(save_directory: str) -> None:
             found.append(f"adapter_config.json with peft_type {peft_type!r}")
     if os.path.isfile(os.path.join(save_directory, "privacy_report.json")):
         found.append("privacy_report.json")
-    if _is_lalora_card(os.path.join(save_directory, "README.md")):
+    if is_lalora_card(_read_text(os.path.join(save_directory, "README.md"))):
         found.append("README.md (an LA-LoRA model card)")
     if found:
         suggestion = os.path.join(os.path.dirname(os.path.normpath(save_directory)) or ".",
@@ -64,15 +62,8 @@ def _refuse_lalora_folder(save_directory: str) -> None:
             f"to another folder, e.g. {suggestion!r}.")
 
 
-def _is_lalora_card(path: str) -> bool:
+def _read_text(path: str) -> str:
     if not os.path.isfile(path):
-        return False
+        return ""
     with open(path, encoding="utf-8", errors="replace") as fh:
-        text = fh.read()
-    if not text.startswith("---"):
-        return False
-    try:
-        meta = yaml.safe_load(text[3:].partition("\n---")[0])
-    except yaml.YAMLError:
-        return False
-    return isinstance(meta, dict) and "lalora" in (meta.get("tags") or [])
+        return fh.read()

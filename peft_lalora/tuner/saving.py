@@ -12,7 +12,20 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
+import yaml
+
 PEFT_CARD = "README.md"  # peft's generic card: the caller writes its own (or none)
+
+
+def is_lalora_card(text: str) -> bool:
+    """Whether a README.md text is an LA-LoRA model card (YAML front matter tagged `lalora`)."""
+    if not text.startswith("---"):
+        return False
+    try:
+        meta = yaml.safe_load(text[3:].partition("\n---")[0])
+    except yaml.YAMLError:
+        return False
+    return isinstance(meta, dict) and "lalora" in (meta.get("tags") or [])
 
 
 def save_adapter_files(peft_model, save_directory: str, adapter_name: str,

@@ -1,5 +1,5 @@
-"""What both recipes share: their argument parser, and what they do after building their trainer (train,
-evaluate, save, push, print the result)."""
+"""What the recipes share: the method and LoRA flags, the federated defaults, their argument parser, and what they
+do after building their trainer (train, evaluate, save, push, print the result)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,27 @@ import os
 import sys
 import time
 import typing
+from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from peft_lalora import FederatedDPArguments
+
+# Federated defaults every recipe's embedded job starts from (each adds its own rounds, steps and folder).
+RECIPE_DEFAULTS = dict(
+    num_clients=10, clients_per_round=4, per_device_train_batch_size=32, learning_rate=1.0, local_optimizer="sgd",
+    per_sample_max_grad_norm=1.0, seed=42, report_to="none", logging_strategy="no", save_strategy="no",
+)
+
+
+@dataclass
+class LoraArguments:
+    """The method and the adapter's LoRA settings: the first fields of every recipe's ModelArguments."""
+
+    method: str = field(default="lalora", metadata={"help": "lalora, lalora_nofilter, rolora, ffa or dplora."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
 
 
 class RecipeArgumentParser(HfArgumentParser):
@@ -29,10 +46,10 @@ class RecipeArgumentParser(HfArgumentParser):
         groups = {False: self.add_argument_group(f"federated and differential-privacy arguments ({dtype.__name__})"),
                   True: self.add_argument_group("generic transformers TrainingArguments")}
         hints = typing.get_type_hints(dtype)
-        for field in sorted(dataclasses.fields(dtype), key=lambda f: generic.get(f.name) is f):
-            if field.init:
-                field.type = hints[field.name]
-                self._parse_dataclass_field(groups[generic.get(field.name) is field], field)
+        for fld in sorted(dataclasses.fields(dtype), key=lambda f: generic.get(f.name) is f):
+            if fld.init:
+                fld.type = hints[fld.name]
+                self._parse_dataclass_field(groups[generic.get(fld.name) is fld], fld)
 
 
 def recipe_parser(*recipe_dataclasses, defaults: dict) -> RecipeArgumentParser:

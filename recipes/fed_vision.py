@@ -45,7 +45,7 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--dataset_name", "--push
 import data  # noqa: E402
 import mnist_data  # noqa: E402
 import torch  # noqa: E402
-from common import parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
+from common import RECIPE_DEFAULTS, LoraArguments, parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoImageProcessor,
@@ -60,25 +60,18 @@ logger = logging.getLogger("fed_vision")
 DIGITS = "digits"
 GREY_28 = {"mnist": mnist_data.load_mnist_5k, "fashion_mnist": mnist_data.load_fashion_mnist}  # offline, 28x28 grey
 CLIENT_SPLITS = ("dirichlet", "iid")
-DEFAULTS = dict(
-    output_dir="runs/fed_vision_default", num_clients=10, clients_per_round=4, num_rounds=10, local_steps=5,
-    per_device_train_batch_size=32, per_device_eval_batch_size=128, learning_rate=1.0, local_optimizer="sgd",
-    per_sample_max_grad_norm=1.0, seed=42, report_to="none", logging_strategy="no", save_strategy="no",
-    eval_rounds=5, remove_unused_columns=False,  # the collator turns PIL images into tensors
-)
+DEFAULTS = dict(RECIPE_DEFAULTS, output_dir="runs/fed_vision_default", num_rounds=10, local_steps=5,
+                per_device_eval_batch_size=128, eval_rounds=5,
+                remove_unused_columns=False)  # the collator turns PIL images into tensors
 DEFAULT_TARGET_EPSILON = 8.0
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments):
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Any AutoModelForImageClassification checkpoint (ViT, Swin, ...). "
                                         "Default: a tiny random ViT built from a config (offline)."})
     image_size: int = field(default=16, metadata={"help": "Image size of the tiny default ViT (multiple of 8)."})
-    method: str = field(default="lalora", metadata={"help": "lalora, lalora_nofilter, rolora, ffa or dplora."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     reset_classifier: bool = field(default=True, metadata={"help": "With --model_name_or_path: draw a new "
                                                                    "classification head (a new task); False keeps the checkpoint's head when the label "
                                                                    "count matches."})

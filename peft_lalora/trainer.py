@@ -31,19 +31,19 @@ from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
 from .federated.seeding import scheduled_steps, secret_seed, select_clients
-from .federated.server import GlobalAdapter, adapter_tensor_names
+from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
+from .privacy.report import non_private_report, run_privacy_fields
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
 from .tuner.model import LALoraModel
+from .tuner.roles import adapter_tensor_names
 from .tuner.saving import save_adapter_files
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT = "privacy_report.json"
-FIXED_SEED_WARNING = ("`noise_seed` was fixed: the DP noise and the Poisson batches can be re-created by anyone who "
-                      "knows it, so this run has NO differential-privacy guarantee, whatever epsilon says.")
 
 
 class FederatedDPTrainer(Trainer):
@@ -331,20 +331,9 @@ class FederatedDPTrainer(Trainer):
         """Epsilon per client and the maximum, delta, sigma, C, sample rates, steps, accountant, unit."""
         self._setup_federation()
         if self.ledger is None:
-            return {"epsilon": math.inf, "delta": None, "noise_multiplier": 0.0, "per_sample_max_grad_norm": None,
-                    "accountant": None, "unit": "one example of one client", "dp": False, "clients": []}
+            return non_private_report()
         report = self.ledger.report()
-        report["secret_randomness"] = self.args.noise_seed is None
-        report["sigma_calibration"] = self._calibration
-        if self.args.per_sample_head_max_grad_norm is not None:
-            report["clip_groups"] = {"lora": self.args.per_sample_max_grad_norm,
-                                     "head": self.args.per_sample_head_max_grad_norm}
-            report["sensitivity"] = math.hypot(self.args.per_sample_max_grad_norm,
-                                               self.args.per_sample_head_max_grad_norm)
-        if self.args.noise_seed is not None:
-            report["noise_seed_warning"] = FIXED_SEED_WARNING
-        report.update(dp=True, target_epsilon=self.args.target_epsilon, num_rounds=self.args.num_rounds,
-                      local_steps=self.args.local_steps,
+        report.update(run_privacy_fields(self.args), sigma_calibration=self._calibration,
                       worst_case_epsilon=compute_epsilon(noise_multiplier=self.ledger.noise_multiplier,
                                                          sample_rate=max(c["sample_rate"] for c in report["clients"]),
                                                          steps=self.args.num_rounds * self.args.local_steps,

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tuner.roles import adapter_tensor_names
 from .client_update import load_state
-
-__all__ = ["GlobalAdapter", "adapter_tensor_names"]
 
 
 class GlobalAdapter:

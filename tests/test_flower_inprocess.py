@@ -378,3 +378,12 @@ def test_server_refuses_to_publish_a_fixed_noise_seed_before_any_round(tmp_path,
     with pytest.raises(ConfigError, match="NOT be differentially private"):
         run_flower(tmp_path, root, dict(run_config(tmp_path), **{"push-to-hub": True, "hub-model-id": "alice/x"}))
     assert hub.repos == {} and not (tmp_path / "state").exists()
+
+
+def test_a_private_flower_run_disables_the_trainers_global_clipping():
+    # The Trainer's max_grad_norm would clip (and log the norm of) the non-private batch gradient: under DP the
+    # run config's arguments turn it off, as FederatedDPArguments does for the in-process trainer.
+    from peft_lalora.flower.settings import federated_args
+
+    assert federated_args({"noise-multiplier": 1.0}).max_grad_norm == 0.0
+    assert federated_args({"dp": False}).max_grad_norm == 1.0  # dp=False leaves the argument as given

@@ -66,42 +66,37 @@ class DPOptimizer:
     def clip_factors(self, grad_samples: dict) -> torch.Tensor:
         """Per-example scale factors min(1, C / ||g_i||) of the joint L2 norm over the active tensors; 0 for an
         example whose gradient is not finite (dropped and counted)."""
-        first = next(iter(grad_samples.values()))
-        batch = first.shape[0]
-        sq = torch.zeros(batch, dtype=torch.float64, device=first.device)
-        for g in grad_samples.values():
-            sq = sq + g.reshape(batch, -1).pow(2).sum(dim=1, dtype=torch.float64)
-        norms = sq.sqrt()
-        keep = torch.isfinite(norms)
-        self._count_dropped(int((~keep).sum()))
-        return torch.where(keep, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+        return self._factors_by_group(grad_samples, lambda name: "joint")["joint"]
 
     def group_of(self, name: str) -> str:
+        """The clipping group of a tensor: "joint" without clipping groups, else "lora" (a factor) or "head"."""
+        if self.head_max_grad_norm is None:
+            return "joint"
         return "lora" if name in self.factor_of else "head"
 
     def group_clip_factors(self, grad_samples: dict) -> dict:
-        """Per-tensor per-example factors: the joint `clip_factors` for every tensor, or, with clipping groups,
-        min(1, C_g / ||g_i restricted to group g||) for the tensors of group g; an example with a non-finite
+        """Per-tensor per-example factors min(1, C_g / ||g_i restricted to the tensor's group g||): one joint
+        group (`clip_factors`) by default, {lora, head} with clipping groups; an example with a non-finite
         gradient in any group is dropped from all of them."""
-        if self.head_max_grad_norm is None:
-            factors = self.clip_factors(grad_samples)
-            return dict.fromkeys(grad_samples, factors)
+        factors = self._factors_by_group(grad_samples, self.group_of)
+        return {name: factors[self.group_of(name)] for name in grad_samples}
+
+    def _factors_by_group(self, grad_samples: dict, group_of) -> dict:
         first = next(iter(grad_samples.values()))
         batch = first.shape[0]
         sq = {}
         for name, g in grad_samples.items():
-            group = self.group_of(name)
             part = g.reshape(batch, -1).pow(2).sum(dim=1, dtype=torch.float64)
+            group = group_of(name)
             sq[group] = sq[group] + part if group in sq else part
         norms = {group: v.sqrt() for group, v in sq.items()}
         keep = torch.stack([torch.isfinite(v) for v in norms.values()]).all(dim=0)
         self._count_dropped(int((~keep).sum()))
-        factors = {group: torch.where(keep, (self._threshold(group) / (v + 1e-6)).clamp(max=1.0), torch.zeros_like(v))
-                   for group, v in norms.items()}
-        return {name: factors[self.group_of(name)] for name in grad_samples}
+        return {group: torch.where(keep, (self._threshold(group) / (v + 1e-6)).clamp(max=1.0), torch.zeros_like(v))
+                for group, v in norms.items()}
 
     def _threshold(self, group: str) -> float:
-        return self.head_max_grad_norm if group == "head" and self.head_max_grad_norm is not None else self.max_grad_norm
+        return self.head_max_grad_norm if group == "head" else self.max_grad_norm
 
     def sensitivity(self, names) -> float:
         """The per-example L2 sensitivity of the summed gradient of the tensors `names`: C for one joint clip,

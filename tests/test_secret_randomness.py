@@ -146,3 +146,9 @@ def test_r10_checkpoint_without_private_randomness_is_refused(tmp_path):
     resumed = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, num_rounds=3), train_dataset=toy_dataset())
     with pytest.raises(CheckpointMismatchError, match="private_seed"):
         resumed.train(resume_from_checkpoint=True)
+
+
+def test_r17_the_private_checkpoint_is_readable_by_its_owner_only(tmp_path):
+    trainer = secret_run(tmp_path / "run", num_rounds=1)
+    trainer.train()
+    assert (tmp_path / "run" / STATE_DIR / "state.json").stat().st_mode & 0o777 == 0o600

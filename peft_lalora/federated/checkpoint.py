@@ -36,7 +36,7 @@ def save_checkpoint(directory: str, *, round_idx: int, global_state: dict, serve
     save_tensors(os.path.join(directory, adapter_file), global_state, metadata={"round": str(round_idx)})
     state = dict(server_state, round=round_idx, adapter_file=adapter_file,
                  adapter_sha256=_sha256(os.path.join(directory, adapter_file)), rng=rng_state())
-    save_json(os.path.join(directory, STATE_FILE), state)
+    save_json(os.path.join(directory, STATE_FILE), state, mode=0o600)  # holds the secret root of the noise
     for name in os.listdir(directory):
         if name.startswith("global_adapter-") and name != adapter_file:
             os.remove(os.path.join(directory, name))

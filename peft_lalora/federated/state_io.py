@@ -41,8 +41,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file in the same directory, fsync, `os.replace`, fsync dir."""
+def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically: temporary file in the same directory, fsync, `os.replace`, fsync dir.
+    `mode` is set before the rename (0o600 for a file holding secret randomness: never readable by others)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -51,7 +52,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -62,8 +63,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def save_json(path: str, obj) -> None:
-    """Write `obj` as JSON (sorted keys, indented; `Infinity` allowed for an unbounded epsilon), atomically."""
+def save_json(path: str, obj, mode: int = 0o644) -> None:
+    """Write `obj` as JSON (sorted keys, indented; `Infinity` allowed for an unbounded epsilon), atomically, with
+    file permissions `mode`."""
     try:
         text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True)
     except TypeError as exc:
@@ -71,7 +73,7 @@ def save_json(path: str, obj) -> None:
             f"`obj` must be JSON-serialisable (dicts, lists, str, numbers, bool, None) to be saved to {path!r}: "
             f"{exc}. Convert tensors and arrays with `.tolist()`."
         ) from exc
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"), mode=mode)
 
 
 def load_json(path: str):

@@ -132,7 +132,6 @@ class ClientState:
         key = str(int(run_id))
         if key not in saved["runs"]:
             saved["runs"][key] = secret_seed()
-            save_json(path, saved)
-            os.chmod(path, 0o600)
+            save_json(path, saved, mode=0o600)
         return saved["runs"][key]
 

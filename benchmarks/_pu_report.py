@@ -6,15 +6,24 @@ import statistics
 from collections import defaultdict
 
 LABELS = {"dplora": "DP-LoRA", "ffa": "FFA-LoRA", "rolora": "RoLoRA", "lalora_nofilter": "LA-LoRA w/o filter",
-          "lalora": "LA-LoRA", "nonprivate": "LoRA (non-private)"}
+          "lalora": "LA-LoRA", "headonly": "DP linear probe (head only)", "nonprivate": "LoRA (non-private)"}
+PHASES = {"final": "learning rate chosen per method", "final_shared": "one learning rate shared by the methods"}
+# two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..10 (standard table values)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def final_groups(runs) -> dict:
+def final_groups(runs, phase: str = "final") -> dict:
     groups = defaultdict(list)
     for run in runs:
-        if run["phase"] == "final":
+        if run["phase"] == phase:
             groups[(run["method"], run["epsilon_target"])].append(run)
     return groups
+
+
+def ci95(values) -> float:
+    """Half-width of the 95 % confidence interval of the mean (Student t; nan below two values)."""
+    n = len(values)
+    return T975[n - 1] * statistics.stdev(values) / n ** 0.5 if 1 < n <= 11 else float("nan")
 
 
 def mean_std(values) -> tuple:
@@ -24,11 +33,20 @@ def mean_std(values) -> tuple:
 BASELINES = ("dplora", "ffa", "rolora")
 
 
-def paired(groups, a, b, eps) -> tuple | None:
-    """Mean and std over seeds of accuracy(a) - accuracy(b), paired by seed (same clients, same head init)."""
-    by_seed = {r["seed"]: r["test_accuracy"] for r in groups.get((b, eps), [])}
+def paired(groups, a, b, eps, eps_b="same") -> tuple | None:
+    """Mean and std over seeds of accuracy(a) - accuracy(b), paired by seed (same clients, same head init), and
+    the 95 % interval's half-width; `eps_b` is b's epsilon when it differs (None for non-private)."""
+    by_seed = {r["seed"]: r["test_accuracy"] for r in groups.get((b, eps if eps_b == "same" else eps_b), [])}
     diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in groups.get((a, eps), []) if r["seed"] in by_seed]
-    return mean_std(diffs) + (len(diffs),) if diffs else None
+    return mean_std(diffs) + (len(diffs), ci95(diffs)) if diffs else None
+
+
+def diff_cell(d) -> str:
+    """A paired difference in points: mean ± std (n), [95 % interval]."""
+    if d is None:
+        return ""
+    lo, hi = 100 * (d[0] - d[3]), 100 * (d[0] + d[3])
+    return f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f} (n={d[2]}, 95 % CI [{lo:+.2f}, {hi:+.2f}])"
 
 
 def comparison_lines(groups, epsilons) -> list:
@@ -41,10 +59,7 @@ def comparison_lines(groups, epsilons) -> list:
         if ("lalora", eps) not in groups or not present:
             continue
         best = max(present, key=lambda m: mean_std([r["test_accuracy"] for r in groups[(m, eps)]])[0])
-        cells = []
-        for other in (best, "lalora_nofilter"):
-            d = paired(groups, "lalora", other, eps)
-            cells.append("" if d is None else f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f} (n={d[2]})")
+        cells = [diff_cell(paired(groups, "lalora", other, eps)) for other in (best, "lalora_nofilter")]
         gap = ""
         if nonprivate:
             gap = f"{100 * (mean_std([r['test_accuracy'] for r in nonprivate])[0] - mean_std([r['test_accuracy'] for r in groups[('lalora', eps)]])[0]):.2f}"
@@ -53,14 +68,32 @@ def comparison_lines(groups, epsilons) -> list:
 
 
 def write_table(path, command, settings, runs, wall) -> str:
-    groups = final_groups(runs)
+    lines = [f"Command: `{command}`", "", f"Wall time: {wall / 60:.1f} min."]
+    if str(settings.get("mechanism", "dp")).startswith("authors"):
+        lines += ["", f"**NOT differentially private.** Mechanism: {settings['mechanism']}. The ε columns name the DP "
+                      "run whose σ this mechanism uses; no ε is guaranteed."]
+    for phase in PHASES:
+        if any(r["phase"] == phase for r in runs):
+            lines += ["", f"### Final runs, {PHASES[phase]}", ""] + table_lines(runs, settings, phase)
+    lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "client_sizes"),
+              f"client sizes: {settings.get('client_sizes')}", ""]
+    text = "\n".join(lines)
+    with open(path, "w") as handle:
+        handle.write(text)
+    return text
+
+
+def table_lines(runs, settings, phase) -> list:
+    groups = final_groups(runs, phase)
     epsilons = sorted({e for (_, e) in groups if e is not None})
     methods = [m for m in LABELS if any(k[0] == m for k in groups)]
-    lines = [f"Command: `{command}`", "",
-             f"Wall time: {wall / 60:.1f} min. Test accuracy, mean ± std over seeds {settings['seeds']} "
-             f"(learning rate chosen per cell from {settings['lr_grid']} by validation accuracy, seed "
-             f"{settings['tune_seed']}" + (f" at ε = {settings['tune_epsilon']:g} (reused at the other ε)"
-             if settings.get("tune_epsilon") is not None else " at each ε") + "); in brackets the chosen learning rate.", ""]
+    how = ("one learning rate for every private method, the best mean validation accuracy over them"
+           if phase == "final_shared" else "learning rate chosen per cell")
+    lines = [f"Test accuracy, mean ± std over seeds {settings['seeds']} ({how} from {settings['lr_grid']} by "
+             f"validation accuracy, seed {settings['tune_seed']}" + (
+                 f" at ε = {settings['tune_epsilon']:g} (reused at the other ε)"
+                 if settings.get("tune_epsilon") is not None else " at each ε") +
+             "); in brackets the chosen learning rate.", ""]
     head = "| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |"
     lines += [head, "|" + "---|" * (len(epsilons) + 2)]
     for m in methods:
@@ -77,17 +110,29 @@ def write_table(path, command, settings, runs, wall) -> str:
     for (m, e), group in groups.items():
         if e is not None:
             sigmas[e] = group[0]["noise_multiplier"]
-    reached = {e: max(r["epsilon_reached"] for (m, ee), g in groups.items() if ee == e for r in g) for e in epsilons}
-    lines += [""] + comparison_lines(groups, epsilons)
+    reached = {e: max((r["epsilon_reached"] or 0.0) for (m, ee), g in groups.items() if ee == e for r in g)
+               for e in epsilons}
+    lines += [""] + comparison_lines(groups, epsilons) + [""] + probe_lines(groups, epsilons)
     lines += ["", "Noise multiplier σ and the largest ε reached by any client (δ = "
               f"{next((r['delta'] for r in runs if r.get('delta')), None)}): " +
-              ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons), "",
-              "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "client_sizes"),
-              f"client sizes: {settings.get('client_sizes')}", ""]
-    text = "\n".join(lines)
-    with open(path, "w") as handle:
-        handle.write(text)
-    return text
+              ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons), ""]
+    return lines
+
+
+def probe_lines(groups, epsilons) -> list:
+    """Per ε: the best LoRA method (by mean) minus the DP linear probe, and non-private minus that method."""
+    if not any(m == "headonly" for (m, _) in groups):
+        return []
+    lines = ["| ε | best LoRA method | best − DP linear probe (paired by seed) | non-private − best (paired) |",
+             "|---|---|---|---|"]
+    for eps in epsilons:
+        present = [m for m in LABELS if m not in ("headonly", "nonprivate") and (m, eps) in groups]
+        if ("headonly", eps) not in groups or not present:
+            continue
+        best = max(present, key=lambda m: mean_std([r["test_accuracy"] for r in groups[(m, eps)]])[0])
+        lines.append(f"| {eps:g} | {LABELS[best]} | {diff_cell(paired(groups, best, 'headonly', eps))} | "
+                     f"{diff_cell(paired(groups, 'nonprivate', best, None, eps_b=eps))} |")
+    return lines if len(lines) > 2 else []
 
 
 def plot(path, runs, settings) -> None:
@@ -96,9 +141,9 @@ def plot(path, runs, settings) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = final_groups(runs)
+    groups = final_groups(runs, "final" if any(r["phase"] == "final" for r in runs) else "final_shared")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"dplora": "o", "ffa": "s", "rolora": "^", "lalora_nofilter": "v", "lalora": "D"}
+    markers = {"dplora": "o", "ffa": "s", "rolora": "^", "lalora_nofilter": "v", "lalora": "D", "headonly": "x"}
     for i, m in enumerate(markers):
         points = sorted((e, mean_std([r["test_accuracy"] for r in g])) for (mm, e), g in groups.items()
                         if mm == m and e is not None)

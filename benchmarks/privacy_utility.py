@@ -33,12 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -65,11 +67,25 @@ VISION_DEFAULTS = dict(  # --vision fashion-vit: 4,000 MNIST training digits, 50
     client_split="dirichlet-balanced", num_clients=5, clients_per_round=5, rounds=6, local_steps=8, batch_size=64)
 
 
+FAITHFUL_DEFAULTS = dict(  # --preset faithful: the paper's NLP setting as far as the offline assets allow: the full
+    # 6-layer MiniLM (RoBERTa does not install offline), LoRA r = alpha = 8 on query/key/value and every encoder dense
+    # layer (not the unused pooler), 20 clients with Dirichlet(0.8) labels, 20 % of them per round, K = 20 local
+    # AdamW steps on Poisson batches of 16; the learning-rate grid is AdamW's
+    layers=0, target_modules=["query", "key", "value", "output.dense", "intermediate.dense"], rank=8, lora_alpha=8,
+    num_clients=20, clients_per_round=4, client_split="dirichlet", dirichlet_alpha=0.8, local_steps=20, batch_size=16,
+    optimizer="adamw", rounds=30, max_seq_length=64, epsilons=[1.0, 3.0], lr_grid=[3e-4, 1e-3, 3e-3],
+    name="privacy_utility_faithful")
+PRESETS = {"faithful": FAITHFUL_DEFAULTS}
+
+
 def parse(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = _parser()
-    if p.parse_known_args(argv)[0].vision == _pu_setup.FASHION_VIT:
+    known = p.parse_known_args(argv)[0]
+    if known.vision == _pu_setup.FASHION_VIT:
         p.set_defaults(**VISION_DEFAULTS)  # the vision track's own defaults; explicit flags still win
+    if known.preset:
+        p.set_defaults(**PRESETS[known.preset])
     opts = p.parse_args(argv)
     if opts.quick:
         opts.epsilons, opts.seeds, opts.lr_grid = opts.epsilons[:1], opts.seeds[:1], opts.lr_grid[1:2]
@@ -86,6 +102,10 @@ def parse(argv=None):
 def _parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke version (~2 minutes)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="faithful: the paper's NLP setting (FAITHFUL_DEFAULTS; explicit flags still win); for a GPU "
+                        "(--device cuda --workers 4); with --quick, a CPU check of its plumbing")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel processes (each builds the setup once)")
     p.add_argument("--report-only", metavar="JSON", help="re-render <stem>.md and <stem>.png from a finished run's JSON")
     p.add_argument("--methods", nargs="+", default=list(METHODS) + [HEAD_ONLY], choices=METHODS + (HEAD_ONLY,),
                    help=f"{HEAD_ONLY}: the DP linear probe (LoRA factors frozen at zero, only the head trains)")
@@ -241,8 +261,7 @@ def main(argv=None) -> dict:
         print(report_only(opts.report_only))
         return {}
     torch.set_num_threads(opts.threads)
-    logging.getLogger("peft_lalora").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    _quiet()
     command = "PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py " + \
         " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     t0 = time.time()
@@ -250,48 +269,55 @@ def main(argv=None) -> dict:
     settings = settings_of(opts, setup)
     print(json.dumps(settings), flush=True)
     configs = configurations(opts)
-    final_seeds = [s for s in opts.seeds]
     tuned_cells = [c for c in configs if opts.tune_epsilon is None or c[1] in (None, opts.tune_epsilon)]
-    total = len(tuned_cells) * len(opts.lr_grid) + sum(
-        len(final_seeds) - (c in tuned_cells and opts.tune_seed in final_seeds) for c in configs)
-    runs, done = [], 0
     os.makedirs(opts.out, exist_ok=True)
     json_path = os.path.join(opts.out, opts.name + ".json")
+    runs = []
+    pool = None
+    if opts.workers > 1:  # each worker builds the setup once (same data, partition and model factory)
+        pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(opts,))
 
-    def record(run, phase):
-        nonlocal done
-        done += 1
-        run["phase"] = phase
-        runs.append(run)
-        eps = "inf" if run["epsilon_target"] is None else f"{run['epsilon_target']:g}"
-        print(f"[{done:3d}/{total}] {time.time() - t0:7.0f}s {phase:5s} {run['method']:15s} eps={eps:4s} "
-              f"lr={run['learning_rate']:<5g} seed={run['seed']} sigma={run['noise_multiplier'] or 0:.3f} "
-              f"val={run['val_accuracy']:.4f} test={run['test_accuracy']:.4f} ({run['wall_time_s']:.0f}s)", flush=True)
-        _dump(json_path, command, settings, runs, time.time() - t0)
+    def execute(jobs, phase) -> dict:
+        """Run (method, epsilon, lr, seed) jobs, sequentially or on the workers; record each as it ends."""
+        out = {}
+        if pool is None:
+            results = ((job, run_one(opts, setup, *job)) for job in jobs)
+        else:
+            futures = {pool.submit(_run_job, job): job for job in jobs}
+            results = ((futures[f], f.result()) for f in as_completed(futures))
+        for job, run in results:
+            out[job] = run
+            runs.append({**run, "phase": phase})
+            eps = "inf" if run["epsilon_target"] is None else f"{run['epsilon_target']:g}"
+            print(f"[{len(runs):3d}] {time.time() - t0:7.0f}s {phase:5s} {run['method']:15s} eps={eps:4s} "
+                  f"lr={run['learning_rate']:<6g} seed={run['seed']} sigma={run['noise_multiplier'] or 0:.3f} "
+                  f"val={run['val_accuracy']:.4f} test={run['test_accuracy']:.4f} ({run['wall_time_s']:.0f}s)",
+                  flush=True)
+            _dump(json_path, command, settings, runs, time.time() - t0)
+        return out
 
-    chosen, tuning = {}, {}
-    for method, eps in tuned_cells:  # phase 1: learning rate by validation accuracy, tune seed
-        tuned = [run_one(opts, setup, method, eps, lr, opts.tune_seed) for lr in opts.lr_grid]
-        for run in tuned:
-            record(run, "tune")
-        tuning[(method, eps)] = tuned
-        chosen[(method, eps)] = best_run(tuned)
-    done_runs = {(r["method"], r["epsilon_target"], r["learning_rate"], r["seed"]): r for r in runs}
+    # phase 1: every tuned cell's learning rate by validation accuracy, at the tune seed
+    tune_jobs = [(m, e, lr, opts.tune_seed) for m, e in tuned_cells for lr in opts.lr_grid]
+    done_runs = execute(tune_jobs, "tune")
+    tuning = {(m, e): [done_runs[(m, e, lr, opts.tune_seed)] for lr in opts.lr_grid] for m, e in tuned_cells}
+    chosen = {cell: best_run(tuned) for cell, tuned in tuning.items()}
+    plan = []  # phase 2: (phase, job) per protocol, every final seed at the chosen learning rate
     for protocol in (("per-method", "shared") if opts.lr_protocol == "both" else (opts.lr_protocol,)):
-        phase = "final" if protocol == "per-method" else "final_shared"
         shared = shared_choices(tuning, opts) if protocol == "shared" else {}
-        for method, eps in configs:  # phase 2: final seeds at the chosen learning rate
+        for method, eps in configs:
             tune_eps = eps if (method, eps) in chosen else opts.tune_epsilon
-            best = shared.get(tune_eps) if method != NONPRIVATE and protocol == "shared" else None
-            best = best or chosen[(method, tune_eps)]
-            for seed in final_seeds:
-                key = (method, eps, best["learning_rate"], seed)
-                if key in done_runs:  # the tuning run (its test accuracy was never used for choosing) or a
-                    runs.append({**done_runs[key], "phase": phase, "reused_run": True})  # run of the other protocol
-                else:
-                    run = run_one(opts, setup, method, eps, best["learning_rate"], seed)
-                    record(run, phase)
-                    done_runs[key] = run
+            best = (shared.get(tune_eps) if method != NONPRIVATE else None) or chosen[(method, tune_eps)]
+            plan += [("final" if protocol == "per-method" else "final_shared",
+                      (method, eps, best["learning_rate"], seed)) for seed in opts.seeds]
+    todo = list(dict.fromkeys(job for _, job in plan if job not in done_runs))
+    done_runs.update(execute(todo, "run"))
+    if pool is not None:
+        pool.shutdown()
+    # the final table's runs: a final seed equal to the tune seed reuses the tuning run (its test accuracy was
+    # never used for choosing), and the two protocols share the runs they have in common
+    runs = [r for r in runs if r["phase"] == "tune"] + [
+        {**done_runs[job], "phase": phase, "reused_tuning_run": job in tune_jobs} for phase, job in plan]
     wall = time.time() - t0
     _dump(json_path, command, settings, runs, wall)
     table = _pu_report.write_table(os.path.join(opts.out, opts.name + ".md"), command, settings, runs, wall)
@@ -299,6 +325,25 @@ def main(argv=None) -> dict:
     print(table)
     print(f"total wall time {wall:.0f}s; outputs {json_path} (.md, .png)")
     return {"runs": runs, "settings": settings, "wall_time_s": wall}
+
+
+_WORKER = {}
+
+
+def _init_worker(opts) -> None:
+    torch.set_num_threads(opts.threads)
+    _quiet()
+    _WORKER.update(opts=opts, setup=_pu_setup.setup_of(opts))
+
+
+def _run_job(job) -> dict:
+    return run_one(_WORKER["opts"], _WORKER["setup"], *job)
+
+
+def _quiet() -> None:
+    logging.getLogger("peft_lalora").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def best_run(tuned) -> dict:

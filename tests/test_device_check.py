@@ -1,14 +1,16 @@
 """benchmarks/device_check.sh --dry-run: the GPU machine's script runs every part on CPU with tiny sizes and
 writes its summary (the plumbing is checked here so that the one run on a lent GPU does not fail on it)."""
 
+import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("env", "install", "imports", "gpu_tests", "dp_overhead_minilm", "dp_overhead_roberta")
-FILES = ("summary.txt", "env.txt", "gpu_tests.txt", "gpu_tests.xml", "dp_overhead_minilm.txt",
-         "dp_overhead_roberta.txt", "dp_overhead.json")
+PARTS = ("env", "install", "imports", "gpu_tests", "dp_overhead_minilm", "dp_overhead_roberta", "llm_memory",
+         "pu_faithful")
+FILES = ("summary.txt", "env.txt", "gpu_tests.txt", "gpu_tests.xml", "benchmarks.txt", "dp_overhead.json",
+         "llm_memory.json", "privacy_utility_faithful.json")
 
 
 def test_dry_run_writes_a_summary_listing_every_part(tmp_path):
@@ -26,4 +28,9 @@ def test_dry_run_writes_a_summary_listing_every_part(tmp_path):
         assert " ok " in row or (part == "install" and "skipped: no .whl" in row), row
     assert "skipped" in summary.split("gpu_tests:")[-1].splitlines()[0]  # no CUDA here: the GPU tests skip
     assert "ratio" in summary  # both overhead tables made it into the summary
+    assert "| 16 | B |" in summary.split("causal-LM step table")[-1]  # the causal-LM table too
+    faithful = json.loads((tmp_path / "privacy_utility_faithful.json").read_text())
+    assert {r["method"] for r in faithful["runs"]} == {"lalora"}  # the faithful preset's run (quick sizes)
+    assert faithful["settings"]["optimizer"].startswith("adamw") and faithful["settings"]["lora_alpha"] == 8
+    assert summary.count("test=") == len([r for r in faithful["runs"] if not r.get("reused_tuning_run")])
     assert sorted(os.listdir(tmp_path)) == sorted(FILES)

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 LABELS = {"dplora": "DP-LoRA", "ffa": "FFA-LoRA", "rolora": "RoLoRA", "lalora_nofilter": "LA-LoRA w/o filter",
           "lalora": "LA-LoRA", "headonly": "DP linear probe (head only)", "nonprivate": "LoRA (non-private)"}
+METHOD_ORDER = tuple(LABELS)
 PHASES = {"final": "learning rate chosen per method", "final_shared": "one learning rate shared by the methods"}
 # two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..10 (standard table values)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}

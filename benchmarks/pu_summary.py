@@ -1,0 +1,117 @@
+"""One table across the privacy-utility arms of the text track: the library's DP methods with flat clipping, with
+clipping groups, the DP linear probe, non-private LoRA, and the authors' released mechanism (NOT differentially
+private) at the same sigma; paired differences (same seeds: same clients, head init and batches) with 95 % intervals.
+
+    python benchmarks/pu_summary.py                      # reads results/privacy_utility{,_groups,_authors}.json
+    python benchmarks/pu_summary.py --out results/privacy_utility_summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _pu_report import LABELS, METHOD_ORDER, diff_cell, final_groups, mean_std, paired  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# arm suffix -> (file stem, phase, label)
+ARMS = {"": ("privacy_utility", "final", "DP, flat clip C"),
+        "@groups": ("privacy_utility_groups", "final", "DP, clipping groups"),
+        "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
+        "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr")}
+
+
+def load(results: str) -> tuple:
+    """All arms' final runs in one {(method + arm suffix, epsilon): runs} dict, and each file's settings."""
+    groups, settings = {}, {}
+    for suffix, (stem, phase, _) in ARMS.items():
+        path = os.path.join(results, stem + ".json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as handle:
+            saved = json.load(handle)
+        settings[stem] = saved["settings"]
+        for (method, eps), runs in final_groups(saved["runs"], phase).items():
+            if method == "nonprivate" and suffix:
+                continue  # the reference comes from the main file only
+            groups[(method + suffix, eps)] = runs
+    return groups, settings
+
+
+def label(key: str) -> str:
+    method, _, arm = key.partition("@")
+    suffix = {"": "", "groups": " + groups", "authors": " (authors, NOT DP)", "authors-shared": " (authors, NOT DP, one lr)"}
+    return LABELS[method] + suffix[arm]
+
+
+def cell(groups, key, eps) -> str:
+    runs = groups.get((key, eps))
+    if not runs:
+        return ""
+    mu, sd = mean_std([r["test_accuracy"] for r in runs])
+    return f"{100 * mu:.2f} ± {100 * sd:.2f} ({runs[0]['learning_rate']:g}, n={len(runs)})"
+
+
+def summary(groups, settings) -> str:
+    epsilons = sorted({e for (_, e) in groups if e is not None})
+    dp_keys = [m + s for s in ("", "@groups") for m in METHOD_ORDER if m != "nonprivate"]
+    lines = ["# Privacy-utility summary (text track)", "",
+             "Test accuracy (%), mean ± std over seeds (chosen learning rate, number of seeds). Every arm uses the "
+             "same clients, schedule, seeds and, at each ε, the same σ; `pu_summary.py` reads the committed JSONs.", "",
+             "| arm | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |",
+             "|" + "---|" * (len(epsilons) + 2)]
+    for key in dp_keys + ["nonprivate"]:
+        if any((key, e) in groups for e in epsilons + [None]):
+            lines.append(f"| {label(key)} | " + " | ".join(cell(groups, key, e) for e in epsilons + [None]) + " |")
+    lines += ["", "## The issue's goals, per ε: the best DP arm (by mean) against non-private LoRA and the DP linear "
+              "probe (paired by seed; points)", "",
+              "| ε | best DP arm | non-private − best | best − DP linear probe |", "|---|---|---|---|"]
+    for eps in epsilons:
+        present = [k for k in dp_keys if (k, eps) in groups]
+        if not present:
+            continue
+        best = max(present, key=lambda k: mean_std([r["test_accuracy"] for r in groups[(k, eps)]])[0])
+        lines.append(f"| {eps:g} | {label(best)} | {diff_cell(paired(groups, 'nonprivate', best, None, eps_b=eps))} | "
+                     f"{diff_cell(paired(groups, best, 'headonly', eps))} |")
+    lines += reproduction(groups, epsilons)
+    for stem, s in settings.items():
+        lines += ["", f"Settings of `{stem}`: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "client_sizes")]
+    return "\n".join(lines) + "\n"
+
+
+def reproduction(groups, epsilons) -> list:
+    """Part 4: the paper's ordering and filter gain under the library's DP-SGD and under the authors' mechanism."""
+    lines = ["", "## Where the paper's gains come from: LA-LoRA against each baseline, and the filter, per mechanism",
+             "", "Paired by seed, points, 95 % interval; the paper reports LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA with "
+             "a large filter gain.", "", "| ε | mechanism | ranking (by mean) | LA-LoRA − DP-LoRA | LA-LoRA − FFA-LoRA | "
+             "LA-LoRA − RoLoRA | LA-LoRA − LA-LoRA w/o filter |", "|---|---|---|---|---|---|---|"]
+    for eps in epsilons:
+        for suffix, (_, _, name) in ARMS.items():
+            methods = [m for m in ("lalora", "rolora", "ffa", "dplora", "lalora_nofilter") if (m + suffix, eps) in groups]
+            if "lalora" not in methods or len(methods) < 2:
+                continue
+            ranking = sorted(methods, key=lambda m: -mean_std([r["test_accuracy"] for r in groups[(m + suffix, eps)]])[0])
+            cells = [diff_cell(paired(groups, "lalora" + suffix, other + suffix, eps))
+                     for other in ("dplora", "ffa", "rolora", "lalora_nofilter")]
+            lines.append(f"| {eps:g} | {name} | {' > '.join(LABELS[m] for m in ranking)} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 6 else []
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=RESULTS, help="the folder of the arms' JSON files")
+    p.add_argument("--out", default=os.path.join(RESULTS, "privacy_utility_summary.md"))
+    opts = p.parse_args(argv)
+    text = summary(*load(opts.results))
+    with open(opts.out, "w") as handle:
+        handle.write(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

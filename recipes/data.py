@@ -11,7 +11,7 @@ import bz2
 import csv
 import importlib.util
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import datasets
 import evaluate
@@ -290,8 +290,3 @@ def make_compute_metrics(metric: evaluate.EvaluationModule):
         return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
 
     return compute_metrics
-
-
-def label_counts(dataset: datasets.Dataset) -> dict:
-    """{label: count} of a dataset's `labels` column (for logging the splits)."""
-    return dict(sorted(Counter(dataset["labels"]).items()))

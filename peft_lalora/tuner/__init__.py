@@ -4,7 +4,7 @@ from .config import ALTERNATIONS, METHODS, PEFT_TYPE, LALoraConfig
 from .export import export_as_lora
 from .lowpass import lowpass_filter
 from .model import LALoraModel
-from .registration import is_registered, register
+from .registration import register
 from .schedule import trainable_factors
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "LALoraConfig",
     "LALoraModel",
     "export_as_lora",
-    "is_registered",
     "lowpass_filter",
     "register",
     "trainable_factors",

@@ -107,11 +107,6 @@ class LALoraConfig(LoraConfig):
         alternation, lowpass = METHODS[method]
         return cls(alternation=alternation, lowpass=lowpass, **kwargs)
 
-    @property
-    def normalized_lowpass_kernel(self) -> tuple:
-        total = sum(self.lowpass_kernel)
-        return tuple(k / total for k in self.lowpass_kernel)
-
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

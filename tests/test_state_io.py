@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peft_lalora import AdapterLoadError, CheckpointMismatchError, ConfigError
-from peft_lalora.federated import state_io
 from peft_lalora.federated.state_io import (
     atomic_write_bytes,
     compare_settings,
@@ -47,11 +46,11 @@ def test_atomic_write_fsyncs_file_before_rename_and_directory_after(tmp_path, mo
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(
-        state_io.os,
+        os,
         "fsync",
         lambda fd: events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))) or real_fsync(fd),
     )
-    monkeypatch.setattr(state_io.os, "replace", lambda a, b: events.append(("replace", None)) or real_replace(a, b))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", None)) or real_replace(a, b))
     # Execute
     atomic_write_bytes(str(tmp_path / "f.bin"), b"data")
     # Assert: file fsync (not a directory), then rename, then directory fsync
@@ -63,7 +62,7 @@ def _crash_on_replace(monkeypatch):
         assert os.path.getsize(src) > 0  # the temporary file was fully written before the "kill"
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(state_io.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
 
 
 def test_kill_during_tensor_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):

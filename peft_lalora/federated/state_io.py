@@ -1,7 +1,6 @@
 """Safe, atomic artifacts for checkpoints and resumption: only safetensors and JSON, never pickle.
 
-Every write goes to a temporary file in the target's directory, is fsync'ed, then renamed over the target with
-`os.replace` (atomic on POSIX), and the directory is fsync'ed: a crash at any point leaves either the previous
+Every write goes through `peft_lalora.atomic.atomic_write_bytes`: a crash at any point leaves either the previous
 file or the new one, never a torn one.
 """
 
@@ -9,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 
 import safetensors.torch
@@ -18,44 +15,10 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from ..atomic import atomic_write_bytes
 from ..errors import AdapterLoadError, CheckpointMismatchError, ConfigError
 
 _MISSING = object()
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` atomically: temporary file in the same directory, fsync, `os.replace`, fsync dir.
-    `mode` is set before the rename (0o600 for a file holding secret randomness: never readable by others)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 def save_json(path: str, obj, mode: int = 0o644) -> None:

@@ -11,11 +11,11 @@ import math
 import numbers
 import os
 import string
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
@@ -132,15 +132,7 @@ def write_model_card(folder: str, **kwargs) -> str:
         kwargs["privacy_report"] = _read_json(report_path, "privacy_report")
     text = render_model_card(**kwargs)
     path = os.path.join(folder, "README.md")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".README-", suffix=".md.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
+from ..privacy.accounting import REPORT_UNIT
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
@@ -25,7 +26,6 @@ DP_TAG = "differential-privacy"  # only on the card of a private run (DP with no
 # own cards: a benchmark result is a task metric such as accuracy).
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 NOT_INDEX_METRICS = ("loss",)
-DEFAULT_UNIT = "one example of one client"
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
 PRIVACY_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")
 METHOD_TEXT = {
@@ -217,7 +217,7 @@ def _privacy_section(report: dict | None) -> str:
             ("sample rate q (min / max over clients)",
              f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported"),
             ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
-            ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or DEFAULT_UNIT)]
+            ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or REPORT_UNIT)]
     if report.get("target_epsilon") is not None:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
@@ -242,7 +242,7 @@ def _privacy_section(report: dict | None) -> str:
 
 def _privacy_lead(report: dict, epsilon) -> list[str]:
     guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy"
-    unit = (f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
+    unit = (f"The privacy unit is **{report.get('unit') or REPORT_UNIT}**; each client has its own accountant and "
             "the epsilon is the largest over clients.")
     status = privacy_status(report)
     if status == "no_noise":

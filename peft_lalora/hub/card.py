@@ -18,6 +18,7 @@ import yaml
 from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
 from ..privacy.accounting import REPORT_UNIT
+from ..tuner.methods import ALTERNATIONS, method_of
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
@@ -28,15 +29,6 @@ NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_prepa
 NOT_INDEX_METRICS = ("loss",)
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
 PRIVACY_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")
-METHOD_TEXT = {
-    ("local", True): ("LA-LoRA", "each client alternates the trainable LoRA factor inside its local steps "
-                      "(B, then A, ...) and smooths the active factor's noisy gradient with a Gaussian low-pass filter."),
-    ("local", False): ("LA-LoRA without filter", "each client alternates the trainable LoRA factor inside its "
-                       "local steps (B, then A, ...), without the low-pass filter (ablation)."),
-    ("round", None): ("RoLoRA", "all clients train B in one round and A in the next, alternating by round."),
-    ("freeze_a", None): ("FFA-LoRA", "only B trains; A keeps its random initialisation and is never sent."),
-    ("none", None): ("DP-LoRA", "A and B train together at every step (FedAvg-LoRA)."),
-}
 # peft task_type / pipeline task -> (pipeline task for the model-index, transformers auto class)
 TASKS = {
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
@@ -168,16 +160,13 @@ def _adapter_config_dict(adapter_config) -> dict:
 
 def _method_values(config: dict) -> dict:
     alternation = config["alternation"]
-    lowpass = config.get("lowpass")
-    lowpass = alternation == "local" if lowpass is None else bool(lowpass)
-    key = (alternation, lowpass) if alternation == "local" else (alternation, None)
-    if key not in METHOD_TEXT:
-        raise ConfigError(f"`adapter_config['alternation']` must be one of ('local', 'round', 'freeze_a', 'none'), "
-                          f"got {alternation!r}.")
-    name, description = METHOD_TEXT[key]
+    if method_of(alternation) is None:
+        raise ConfigError(f"`adapter_config['alternation']` must be one of {ALTERNATIONS}, got {alternation!r}.")
+    lowpass = method_of(alternation).lowpass if config.get("lowpass") is None else bool(config["lowpass"])
+    method = method_of(alternation, lowpass)
     targets = config["target_modules"]
     targets = [targets] if isinstance(targets, str) else sorted(targets)
-    return {"method_name": name, "method_description": description, "alternation": alternation,
+    return {"method_name": method.title, "method_description": method.description, "alternation": alternation,
             "alternation_period": config.get("alternation_period", 1), "first_factor": config.get("first_factor", "B"),
             "lowpass": "on" if lowpass else "off", "r": config["r"], "lora_alpha": config["lora_alpha"],
             "target_modules": ", ".join(f"`{t}`" for t in targets),

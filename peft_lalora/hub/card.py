@@ -1,5 +1,6 @@
-"""Model cards for LA-LoRA adapters: README.md with YAML front matter (model-index) and the run's method,
-federated setup, privacy guarantee, results, loading instructions and citation.
+"""Model cards for LA-LoRA adapters: README.md with YAML front matter (rendered by huggingface_hub's `ModelCardData`:
+tags, model-index) and the run's method, federated setup, privacy guarantee, results, loading instructions and
+citation.
 
 The text lives in `peft_lalora/hub/card_template.md` (package data; `model_cards/template.md` links to it) (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
 """
@@ -13,7 +14,7 @@ import os
 import string
 from pathlib import Path
 
-import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
@@ -268,20 +269,13 @@ def _metrics_section(metrics: dict, dataset: str | None, eval_round, adapter_rou
 
 def _front_matter(base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str, *,
                   private: bool) -> str:
-    data = {"library_name": "peft"}
-    if base_model:
-        data["base_model"] = base_model
-    data["tags"] = [t for t in TAGS if private or t != DP_TAG]
-    if dataset:
-        data["datasets"] = [dataset]
-    if task:
-        data["pipeline_tag"] = task
-    if metrics:
-        result = {"task": {"type": task or "other"},
-                  "dataset": {"name": dataset or "unspecified", "type": dataset or "unspecified"},
-                  "metrics": [{"type": _metric_kind(k), "value": v, "name": k} for k, v in metrics.items()]}
-        data["model-index"] = [{"name": name, "results": [result]}]
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    results = [EvalResult(task_type=task or "other", dataset_type=dataset or "unspecified",
+                          dataset_name=dataset or "unspecified", metric_type=_metric_kind(k), metric_value=v,
+                          metric_name=k) for k, v in metrics.items()]
+    data = ModelCardData(library_name="peft", base_model=base_model or None,
+                         tags=[t for t in TAGS if private or t != DP_TAG], datasets=[dataset] if dataset else None,
+                         pipeline_tag=task or None, model_name=name if results else None, eval_results=results or None)
+    return data.to_yaml() + "\n"
 
 
 def _check_metrics(metrics) -> dict:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))  # the recipes' `data.py` (pub
 
 import data  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from pooling import use_mean_pooling  # noqa: E402  (recipes/pooling.py: the same head as the default job)
+from pooling import standardise, use_mean_pooling  # noqa: E402  (recipes/pooling.py: the same head as the default job)
 from transformers import (  # noqa: E402
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -28,6 +28,7 @@ from transformers import (  # noqa: E402
 )
 
 from peft_lalora import LALoraConfig  # noqa: E402
+from peft_lalora.federated import partition_dirichlet  # noqa: E402
 
 MINILM = "minilm"
 FASHION_VIT = "fashion-vit"  # --vision value of the offline track: benchmarks/fashion_vit.py's pretrained ViT
@@ -92,7 +93,7 @@ def text_setup(opts) -> Setup:
 
     stats = (None, None)
     if opts.pooling == "mean":
-        stats = pooler_statistics(build_model("dplora", 0), tok(val), DataCollatorWithPadding(tokenizer))
+        stats = pooler_statistics(build_model("dplora", 0).get_base_model(), tok(val), DataCollatorWithPadding(tokenizer))
 
     sizes = [len(c) for c in clients]
     description = {"model": hub_id, "layers": opts.layers, "task": opts.task, "max_seq_length": opts.max_seq_length,
@@ -104,19 +105,14 @@ def text_setup(opts) -> Setup:
     return Setup(clients, tok(val), tok(test), DataCollatorWithPadding(tokenizer), build_model, description)
 
 
-@torch.no_grad()
-def pooler_statistics(model, dataset, collator, batch_size: int = 128) -> tuple:
+def pooler_statistics(model, dataset, collator) -> tuple:
     """Per-dimension mean and std of the pretrained model's pooled features on the validation split (held out:
-    not client data, so the standardisation costs no privacy). Without it the pooled embeddings share one large
-    common direction, and DP noise on the head along it shifts every logit alike (a noisy bias)."""
-    encoder, feats = getattr(model.base_model.model, model.base_model.model.base_model_prefix), []
-    model.eval()
-    for i in range(0, len(dataset), batch_size):
-        batch = collator([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-        out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        feats.append(out.pooler_output)
-    feats = torch.cat(feats)
-    return feats.mean(0), feats.std(0).clamp(min=1e-3)
+    not client data, so the standardisation costs no privacy), from the recipes' `standardise`. Without it the
+    pooled embeddings share one large common direction, and DP noise on the head along it shifts every logit
+    alike (a noisy bias)."""
+    standardise(model, dataset, collator)
+    pooler = getattr(model, model.base_model_prefix).pooler
+    return pooler.center, pooler.scale
 
 
 def vision_setup(opts) -> Setup:
@@ -127,8 +123,7 @@ def vision_setup(opts) -> Setup:
     train, val = _val_split(raw["train"], opts.val_size, opts.partition_seed)
     train = data.limit(train, opts.train_examples, seed=opts.partition_seed)
     test = data.limit(raw["test"], opts.test_size, seed=opts.partition_seed)
-    shards = dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed,
-                              min_size=opts.batch_size)
+    shards = label_skew_shards(train, opts, equal_sizes=False)
     processor = AutoImageProcessor.from_pretrained(opts.vision)
 
     def build_model(method: str, seed: int):
@@ -210,49 +205,13 @@ def fashion_transfer_setup(opts) -> Setup:
     return Setup(shards, val, raw["test"], data.ImageCollator(), build_model, description)
 
 
-def label_skew_shards(train, opts) -> list:
-    """Dirichlet(`dirichlet_alpha`) label-skewed clients: of equal size (`dirichlet-balanced`) or not (`dirichlet`)."""
-    if opts.client_split == "dirichlet-balanced":
-        return balanced_dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed)
-    return dirichlet_shards(train, opts.num_clients, opts.dirichlet_alpha, opts.partition_seed, min_size=opts.batch_size)
-
-
-def dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int, min_size: int):
-    """Label-skewed clients: each label's examples split by Dirichlet(alpha) proportions, redrawn until every
-    client holds at least `min_size` examples."""
-    labels = np.asarray(list(dataset.with_format(None)["labels"]))
-    rng = np.random.default_rng(seed)
-    for _ in range(1000):
-        clients = [[] for _ in range(num_clients)]
-        for label in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == label))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
-            for c, part in enumerate(np.split(idx, cuts)):
-                clients[c].extend(part.tolist())
-        if min(len(c) for c in clients) >= min_size:
-            return [dataset.select(sorted(c)) for c in clients]
-    raise ValueError(f"no Dirichlet(alpha={alpha}) split gives every client >= {min_size} examples; raise alpha.")
-
-
-def balanced_dirichlet_shards(dataset, num_clients: int, alpha: float, seed: int):
-    """Label-skewed clients of equal size (len // num_clients each): client c wants label proportions p_c ~
-    Dirichlet(alpha) and takes them from shuffled per-label pools; what an exhausted pool cannot give comes from
-    the labels with the most examples left. Equal sizes give every client the same sampling rate q, so the one
-    noise multiplier calibrated for the worst client does not over-noise the others (plain Dirichlet splits
-    leave some clients with 3x fewer examples than the mean)."""
-    labels = np.asarray(list(dataset.with_format(None)["labels"]))
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    pools = {int(c): rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
-    size = len(labels) // num_clients
-    clients = []
-    for proportions in rng.dirichlet([alpha] * len(classes), size=num_clients):
-        want = np.floor(proportions * size).astype(int)
-        want[np.argsort(-proportions)[: size - want.sum()]] += 1  # the remainder to the largest proportions
-        taken = []
-        for c, k in zip(classes, want):
-            taken += [pools[int(c)].pop() for _ in range(min(int(k), len(pools[int(c)])))]
-        while len(taken) < size:  # exhausted pools: fill from the fullest label
-            taken.append(pools[max(pools, key=lambda c: len(pools[c]))].pop())
-        clients.append(dataset.select(sorted(taken)))
-    return clients
+def label_skew_shards(train, opts, equal_sizes: bool | None = None) -> list:
+    """Dirichlet(`dirichlet_alpha`) label-skewed clients: of equal size (`dirichlet-balanced`: every client gets
+    the same sampling rate q, so the one sigma calibrated for the worst client does not over-noise the others) or
+    not (`dirichlet`: redrawn until every client holds a batch)."""
+    if equal_sizes is None:
+        equal_sizes = opts.client_split == "dirichlet-balanced"
+    shards = partition_dirichlet(list(train.with_format(None)["labels"]), opts.num_clients, alpha=opts.dirichlet_alpha,
+                                 seed=opts.partition_seed, min_shard_size=1 if equal_sizes else opts.batch_size,
+                                 max_tries=1000, equal_sizes=equal_sizes)
+    return [train.select(shard) for shard in shards]

@@ -141,7 +141,7 @@ def time_steps(model, batch, dp, plain, reps, warmup):
 
 
 def dp_breakdown(model, batch, dp, reps):
-    """The DP step split into its stages (mirrors DPOptimizer.step), medians in ms."""
+    """The DP step split into its stages (mirrors GradientPrivatizer.step), medians in ms."""
     bs = batch["labels"].shape[0]
     opt, backend = dp.dp, dp.backend
     sampler_ms = []  # the grad samplers run inside the backward pass (one call per hooked module call)

@@ -32,15 +32,9 @@ warnings.filterwarnings("ignore")
 import _pu_setup  # noqa: E402
 import privacy_utility  # noqa: E402
 
-KERNEL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+from peft_lalora import lowpass_filter  # noqa: E402
+
 SIGMAS = {1: 1.3125, 3: 0.8252, 6: 0.5957}  # the benchmark's calibrated sigma at epsilon 1, 3, 6 (from its JSON)
-
-
-def lowpass(g: torch.Tensor, dim: int) -> torch.Tensor:
-    x = g.movedim(dim, -1)
-    shape = x.shape
-    x = torch.nn.functional.pad(x.reshape(-1, 1, shape[-1]), (2, 2), mode="reflect")
-    return torch.nn.functional.conv1d(x, KERNEL.view(1, 1, -1)).reshape(shape).movedim(-1, dim)
 
 
 def clipped_mean(model, params, names, dataset, collator, n: int) -> dict:
@@ -79,7 +73,7 @@ def main(argv=None) -> None:
           f"{ {k: round(v, 3) for k, v in sorted(sigmas.items())} }")
     model = _pu_setup.probe_model(setup)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    for active, dim in (("B", 0), ("A", 1)):
+    for active in ("B", "A"):
         names = [k for k in params if f"lora_{active}" in k or "classifier" in k]
         g_all = clipped_mean(model, params, names, setup.clients[0], setup.collator, 128)
         total = torch.sqrt(sum((g ** 2).sum() for g in g_all.values()))
@@ -91,12 +85,12 @@ def main(argv=None) -> None:
                 if "classifier" in k:
                     continue
                 xi = torch.randn(100, *g.shape) * std
-                fxi = torch.stack([lowpass(x, dim) for x in xi])
-                fg = lowpass(g, dim)
+                fxi = torch.stack([lowpass_filter(x, active) for x in xi])
+                fg = lowpass_filter(g, active)
                 snr, snr_f = (g ** 2).sum() / (xi ** 2).sum((1, 2)).mean(), (fg ** 2).sum() / (fxi ** 2).sum((1, 2)).mean()
                 cos = torch.nn.functional.cosine_similarity
                 c_raw = float(cos((g + xi).flatten(1), g.flatten()[None]).mean())
-                c_f = float(cos(torch.stack([lowpass(g + x, dim) for x in xi]).flatten(1), g.flatten()[None]).mean())
+                c_f = float(cos(torch.stack([lowpass_filter(g + x, active) for x in xi]).flatten(1), g.flatten()[None]).mean())
                 print(f"  eps={eps} sigma={sigma:.3f} {short(k):22s} "
                       f"|g|={g.norm():.2e} |Fg|/|g|={fg.norm() / g.norm():.3f} SNR raw={snr:.2e} "
                       f"filtered={snr_f:.2e} (x{snr_f / snr:.2f}) cos(noisy,g)={c_raw:+.4f} filtered {c_f:+.4f}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 
 from peft_lalora import FederatedDPArguments
+from peft_lalora.tuner import METHODS
 
 # Federated defaults every recipe's embedded job starts from (each adds its own rounds, steps and folder).
 RECIPE_DEFAULTS = dict(
@@ -26,7 +27,7 @@ RECIPE_DEFAULTS = dict(
 class LoraArguments:
     """The method and the adapter's LoRA settings: the first fields of every recipe's ModelArguments."""
 
-    method: str = field(default="lalora", metadata={"help": "lalora, lalora_nofilter, rolora, ffa or dplora."})
+    method: str = field(default="lalora", metadata={"help": ", ".join(METHODS)})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})

@@ -2,7 +2,7 @@
 
 Every loader returns `datasets.Dataset` objects with a `labels` column and the model inputs (`input_ids`,
 `attention_mask`, ... or `pixel_values`), which is what `FederatedDPTrainer` takes. The recipes import this file
-as a sibling module (`from data import ...`); it uses only public libraries, never `peft_lalora` internals.
+as a sibling module (`from data import ...`); it uses only public libraries and `peft_lalora`'s public API.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import bz2
 import csv
 import importlib.util
 import os
-from collections import Counter, defaultdict
 
 import datasets
 import evaluate
 import numpy as np
+
+from peft_lalora.federated import partition_groups
 
 RT_FILE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
 RT_LABELS = {"rotten": 0, "fresh": 1}
@@ -90,33 +91,9 @@ def load_rotten_tomatoes(test_size: int = 1000, path: str | None = None) -> data
     return datasets.DatasetDict(train=to_dataset(train_idx), test=to_dataset(test_idx))
 
 
-def group_clients(groups: list, num_clients: int, *, seed: int = 0) -> list[list[int]]:
-    """
-    Assign whole groups (e.g. movies) to `num_clients` clients: groups in a seeded random order, then largest
-    first, each to the client holding the fewest examples so far. Returns the example indices of each client
-    (sorted); every example lands in exactly one client, and no group is split.
-    """
-    by_group: dict = defaultdict(list)
-    for index, group in enumerate(groups):
-        by_group[group].append(index)
-    if not isinstance(num_clients, int) or not 1 <= num_clients <= len(by_group):
-        raise ValueError(
-            f"`num_clients` must be an integer in [1, {len(by_group)}] (the number of groups) for a split by "
-            f"group, got {num_clients!r}. Use fewer clients or `--client_split dirichlet`."
-        )
-    names = sorted(by_group)
-    names = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    names.sort(key=lambda name: -len(by_group[name]))  # stable: ties keep the seeded order
-    clients: list[list[int]] = [[] for _ in range(num_clients)]
-    for name in names:
-        smallest = min(range(num_clients), key=lambda c: (len(clients[c]), c))
-        clients[smallest].extend(by_group[name])
-    return [sorted(c) for c in clients]
-
-
 def split_by_group(dataset: datasets.Dataset, column: str, num_clients: int, *, seed: int = 0) -> list[datasets.Dataset]:
-    """Client datasets made of whole groups of `dataset[column]` (see `group_clients`)."""
-    return [dataset.select(idx) for idx in group_clients(dataset[column], num_clients, seed=seed)]
+    """Client datasets made of whole groups of `dataset[column]` (see `peft_lalora.federated.partition_groups`)."""
+    return [dataset.select(idx) for idx in partition_groups(dataset[column], num_clients, seed=seed)]
 
 
 # --- GLUE --------------------------------------------------------------------------------------------------
@@ -290,8 +267,3 @@ def make_compute_metrics(metric: evaluate.EvaluationModule):
         return metric.compute(predictions=np.argmax(logits, axis=-1), references=labels)
 
     return compute_metrics
-
-
-def label_counts(dataset: datasets.Dataset) -> dict:
-    """{label: count} of a dataset's `labels` column (for logging the splits)."""
-    return dict(sorted(Counter(dataset["labels"]).items()))

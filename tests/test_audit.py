@@ -29,7 +29,7 @@ from scipy.stats import beta
 
 import peft_lalora  # noqa: F401
 from peft_lalora import LALoraConfig
-from peft_lalora.privacy import DPOptimizer, PrivateStep, active_parameters, compute_epsilon
+from peft_lalora.privacy import GradientPrivatizer, PrivateStep, active_parameters, compute_epsilon
 
 DELTA = 1e-5
 C = 0.5
@@ -93,7 +93,7 @@ def test_bound_statistics_on_hand_computed_values():
     assert epsilon_lower_bound(np.zeros(4000), np.zeros(4000), 0.5, DELTA) == 0.0
 
 
-# ----- audit 1: the DPOptimizer stages (clip, sum, noise, scale, low-pass) on synthetic per-sample gradients -----
+# ----- audit 1: the GradientPrivatizer stages (clip, sum, noise, scale, low-pass) on synthetic per-sample gradients -----
 def synthetic_mechanism(sigma: float, steps: int, seed: int):
     """A (d_out x r) LoRA-B-shaped tensor, 7 fixed background examples and a canary whose gradient (norm 40 C,
     so it is clipped to C) lies along a fixed, smooth direction; the low-pass stage is on, as in LA-LoRA."""
@@ -103,7 +103,7 @@ def synthetic_mechanism(sigma: float, steps: int, seed: int):
     # a smooth direction along d_out (the axis the low-pass filter smooths), so the filter keeps the canary's signal
     direction = torch.cos(torch.linspace(0, 1.5, shape[0])).unsqueeze(1) * torch.randn(1, shape[1], generator=g)
     canary = (direction / direction.norm() * 40 * C).unsqueeze(0)
-    opt = DPOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(shape))], lr=1.0), noise_multiplier=sigma,
+    opt = GradientPrivatizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(shape))], lr=1.0), noise_multiplier=sigma,
                       per_sample_max_grad_norm=C, factor_of={"w": "B"}, lowpass_kernel=(1, 4, 6, 4, 1),
                       generator=torch.Generator().manual_seed(seed + 1))
     params = {"w": torch.zeros(shape)}

@@ -11,7 +11,7 @@ from datasets import Dataset
 from fed_helpers import adapter_state, make_trainer, toy_dataset
 from opacus.optimizers import DPPerLayerOptimizer
 
-from peft_lalora.privacy import DPOptimizer
+from peft_lalora.privacy import GradientPrivatizer
 
 A, HEAD = "layer.lora_A.default.weight", "classifier.modules_to_save.default.weight"
 C, C_HEAD = 1.0, 0.25
@@ -19,7 +19,7 @@ C, C_HEAD = 1.0, 0.25
 
 def grouped(noise=0.0, generator=None):
     params = {A: torch.nn.Parameter(torch.zeros(3, 4)), HEAD: torch.nn.Parameter(torch.zeros(2, 4))}
-    opt = DPOptimizer(torch.optim.SGD(params.values(), lr=1.0), noise_multiplier=noise, per_sample_max_grad_norm=C,
+    opt = GradientPrivatizer(torch.optim.SGD(params.values(), lr=1.0), noise_multiplier=noise, per_sample_max_grad_norm=C,
                       factor_of={A: "A"}, head_max_grad_norm=C_HEAD, generator=generator)
     return opt, params
 

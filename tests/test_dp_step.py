@@ -11,7 +11,7 @@ from tiny_models import image_inputs, randomize_lora, text_inputs, tiny_roberta,
 
 import peft_lalora  # noqa: F401
 from peft_lalora import ConfigError, LALoraConfig, LALoraWarning
-from peft_lalora.privacy import DPOptimizer, NonPrivateStep, PrivateStep, active_parameters
+from peft_lalora.privacy import GradientPrivatizer, NonPrivateStep, PrivateStep, active_parameters
 
 C = 0.7
 
@@ -31,7 +31,7 @@ def text_batch(batch=6, seed=0):
 
 def dp_optimizer(params, sigma=0.0, clip=C, kernel=None, seed=0, factor_of=None):
     opt = torch.optim.SGD(list(params), lr=0.1)
-    return DPOptimizer(opt, noise_multiplier=sigma, per_sample_max_grad_norm=clip, lowpass_kernel=kernel,
+    return GradientPrivatizer(opt, noise_multiplier=sigma, per_sample_max_grad_norm=clip, lowpass_kernel=kernel,
                        factor_of=factor_of, generator=torch.Generator().manual_seed(seed))
 
 
@@ -248,13 +248,13 @@ def test_empty_batch_takes_a_noise_only_step():
 def test_bad_dp_arguments(kwargs, match):
     args = {"noise_multiplier": 1.0, "per_sample_max_grad_norm": 1.0, **kwargs}
     with pytest.raises(ConfigError, match=match):
-        DPOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), **args)
+        GradientPrivatizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), **args)
 
 
 def test_noise_is_drawn_and_summed_in_float32_for_a_bfloat16_adapter():
     # Prepare: a bf16 parameter with zero per-sample gradients, so the privatised gradient is the noise alone
     param = torch.nn.Parameter(torch.zeros(400, 250, dtype=torch.bfloat16))
-    opt = DPOptimizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=2.0, per_sample_max_grad_norm=0.5,
+    opt = GradientPrivatizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=2.0, per_sample_max_grad_norm=0.5,
                       generator=torch.Generator().manual_seed(0))
     grad_samples = {"w": torch.zeros(4, 400, 250, dtype=torch.bfloat16)}
     # Execute

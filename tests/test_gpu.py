@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from test_grad_sample import assert_matches_reference, make_batch, peft_model, set_phase  # noqa: E402
 
-from peft_lalora.privacy import DPOptimizer  # noqa: E402
+from peft_lalora.privacy import GradientPrivatizer  # noqa: E402
 from peft_lalora.privacy.grad_sample import select_backend  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -86,7 +86,7 @@ def grad_samples(seed: int = 0) -> dict:
 def dp_step(device: str, samples: dict, sigma: float = 0.0) -> tuple[dict, dict, torch.Tensor]:
     """clip, sum, noise, scale, low-pass and one SGD step on `device`: (noisy gradients, new params, clip factors)."""
     params = {n: torch.nn.Parameter(torch.ones(g.shape[1:], device=device)) for n, g in samples.items()}
-    opt = DPOptimizer(torch.optim.SGD(params.values(), lr=0.5), noise_multiplier=sigma, per_sample_max_grad_norm=C,
+    opt = GradientPrivatizer(torch.optim.SGD(params.values(), lr=0.5), noise_multiplier=sigma, per_sample_max_grad_norm=C,
                       factor_of={"a": "A", "b": "B"}, lowpass_kernel=KERNEL,
                       generator=torch.Generator(device).manual_seed(0))
     samples = {n: g.to(device) for n, g in samples.items()}
@@ -128,7 +128,7 @@ def test_dp_step_on_cuda_with_torch_default_tf32_flags_is_within_tf32_rounding()
 def test_r4_cuda_noise_std_is_sigma_c_over_b(seed):
     sigma, batch = 1.3, 16
     param = torch.nn.Parameter(torch.zeros(400, 256, device="cuda"))  # 102,400 coordinates
-    opt = DPOptimizer(torch.optim.SGD([param], lr=0.1), noise_multiplier=sigma, per_sample_max_grad_norm=C,
+    opt = GradientPrivatizer(torch.optim.SGD([param], lr=0.1), noise_multiplier=sigma, per_sample_max_grad_norm=C,
                       generator=torch.Generator("cuda").manual_seed(seed))
     noise = opt.privatize({"w": torch.zeros(batch, 400, 256, device="cuda")}, {"w": param}, batch)["w"]
     assert noise.is_cuda

@@ -8,11 +8,10 @@ from datasets import Dataset
 
 from peft_lalora import ConfigError
 from peft_lalora.federated.partition import (
-    group_by,
-    group_indices,
     partition_dataset,
     partition_dirichlet,
     partition_fingerprint,
+    partition_groups,
     partition_iid,
     partition_indices,
 )
@@ -219,32 +218,66 @@ def test_fingerprint_is_sha256_of_the_index_lists():
 # ---------------------------------------------------------------- natural groups
 
 
-def test_group_indices_one_shard_per_value_in_sorted_order():
-    values = ["b", "a", "b", "c", "a"]
-    assert group_indices(values) == [[1, 4], [0, 2], [3]]
-
-
-def test_group_indices_merges_small_groups_into_the_next():
-    # Prepare: sizes a:1, b:1, c:3, d:2, e:1 ; min 2
-    values = ["c", "a", "c", "b", "d", "c", "d", "e"]
+def test_groups_by_hand():
+    # Prepare: groups a (3 examples), b (2), c (1); two clients
+    groups = ["a", "b", "a", "c", "b", "a"]
     # Execute
-    shards = group_indices(values, min_shard_size=2)
-    # Assert: a+b -> [1, 3]; c -> [0, 2, 5]; d -> [4, 6]; e (too small, last) joins d
-    assert shards == [[1, 3], [0, 2, 5], [4, 6, 7]]
-    _assert_exact_cover(shards, len(values))
+    shards = partition_groups(groups, 2, seed=0)
+    # Assert: a alone on one client; b and c on the other
+    assert sorted(shards) == [[0, 2, 5], [1, 3, 4]]
+    assert partition_groups(groups, 2, seed=0) == shards
 
 
-def test_group_by_dataset_and_errors():
-    # Prepare
-    ds = Dataset.from_dict({"movie": ["m2", "m1", "m2", "m3"], "text": ["w", "x", "y", "z"]})
-    # Execute
-    shards = group_by(ds, "movie")
-    merged = group_by(ds, "movie", min_shard_size=2)
-    # Assert
-    assert [s["text"] for s in shards] == [["x"], ["w", "y"], ["z"]]
-    # m1 (1 example) merges into m2 -> 3 examples; m3 (1 example) is last and joins that shard
-    assert [s["text"] for s in merged] == [["w", "x", "y", "z"]]
-    with pytest.raises(ConfigError, match=r"`column` must name a column.*'movie_name'.*\['movie', 'text'\]"):
-        group_by(ds, "movie_name")
-    with pytest.raises(ConfigError, match=r"`min_shard_size` must be <= the number of examples \(4\), got 5"):
-        group_by(ds, "movie", min_shard_size=5)
+def test_groups_refuse_more_clients_than_groups():
+    with pytest.raises(ValueError, match="`num_clients` must be an integer in \\[1, 3\\].*got 4"):
+        partition_groups(["a", "b", "c"], 4)
+
+
+# ---------------------------------------------------------------- the benchmarks' former Dirichlet splits
+
+
+def _benchmark_dirichlet(labels, num_clients, alpha, seed, min_size):
+    """benchmarks/_pu_setup.py's `dirichlet_shards` before it called `partition_dirichlet` (index lists)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        clients = [[] for _ in range(num_clients)]
+        for label in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
+            for c, part in enumerate(np.split(idx, cuts)):
+                clients[c].extend(part.tolist())
+        if min(len(c) for c in clients) >= min_size:
+            return [sorted(c) for c in clients]
+    raise ValueError("no split")
+
+
+def _benchmark_balanced_dirichlet(labels, num_clients, alpha, seed):
+    """benchmarks/_pu_setup.py's `balanced_dirichlet_shards` before it called `partition_dirichlet`."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = {int(c): rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
+    size = len(labels) // num_clients
+    clients = []
+    for proportions in rng.dirichlet([alpha] * len(classes), size=num_clients):
+        want = np.floor(proportions * size).astype(int)
+        want[np.argsort(-proportions)[: size - want.sum()]] += 1
+        taken = []
+        for c, k in zip(classes, want):
+            taken += [pools[int(c)].pop() for _ in range(min(int(k), len(pools[int(c)])))]
+        while len(taken) < size:
+            taken.append(pools[max(pools, key=lambda c: len(pools[c]))].pop())
+        clients.append(sorted(taken))
+    return clients
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("alpha, min_size", [(0.1, 1), (0.1, 500), (0.5, 40), (5.0, 64)])  # 0.1, 500: redrawn
+def test_partition_dirichlet_gives_the_benchmarks_former_shards(seed, alpha, min_size):
+    labels = np.random.default_rng(100 + seed).integers(0, 10, 3500).tolist()
+    expected = _benchmark_dirichlet(labels, 5, alpha, seed, min_size)
+    assert partition_dirichlet(labels, 5, alpha=alpha, seed=seed, min_shard_size=min_size, max_tries=1000) == expected
+    balanced = partition_dirichlet(labels, 5, alpha=alpha, seed=seed, equal_sizes=True)
+    assert balanced == _benchmark_balanced_dirichlet(labels, 5, alpha, seed)
+    assert [len(s) for s in balanced] == [700] * 5 and len({i for s in balanced for i in s}) == 3500

@@ -77,21 +77,6 @@ def test_clients_by_movie_hold_whole_movies_and_cover_every_example(rt_splits):
     assert max(sizes) - min(sizes) <= 40  # greedy balancing; the largest movie has 35 snippets
 
 
-def test_group_clients_by_hand():
-    # Prepare: groups a (3 examples), b (2), c (1); two clients
-    groups = ["a", "b", "a", "c", "b", "a"]
-    # Execute
-    shards = data.group_clients(groups, 2, seed=0)
-    # Assert: a alone on one client; b and c on the other
-    assert sorted(shards) == [[0, 2, 5], [1, 3, 4]]
-    assert data.group_clients(groups, 2, seed=0) == shards
-
-
-def test_group_clients_refuses_more_clients_than_groups():
-    with pytest.raises(ValueError, match="`num_clients` must be an integer in \\[1, 3\\].*got 4"):
-        data.group_clients(["a", "b", "c"], 4)
-
-
 # ---------------------------------------------------------------- text and images
 
 

@@ -98,8 +98,9 @@ def test_inactive_factor_bitwise_unchanged(optimizer_cls, kwargs, active):
             assert after[name].grad is None
         elif f"lora_{active}" in name or "modules_to_save" in name:
             assert not torch.equal(after[name].detach(), value), f"{name} should train in phase {active}"
-    for _, factor, param in model.base_model.named_factor_parameters():
-        assert param.requires_grad == (factor == active)
+    for name, param in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            assert param.requires_grad == (f".lora_{active}." in name), name
 
 
 def test_head_trains_in_every_phase():
@@ -122,7 +123,6 @@ def test_config_defaults_and_methods():
     assert LALoraConfig().lowpass is True
     assert LALoraConfig(alternation="round").lowpass is False
     assert LALoraConfig(alternation="none", lowpass=True).lowpass is True
-    assert sum(LALoraConfig().normalized_lowpass_kernel) == pytest.approx(1.0)
     assert LALoraConfig.for_method("ffa").alternation == "freeze_a"
     assert LALoraConfig.for_method("lalora_nofilter").lowpass is False
 

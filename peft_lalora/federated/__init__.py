@@ -4,7 +4,7 @@ client partitions, the client update, the aggregator, seeding and checkpoints.""
 from .aggregation import Aggregator, adapter_delta, apply_delta
 from .client import ClientShard, model_columns
 from .client_update import ClientUpdate, ClientUpdateError, LocalConfig, client_update, make_optimizer, make_stepper
-from .partition import group_by, partition_dataset, partition_dirichlet, partition_iid
+from .partition import partition_dataset, partition_dirichlet, partition_groups, partition_iid
 
 __all__ = [
     "Aggregator",
@@ -15,11 +15,11 @@ __all__ = [
     "adapter_delta",
     "apply_delta",
     "client_update",
-    "group_by",
     "make_optimizer",
     "make_stepper",
     "model_columns",
     "partition_dataset",
     "partition_dirichlet",
+    "partition_groups",
     "partition_iid",
 ]

@@ -27,6 +27,12 @@ def _check_finite(name: str, tensor: Tensor, where: str) -> None:
             )
 
 
+def _check_known(argument: str, tensors: Mapping, global_: Mapping, fix: str) -> None:
+    unknown = sorted(set(tensors) - set(global_))
+    if unknown:
+        raise ConfigError(f"`{argument}` holds tensors the global adapter does not have: {unknown}. {fix}")
+
+
 def _check_shapes(name: str, first: Tensor, other: Tensor, what: str) -> None:
     if first.shape != other.shape:
         raise ConfigError(
@@ -42,12 +48,7 @@ def adapter_delta(local: Mapping[str, Tensor], global_: Mapping[str, Tensor]) ->
 
     Keys of `global_` missing from `local` are simply not part of the delta (FFA-LoRA never sends A).
     """
-    unknown = sorted(set(local) - set(global_))
-    if unknown:
-        raise ConfigError(
-            f"`local` holds tensors the global adapter does not have: {unknown}. The client must start from the "
-            "global adapter's state dict."
-        )
+    _check_known("local", local, global_, "The client must start from the global adapter's state dict.")
     delta = {}
     for name, value in local.items():
         _check_shapes(name, global_[name], value, "the local and the global adapter")
@@ -89,10 +90,7 @@ class Aggregator:
     def add(self, delta: Mapping[str, Tensor], weight: float = 1.0) -> None:
         client = self.survivors
         weight = check_weight(weight, client)
-        unknown = sorted(set(delta) - set(self.sums))
-        if unknown:
-            raise ConfigError(f"`delta` holds tensors the global adapter does not have: {unknown}. A client must "
-                              "send deltas of the global adapter's tensors.")
+        _check_known("delta", delta, self.sums, "A client must send deltas of the global adapter's tensors.")
         for name, value in delta.items():
             _check_shapes(name, self.sums[name], value, "the global adapter and the delta")
             _check_finite(name, value, f"client {client}")
@@ -134,12 +132,7 @@ def apply_delta(global_: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> d
     A new dict `global_ + delta`. Tensors of `global_` absent from `delta` are copied bit-identically; the result
     keeps `global_`'s dtypes. A key of `delta` that `global_` lacks raises `ConfigError`.
     """
-    unknown = sorted(set(delta) - set(global_))
-    if unknown:
-        raise ConfigError(
-            f"`delta` holds tensors the global adapter does not have: {unknown}. Aggregate deltas computed "
-            "against this global adapter."
-        )
+    _check_known("delta", delta, global_, "Aggregate deltas computed against this global adapter.")
     updated = {}
     for name, value in global_.items():
         if name not in delta:

@@ -3,7 +3,7 @@
 Layout of `<output_dir>/federated_state/`:
     global_adapter-<round>.safetensors   the global adapter after round <round>
     state.json                           the commit point: round, adapter file and its SHA-256, ledger, settings,
-                                         log history, RNG states
+                                         log history
 Each file is written atomically (temporary file, fsync, rename); `state.json` is written last and names its
 adapter file, so a kill at any moment leaves the previous checkpoint loadable (R12). Only then is the older
 adapter file removed. All randomness derives from (seed, round, client), so resuming is bit-identical (R10).
@@ -15,7 +15,7 @@ import hashlib
 import os
 
 from ..errors import AdapterLoadError
-from .state_io import load_json, load_tensors, rng_state, save_json, save_tensors
+from .state_io import load_json, load_tensors, save_json, save_tensors
 
 STATE_DIR = "federated_state"
 STATE_FILE = "state.json"
@@ -35,7 +35,7 @@ def save_checkpoint(directory: str, *, round_idx: int, global_state: dict, serve
     adapter_file = f"global_adapter-{round_idx:06d}.safetensors"
     save_tensors(os.path.join(directory, adapter_file), global_state, metadata={"round": str(round_idx)})
     state = dict(server_state, round=round_idx, adapter_file=adapter_file,
-                 adapter_sha256=_sha256(os.path.join(directory, adapter_file)), rng=rng_state())
+                 adapter_sha256=_sha256(os.path.join(directory, adapter_file)))
     save_json(os.path.join(directory, STATE_FILE), state, mode=0o600)  # holds the secret root of the noise
     for name in os.listdir(directory):
         if name.startswith("global_adapter-") and name != adapter_file:

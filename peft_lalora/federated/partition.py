@@ -1,8 +1,9 @@
-"""Split one dataset into client shards: IID, Dirichlet label skew, or natural groups (e.g. one client per movie).
+"""Split one dataset into client shards: IID, Dirichlet label skew, or natural groups (e.g. whole movies).
 
-The index functions return lists of example indices (sorted within each shard) and never touch the data; the
-dataset functions turn those lists into `datasets.Dataset` views with `.select`. Every example lands in exactly
-one shard, and the same seed always gives the same shards (numpy `Generator`).
+The index functions return lists of example indices (sorted within each shard) and never touch the data;
+`partition_dataset` turns those lists into `datasets.Dataset` views with `.select`. Every example lands in exactly
+one shard (but for the remainder of an equal-size Dirichlet split), and the same seed always gives the same shards
+(numpy `Generator`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,6 +80,22 @@ def _dirichlet_once(by_class: list[np.ndarray], num_clients: int, alpha: float, 
     return [sorted(shard) for shard in shards]
 
 
+def _dirichlet_equal_sizes(by_class: list[np.ndarray], num_clients: int, alpha: float, rng) -> list[list[int]]:
+    pools = [rng.permutation(idx).tolist() for idx in by_class]
+    size = sum(len(idx) for idx in by_class) // num_clients
+    shards = []
+    for proportions in rng.dirichlet(np.full(len(by_class), alpha), size=num_clients):
+        want = np.floor(proportions * size).astype(np.int64)
+        want[np.argsort(-proportions)[: size - want.sum()]] += 1  # the remainder to the largest proportions
+        taken = []
+        for pool, count in zip(pools, want):
+            taken += [pool.pop() for _ in range(min(int(count), len(pool)))]
+        while len(taken) < size:  # exhausted pools: fill from the fullest class
+            taken.append(max(pools, key=len).pop())
+        shards.append(sorted(int(i) for i in taken))
+    return shards
+
+
 def partition_dirichlet(
     labels: Sequence[int],
     num_clients: int,
@@ -86,6 +104,7 @@ def partition_dirichlet(
     seed: int,
     min_shard_size: int = 1,
     max_tries: int = 100,
+    equal_sizes: bool = False,
 ) -> list[list[int]]:
     """
     Label-skewed split: for every class, the class's examples are spread over the clients with proportions drawn
@@ -94,6 +113,10 @@ def partition_dirichlet(
     Small `alpha` (0.1) gives shards dominated by one or two classes, large `alpha` (100) near-uniform ones. If a
     shard has fewer than `min_shard_size` examples the whole split is redrawn (same generator, so still
     deterministic), at most `max_tries` times; then `ConfigError` names the smallest shard obtained.
+
+    `equal_sizes=True` gives every client `len(labels) // num_clients` examples (the remainder is left out), so
+    that all clients have the same sampling rate: client c draws label proportions p_c ~ Dirichlet(`alpha`) and
+    takes them from shuffled per-class pools; what an exhausted pool cannot give comes from the fullest class.
     """
     labels = list(labels)
     alpha = _check_alpha(alpha)
@@ -108,6 +131,8 @@ def partition_dirichlet(
             f"`labels` must be sortable class ids (e.g. ints), got values such as {labels[:3]!r}."
         ) from exc
     by_class = [np.flatnonzero(inverse.reshape(-1) == c) for c in range(len(classes))]
+    if equal_sizes:
+        return _dirichlet_equal_sizes(by_class, num_clients, alpha, rng)
     best = 0
     for attempt in range(1, max_tries + 1):
         shards = _dirichlet_once(by_class, num_clients, alpha, rng)
@@ -155,29 +180,13 @@ def partition_indices(
     return partition_dirichlet(labels, num_clients, alpha=dirichlet_alpha, seed=seed, min_shard_size=min_shard_size)
 
 
-def partition_dataset(
-    dataset,
-    num_clients: int,
-    *,
-    dirichlet_alpha: float | None,
-    seed: int,
-    min_shard_size: int = 1,
-    label_column: str = "labels",
-) -> list:
+def partition_dataset(dataset, num_clients: int, **kwargs) -> list:
     """
-    Split a `datasets.Dataset` into `num_clients` shards (views made with `.select`, no copy of the data).
-
-    `dirichlet_alpha=None` gives an IID split, a positive value a Dirichlet label-skewed split on `label_column`.
+    Split a `datasets.Dataset` into `num_clients` shards (views made with `.select`, no copy of the data); the
+    keyword arguments are `partition_indices`'. `dirichlet_alpha=None` gives an IID split, a positive value a
+    Dirichlet label-skewed split on `label_column`.
     """
-    shards = partition_indices(
-        dataset,
-        num_clients,
-        dirichlet_alpha=dirichlet_alpha,
-        seed=seed,
-        min_shard_size=min_shard_size,
-        label_column=label_column,
-    )
-    return [dataset.select(shard) for shard in shards]
+    return [dataset.select(shard) for shard in partition_indices(dataset, num_clients, **kwargs)]
 
 
 def partition_fingerprint(shards: list[list[int]]) -> str:
@@ -187,43 +196,25 @@ def partition_fingerprint(shards: list[list[int]]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _sorted_keys(keys) -> list:
-    try:
-        return sorted(keys)
-    except TypeError:  # mixed types (e.g. None among strings): order by type name, then value text
-        return sorted(keys, key=lambda k: (type(k).__name__, repr(k)))
-
-
-def group_indices(values: Sequence, *, min_shard_size: int = 1) -> list[list[int]]:
+def partition_groups(values: Sequence, num_clients: int, *, seed: int = 0) -> list[list[int]]:
     """
-    One shard per distinct value, in sorted value order. A group smaller than `min_shard_size` is merged with the
-    groups after it until the merged shard is large enough; a too-small remainder at the end joins the last shard.
+    Assign whole groups (the distinct `values`, e.g. movies) to `num_clients` clients: groups in a seeded random
+    order, then largest first, each to the client holding the fewest examples so far. Returns the example indices
+    of each client (sorted); every example lands in exactly one client, and no group is split.
     """
-    min_shard_size = _check_int("min_shard_size", min_shard_size, 1)
-    groups: dict = {}
-    for index, value in enumerate(values):
-        groups.setdefault(value, []).append(index)
-    total = sum(len(g) for g in groups.values())
-    if total < min_shard_size:
+    by_group: dict = defaultdict(list)
+    for index, group in enumerate(values):
+        by_group[group].append(index)
+    if not isinstance(num_clients, int) or not 1 <= num_clients <= len(by_group):
         raise ConfigError(
-            f"`min_shard_size` must be <= the number of examples ({total}), got {min_shard_size!r}. "
-            "Lower `min_shard_size`."
+            f"`num_clients` must be an integer in [1, {len(by_group)}] (the number of groups) for a split by "
+            f"group, got {num_clients!r}. Use fewer clients, or a Dirichlet or IID split."
         )
-    shards: list[list[int]] = []
-    pending: list[int] = []
-    for key in _sorted_keys(groups):
-        pending.extend(groups[key])
-        if len(pending) >= min_shard_size:
-            shards.append(sorted(pending))
-            pending = []
-    if pending:
-        shards[-1] = sorted(shards[-1] + pending)
-    return shards
-
-
-def group_by(dataset, column: str, *, min_shard_size: int = 1) -> list:
-    """Natural clients: one `datasets.Dataset` view per distinct value of `column` (see `group_indices`)."""
-    columns = list(getattr(dataset, "column_names", None) or [])
-    if column not in columns:
-        raise ConfigError(f"`column` must name a column of the dataset, got {column!r}; available columns: {columns}.")
-    return [dataset.select(shard) for shard in group_indices(dataset[column], min_shard_size=min_shard_size)]
+    names = sorted(by_group)
+    names = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    names.sort(key=lambda name: -len(by_group[name]))  # stable: ties keep the seeded order
+    clients: list[list[int]] = [[] for _ in range(num_clients)]
+    for name in names:
+        smallest = min(range(num_clients), key=lambda c: (len(clients[c]), c))
+        clients[smallest].extend(by_group[name])
+    return [sorted(c) for c in clients]

@@ -1,66 +1,24 @@
 """Safe, atomic artifacts for checkpoints and resumption: only safetensors and JSON, never pickle.
 
-Every write goes to a temporary file in the target's directory, is fsync'ed, then renamed over the target with
-`os.replace` (atomic on POSIX), and the directory is fsync'ed: a crash at any point leaves either the previous
-file or the new one, never a torn one. Random-number-generator states are stored as plain JSON data.
+Every write goes through `peft_lalora.atomic.atomic_write_bytes`: a crash at any point leaves either the previous
+file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import random
-import tempfile
 from collections.abc import Mapping
 
-import numpy as np
 import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import Tensor
 
+from ..atomic import atomic_write_bytes
 from ..errors import AdapterLoadError, CheckpointMismatchError, ConfigError
 
-logger = logging.getLogger(__name__)
-
 _MISSING = object()
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` atomically: temporary file in the same directory, fsync, `os.replace`, fsync dir.
-    `mode` is set before the rename (0o600 for a file holding secret randomness: never readable by others)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 def save_json(path: str, obj, mode: int = 0o644) -> None:
@@ -101,15 +59,6 @@ def save_tensors(path: str, tensors: Mapping[str, Tensor], metadata: dict[str, s
             raise ConfigError(f"`tensors` must map str to torch.Tensor, got {name!r}: {type(value).__name__}.")
         payload[name] = value.detach().to("cpu").contiguous().clone()
     atomic_write_bytes(path, safetensors.torch.save(payload, metadata=metadata))
-
-
-def read_metadata(path: str) -> dict[str, str]:
-    """The string metadata stored in a safetensors file's header (empty dict if none)."""
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except SafetensorError as exc:
-        raise AdapterLoadError(f"`path` {path!r} is not a valid safetensors file ({exc}).") from exc
 
 
 def _check_expected(path: str, tensors: dict[str, Tensor], expected: Mapping[str, tuple]) -> None:
@@ -158,74 +107,6 @@ def load_tensors(path: str, *, expected: Mapping[str, tuple] | None = None) -> d
             "resume from an earlier checkpoint or lower the learning rate."
         )
     return tensors
-
-
-def generator_state(gen: torch.Generator) -> list[int]:
-    """The state of a `torch.Generator` as a JSON-serialisable list of byte values."""
-    return [int(b) for b in gen.get_state().tolist()]
-
-
-def set_generator_state(gen: torch.Generator, state: list[int]) -> None:
-    """Restore a `torch.Generator` from `generator_state`'s list."""
-    gen.set_state(_byte_tensor("state", state))
-
-
-def _byte_tensor(name: str, state) -> Tensor:
-    values = list(state)
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
-        raise ConfigError(
-            f"`{name}` must be a non-empty list of ints in [0, 255] as written by `generator_state`/`rng_state`, "
-            f"got {type(state).__name__} of length {len(values)}."
-        )
-    return torch.tensor(values, dtype=torch.uint8)
-
-
-def rng_state() -> dict:
-    """The states of Python's `random`, numpy's global generator and torch's CPU (and CUDA) generators, as JSON data."""
-    version, internal, gauss_next = random.getstate()
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state = {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {
-            "name": name,
-            "keys": [int(k) for k in keys],
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": [int(b) for b in torch.get_rng_state().tolist()],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = [[int(b) for b in s.tolist()] for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: Mapping) -> None:
-    """Restore the generators from `rng_state`'s data (also after a JSON round trip)."""
-    missing = [key for key in ("python", "numpy", "torch") if key not in state]
-    if missing:
-        raise ConfigError(
-            f"`state` must hold the keys 'python', 'numpy' and 'torch' written by `rng_state`, missing {missing}. "
-            "The checkpoint's RNG file is incomplete: start a fresh `output_dir`."
-        )
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["name"],
-            np.asarray(npy["keys"], dtype=np.uint32),
-            int(npy["pos"]),
-            int(npy["has_gauss"]),
-            float(npy["cached_gaussian"]),
-        )
-    )
-    torch.set_rng_state(_byte_tensor("state['torch']", state["torch"]))
-    if "torch_cuda" in state:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([_byte_tensor("state['torch_cuda']", s) for s in state["torch_cuda"]])
-        else:
-            logger.warning("Checkpoint holds CUDA RNG states but no CUDA device is available; they are not restored.")
 
 
 def _normalise(value):

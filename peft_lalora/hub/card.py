@@ -1,5 +1,6 @@
-"""Model cards for LA-LoRA adapters: README.md with YAML front matter (model-index) and the run's method,
-federated setup, privacy guarantee, results, loading instructions and citation.
+"""Model cards for LA-LoRA adapters: README.md with YAML front matter (rendered by huggingface_hub's `ModelCardData`:
+tags, model-index) and the run's method, federated setup, privacy guarantee, results, loading instructions and
+citation.
 
 The text lives in `peft_lalora/hub/card_template.md` (package data; `model_cards/template.md` links to it) (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
 """
@@ -11,12 +12,14 @@ import math
 import numbers
 import os
 import string
-import tempfile
 from pathlib import Path
 
-import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
+from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
+from ..privacy.accounting import REPORT_UNIT
+from ..tuner.methods import ALTERNATIONS, method_of
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
@@ -25,18 +28,8 @@ DP_TAG = "differential-privacy"  # only on the card of a private run (DP with no
 # own cards: a benchmark result is a task metric such as accuracy).
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 NOT_INDEX_METRICS = ("loss",)
-DEFAULT_UNIT = "one example of one client"
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
 PRIVACY_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")
-METHOD_TEXT = {
-    ("local", True): ("LA-LoRA", "each client alternates the trainable LoRA factor inside its local steps "
-                      "(B, then A, ...) and smooths the active factor's noisy gradient with a Gaussian low-pass filter."),
-    ("local", False): ("LA-LoRA without filter", "each client alternates the trainable LoRA factor inside its "
-                       "local steps (B, then A, ...), without the low-pass filter (ablation)."),
-    ("round", None): ("RoLoRA", "all clients train B in one round and A in the next, alternating by round."),
-    ("freeze_a", None): ("FFA-LoRA", "only B trains; A keeps its random initialisation and is never sent."),
-    ("none", None): ("DP-LoRA", "A and B train together at every step (FedAvg-LoRA)."),
-}
 # peft task_type / pipeline task -> (pipeline task for the model-index, transformers auto class)
 TASKS = {
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
@@ -132,15 +125,7 @@ def write_model_card(folder: str, **kwargs) -> str:
         kwargs["privacy_report"] = _read_json(report_path, "privacy_report")
     text = render_model_card(**kwargs)
     path = os.path.join(folder, "README.md")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".README-", suffix=".md.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 
@@ -176,16 +161,13 @@ def _adapter_config_dict(adapter_config) -> dict:
 
 def _method_values(config: dict) -> dict:
     alternation = config["alternation"]
-    lowpass = config.get("lowpass")
-    lowpass = alternation == "local" if lowpass is None else bool(lowpass)
-    key = (alternation, lowpass) if alternation == "local" else (alternation, None)
-    if key not in METHOD_TEXT:
-        raise ConfigError(f"`adapter_config['alternation']` must be one of ('local', 'round', 'freeze_a', 'none'), "
-                          f"got {alternation!r}.")
-    name, description = METHOD_TEXT[key]
+    if method_of(alternation) is None:
+        raise ConfigError(f"`adapter_config['alternation']` must be one of {ALTERNATIONS}, got {alternation!r}.")
+    lowpass = method_of(alternation).lowpass if config.get("lowpass") is None else bool(config["lowpass"])
+    method = method_of(alternation, lowpass)
     targets = config["target_modules"]
     targets = [targets] if isinstance(targets, str) else sorted(targets)
-    return {"method_name": name, "method_description": description, "alternation": alternation,
+    return {"method_name": method.title, "method_description": method.description, "alternation": alternation,
             "alternation_period": config.get("alternation_period", 1), "first_factor": config.get("first_factor", "B"),
             "lowpass": "on" if lowpass else "off", "r": config["r"], "lora_alpha": config["lora_alpha"],
             "target_modules": ", ".join(f"`{t}`" for t in targets),
@@ -225,7 +207,7 @@ def _privacy_section(report: dict | None) -> str:
             ("sample rate q (min / max over clients)",
              f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported"),
             ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
-            ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or DEFAULT_UNIT)]
+            ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or REPORT_UNIT)]
     if report.get("target_epsilon") is not None:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
@@ -250,7 +232,7 @@ def _privacy_section(report: dict | None) -> str:
 
 def _privacy_lead(report: dict, epsilon) -> list[str]:
     guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy"
-    unit = (f"The privacy unit is **{report.get('unit') or DEFAULT_UNIT}**; each client has its own accountant and "
+    unit = (f"The privacy unit is **{report.get('unit') or REPORT_UNIT}**; each client has its own accountant and "
             "the epsilon is the largest over clients.")
     status = privacy_status(report)
     if status == "no_noise":
@@ -287,20 +269,13 @@ def _metrics_section(metrics: dict, dataset: str | None, eval_round, adapter_rou
 
 def _front_matter(base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str, *,
                   private: bool) -> str:
-    data = {"library_name": "peft"}
-    if base_model:
-        data["base_model"] = base_model
-    data["tags"] = [t for t in TAGS if private or t != DP_TAG]
-    if dataset:
-        data["datasets"] = [dataset]
-    if task:
-        data["pipeline_tag"] = task
-    if metrics:
-        result = {"task": {"type": task or "other"},
-                  "dataset": {"name": dataset or "unspecified", "type": dataset or "unspecified"},
-                  "metrics": [{"type": _metric_kind(k), "value": v, "name": k} for k, v in metrics.items()]}
-        data["model-index"] = [{"name": name, "results": [result]}]
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    results = [EvalResult(task_type=task or "other", dataset_type=dataset or "unspecified",
+                          dataset_name=dataset or "unspecified", metric_type=_metric_kind(k), metric_value=v,
+                          metric_name=k) for k, v in metrics.items()]
+    data = ModelCardData(library_name="peft", base_model=base_model or None,
+                         tags=[t for t in TAGS if private or t != DP_TAG], datasets=[dataset] if dataset else None,
+                         pipeline_tag=task or None, model_name=name if results else None, eval_results=results or None)
+    return data.to_yaml() + "\n"
 
 
 def _check_metrics(metrics) -> dict:

@@ -17,23 +17,18 @@ import warnings
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+# What huggingface_hub's own `http_backoff` retries (network errors of its HTTP client; 408, 429, 5xx). Private
+# names, but in every huggingface_hub release: they spare us guessing which HTTP client (httpx or httpx2) it uses.
+from huggingface_hub.utils._http import _DEFAULT_RETRY_ON_EXCEPTIONS as TRANSIENT_ERRORS
+from huggingface_hub.utils._http import _DEFAULT_RETRY_ON_STATUS_CODES as TRANSIENT_STATUS
+
 from ..errors import ConfigError, HubError, LALoraWarning
 from ..tuner.saving import is_lalora_card
-
-try:  # the HTTP client huggingface_hub >= 1.0 is built on (network errors are worth a retry)
-    from httpx2 import TransportError as _TransportError
-except ImportError:  # pragma: no cover - older stacks
-    try:
-        from httpx import TransportError as _TransportError
-    except ImportError:
-        _TransportError = ConnectionError
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OPTIONAL_FILES = ("README.md", "privacy_report.json", "pooling.safetensors")  # the last: peft_lalora.pooling
-TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, private: bool = False,
@@ -44,8 +39,9 @@ def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, 
     needed) and return the commit URL.
 
     Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md`,
-    `privacy_report.json` and `pooling.safetensors` when present; nothing else in the folder. Server errors (5xx, 429) and network errors
-    are retried: at most `1 + max_retries` attempts, waiting `backoff * 2**k` seconds before retry `k + 1`.
+    `privacy_report.json` and `pooling.safetensors` when present; nothing else in the folder. What
+    huggingface_hub's `http_backoff` retries (HTTP 408, 429, 5xx and network errors) is retried: at most
+    `1 + max_retries` attempts, waiting `backoff * 2**k` seconds before retry `k + 1`.
     Every failure raises `HubError` (no token, offline mode, invalid token or no write access, exhausted
     retries, ...); local files are never modified. A folder whose `privacy_report.json` says
     `secret_randomness: false` (the noise came from a fixed `noise_seed`, so no privacy guarantee holds) is
@@ -57,6 +53,8 @@ def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, 
     _check_online()
     token = _resolve_token(token)
     api = HfApi(token=token)
+    # Our own loop: `http_backoff` retries one request, and `create_repo` / `create_commit` do not go through it;
+    # retrying the pair is safe (the repo is created with exist_ok; a commit lands in one request or not at all).
     attempts = 1 + max_retries
     for attempt in range(1, attempts + 1):
         try:
@@ -150,8 +148,9 @@ def _check_secret_randomness(folder, contents: dict, allow: bool) -> None:
 
 
 def _check_online() -> None:
+    # huggingface_hub reads the variables once, at import; a push also honours them when set later.
     env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
-    if constants.is_offline_mode() or env in _TRUE:
+    if constants.is_offline_mode() or env in constants.ENV_VARS_TRUE_VALUES:
         raise HubError("Cannot push: Hugging Face Hub offline mode is on (`HF_HUB_OFFLINE=1` or "
                        "`TRANSFORMERS_OFFLINE=1`). Unset it (`unset HF_HUB_OFFLINE`, before Python starts) to push; "
                        "nothing was pushed and the local files are unchanged.")
@@ -178,7 +177,7 @@ def _status(exc) -> int | None:
 def _is_transient(exc) -> bool:
     if isinstance(exc, HfHubHTTPError):
         return _status(exc) in TRANSIENT_STATUS
-    return isinstance(exc, _TransportError) and not isinstance(exc, OfflineModeIsEnabled)
+    return isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, OfflineModeIsEnabled)
 
 
 def _describe(exc) -> str:

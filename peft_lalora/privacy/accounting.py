@@ -9,19 +9,18 @@ refused.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from numbers import Integral, Real
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
+from ..atomic import atomic_write_bytes
 from ..errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
 
 logger = logging.getLogger(__name__)
@@ -408,7 +407,7 @@ class PrivacyLedger:
 
     def save_report(self, path: str) -> None:
         """Write `report()` as JSON, atomically (temporary file, fsync, rename); inf is written as `Infinity`."""
-        _atomic_write_text(os.fspath(path), json.dumps(self.report(), indent=2, allow_nan=True) + "\n")
+        atomic_write_bytes(os.fspath(path), (json.dumps(self.report(), indent=2, allow_nan=True) + "\n").encode("utf-8"))
 
     def state_dict(self) -> dict:
         """JSON-serialisable full state: settings and every client's accountant history."""
@@ -463,24 +462,3 @@ def _history_entry(entry) -> tuple:
         raise ConfigError(f"Accountant history entries must be [noise_multiplier, sample_rate, steps], got {entry!r}.")
     sigma, q, n = entry
     return (_check_sigma(sigma), _check_q(q), _steps("steps", n))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable, where a directory can be fsynced
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

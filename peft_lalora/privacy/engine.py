@@ -15,7 +15,7 @@ from ..tuner.roles import factor_names
 from .grad_sample import select_backend
 from .grad_sample_base import model_inputs
 from .losses import per_example_loss
-from .optimizer import DPOptimizer
+from .optimizer import GradientPrivatizer
 
 
 def mixed_precision(model: torch.nn.Module, dtype: Optional[torch.dtype]):
@@ -30,7 +30,7 @@ def active_parameters(model: torch.nn.Module) -> dict:
 
 class PrivateStep:
     """
-    A DP-SGD step: exact per-sample gradients (`backend`), then `DPOptimizer` (clip, sum, noise, scale,
+    A DP-SGD step: exact per-sample gradients (`backend`), then `GradientPrivatizer` (clip, sum, noise, scale,
     low-pass, inner step).
 
     Args:
@@ -52,10 +52,10 @@ class PrivateStep:
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.backend = select_backend(model, backend, loss_fn)
-        self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                              per_sample_max_grad_norm=per_sample_max_grad_norm,
-                              factor_of=factor_names(model, adapter_name), lowpass_kernel=lowpass_kernel,
-                              generator=generator, head_max_grad_norm=head_max_grad_norm)
+        self.dp = GradientPrivatizer(optimizer, noise_multiplier=noise_multiplier,
+                                     per_sample_max_grad_norm=per_sample_max_grad_norm,
+                                     factor_of=factor_names(model, adapter_name), lowpass_kernel=lowpass_kernel,
+                                     generator=generator, head_max_grad_norm=head_max_grad_norm)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

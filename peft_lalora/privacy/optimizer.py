@@ -1,4 +1,4 @@
-"""The DP-SGD step of LA-LoRA, in named stages, wrapping any torch optimizer (opacus' `DPOptimizer` style).
+"""The DP-SGD step of LA-LoRA (`GradientPrivatizer`), in named stages, wrapping any torch optimizer.
 
     clip      per-sample clipping of the joint L2 norm of the active tensors to a fixed C; a non-finite
               per-sample gradient is dropped (counted), never averaged in
@@ -9,8 +9,14 @@
     lowpass   Gaussian low-pass filter on the active LoRA factor (post-processing: no privacy cost)
     inner     the wrapped optimizer's step (SGD by default); inactive tensors have `.grad = None` and never move
 
-Why not opacus' `DPOptimizer`: it reads `p.grad_sample` from a wrapped model for a fixed parameter list and
-has no post-noise stage; LA-LoRA changes the active tensors every step and filters the noisy gradient.
+It is not an opacus `DPOptimizer` (nor a `torch.optim.Optimizer`), though clip, noise and scale use the same
+formulas as opacus 1.6's (clip factor min(1, C / (||g_i|| + 1e-6)), noise std sigma * C, division by the expected
+batch size). Opacus' optimizer reads the per-sample gradients from `p.grad_sample`, which its `GradSampleModule`
+hooks set, while this step takes them as a dict from either backend (hooks or `torch.func`); opacus sums the
+clipped gradients in the parameters' dtype (bfloat16 stays bfloat16), lets one non-finite example make the sum
+non-finite, clips jointly or per layer (`DPPerLayerOptimizer`) but not by the groups {LoRA factors, head}, and its
+only stage after the noise, `step_hook`, is the one its `PrivacyEngine` takes for the accountant: the low-pass
+filter needs a stage of its own.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from ..errors import ConfigError, LALoraWarning
 from ..tuner.lowpass import lowpass_filter
 
 
-class DPOptimizer:
+class GradientPrivatizer:
     """
+    Privatises the per-sample gradients of the active tensors (clip, sum, noise, scale, low-pass), then runs the
+    wrapped optimizer's step on them.
+
     Args:
         optimizer (`torch.optim.Optimizer`): the inner optimizer over all adapter tensors (A, B, head).
         noise_multiplier (`float`): sigma; 0.0 only when asked for explicitly (epsilon = inf).

@@ -1,10 +1,12 @@
-"""The LA-LoRA tuner: config, model, factor schedule, low-pass filter, registration with peft, export."""
+"""The LA-LoRA tuner: the methods table, config, model, factor schedule, low-pass filter, registration with peft,
+export."""
 
-from .config import ALTERNATIONS, METHODS, PEFT_TYPE, LALoraConfig
+from .config import PEFT_TYPE, LALoraConfig
 from .export import export_as_lora
 from .lowpass import lowpass_filter
+from .methods import ALTERNATIONS, METHODS, Method, method_of
 from .model import LALoraModel
-from .registration import is_registered, register
+from .registration import register
 from .schedule import trainable_factors
 
 __all__ = [
@@ -13,9 +15,10 @@ __all__ = [
     "PEFT_TYPE",
     "LALoraConfig",
     "LALoraModel",
+    "Method",
     "export_as_lora",
-    "is_registered",
     "lowpass_filter",
+    "method_of",
     "register",
     "trainable_factors",
 ]

@@ -10,6 +10,7 @@ from typing import Optional
 from peft import LoraConfig
 
 from ..errors import ConfigError
+from .methods import ALTERNATIONS, METHODS, alternation_titles, method_of
 
 
 class _PeftTypeName(str):
@@ -22,17 +23,9 @@ class _PeftTypeName(str):
 
 
 PEFT_TYPE = _PeftTypeName("LALORA")
-ALTERNATIONS = ("local", "round", "freeze_a", "none")
 FACTORS = ("A", "B")
 DEFAULT_KERNEL = (1.0, 4.0, 6.0, 4.0, 1.0)
-METHODS = {
-    # user-facing method name -> (alternation, lowpass)
-    "lalora": ("local", True),
-    "lalora_nofilter": ("local", False),
-    "rolora": ("round", False),
-    "ffa": ("freeze_a", False),
-    "dplora": ("none", False),
-}
+_TITLES = alternation_titles()  # "'local' (LA-LoRA)", ...
 
 
 @dataclass
@@ -60,7 +53,7 @@ class LALoraConfig(LoraConfig):
 
     alternation: str = field(
         default="local",
-        metadata={"help": "Factor schedule: 'local' (LA-LoRA), 'round' (RoLoRA), 'freeze_a' (FFA-LoRA), 'none' (DP-LoRA)."},
+        metadata={"help": f"Factor schedule: {', '.join(_TITLES)}."},
     )
     alternation_period: int = field(default=1, metadata={"help": "Local steps (or rounds for 'round') per phase."})
     first_factor: str = field(default="B", metadata={"help": "Factor trained in the first phase: 'B' or 'A'."})
@@ -77,18 +70,17 @@ class LALoraConfig(LoraConfig):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         if self.alternation not in ALTERNATIONS:
-            raise ConfigError(
-                f"`alternation` must be one of {ALTERNATIONS}, got {self.alternation!r}. Use 'local' for LA-LoRA, "
-                "'round' for RoLoRA, 'freeze_a' for FFA-LoRA or 'none' for DP-LoRA."
-            )
+            uses = [title.replace(" (", " for ").rstrip(")") for title in _TITLES]
+            raise ConfigError(f"`alternation` must be one of {ALTERNATIONS}, got {self.alternation!r}. Use "
+                              f"{', '.join(uses[:-1])} or {uses[-1]}.")
         if isinstance(self.alternation_period, bool) or not isinstance(self.alternation_period, int) or self.alternation_period < 1:
             raise ConfigError(f"`alternation_period` must be an integer >= 1, got {self.alternation_period!r}.")
         if self.first_factor not in FACTORS:
             raise ConfigError(f"`first_factor` must be 'A' or 'B', got {self.first_factor!r}.")
         if self.alternation == "freeze_a" and self.first_factor != "B":
             raise ConfigError("`first_factor` must be 'B' with `alternation='freeze_a'` (A never trains), got 'A'.")
-        if self.lowpass is None:
-            self.lowpass = self.alternation == "local"
+        if self.lowpass is None:  # the alternation's primary method's: on for "local" (LA-LoRA), else off
+            self.lowpass = method_of(self.alternation).lowpass
         if not isinstance(self.lowpass, bool):
             raise ConfigError(f"`lowpass` must be True, False or None (the method's default), got {self.lowpass!r} of "
                               f"type {type(self.lowpass).__name__}; a string such as 'false' would count as true.")
@@ -96,7 +88,7 @@ class LALoraConfig(LoraConfig):
 
     @classmethod
     def for_method(cls, method: str, **kwargs) -> LALoraConfig:
-        """Config for one of the paper's methods: `lalora`, `lalora_nofilter`, `rolora`, `ffa` or `dplora`."""
+        """Config for one of the paper's methods: a name in `peft_lalora.tuner.METHODS` (`lalora`, ...)."""
         if method not in METHODS:
             raise ConfigError(f"`method` must be one of {tuple(METHODS)}, got {method!r}.")
         fixed = sorted({"alternation", "lowpass"} & set(kwargs))
@@ -104,13 +96,7 @@ class LALoraConfig(LoraConfig):
             raise ConfigError(f"{', '.join(f'`{k}`' for k in fixed)} is set by `method`={method!r}; pick the method "
                               "that has it (e.g. 'lalora_nofilter' for LA-LoRA without the filter), or build "
                               "`LALoraConfig(alternation=..., lowpass=...)` directly.")
-        alternation, lowpass = METHODS[method]
-        return cls(alternation=alternation, lowpass=lowpass, **kwargs)
-
-    @property
-    def normalized_lowpass_kernel(self) -> tuple:
-        total = sum(self.lowpass_kernel)
-        return tuple(k / total for k in self.lowpass_kernel)
+        return cls(alternation=METHODS[method].alternation, lowpass=METHODS[method].lowpass, **kwargs)
 
 
 def _check_positive(name: str, value) -> None:

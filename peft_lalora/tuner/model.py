@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -82,15 +81,6 @@ class LALoraModel(LoraModel):
                     pairs += [("A", module.lora_A[name].weight), ("B", module.lora_B[name].weight)]
             cache[name] = pairs
         return cache[name]
-
-    def named_factor_parameters(self, adapter_name: Optional[str] = None) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-        """Yield `(parameter name, factor, parameter)` for every LoRA weight of the adapter."""
-        name = adapter_name or self.active_adapters[0]
-        for pname, param in self.model.named_parameters():
-            if f".lora_A.{name}." in pname:
-                yield pname, "A", param
-            elif f".lora_B.{name}." in pname:
-                yield pname, "B", param
 
 
 def candidate_module_names(model: torch.nn.Module, limit: int = 20) -> list:

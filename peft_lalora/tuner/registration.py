@@ -17,7 +17,3 @@ def register() -> None:
     peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LALoraConfig
     peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = LALoraModel
     peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = LALoraModel.prefix
-
-
-def is_registered() -> bool:
-    return peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is LALoraModel

@@ -12,7 +12,6 @@ from .errors import (
     HubError,
     LALoraError,
     LALoraWarning,
-    NotRegisteredError,
     PrivacyBudgetExceededError,
     UnsupportedModelError,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "LALoraError",
     "LALoraModel",
     "LALoraWarning",
-    "NotRegisteredError",
     "PrivacyBudgetExceededError",
     "UnsupportedModelError",
     "__version__",

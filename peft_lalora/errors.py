@@ -40,12 +40,5 @@ class HubError(LALoraError):
     """Pushing to or loading from the Hugging Face Hub failed; local artifacts are untouched."""
 
 
-class NotRegisteredError(LALoraError, KeyError):
-    """An LALORA adapter was loaded in a process that never imported peft_lalora."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
-
-
 class LALoraWarning(UserWarning):
     """Warnings emitted by peft_lalora."""

@@ -1,6 +1,6 @@
 """setup.cfg declares what the code imports, and nothing it never imports.
 
-Every third-party module imported by the package (`peft_lalora/`, `_peft_lalora_hint.py`) is in
+Every third-party module imported by the package (`peft_lalora/`) is in
 `install_requires`, and every `install_requires` entry is imported by the package; what only the recipes import
 is in the `recipes` extra. Imports guarded by `try: ... except ImportError:` are optional and need no declaration.
 """
@@ -78,8 +78,7 @@ FLOWER = ROOT / "peft_lalora" / "flower"  # the optional integration: its import
 
 
 def _package_files():
-    core = [p for p in sorted((ROOT / "peft_lalora").rglob("*.py")) if FLOWER not in p.parents]
-    return core + [ROOT / "_peft_lalora_hint.py"]
+    return [p for p in sorted((ROOT / "peft_lalora").rglob("*.py")) if FLOWER not in p.parents]
 
 
 def test_the_flower_extra_declares_what_the_flower_integration_imports():

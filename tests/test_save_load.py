@@ -101,19 +101,34 @@ dump(model(**inputs).logits)
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=1e-6, atol=1e-6)
 
 
-def test_loading_without_import_says_import_peft_lalora(saved):
-    tmp, *_ = saved
-    proc = run_fresh("""
+def test_without_import_peft_lalora_plain_peft_fails_until_it_is_imported(saved):
+    # Nothing in the environment patches peft (no start-up hook): loading an LALORA adapter without
+    # `import peft_lalora` is peft's own KeyError, on every try, and never imports peft_lalora behind the
+    # caller's back. The card and the README say to import it first; after that the same call loads.
+    tmp, _, _, logits = saved
+    run_fresh(LOAD_PREAMBLE + """
 import sys
+import peft.mapping
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
-assert "peft_lalora" not in sys.modules
-base = AutoModelForSequenceClassification.from_pretrained("base")
-PeftModel.from_pretrained(base, "adapter")
-""", tmp, expect_ok=False)
-    assert proc.returncode != 0
-    assert "import peft_lalora" in proc.stderr
-    assert "NotRegisteredError" in proc.stderr
+assert type(peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING) is dict, type(peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING)
+assert type(peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING) is dict, type(peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING)
+for attempt in range(2):
+    base = AutoModelForSequenceClassification.from_pretrained("base").eval()
+    try:
+        PeftModel.from_pretrained(base, "adapter")
+    except KeyError as exc:
+        assert type(exc) is KeyError and exc.args == ("LALORA",), repr(exc)
+    else:
+        raise AssertionError(f"try {attempt}: an LALORA adapter loaded without import peft_lalora")
+    assert "peft_lalora" not in sys.modules
+import peft_lalora
+base = AutoModelForSequenceClassification.from_pretrained("base").eval()
+model = PeftModel.from_pretrained(base, "adapter").eval()
+assert type(model.base_model).__name__ == "LALoraModel", type(model.base_model)
+dump(model(**inputs).logits)
+""", tmp)
+    torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
 
 
 def test_merge_and_unload_gives_identical_logits(saved):

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 from fed_helpers import adapter_state, make_trainer, toy_args, toy_dataset, toy_model
-from transformers import TrainerCallback
+from transformers import TrainerCallback, default_data_collator
 
 from peft_lalora import CheckpointMismatchError, ConfigError, FederatedDPTrainer, HubError, LALoraWarning
+from peft_lalora.federated import ClientShard, LocalConfig, client_update, make_stepper, model_columns
 from peft_lalora.federated.checkpoint import STATE_DIR
 
 
@@ -152,3 +153,25 @@ def test_r17_the_private_checkpoint_is_readable_by_its_owner_only(tmp_path):
     trainer = secret_run(tmp_path / "run", num_rounds=1)
     trainer.train()
     assert (tmp_path / "run" / STATE_DIR / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_client_update_neither_reads_nor_moves_the_callers_global_rng():
+    # Prepare: one client's shard and a model in train mode (its dropout draws from torch's global generator)
+    model = toy_model().train()
+    global_state = adapter_state(model)
+    shard = ClientShard(toy_dataset(n=40), default_data_collator, model_columns(model), "cpu")
+    stepper = make_stepper(model, dp=True, noise_multiplier=1.0)
+
+    def update(caller_seed):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        delta = client_update(model=model, stepper=stepper, shard=shard, global_state=global_state, round_idx=0,
+                              client=0, lr=0.5, local=LocalConfig(local_steps=2, batch_size=8), private_seed=0).delta
+        return delta, before, torch.get_rng_state()
+
+    # Execute: the same update, called with two different global generator states
+    first, before_first, after_first = update(caller_seed=1)
+    second, before_second, after_second = update(caller_seed=2)
+    # Assert: the caller's generator is where it was, and the update depends on (seed, round, client) only
+    assert torch.equal(after_first, before_first) and torch.equal(after_second, before_second)
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ..privacy.sampling import poisson_sample
-from .seeding import derive_seed, generator
+from .seeding import generator, global_rng
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 
@@ -59,21 +59,21 @@ def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Calla
     """
     sampler = generator(seed, "sample", round_idx, client)
     noise = generator(seed, "noise", round_idx, client, device=shard.device)
-    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client))
-    stepper.reset(make_optimizer(), noise)
     sample_rate = batch_size / len(shard)
     trained, losses, examples, dropped = set(), [], 0, 0
-    for step in range(local_steps):
-        factors = tuner.trainable_factors(round_idx, step)
-        tuner.set_trainable_factors(factors)
-        trained |= factors
-        indices = poisson_sample(len(shard), sample_rate, sampler).tolist()
-        if not indices and not stepper.private:
-            continue  # nothing to learn from, and no privacy mechanism that must run
-        out = stepper(shard.batch(indices), expected_batch_size=batch_size)
-        examples += out["batch_size"]
-        dropped += out.get("dropped", 0)
-        if math.isfinite(out["loss"]):
-            losses.append(out["loss"])
+    with global_rng(seed, "dropout", round_idx, client):  # dropout takes no generator; the caller's RNG is kept
+        stepper.reset(make_optimizer(), noise)
+        for step in range(local_steps):
+            factors = tuner.trainable_factors(round_idx, step)
+            tuner.set_trainable_factors(factors)
+            trained |= factors
+            indices = poisson_sample(len(shard), sample_rate, sampler).tolist()
+            if not indices and not stepper.private:
+                continue  # nothing to learn from, and no privacy mechanism that must run
+            out = stepper(shard.batch(indices), expected_batch_size=batch_size)
+            examples += out["batch_size"]
+            dropped += out.get("dropped", 0)
+            if math.isfinite(out["loss"]):
+                losses.append(out["loss"])
     return {"factors": frozenset(trained), "loss": sum(losses) / len(losses) if losses else float("nan"),
             "examples": examples, "dropped": dropped}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -29,6 +31,23 @@ def secret_seed() -> str:
 
 def generator(seed: int, *keys, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, *keys))
+
+
+@contextmanager
+def global_rng(seed: int, *keys) -> Iterator[None]:
+    """Seed torch's global generators (CPU, and every CUDA device once CUDA is in use) from the keys inside the
+    block, and give the caller back its own generator states on exit.
+
+    For the draws that take no generator: dropout (`nn.Dropout`, the attention's `F.dropout`) draws from the
+    global generator of the device it runs on. The block sees the same stream as `torch.manual_seed` would give
+    it, and nothing outside the block sees a changed state."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        value = derive_seed(seed, *keys)
+        torch.default_generator.manual_seed(value)
+        if cuda:
+            torch.cuda.manual_seed_all(value)
+        yield
 
 
 def select_clients(seed: int, round_idx: int, num_clients: int, clients_per_round: int) -> list:

@@ -111,6 +111,26 @@ def test_head_trains_in_every_phase():
         assert head and all(p.requires_grad for p in head)
 
 
+def test_factor_parameters_follow_adapters_added_and_deleted():
+    # Prepare: one adapter on the 2 query layers
+    model = get_peft_model(tiny_roberta(), LALoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    tuner = model.base_model
+
+    def weights(adapter):
+        return [p for n, p in model.named_parameters() if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n]
+
+    assert [f for f, _ in tuner.factor_parameters()] == ["A", "B", "A", "B"]
+    # Execute: add a second adapter, delete it, add one of the same name on other layers
+    model.add_adapter("other", LALoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    first = tuner.factor_parameters("other")
+    model.delete_adapter("other")
+    model.add_adapter("other", LALoraConfig(r=2, target_modules=["value"], task_type="SEQ_CLS"))
+    # Assert: each answer names the adapter's current weights, in module order
+    assert len(first) == 8
+    assert [id(p) for _, p in tuner.factor_parameters("other")] == [id(p) for p in weights("other")]
+    assert [id(p) for _, p in tuner.factor_parameters("default")] == [id(p) for p in weights("default")]
+
+
 def test_freeze_a_refuses_training_a():
     model = get_peft_model(tiny_roberta(), LALoraConfig(r=2, target_modules=["query"], alternation="freeze_a"))
     with pytest.raises(ConfigError, match="freeze_a"):

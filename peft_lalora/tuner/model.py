@@ -26,8 +26,12 @@ class LALoraModel(LoraModel):
 
     prefix: str = "lora_"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # injects the first adapter
+        self._factor_params: dict[str, list] = {}  # adapter name -> `factor_parameters(name)`, filled on first use
+
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        self.__dict__.pop("_factor_cache", None)  # the set of LoRA layers changes
+        self._factor_params = {}  # the set of LoRA layers changes (the first call comes from `__init__`)
         try:
             return super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as exc:
@@ -66,21 +70,21 @@ class LALoraModel(LoraModel):
         return factors
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.__dict__.pop("_factor_cache", None)
+        self._factor_params = {}
         super().delete_adapter(adapter_name)
 
     def factor_parameters(self, adapter_name: Optional[str] = None) -> list[tuple[str, torch.nn.Parameter]]:
-        """`("A", weight)` / `("B", weight)` for every LoRA layer of the adapter, in module order (cached: the
-        schedule switches factors at every local step, and walking every module each time costs ~1 ms a step)."""
+        """`("A", weight)` / `("B", weight)` for every LoRA layer of the adapter, in module order (kept until an
+        adapter is added or deleted: the schedule switches factors at every local step, and a large model has
+        many modules to walk)."""
         name = adapter_name or self.active_adapters[0]
-        cache = self.__dict__.setdefault("_factor_cache", {})
-        if name not in cache:
+        if name not in self._factor_params:
             pairs = []
             for module in self.model.modules():
                 if isinstance(module, LoraLayer) and name in module.lora_A:
                     pairs += [("A", module.lora_A[name].weight), ("B", module.lora_B[name].weight)]
-            cache[name] = pairs
-        return cache[name]
+            self._factor_params[name] = pairs
+        return self._factor_params[name]
 
 
 def candidate_module_names(model: torch.nn.Module, limit: int = 20) -> list:

@@ -183,7 +183,7 @@ class FederatedDPArguments(TrainingArguments):
                           LALoraWarning, stacklevel=3)
 
     def privacy_settings(self) -> dict:
-        """The settings a resumed run must share with the checkpoint it resumes (R11)."""
+        """The settings a resumed run must share with the checkpoint it resumes."""
         names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
                  "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
                  "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",

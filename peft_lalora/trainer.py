@@ -257,7 +257,7 @@ class FederatedDPTrainer(Trainer):
         return logs
 
     def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:
-        """One client's update into `total`; a client that raises is dropped (R14), a budget error is not."""
+        """One client's update into `total`; a client that raises is dropped, a budget error is not."""
         try:
             update = client_update(model=self.model, stepper=self.stepper, shard=self._federation["shards"][client],
                                    global_state=self.global_adapter.state, round_idx=round_idx, client=client, lr=lr,

@@ -1,4 +1,4 @@
-"""R6 (accountant correctness), R7 (calibration and budget), ledger report and state.
+"""Accountant correctness, calibration and budget, ledger report and state.
 
 Independent references: opacus' accountant driven step by step, the closed-form RDP of the Gaussian mechanism,
 an implementation here of the subsampled-Gaussian RDP for integer orders (Mironov, Talwar, Zhang 2019) and
@@ -53,7 +53,7 @@ def _opacus_stepwise(sigma, q, steps, delta, accountant=RDPAccountant, **kwargs)
     return acc.get_epsilon(delta=delta, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------------ R6
+# ----------------------------------------------------------------------------------- accountant correctness
 def test_orders_are_opacus_defaults():
     assert RDPAccountant.DEFAULT_ALPHAS == ORDERS
     assert ACCOUNTANTS == ("rdp", "prv")
@@ -167,7 +167,7 @@ def test_compute_epsilon_validation(field, value, message):
         compute_epsilon(**kwargs)
 
 
-# ------------------------------------------------------------------------------------------------------ R7
+# ----------------------------------------------------------------------------------- calibration and budget
 @pytest.mark.filterwarnings("ignore:Optimal order")
 @pytest.mark.parametrize("target", [0.5, 1.0, 3.0, 8.0])
 @pytest.mark.parametrize("q", [0.01, 0.1])

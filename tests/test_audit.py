@@ -1,4 +1,4 @@
-"""R9: an empirical privacy audit of the noisy step (canary membership inference, Jagielski et al. 2020 /
+"""An empirical privacy audit of the noisy step (canary membership inference, Jagielski et al. 2020 /
 Nasr et al. 2021 style).
 
 Per trial, the mechanism runs once on a batch D that holds a canary example and once on D' = D without it
@@ -115,7 +115,7 @@ def synthetic_mechanism(sigma: float, steps: int, seed: int):
     return opt, batch_in, batch_out, released
 
 
-def test_r9_audit_dp_optimizer(sigma=2.5, steps=1):
+def test_audit_dp_optimizer(sigma=2.5, steps=1):
     # Prepare: the accountant is told sigma; the canary's noise-free contribution fixes the direction to score
     eps_accountant = compute_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=DELTA)
     assert 1.0 <= eps_accountant <= 2.0  # moderate (1.69), so 3x stays reachable with the trials below
@@ -184,7 +184,7 @@ def tiny_lora_step(sigma: float, seed: int):
     return step, batch_in, batch_out, released
 
 
-def test_r9_audit_private_step_end_to_end():
+def test_audit_private_step_end_to_end():
     sigma = 2.5
     eps_accountant = compute_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=DELTA)
     step, batch_in, batch_out, released = tiny_lora_step(sigma, seed=0)

@@ -1,5 +1,5 @@
-"""The DP-SGD step: frozen stays frozen (R2), per-sample sensitivity (R3), noise calibration (R4),
-DP-off equivalence (R5), non-finite samples (R15), empty Poisson batches."""
+"""The DP-SGD step: frozen stays frozen, per-sample sensitivity, noise calibration,
+DP-off equivalence, non-finite samples, empty Poisson batches."""
 
 import copy
 import warnings
@@ -35,8 +35,8 @@ def dp_optimizer(params, sigma=0.0, clip=C, kernel=None, seed=0, factor_of=None)
                        factor_of=factor_of, generator=torch.Generator().manual_seed(seed))
 
 
-# ----- R2 ----------------------------------------------------------------------------------------------------
-def test_r2_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches():
+# ----- frozen stays frozen -----------------------------------------------------------------------------------
+def test_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches():
     # Prepare: AdamW with weight decay, the optimizer most likely to move a tensor it should not
     model = roberta_model()
     tuner = model.base_model
@@ -66,7 +66,7 @@ def test_r2_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches
         assert torch.equal(dict(model.named_parameters())[name].detach(), value), name
 
 
-# ----- R3 ----------------------------------------------------------------------------------------------------
+# ----- per-sample sensitivity --------------------------------------------------------------------------------
 def _summed_clipped(opt, grad_samples):
     """The production path: per-example factors, then the weighted sum."""
     return opt.sum_clipped(grad_samples, opt.clip_factors(grad_samples))
@@ -83,7 +83,7 @@ def _batch_clipped(grad_samples, clip):
     return {n: s * min(1.0, clip / (norm + 1e-6)) for n, s in summed.items()}
 
 
-def test_r3_huge_sample_moves_the_sum_by_exactly_c():
+def test_huge_sample_moves_the_sum_by_exactly_c():
     g = torch.Generator().manual_seed(0)
     samples = {"a": torch.randn(5, 4, 8, generator=g) * 0.01, "b": torch.randn(5, 8, 4, generator=g) * 0.01}
     huge = {"a": torch.randn(1, 4, 8, generator=g) * 1e6, "b": torch.randn(1, 8, 4, generator=g) * 1e6}
@@ -106,7 +106,7 @@ def _adversarial_pairs(count=600, seed=0):
         yield grads, {n: v[:-1] for n, v in grads.items()}
 
 
-def test_r3_adversarial_neighbours_never_differ_by_more_than_c():
+def test_adversarial_neighbours_never_differ_by_more_than_c():
     opt = dp_optimizer([torch.nn.Parameter(torch.zeros(1))])
     worst = 0.0
     for big, small in _adversarial_pairs():
@@ -119,7 +119,7 @@ def test_r3_adversarial_neighbours_never_differ_by_more_than_c():
     assert worst >= 0.99 * C  # the bound is reached, the pairs are adversarial enough
 
 
-def test_r3_batch_level_clipping_fails_the_same_check():
+def test_batch_level_clipping_fails_the_same_check():
     worst = 0.0
     for big, small in _adversarial_pairs():
         if small["A"].shape[0] == 0:
@@ -134,7 +134,7 @@ def test_r3_batch_level_clipping_fails_the_same_check():
     assert _diff_norm(_summed_clipped(opt, pair), _summed_clipped(opt, x)) <= C * (1 + 1e-6)
 
 
-def test_r3_real_model_neighbours_differ_by_exactly_c_when_all_clip():
+def test_real_model_neighbours_differ_by_exactly_c_when_all_clip():
     model = roberta_model()
     step = PrivateStep(model, torch.optim.SGD(active_parameters(model).values(), lr=0.1), noise_multiplier=0.0,
                        per_sample_max_grad_norm=1e-4)
@@ -146,9 +146,9 @@ def test_r3_real_model_neighbours_differ_by_exactly_c_when_all_clip():
     assert _diff_norm(g_big, g_small) == pytest.approx(1e-4, rel=1e-3)  # the last example's norm >> C
 
 
-# ----- R4 ----------------------------------------------------------------------------------------------------
+# ----- noise calibration -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(20))
-def test_r4_noise_std_is_sigma_c_over_b(seed):
+def test_noise_std_is_sigma_c_over_b(seed):
     sigma, batch = 1.3, 16
     param = torch.nn.Parameter(torch.zeros(400, 256))  # 102,400 coordinates
     opt = dp_optimizer([param], sigma=sigma, seed=seed)
@@ -158,7 +158,7 @@ def test_r4_noise_std_is_sigma_c_over_b(seed):
     assert abs(float(noise.mean())) < 5 * sigma * C / batch / 320  # 5 standard errors
 
 
-def test_r4_noise_independent_across_steps():
+def test_noise_independent_across_steps():
     param = torch.nn.Parameter(torch.zeros(100_000))
     opt = dp_optimizer([param], sigma=1.0, seed=3)
     zero = {"w": torch.zeros(4, 100_000)}
@@ -178,8 +178,8 @@ def test_lowpass_stage_filters_the_noise_of_the_active_factor_only():
     assert abs(float(out["h"].std()) / C - 1) < 0.03
 
 
-# ----- R5 ----------------------------------------------------------------------------------------------------
-def test_r5_no_noise_huge_clip_equals_non_private_update():
+# ----- DP off equals the non-private step --------------------------------------------------------------------
+def test_no_noise_huge_clip_equals_non_private_update():
     private_model = roberta_model(alternation="none")
     plain_model = copy.deepcopy(private_model)
     batch = text_batch(6)
@@ -196,7 +196,7 @@ def test_r5_no_noise_huge_clip_equals_non_private_update():
     assert changed > 0
 
 
-# ----- R15 and empty batches -----------------------------------------------------------------------------------
+# ----- non-finite samples and empty batches --------------------------------------------------------------------
 def vit_model():
     model = get_peft_model(tiny_vit(), LALoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                     modules_to_save=["classifier"], alternation="none"))
@@ -204,7 +204,7 @@ def vit_model():
     return model.eval()
 
 
-def test_r15_nan_sample_is_dropped_and_equals_the_run_without_it():
+def test_nan_sample_is_dropped_and_equals_the_run_without_it():
     batch = image_inputs(8, batch=5, seed=1)
     batch["labels"] = torch.tensor([0, 1, 2, 0, 1])
     poisoned = {k: v.clone() for k, v in batch.items()}

@@ -1,5 +1,5 @@
 """The real engine on 127.0.0.1: `flower-superlink` with TLS and SuperNode authentication, two `flower-supernode`s
-with registered keys, jobs submitted with `flwr run` (R19, R20). Every process is stopped by PID, children included.
+with registered keys, jobs submitted with `flwr run`. Every process is stopped by PID, children included.
 
 One SuperLink per test; each job runs a tiny RoBERTa (tests/fed_helpers.py) for a few rounds.
 """

@@ -1,6 +1,6 @@
 """Guarantees checked on a CUDA device (marker `gpu`: not in the default run; skipped without CUDA).
 
-- R1 on CUDA: per-sample gradients of both backends equal a one-example-at-a-time loop on the GPU, fp32 with
+- Exactness on CUDA: per-sample gradients of both backends equal a one-example-at-a-time loop on the GPU, fp32 with
   TF32 off, |got - ref| <= 1e-6 + 1e-5 * |ref| (the CPU tolerance of test_grad_sample.py).
 - The DP step: the same per-sample gradients give the same privatised gradient and update on CUDA as on CPU
   (zero noise; fp32 rounding only), and CUDA noise has std sigma * C / B within 1 % over 102,400 coordinates.
@@ -53,14 +53,14 @@ def to(batch: dict, device, dtype=None) -> dict:
     return {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in batch.items()}
 
 
-# ----- R1 on CUDA ------------------------------------------------------------------------------------------------
+# ----- exactness on CUDA -----------------------------------------------------------------------------------------
 CASES = [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"), ("swin", "func"), ("vit", "func")]
 
 
 @pytest.mark.parametrize("batch_size", [3, 16])
 @pytest.mark.parametrize("factors", ["B", "A"])
 @pytest.mark.parametrize("name,backend_name", CASES)
-def test_r1_cuda_per_sample_gradients_equal_one_example_loop(name, backend_name, factors, batch_size):
+def test_cuda_per_sample_gradients_equal_one_example_loop(name, backend_name, factors, batch_size):
     # Prepare
     model = cuda_model(name)
     params = set_phase(model, factors)
@@ -125,7 +125,7 @@ def test_dp_step_on_cuda_with_torch_default_tf32_flags_is_within_tf32_rounding()
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_r4_cuda_noise_std_is_sigma_c_over_b(seed):
+def test_cuda_noise_std_is_sigma_c_over_b(seed):
     sigma, batch = 1.3, 16
     param = torch.nn.Parameter(torch.zeros(400, 256, device="cuda"))  # 102,400 coordinates
     opt = GradientPrivatizer(torch.optim.SGD([param], lr=0.1), noise_multiplier=sigma, per_sample_max_grad_norm=C,

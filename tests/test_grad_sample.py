@@ -1,4 +1,4 @@
-"""R1: per-sample gradients of the trainable LoRA tensors equal a one-example-at-a-time loop.
+"""Per-sample gradients of the trainable LoRA tensors equal a one-example-at-a-time loop.
 
 Reference: the model in eval mode, plain autograd, each example alone with its own padding (padded positions
 cut off), frozen parameters present. Tolerance: |got - ref| <= 1e-6 + 1e-5 * |ref| (CPU fp32).
@@ -102,7 +102,7 @@ def assert_matches_reference(backend, model, batch, params):
     assert all(p.grad is None for p in model.parameters())
 
 
-# ----- R1: exactness -------------------------------------------------------------------------------------------
+# ----- exactness -----------------------------------------------------------------------------------------------
 CASES = [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"), ("swin", "func"), ("vit", "func")]
 
 

@@ -1,4 +1,4 @@
-"""R16: model cards and pushing an aggregated adapter to the Hub, against a local fake Hub (tests/hub_server.py)."""
+"""Model cards and pushing an aggregated adapter to the Hub, against a local fake Hub (tests/hub_server.py)."""
 
 from __future__ import annotations
 

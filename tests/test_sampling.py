@@ -1,4 +1,4 @@
-"""R8: Poisson sampling of client batches (batch sizes ~ Binomial(n, q), reproducible, possibly empty)."""
+"""Poisson sampling of client batches (batch sizes ~ Binomial(n, q), reproducible, possibly empty)."""
 
 import numpy as np
 import pytest

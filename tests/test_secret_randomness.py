@@ -1,4 +1,4 @@
-"""R17, R18: the DP noise and the Poisson batches come from secret randomness, kept only in the private
+"""The DP noise and the Poisson batches come from secret randomness, kept only in the private
 checkpoint; a trainer never replays its rounds; a DP checkpoint without a consistent ledger is refused."""
 
 import json
@@ -20,7 +20,7 @@ def secret_run(path, **overrides):
     return make_trainer(path, noise_seed=None, **{"num_rounds": 2, **overrides})
 
 
-def test_r17_same_public_arguments_give_different_adapters(tmp_path):
+def test_same_public_arguments_give_different_adapters(tmp_path):
     # Prepare / Execute: two runs with identical public arguments, seed included
     first, second = secret_run(tmp_path / "a"), secret_run(tmp_path / "b")
     first.train()
@@ -31,7 +31,7 @@ def test_r17_same_public_arguments_give_different_adapters(tmp_path):
     assert first.ledger.state_dict() == second.ledger.state_dict()
 
 
-def test_r17_fixed_noise_seed_reproduces_and_is_reported_as_not_private(tmp_path):
+def test_fixed_noise_seed_reproduces_and_is_reported_as_not_private(tmp_path):
     with pytest.warns(LALoraWarning, match="NO differential-privacy guarantee"):
         args = toy_args(tmp_path / "a", noise_seed=7)
     first = FederatedDPTrainer(model=toy_model(), args=args, train_dataset=toy_dataset())
@@ -56,7 +56,7 @@ class SnapshotAfterRound(TrainerCallback):
             shutil.copytree(self.source, self.target)
 
 
-def test_r17_resume_from_the_private_checkpoint_equals_the_uninterrupted_run(tmp_path):
+def test_resume_from_the_private_checkpoint_equals_the_uninterrupted_run(tmp_path):
     # Prepare: an uninterrupted secret-noise run whose checkpoint after round 1 is kept aside
     snapshot = tmp_path / "snapshot" / STATE_DIR
     args = toy_args(tmp_path / "full", noise_seed=None, num_rounds=3)
@@ -73,7 +73,7 @@ def test_r17_resume_from_the_private_checkpoint_equals_the_uninterrupted_run(tmp
     assert resumed.ledger.state_dict() == full.ledger.state_dict()
 
 
-def test_r17_nothing_published_holds_the_secret(tmp_path):
+def test_nothing_published_holds_the_secret(tmp_path):
     trainer = secret_run(tmp_path / "run")
     trainer.train()
     trainer.save_model()
@@ -88,14 +88,14 @@ def test_r17_nothing_published_holds_the_secret(tmp_path):
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["noise_seed"] is None
 
 
-def test_r17_push_to_hub_refuses_a_fixed_noise_seed(tmp_path):
+def test_push_to_hub_refuses_a_fixed_noise_seed(tmp_path):
     trainer = make_trainer(tmp_path / "run", num_rounds=1, hub_model_id="alice/not-private")
     trainer.train()
     with pytest.raises(HubError, match="allow_fixed_noise_seed"):  # before any network call (none is reachable)
         trainer.push_to_hub()
 
 
-def test_r18_second_train_call_is_refused_and_charges_nothing(tmp_path):
+def test_second_train_call_is_refused_and_charges_nothing(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.train()
     before = trainer.ledger.state_dict()
@@ -119,7 +119,7 @@ def _killed_run(path):
 
 
 @pytest.mark.parametrize("tamper", ["removed", "emptied", "one_client_zeroed", "sigma_changed"])
-def test_r10_checkpoint_without_a_consistent_ledger_is_refused(tmp_path, tamper):
+def test_checkpoint_without_a_consistent_ledger_is_refused(tmp_path, tamper):
     # Prepare: a DP run killed after 2 rounds, then its ledger tampered with
     state_path = _killed_run(tmp_path)
     state = json.loads(state_path.read_text())
@@ -139,7 +139,7 @@ def test_r10_checkpoint_without_a_consistent_ledger_is_refused(tmp_path, tamper)
         resumed.train(resume_from_checkpoint=True)
 
 
-def test_r10_checkpoint_without_private_randomness_is_refused(tmp_path):
+def test_checkpoint_without_private_randomness_is_refused(tmp_path):
     state_path = _killed_run(tmp_path)
     state = json.loads(state_path.read_text())
     del state["private_seed"]
@@ -149,7 +149,7 @@ def test_r10_checkpoint_without_private_randomness_is_refused(tmp_path):
         resumed.train(resume_from_checkpoint=True)
 
 
-def test_r17_the_private_checkpoint_is_readable_by_its_owner_only(tmp_path):
+def test_the_private_checkpoint_is_readable_by_its_owner_only(tmp_path):
     trainer = secret_run(tmp_path / "run", num_rounds=1)
     trainer.train()
     assert (tmp_path / "run" / STATE_DIR / "state.json").stat().st_mode & 0o777 == 0o600

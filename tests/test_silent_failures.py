@@ -1,4 +1,4 @@
-"""R18: a failure shared by every client is raised (before any budget is charged where it can be caught up
+"""A failure shared by every client is raised (before any budget is charged where it can be caught up
 front), a client whose every example was dropped is not a healthy client, and a training argument the
 federated loop would ignore is refused or honoured."""
 
@@ -46,7 +46,7 @@ def _broken(kind: str) -> Dataset:
     ("too_long", "max_position_embeddings"),
     ("token_ids_beyond_vocab", "vocabulary"),
 ])
-def test_r18_a_failure_every_client_shares_is_raised_before_any_charge(tmp_path, kind, match):
+def test_a_failure_every_client_shares_is_raised_before_any_charge(tmp_path, kind, match):
     # Prepare: every client holds the same broken data
     trainer = make_trainer(tmp_path, dataset=_broken(kind), dirichlet_alpha=None)
     start = adapter_state(trainer.model)
@@ -59,7 +59,7 @@ def test_r18_a_failure_every_client_shares_is_raised_before_any_charge(tmp_path,
     assert not (tmp_path / STATE_DIR).exists()
 
 
-def test_r18_a_backend_that_cannot_trace_the_model_is_raised_before_any_charge(tmp_path, monkeypatch):
+def test_a_backend_that_cannot_trace_the_model_is_raised_before_any_charge(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path)
     trainer._setup_federation()
 
@@ -72,7 +72,7 @@ def test_r18_a_backend_that_cannot_trace_the_model_is_raised_before_any_charge(t
     assert all(trainer.ledger.steps(c) == 0 for c in range(4))
 
 
-def test_r18_a_round_where_every_client_fails_is_raised_and_its_charge_withdrawn(tmp_path, monkeypatch):
+def test_a_round_where_every_client_fails_is_raised_and_its_charge_withdrawn(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, num_rounds=3)
 
     def failing_round(**kwargs):
@@ -102,7 +102,7 @@ def vit_trainer(tmp_path, nan_clients):
     return FederatedDPTrainer(model=model, args=args, client_datasets=vit_clients(nan_clients))
 
 
-def test_r18_a_client_whose_every_example_was_dropped_is_a_failed_client(tmp_path):
+def test_a_client_whose_every_example_was_dropped_is_a_failed_client(tmp_path):
     trainer = vit_trainer(tmp_path, nan_clients={1})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -112,7 +112,7 @@ def test_r18_a_client_whose_every_example_was_dropped_is_a_failed_client(tmp_pat
     assert log["dropped_examples"] > 0
 
 
-def test_r18_every_example_dropped_everywhere_is_raised_not_reported_as_loss_zero(tmp_path):
+def test_every_example_dropped_everywhere_is_raised_not_reported_as_loss_zero(tmp_path):
     trainer = vit_trainer(tmp_path, nan_clients={0, 1, 2})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

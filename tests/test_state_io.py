@@ -1,4 +1,4 @@
-"""Artifacts: atomic writes survive a crash (R12), strict safe loads (R13), settings check (R11)."""
+"""Artifacts: atomic writes survive a crash, strict safe loads, settings check."""
 
 import hashlib
 import os
@@ -27,7 +27,7 @@ def _adapter():
     return {A: torch.arange(6, dtype=torch.float32).reshape(2, 3), B: torch.tensor([[0.5, -1.5]] * 4)}
 
 
-# ---------------------------------------------------------------- atomic writes (R12)
+# ---------------------------------------------------------------- atomic writes
 
 
 def test_atomic_write_replaces_content_and_leaves_no_temp_file(tmp_path):
@@ -116,7 +116,7 @@ def test_json_errors(tmp_path):
         load_json(str(tmp_path / "bad.json"))
 
 
-# ---------------------------------------------------------------- tensors (R13)
+# ---------------------------------------------------------------- tensors
 
 
 def test_tensor_round_trip_with_metadata_dtypes_and_shared_storage(tmp_path):
@@ -187,7 +187,7 @@ def test_load_rejects_pickle_and_truncated_files(tmp_path):
             load_tensors(str(path))
 
 
-# ---------------------------------------------------------------- settings (R11)
+# ---------------------------------------------------------------- settings
 
 
 def test_compare_settings_accepts_equal_settings_after_json_round_trip(tmp_path):

@@ -1,5 +1,5 @@
-"""Checkpoints and failures of federated training: resume after a kill (R10), changed settings (R11),
-atomic checkpoints (R12), client dropout (R14)."""
+"""Checkpoints and failures of federated training: resume after a kill, changed settings,
+atomic checkpoints, client dropout."""
 
 import os
 
@@ -34,7 +34,7 @@ def final_adapter_sha(trainer, path):
 
 
 @pytest.mark.parametrize("kill_after", [1, 2])
-def test_r10_resume_after_kill_is_bit_identical(tmp_path, kill_after):
+def test_resume_after_kill_is_bit_identical(tmp_path, kill_after):
     # Prepare: the uninterrupted run
     full = trainer_for(tmp_path / "full")
     full.train()
@@ -60,7 +60,7 @@ def test_r10_resume_after_kill_is_bit_identical(tmp_path, kill_after):
     ("seed", 1),
     ("accountant", "prv"),
 ])
-def test_r11_resume_with_changed_privacy_setting_names_the_field(tmp_path, field, value):
+def test_resume_with_changed_privacy_setting_names_the_field(tmp_path, field, value):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
@@ -70,7 +70,7 @@ def test_r11_resume_with_changed_privacy_setting_names_the_field(tmp_path, field
 
 
 @pytest.mark.parametrize("config_change", [{"r": 2}, {"lora_alpha": 4}, {"target_modules": ["query"]}])
-def test_r11_resume_with_changed_adapter_is_refused(tmp_path, config_change):
+def test_resume_with_changed_adapter_is_refused(tmp_path, config_change):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
@@ -80,7 +80,7 @@ def test_r11_resume_with_changed_adapter_is_refused(tmp_path, config_change):
         changed.train(resume_from_checkpoint=True)
 
 
-def test_r11_changed_schedule_is_refused(tmp_path):
+def test_changed_schedule_is_refused(tmp_path):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
@@ -95,7 +95,7 @@ def test_save_strategy_no_writes_no_round_checkpoints(tmp_path):
     assert not (tmp_path / STATE_DIR).exists()
 
 
-def test_r12_kill_during_checkpoint_save_leaves_previous_loadable(tmp_path, monkeypatch):
+def test_kill_during_checkpoint_save_leaves_previous_loadable(tmp_path, monkeypatch):
     trainer = trainer_for(tmp_path, num_rounds=2)
     trainer.train()  # checkpoint after round index 1
     directory = tmp_path / STATE_DIR
@@ -128,7 +128,7 @@ def broken_clients(num_broken):
     return clients
 
 
-def test_r14_failed_client_is_dropped_and_survivors_are_averaged(tmp_path):
+def test_failed_client_is_dropped_and_survivors_are_averaged(tmp_path):
     args = toy_args(tmp_path, num_rounds=1, clients_per_round=4, min_clients_per_round=2)
     model = toy_model("dplora")
     trainer = FederatedDPTrainer(model=model, args=args, client_datasets=broken_clients(1))
@@ -156,7 +156,7 @@ def test_r14_failed_client_is_dropped_and_survivors_are_averaged(tmp_path):
         torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-6)
 
 
-def test_r14_too_few_survivors_abort_the_round_and_release_nothing(tmp_path):
+def test_too_few_survivors_abort_the_round_and_release_nothing(tmp_path):
     args = toy_args(tmp_path, num_rounds=1, clients_per_round=4, min_clients_per_round=3)
     model = toy_model()
     trainer = FederatedDPTrainer(model=model, args=args, client_datasets=broken_clients(2))

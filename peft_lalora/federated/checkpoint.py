@@ -5,8 +5,8 @@ Layout of `<output_dir>/federated_state/`:
     state.json                           the commit point: round, adapter file and its SHA-256, ledger, settings,
                                          log history
 Each file is written atomically (temporary file, fsync, rename); `state.json` is written last and names its
-adapter file, so a kill at any moment leaves the previous checkpoint loadable (R12). Only then is the older
-adapter file removed. All randomness derives from (seed, round, client), so resuming is bit-identical (R10).
+adapter file, so a kill at any moment leaves the previous checkpoint loadable. Only then is the older
+adapter file removed. All randomness derives from (seed, round, client), so resuming is bit-identical.
 """
 
 from __future__ import annotations

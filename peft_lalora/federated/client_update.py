@@ -20,7 +20,7 @@ LOCAL_OPTIMIZERS = ("sgd", "adamw")
 
 
 class ClientUpdateError(RuntimeError):
-    """A client's local round produced nothing that may be sent (its update is dropped, R14); `dropped` counts
+    """A client's local round produced nothing that may be sent (its update is dropped); `dropped` counts
     the examples dropped for a non-finite gradient."""
 
     def __init__(self, message: str, dropped: int = 0):

@@ -1,7 +1,7 @@
 """Check every client's data once before any budget is charged: a failure that every client shares is the
 user's error (no `labels`, labels out of range, string labels, sequences longer than the model's positions,
 token ids beyond the vocabulary, a backend that cannot trace the model) and is raised; a client that fails on
-its own is only reported here and dropped in its rounds (R14).
+its own is only reported here and dropped in its rounds.
 
 Nothing here is released or accounted: the check reads the first examples of each shard, runs the model in
 eval mode without a gradient, and computes per-sample gradients of one batch, all discarded. No random draw is

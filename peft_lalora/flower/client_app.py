@@ -80,7 +80,7 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
                               f"privacy plan) has {job.args.local_steps}.")
         _check_scheduled(job, round_idx)
         global_state = _global_state(job, message.content[protocol.GLOBAL])
-        if not job.checked:  # the data fails here, before any charge (R18)
+        if not job.checked:  # the data fails here, before any charge
             _preflight(job, global_state, round_idx)
             job.checked = True
         ledger, seed = _charge(job, context, round_idx, steps)

@@ -3,9 +3,9 @@
     ledger.json   the client's privacy ledger: every local step ever charged to this data, with the budget
     secret.json   the secret root of the noise and the Poisson batches of each run (never leaves the machine)
 
-Both are written atomically (temporary file, fsync, rename, fsync of the folder; R12), under an exclusive lock
+Both are written atomically (temporary file, fsync, rename, fsync of the folder), under an exclusive lock
 (two runs on one node cannot lose a charge). The ledger is charged and written before the client trains, so an
-update never leaves without its charge on disk (R19); a restart, or a second run on the same state folder,
+update never leaves without its charge on disk; a restart, or a second run on the same state folder,
 continues the same ledger, so a client cannot spend its budget twice.
 
 The budget only shrinks: the ledger keeps the smallest `target_epsilon` it was ever opened with (a run's target,

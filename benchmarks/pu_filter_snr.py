@@ -8,9 +8,9 @@ noise is N(0, (sigma C / B)^2) per coordinate with the benchmark's sigma and bat
 |g|, the share of the head in the clipped gradient, the signal kept by the filter |F g| / |g|, SNR = |g|^2 / E|xi|^2
 raw and filtered (white noise keeps 70/256 = 0.273 of its energy), and the cosine of the noisy gradient with g.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_filter_snr.py
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_filter_snr.py --vision fashion-vit
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_filter_snr.py --head frozen \
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/pu_filter_snr.py
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/pu_filter_snr.py --vision fashion-vit
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/pu_filter_snr.py --head frozen \
         --name privacy_utility_frozen_head
 Any `privacy_utility.py` flag selects the setting; sigma per epsilon is read from that setting's results JSON
 (`<out>/<name>.json`) when it exists, else the text track's values below are used.

@@ -7,7 +7,7 @@ For 128 examples of client 0: the per-example gradient norm of the head, of all 
 N(0, 0.02) so that A's gradient is not zero (at init B = 0). Joint clipping to C scales every example by
 min(1, C / |g|): the LoRA factors keep |g_lora| / |g| of the budget. Reported: medians and the median share.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_grad_share.py
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/pu_grad_share.py
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore")
 
+import _pu_report  # noqa: E402
 import _pu_setup  # noqa: E402
 import privacy_utility  # noqa: E402
 
@@ -64,8 +65,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print("# PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/pu_grad_share.py  (1 torch thread, "
-          "128 examples of client 0, B ~ N(0, 0.02), C = 1)")
+    print(f"# {_pu_report.command_line(__file__)}  (1 torch thread, 128 examples of client 0, B ~ N(0, 0.02), C = 1)")
     for track, argv in TRACKS.items():
         result = shares(argv)
         m, c = result["median"], result["parameters"]

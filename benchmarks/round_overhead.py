@@ -23,7 +23,7 @@ Memory: RSS (VmRSS, from /proc/self/status) after building model and data, after
 (VmHWM, reset by `echo 5 > /proc/self/clear_refs` before train()) during training; growth per client is the slope
 between the smallest and largest client count. The machine is shared (2 cores): repeat with --repeats, medians.
 
-    PYTHONPATH=.:tests HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/round_overhead.py \
+    PYTHONPATH=.:tests HF_HUB_OFFLINE=1 python benchmarks/round_overhead.py \
         --clients 10 100 1000 --clients-per-round 10 --local-steps 4 --rounds 6 --json round_overhead.json
 """
 

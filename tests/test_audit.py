@@ -38,8 +38,8 @@ ALPHA = 0.05  # 95 % joint confidence: alpha / 2 for each of the two Clopper-Pea
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Thousands of steps on tiny tensors: intra-op threads only add overhead (conv1d of the low-pass stage
-    took ~30 ms instead of ~0.5 ms with 2 threads on a loaded 2-core machine)."""
+    """Thousands of steps on tiny tensors: intra-op threads only add overhead (the conv1d of the low-pass stage
+    most of all, on a loaded machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

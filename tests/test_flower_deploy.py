@@ -160,8 +160,8 @@ def run_and_kill(deploy, tmp_path, name: str, app_config: dict, k: int) -> None:
             job.wait()
 
 
-# ~3 min (a killed node is only declared offline after two missed heartbeats, 60 s): in the default run, since
-# the issue asks for it and the suite stays within ~15 minutes on 2 cores
+# Slow (a killed node is only declared offline after two missed heartbeats, 60 s), yet in the default run: the
+# issue asks for it
 def test_supernode_killed_mid_run(deployment, tmp_path):
     # Prepare: two SuperNodes; SuperNode 1 will be killed (SIGKILL) right after it charged round 0
     for k in range(2):

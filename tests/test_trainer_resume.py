@@ -9,7 +9,7 @@ from datasets import Dataset
 from fed_helpers import adapter_state, sha256_file, toy_args, toy_dataset, toy_model
 from transformers import TrainerCallback
 
-from peft_lalora import CheckpointMismatchError, FederatedDPTrainer
+from peft_lalora import AdapterLoadError, CheckpointMismatchError, FederatedDPTrainer
 from peft_lalora.federated import checkpoint as checkpoint_module
 from peft_lalora.federated.checkpoint import STATE_DIR
 
@@ -69,14 +69,18 @@ def test_resume_with_changed_privacy_setting_names_the_field(tmp_path, field, va
         changed.train(resume_from_checkpoint=True)
 
 
-@pytest.mark.parametrize("config_change", [{"r": 2}, {"lora_alpha": 4}, {"target_modules": ["query"]}])
-def test_resume_with_changed_adapter_is_refused(tmp_path, config_change):
+@pytest.mark.parametrize("config_change,error,match", [
+    ({"r": 2}, AdapterLoadError, r"wrong shape .*lora_A\.default\.weight: expected \(2, 16\), found \(4, 16\)"),
+    ({"lora_alpha": 4}, CheckpointMismatchError, "`adapter.lora_alpha` differs from the checkpoint: saved 8, current 4"),
+    ({"target_modules": ["query"]}, AdapterLoadError, r"unexpected .*value\.lora_A\.default\.weight"),
+])  # r and target_modules change the tensors, which are checked first; lora_alpha only the settings
+def test_resume_with_changed_adapter_is_refused(tmp_path, config_change, error, match):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
     args = toy_args(tmp_path, num_rounds=3)
     changed = FederatedDPTrainer(model=toy_model(**config_change), args=args, train_dataset=toy_dataset())
-    with pytest.raises(Exception, match="r|lora_alpha|target_modules|shape"):
+    with pytest.raises(error, match=match):
         changed.train(resume_from_checkpoint=True)
 
 

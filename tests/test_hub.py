@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,7 @@ import yaml
 from hub_server import FakeHub
 from huggingface_hub import ModelCard, constants
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from safetensors.torch import load_file
 
 import peft_lalora.hub.push as push_module
 from peft_lalora import ConfigError, HubError, LALoraConfig, LALoraWarning
@@ -56,34 +56,15 @@ def snapshot(folder: str) -> dict:
 
 # -- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A tiny RoBERTa base saved to disk and an LA-LoRA adapter folder with non-zero B, card and privacy report."""
-    root = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(0)
-    base = RobertaForSequenceClassification(RobertaConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64, num_labels=2, pad_token_id=1)).eval()
-    base.save_pretrained(root / "base")
-    inputs = {"input_ids": torch.randint(3, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
-    with torch.no_grad():
-        base_logits = base(**inputs).logits
-    model = get_peft_model(base, LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    model.eval()
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    assert not torch.allclose(logits, base_logits), "the adapter must change the output"
-    folder = root / "adapter"
-    model.save_pretrained(folder)
+def adapter(saved_adapter, tmp_path_factory):
+    """The shared saved adapter (conftest.py) copied to a folder of its own, with a privacy report and its card."""
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    shutil.copytree(saved_adapter.adapter, folder)
     (folder / "privacy_report.json").write_text(json.dumps(REPORT))
-    write_model_card(str(folder), base_model=str(root / "base"), federated=FEDERATED, metrics=METRICS,
+    write_model_card(str(folder), base_model=saved_adapter.base, federated=FEDERATED, metrics=METRICS,
                      repo_id="alice/lalora-sst2")
-    save_file(inputs, str(root / "inputs.safetensors"))
-    return {"folder": str(folder), "base": str(root / "base"), "inputs": str(root / "inputs.safetensors"),
-            "logits": logits, "root": root}
+    return {"folder": str(folder), "base": saved_adapter.base, "inputs": saved_adapter.inputs_file,
+            "logits": saved_adapter.logits}
 
 
 @pytest.fixture

@@ -79,12 +79,10 @@ def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(
     # Prepare: a tiny 1-channel 28x28 ViT checkpoint (stands in for benchmarks/fashion_vit.py's), 10 labels
     import torch
     from safetensors.torch import load_file
-    from transformers import ViTConfig, ViTForImageClassification
+    from tiny_models import tiny_vit
 
     ckpt = tmp_path / "tiny_grey_vit"
-    torch.manual_seed(0)
-    ViTForImageClassification(ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=32, num_labels=10)).save_pretrained(ckpt)
+    tiny_vit(seed=0, num_labels=10, image_size=28, patch_size=7, num_channels=1, num_hidden_layers=1).save_pretrained(ckpt)
     out_dir = tmp_path / "out"
     flags = ["--model_name_or_path", str(ckpt), "--dataset_name", "mnist", "--max_train_samples", "200",
              "--max_eval_samples", "50", "--dirichlet_alpha", "1.0", "--output_dir", str(out_dir)] + SMALL_FED
@@ -102,11 +100,11 @@ def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(
 @pytest.mark.slow
 def test_fed_vision_runs_a_swin_checkpoint_with_a_dirichlet_split(tmp_path):
     # Prepare: a tiny Swin saved from a config (the backend `auto` must pick exact per-sample gradients)
-    from transformers import SwinConfig, SwinForImageClassification, ViTImageProcessor
+    from tiny_models import tiny_swin
+    from transformers import ViTImageProcessor
 
     ckpt = tmp_path / "tiny_swin"
-    SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
-                                          num_heads=[1, 2], window_size=2, num_labels=10)).save_pretrained(ckpt)
+    tiny_swin(num_labels=10).save_pretrained(ckpt)  # the architecture of tests/tiny_models.py, seed 0
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(ckpt)
     out_dir = tmp_path / "out"
     flags = ["--model_name_or_path", str(ckpt), "--max_train_samples", "200", "--max_eval_samples", "50",

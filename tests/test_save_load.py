@@ -30,20 +30,13 @@ def run_fresh(code: str, tmp_path, expect_ok: bool = True) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A base model folder, a trained-looking LA-LoRA adapter folder and the reference logits."""
+def saved(saved_adapter, tmp_path_factory):
+    """A working folder for this module's processes (they write there) whose `base`, `adapter` and `inputs.json`
+    link to the shared saved adapter (conftest.py), with its model, inputs and reference logits."""
     tmp = tmp_path_factory.mktemp("saved")
-    tiny_roberta().save_pretrained(tmp / "base")
-    base = AutoModelForSequenceClassification.from_pretrained(tmp / "base").eval()
-    model = get_peft_model(base, LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                              task_type="SEQ_CLS", alternation="local", alternation_period=2))
-    randomize_lora(model)
-    model.eval()
-    inputs = text_inputs()
-    logits = model(**inputs).logits.detach()
-    model.save_pretrained(tmp / "adapter")
-    (tmp / "inputs.json").write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
-    return tmp, model, inputs, logits
+    for name in ("base", "adapter", "inputs.json"):
+        (tmp / name).symlink_to(saved_adapter.root / name)
+    return tmp, saved_adapter.model, saved_adapter.inputs, saved_adapter.logits
 
 
 LOAD_PREAMBLE = """

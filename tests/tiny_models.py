@@ -30,11 +30,12 @@ def tiny_roberta(seed: int = 0, num_labels: int = 2):
     return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **{**TEXT_KW, "num_labels": num_labels})).eval()
 
 
-def tiny_vit(seed: int = 0, num_labels: int = 3):
+def tiny_vit(seed: int = 0, num_labels: int = 3, **config):
+    """`config` overrides the ViT config's fields (e.g. a 1-channel 28x28 input)."""
     torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
-                                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                               num_labels=num_labels)).eval()
+    config = {"image_size": 8, "patch_size": 4, "num_channels": 3, "num_hidden_layers": 2, **config}
+    return ViTForImageClassification(ViTConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                               num_labels=num_labels, **config)).eval()
 
 
 def tiny_swin(seed: int = 0, num_labels: int = 3):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from tiny_models import tiny_bert, tiny_llama, tiny_roberta, tiny_swin, tiny_vit
+from tiny_models import randomize_lora, tiny_bert, tiny_llama, tiny_roberta, tiny_swin, tiny_vit
 from torch import nn
 
 import peft_lalora  # noqa: F401  (registers LALORA with peft)
@@ -40,11 +40,7 @@ def peft_model(name: str, lora_dropout: float = 0.0):
     config = LALoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[name], task_type=TASKS.get(name),
                           modules_to_save=head, lora_dropout=lora_dropout)
     model = get_peft_model(BUILDERS[name](), config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B so that A's gradient is non-zero too
-        for pname, param in model.named_parameters():
-            if "lora_" in pname:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    randomize_lora(model, seed=1, scale=0.5)  # non-zero B so that A's gradient is non-zero too
     return model
 
 

@@ -27,20 +27,12 @@ def _logits(model, inputs) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def _randomize(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
-
-
 def test_set_adapter_and_active_adapters_switch_between_lalora_adapters():
     # Prepare: two LA-LoRA adapters with different weights on one transformers model
     model, inputs = tiny_bert(), text_inputs()
     model.add_adapter(_config(), adapter_name="first")
     model.add_adapter(_config(), adapter_name="second")
-    _randomize(model, seed=1)
+    randomize_lora(model, seed=1)
     # Execute
     model.set_adapter("first")
     active_first, logits_first = model.active_adapters(), _logits(model, inputs)
@@ -57,7 +49,7 @@ def test_disable_adapters_gives_the_base_model_logits_and_enable_restores_the_ad
     model, inputs = tiny_bert(), text_inputs()
     base_logits = _logits(model, inputs)
     model.add_adapter(_config())
-    _randomize(model, seed=2)
+    randomize_lora(model, seed=2)
     adapted = _logits(model, inputs)
     assert not torch.allclose(adapted, base_logits, atol=1e-3)
 
@@ -70,7 +62,7 @@ def test_disable_adapters_gives_the_base_model_logits_and_enable_restores_the_ad
 def test_get_adapter_state_dict_returns_exactly_the_lora_factors():
     model = tiny_bert()
     model.add_adapter(_config())
-    _randomize(model, seed=3)
+    randomize_lora(model, seed=3)
 
     state = model.get_adapter_state_dict()
 

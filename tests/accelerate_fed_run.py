@@ -19,5 +19,6 @@ if __name__ == "__main__":
     trainer.save_model(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"clients-{trainer.args.process_index}.json"), "w") as handle:
-        root = hashlib.sha256(str(trainer._private_seed).encode()).hexdigest()  # which noise root this rank used
+        # which noise root this rank used (private: the secret has no public accessor, by design)
+        root = hashlib.sha256(str(trainer._private_seed).encode()).hexdigest()
         json.dump({"world_size": trainer.args.world_size, "clients": trainer.local_clients, "noise_root": root}, handle)

@@ -132,7 +132,7 @@ def test_hooks_only_on_modules_owning_trainable_tensors_and_removed_by_close():
     params = set_phase(model, "B")
     backend = HooksBackend(model)
     backend.compute(make_batch("roberta", 2), params)
-    hooked = {n for n, m in model.named_modules() if m._forward_hooks}
+    hooked = {n for n, m in model.named_modules() if m._forward_hooks}  # torch lists hooks in private dicts only
     owners = {n.rsplit(".", 1)[0] for n in params}
     assert hooked == owners  # lora_B leaves and the head's two linears; no frozen lora_A, no base layer
     backend.close()
@@ -323,7 +323,7 @@ def test_func_backend_retries_with_math_attention_when_fused_kernels_refuse_vmap
     original, calls = F.scaled_dot_product_attention, []
 
     def fused_refuses(*args, **kwargs):
-        calls.append(backend._math_attention)
+        calls.append(backend._math_attention)  # private: the fallback switch has no public view
         if not backend._math_attention:
             raise RuntimeError("attn_bias: wrong shape (batch dimension)")
         return original(*args, **kwargs)

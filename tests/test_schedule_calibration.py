@@ -40,8 +40,8 @@ def test_schedule_calibration_reaches_the_target_for_the_busiest_client(tmp_path
 def test_worst_case_calibration_is_kept_as_an_option_and_adds_noise(tmp_path):
     schedule = make_trainer(tmp_path / "s", **FED)
     worst = make_trainer(tmp_path / "w", sigma_calibration="worst_case", **FED)
-    schedule._setup_federation()
-    worst._setup_federation()
+    schedule.privacy_report()  # the public call that sets the federation up (and chooses sigma) before training
+    worst.privacy_report()
     sigma_s, sigma_w = schedule.ledger.noise_multiplier, worst.ledger.noise_multiplier
     assert sigma_w > sigma_s
     rate = max(worst.ledger.sample_rate(c) for c in range(6))

@@ -61,7 +61,7 @@ def test_a_failure_every_client_shares_is_raised_before_any_charge(tmp_path, kin
 
 def test_a_backend_that_cannot_trace_the_model_is_raised_before_any_charge(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path)
-    trainer._setup_federation()
+    trainer.privacy_report()  # sets the federation up (the stepper) before training
 
     def untraceable(batch):
         raise RuntimeError("vmap: cannot trace this model")
@@ -152,8 +152,8 @@ def test_default_schedule_is_constant_times_round_decay(tmp_path):
 
 def test_adam_settings_reach_the_client_optimizer(tmp_path):
     trainer = make_trainer(tmp_path, local_optimizer="adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
-    trainer._setup_federation()
-    optimizer = trainer._make_optimizer(0.1)
+    trainer.privacy_report()  # sets the federation up before training
+    optimizer = trainer._make_optimizer(0.1)  # private: the trainer's own client optimizer is what is checked
     assert optimizer.defaults["betas"] == (0.8, 0.95) and optimizer.defaults["eps"] == 1e-6
 
 

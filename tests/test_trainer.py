@@ -8,7 +8,7 @@ import torch
 from fed_helpers import adapter_state, make_trainer, toy_args, toy_dataset, toy_model
 
 from peft_lalora import ConfigError, FederatedDPTrainer, PrivacyBudgetExceededError
-from peft_lalora.federated.client import run_local_round
+from peft_lalora.federated import LocalConfig, client_update
 from peft_lalora.federated.seeding import select_clients
 
 METHODS = ["dplora", "ffa", "rolora", "lalora_nofilter", "lalora"]
@@ -51,13 +51,9 @@ def test_fedavg_equals_hand_computed_mean_of_client_adapters(tmp_path):
     # ... against each selected client's local adapter, recomputed one by one, and a mean taken by hand
     locals_ = []
     for client in select_clients(0, 0, 4, 3):
-        with torch.no_grad():
-            for n, p in trainer.model.named_parameters():
-                if n in start:
-                    p.copy_(start[n])
-        run_local_round(tuner=trainer.tuner, stepper=trainer.stepper, shard=trainer._federation["shards"][client],
-                        make_optimizer=lambda: trainer._make_optimizer(0.5), round_idx=0, client=client,
-                        local_steps=2, batch_size=8, seed=0)
+        client_update(model=trainer.model, stepper=trainer.stepper, global_state=start, round_idx=0, client=client,
+                      lr=0.5, local=LocalConfig.from_args(trainer.args), private_seed=0,
+                      shard=trainer._federation["shards"][client])  # the trainer's shard: no public accessor
         locals_.append(adapter_state(trainer.model))
     for name in start:
         hand = start[name] + (locals_[0][name] - start[name] + locals_[1][name] - start[name]
@@ -86,7 +82,7 @@ def test_privacy_report_and_saved_artifacts(tmp_path):
 
 def test_budget_exceeded_is_refused_before_release(tmp_path):
     trainer = make_trainer(tmp_path, target_epsilon=1.0, num_rounds=2)
-    trainer._setup_federation()
+    trainer.privacy_report()  # sets the federation up (the ledger) before training
     for client in range(4):  # spend the budget behind the trainer's back, one step at a time
         with pytest.raises(PrivacyBudgetExceededError):
             for _ in range(10_000):

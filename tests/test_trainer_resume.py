@@ -10,6 +10,7 @@ from fed_helpers import adapter_state, sha256_file, toy_args, toy_dataset, toy_m
 from transformers import TrainerCallback
 
 from peft_lalora import AdapterLoadError, CheckpointMismatchError, FederatedDPTrainer
+from peft_lalora.federated import LocalConfig, client_update
 from peft_lalora.federated import checkpoint as checkpoint_module
 from peft_lalora.federated.checkpoint import STATE_DIR
 
@@ -110,7 +111,7 @@ def test_kill_during_checkpoint_save_leaves_previous_loadable(tmp_path, monkeypa
 
     monkeypatch.setattr(checkpoint_module, "save_json", crash)
     with pytest.raises(KeyboardInterrupt):
-        trainer._save_round(5)
+        trainer._save_round(5)  # private: no public call saves one round's checkpoint
     monkeypatch.undo()
     state, tensors = checkpoint_module.load_checkpoint(str(directory), expected_shapes={
         n: tuple(t.shape) for n, t in trainer.global_adapter.state.items()})
@@ -141,17 +142,11 @@ def test_failed_client_is_dropped_and_survivors_are_averaged(tmp_path):
     log = next(entry for entry in trainer.state.log_history if "round" in entry)
     assert log["failed_clients"] == 1.0 and log["clients"] == 3.0 and "round_aborted" not in log
     # the survivors' mean, recomputed one by one (clients 1, 2, 3)
-    from peft_lalora.federated.client import run_local_round
-
     locals_ = []
     for client in (1, 2, 3):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in start:
-                    p.copy_(start[n])
-        run_local_round(tuner=trainer.tuner, stepper=trainer.stepper, shard=trainer._federation["shards"][client],
-                        make_optimizer=lambda: trainer._make_optimizer(0.5), round_idx=0, client=client,
-                        local_steps=2, batch_size=8, seed=0)
+        client_update(model=model, stepper=trainer.stepper, global_state=start, round_idx=0, client=client, lr=0.5,
+                      local=LocalConfig.from_args(trainer.args), private_seed=0,
+                      shard=trainer._federation["shards"][client])  # the trainer's shard: no public accessor
         locals_.append(adapter_state(model))
     trainer.global_adapter.load_into_model()
     after = adapter_state(model)

@@ -35,18 +35,15 @@ def generator(seed: int, *keys, device="cpu") -> torch.Generator:
 
 @contextmanager
 def global_rng(seed: int, *keys) -> Iterator[None]:
-    """Seed torch's global generators (CPU, and every CUDA device once CUDA is in use) from the keys inside the
-    block, and give the caller back its own generator states on exit.
+    """Seed torch's global generators from the keys for the block (`torch.manual_seed`: CPU, CUDA and the other
+    backends) and give the caller back its CPU generator and those of the CUDA devices in use on exit.
 
     For the draws that take no generator: dropout (`nn.Dropout`, the attention's `F.dropout`) draws from the
-    global generator of the device it runs on. The block sees the same stream as `torch.manual_seed` would give
-    it, and nothing outside the block sees a changed state."""
+    global generator of the device it runs on. Other backends (MPS, XPU), and CUDA when not yet initialised, keep
+    the block's seed."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
-        value = derive_seed(seed, *keys)
-        torch.default_generator.manual_seed(value)
-        if cuda:
-            torch.cuda.manual_seed_all(value)
+        torch.manual_seed(derive_seed(seed, *keys))
         yield
 
 

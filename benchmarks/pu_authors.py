@@ -1,7 +1,7 @@
 """The authors' released mechanism, for `privacy_utility.py --mechanism authors` only. NOT differentially private.
 
-What it does, per local step (as METHOD.md's last section describes the authors' code; the paper's text
-describes per-example DP-SGD, which is what the library implements):
+What it does, per local step (the authors' released code as the project's method notes describe it; the paper's
+text describes per-example DP-SGD, which is what the library implements):
   1. the mean loss of the batch, one backward pass: the batch-mean gradient g_t of every active tensor t
      (no per-example gradients);
   2. a data-dependent clip norm C = min(median over tensors of ||g_t||, 0.4), and each g_t clipped to C

@@ -8,8 +8,10 @@ import statistics
 import sys
 from collections import defaultdict
 
-LABELS = {"dplora": "DP-LoRA", "ffa": "FFA-LoRA", "rolora": "RoLoRA", "lalora_nofilter": "LA-LoRA w/o filter",
-          "lalora": "LA-LoRA", "headonly": "DP linear probe (head only)", "nonprivate": "LoRA (non-private)"}
+from peft_lalora.tuner.methods import METHODS
+
+LABELS = {**{name: METHODS[name].title for name in ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")},
+          "headonly": "DP linear probe (head only)", "nonprivate": "LoRA (non-private)"}  # titles: the methods table
 METHOD_ORDER = tuple(LABELS)
 PHASES = {"final": "learning rate chosen per method", "final_shared": "one learning rate shared by the methods"}
 # two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..10 (standard table values)

@@ -50,8 +50,9 @@ import _pu_setup  # noqa: E402
 import pu_authors  # noqa: E402
 
 from peft_lalora import FederatedDPArguments, FederatedDPTrainer  # noqa: E402
+from peft_lalora.tuner import methods as tuner_methods  # noqa: E402
 
-METHODS = ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")
+METHODS = tuple(reversed(tuner_methods.METHODS))  # the package's methods table, baselines first
 HEAD_ONLY = "headonly"  # DP linear probe: the LoRA factors frozen at B = 0, only the new head trains
 NONPRIVATE = "nonprivate"
 MECHANISMS = ("dp", "authors")  # authors: benchmarks/pu_authors.py, NOT differentially private

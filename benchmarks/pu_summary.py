@@ -22,7 +22,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ARMS = {"": ("privacy_utility", "final", "DP, flat clip C"),
         "@groups": ("privacy_utility_groups", "final", "DP, clipping groups"),
         "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
-        "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr")}
+        "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
+        "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds")}
+# the schedules compared with their own non-private reference: (name, DP arms, the arm holding non-private and probe)
+TRACKS = (("5 rounds", ("", "@groups"), ""), ("15 rounds", ("@r15",), "@r15"))
 
 
 def load(results: str) -> tuple:
@@ -36,15 +39,16 @@ def load(results: str) -> tuple:
             saved = json.load(handle)
         settings[stem] = saved["settings"]
         for (method, eps), runs in final_groups(saved["runs"], phase).items():
-            if method == "nonprivate" and suffix:
-                continue  # the reference comes from the main file only
+            if method == "nonprivate" and suffix not in {track[2] for track in TRACKS}:
+                continue  # each schedule's reference comes from its own file
             groups[(method + suffix, eps)] = runs
     return groups, settings
 
 
 def label(key: str) -> str:
     method, _, arm = key.partition("@")
-    suffix = {"": "", "groups": " + groups", "authors": " (authors, NOT DP)", "authors-shared": " (authors, NOT DP, one lr)"}
+    suffix = {"": "", "groups": " + groups", "authors": " (authors, NOT DP)", "authors-shared": " (authors, NOT DP, one lr)",
+              "r15": ", 15 rounds"}
     return LABELS[method] + suffix[arm]
 
 
@@ -58,25 +62,30 @@ def cell(groups, key, eps) -> str:
 
 def summary(groups, settings) -> str:
     epsilons = sorted({e for (_, e) in groups if e is not None})
-    dp_keys = [m + s for s in ("", "@groups") for m in METHOD_ORDER if m != "nonprivate"]
+    dp_keys = [m + s for _, arms, _ in TRACKS for s in arms for m in METHOD_ORDER if m != "nonprivate"]
     lines = ["# Privacy-utility summary (text track)", "",
              "Test accuracy (%), mean ± std over seeds (chosen learning rate, number of seeds). Every arm uses the "
-             "same clients, schedule, seeds and, at each ε, the same σ; `pu_summary.py` reads the committed JSONs.", "",
+             "same clients, seeds and, at each ε and schedule, the same σ; `pu_summary.py` reads the committed "
+             "JSONs.", "",
              "| arm | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |",
              "|" + "---|" * (len(epsilons) + 2)]
-    for key in dp_keys + ["nonprivate"]:
+    for key in dp_keys + [m + s for s in ("@authors", "@authors-shared") for m in METHOD_ORDER] + [
+            "nonprivate" + ref for _, _, ref in TRACKS]:
         if any((key, e) in groups for e in epsilons + [None]):
             lines.append(f"| {label(key)} | " + " | ".join(cell(groups, key, e) for e in epsilons + [None]) + " |")
-    lines += ["", "## The issue's goals, per ε: the best DP arm (by mean) against non-private LoRA and the DP linear "
-              "probe (paired by seed; points)", "",
-              "| ε | best DP arm | non-private − best | best − DP linear probe |", "|---|---|---|---|"]
-    for eps in epsilons:
-        present = [k for k in dp_keys if (k, eps) in groups]
-        if not present:
-            continue
-        best = max(present, key=lambda k: mean_std([r["test_accuracy"] for r in groups[(k, eps)]])[0])
-        lines.append(f"| {eps:g} | {label(best)} | {diff_cell(paired(groups, 'nonprivate', best, None, eps_b=eps))} | "
-                     f"{diff_cell(paired(groups, best, 'headonly', eps))} |")
+    lines += ["", "## The issue's goals, per schedule and ε: the best DP arm (by mean) against its non-private LoRA "
+              "and its DP linear probe (paired by seed; points)", "",
+              "| schedule | ε | best DP arm | non-private − best | best − DP linear probe |", "|---|---|---|---|---|"]
+    for name, arms, ref in TRACKS:
+        for eps in epsilons:
+            present = [m + a for a in arms for m in METHOD_ORDER if m not in ("nonprivate", "headonly")
+                       and (m + a, eps) in groups]
+            if not present:
+                continue
+            best = max(present, key=lambda k: mean_std([r["test_accuracy"] for r in groups[(k, eps)]])[0])
+            lines.append(f"| {name} | {eps:g} | {label(best)} | "
+                         f"{diff_cell(paired(groups, 'nonprivate' + ref, best, None, eps_b=eps))} | "
+                         f"{diff_cell(paired(groups, best, 'headonly' + ref, eps))} |")
     lines += reproduction(groups, epsilons)
     for stem, s in settings.items():
         lines += ["", f"Settings of `{stem}`: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "client_sizes")]
@@ -90,7 +99,7 @@ def reproduction(groups, epsilons) -> list:
              "a large filter gain.", "", "| ε | mechanism | ranking (by mean) | LA-LoRA − DP-LoRA | LA-LoRA − FFA-LoRA | "
              "LA-LoRA − RoLoRA | LA-LoRA − LA-LoRA w/o filter |", "|---|---|---|---|---|---|---|"]
     for eps in epsilons:
-        for suffix, (_, _, name) in ARMS.items():
+        for suffix, (_, _, name) in ARMS.items():  # the 5-round arms and the 15-round one
             methods = [m for m in ("lalora", "rolora", "ffa", "dplora", "lalora_nofilter") if (m + suffix, eps) in groups]
             if "lalora" not in methods or len(methods) < 2:
                 continue

@@ -8,11 +8,14 @@ import math
 from collections.abc import Callable
 
 import torch
+from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..privacy.sampling import poisson_sample
 from .seeding import derive_seed, generator
 
 LABEL_KEYS = ("labels", "label", "label_ids")
+PADDED_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")  # what `tokenizer.pad` pads, with input_ids
 
 
 def model_columns(model: torch.nn.Module) -> set:
@@ -23,7 +26,9 @@ def model_columns(model: torch.nn.Module) -> set:
 
 class ClientShard:
     """One client's examples: rows `indices` of a `datasets.Dataset` (all rows if None), read on demand, so
-    partitioning never copies or re-indexes the data; the dataset is restricted to model columns."""
+    partitioning never copies or re-indexes the data; the dataset is restricted to model columns. At its first
+    batch the shard is collated once where the collator allows it (`CollatedShard`): batches are then gathered
+    by index, bit-identical to collating them."""
 
     def __init__(self, dataset, collate: Callable, columns: set, device, indices=None):
         drop = [c for c in dataset.column_names if c not in columns]
@@ -31,21 +36,89 @@ class ClientShard:
         self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         self.collate = collate
         self.device = device
+        self._collated = None  # CollatedShard, or False where batches are collated one by one
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batch(self, positions: list) -> dict:
         """Collate the shard's examples at `positions` (0-based within the shard) into model inputs."""
+        if self._collated is None:
+            self._collated = CollatedShard.build(self.dataset, self.indices, self.collate) or False
+        if self._collated:
+            return {k: v.to(self.device) for k, v in self._collated.take(positions).items()}
         if not positions:  # an empty Poisson batch: the right keys and shapes, zero rows
             one = self.collate([self.dataset[self.indices[0]]])
             return {k: v[:0].to(self.device) for k, v in one.items() if isinstance(v, torch.Tensor)}
-        rows = self.dataset[[self.indices[p] for p in positions]]
-        features = [dict(zip(rows, values)) for values in zip(*rows.values())]
-        out = self.collate(features)
+        out = self.collate(_features(self.dataset[[self.indices[p] for p in positions]]))
         if "label" in out and "labels" not in out:
             out["labels"] = out.pop("label")
         return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _features(rows: dict) -> list:
+    """A `Dataset` read of several rows (a dict of columns) as the list of examples a collator takes."""
+    return [dict(zip(rows, values)) for values in zip(*rows.values())]
+
+
+class CollatedShard:
+    """A client's examples collated once, for the collators whose output on a batch is a function of their output
+    on the whole shard: transformers' default collator (examples of one shape, stacked row by row) and
+    `DataCollatorWithPadding` padding on the right to the longest example (each padded column gets one constant
+    after an example's own tokens). A batch is the rows at its positions, cut to its longest example when padded:
+    the tensors collating the batch gives, bit for bit (tests/test_client_shard.py). Any other collator (or a
+    dataset with a format, None values, or a shard that padding would more than double) gets None: collate each
+    batch."""
+
+    def __init__(self, tensors: dict, lengths, padded: frozenset):
+        self.tensors, self.lengths, self.padded = tensors, lengths, padded
+
+    @classmethod
+    def build(cls, dataset, indices: list, collate: Callable):
+        padded = _padded_columns(collate)
+        if padded is None or not indices or dataset.format["type"] is not None:
+            return None
+        rows = dataset[indices]
+        if any(v is None for column in rows.values() for v in column):
+            return None
+        features = _features(rows)
+        try:
+            out = collate(features)
+        except (ValueError, TypeError, RuntimeError):  # e.g. examples of several shapes for the default collator
+            return None
+        if "label" in out and "labels" not in out:
+            out["labels"] = out.pop("label")
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        lengths = None
+        if padded:
+            lengths = torch.tensor([len(f[collate.tokenizer.model_input_names[0]]) for f in features])
+            if len(features) * int(lengths.max()) > 2 * int(lengths.sum()):  # mostly padding: not worth its memory
+                return None
+        return cls(tensors, lengths, frozenset(padded) & set(tensors))
+
+    def take(self, positions: list) -> dict:
+        idx = torch.tensor(positions, dtype=torch.long)
+        out = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+        if self.lengths is not None:  # an empty batch keeps the first example's length, as collating it would
+            width = int(self.lengths[idx].max()) if positions else int(self.lengths[0])
+            out.update({k: out[k][:, :width].contiguous() for k in self.padded})
+        return out
+
+
+def _padded_columns(collate: Callable):
+    """() for transformers' default collator, the columns `tokenizer.pad` pads for a `DataCollatorWithPadding`
+    that pads on the right to the longest example with transformers' own `pad`, None for any other."""
+    if collate is default_data_collator or (type(collate) is DefaultDataCollator and collate.return_tensors == "pt"):
+        return ()
+    if type(collate) is not DataCollatorWithPadding:
+        return None
+    tokenizer = collate.tokenizer
+    plain = (getattr(type(tokenizer), "pad", None) is PreTrainedTokenizerBase.pad
+             and getattr(type(tokenizer), "_pad", None) is PreTrainedTokenizerBase._pad)
+    if (plain and collate.padding in (True, "longest") and collate.pad_to_multiple_of is None
+            and collate.return_tensors == "pt" and tokenizer.padding_side == "right"):
+        return (tokenizer.model_input_names[0], *PADDED_KEYS)
+    return None
 
 
 def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Callable, round_idx: int, client: int,

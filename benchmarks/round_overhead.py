@@ -14,7 +14,7 @@ Timing: wall clock (time.perf_counter) of every round, from the Trainer's on_ste
 (`_run_round`, `log`, `_save_round`). Inside it, exclusive leaf timers wrap (by monkeypatching the instance or the
 name `peft_lalora.trainer` imports, never library code): the stepper's `__call__` (= local-step compute: per-sample
 gradients, clip, noise, low-pass, SGD), batch collation (`ClientShard.batch`), Poisson sampling, factor switching,
-optimizer creation, per-client RNG seeding (`generator`, `derive_seed`, `torch.manual_seed`), adapter load
+optimizer creation, per-client RNG seeding (`generator`, `seed_dropout`), adapter load
 (`client_update.load_state`), client delta, `Aggregator.add`, aggregation (`Aggregator.merged`), ledger check/charge, ledger report (epsilon of every client), client
 selection, `Trainer.log` and `_save_round` (checkpoint). "other" = round wall - sum of leaves. The first --warmup
 rounds are excluded from the sums (first-call allocations); ratio = sum(round wall) / sum(local-step time).
@@ -144,8 +144,7 @@ def instrument_rounds(trainer, timers: Timers) -> None:
         shard.batch = timers.wrap("batch_collate", shard.batch)
     client_mod.poisson_sample = timers.wrap("poisson_sample", client_mod.poisson_sample)
     client_mod.generator = timers.wrap("seed_rng", client_mod.generator)
-    client_mod.derive_seed = timers.wrap("seed_rng", client_mod.derive_seed)
-    client_mod.torch.manual_seed = timers.wrap("seed_rng", client_mod.torch.manual_seed)  # this process only
+    client_mod.seed_dropout = timers.wrap("seed_rng", client_mod.seed_dropout)
     tuner = trainer.tuner
     tuner.trainable_factors = timers.wrap("set_factors", tuner.trainable_factors)
     tuner.set_trainable_factors = timers.wrap("set_factors", tuner.set_trainable_factors)

@@ -12,7 +12,7 @@ from transformers import DataCollatorWithPadding, DefaultDataCollator, default_d
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..privacy.sampling import poisson_sample
-from .seeding import derive_seed, generator
+from .seeding import generator, seed_dropout
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 PADDED_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")  # what `tokenizer.pad` pads, with input_ids
@@ -132,7 +132,7 @@ def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Calla
     """
     sampler = generator(seed, "sample", round_idx, client)
     noise = generator(seed, "noise", round_idx, client, device=shard.device)
-    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client))
+    seed_dropout(seed, "dropout", round_idx, client, device=shard.device)
     stepper.reset(make_optimizer(), noise)
     sample_rate = batch_size / len(shard)
     trained, losses, examples, dropped = set(), [], 0, 0

@@ -15,7 +15,7 @@ Timing: wall clock (time.perf_counter) of every round, from the Trainer's on_ste
 name `peft_lalora.trainer` imports, never library code): the stepper's `__call__` (= local-step compute: per-sample
 gradients, clip, noise, low-pass, SGD), batch collation (`ClientShard.batch`), Poisson sampling, factor switching,
 optimizer creation, per-client RNG seeding (`generator`, `seed_dropout`), adapter load
-(`client_update.load_state`), client delta, `Aggregator.add`, aggregation (`Aggregator.merged`), ledger check/charge, ledger report (epsilon of every client), client
+(`client_update.load_state`), client delta, `Aggregator.add`, aggregation (`Aggregator.merged`), ledger check/charge, ledger report (`max_epsilon`: the largest epsilon over the clients), client
 selection, `Trainer.log` and `_save_round` (checkpoint). "other" = round wall - sum of leaves. The first --warmup
 rounds are excluded from the sums (first-call allocations); ratio = sum(round wall) / sum(local-step time).
 Setup (partition, shards, calibration, ledger) is timed separately.
@@ -157,7 +157,7 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     if trainer.ledger is not None:
         trainer.ledger.check_release = timers.wrap("ledger_charge", trainer.ledger.check_release)
         trainer.ledger.charge = timers.wrap("ledger_charge", trainer.ledger.charge)
-        trainer.ledger.report = timers.wrap("ledger_report", trainer.ledger.report)
+        trainer.ledger.max_epsilon = timers.wrap("ledger_report", trainer.ledger.max_epsilon)
     trainer.log = timers.wrap("log", trainer.log)
     trainer._save_round = timers.wrap("checkpoint", trainer._save_round)
 

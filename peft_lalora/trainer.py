@@ -253,7 +253,7 @@ class FederatedDPTrainer(Trainer):
         if finite:
             logs["loss"] = sum(finite) / len(finite)
         if self.ledger is not None:
-            logs["epsilon"] = self.ledger.report()["epsilon"]
+            logs["epsilon"] = self.ledger.max_epsilon()
         return logs
 
     def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:

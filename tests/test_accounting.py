@@ -394,3 +394,10 @@ def test_calibration_warns_when_sigma_is_beyond_any_useful_range():
     with pytest.warns(LALoraWarning, match="drowns any gradient"):
         sigma = calibrate_noise_multiplier(target_epsilon=floor * 1.01, target_delta=DELTA, sample_rate=0.1, steps=10)
     assert sigma > 50
+
+
+def test_max_epsilon_is_the_reports_epsilon():
+    ledger = _ledger()
+    ledger.charge(0, 30)
+    ledger.charge(1, 300)
+    assert ledger.max_epsilon() == ledger.report()["epsilon"] == max(ledger.epsilon(c) for c in ledger.clients)

@@ -467,6 +467,10 @@ class PrivacyLedger:
     def steps(self, client: int) -> int:
         return sum(n for _, _, n in self._histories[self._client(client)])
 
+    def max_epsilon(self) -> float:
+        """The largest epsilon over the clients (the report's "epsilon"), without building the whole report."""
+        return max(self._epsilon(c, h) for c, h in self._histories.items())
+
     # -- releases
     def _prospective(self, client: int, steps) -> tuple[list, float]:
         steps = _steps("steps", steps)

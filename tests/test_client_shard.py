@@ -13,7 +13,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast, defau
 
 from peft_lalora import FederatedDPTrainer
 from peft_lalora.federated import ClientShard
-from peft_lalora.federated.client import CollatedShard
+from peft_lalora.federated.client import CollatedRows
 
 COLUMNS = {"input_ids", "attention_mask", "token_type_ids", "labels", "label"}
 
@@ -67,14 +67,17 @@ def assert_same_batch(got, want):
     (fixed_dataset, lambda: default_data_collator),
 ])
 def test_collated_shard_batches_equal_collating_each_batch(make_data, make_collate):
-    # Prepare: a shard of every other row, of examples of several lengths (or one length for the default collator)
+    # Prepare: shards of every other row, of examples of several lengths (or one length for the default collator),
+    # made directly and as a subset of the whole dataset's shard (as the trainer makes them)
     dataset, collate = make_data(), make_collate()
     indices = list(range(1, len(dataset), 2))
-    shard = ClientShard(dataset, collate, COLUMNS, "cpu", indices)
-    assert CollatedShard.build(shard.dataset, shard.indices, collate) is not None  # the collated path is taken
+    shards = [ClientShard(dataset, collate, COLUMNS, "cpu", indices),
+              ClientShard(dataset, collate, COLUMNS, "cpu").subset(indices)]
+    assert CollatedRows.build(shards[0].dataset, collate) is not None  # the collated path is taken
     # Execute / Assert: every batch, including empty ones and the whole shard
-    for positions in position_sets(len(indices)):
-        assert_same_batch(shard.batch(positions), reference_batch(dataset, collate, indices, positions))
+    for shard in shards:
+        for positions in position_sets(len(indices)):
+            assert_same_batch(shard.batch(positions), reference_batch(dataset, collate, indices, positions))
 
 
 @pytest.mark.parametrize("make_collate", [
@@ -86,7 +89,7 @@ def test_other_collators_collate_each_batch(make_collate):
     dataset, collate = ragged_dataset(), make_collate()
     indices = list(range(0, len(dataset), 3))
     shard = ClientShard(dataset, collate, COLUMNS, "cpu", indices)
-    assert CollatedShard.build(shard.dataset, shard.indices, collate) is None
+    assert CollatedRows.build(shard.dataset, collate) is None
     for positions in position_sets(len(indices), count=12):
         assert_same_batch(shard.batch(positions), reference_batch(dataset, collate, indices, positions))
 

@@ -3,6 +3,7 @@ one model. Run `local_steps` steps under the schedule, each on a Poisson-sampled
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable
@@ -26,9 +27,9 @@ def model_columns(model: torch.nn.Module) -> set:
 
 class ClientShard:
     """One client's examples: rows `indices` of a `datasets.Dataset` (all rows if None), read on demand, so
-    partitioning never copies or re-indexes the data; the dataset is restricted to model columns. At its first
-    batch the shard is collated once where the collator allows it (`CollatedShard`): batches are then gathered
-    by index, bit-identical to collating them."""
+    partitioning never copies or re-indexes the data; the dataset is restricted to model columns. Where the
+    collator allows it, the dataset is collated once, at the first batch of any shard that shares it (`subset`):
+    batches are then its rows gathered by index, bit-identical to collating them (`CollatedRows`)."""
 
     def __init__(self, dataset, collate: Callable, columns: set, device, indices=None):
         drop = [c for c in dataset.column_names if c not in columns]
@@ -36,17 +37,24 @@ class ClientShard:
         self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         self.collate = collate
         self.device = device
-        self._collated = None  # CollatedShard, or False where batches are collated one by one
+        self._collated = _Lazy(lambda: CollatedRows.build(self.dataset, self.collate))
+
+    def subset(self, indices) -> ClientShard:
+        """The shard of rows `indices` of this shard's dataset, sharing its dataset and its collated rows (one
+        collation, and one allocation, for all the clients of a dataset)."""
+        shard = copy.copy(self)
+        shard.indices = [int(i) for i in indices]
+        return shard
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batch(self, positions: list) -> dict:
         """Collate the shard's examples at `positions` (0-based within the shard) into model inputs."""
-        if self._collated is None:
-            self._collated = CollatedShard.build(self.dataset, self.indices, self.collate) or False
-        if self._collated:
-            return {k: v.to(self.device) for k, v in self._collated.take(positions).items()}
+        collated = self._collated.get()
+        if collated:
+            rows = torch.tensor([self.indices[p] for p in positions], dtype=torch.long)
+            return {k: v.to(self.device) for k, v in collated.take(rows, self.indices[0]).items()}
         if not positions:  # an empty Poisson batch: the right keys and shapes, zero rows
             one = self.collate([self.dataset[self.indices[0]]])
             return {k: v[:0].to(self.device) for k, v in one.items() if isinstance(v, torch.Tensor)}
@@ -56,29 +64,42 @@ class ClientShard:
         return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
+class _Lazy:
+    """A value built at its first `get()` and shared by whoever holds this object."""
+
+    def __init__(self, build: Callable):
+        self._build, self._value = build, None
+
+    def get(self):
+        if self._value is None:
+            self._value = self._build() or False
+        return self._value
+
+
 def _features(rows: dict) -> list:
     """A `Dataset` read of several rows (a dict of columns) as the list of examples a collator takes."""
     return [dict(zip(rows, values)) for values in zip(*rows.values())]
 
 
-class CollatedShard:
-    """A client's examples collated once, for the collators whose output on a batch is a function of their output
-    on the whole shard: transformers' default collator (examples of one shape, stacked row by row) and
+class CollatedRows:
+    """Every row of a dataset collated once, for the collators whose output on a batch follows from their output
+    on all rows: transformers' default collator (examples of one shape, stacked row by row) and
     `DataCollatorWithPadding` padding on the right to the longest example (each padded column gets one constant
-    after an example's own tokens). A batch is the rows at its positions, cut to its longest example when padded:
-    the tensors collating the batch gives, bit for bit (tests/test_client_shard.py). Any other collator (or a
-    dataset with a format, None values, or a shard that padding would more than double) gets None: collate each
-    batch."""
+    after an example's own tokens). A batch is its rows, cut to its longest example when padded: the tensors
+    collating the batch gives, bit for bit (tests/test_client_shard.py). Any other collator (or a dataset with a
+    format, None values, or rows that padding would more than double) gets None: collate each batch. Built in
+    one piece: small tensors per client, allocated between forward passes, fragmented the heap (the peak RSS of
+    1,000 clients grew by 50 MB)."""
 
     def __init__(self, tensors: dict, lengths, padded: frozenset):
         self.tensors, self.lengths, self.padded = tensors, lengths, padded
 
     @classmethod
-    def build(cls, dataset, indices: list, collate: Callable):
+    def build(cls, dataset, collate: Callable):
         padded = _padded_columns(collate)
-        if padded is None or not indices or dataset.format["type"] is not None:
+        if padded is None or len(dataset) == 0 or dataset.format["type"] is not None:
             return None
-        rows = dataset[indices]
+        rows = dataset[:]
         if any(v is None for column in rows.values() for v in column):
             return None
         features = _features(rows)
@@ -96,11 +117,11 @@ class CollatedShard:
                 return None
         return cls(tensors, lengths, frozenset(padded) & set(tensors))
 
-    def take(self, positions: list) -> dict:
-        idx = torch.tensor(positions, dtype=torch.long)
-        out = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
-        if self.lengths is not None:  # an empty batch keeps the first example's length, as collating it would
-            width = int(self.lengths[idx].max()) if positions else int(self.lengths[0])
+    def take(self, rows: torch.Tensor, first: int) -> dict:
+        """The batch of dataset rows `rows`; an empty batch has row `first`'s length, as collating it would."""
+        out = {k: v.index_select(0, rows) for k, v in self.tensors.items()}
+        if self.lengths is not None:
+            width = int(self.lengths[rows].max()) if len(rows) else int(self.lengths[first])
             out.update({k: out[k][:, :width].contiguous() for k in self.padded})
         return out
 

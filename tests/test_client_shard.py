@@ -66,9 +66,11 @@ def assert_same_batch(got, want):
     (lambda: ragged_dataset(label_key="label"), lambda: DataCollatorWithPadding(word_tokenizer(), padding="longest")),
     (fixed_dataset, lambda: default_data_collator),
 ])
-def test_collated_shard_batches_equal_collating_each_batch(make_data, make_collate):
+@pytest.mark.parametrize("chunk_rows", [4096, 7])
+def test_collated_shard_batches_equal_collating_each_batch(make_data, make_collate, chunk_rows, monkeypatch):
     # Prepare: shards of every other row, of examples of several lengths (or one length for the default collator),
     # made directly and as a subset of the whole dataset's shard (as the trainer makes them)
+    monkeypatch.setattr(CollatedRows, "CHUNK_ROWS", chunk_rows)  # 7: collated in pieces of several lengths
     dataset, collate = make_data(), make_collate()
     indices = list(range(1, len(dataset), 2))
     shards = [ClientShard(dataset, collate, COLUMNS, "cpu", indices),

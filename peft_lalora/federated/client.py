@@ -84,12 +84,14 @@ def _features(rows: dict) -> list:
 class CollatedRows:
     """Every row of a dataset collated once, for the collators whose output on a batch follows from their output
     on all rows: transformers' default collator (examples of one shape, stacked row by row) and
-    `DataCollatorWithPadding` padding on the right to the longest example (each padded column gets one constant
-    after an example's own tokens). A batch is its rows, cut to its longest example when padded: the tensors
-    collating the batch gives, bit for bit (tests/test_client_shard.py). Any other collator (or a dataset with a
-    format, None values, or rows that padding would more than double) gets None: collate each batch. Built in
-    one piece: small tensors per client, allocated between forward passes, fragmented the heap (the peak RSS of
-    1,000 clients grew by 50 MB)."""
+    `DataCollatorWithPadding` padding on the right to the longest example with `tokenizer.pad`'s constants. A
+    batch is its rows, cut to its longest example when padded: the tensors collating the batch gives, bit for
+    bit (tests/test_client_shard.py). Any other collator (or a dataset with a format, None values, or rows that
+    padding would more than double) gets None: collate each batch. Built in one piece, `CHUNK_ROWS` rows at a
+    time (Python objects of a whole large dataset at once would be a spike of memory); per-client pieces,
+    allocated between forward passes, fragmented the heap (peak RSS of 1,000 clients +50 MB)."""
+
+    CHUNK_ROWS = 4096
 
     def __init__(self, tensors: dict, lengths, padded: frozenset):
         self.tensors, self.lengths, self.padded = tensors, lengths, padded
@@ -99,23 +101,36 @@ class CollatedRows:
         padded = _padded_columns(collate)
         if padded is None or len(dataset) == 0 or dataset.format["type"] is not None:
             return None
-        rows = dataset[:]
-        if any(v is None for column in rows.values() for v in column):
-            return None
-        features = _features(rows)
-        try:
-            out = collate(features)
-        except (ValueError, TypeError, RuntimeError):  # e.g. examples of several shapes for the default collator
-            return None
-        if "label" in out and "labels" not in out:
-            out["labels"] = out.pop("label")
-        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        lengths = None
-        if padded:
-            lengths = torch.tensor([len(f[collate.tokenizer.model_input_names[0]]) for f in features])
-            if len(features) * int(lengths.max()) > 2 * int(lengths.sum()):  # mostly padding: not worth its memory
+        parts, lengths = [], []
+        for start in range(0, len(dataset), cls.CHUNK_ROWS):
+            rows = dataset[start:start + cls.CHUNK_ROWS]
+            if any(v is None for column in rows.values() for v in column):
                 return None
-        return cls(tensors, lengths, frozenset(padded) & set(tensors))
+            features = _features(rows)
+            try:
+                out = collate(features)
+            except (ValueError, TypeError, RuntimeError):  # e.g. examples of several shapes (default collator)
+                return None
+            if "label" in out and "labels" not in out:
+                out["labels"] = out.pop("label")
+            parts.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+            if padded:
+                lengths += [len(f[collate.tokenizer.model_input_names[0]]) for f in features]
+        padded = frozenset(padded) & set(parts[0])
+        if padded:
+            lengths = torch.tensor(lengths)
+            width = int(lengths.max())
+            if len(lengths) * width > 2 * int(lengths.sum()):  # mostly padding: not worth its memory
+                return None
+            fill = _pad_values(collate.tokenizer)
+            parts = [{k: _pad_right(v, width, fill[k]) if k in padded else v for k, v in part.items()}
+                     for part in parts]
+        if any(part.keys() != parts[0].keys() or any(part[k].dtype != parts[0][k].dtype
+                                                       or part[k].shape[1:] != parts[0][k].shape[1:] for k in part)
+               for part in parts):
+            return None  # chunks that the collator would not stack into one batch
+        tensors = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        return cls(tensors, lengths if padded else None, padded)
 
     def take(self, rows: torch.Tensor, first: int) -> dict:
         """The batch of dataset rows `rows`; an empty batch has row `first`'s length, as collating it would."""
@@ -124,6 +139,16 @@ class CollatedRows:
             width = int(self.lengths[rows].max()) if len(rows) else int(self.lengths[first])
             out.update({k: out[k][:, :width].contiguous() for k in self.padded})
         return out
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value)], dim=1)
+
+
+def _pad_values(tokenizer) -> dict:
+    """The constant `tokenizer._pad` puts after an example's tokens, per column (transformers' own `_pad`)."""
+    return {tokenizer.model_input_names[0]: tokenizer.pad_token_id, "attention_mask": 0,
+            "token_type_ids": tokenizer.pad_token_type_id, "special_tokens_mask": 1}
 
 
 def _padded_columns(collate: Callable):

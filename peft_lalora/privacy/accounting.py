@@ -179,7 +179,7 @@ def calibrate_noise_multiplier(
     `accountants.utils.get_noise_multiplier`: it takes one (q, steps), not a schedule of clients, and bisects from
     sigma = 20 on every order with an absolute tolerance. Measured with `benchmarks/calibration_speed.py` at
     q = 0.5, 64 steps, target 8, tolerance 0.008: it evaluates epsilon on all 151 orders 14 times, this search 9
-    times on subsets and once on all orders, ~16x faster (same accountant, same tolerance window).
+    times on subsets and once on all orders, 12-16x faster in two runs (same accountant, same tolerance window).
 
     Raises:
         ConfigError: on invalid arguments, or when even sigma = 1e6 cannot meet the target (the message gives the

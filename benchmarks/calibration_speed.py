@@ -72,8 +72,9 @@ def main(argv=None) -> None:
         tol = accounting.EPSILON_RTOL * target
         t, sigma, c = timed(lambda: accounting.calibrate_noise_multiplier(
             target_epsilon=target, target_delta=args.delta, sample_rate=q, steps=steps), args.repeats, counts)
-        row = (f"| {q} | {steps} | {target} | {t:.3f} | {sigma:.5f} | {opacus_epsilon(sigma, q, steps, args.delta):.5f}"
-               f" | {c.get('subset', 0)}/{c.get('all', 0)} |")
+        reached = opacus_epsilon(sigma, q, steps, args.delta)
+        evals = f"{c.get('subset', 0)}/{c.get('all', 0)}"
+        row = f"| {q} | {steps} | {target} | {t:.3f} | {sigma:.5f} | {reached:.5f} | {evals} |"
         if not args.no_opacus:
             RDPAccountant.get_epsilon = counted_get_epsilon
             t, sigma, c = timed(lambda: get_noise_multiplier(target_epsilon=target, target_delta=args.delta,

@@ -14,8 +14,8 @@ Timing: wall clock (time.perf_counter) of every round, from the Trainer's on_ste
 (`_run_round`, `log`, `_save_round`). Inside it, exclusive leaf timers wrap (by monkeypatching the instance or the
 name `peft_lalora.trainer` imports, never library code): the stepper's `__call__` (= local-step compute: per-sample
 gradients, clip, noise, low-pass, SGD), batch collation (`ClientShard.batch`), Poisson sampling, factor switching,
-optimizer creation, per-client RNG seeding (`generator`, `derive_seed`, `torch.manual_seed`), adapter load
-(`client_update.load_state`), client delta, `Aggregator.add`, aggregation (`Aggregator.merged`), ledger check/charge, ledger report (epsilon of every client), client
+optimizer creation, per-client RNG seeding (`generator`, entering and leaving `global_rng`), adapter load
+(`client_update.load_state`), client delta, `Aggregator.add`, aggregation (`Aggregator.merged`), ledger check/charge, ledger report (`max_epsilon`: the largest epsilon over the clients), client
 selection, `Trainer.log` and `_save_round` (checkpoint). "other" = round wall - sum of leaves. The first --warmup
 rounds are excluded from the sums (first-call allocations); ratio = sum(round wall) / sum(local-step time).
 Setup (partition, shards, calibration, ledger) is timed separately.
@@ -30,6 +30,7 @@ between the smallest and largest client count. The machine is shared (2 cores): 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -80,6 +81,23 @@ class Timers:
             finally:
                 self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - start
                 self.calls[name] = self.calls.get(name, 0) + 1
+        return timed
+
+    def wrap_context(self, name, factory):
+        """A context manager factory whose entry and exit are timed (its block is not: other leaves run in it)."""
+        @contextlib.contextmanager
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            context = factory(*args, **kwargs)
+            context.__enter__()
+            self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - start
+            self.calls[name] = self.calls.get(name, 0) + 1
+            try:
+                yield
+            finally:
+                start = time.perf_counter()
+                context.__exit__(None, None, None)
+                self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - start
         return timed
 
     def take(self) -> tuple[dict, dict]:
@@ -144,8 +162,7 @@ def instrument_rounds(trainer, timers: Timers) -> None:
         shard.batch = timers.wrap("batch_collate", shard.batch)
     client_mod.poisson_sample = timers.wrap("poisson_sample", client_mod.poisson_sample)
     client_mod.generator = timers.wrap("seed_rng", client_mod.generator)
-    client_mod.derive_seed = timers.wrap("seed_rng", client_mod.derive_seed)
-    client_mod.torch.manual_seed = timers.wrap("seed_rng", client_mod.torch.manual_seed)  # this process only
+    client_mod.global_rng = timers.wrap_context("seed_rng", client_mod.global_rng)
     tuner = trainer.tuner
     tuner.trainable_factors = timers.wrap("set_factors", tuner.trainable_factors)
     tuner.set_trainable_factors = timers.wrap("set_factors", tuner.set_trainable_factors)
@@ -158,7 +175,7 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     if trainer.ledger is not None:
         trainer.ledger.check_release = timers.wrap("ledger_charge", trainer.ledger.check_release)
         trainer.ledger.charge = timers.wrap("ledger_charge", trainer.ledger.charge)
-        trainer.ledger.report = timers.wrap("ledger_report", trainer.ledger.report)
+        trainer.ledger.max_epsilon = timers.wrap("ledger_report", trainer.ledger.max_epsilon)
     trainer.log = timers.wrap("log", trainer.log)
     trainer._save_round = timers.wrap("checkpoint", trainer._save_round)
 

@@ -101,12 +101,12 @@ class FederatedDPTrainer(Trainer):
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
             self._calibration = plan.calibration
         columns = model_columns(self.model)
-        trimmed = {}  # each distinct dataset is restricted to the model's columns once
+        whole = {}  # each distinct dataset is restricted to the model's columns, and collated, once
         clients = []
         for dataset, idx in shards:
-            if id(dataset) not in trimmed:
-                trimmed[id(dataset)] = ClientShard(dataset, self.data_collator, columns, self.args.device).dataset
-            clients.append(ClientShard(trimmed[id(dataset)], self.data_collator, columns, self.args.device, idx))
+            if id(dataset) not in whole:
+                whole[id(dataset)] = ClientShard(dataset, self.data_collator, columns, self.args.device)
+            clients.append(whole[id(dataset)] if idx is None else whole[id(dataset)].subset(idx))
         self._federation = {
             "shards": clients,
             "fingerprint": fingerprint, "sizes": sizes, "noise_multiplier": noise_multiplier, "delta": delta,
@@ -253,7 +253,7 @@ class FederatedDPTrainer(Trainer):
         if finite:
             logs["loss"] = sum(finite) / len(finite)
         if self.ledger is not None:
-            logs["epsilon"] = self.ledger.report()["epsilon"]
+            logs["epsilon"] = self.ledger.max_epsilon()
         return logs
 
     def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:

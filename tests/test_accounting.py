@@ -15,6 +15,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from peft_lalora.errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
+from peft_lalora.privacy import accounting
 from peft_lalora.privacy.accounting import (
     ACCOUNTANTS,
     PrivacyLedger,
@@ -178,6 +179,48 @@ def test_calibration_grid(target, q, steps):
     assert target - 0.05 <= achieved <= target
     # near-minimal: 3 % less noise breaks the budget
     assert compute_epsilon(noise_multiplier=0.97 * sigma, sample_rate=q, steps=steps, delta=DELTA) > target
+
+
+def _opacus_rdp_epsilon(sigma, q, steps, delta):
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, q, steps)]
+    return accountant.get_epsilon(delta=delta)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order", "ignore:.*drowns any gradient")
+@pytest.mark.parametrize("target", [1.0, 8.0])
+@pytest.mark.parametrize("q", [0.01, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("steps", [1, 64, 1000])
+def test_calibration_meets_the_target_under_opacus_for_every_sample_rate(target, q, steps):
+    # Execute: the calibration searches on subsets of the RDP orders; Assert against opacus' own accountant
+    sigma = calibrate_noise_multiplier(target_epsilon=target, target_delta=DELTA, sample_rate=q, steps=steps)
+    reached = _opacus_rdp_epsilon(sigma, q, steps, DELTA)
+    assert target * (1 - 1e-3) <= reached <= target  # sigma is never too small, and within the tolerance
+    assert _opacus_rdp_epsilon(sigma * (1 - 1e-3), q, steps, DELTA) > target * (1 - 1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order")
+def test_calibration_checks_its_answer_on_every_order(monkeypatch):
+    # Prepare: a search on the subsets of orders that under-states epsilon by 10 % (as a wrong subset would)
+    real = accounting._rdp_epsilon
+
+    def optimistic(history, delta, orders=accounting._ORDERS):
+        eps, order = real(history, delta, orders)
+        return (eps if orders is accounting._ORDERS else 0.9 * eps), order
+
+    monkeypatch.setattr(accounting, "_rdp_epsilon", optimistic)
+    # Execute
+    sigma = calibrate_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=0.5, steps=64)
+    # Assert: the answer is still checked, and corrected, on every order
+    assert 3.0 * (1 - 1e-3) <= _opacus_rdp_epsilon(sigma, 0.5, 64, DELTA) <= 3.0
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order")
+def test_schedule_calibration_over_mixed_sample_rates_meets_the_target_for_every_client():
+    rates, steps = [0.5, 0.1, 1.0, 0.01, 0.5], [64, 1000, 1, 1000, 8]
+    sigma = calibrate_noise_multiplier(target_epsilon=4.0, target_delta=DELTA, sample_rate=rates, steps=steps)
+    reached = [_opacus_rdp_epsilon(sigma, q, n, DELTA) for q, n in zip(rates, steps)]
+    assert 4.0 * (1 - 1e-3) <= max(reached) <= 4.0
 
 
 def test_calibration_prv():
@@ -351,3 +394,10 @@ def test_calibration_warns_when_sigma_is_beyond_any_useful_range():
     with pytest.warns(LALoraWarning, match="drowns any gradient"):
         sigma = calibrate_noise_multiplier(target_epsilon=floor * 1.01, target_delta=DELTA, sample_rate=0.1, steps=10)
     assert sigma > 50
+
+
+def test_max_epsilon_is_the_reports_epsilon():
+    ledger = _ledger()
+    ledger.charge(0, 30)
+    ledger.charge(1, 300)
+    assert ledger.max_epsilon() == ledger.report()["epsilon"] == max(ledger.epsilon(c) for c in ledger.clients)

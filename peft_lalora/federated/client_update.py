@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..privacy.engine import NonPrivateStep, PrivateStep
-from ..tuner.roles import adapter_tensor_names, tensor_role
+from ..tuner.roles import tensor_role
 from .aggregation import adapter_delta
 from .client import ClientShard, run_local_round
 
@@ -75,12 +75,16 @@ def make_stepper(model, *, dp: bool, noise_multiplier: float = 0.0, per_sample_m
                        adapter_name=adapter_name, autocast_dtype=autocast_dtype, head_max_grad_norm=head_max_grad_norm)
 
 
-def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "default") -> torch.optim.Optimizer:
-    """The client optimizer over the adapter's tensors, one parameter group per role (B may have its own rate)."""
-    params = dict(model.named_parameters())
+def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "default",
+                   params: Optional[dict] = None) -> torch.optim.Optimizer:
+    """The client optimizer over the adapter's tensors, one parameter group per role (B may have its own rate).
+    `params`: `dict(model.named_parameters())`, when the caller has it already."""
+    params = dict(model.named_parameters()) if params is None else params
     groups = {"A": [], "B": [], "head": []}
-    for name in adapter_tensor_names(model, adapter_name):
-        groups[tensor_role(name, adapter_name)].append(params[name])
+    for name in params:  # the adapter's tensors in model order, as `adapter_tensor_names` lists them
+        role = tensor_role(name, adapter_name)
+        if role is not None:
+            groups[role].append(params[name])
     ratios = {"A": 1.0, "B": local.lora_b_lr_ratio, "head": 1.0}
     param_groups = [{"params": p, "lr": lr * ratios[k]} for k, p in groups.items() if p]
     if local.local_optimizer == "adamw":
@@ -90,9 +94,9 @@ def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "de
 
 
 @torch.no_grad()
-def load_state(model, state: dict) -> None:
-    """Copy the adapter tensors `state` into the model (never copies the model)."""
-    params = dict(model.named_parameters())
+def load_state(model, state: dict, params: Optional[dict] = None) -> None:
+    """Copy the adapter tensors `state` into the model (never copies the model). `params`: as in `make_optimizer`."""
+    params = dict(model.named_parameters()) if params is None else params
     for name, value in state.items():
         params[name].copy_(value)
 
@@ -105,16 +109,17 @@ def client_update(*, model, stepper, shard: ClientShard, global_state: dict, rou
     trained plus the head. Raises `ClientUpdateError` when every sampled example was dropped (noise only) or the
     update is not finite; any other error of the local round propagates.
     """
-    load_state(model, global_state)
+    params = dict(model.named_parameters())  # one walk of the model per client
+    load_state(model, global_state, params)
     stats = run_local_round(tuner=model.base_model, stepper=stepper, shard=shard,
-                            make_optimizer=lambda: make_optimizer(model, lr, local, adapter_name), round_idx=round_idx,
-                            client=client, local_steps=local.local_steps, batch_size=local.batch_size, seed=private_seed)
+                            make_optimizer=lambda: make_optimizer(model, lr, local, adapter_name, params),
+                            round_idx=round_idx, client=client, local_steps=local.local_steps,
+                            batch_size=local.batch_size, seed=private_seed)
     if stats["examples"] and stats["dropped"] == stats["examples"]:
         raise ClientUpdateError(f"all {stats['examples']} sampled examples had a non-finite gradient and were "
                                 "dropped: the update would be noise only", dropped=stats["dropped"])
     sent = [n for n in global_state if tensor_role(n, adapter_name) not in ("A", "B")
             or tensor_role(n, adapter_name) in stats["factors"]]
-    params = dict(model.named_parameters())
     delta = adapter_delta({n: params[n].detach() for n in sent}, {n: global_state[n] for n in sent})
     if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
         raise ClientUpdateError("the client's update is not finite (NaN or inf): lower the learning rate")

@@ -34,16 +34,22 @@ def generator(seed: int, *keys, device="cpu") -> torch.Generator:
 
 
 @contextmanager
-def global_rng(seed: int, *keys) -> Iterator[None]:
-    """Seed torch's global generators from the keys for the block (`torch.manual_seed`: CPU, CUDA and the other
-    backends) and give the caller back its CPU generator and those of the CUDA devices in use on exit.
+def global_rng(seed: int, *keys, device="cpu") -> Iterator[None]:
+    """Seed torch's global generator that dropout on `device` draws from (dropout, `nn.Dropout` and the attention's
+    `F.dropout`, takes no generator) for the block, and give the caller back its CPU generator and those of the
+    CUDA devices in use on exit.
 
-    For the draws that take no generator: dropout (`nn.Dropout`, the attention's `F.dropout`) draws from the
-    global generator of the device it runs on. Other backends (MPS, XPU), and CUDA when not yet initialised, keep
-    the block's seed."""
+    On CPU only the CPU generator is seeded: `torch.manual_seed` also queues a seed for every accelerator kind,
+    recording a stack trace for each, which costs more than a local step's other bookkeeping together. On other
+    devices `torch.manual_seed` seeds them all; other backends (MPS, XPU), and CUDA when not yet initialised,
+    keep the block's seed."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    value = derive_seed(seed, *keys)
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(derive_seed(seed, *keys))
+        if torch.device(device).type == "cpu":
+            torch.default_generator.manual_seed(value)
+        else:
+            torch.manual_seed(value)
         yield
 
 

@@ -3,6 +3,7 @@ head (`modules_to_save`), from its name in `model.named_parameters()` (or a modu
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 # role -> the name part peft gives the tensor's module
@@ -10,6 +11,7 @@ ROLE_PARTS = {"A": "lora_A", "B": "lora_B", "head": "modules_to_save"}
 FACTOR_ROLES = ("A", "B")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a model's few hundred names, looked up at every client of every round
 def tensor_role(name: str, adapter_name: Optional[str] = None) -> Optional[str]:
     """`"A"`, `"B"`, `"head"` or None (a base-model tensor) for a parameter or module name; with `adapter_name`,
     only that adapter's tensors have a role (peft names them `...lora_A.<adapter>.weight`)."""

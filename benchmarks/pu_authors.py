@@ -65,8 +65,11 @@ class AuthorsStep:
         losses = per_example_loss(self.model(**model_inputs(batch)), batch)
         loss = losses.float().mean()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return ({n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)},
-                float(loss.detach()), size)
+        return (
+            {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)},
+            float(loss.detach()),
+            size,
+        )
 
     def __call__(self, batch: dict, expected_batch_size: float) -> dict:
         params = active_parameters(self.model)

@@ -42,7 +42,7 @@ def clipped_mean(model, params, names, dataset, collator, n: int) -> dict:
     for i in range(n):
         loss = model(**collator([dataset[i]])).loss
         grads = torch.autograd.grad(loss, [params[k] for k in names])
-        factor = min(1.0, 1.0 / float(torch.sqrt(sum((g ** 2).sum() for g in grads))))
+        factor = min(1.0, 1.0 / float(torch.sqrt(sum((g**2).sum() for g in grads))))
         for k, g in zip(names, grads):
             acc[k] += g * factor
     return {k: v / n for k, v in acc.items()}
@@ -51,7 +51,9 @@ def clipped_mean(model, params, names, dataset, collator, n: int) -> dict:
 def short(name: str) -> str:
     """'layer 0 query.lora_B' from a peft parameter name (BERT and ViT)."""
     layer = re.search(r"layers?\.(\d+)\.", name)
-    return f"layer {layer.group(1) if layer else '?'} " + name.split("attention.")[-1].split(".default")[0].replace("self.", "")
+    return f"layer {layer.group(1) if layer else '?'} " + name.split("attention.")[-1].split(".default")[0].replace(
+        "self.", ""
+    )
 
 
 def sigmas_of(path: str) -> dict:
@@ -69,15 +71,17 @@ def main(argv=None) -> None:
     opts = privacy_utility.parse(sys.argv[1:] if argv is None else argv)
     setup = _pu_setup.setup_of(opts)
     sigmas = sigmas_of(os.path.join(opts.out, opts.name + ".json"))
-    print(f"# setting: {' '.join(sys.argv[1:] if argv is None else argv) or 'text track defaults'}; sigma by epsilon "
-          f"{ {k: round(v, 3) for k, v in sorted(sigmas.items())} }")
+    print(
+        f"# setting: {' '.join(sys.argv[1:] if argv is None else argv) or 'text track defaults'}; sigma by epsilon "
+        f"{ {k: round(v, 3) for k, v in sorted(sigmas.items())} }"
+    )
     model = _pu_setup.probe_model(setup)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     for active in ("B", "A"):
         names = [k for k in params if f"lora_{active}" in k or "classifier" in k]
         g_all = clipped_mean(model, params, names, setup.clients[0], setup.collator, 128)
-        total = torch.sqrt(sum((g ** 2).sum() for g in g_all.values()))
-        head = torch.sqrt(sum(((g ** 2).sum() for k, g in g_all.items() if "classifier" in k), torch.tensor(0.0)))
+        total = torch.sqrt(sum((g**2).sum() for g in g_all.values()))
+        head = torch.sqrt(sum(((g**2).sum() for k, g in g_all.items() if "classifier" in k), torch.tensor(0.0)))
         print(f"active {active}: |clipped mean gradient| = {total:.4f}, of which the head {head:.4f}")
         for eps, sigma in sorted(sigmas.items()):
             std = sigma * opts.clip / opts.batch_size
@@ -87,17 +91,23 @@ def main(argv=None) -> None:
                 xi = torch.randn(100, *g.shape) * std
                 fxi = torch.stack([lowpass_filter(x, active) for x in xi])
                 fg = lowpass_filter(g, active)
-                snr, snr_f = (g ** 2).sum() / (xi ** 2).sum((1, 2)).mean(), (fg ** 2).sum() / (fxi ** 2).sum((1, 2)).mean()
+                snr, snr_f = (g**2).sum() / (xi**2).sum((1, 2)).mean(), (fg**2).sum() / (fxi**2).sum((1, 2)).mean()
                 cos = torch.nn.functional.cosine_similarity
                 c_raw = float(cos((g + xi).flatten(1), g.flatten()[None]).mean())
-                c_f = float(cos(torch.stack([lowpass_filter(g + x, active) for x in xi]).flatten(1), g.flatten()[None]).mean())
-                print(f"  eps={eps} sigma={sigma:.3f} {short(k):22s} "
-                      f"|g|={g.norm():.2e} |Fg|/|g|={fg.norm() / g.norm():.3f} SNR raw={snr:.2e} "
-                      f"filtered={snr_f:.2e} (x{snr_f / snr:.2f}) cos(noisy,g)={c_raw:+.4f} filtered {c_f:+.4f}")
+                c_f = float(
+                    cos(torch.stack([lowpass_filter(g + x, active) for x in xi]).flatten(1), g.flatten()[None]).mean()
+                )
+                print(
+                    f"  eps={eps} sigma={sigma:.3f} {short(k):22s} "
+                    f"|g|={g.norm():.2e} |Fg|/|g|={fg.norm() / g.norm():.3f} SNR raw={snr:.2e} "
+                    f"filtered={snr_f:.2e} (x{snr_f / snr:.2f}) cos(noisy,g)={c_raw:+.4f} filtered {c_f:+.4f}"
+                )
     a = next(p for k, p in params.items() if "lora_A" in k)
-    print(f"A at init: std {a.std():.4f} (r x d_in = {tuple(a.shape)}); scale s = lora_alpha / r = "
-          f"{opts.lora_alpha / opts.rank:g}: noise xi_B on B reaches W as s * xi_B @ A, per entry std "
-          f"s * sqrt(r) * std(A) = {opts.lora_alpha / opts.rank * opts.rank ** 0.5 * float(a.std()):.3f} x std(xi_B)")
+    print(
+        f"A at init: std {a.std():.4f} (r x d_in = {tuple(a.shape)}); scale s = lora_alpha / r = "
+        f"{opts.lora_alpha / opts.rank:g}: noise xi_B on B reaches W as s * xi_B @ A, per entry std "
+        f"s * sqrt(r) * std(A) = {opts.lora_alpha / opts.rank * opts.rank**0.5 * float(a.std()):.3f} x std(xi_B)"
+    )
 
 
 if __name__ == "__main__":

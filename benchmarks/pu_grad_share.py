@@ -26,8 +26,10 @@ import _pu_report  # noqa: E402
 import _pu_setup  # noqa: E402
 import privacy_utility  # noqa: E402
 
-TRACKS = {"text (MiniLM 1 layer, Rotten Tomatoes)": [],
-          "vision (tiny ViT from Fashion-MNIST, MNIST digits)": ["--vision", _pu_setup.FASHION_VIT]}
+TRACKS = {
+    "text (MiniLM 1 layer, Rotten Tomatoes)": [],
+    "vision (tiny ViT from Fashion-MNIST, MNIST digits)": ["--vision", _pu_setup.FASHION_VIT],
+}
 
 
 def group_of(name: str) -> str | None:
@@ -48,10 +50,10 @@ def shares(argv: list, n: int = 128, clip: float = 1.0) -> dict:
         grads = torch.autograd.grad(loss, list(params.values()))
         sq = {"head": 0.0, "A": 0.0, "B": 0.0}
         for name, g in zip(params, grads):
-            sq[group_of(name)] += float((g ** 2).sum())
+            sq[group_of(name)] += float((g**2).sum())
         total = sum(sq.values()) ** 0.5
         for k, v in sq.items():
-            norms[k].append(v ** 0.5)
+            norms[k].append(v**0.5)
         norms["all"].append(total)
         norms["lora share after clipping"].append(min(1.0, clip / total) * (sq["A"] + sq["B"]) ** 0.5 / clip)
     count = {k: sum(p.numel() for name, p in params.items() if group_of(name) == k) for k in ("head", "A", "B")}
@@ -69,9 +71,11 @@ def main() -> None:
     for track, argv in TRACKS.items():
         result = shares(argv)
         m, c = result["median"], result["parameters"]
-        print(f"{track}: median per-example gradient norm: head {m['head']:.4g} ({c['head']} parameters), "
-              f"LoRA A {m['A']:.4g} ({c['A']}), LoRA B {m['B']:.4g} ({c['B']}), all {m['all']:.4g}; "
-              f"after joint clipping to C = 1 the LoRA factors hold a median {m['lora share after clipping']:.4f} of C")
+        print(
+            f"{track}: median per-example gradient norm: head {m['head']:.4g} ({c['head']} parameters), "
+            f"LoRA A {m['A']:.4g} ({c['A']}), LoRA B {m['B']:.4g} ({c['B']}), all {m['all']:.4g}; "
+            f"after joint clipping to C = 1 the LoRA factors hold a median {m['lora share after clipping']:.4f} of C"
+        )
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ from _pu_report import LABELS, METHOD_ORDER, diff_cell, final_groups, mean_std, 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # arm suffix -> (file stem, phase, label)
-ARMS = {"": ("privacy_utility", "final", "DP, flat clip C"),
-        "@groups": ("privacy_utility_groups", "final", "DP, clipping groups"),
-        "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
-        "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
-        "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds")}
+ARMS = {
+    "": ("privacy_utility", "final", "DP, flat clip C"),
+    "@groups": ("privacy_utility_groups", "final", "DP, clipping groups"),
+    "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
+    "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
+    "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds"),
+}
 # the schedules compared with their own non-private reference: (name, DP arms, the arm holding non-private and probe)
 TRACKS = (("5 rounds", ("", "@groups"), ""), ("15 rounds", ("@r15",), "@r15"))
 
@@ -47,8 +49,13 @@ def load(results: str) -> tuple:
 
 def label(key: str) -> str:
     method, _, arm = key.partition("@")
-    suffix = {"": "", "groups": " + groups", "authors": " (authors, NOT DP)", "authors-shared": " (authors, NOT DP, one lr)",
-              "r15": ", 15 rounds"}
+    suffix = {
+        "": "",
+        "groups": " + groups",
+        "authors": " (authors, NOT DP)",
+        "authors-shared": " (authors, NOT DP, one lr)",
+        "r15": ", 15 rounds",
+    }
     return LABELS[method] + suffix[arm]
 
 
@@ -63,29 +70,47 @@ def cell(groups, key, eps) -> str:
 def summary(groups, settings) -> str:
     epsilons = sorted({e for (_, e) in groups if e is not None})
     dp_keys = [m + s for _, arms, _ in TRACKS for s in arms for m in METHOD_ORDER if m != "nonprivate"]
-    lines = ["# Privacy-utility summary (text track)", "",
-             "Test accuracy (%), mean ± std over seeds (chosen learning rate, number of seeds). Every arm uses the "
-             "same clients, seeds and, at each ε and schedule, the same σ; `pu_summary.py` reads the committed "
-             "JSONs.", "",
-             "| arm | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |",
-             "|" + "---|" * (len(epsilons) + 2)]
-    for key in dp_keys + [m + s for s in ("@authors", "@authors-shared") for m in METHOD_ORDER] + [
-            "nonprivate" + ref for _, _, ref in TRACKS]:
+    lines = [
+        "# Privacy-utility summary (text track)",
+        "",
+        "Test accuracy (%), mean ± std over seeds (chosen learning rate, number of seeds). Every arm uses the "
+        "same clients, seeds and, at each ε and schedule, the same σ; `pu_summary.py` reads the committed "
+        "JSONs.",
+        "",
+        "| arm | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | non-private |",
+        "|" + "---|" * (len(epsilons) + 2),
+    ]
+    for key in (
+        dp_keys
+        + [m + s for s in ("@authors", "@authors-shared") for m in METHOD_ORDER]
+        + ["nonprivate" + ref for _, _, ref in TRACKS]
+    ):
         if any((key, e) in groups for e in epsilons + [None]):
             lines.append(f"| {label(key)} | " + " | ".join(cell(groups, key, e) for e in epsilons + [None]) + " |")
-    lines += ["", "## The issue's goals, per schedule and ε: the best DP arm (by mean) against its non-private LoRA "
-              "and its DP linear probe (paired by seed; points)", "",
-              "| schedule | ε | best DP arm | non-private − best | best − DP linear probe |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## The issue's goals, per schedule and ε: the best DP arm (by mean) against its non-private LoRA "
+        "and its DP linear probe (paired by seed; points)",
+        "",
+        "| schedule | ε | best DP arm | non-private − best | best − DP linear probe |",
+        "|---|---|---|---|---|",
+    ]
     for name, arms, ref in TRACKS:
         for eps in epsilons:
-            present = [m + a for a in arms for m in METHOD_ORDER if m not in ("nonprivate", "headonly")
-                       and (m + a, eps) in groups]
+            present = [
+                m + a
+                for a in arms
+                for m in METHOD_ORDER
+                if m not in ("nonprivate", "headonly") and (m + a, eps) in groups
+            ]
             if not present:
                 continue
             best = max(present, key=lambda k: mean_std([r["test_accuracy"] for r in groups[(k, eps)]])[0])
-            lines.append(f"| {name} | {eps:g} | {label(best)} | "
-                         f"{diff_cell(paired(groups, 'nonprivate' + ref, best, None, eps_b=eps))} | "
-                         f"{diff_cell(paired(groups, best, 'headonly' + ref, eps))} |")
+            lines.append(
+                f"| {name} | {eps:g} | {label(best)} | "
+                f"{diff_cell(paired(groups, 'nonprivate' + ref, best, None, eps_b=eps))} | "
+                f"{diff_cell(paired(groups, best, 'headonly' + ref, eps))} |"
+            )
     lines += reproduction(groups, epsilons)
     for stem, s in settings.items():
         lines += ["", f"Settings of `{stem}`: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "client_sizes")]
@@ -94,19 +119,34 @@ def summary(groups, settings) -> str:
 
 def reproduction(groups, epsilons) -> list:
     """Part 4: the paper's ordering and filter gain under the library's DP-SGD and under the authors' mechanism."""
-    lines = ["", "## Where the paper's gains come from: LA-LoRA against each baseline, and the filter, per mechanism",
-             "", "Paired by seed, points, 95 % interval; the paper reports LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA with "
-             "a large filter gain.", "", "| ε | mechanism | ranking (by mean) | LA-LoRA − DP-LoRA | LA-LoRA − FFA-LoRA | "
-             "LA-LoRA − RoLoRA | LA-LoRA − LA-LoRA w/o filter |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Where the paper's gains come from: LA-LoRA against each baseline, and the filter, per mechanism",
+        "",
+        "Paired by seed, points, 95 % interval; the paper reports LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA with "
+        "a large filter gain.",
+        "",
+        "| ε | mechanism | ranking (by mean) | LA-LoRA − DP-LoRA | LA-LoRA − FFA-LoRA | "
+        "LA-LoRA − RoLoRA | LA-LoRA − LA-LoRA w/o filter |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for eps in epsilons:
         for suffix, (_, _, name) in ARMS.items():  # the 5-round arms and the 15-round one
-            methods = [m for m in ("lalora", "rolora", "ffa", "dplora", "lalora_nofilter") if (m + suffix, eps) in groups]
+            methods = [
+                m for m in ("lalora", "rolora", "ffa", "dplora", "lalora_nofilter") if (m + suffix, eps) in groups
+            ]
             if "lalora" not in methods or len(methods) < 2:
                 continue
-            ranking = sorted(methods, key=lambda m: -mean_std([r["test_accuracy"] for r in groups[(m + suffix, eps)]])[0])
-            cells = [diff_cell(paired(groups, "lalora" + suffix, other + suffix, eps))
-                     for other in ("dplora", "ffa", "rolora", "lalora_nofilter")]
-            lines.append(f"| {eps:g} | {name} | {' > '.join(LABELS[m] for m in ranking)} | " + " | ".join(cells) + " |")
+            ranking = sorted(
+                methods, key=lambda m: -mean_std([r["test_accuracy"] for r in groups[(m + suffix, eps)]])[0]
+            )
+            cells = [
+                diff_cell(paired(groups, "lalora" + suffix, other + suffix, eps))
+                for other in ("dplora", "ffa", "rolora", "lalora_nofilter")
+            ]
+            lines.append(
+                f"| {eps:g} | {name} | {' > '.join(LABELS[m] for m in ranking)} | " + " | ".join(cells) + " |"
+            )
     return lines if len(lines) > 6 else []
 
 

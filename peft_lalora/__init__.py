@@ -31,6 +31,7 @@ def __getattr__(name):  # the Trainer pulls in accelerate: import it only when a
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'peft_lalora' has no attribute {name!r}")
 
+
 __all__ = [
     "AdapterLoadError",
     "CheckpointMismatchError",

@@ -53,8 +53,12 @@ class FederatedDPArguments(TrainingArguments):
     """
 
     per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
-        default=8, metadata={"help": "Each client's expected Poisson batch size B: a client with n_k examples "
-                                     "samples every example with probability q = B / n_k at each local step."})
+        default=8,
+        metadata={
+            "help": "Each client's expected Poisson batch size B: a client with n_k examples "
+            "samples every example with probability q = B / n_k at each local step."
+        },
+    )
     num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
     clients_per_round: int = field(default=4, metadata={"help": "Clients sampled per round."})
     num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
@@ -67,10 +71,14 @@ class FederatedDPArguments(TrainingArguments):
     allow_large_delta: bool = field(default=False, metadata={"help": "Allow target_delta >= 1/n_k (warns)."})
     noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Explicit sigma (epsilon reported)."})
     per_sample_max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clip norm C."})
-    per_sample_head_max_grad_norm: Optional[float] = field(default=None, metadata={
-        "help": "Clipping groups: clip the head's per-example gradient to this norm and the LoRA factors' to "
-                "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
-                "None: one joint clip (the head can take most of C)."})
+    per_sample_head_max_grad_norm: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Clipping groups: clip the head's per-example gradient to this norm and the LoRA factors' to "
+            "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
+            "None: one joint clip (the head can take most of C)."
+        },
+    )
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
     lora_b_lr_ratio: float = field(default=1.0, metadata={"help": "LR of lora_B relative to lora_A and the head."})
     round_lr_decay: float = field(default=1.0, metadata={"help": "Per-round learning-rate decay factor."})
@@ -81,26 +89,49 @@ class FederatedDPArguments(TrainingArguments):
     local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
     per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
     label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
-    sigma_calibration: str = field(default="schedule", metadata={
-        "help": "With target_epsilon: 'schedule' calibrates sigma for each client's scheduled steps (the public "
-                "participation schedule); 'worst_case' for a client taking part in every round."})
-    noise_seed: Optional[int] = field(default=None, metadata={
-        "help": "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
-                "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
-                "refuses. Default None: secret randomness from the operating system, kept in the private checkpoint."})
-    allow_fixed_noise_seed: bool = field(default=False, metadata={
-        "help": "Allow push_to_hub of a run whose `noise_seed` was fixed (its privacy report says it is not private)."})
+    sigma_calibration: str = field(
+        default="schedule",
+        metadata={
+            "help": "With target_epsilon: 'schedule' calibrates sigma for each client's scheduled steps (the public "
+            "participation schedule); 'worst_case' for a client taking part in every round."
+        },
+    )
+    noise_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
+            "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
+            "refuses. Default None: secret randomness from the operating system, kept in the private checkpoint."
+        },
+    )
+    allow_fixed_noise_seed: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow push_to_hub of a run whose `noise_seed` was fixed (its privacy report says it is not private)."
+        },
+    )
     # The federated loop's own defaults for TrainingArguments fields it reads differently (schedules over rounds).
-    lr_scheduler_type: str = field(default="constant", metadata={
-        "help": "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
-                "one value per round, times `round_lr_decay` ** round."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the run an `output_dir` holds "
-                                                                        "(checkpoint, adapter, card) before training."})
-    card_dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset named in the model card "
-                                                                             "(e.g. 'glue/sst2')."})
-    card_data_format: Optional[str] = field(default=None, metadata={
-        "help": "The training data's format, described in the model card's 'Training data' section (e.g. the "
-                "prompt template of an instruction-tuned causal LM)."})
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
+            "one value per round, times `round_lr_decay` ** round."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete the run an `output_dir` holds (checkpoint, adapter, card) before training."},
+    )
+    card_dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Dataset named in the model card (e.g. 'glue/sst2')."}
+    )
+    card_data_format: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The training data's format, described in the model card's 'Training data' section (e.g. the "
+            "prompt template of an instruction-tuned causal LM)."
+        },
+    )
 
     def __post_init__(self):
         for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir", "bf16", "fp16"):
@@ -116,15 +147,18 @@ class FederatedDPArguments(TrainingArguments):
         _int_at_least("num_clients", self.num_clients, 1)
         _int_at_least("clients_per_round", self.clients_per_round, 1)
         if self.clients_per_round > self.num_clients:
-            raise ConfigError(f"`clients_per_round` must be in [1, num_clients={self.num_clients}], got "
-                              f"{self.clients_per_round}.")
+            raise ConfigError(
+                f"`clients_per_round` must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}."
+            )
         _int_at_least("num_rounds", self.num_rounds, 1)
         _int_at_least("local_steps", self.local_steps, 1)
         _int_at_least("eval_rounds", self.eval_rounds, 0)
         _int_at_least("min_clients_per_round", self.min_clients_per_round, 1)
         if self.min_clients_per_round > self.clients_per_round:
-            raise ConfigError(f"`min_clients_per_round` must be <= clients_per_round={self.clients_per_round}, got "
-                              f"{self.min_clients_per_round}.")
+            raise ConfigError(
+                f"`min_clients_per_round` must be <= clients_per_round={self.clients_per_round}, got "
+                f"{self.min_clients_per_round}."
+            )
         if self.dirichlet_alpha is not None:
             _positive("dirichlet_alpha", self.dirichlet_alpha, "use None for an IID split")
         if self.min_shard_size is not None:
@@ -143,52 +177,98 @@ class FederatedDPArguments(TrainingArguments):
         if self.dp:
             self._validate_dp()
         else:
-            given = [n for n in ("target_epsilon", "target_delta", "noise_multiplier", "noise_seed")
-                     if getattr(self, n) is not None]
+            given = [
+                n
+                for n in ("target_epsilon", "target_delta", "noise_multiplier", "noise_seed")
+                if getattr(self, n) is not None
+            ]
             if given:
-                raise ConfigError(f"`dp=False` trains without any privacy, but DP settings were given: "
-                                  f"{', '.join(f'`{n}`={getattr(self, n)!r}' for n in given)}. Drop them for the "
-                                  "non-private baseline, or keep `dp=True` for a private run.")
+                raise ConfigError(
+                    f"`dp=False` trains without any privacy, but DP settings were given: "
+                    f"{', '.join(f'`{n}`={getattr(self, n)!r}' for n in given)}. Drop them for the "
+                    "non-private baseline, or keep `dp=True` for a private run."
+                )
 
     def _validate_dp(self) -> None:
         if self.gradient_accumulation_steps != 1:
-            raise ConfigError(f"`gradient_accumulation_steps` must be 1 under DP, got {self.gradient_accumulation_steps}: "
-                              "each local step is one Poisson batch; raise `per_device_train_batch_size` instead.")
+            raise ConfigError(
+                f"`gradient_accumulation_steps` must be 1 under DP, got {self.gradient_accumulation_steps}: "
+                "each local step is one Poisson batch; raise `per_device_train_batch_size` instead."
+            )
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ConfigError("Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
-                              f"(epsilon is reported), got target_epsilon={self.target_epsilon!r}, "
-                              f"noise_multiplier={self.noise_multiplier!r}. Or set `dp=False` for the non-private baseline.")
+            raise ConfigError(
+                "Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
+                f"(epsilon is reported), got target_epsilon={self.target_epsilon!r}, "
+                f"noise_multiplier={self.noise_multiplier!r}. Or set `dp=False` for the non-private baseline."
+            )
         if self.target_epsilon is not None:
             _positive("target_epsilon", self.target_epsilon, "e.g. 1.0, 3.0 or 8.0")
         if self.noise_multiplier is not None:
-            if not (isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
-                    and self.noise_multiplier >= 0):
+            if not (
+                isinstance(self.noise_multiplier, (int, float))
+                and math.isfinite(self.noise_multiplier)
+                and self.noise_multiplier >= 0
+            ):
                 raise ConfigError(f"`noise_multiplier` must be >= 0, got {self.noise_multiplier!r}.")
             if self.noise_multiplier == 0:
-                warnings.warn("`noise_multiplier=0.0`: no noise, epsilon = inf. This run is NOT private.",
-                              LALoraWarning, stacklevel=3)
+                warnings.warn(
+                    "`noise_multiplier=0.0`: no noise, epsilon = inf. This run is NOT private.",
+                    LALoraWarning,
+                    stacklevel=3,
+                )
         if self.target_delta is not None and not 0 < self.target_delta < 1:
-            raise ConfigError(f"`target_delta` must be in (0, 1), got {self.target_delta!r}; the default is "
-                              "min(1e-5, 1 / n) for the smallest client.")
+            raise ConfigError(
+                f"`target_delta` must be in (0, 1), got {self.target_delta!r}; the default is "
+                "min(1e-5, 1 / n) for the smallest client."
+            )
         _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
         if self.per_sample_head_max_grad_norm is not None:
-            _positive("per_sample_head_max_grad_norm", self.per_sample_head_max_grad_norm,
-                      "a fixed clip norm of the head, or None for one joint clip")
+            _positive(
+                "per_sample_head_max_grad_norm",
+                self.per_sample_head_max_grad_norm,
+                "a fixed clip norm of the head, or None for one joint clip",
+            )
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("sigma_calibration", self.sigma_calibration, SIGMA_CALIBRATIONS)
         if self.noise_seed is not None:
-            warnings.warn(f"`noise_seed`={self.noise_seed} fixes the DP noise and the Poisson batches: anyone who "
-                          "knows it can re-create them, so this run has NO differential-privacy guarantee, whatever "
-                          "epsilon it reports. Use it for tests and research only; leave it None for a private run.",
-                          LALoraWarning, stacklevel=3)
+            warnings.warn(
+                f"`noise_seed`={self.noise_seed} fixes the DP noise and the Poisson batches: anyone who "
+                "knows it can re-create them, so this run has NO differential-privacy guarantee, whatever "
+                "epsilon it reports. Use it for tests and research only; leave it None for a private run.",
+                LALoraWarning,
+                stacklevel=3,
+            )
 
     def privacy_settings(self) -> dict:
         """The settings a resumed run must share with the checkpoint it resumes."""
-        names = ("num_clients", "clients_per_round", "num_rounds", "local_steps", "dirichlet_alpha", "min_shard_size",
-                 "dp", "target_epsilon", "target_delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant",
-                 "per_device_train_batch_size", "seed", "aggregation_weights", "local_optimizer", "local_momentum",
-                 "learning_rate", "lora_b_lr_ratio", "round_lr_decay", "noise_seed", "sigma_calibration", "per_sample_head_max_grad_norm", "lr_scheduler_type",
-                 "warmup_steps", "bf16")
+        names = (
+            "num_clients",
+            "clients_per_round",
+            "num_rounds",
+            "local_steps",
+            "dirichlet_alpha",
+            "min_shard_size",
+            "dp",
+            "target_epsilon",
+            "target_delta",
+            "noise_multiplier",
+            "per_sample_max_grad_norm",
+            "accountant",
+            "per_device_train_batch_size",
+            "seed",
+            "aggregation_weights",
+            "local_optimizer",
+            "local_momentum",
+            "learning_rate",
+            "lora_b_lr_ratio",
+            "round_lr_decay",
+            "noise_seed",
+            "sigma_calibration",
+            "per_sample_head_max_grad_norm",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "bf16",
+        )
         return {n: _plain(getattr(self, n)) for n in names}
 
 
@@ -199,8 +279,10 @@ def _plain(value):
 
 def _bool(name: str, value) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(f"`{name}` must be a bool (True or False), got {value!r} of type {type(value).__name__}; "
-                          "a string such as 'False' would count as true.")
+        raise ConfigError(
+            f"`{name}` must be a bool (True or False), got {value!r} of type {type(value).__name__}; "
+            "a string such as 'False' would count as true."
+        )
 
 
 def _int_at_least(name: str, value, minimum: int) -> None:

@@ -50,9 +50,11 @@ class MeanPooler(torch.nn.Module):
 def _encoder(model, argument: str = "model"):
     encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if encoder is None or not hasattr(encoder, "pooler"):
-        raise ConfigError(f"`{argument}` must be a BERT-style `...ForSequenceClassification` whose encoder has a "
-                          f"`pooler`, got {type(model).__name__}. Pass the base transformers model (for a "
-                          "PeftModel, `model.get_base_model()`).")
+        raise ConfigError(
+            f"`{argument}` must be a BERT-style `...ForSequenceClassification` whose encoder has a "
+            f"`pooler`, got {type(model).__name__}. Pass the base transformers model (for a "
+            "PeftModel, `model.get_base_model()`)."
+        )
     return encoder
 
 
@@ -79,12 +81,17 @@ def save_pooling(model, folder: str) -> str | None:
     if not isinstance(pooler, MeanPooler):
         return None
     if pooler.center is None:
-        raise ConfigError("`model` has a MeanPooler without statistics: set its `center` and `scale` (the recipes' "
-                          "`standardise`) before saving, or the loaded model cannot reproduce its logits.")
+        raise ConfigError(
+            "`model` has a MeanPooler without statistics: set its `center` and `scale` (the recipes' "
+            "`standardise`) before saving, or the loaded model cannot reproduce its logits."
+        )
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, POOLING_FILE)
-    save_file({"center": pooler.center.detach().cpu().contiguous(), "scale": pooler.scale.detach().cpu().contiguous()},
-              path, metadata={"pooling": "mean"})
+    save_file(
+        {"center": pooler.center.detach().cpu().contiguous(), "scale": pooler.scale.detach().cpu().contiguous()},
+        path,
+        metadata={"pooling": "mean"},
+    )
     return path
 
 
@@ -102,10 +109,12 @@ def load_pooling(model, adapter: str, *, revision: str | None = None, token: str
     encoder = _encoder(model)
     hidden = model.config.hidden_size
     if set(stats) != {"center", "scale"} or any(t.shape != (hidden,) for t in stats.values()):
-        raise ConfigError(f"`adapter` {adapter!r} holds a {POOLING_FILE} with tensors "
-                          f"{ {k: tuple(v.shape) for k, v in stats.items()} }, expected `center` and `scale` of "
-                          f"shape ({hidden},) for this model (hidden_size {hidden}). Load the base model the adapter "
-                          "was trained on.")
+        raise ConfigError(
+            f"`adapter` {adapter!r} holds a {POOLING_FILE} with tensors "
+            f"{ {k: tuple(v.shape) for k, v in stats.items()} }, expected `center` and `scale` of "
+            f"shape ({hidden},) for this model (hidden_size {hidden}). Load the base model the adapter "
+            "was trained on."
+        )
     device = next(encoder.parameters()).device
     use_mean_pooling(model, stats["center"].to(device), stats["scale"].to(device))
     return True
@@ -125,7 +134,11 @@ def _find(adapter: str, *, revision, token) -> str | None:
     except RemoteEntryNotFoundError:
         return None
     except LocalEntryNotFoundError:
-        warnings.warn(f"Could not check whether the Hub repo {adapter!r} holds {POOLING_FILE} (offline, and not in "
-                      "the cache); the model keeps its own pooler. An adapter trained with mean pooling then gives "
-                      "other logits: load it once online, or pass its downloaded folder.", LALoraWarning, stacklevel=3)
+        warnings.warn(
+            f"Could not check whether the Hub repo {adapter!r} holds {POOLING_FILE} (offline, and not in "
+            "the cache); the model keeps its own pooler. An adapter trained with mean pooling then gives "
+            "other logits: load it once online, or pass its downloaded folder.",
+            LALoraWarning,
+            stacklevel=3,
+        )
         return None

@@ -56,18 +56,36 @@ class FederatedDPTrainer(Trainer):
         Other arguments are the Trainer's (`eval_dataset`, `compute_metrics`, `data_collator`, `callbacks`, ...).
     """
 
-    def __init__(self, model=None, args: FederatedDPArguments = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, client_datasets=None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: FederatedDPArguments = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        client_datasets=None,
+        **kwargs,
+    ):
         if not isinstance(args, FederatedDPArguments):
             raise ConfigError(f"`args` must be a FederatedDPArguments, got {type(args).__name__}.")
         if not isinstance(getattr(model, "base_model", None), LALoraModel):
-            raise ConfigError("`model` must be `get_peft_model(base, LALoraConfig(...))` (after `import peft_lalora`), "
-                              f"got {type(model).__name__}.")
+            raise ConfigError(
+                "`model` must be `get_peft_model(base, LALoraConfig(...))` (after `import peft_lalora`), "
+                f"got {type(model).__name__}."
+            )
         if (train_dataset is None) == (client_datasets is None):
-            raise ConfigError("Give exactly one of `train_dataset` (partitioned into `num_clients` shards) and "
-                              "`client_datasets` (one dataset per client).")
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, **kwargs)
+            raise ConfigError(
+                "Give exactly one of `train_dataset` (partitioned into `num_clients` shards) and "
+                "`client_datasets` (one dataset per client)."
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            **kwargs,
+        )
         self.client_datasets = client_datasets
         self.adapter_name = model.active_adapter
         self.ledger = None
@@ -92,12 +110,19 @@ class FederatedDPTrainer(Trainer):
             sample_rate_for(args.per_device_train_batch_size, n, client=k)
         noise_multiplier, delta = 0.0, None
         if args.dp:
-            plan = PrivacyPlan.build(client_sizes=dict(enumerate(sizes)), batch_size=args.per_device_train_batch_size,
-                                     num_rounds=args.num_rounds, local_steps=args.local_steps,
-                                     target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
-                                     target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
-                                     accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-                                     scheduled_steps=self._scheduled_steps() if args.sigma_calibration == "schedule" else None)
+            plan = PrivacyPlan.build(
+                client_sizes=dict(enumerate(sizes)),
+                batch_size=args.per_device_train_batch_size,
+                num_rounds=args.num_rounds,
+                local_steps=args.local_steps,
+                target_epsilon=args.target_epsilon,
+                noise_multiplier=args.noise_multiplier,
+                target_delta=args.target_delta,
+                allow_large_delta=args.allow_large_delta,
+                accountant=args.accountant,
+                per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+                scheduled_steps=self._scheduled_steps() if args.sigma_calibration == "schedule" else None,
+            )
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
             self._calibration = plan.calibration
         columns = model_columns(self.model)
@@ -109,22 +134,35 @@ class FederatedDPTrainer(Trainer):
             clients.append(whole[id(dataset)] if idx is None else whole[id(dataset)].subset(idx))
         self._federation = {
             "shards": clients,
-            "fingerprint": fingerprint, "sizes": sizes, "noise_multiplier": noise_multiplier, "delta": delta,
+            "fingerprint": fingerprint,
+            "sizes": sizes,
+            "noise_multiplier": noise_multiplier,
+            "delta": delta,
         }
         self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
         self._round_lrs = round_learning_rates(args)
         self._local = LocalConfig.from_args(args)
         self._private_seed = self._draw_private_seed()
-        self.stepper = make_stepper(self.model, dp=args.dp, noise_multiplier=noise_multiplier,
-                                    per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-                                    adapter_name=self.adapter_name, backend=args.per_sample_grad_backend,
-                                    autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                                    head_max_grad_norm=args.per_sample_head_max_grad_norm)
+        self.stepper = make_stepper(
+            self.model,
+            dp=args.dp,
+            noise_multiplier=noise_multiplier,
+            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+            adapter_name=self.adapter_name,
+            backend=args.per_sample_grad_backend,
+            autocast_dtype=torch.bfloat16 if args.bf16 else None,
+            head_max_grad_norm=args.per_sample_head_max_grad_norm,
+        )
 
     def _scheduled_steps(self) -> dict:
         args = self.args
-        return scheduled_steps(seed=args.seed, rounds=args.num_rounds, num_clients=args.num_clients,
-                               clients_per_round=args.clients_per_round, local_steps=args.local_steps)
+        return scheduled_steps(
+            seed=args.seed,
+            rounds=args.num_rounds,
+            num_clients=args.num_clients,
+            clients_per_round=args.clients_per_round,
+            local_steps=args.local_steps,
+        )
 
     def _draw_private_seed(self):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
@@ -145,22 +183,35 @@ class FederatedDPTrainer(Trainer):
         min_size = args.min_shard_size or args.per_device_train_batch_size
         if self.client_datasets is not None:
             if len(self.client_datasets) != args.num_clients:
-                raise ConfigError(f"`num_clients` ({args.num_clients}) must equal len(client_datasets) "
-                                  f"({len(self.client_datasets)}).")
+                raise ConfigError(
+                    f"`num_clients` ({args.num_clients}) must equal len(client_datasets) "
+                    f"({len(self.client_datasets)})."
+                )
             shards = [(d, None) for d in self.client_datasets]
-            fingerprint = hashlib.sha256(json.dumps([[len(d), getattr(d, "_fingerprint", "")]
-                                                     for d in self.client_datasets]).encode()).hexdigest()
+            fingerprint = hashlib.sha256(
+                json.dumps([[len(d), getattr(d, "_fingerprint", "")] for d in self.client_datasets]).encode()
+            ).hexdigest()
             return shards, fingerprint
         if args.num_clients > len(self.train_dataset):
-            raise ConfigError(f"`num_clients` must be <= the number of training examples ({len(self.train_dataset)}), "
-                              f"got {args.num_clients}.")
+            raise ConfigError(
+                f"`num_clients` must be <= the number of training examples ({len(self.train_dataset)}), "
+                f"got {args.num_clients}."
+            )
         if min_size * args.num_clients > len(self.train_dataset):
-            raise ConfigError(f"`per_device_train_batch_size` ({args.per_device_train_batch_size}) is the expected Poisson "
-                              f"batch of every client, so each of the {args.num_clients} shards needs >= {min_size} "
-                              f"examples, but the dataset has {len(self.train_dataset)}. Lower the batch size, "
-                              "`min_shard_size` or `num_clients`.")
-        indices = partition_indices(self.train_dataset, args.num_clients, dirichlet_alpha=args.dirichlet_alpha,
-                                    seed=args.seed, min_shard_size=min_size, label_column=args.label_column)
+            raise ConfigError(
+                f"`per_device_train_batch_size` ({args.per_device_train_batch_size}) is the expected Poisson "
+                f"batch of every client, so each of the {args.num_clients} shards needs >= {min_size} "
+                f"examples, but the dataset has {len(self.train_dataset)}. Lower the batch size, "
+                "`min_shard_size` or `num_clients`."
+            )
+        indices = partition_indices(
+            self.train_dataset,
+            args.num_clients,
+            dirichlet_alpha=args.dirichlet_alpha,
+            seed=args.seed,
+            min_shard_size=min_size,
+            label_column=args.label_column,
+        )
         return [(self.train_dataset, idx) for idx in indices], partition_fingerprint(indices)
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
@@ -172,10 +223,12 @@ class FederatedDPTrainer(Trainer):
         a `federated_state` folder). Returns a `TrainOutput` whose `global_step` counts rounds. A trainer trains
         once: a second call would replay the same rounds, noise and batches, which no accountant covers."""
         if self._train_called:
-            raise ConfigError("`train()` was already called on this trainer: a second call would re-run rounds "
-                              "0..num_rounds-1 with the same noise and Poisson batches, releases the accountant "
-                              "cannot count as independent. Build a new FederatedDPTrainer (and pass "
-                              "`resume_from_checkpoint=True` to finish an interrupted run).")
+            raise ConfigError(
+                "`train()` was already called on this trainer: a second call would re-run rounds "
+                "0..num_rounds-1 with the same noise and Poisson batches, releases the accountant "
+                "cannot count as independent. Build a new FederatedDPTrainer (and pass "
+                "`resume_from_checkpoint=True` to finish an interrupted run)."
+            )
         self._train_called = True
         prepare_output_dir(self.args, resuming=bool(resume_from_checkpoint))
         self._setup_federation()
@@ -184,7 +237,10 @@ class FederatedDPTrainer(Trainer):
             self._preflight(start)
         args, state = self.args, self.state
         state.max_steps, state.global_step = args.num_rounds, start
-        state.is_local_process_zero, state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
+        state.is_local_process_zero, state.is_world_process_zero = (
+            self.is_local_process_zero(),
+            self.is_world_process_zero(),
+        )
         start_time, losses = time.time(), []
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         for round_idx in range(start, args.num_rounds):
@@ -202,8 +258,10 @@ class FederatedDPTrainer(Trainer):
         if not args.eval_rounds and self.eval_dataset is not None:
             self.evaluate(ignore_keys=ignore_keys_for_eval)
         finite = [x for x in losses if math.isfinite(x)]
-        metrics = {"train_runtime": time.time() - start_time,
-                   "train_loss": sum(finite) / len(finite) if finite else float("nan")}
+        metrics = {
+            "train_runtime": time.time() - start_time,
+            "train_loss": sum(finite) / len(finite) if finite else float("nan"),
+        }
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.report()["epsilon"]
         self.control = self.callback_handler.on_train_end(args, state, self.control)
@@ -223,7 +281,7 @@ class FederatedDPTrainer(Trainer):
         total = Aggregator(self.global_adapter.state)
         records = []
         self.model.train()
-        mine = clients[args.process_index::args.world_size]  # this process's disjoint share of the round
+        mine = clients[args.process_index :: args.world_size]  # this process's disjoint share of the round
         self.local_clients.append(mine)
         for client in mine:
             records.append(self._run_client(round_idx, client, lr, total))
@@ -235,16 +293,29 @@ class FederatedDPTrainer(Trainer):
                 self.ledger = PrivacyLedger.from_state_dict(ledger_before)
             self.global_adapter.load_into_model()
             first = min(failed, key=lambda r: r["client"])
-            raise ClientDataError(f"Every client of round {round_idx} failed, so nothing was released or charged. "
-                                  f"Client {first['client']}: {first['error']}")
-        logs = {"round": float(round_idx + 1), "learning_rate": lr, "clients": float(total.survivors),
-                "failed_clients": float(len(failed)),
-                "dropped_examples": float(sum(r.get("dropped", 0) for r in records))}
+            raise ClientDataError(
+                f"Every client of round {round_idx} failed, so nothing was released or charged. "
+                f"Client {first['client']}: {first['error']}"
+            )
+        logs = {
+            "round": float(round_idx + 1),
+            "learning_rate": lr,
+            "clients": float(total.survivors),
+            "failed_clients": float(len(failed)),
+            "dropped_examples": float(sum(r.get("dropped", 0) for r in records)),
+        }
         for record in failed:
-            logger.warning("round %d: client %d failed and was dropped: %s", round_idx, record["client"], record["error"])
+            logger.warning(
+                "round %d: client %d failed and was dropped: %s", round_idx, record["client"], record["error"]
+            )
         if total.survivors < args.min_clients_per_round:
-            logger.warning("round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; "
-                           "nothing released", round_idx, total.survivors, len(clients), args.min_clients_per_round)
+            logger.warning(
+                "round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; nothing released",
+                round_idx,
+                total.survivors,
+                len(clients),
+                args.min_clients_per_round,
+            )
             logs["round_aborted"] = 1.0
         else:
             self.global_adapter.state = total.merged()
@@ -259,9 +330,18 @@ class FederatedDPTrainer(Trainer):
     def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:
         """One client's update into `total`; a client that raises is dropped, a budget error is not."""
         try:
-            update = client_update(model=self.model, stepper=self.stepper, shard=self._federation["shards"][client],
-                                   global_state=self.global_adapter.state, round_idx=round_idx, client=client, lr=lr,
-                                   local=self._local, private_seed=self._private_seed, adapter_name=self.adapter_name)
+            update = client_update(
+                model=self.model,
+                stepper=self.stepper,
+                shard=self._federation["shards"][client],
+                global_state=self.global_adapter.state,
+                round_idx=round_idx,
+                client=client,
+                lr=lr,
+                local=self._local,
+                private_seed=self._private_seed,
+                adapter_name=self.adapter_name,
+            )
         except PrivacyBudgetExceededError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing client must not take the federation down
@@ -284,44 +364,78 @@ class FederatedDPTrainer(Trainer):
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def _settings(self) -> dict:
         config = self.model.peft_config[self.adapter_name]
-        adapter = {k: getattr(config, k) for k in ("r", "lora_alpha", "alternation", "alternation_period",
-                                                   "first_factor", "lowpass", "lowpass_kernel")}
-        adapter["target_modules"] = sorted(config.target_modules) if isinstance(config.target_modules, set) \
-            else config.target_modules
-        return {"args": self.args.privacy_settings(), "adapter": adapter,
-                "partition": self._federation["fingerprint"], "client_sizes": self._federation["sizes"],
-                "noise_multiplier": self._federation["noise_multiplier"], "delta": self._federation["delta"]}
+        adapter = {
+            k: getattr(config, k)
+            for k in (
+                "r",
+                "lora_alpha",
+                "alternation",
+                "alternation_period",
+                "first_factor",
+                "lowpass",
+                "lowpass_kernel",
+            )
+        }
+        adapter["target_modules"] = (
+            sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+        )
+        return {
+            "args": self.args.privacy_settings(),
+            "adapter": adapter,
+            "partition": self._federation["fingerprint"],
+            "client_sizes": self._federation["sizes"],
+            "noise_multiplier": self._federation["noise_multiplier"],
+            "delta": self._federation["delta"],
+        }
 
     def _save_round(self, round_idx: int) -> None:
         """Checkpoint after every round (resume needs it), unless `save_strategy="no"`."""
         if not self.args.should_save or self.args.save_strategy == "no":
             return
-        server_state = {"settings": self._settings(), "log_history": self.state.log_history,
-                        "ledger": self.ledger.state_dict() if self.ledger is not None else None,
-                        "private_seed": self._private_seed}  # private: this folder must never be published
-        save_checkpoint(os.path.join(self.args.output_dir, STATE_DIR), round_idx=round_idx,
-                        global_state=self.global_adapter.state, server_state=server_state)
+        server_state = {
+            "settings": self._settings(),
+            "log_history": self.state.log_history,
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+            "private_seed": self._private_seed,
+        }  # private: this folder must never be published
+        save_checkpoint(
+            os.path.join(self.args.output_dir, STATE_DIR),
+            round_idx=round_idx,
+            global_state=self.global_adapter.state,
+            server_state=server_state,
+        )
 
     def _resume(self, checkpoint) -> int:
         directory = os.path.join(self.args.output_dir, STATE_DIR) if checkpoint is True else str(checkpoint)
         shapes = {n: tuple(t.shape) for n, t in self.global_adapter.state.items()}
         state, tensors = load_checkpoint(directory, expected_shapes=shapes)
         compare_settings(state["settings"], self._settings())
-        device_state = {n: t.to(self.global_adapter.state[n].device, self.global_adapter.state[n].dtype)
-                        for n, t in tensors.items()}
+        device_state = {
+            n: t.to(self.global_adapter.state[n].device, self.global_adapter.state[n].dtype)
+            for n, t in tensors.items()
+        }
         self.global_adapter.state = device_state
         self.global_adapter.load_into_model()
         if self.args.dp:
             fed, args = self._federation, self.args
-            self.ledger = checked_ledger(state, directory, seed=args.seed, num_clients=args.num_clients,
-                                         clients_per_round=args.clients_per_round, local_steps=args.local_steps,
-                                         noise_multiplier=fed["noise_multiplier"], delta=fed["delta"],
-                                         accountant=args.accountant)
+            self.ledger = checked_ledger(
+                state,
+                directory,
+                seed=args.seed,
+                num_clients=args.num_clients,
+                clients_per_round=args.clients_per_round,
+                local_steps=args.local_steps,
+                noise_multiplier=fed["noise_multiplier"],
+                delta=fed["delta"],
+                accountant=args.accountant,
+            )
             self._private_seed = state.get("private_seed")
             if self._private_seed is None:
-                raise CheckpointMismatchError(f"The checkpoint {directory!r} holds no private randomness "
-                                              "(`private_seed`): resuming would have to draw new noise for the "
-                                              "rounds already run. Start a fresh `output_dir`.")
+                raise CheckpointMismatchError(
+                    f"The checkpoint {directory!r} holds no private randomness "
+                    "(`private_seed`): resuming would have to draw new noise for the "
+                    "rounds already run. Start a fresh `output_dir`."
+                )
         self.state.log_history = list(state.get("log_history", []))
         logger.info("resumed from %s after round %d", directory, state["round"])
         return int(state["round"]) + 1
@@ -333,11 +447,17 @@ class FederatedDPTrainer(Trainer):
         if self.ledger is None:
             return non_private_report()
         report = self.ledger.report()
-        report.update(run_privacy_fields(self.args), sigma_calibration=self._calibration,
-                      worst_case_epsilon=compute_epsilon(noise_multiplier=self.ledger.noise_multiplier,
-                                                         sample_rate=max(c["sample_rate"] for c in report["clients"]),
-                                                         steps=self.args.num_rounds * self.args.local_steps,
-                                                         delta=self.ledger.delta, accountant=self.args.accountant))
+        report.update(
+            run_privacy_fields(self.args),
+            sigma_calibration=self._calibration,
+            worst_case_epsilon=compute_epsilon(
+                noise_multiplier=self.ledger.noise_multiplier,
+                sample_rate=max(c["sample_rate"] for c in report["clients"]),
+                steps=self.args.num_rounds * self.args.local_steps,
+                delta=self.ledger.delta,
+                accountant=self.args.accountant,
+            ),
+        )
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -347,10 +467,13 @@ class FederatedDPTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir) \
-                and os.path.isdir(os.path.join(output_dir, STATE_DIR)):
-            raise ConfigError(f"`output_dir` {output_dir!r} holds another run's checkpoint ({STATE_DIR}/): saving this "
-                              "adapter, card and privacy report there would mix two runs. Save to a fresh folder.")
+        if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir) and os.path.isdir(
+            os.path.join(output_dir, STATE_DIR)
+        ):
+            raise ConfigError(
+                f"`output_dir` {output_dir!r} holds another run's checkpoint ({STATE_DIR}/): saving this "
+                "adapter, card and privacy report there would mix two runs. Save to a fresh folder."
+            )
         self._setup_federation()
         os.makedirs(output_dir, exist_ok=True)
         self.global_adapter.load_into_model()
@@ -365,8 +488,14 @@ class FederatedDPTrainer(Trainer):
         """The Hub repo is created by `push_to_hub`, not when the trainer is built (which may be offline)."""
         self.hub_model_id = self.args.hub_model_id
 
-    def push_to_hub(self, commit_message: str = "Upload LA-LoRA adapter", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
+    def push_to_hub(
+        self,
+        commit_message: str = "Upload LA-LoRA adapter",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> str | None:
         """Save the aggregated adapter to `output_dir` and upload adapter_config.json, adapter_model.safetensors,
         README.md (the model card), privacy_report.json (and pooling.safetensors when the job wrote one) to
         `args.hub_model_id` in one commit. Returns the
@@ -378,10 +507,14 @@ class FederatedDPTrainer(Trainer):
             return None
         from .hub import push_adapter_folder
 
-        return push_adapter_folder(self.args.output_dir, self.args.hub_model_id,
-                                   token=token or self.args.hub_token, private=bool(self.args.hub_private_repo),
-                                   commit_message=commit_message,
-                                   allow_fixed_noise_seed=bool(getattr(self.args, "allow_fixed_noise_seed", False)))
+        return push_adapter_folder(
+            self.args.output_dir,
+            self.args.hub_model_id,
+            token=token or self.args.hub_token,
+            private=bool(self.args.hub_private_repo),
+            commit_message=commit_message,
+            allow_fixed_noise_seed=bool(getattr(self.args, "allow_fixed_noise_seed", False)),
+        )
 
     def _write_card(self, output_dir: str) -> None:
         from .hub import write_model_card  # hub sits above the trainer in the import order
@@ -394,14 +527,23 @@ class FederatedDPTrainer(Trainer):
         args, config = self.args, self.model.peft_config[self.adapter_name]
         last = next((log for log in reversed(self.state.log_history) if any(k.startswith("eval_") for k in log)), {})
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
-        return {"base_model": config.base_model_name_or_path or None, "adapter_config": config.to_dict(),
-                "privacy_report": self.privacy_report() if args.dp else None, "metrics": metrics,
-                "eval_round": last.get("step"), "adapter_round": self.state.global_step,
-                "dataset": getattr(args, "card_dataset_name", None),
-                "data_format": getattr(args, "card_data_format", None),
-                "federated": {"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
-                              "num_rounds": args.num_rounds, "local_steps": args.local_steps,
-                              "partition": "given per client" if self.client_datasets is not None else
-                              (f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID")},
-                "repo_id": args.hub_model_id}
-
+        return {
+            "base_model": config.base_model_name_or_path or None,
+            "adapter_config": config.to_dict(),
+            "privacy_report": self.privacy_report() if args.dp else None,
+            "metrics": metrics,
+            "eval_round": last.get("step"),
+            "adapter_round": self.state.global_step,
+            "dataset": getattr(args, "card_dataset_name", None),
+            "data_format": getattr(args, "card_data_format", None),
+            "federated": {
+                "num_clients": args.num_clients,
+                "clients_per_round": args.clients_per_round,
+                "num_rounds": args.num_rounds,
+                "local_steps": args.local_steps,
+                "partition": "given per client"
+                if self.client_datasets is not None
+                else (f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID"),
+            },
+            "repo_id": args.hub_model_id,
+        }

@@ -27,8 +27,8 @@ REFUSED = {
     "optim": "`local_optimizer` ('sgd' or 'adamw') and `local_momentum`",
     "label_smoothing_factor": "a custom `loss_fn` (the per-example loss has no label smoothing)",
     "gradient_checkpointing": "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
-                              "False})` on the base model before `get_peft_model` (exact per-sample gradients with the "
-                              "hooks backend; reentrant checkpointing is refused)",
+    "False})` on the base model before `get_peft_model` (exact per-sample gradients with the "
+    "hooks backend; reentrant checkpointing is refused)",
     "fp16": "`bf16=True` (float16 needs a loss scaler, which the DP step does not have)",
     "eval_strategy": "`eval_rounds` (evaluate every N rounds; 0 = only at the end)",
     "eval_steps": "`eval_rounds` (evaluate every N rounds)",
@@ -54,13 +54,17 @@ def refuse_ignored_training_arguments(args) -> None:
         if name == "eval_strategy" and getattr(value, "value", value) == "no":
             continue
         if not _is_default(name, value):
-            raise ConfigError(f"`{name}`={getattr(value, 'value', value)!r} is not honoured by the federated loop, "
-                              f"which would ignore it (a round is many clients' local steps, not a Trainer step). "
-                              f"Use {instead} instead, and leave `{name}` at its default.")
+            raise ConfigError(
+                f"`{name}`={getattr(value, 'value', value)!r} is not honoured by the federated loop, "
+                f"which would ignore it (a round is many clients' local steps, not a Trainer step). "
+                f"Use {instead} instead, and leave `{name}` at its default."
+            )
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     if schedule in UNSUPPORTED_SCHEDULES:
-        raise ConfigError(f"`lr_scheduler_type`={schedule!r} needs a validation metric after every step, which a "
-                          "round does not provide. Use 'constant', 'linear', 'cosine' or `round_lr_decay`.")
+        raise ConfigError(
+            f"`lr_scheduler_type`={schedule!r} needs a validation metric after every step, which a "
+            "round does not provide. Use 'constant', 'linear', 'cosine' or `round_lr_decay`."
+        )
 
 
 def round_learning_rates(args) -> list:
@@ -68,11 +72,16 @@ def round_learning_rates(args) -> list:
     rounds) x `round_lr_decay` ** round. The schedule is transformers' `get_scheduler`, stepped once per round."""
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = get_scheduler(schedule, optimizer=probe, num_warmup_steps=args.get_warmup_steps(args.num_rounds),
-                              num_training_steps=args.num_rounds, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    scheduler = get_scheduler(
+        schedule,
+        optimizer=probe,
+        num_warmup_steps=args.get_warmup_steps(args.num_rounds),
+        num_training_steps=args.num_rounds,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+    )
     factors = []
     for _ in range(args.num_rounds):
         factors.append(probe.param_groups[0]["lr"])
         probe.step()
         scheduler.step()
-    return [args.learning_rate * f * args.round_lr_decay ** t for t, f in enumerate(factors)]
+    return [args.learning_rate * f * args.round_lr_decay**t for t, f in enumerate(factors)]

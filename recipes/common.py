@@ -18,8 +18,16 @@ from peft_lalora.tuner import METHODS
 
 # Federated defaults every recipe's embedded job starts from (each adds its own rounds, steps and folder).
 RECIPE_DEFAULTS = dict(
-    num_clients=10, clients_per_round=4, per_device_train_batch_size=32, learning_rate=1.0, local_optimizer="sgd",
-    per_sample_max_grad_norm=1.0, seed=42, report_to="none", logging_strategy="no", save_strategy="no",
+    num_clients=10,
+    clients_per_round=4,
+    per_device_train_batch_size=32,
+    learning_rate=1.0,
+    local_optimizer="sgd",
+    per_sample_max_grad_norm=1.0,
+    seed=42,
+    report_to="none",
+    logging_strategy="no",
+    save_strategy="no",
 )
 
 
@@ -44,8 +52,10 @@ class RecipeArgumentParser(HfArgumentParser):
         if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments)):
             return super()._add_dataclass_arguments(dtype)
         generic = TrainingArguments.__dataclass_fields__
-        groups = {False: self.add_argument_group(f"federated and differential-privacy arguments ({dtype.__name__})"),
-                  True: self.add_argument_group("generic transformers TrainingArguments")}
+        groups = {
+            False: self.add_argument_group(f"federated and differential-privacy arguments ({dtype.__name__})"),
+            True: self.add_argument_group("generic transformers TrainingArguments"),
+        }
         hints = typing.get_type_hints(dtype)
         for fld in sorted(dataclasses.fields(dtype), key=lambda f: generic.get(f.name) is f):
             if fld.init:
@@ -55,9 +65,11 @@ class RecipeArgumentParser(HfArgumentParser):
 
 def recipe_parser(*recipe_dataclasses, defaults: dict) -> RecipeArgumentParser:
     """The parser of a recipe: its own dataclasses, then `FederatedDPArguments`, with the recipe's defaults."""
-    parser = RecipeArgumentParser((*recipe_dataclasses, FederatedDPArguments),
-                                  usage="%(prog)s [--flag value ...]  (recipe flags, then federated / DP flags, then "
-                                        "the generic TrainingArguments flags, below)")
+    parser = RecipeArgumentParser(
+        (*recipe_dataclasses, FederatedDPArguments),
+        usage="%(prog)s [--flag value ...]  (recipe flags, then federated / DP flags, then "
+        "the generic TrainingArguments flags, below)",
+    )
     parser.set_defaults(**defaults)
     return parser
 
@@ -89,8 +101,9 @@ def final_metrics(trainer, key: str = "eval_accuracy") -> dict:
     return trainer.evaluate()
 
 
-def train_and_report(trainer, args, start: float, after_save=None, metric: str = "accuracy", extra_metrics=None,
-                     **extra) -> dict:
+def train_and_report(
+    trainer, args, start: float, after_save=None, metric: str = "accuracy", extra_metrics=None, **extra
+) -> dict:
     """Train, save the adapter folder (adapter, card, privacy report; then `after_save(output_dir)` adds the
     recipe's own files), push if asked, print and return the result. `metric` is the evaluation metric printed
     (`eval_<metric>`); `extra_metrics()` returns more results measured after training (e.g. by generation)."""
@@ -103,9 +116,16 @@ def train_and_report(trainer, args, start: float, after_save=None, metric: str =
     report = trainer.privacy_report()
     if args.push_to_hub:
         trainer.push_to_hub()
-    result = {f"eval_{metric}": metrics.get(f"eval_{metric}"), **more, "epsilon": report["epsilon"],
-              "delta": report.get("delta"), "noise_multiplier": report.get("noise_multiplier"),
-              "output_dir": os.path.abspath(args.output_dir), "wall_time_s": round(time.time() - start, 1), **extra}
+    result = {
+        f"eval_{metric}": metrics.get(f"eval_{metric}"),
+        **more,
+        "epsilon": report["epsilon"],
+        "delta": report.get("delta"),
+        "noise_multiplier": report.get("noise_multiplier"),
+        "output_dir": os.path.abspath(args.output_dir),
+        "wall_time_s": round(time.time() - start, 1),
+        **extra,
+    }
     if trainer.is_world_process_zero():
         print(json.dumps(result, indent=1))
         for name in (f"eval_{metric}", *more):

@@ -85,13 +85,20 @@ def load_rotten_tomatoes(test_size: int = 1000, path: str | None = None) -> data
 
     def to_dataset(indices) -> datasets.Dataset:
         rows = [examples[i] for i in indices]
-        return datasets.Dataset.from_dict({"text": [r["text"] for r in rows], "labels": [r["label"] for r in rows],
-                                           "movie": [r["movie"] for r in rows]})
+        return datasets.Dataset.from_dict(
+            {
+                "text": [r["text"] for r in rows],
+                "labels": [r["label"] for r in rows],
+                "movie": [r["movie"] for r in rows],
+            }
+        )
 
     return datasets.DatasetDict(train=to_dataset(train_idx), test=to_dataset(test_idx))
 
 
-def split_by_group(dataset: datasets.Dataset, column: str, num_clients: int, *, seed: int = 0) -> list[datasets.Dataset]:
+def split_by_group(
+    dataset: datasets.Dataset, column: str, num_clients: int, *, seed: int = 0
+) -> list[datasets.Dataset]:
     """Client datasets made of whole groups of `dataset[column]` (see `peft_lalora.federated.partition_groups`)."""
     return [dataset.select(idx) for idx in partition_groups(dataset[column], num_clients, seed=seed)]
 
@@ -109,8 +116,9 @@ def load_glue(task: str) -> tuple[datasets.DatasetDict, tuple, int]:
     return splits, GLUE_TEXT_COLUMNS[task], GLUE_NUM_LABELS.get(task, 2)
 
 
-def tokenize(dataset: datasets.Dataset, tokenizer, text_columns: tuple, max_seq_length: int,
-             pad_to_max_length: bool = False) -> datasets.Dataset:
+def tokenize(
+    dataset: datasets.Dataset, tokenizer, text_columns: tuple, max_seq_length: int, pad_to_max_length: bool = False
+) -> datasets.Dataset:
     """
     Tokenise `text_columns` (one column, or a pair) truncated to `max_seq_length`, keeping only the model inputs
     and `labels`. Unpadded by default: a `DataCollatorWithPadding` pads each batch to its longest example.
@@ -151,7 +159,9 @@ def load_image_dataset(name: str) -> tuple[datasets.DatasetDict, int]:
     batch into tensors. Labels are in `labels`.
     """
     if name not in IMAGE_DATASETS:
-        raise ValueError(f"`dataset_name` must be one of {sorted(IMAGE_DATASETS)}, 'digits', 'mnist' or 'fashion_mnist', got {name!r}.")
+        raise ValueError(
+            f"`dataset_name` must be one of {sorted(IMAGE_DATASETS)}, 'digits', 'mnist' or 'fashion_mnist', got {name!r}."
+        )
     hub_id, image_column, label_column, eval_split = IMAGE_DATASETS[name]
     raw = datasets.load_dataset(hub_id)
     splits = datasets.DatasetDict(train=raw["train"], test=raw[eval_split])
@@ -176,9 +186,13 @@ class ImageCollator:
         images = [f["pixel_values"] for f in features]
         if images and hasattr(images[0], "convert"):  # PIL
             if self.image_processor is None:
-                raise ValueError("PIL images need an image processor: pass `--model_name_or_path` of a checkpoint "
-                                 "that has a preprocessor_config.json.")
-            pixel_values = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+                raise ValueError(
+                    "PIL images need an image processor: pass `--model_name_or_path` of a checkpoint "
+                    "that has a preprocessor_config.json."
+                )
+            pixel_values = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")[
+                "pixel_values"
+            ]
         else:
             pixel_values = torch.stack([torch.as_tensor(np.asarray(im), dtype=torch.float32) for im in images])
         labels = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
@@ -225,8 +239,11 @@ class OfflineClassificationMetric(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description="Accuracy (and F1 / Matthews correlation) computed with scikit-learn, offline.",
-            citation="", inputs_description="predictions and references: lists of integer class ids",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            citation="",
+            inputs_description="predictions and references: lists of integer class ids",
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -62,37 +62,67 @@ MLP_TARGETS = {"gpt2": ["c_fc", "mlp.c_proj"]}
 DEFAULT_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULT_MLP = ["gate_proj", "up_proj", "down_proj"]
 # the offline default's base model: a small Llama built from this config (random weights)
-OFFLINE_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+OFFLINE_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 OFFLINE_VOCAB = 2048
-DEFAULTS = dict(RECIPE_DEFAULTS, output_dir="runs/fed_llm_default", num_rounds=8, local_steps=8,
-                per_device_eval_batch_size=64, eval_rounds=4, weight_decay=0.0)
+DEFAULTS = dict(
+    RECIPE_DEFAULTS,
+    output_dir="runs/fed_llm_default",
+    num_rounds=8,
+    local_steps=8,
+    per_device_eval_batch_size=64,
+    eval_rounds=4,
+    weight_decay=0.0,
+)
 DEFAULT_TARGET_EPSILON = 8.0
 
 
 @dataclass
 class ModelArguments(LoraArguments):
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Any AutoModelForCausalLM checkpoint (hub id or folder). Default: a small "
-                                        "random Llama built from a config (offline plumbing demo, see the docstring)."})
+        default=None,
+        metadata={
+            "help": "Any AutoModelForCausalLM checkpoint (hub id or folder). Default: a small "
+            "random Llama built from a config (offline plumbing demo, see the docstring)."
+        },
+    )
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the first k layers (tests)."})
     target_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules that get adapters. Default: the attention projections (q_proj "
-                                        "k_proj v_proj o_proj; GPT-2: c_attn attn.c_proj)."})
-    lora_on_mlp: bool = field(default=False, metadata={"help": "Also adapt the MLP projections (gate_proj up_proj "
-                                                               "down_proj; GPT-2: c_fc mlp.c_proj)."})
+        default=None,
+        metadata={
+            "help": "Modules that get adapters. Default: the attention projections (q_proj "
+            "k_proj v_proj o_proj; GPT-2: c_attn attn.c_proj)."
+        },
+    )
+    lora_on_mlp: bool = field(
+        default=False,
+        metadata={"help": "Also adapt the MLP projections (gate_proj up_proj down_proj; GPT-2: c_fc mlp.c_proj)."},
+    )
     padding_side: str = field(default="right", metadata={"help": "Pad training batches on the 'right' or 'left'."})
 
 
 @dataclass
 class DataArguments:
     dataset: Optional[str] = field(
-        default=None, metadata={"help": "A .json / .jsonl file of instruction records or a `datasets` name. Default: "
-                                        "the offline Rotten Tomatoes snippets cast as instructions."})
+        default=None,
+        metadata={
+            "help": "A .json / .jsonl file of instruction records or a `datasets` name. Default: "
+            "the offline Rotten Tomatoes snippets cast as instructions."
+        },
+    )
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The `datasets` configuration."})
     train_split: str = field(default="train", metadata={"help": "Split of a `datasets` name to train on."})
-    eval_split: Optional[str] = field(default=None, metadata={"help": "Split to evaluate on (default: --eval_size "
-                                                                      "records held out of the training data)."})
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split to evaluate on (default: --eval_size records held out of the training data)."},
+    )
     eval_size: int = field(default=200, metadata={"help": "Records held out for evaluation without --eval_split."})
     instruction_column: str = field(default="instruction", metadata={"help": "Column of the instruction."})
     input_column: str = field(default="input", metadata={"help": "Column of the optional input (context)."})
@@ -101,13 +131,19 @@ class DataArguments:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the evaluation set."})
     client_split: Optional[str] = field(
-        default=None, metadata={"help": "column (whole groups of --client_column per client), dirichlet (skew over "
-                                        "--label_column, --dirichlet_alpha, default 0.5) or iid. Default: column "
-                                        "'movie' for the offline data, iid otherwise."})
-    client_column: Optional[str] = field(default=None, metadata={"help": "Column naming each record's group "
-                                                                         "(user, source) for --client_split column."})
-    eval_generate: int = field(default=200, metadata={"help": "Held-out records answered by greedy generation "
-                                                              "(exact match); 0 skips it."})
+        default=None,
+        metadata={
+            "help": "column (whole groups of --client_column per client), dirichlet (skew over "
+            "--label_column, --dirichlet_alpha, default 0.5) or iid. Default: column "
+            "'movie' for the offline data, iid otherwise."
+        },
+    )
+    client_column: Optional[str] = field(
+        default=None, metadata={"help": "Column naming each record's group (user, source) for --client_split column."}
+    )
+    eval_generate: int = field(
+        default=200, metadata={"help": "Held-out records answered by greedy generation (exact match); 0 skips it."}
+    )
 
 
 def build_parser():
@@ -125,19 +161,25 @@ def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -
     if split not in CLIENT_SPLITS:
         raise ValueError(f"`client_split` must be one of {CLIENT_SPLITS}, got {split!r}.")
     if split == "column" and not (data_args.client_column or offline):
-        raise ValueError("`client_split` 'column' needs `client_column` (the column naming each record's group), "
-                         "got None. Pass --client_column or use --client_split iid / dirichlet.")
+        raise ValueError(
+            "`client_split` 'column' needs `client_column` (the column naming each record's group), "
+            "got None. Pass --client_column or use --client_split iid / dirichlet."
+        )
     if split == "column":
         data_args.client_column = data_args.client_column or "movie"
     if split != "dirichlet" and args.dirichlet_alpha is not None:
-        raise ValueError(f"`dirichlet_alpha` ({args.dirichlet_alpha}) is only used with `client_split` 'dirichlet', "
-                         f"got client_split={split!r}. Drop --dirichlet_alpha or pass --client_split dirichlet.")
+        raise ValueError(
+            f"`dirichlet_alpha` ({args.dirichlet_alpha}) is only used with `client_split` 'dirichlet', "
+            f"got client_split={split!r}. Drop --dirichlet_alpha or pass --client_split dirichlet."
+        )
     if split == "dirichlet":
         args.dirichlet_alpha = args.dirichlet_alpha or 0.5
         if args.label_column == "labels":  # the token labels: not a category
             if not offline:
-                raise ValueError("`client_split` 'dirichlet' needs `label_column` naming a category column of the "
-                                 "records (the `labels` column holds token ids), got 'labels'.")
+                raise ValueError(
+                    "`client_split` 'dirichlet' needs `label_column` naming a category column of the "
+                    "records (the `labels` column holds token ids), got 'labels'."
+                )
             args.label_column = "sentiment"
     return split
 
@@ -169,9 +211,13 @@ def load_base(model_args: ModelArguments, train_texts, args: FederatedDPArgument
         import torch
 
         torch.manual_seed(args.seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **{**OFFLINE_CONFIG, **extra})
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **{**OFFLINE_CONFIG, **extra},
+        )
         model = LlamaForCausalLM(config)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -185,23 +231,31 @@ def load_records(data_args: DataArguments, args: FederatedDPArguments):
         train, test = raw["train"], raw["test"]
     else:
         columns = (data_args.instruction_column, data_args.input_column, data_args.output_column)
-        train = llm_data.load_instructions(data_args.dataset, config_name=data_args.dataset_config_name,
-                                           split=data_args.train_split, columns=columns)
+        train = llm_data.load_instructions(
+            data_args.dataset, config_name=data_args.dataset_config_name, split=data_args.train_split, columns=columns
+        )
         if data_args.eval_split:
-            test = llm_data.load_instructions(data_args.dataset, config_name=data_args.dataset_config_name,
-                                              split=data_args.eval_split, columns=columns)
+            test = llm_data.load_instructions(
+                data_args.dataset,
+                config_name=data_args.dataset_config_name,
+                split=data_args.eval_split,
+                columns=columns,
+            )
         else:
             held = train.train_test_split(test_size=data_args.eval_size, seed=args.seed)
             train, test = held["train"], held["test"]
-    return data.limit(train, data_args.max_train_samples, seed=args.seed), \
-        data.limit(test, data_args.max_eval_samples, seed=args.seed)
+    return data.limit(train, data_args.max_train_samples, seed=args.seed), data.limit(
+        test, data_args.max_eval_samples, seed=args.seed
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
     args.card_dataset_name = args.card_dataset_name or data_args.dataset or "rotten_tomatoes"
     args.card_data_format = args.card_data_format or llm_data.DATA_FORMAT
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
+    logging.basicConfig(
+        format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN
+    )
     start = time.time()
     split = resolve_client_split(data_args, args)
     if model_args.padding_side not in ("left", "right"):
@@ -210,9 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
     texts = (llm_data.format_prompt(r) + r["output"] for r in train_records)
     base, tokenizer, base_id = load_base(model_args, texts, args)
     base.to(args.device)  # before get_peft_model (opacus issue #820)
-    config = LALoraConfig.for_method(model_args.method, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                                     lora_dropout=model_args.lora_dropout, task_type="CAUSAL_LM",
-                                     target_modules=resolve_targets(model_args, base.config.model_type))
+    config = LALoraConfig.for_method(
+        model_args.method,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        task_type="CAUSAL_LM",
+        target_modules=resolve_targets(model_args, base.config.model_type),
+    )
     model = get_peft_model(base, config)
     model.peft_config[model.active_adapter].base_model_name_or_path = base_id
     keep = tuple(c for c in (data_args.client_column, args.label_column if split == "dirichlet" else None) if c)
@@ -225,7 +284,11 @@ def main(argv: list[str] | None = None) -> dict:
         train = None
     position_ids = "position_ids" in inspect.signature(base.forward).parameters
     trainer = FederatedDPTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=test, client_datasets=clients,
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        client_datasets=clients,
         data_collator=llm_data.CausalLMCollator(tokenizer.pad_token_id, model_args.padding_side, position_ids),
         processing_class=tokenizer,
     )
@@ -235,12 +298,21 @@ def main(argv: list[str] | None = None) -> dict:
         logged = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
         out = {"perplexity": math.exp(min(logged[-1], 50.0))} if logged else {}
         if len(answers):
-            out["exact_match"] = llm_data.generation_exact_match(model, tokenizer, answers,
-                                                                max_seq_length=data_args.max_seq_length)
+            out["exact_match"] = llm_data.generation_exact_match(
+                model, tokenizer, answers, max_seq_length=data_args.max_seq_length
+            )
         return out
 
-    return train_and_report(trainer, args, start, metric="loss", extra_metrics=extra_metrics, client_split=split,
-                            method=model_args.method, base_model=base_id)
+    return train_and_report(
+        trainer,
+        args,
+        start,
+        metric="loss",
+        extra_metrics=extra_metrics,
+        client_split=split,
+        method=model_args.method,
+        base_model=base_id,
+    )
 
 
 if __name__ == "__main__":

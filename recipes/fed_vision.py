@@ -60,35 +60,56 @@ logger = logging.getLogger("fed_vision")
 DIGITS = "digits"
 GREY_28 = {"mnist": mnist_data.load_mnist_5k, "fashion_mnist": mnist_data.load_fashion_mnist}  # offline, 28x28 grey
 CLIENT_SPLITS = ("dirichlet", "iid")
-DEFAULTS = dict(RECIPE_DEFAULTS, output_dir="runs/fed_vision_default", num_rounds=10, local_steps=5,
-                per_device_eval_batch_size=128, eval_rounds=5,
-                remove_unused_columns=False)  # the collator turns PIL images into tensors
+DEFAULTS = dict(
+    RECIPE_DEFAULTS,
+    output_dir="runs/fed_vision_default",
+    num_rounds=10,
+    local_steps=5,
+    per_device_eval_batch_size=128,
+    eval_rounds=5,
+    remove_unused_columns=False,
+)  # the collator turns PIL images into tensors
 DEFAULT_TARGET_EPSILON = 8.0
 
 
 @dataclass
 class ModelArguments(LoraArguments):
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Any AutoModelForImageClassification checkpoint (ViT, Swin, ...). "
-                                        "Default: a tiny random ViT built from a config (offline)."})
+        default=None,
+        metadata={
+            "help": "Any AutoModelForImageClassification checkpoint (ViT, Swin, ...). "
+            "Default: a tiny random ViT built from a config (offline)."
+        },
+    )
     image_size: int = field(default=16, metadata={"help": "Image size of the tiny default ViT (multiple of 8)."})
-    reset_classifier: bool = field(default=True, metadata={"help": "With --model_name_or_path: draw a new "
-                                                                   "classification head (a new task); False keeps the checkpoint's head when the label "
-                                                                   "count matches."})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
-                                      metadata={"help": "Modules that get adapters (ViT/Swin in transformers 5: "
-                                                        "q_proj v_proj)."})
+    reset_classifier: bool = field(
+        default=True,
+        metadata={
+            "help": "With --model_name_or_path: draw a new "
+            "classification head (a new task); False keeps the checkpoint's head when the label "
+            "count matches."
+        },
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Modules that get adapters (ViT/Swin in transformers 5: q_proj v_proj)."},
+    )
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(default=DIGITS, metadata={"help": "digits, mnist, fashion_mnist (offline), cifar100 or "
-                                                                "tiny_imagenet."})
+    dataset_name: str = field(
+        default=DIGITS, metadata={"help": "digits, mnist, fashion_mnist (offline), cifar100 or tiny_imagenet."}
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the evaluation set."})
     client_split: Optional[str] = field(
-        default=None, metadata={"help": "dirichlet (label skew, --dirichlet_alpha, default 0.5) or iid. Default: "
-                                        "dirichlet if --dirichlet_alpha is given, else iid."})
+        default=None,
+        metadata={
+            "help": "dirichlet (label skew, --dirichlet_alpha, default 0.5) or iid. Default: "
+            "dirichlet if --dirichlet_alpha is given, else iid."
+        },
+    )
 
 
 def build_parser():
@@ -105,8 +126,10 @@ def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -
     if split not in CLIENT_SPLITS:
         raise ValueError(f"`client_split` must be one of {CLIENT_SPLITS} for images, got {split!r}.")
     if split == "iid" and args.dirichlet_alpha is not None:
-        raise ValueError(f"`dirichlet_alpha` ({args.dirichlet_alpha}) is only used with `client_split` 'dirichlet', "
-                         "got 'iid'. Drop --dirichlet_alpha or pass --client_split dirichlet.")
+        raise ValueError(
+            f"`dirichlet_alpha` ({args.dirichlet_alpha}) is only used with `client_split` 'dirichlet', "
+            "got 'iid'. Drop --dirichlet_alpha or pass --client_split dirichlet."
+        )
     if split == "dirichlet" and args.dirichlet_alpha is None:
         args.dirichlet_alpha = 0.5
     return split
@@ -114,8 +137,16 @@ def resolve_client_split(data_args: DataArguments, args: FederatedDPArguments) -
 
 def tiny_vit(image_size: int, num_labels: int, seed: int, num_channels: int = 3) -> ViTForImageClassification:
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=num_channels, hidden_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=128, num_labels=num_labels)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=num_channels,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=num_labels,
+    )
     return ViTForImageClassification(config)
 
 
@@ -126,7 +157,8 @@ def load_model(model_args: ModelArguments, num_labels: int, args: FederatedDPArg
         model = tiny_vit(28 if grey else model_args.image_size, num_labels, args.seed, num_channels=1 if grey else 3)
     else:
         model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True)
+            model_args.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
         if model_args.reset_classifier:
             torch.manual_seed(args.seed)
             model.classifier = torch.nn.Linear(model.classifier.in_features, num_labels)
@@ -134,12 +166,18 @@ def load_model(model_args: ModelArguments, num_labels: int, args: FederatedDPArg
         if dataset_name not in GREY_28 and dataset_name != DIGITS:  # PIL images need the checkpoint's processor
             processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
     model.to(args.device)  # before get_peft_model (opacus issue #820)
-    config = LALoraConfig.for_method(model_args.method, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                                     lora_dropout=model_args.lora_dropout, target_modules=model_args.target_modules,
-                                     modules_to_save=["classifier"])
+    config = LALoraConfig.for_method(
+        model_args.method,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.target_modules,
+        modules_to_save=["classifier"],
+    )
     peft_model = get_peft_model(model, config)
-    peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = \
+    peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = (
         model_args.model_name_or_path or "tiny-vit-from-config"
+    )
     return peft_model, processor
 
 
@@ -160,7 +198,9 @@ def load_splits(data_args: DataArguments, image_size: int, seed: int):
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
     args.card_dataset_name = args.card_dataset_name or data_args.dataset_name  # named in the model card
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN)
+    logging.basicConfig(
+        format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if args.should_log else logging.WARN
+    )
     start = time.time()
     split = resolve_client_split(data_args, args)
     num_labels = 10 if data_args.dataset_name == DIGITS else None
@@ -170,11 +210,17 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.dataset_name == DIGITS:  # digits at the model's own resolution
         train, test, _ = load_splits(data_args, model.config.image_size, args.seed)
     trainer = FederatedDPTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=data.ImageCollator(processor),
-        processing_class=processor, compute_metrics=data.make_compute_metrics(data.load_metric(None)),
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=data.ImageCollator(processor),
+        processing_class=processor,
+        compute_metrics=data.make_compute_metrics(data.load_metric(None)),
     )
-    return train_and_report(trainer, args, start, client_split=split, method=model_args.method,
-                            dataset=data_args.dataset_name)
+    return train_and_report(
+        trainer, args, start, client_split=split, method=model_args.method, dataset=data_args.dataset_name
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = fed_roberta.load_model(model_args, 2, "cpu")
     train, clients, test, _ = fed_roberta.load_splits(data_args, args, tokenizer, split)
     if clients is None:  # an IID or Dirichlet split of one dataset: partition it as the trainer would
-        clients = partition_dataset(train, args.num_clients, dirichlet_alpha=args.dirichlet_alpha, seed=args.seed,
-                                    min_shard_size=args.min_shard_size or args.per_device_train_batch_size)
+        clients = partition_dataset(
+            train,
+            args.num_clients,
+            dirichlet_alpha=args.dirichlet_alpha,
+            seed=args.seed,
+            min_shard_size=args.min_shard_size or args.per_device_train_batch_size,
+        )
     out = args.output_dir
     for k, dataset in enumerate(clients):
         dataset.save_to_disk(os.path.join(out, f"client_{k}"))
@@ -44,8 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
     if fed_roberta.resolve_pooling(model_args) == "mean":
         standardise(model.get_base_model(), test, DataCollatorWithPadding(tokenizer))
         save_pooling(model.get_base_model(), out)
-    summary = {"output_dir": os.path.abspath(out), "clients": [len(c) for c in clients], "test": len(test),
-               "client_split": split}
+    summary = {
+        "output_dir": os.path.abspath(out),
+        "clients": [len(c) for c in clients],
+        "test": len(test),
+        "client_split": split,
+    }
     print(json.dumps(summary, indent=1))
     return summary
 

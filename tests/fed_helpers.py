@@ -18,8 +18,9 @@ def toy_dataset(n: int = 240, length: int = 8, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 100, (n, length), generator=g)
     labels = (ids[:, 0] > 50).long()
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n,
-                              "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()}
+    )
 
 
 def toy_model(method: str = "lalora", seed: int = 0, device: str = "cpu", **config):
@@ -29,10 +30,22 @@ def toy_model(method: str = "lalora", seed: int = 0, device: str = "cpu", **conf
 
 
 def toy_args(output_dir, **overrides) -> FederatedDPArguments:
-    kwargs = dict(output_dir=str(output_dir), num_clients=4, clients_per_round=2, num_rounds=2, local_steps=2,
-                  per_device_train_batch_size=8, learning_rate=0.5, noise_multiplier=1.0,
-                  per_sample_max_grad_norm=1.0, seed=0, report_to=[], disable_tqdm=True, eval_rounds=0,
-                  noise_seed=0)  # tests compare runs: the noise is fixed (no guarantee; see test_secret_randomness)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        num_clients=4,
+        clients_per_round=2,
+        num_rounds=2,
+        local_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=0.5,
+        noise_multiplier=1.0,
+        per_sample_max_grad_norm=1.0,
+        seed=0,
+        report_to=[],
+        disable_tqdm=True,
+        eval_rounds=0,
+        noise_seed=0,
+    )  # tests compare runs: the noise is fixed (no guarantee; see test_secret_randomness)
     kwargs.update(overrides)
     if not kwargs.get("dp", True):
         kwargs.pop("noise_multiplier", None)
@@ -47,8 +60,11 @@ def accuracy(pred) -> dict:
 
 
 def make_trainer(tmp_path, method="lalora", dataset=None, model=None, **overrides) -> FederatedDPTrainer:
-    return FederatedDPTrainer(model=model or toy_model(method), args=toy_args(tmp_path, **overrides),
-                              train_dataset=dataset if dataset is not None else toy_dataset())
+    return FederatedDPTrainer(
+        model=model or toy_model(method),
+        args=toy_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else toy_dataset(),
+    )
 
 
 def adapter_state(model) -> dict:

@@ -26,9 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUIET = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-         "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+QUIET = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
 UNREGISTERED_EXIT_CODE = 305  # logged by a SuperNode whose key the SuperLink does not know (its process returns 1)
 
 
@@ -59,32 +65,53 @@ def make_tls(directory: str) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peft_lalora test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP384R1())
     san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
-    return {"ca": _write(os.path.join(directory, "ca.crt"), ca.public_bytes(pem)),
-            "cert": _write(os.path.join(directory, "server.pem"), cert.public_bytes(pem)),
-            "key": _write(os.path.join(directory, "server.key"), key.private_bytes(
-                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)}
+    return {
+        "ca": _write(os.path.join(directory, "ca.crt"), ca.public_bytes(pem)),
+        "cert": _write(os.path.join(directory, "server.pem"), cert.public_bytes(pem)),
+        "key": _write(
+            os.path.join(directory, "server.key"),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            0o600,
+        ),
+    }
 
 
 def make_node_key(directory: str, name: str) -> tuple[str, str]:
     """A SuperNode's EC P-384 key pair in OpenSSH format (what `ssh-keygen -t ecdsa -b 384` writes)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return (_write(os.path.join(directory, name), private, 0o600),
-            _write(os.path.join(directory, name + ".pub"), public + b"\n"))
+    return (
+        _write(os.path.join(directory, name), private, 0o600),
+        _write(os.path.join(directory, name + ".pub"), public + b"\n"),
+    )
 
 
 def _adopt_orphans(enable: bool) -> None:
@@ -193,10 +220,25 @@ class Deployment:
     # ----- components -----------------------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60.0) -> None:
         self.port = free_port()
-        self._start("superlink", [_bin("flower-superlink"), "--ssl-ca-certfile", self.tls["ca"], "--ssl-certfile",
-                                  self.tls["cert"], "--ssl-keyfile", self.tls["key"], "--enable-supernode-auth",
-                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port",
-                                  str(self.port)], self.env)
+        self._start(
+            "superlink",
+            [
+                _bin("flower-superlink"),
+                "--ssl-ca-certfile",
+                self.tls["ca"],
+                "--ssl-certfile",
+                self.tls["cert"],
+                "--ssl-keyfile",
+                self.tls["key"],
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            self.env,
+        )
         context = ssl.create_default_context(cafile=self.tls["ca"])
         deadline = time.time() + timeout
         while True:
@@ -205,15 +247,20 @@ class Deployment:
                     break
             except OSError:
                 if time.time() > deadline or self.procs["superlink"].poll() is not None:
-                    raise RuntimeError("the SuperLink did not become healthy:\n" + self.log("superlink")[-3000:]) from None
+                    raise RuntimeError(
+                        "the SuperLink did not become healthy:\n" + self.log("superlink")[-3000:]
+                    ) from None
                 time.sleep(0.5)
         with open(os.path.join(self.home, "config.toml"), "w") as handle:
-            handle.write(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-                         f'root-certificates = "{self.tls["ca"]}"\n')
+            handle.write(
+                f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
+                f'root-certificates = "{self.tls["ca"]}"\n'
+            )
 
     def flwr(self, *args, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [_bin("flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
 
     def register(self, public_key: str) -> None:
         out = self.flwr("supernode", "register", public_key, "local")
@@ -224,14 +271,30 @@ class Deployment:
         home = os.path.join(self.root, f"home_{name}")
         os.makedirs(home, exist_ok=True)
         config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
-        return self._start(name, [_bin("flower-supernode"), "--root-certificates", self.tls["ca"], "--superlink",
-                                  f"127.0.0.1:{self.port}", "--port", str(free_port()), "--auth-supernode-private-key",
-                                  private_key, "--node-config", config], dict(self.env, FLWR_HOME=home))
+        return self._start(
+            name,
+            [
+                _bin("flower-supernode"),
+                "--root-certificates",
+                self.tls["ca"],
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),
+                "--auth-supernode-private-key",
+                private_key,
+                "--node-config",
+                config,
+            ],
+            dict(self.env, FLWR_HOME=home),
+        )
 
     def run(self, app_dir: str, run_config: dict, timeout: float = 600.0) -> subprocess.CompletedProcess:
         """`flwr run APP local --stream -c ...`: returns when the run has finished."""
-        overrides = " ".join(f'{k}="{v}"' if isinstance(v, str) else
-                             f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in run_config.items())
+        overrides = " ".join(
+            f'{k}="{v}"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in run_config.items()
+        )
         args = ["run", app_dir, "local", "--stream"] + (["--run-config", overrides] if overrides else [])
         return self.flwr(*args, timeout=timeout)
 
@@ -255,13 +318,17 @@ client_app = make_client_app(TASK)
 def write_toy_app(directory: str, run_config: dict) -> str:
     """An app folder (pyproject.toml + package) whose `[tool.flwr.app.config]` is `run_config`."""
     os.makedirs(os.path.join(directory, "toyapp"), exist_ok=True)
-    lines = [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in run_config.items()]
+    lines = [
+        f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in run_config.items()
+    ]
     with open(os.path.join(directory, "pyproject.toml"), "w") as handle:
-        handle.write('[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-                     '[project]\nname = "lalora-toy"\nversion = "0.1.0"\n\n[tool.flwr.app]\npublisher = "peft-lalora"\n\n'
-                     '[tool.flwr.app.components]\nserverapp = "toyapp.apps:server_app"\n'
-                     'clientapp = "toyapp.apps:client_app"\n\n[tool.flwr.app.config]\n' + "\n".join(lines) + "\n")
+        handle.write(
+            '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+            '[project]\nname = "lalora-toy"\nversion = "0.1.0"\n\n[tool.flwr.app]\npublisher = "peft-lalora"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "toyapp.apps:server_app"\n'
+            'clientapp = "toyapp.apps:client_app"\n\n[tool.flwr.app.config]\n' + "\n".join(lines) + "\n"
+        )
     with open(os.path.join(directory, "toyapp", "__init__.py"), "w") as handle:
         handle.write("")
     with open(os.path.join(directory, "toyapp", "apps.py"), "w") as handle:

@@ -71,8 +71,7 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self.url
 
@@ -141,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _token(self) -> str | None:
         auth = self.headers.get("Authorization", "")
-        return auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        return auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
 
     def _auth(self, write: bool, head_only: bool = False) -> bool:
         """False (and the error sent) when the request may not proceed."""
@@ -198,8 +197,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"{self.state.url}/{repo_id}"
         with self.state.lock:
             if repo_id in self.state.repos:
-                self._reply(409, {"error": "You already created this model repo", "url": url},
-                            {"X-Error-Message": "You already created this model repo"})
+                self._reply(
+                    409,
+                    {"error": "You already created this model repo", "url": url},
+                    {"X-Error-Message": "You already created this model repo"},
+                )
                 return
             self.state.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private")
         self._reply(200, {"url": url, "name": repo_id, "id": repo_id})
@@ -210,15 +212,31 @@ class _Handler(BaseHTTPRequestHandler):
     def repo_info(self, body, repo_id, revision=None, head_only=False):
         repo = self._repo(repo_id, head_only)
         if repo is not None:
-            siblings = [{"rfilename": p, "size": len(d), "blobId": git_blob_sha1(d)} for p, d in sorted(repo.files.items())]
-            self._reply(200, {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": repo.private,
-                              "siblings": siblings, "tags": [], "downloads": 0, "likes": 0}, head_only=head_only)
+            siblings = [
+                {"rfilename": p, "size": len(d), "blobId": git_blob_sha1(d)} for p, d in sorted(repo.files.items())
+            ]
+            self._reply(
+                200,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": repo.sha,
+                    "private": repo.private,
+                    "siblings": siblings,
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                },
+                head_only=head_only,
+            )
 
     def tree(self, body, repo_id, revision, path_in_repo=None, head_only=False):
         repo = self._repo(repo_id, head_only)
         if repo is not None:
-            entries = [{"type": "file", "oid": git_blob_sha1(d), "size": len(d), "path": p}
-                       for p, d in sorted(repo.files.items())]
+            entries = [
+                {"type": "file", "oid": git_blob_sha1(d), "size": len(d), "path": p}
+                for p, d in sorted(repo.files.items())
+            ]
             self._reply(200, entries, head_only=head_only)
 
     def resolve(self, body, repo_id, revision, filename, head_only=False):
@@ -229,8 +247,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "Entry not found", "EntryNotFound", head_only=head_only)
             return
         data = repo.files[filename]
-        headers = {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": repo.sha,
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "ETag": f'"{git_blob_sha1(data)}"',
+            "X-Repo-Commit": repo.sha,
+            "Content-Type": "application/octet-stream",
+        }
         self._reply(200, data, headers, head_only=head_only)
 
     def paths_info(self, body, repo_id, revision, head_only=False):
@@ -240,16 +261,33 @@ class _Handler(BaseHTTPRequestHandler):
                 paths = json.loads(body).get("paths", [])
             except ValueError:  # form-encoded
                 paths = [unquote(v) for k, v in (kv.split("=", 1) for kv in body.decode().split("&")) if k == "paths"]
-            self._reply(200, [{"type": "file", "oid": git_blob_sha1(repo.files[p]), "size": len(repo.files[p]),
-                               "path": p} for p in paths if p in repo.files])
+            self._reply(
+                200,
+                [
+                    {"type": "file", "oid": git_blob_sha1(repo.files[p]), "size": len(repo.files[p]), "path": p}
+                    for p in paths
+                    if p in repo.files
+                ],
+            )
 
     def preupload(self, body, repo_id, revision, head_only=False):
         repo = self._repo(repo_id)
         if repo is not None:
             files = json.loads(body)["files"]
-            self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                         "oid": git_blob_sha1(repo.files[f["path"]]) if f["path"] in repo.files
-                                         else None} for f in files]})
+            self._reply(
+                200,
+                {
+                    "files": [
+                        {
+                            "path": f["path"],
+                            "uploadMode": "regular",
+                            "shouldIgnore": False,
+                            "oid": git_blob_sha1(repo.files[f["path"]]) if f["path"] in repo.files else None,
+                        }
+                        for f in files
+                    ]
+                },
+            )
 
     def commit(self, body, repo_id, revision, head_only=False):
         repo = self._repo(repo_id)
@@ -272,8 +310,9 @@ class _Handler(BaseHTTPRequestHandler):
             repo.files.update(added)
             for path in deleted:
                 repo.files.pop(path, None)
-        self._reply(200, {"commitUrl": f"{self.state.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                          "pullRequestUrl": None})
+        self._reply(
+            200, {"commitUrl": f"{self.state.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        )
 
 
 _ID = r"(?P<repo_id>[^/]+/[^/]+|[^/]+)"

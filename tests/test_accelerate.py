@@ -16,14 +16,33 @@ ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
 def launch(num_processes: int, output_dir, *extra) -> None:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", HF_HUB_OFFLINE="1",
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     # `--cpu` would run a single process: `--multi_gpu` is accelerate's torchrun launcher, and the script's
     # `use_cpu=True` turns it into a multi-CPU (gloo) run
     mode = ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
-    cmd = [ACCELERATE, "launch", *mode, "--num_processes", str(num_processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + num_processes),
-           os.path.join(ROOT, "tests", "accelerate_fed_run.py"), str(output_dir), *extra]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        *mode,
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + num_processes),
+        os.path.join(ROOT, "tests", "accelerate_fed_run.py"),
+        str(output_dir),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -54,7 +73,9 @@ def test_two_processes_share_one_secret_noise_root(tmp_path):
     # Both ranks must draw their clients' noise from rank 0's secret root, or a resume would not be identical
     launch(2, tmp_path / "a", "secret")
     launch(2, tmp_path / "b", "secret")
-    roots = {run: [json.loads((tmp_path / run / f"clients-{rank}.json").read_text())["noise_root"] for rank in (0, 1)]
-             for run in ("a", "b")}
+    roots = {
+        run: [json.loads((tmp_path / run / f"clients-{rank}.json").read_text())["noise_root"] for rank in (0, 1)]
+        for run in ("a", "b")
+    }
     assert roots["a"][0] == roots["a"][1] and roots["b"][0] == roots["b"][1]
     assert roots["a"][0] != roots["b"][0]  # and every run draws a new one

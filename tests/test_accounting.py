@@ -224,8 +224,9 @@ def test_schedule_calibration_over_mixed_sample_rates_meets_the_target_for_every
 
 
 def test_calibration_prv():
-    sigma = calibrate_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=0.05, steps=100,
-                                       accountant="prv", epsilon_tolerance=0.02)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=3.0, target_delta=DELTA, sample_rate=0.05, steps=100, accountant="prv", epsilon_tolerance=0.02
+    )
     achieved = compute_epsilon(noise_multiplier=sigma, sample_rate=0.05, steps=100, delta=DELTA, accountant="prv")
     assert 2.95 <= achieved <= 3.0
 
@@ -234,7 +235,9 @@ def test_infeasible_target_refused_with_floor():
     # As sigma -> inf the RDP vanishes and epsilon tends to the conversion's floor, reached at the largest order
     floor = _balle_conversion(ORDERS, [0.0] * len(ORDERS), DELTA)
     assert floor == pytest.approx(0.1029, abs=1e-4)
-    with pytest.raises(ConfigError, match=rf"`target_epsilon` = 0.05 cannot be met.*smallest feasible epsilon is {floor:.4f}"):
+    with pytest.raises(
+        ConfigError, match=rf"`target_epsilon` = 0.05 cannot be met.*smallest feasible epsilon is {floor:.4f}"
+    ):
         calibrate_noise_multiplier(target_epsilon=0.05, target_delta=DELTA, sample_rate=0.1, steps=10)
 
 
@@ -259,8 +262,14 @@ def test_calibration_validation(field, value, message):
 
 # ------------------------------------------------------------------------------------------------------ ledger
 def _ledger(target=None, sigma=1.0, accountant="rdp", rates=None):
-    return PrivacyLedger(sample_rates=rates or {0: 0.1, 1: 0.02, 5: 0.05}, noise_multiplier=sigma, delta=DELTA,
-                         accountant=accountant, per_sample_max_grad_norm=0.5, target_epsilon=target)
+    return PrivacyLedger(
+        sample_rates=rates or {0: 0.1, 1: 0.02, 5: 0.05},
+        noise_multiplier=sigma,
+        delta=DELTA,
+        accountant=accountant,
+        per_sample_max_grad_norm=0.5,
+        target_epsilon=target,
+    )
 
 
 def test_ledger_epsilon_per_client_equals_compute_epsilon():
@@ -282,8 +291,11 @@ def test_budget_refused_before_release_and_ledger_unchanged():
         ledger.charge(0, 10)
     before = json.dumps(ledger.state_dict())
     # Execute / Assert: 20 more steps would exceed, 10 more fit exactly the calibrated schedule
-    with pytest.raises(PrivacyBudgetExceededError, match=r"client 0: 20 more local step\(s\) would take its epsilon to "
-                                                          r"2\.\d+ .*above `target_epsilon` = 2\.0"):
+    with pytest.raises(
+        PrivacyBudgetExceededError,
+        match=r"client 0: 20 more local step\(s\) would take its epsilon to "
+        r"2\.\d+ .*above `target_epsilon` = 2\.0",
+    ):
         ledger.charge(0, 20)
     with pytest.raises(PrivacyBudgetExceededError, match="client 0"):
         ledger.check_release(0, 20)
@@ -312,8 +324,15 @@ def test_report_keys_and_max_over_clients(tmp_path):
     ledger.charge(0, 5)
     ledger.charge(1, 500)
     report = ledger.report()
-    assert list(report) == ["epsilon", "delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant", "unit",
-                            "clients"]
+    assert list(report) == [
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "per_sample_max_grad_norm",
+        "accountant",
+        "unit",
+        "clients",
+    ]
     assert [sorted(c) for c in report["clients"]] == [["client", "epsilon", "sample_rate", "steps"]] * 3
     assert report["epsilon"] == max(c["epsilon"] for c in report["clients"]) == ledger.epsilon(1)
     assert (report["delta"], report["noise_multiplier"], report["per_sample_max_grad_norm"]) == (DELTA, 1.0, 0.5)

@@ -103,9 +103,14 @@ def synthetic_mechanism(sigma: float, steps: int, seed: int):
     # a smooth direction along d_out (the axis the low-pass filter smooths), so the filter keeps the canary's signal
     direction = torch.cos(torch.linspace(0, 1.5, shape[0])).unsqueeze(1) * torch.randn(1, shape[1], generator=g)
     canary = (direction / direction.norm() * 40 * C).unsqueeze(0)
-    opt = GradientPrivatizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(shape))], lr=1.0), noise_multiplier=sigma,
-                      per_sample_max_grad_norm=C, factor_of={"w": "B"}, lowpass_kernel=(1, 4, 6, 4, 1),
-                      generator=torch.Generator().manual_seed(seed + 1))
+    opt = GradientPrivatizer(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(shape))], lr=1.0),
+        noise_multiplier=sigma,
+        per_sample_max_grad_norm=C,
+        factor_of={"w": "B"},
+        lowpass_kernel=(1, 4, 6, 4, 1),
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     params = {"w": torch.zeros(shape)}
     batch_in, batch_out = {"w": torch.cat([background, canary])}, {"w": background}
 
@@ -163,9 +168,15 @@ def tiny_lora_step(sigma: float, seed: int):
     params = active_parameters(model)
     assert params and all("lora_B" in n for n in params)
     lr = 0.1
-    step = PrivateStep(model, torch.optim.SGD(params.values(), lr=lr), noise_multiplier=sigma,
-                       per_sample_max_grad_norm=C, lowpass_kernel=None, backend="hooks",
-                       generator=torch.Generator().manual_seed(seed + 1))
+    step = PrivateStep(
+        model,
+        torch.optim.SGD(params.values(), lr=lr),
+        noise_multiplier=sigma,
+        per_sample_max_grad_norm=C,
+        lowpass_kernel=None,
+        backend="hooks",
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     g = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(6, 6, generator=g)
     x[-1] *= 30.0  # the canary: a large input, so its gradient is clipped to C

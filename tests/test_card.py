@@ -9,18 +9,37 @@ from fed_helpers import accuracy, toy_args, toy_dataset, toy_model
 from peft_lalora import FederatedDPTrainer, LALoraConfig
 from peft_lalora.hub import render_model_card
 
-REPORT = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.2, "per_sample_max_grad_norm": 1.0,
-          "accountant": "rdp", "unit": "one example of one client", "dp": True,
-          "clients": [{"client": 0, "epsilon": 1.0, "sample_rate": 0.1, "steps": 20}]}
+REPORT = {
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "noise_multiplier": 1.2,
+    "per_sample_max_grad_norm": 1.0,
+    "accountant": "rdp",
+    "unit": "one example of one client",
+    "dp": True,
+    "clients": [{"client": 0, "epsilon": 1.0, "sample_rate": 0.1, "steps": 20}],
+}
 FEDERATED = {"num_clients": 8, "clients_per_round": 4, "num_rounds": 5, "local_steps": 10}
-TRAINER_METRICS = {"eval_loss": 0.4321, "eval_model_preparation_time": 0.0013, "eval_accuracy": 0.8765,
-                   "eval_runtime": 24.9, "eval_samples_per_second": 40.1, "eval_steps_per_second": 0.32}
+TRAINER_METRICS = {
+    "eval_loss": 0.4321,
+    "eval_model_preparation_time": 0.0013,
+    "eval_accuracy": 0.8765,
+    "eval_runtime": 24.9,
+    "eval_samples_per_second": 40.1,
+    "eval_steps_per_second": 0.32,
+}
 
 
 def card_kwargs(**overrides):
     config = LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS").to_dict()
-    kwargs = dict(base_model="tiny-roberta", adapter_config=config, privacy_report=REPORT, federated=FEDERATED,
-                  metrics={"eval_accuracy": 0.8765, "eval_loss": 0.4321}, dataset="glue/sst2")
+    kwargs = dict(
+        base_model="tiny-roberta",
+        adapter_config=config,
+        privacy_report=REPORT,
+        federated=FEDERATED,
+        metrics={"eval_accuracy": 0.8765, "eval_loss": 0.4321},
+        dataset="glue/sst2",
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -45,8 +64,9 @@ def test_runtime_and_speed_are_not_results_and_loss_is_no_model_index_result():
 
 
 def test_card_names_the_dataset_from_the_arguments(tmp_path):
-    trainer = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, card_dataset_name="glue/sst2"),
-                                 train_dataset=toy_dataset())
+    trainer = FederatedDPTrainer(
+        model=toy_model(), args=toy_args(tmp_path, card_dataset_name="glue/sst2"), train_dataset=toy_dataset()
+    )
     card = render_model_card(**trainer.card_context())
     assert front_matter(card)["datasets"] == ["glue/sst2"]
 
@@ -54,8 +74,13 @@ def test_card_names_the_dataset_from_the_arguments(tmp_path):
 def test_card_reports_the_last_evaluation_and_its_round(tmp_path):
     # Prepare: 3 rounds, evaluated after round 2 only
     args = toy_args(tmp_path, num_rounds=3, eval_rounds=2, save_strategy="no")
-    trainer = FederatedDPTrainer(model=toy_model(), args=args, train_dataset=toy_dataset(),
-                                 eval_dataset=toy_dataset(40, seed=1), compute_metrics=accuracy)
+    trainer = FederatedDPTrainer(
+        model=toy_model(),
+        args=args,
+        train_dataset=toy_dataset(),
+        eval_dataset=toy_dataset(40, seed=1),
+        compute_metrics=accuracy,
+    )
     trainer.train()
     # Execute / Assert: the round-2 evaluation is not the adapter's: said so, and no model-index claim
     card = render_model_card(**trainer.card_context())
@@ -77,20 +102,27 @@ def test_unknown_base_model_is_left_out_not_called_unknown(tmp_path):
 
 
 def test_modules_to_save_listed_once_in_order():
-    config = LALoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
-                          modules_to_save=["classifier", "pooler", "classifier", "score"]).to_dict()
+    config = LALoraConfig(
+        r=4,
+        target_modules=["query"],
+        task_type="SEQ_CLS",
+        modules_to_save=["classifier", "pooler", "classifier", "score"],
+    ).to_dict()
     card = render_model_card(**card_kwargs(adapter_config=config))
     assert "| modules trained in full (`modules_to_save`) | `classifier`, `pooler`, `score` |" in card
 
 
 # -- differential-privacy tag and fixed noise seed ------------------------------------------------------------
-@pytest.mark.parametrize("report, private", [
-    (REPORT, True),
-    (None, False),
-    ({**REPORT, "dp": False}, False),
-    ({**REPORT, "noise_multiplier": 0.0, "epsilon": float("inf")}, False),
-    ({**REPORT, "secret_randomness": False, "noise_seed_warning": "noise_seed=3 was fixed"}, False),
-])
+@pytest.mark.parametrize(
+    "report, private",
+    [
+        (REPORT, True),
+        (None, False),
+        ({**REPORT, "dp": False}, False),
+        ({**REPORT, "noise_multiplier": 0.0, "epsilon": float("inf")}, False),
+        ({**REPORT, "secret_randomness": False, "noise_seed_warning": "noise_seed=3 was fixed"}, False),
+    ],
+)
 def test_differential_privacy_tag_only_for_a_private_run(report, private):
     card = render_model_card(**card_kwargs(privacy_report=report))
     assert ("differential-privacy" in front_matter(card)["tags"]) == private

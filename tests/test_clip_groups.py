@@ -19,8 +19,14 @@ C, C_HEAD = 1.0, 0.25
 
 def grouped(noise=0.0, generator=None):
     params = {A: torch.nn.Parameter(torch.zeros(3, 4)), HEAD: torch.nn.Parameter(torch.zeros(2, 4))}
-    opt = GradientPrivatizer(torch.optim.SGD(params.values(), lr=1.0), noise_multiplier=noise, per_sample_max_grad_norm=C,
-                      factor_of={A: "A"}, head_max_grad_norm=C_HEAD, generator=generator)
+    opt = GradientPrivatizer(
+        torch.optim.SGD(params.values(), lr=1.0),
+        noise_multiplier=noise,
+        per_sample_max_grad_norm=C,
+        factor_of={A: "A"},
+        head_max_grad_norm=C_HEAD,
+        generator=generator,
+    )
     return opt, params
 
 
@@ -38,8 +44,11 @@ def test_one_example_cannot_move_a_group_by_more_than_its_threshold():
         one = opt.privatize(base, params, expected_batch_size=1)
         two = opt.privatize(other, params, expected_batch_size=1)
         lora, head = float((one[A] - two[A]).norm()), float((one[HEAD] - two[HEAD]).norm())
-        worst = {"lora": max(worst["lora"], lora), "head": max(worst["head"], head),
-                 "joint": max(worst["joint"], math.hypot(lora, head))}
+        worst = {
+            "lora": max(worst["lora"], lora),
+            "head": max(worst["head"], head),
+            "joint": max(worst["joint"], math.hypot(lora, head)),
+        }
     # Assert: each group moves by at most twice its threshold (g_i out, g_i' in: the replace-one neighbour),
     # and the joint movement by at most 2 sqrt(C^2 + C_h^2)
     assert worst["lora"] <= 2 * C * (1 + 1e-6) and worst["head"] <= 2 * C_HEAD * (1 + 1e-6)
@@ -76,8 +85,9 @@ def test_one_group_per_tensor_equals_opacus_per_layer_clipping():
     ref_params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(2, 4))]
     for p, name in zip(ref_params, (A, HEAD)):
         p.grad_sample = samples[name].clone()
-    ref = DPPerLayerOptimizer(torch.optim.SGD(ref_params, lr=1.0), noise_multiplier=0.0, max_grad_norm=[C, C_HEAD],
-                              expected_batch_size=6)
+    ref = DPPerLayerOptimizer(
+        torch.optim.SGD(ref_params, lr=1.0), noise_multiplier=0.0, max_grad_norm=[C, C_HEAD], expected_batch_size=6
+    )
     ref.pre_step()
     torch.testing.assert_close(ours[A], ref_params[0].grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[HEAD], ref_params[1].grad, rtol=1e-5, atol=1e-6)
@@ -87,9 +97,20 @@ def test_through_the_public_trainer_one_example_moves_the_update_by_at_most_the_
     # Noise 0, one local step of plain SGD (lr 1) with every example in the batch (q = 1): the global update is
     # -sum of clipped gradients / B. Datasets differing in one example: the updates differ by <= 2 sqrt(C^2 + C_h^2) / B.
     def run(path, data):
-        trainer = make_trainer(path, dataset=data, noise_multiplier=0.0, num_clients=1, clients_per_round=1,
-                               num_rounds=1, local_steps=1, per_device_train_batch_size=16, learning_rate=1.0,
-                               per_sample_max_grad_norm=C, per_sample_head_max_grad_norm=C_HEAD, method="dplora")
+        trainer = make_trainer(
+            path,
+            dataset=data,
+            noise_multiplier=0.0,
+            num_clients=1,
+            clients_per_round=1,
+            num_rounds=1,
+            local_steps=1,
+            per_device_train_batch_size=16,
+            learning_rate=1.0,
+            per_sample_max_grad_norm=C,
+            per_sample_head_max_grad_norm=C_HEAD,
+            method="dplora",
+        )
         trainer.train()
         return adapter_state(trainer.model), trainer.privacy_report()
 

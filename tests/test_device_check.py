@@ -7,17 +7,38 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("env", "install", "imports", "gpu_tests", "dp_overhead_minilm", "dp_overhead_roberta", "llm_memory",
-         "pu_faithful")
-FILES = ("summary.txt", "env.txt", "gpu_tests.txt", "gpu_tests.xml", "benchmarks.txt", "dp_overhead.json",
-         "llm_memory.json", "privacy_utility_faithful.json")
+PARTS = (
+    "env",
+    "install",
+    "imports",
+    "gpu_tests",
+    "dp_overhead_minilm",
+    "dp_overhead_roberta",
+    "llm_memory",
+    "pu_faithful",
+)
+FILES = (
+    "summary.txt",
+    "env.txt",
+    "gpu_tests.txt",
+    "gpu_tests.xml",
+    "benchmarks.txt",
+    "dp_overhead.json",
+    "llm_memory.json",
+    "privacy_utility_faithful.json",
+)
 
 
 def test_dry_run_writes_a_summary_listing_every_part(tmp_path):
     # Execute
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_check.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "device_check.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # Assert: every part ran (the wheels' install is skipped where no .whl/ was carried) and at most 8 files came out
     summary = (tmp_path / "summary.txt").read_text()
     assert run.returncode == 0, run.stdout + run.stderr

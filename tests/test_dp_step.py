@@ -17,8 +17,12 @@ C = 0.7
 
 
 def roberta_model(alternation="local", seed=0):
-    model = get_peft_model(tiny_roberta(seed), LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                                            task_type="SEQ_CLS", alternation=alternation))
+    model = get_peft_model(
+        tiny_roberta(seed),
+        LALoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", alternation=alternation
+        ),
+    )
     randomize_lora(model, seed=seed + 1, scale=0.3)
     return model.eval()
 
@@ -31,8 +35,14 @@ def text_batch(batch=6, seed=0):
 
 def dp_optimizer(params, sigma=0.0, clip=C, kernel=None, seed=0, factor_of=None):
     opt = torch.optim.SGD(list(params), lr=0.1)
-    return GradientPrivatizer(opt, noise_multiplier=sigma, per_sample_max_grad_norm=clip, lowpass_kernel=kernel,
-                       factor_of=factor_of, generator=torch.Generator().manual_seed(seed))
+    return GradientPrivatizer(
+        opt,
+        noise_multiplier=sigma,
+        per_sample_max_grad_norm=clip,
+        lowpass_kernel=kernel,
+        factor_of=factor_of,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ----- frozen stays frozen -----------------------------------------------------------------------------------
@@ -41,11 +51,17 @@ def test_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches():
     model = roberta_model()
     tuner = model.base_model
     trainable = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
-    step = PrivateStep(model, torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1), noise_multiplier=1.0,
-                       per_sample_max_grad_norm=C, lowpass_kernel=(1, 4, 6, 4, 1),
-                       generator=torch.Generator().manual_seed(0))
-    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n
-                   and "modules_to_save" not in n}
+    step = PrivateStep(
+        model,
+        torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1),
+        noise_multiplier=1.0,
+        per_sample_max_grad_norm=C,
+        lowpass_kernel=(1, 4, 6, 4, 1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    base_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
+    }
     for local_step in range(6):
         factors = tuner.trainable_factors(0, local_step)
         tuner.set_trainable_factors(factors)
@@ -54,12 +70,17 @@ def test_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches():
         grads, _ = step.backend.compute(text_batch(), active_parameters(model))
         step(text_batch(seed=local_step), expected_batch_size=6)
         # Assert: only active tensors got per-sample gradients, and only they moved
-        assert all(("lora_A" in n and "A" in factors) or ("lora_B" in n and "B" in factors)
-                   or "modules_to_save" in n for n in grads)
+        assert all(
+            ("lora_A" in n and "A" in factors) or ("lora_B" in n and "B" in factors) or "modules_to_save" in n
+            for n in grads
+        )
         for name, param in model.named_parameters():
             moved = not torch.equal(param.detach(), before[name])
-            active = ("lora_A" in name and "A" in factors) or ("lora_B" in name and "B" in factors) \
+            active = (
+                ("lora_A" in name and "A" in factors)
+                or ("lora_B" in name and "B" in factors)
                 or ("modules_to_save" in name and param.requires_grad)
+            )
             assert moved == active, (local_step, name)
             assert param.grad is None
     for name, value in base_before.items():
@@ -136,8 +157,12 @@ def test_batch_level_clipping_fails_the_same_check():
 
 def test_real_model_neighbours_differ_by_exactly_c_when_all_clip():
     model = roberta_model()
-    step = PrivateStep(model, torch.optim.SGD(active_parameters(model).values(), lr=0.1), noise_multiplier=0.0,
-                       per_sample_max_grad_norm=1e-4)
+    step = PrivateStep(
+        model,
+        torch.optim.SGD(active_parameters(model).values(), lr=0.1),
+        noise_multiplier=0.0,
+        per_sample_max_grad_norm=1e-4,
+    )
     params = active_parameters(model)
     big = text_batch(6)
     small = {k: v[:-1] for k, v in big.items()}
@@ -183,8 +208,12 @@ def test_no_noise_huge_clip_equals_non_private_update():
     private_model = roberta_model(alternation="none")
     plain_model = copy.deepcopy(private_model)
     batch = text_batch(6)
-    private = PrivateStep(private_model, torch.optim.SGD(active_parameters(private_model).values(), lr=0.5),
-                          noise_multiplier=0.0, per_sample_max_grad_norm=1e9)
+    private = PrivateStep(
+        private_model,
+        torch.optim.SGD(active_parameters(private_model).values(), lr=0.5),
+        noise_multiplier=0.0,
+        per_sample_max_grad_norm=1e9,
+    )
     plain = NonPrivateStep(plain_model, torch.optim.SGD(active_parameters(plain_model).values(), lr=0.5))
     private(batch, expected_batch_size=6)
     plain(batch, expected_batch_size=6)
@@ -198,8 +227,10 @@ def test_no_noise_huge_clip_equals_non_private_update():
 
 # ----- non-finite samples and empty batches --------------------------------------------------------------------
 def vit_model():
-    model = get_peft_model(tiny_vit(), LALoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                    modules_to_save=["classifier"], alternation="none"))
+    model = get_peft_model(
+        tiny_vit(),
+        LALoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], alternation="none"),
+    )
     randomize_lora(model, scale=0.3)
     return model.eval()
 
@@ -213,8 +244,13 @@ def test_nan_sample_is_dropped_and_equals_the_run_without_it():
     results = []
     for data in (poisoned, clean):
         model = vit_model()
-        step = PrivateStep(model, torch.optim.SGD(active_parameters(model).values(), lr=0.5), noise_multiplier=0.8,
-                           per_sample_max_grad_norm=C, generator=torch.Generator().manual_seed(5))
+        step = PrivateStep(
+            model,
+            torch.optim.SGD(active_parameters(model).values(), lr=0.5),
+            noise_multiplier=0.8,
+            per_sample_max_grad_norm=C,
+            generator=torch.Generator().manual_seed(5),
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             step(data, expected_batch_size=5)
@@ -231,8 +267,13 @@ def test_nan_sample_is_dropped_and_equals_the_run_without_it():
 def test_empty_batch_takes_a_noise_only_step():
     model = roberta_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    step = PrivateStep(model, torch.optim.SGD(active_parameters(model).values(), lr=0.5), noise_multiplier=1.0,
-                       per_sample_max_grad_norm=C, generator=torch.Generator().manual_seed(0))
+    step = PrivateStep(
+        model,
+        torch.optim.SGD(active_parameters(model).values(), lr=0.5),
+        noise_multiplier=1.0,
+        per_sample_max_grad_norm=C,
+        generator=torch.Generator().manual_seed(0),
+    )
     empty = {k: v[:0] for k, v in text_batch().items()}
     out = step(empty, expected_batch_size=4)
     assert out["batch_size"] == 0
@@ -240,11 +281,14 @@ def test_empty_batch_takes_a_noise_only_step():
     assert moved and all(p.requires_grad for n, p in model.named_parameters() if n in moved)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"noise_multiplier": -1.0}, "`noise_multiplier` must be a finite number >= 0"),
-    ({"per_sample_max_grad_norm": 0.0}, "`per_sample_max_grad_norm` must be > 0"),
-    ({"per_sample_max_grad_norm": -1.0}, "`per_sample_max_grad_norm` must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"noise_multiplier": -1.0}, "`noise_multiplier` must be a finite number >= 0"),
+        ({"per_sample_max_grad_norm": 0.0}, "`per_sample_max_grad_norm` must be > 0"),
+        ({"per_sample_max_grad_norm": -1.0}, "`per_sample_max_grad_norm` must be > 0"),
+    ],
+)
 def test_bad_dp_arguments(kwargs, match):
     args = {"noise_multiplier": 1.0, "per_sample_max_grad_norm": 1.0, **kwargs}
     with pytest.raises(ConfigError, match=match):
@@ -254,8 +298,12 @@ def test_bad_dp_arguments(kwargs, match):
 def test_noise_is_drawn_and_summed_in_float32_for_a_bfloat16_adapter():
     # Prepare: a bf16 parameter with zero per-sample gradients, so the privatised gradient is the noise alone
     param = torch.nn.Parameter(torch.zeros(400, 250, dtype=torch.bfloat16))
-    opt = GradientPrivatizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=2.0, per_sample_max_grad_norm=0.5,
-                      generator=torch.Generator().manual_seed(0))
+    opt = GradientPrivatizer(
+        torch.optim.SGD([param], lr=1.0),
+        noise_multiplier=2.0,
+        per_sample_max_grad_norm=0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
     grad_samples = {"w": torch.zeros(4, 400, 250, dtype=torch.bfloat16)}
     # Execute
     noisy = opt.privatize(grad_samples, {"w": param}, expected_batch_size=4)["w"]

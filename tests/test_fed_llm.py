@@ -36,21 +36,42 @@ _spec.loader.exec_module(llm_data)
 
 ATOL, RTOL = 1e-6, 1e-5
 VOCAB = 64
-ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-             "gpt2": ["c_attn", "attn.c_proj"]}
+ATTENTION = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+}
 
 
 def tiny_causal_lm(name: str, seed: int = 0, positions: int = 64):
     torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=positions)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=positions,
+    )
     if name == "llama":
         return LlamaForCausalLM(LlamaConfig(**kw)).eval()
     if name == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=positions,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
-                                      eos_token_id=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
 
 
 def peft_causal_lm(name: str, method: str = "dplora", seed: int = 0, randomize: bool = True, **kw):
@@ -96,7 +117,9 @@ def test_per_sample_gradients_exact_with_prompt_masking_and_padding(name, paddin
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rows = features()
     batch = llm_data.CausalLMCollator(0, padding_side)(rows)
-    assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).sum() > (batch["attention_mask"] == 0).sum()
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).sum() > (
+        batch["attention_mask"] == 0
+    ).sum()
     # Execute
     with select_backend(model) as backend:  # "auto"
         got, _ = backend.compute(batch, params)
@@ -113,18 +136,26 @@ def test_collator_pads_left_or_right_and_masks_padding():
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     right = llm_data.CausalLMCollator(0, "right")(rows)
     left = llm_data.CausalLMCollator(0, "left")(rows)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]] and left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]] and left["input_ids"].tolist() == [
+        [5, 6, 7],
+        [0, 0, 8],
+    ]
     assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert left["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]] and right["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert left["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]] and right["position_ids"].tolist() == [
+        [0, 1, 2],
+        [0, 0, 0],
+    ]
 
 
 def test_tokenisation_masks_the_prompt_and_ends_the_response_with_eos(tmp_path):
     # Prepare: a JSONL file with and without an input, and the offline byte-level tokenizer
     path = tmp_path / "data.jsonl"
-    records = [{"instruction": "Say hi.", "input": "", "output": "hi", "user": "a"},
-               {"instruction": "Repeat.", "input": "abc", "output": "abc abc", "user": "b"}]
+    records = [
+        {"instruction": "Say hi.", "input": "", "output": "hi", "user": "a"},
+        {"instruction": "Repeat.", "input": "abc", "output": "abc abc", "user": "b"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in records))
     tokenizer = llm_data.train_byte_bpe_tokenizer(["Say hi. hi Repeat. abc abc"] * 10, vocab_size=300)
     # Execute
@@ -138,7 +169,9 @@ def test_tokenisation_masks_the_prompt_and_ends_the_response_with_eos(tmp_path):
         response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         assert row["input_ids"] == prompt + response
         assert row["labels"] == [-100] * len(prompt) + response
-    assert "### Input:\nabc" in llm_data.format_prompt(records[1]) and "### Input" not in llm_data.format_prompt(records[0])
+    assert "### Input:\nabc" in llm_data.format_prompt(records[1]) and "### Input" not in llm_data.format_prompt(
+        records[0]
+    )
     # truncated: the prompt is cut from its start, the response keeps its tokens
     assert all(len(r["input_ids"]) <= 12 and r["labels"][-1] == tokenizer.eos_token_id for r in short)
 
@@ -148,14 +181,24 @@ def _update(tmp_path, name: str, rows: list[dict], clip: float) -> dict:
     """The global adapter's change after one round, one client holding `rows`, q = 1, one step, no noise, SGD lr 1."""
     model = peft_causal_lm(name, positions=1100)
     before = adapter_state(model)
-    args = toy_args(tmp_path, num_clients=1, clients_per_round=1, num_rounds=1, local_steps=1,
-                    per_device_train_batch_size=len(rows), learning_rate=1.0, noise_multiplier=0.0,
-                    per_sample_max_grad_norm=clip, save_strategy="no")
+    args = toy_args(
+        tmp_path,
+        num_clients=1,
+        clients_per_round=1,
+        num_rounds=1,
+        local_steps=1,
+        per_device_train_batch_size=len(rows),
+        learning_rate=1.0,
+        noise_multiplier=0.0,
+        per_sample_max_grad_norm=clip,
+        save_strategy="no",
+    )
     dataset = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        FederatedDPTrainer(model=model, args=args, train_dataset=dataset,
-                           data_collator=llm_data.CausalLMCollator(0, "right")).train()
+        FederatedDPTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=llm_data.CausalLMCollator(0, "right")
+        ).train()
     after = adapter_state(model)
     return {n: after[n] - before[n] for n in before}
 
@@ -175,11 +218,16 @@ def test_one_changed_example_moves_the_update_by_at_most_c_over_b_whatever_its_l
     long = {"input_ids": [5, 6, 7] + long_response, "labels": [-100, -100, -100] + long_response}
     clip, batch = 1e-3, 4  # C well below every per-example gradient norm: each example is clipped to C
     # Execute
-    updates = {k: _update(tmp_path / k, name, rows[:3] + [row], clip) for k, row in
-               (("absent", absent), ("short", short), ("long", long))}
+    updates = {
+        k: _update(tmp_path / k, name, rows[:3] + [row], clip)
+        for k, row in (("absent", absent), ("short", short), ("long", long))
+    }
     # Assert: adding one example moves the update by at most C / B (SGD, lr 1), changing one by at most 2 C / B,
     # and the 1,000-token example weighs no more than the 3-token one (both exactly C / B once clipped)
-    moved_long, moved_short = _distance(updates["long"], updates["absent"]), _distance(updates["short"], updates["absent"])
+    moved_long, moved_short = (
+        _distance(updates["long"], updates["absent"]),
+        _distance(updates["short"], updates["absent"]),
+    )
     assert moved_long <= clip / batch * (1 + 1e-4) and moved_short <= clip / batch * (1 + 1e-4)
     assert moved_long == pytest.approx(clip / batch, rel=1e-3) and moved_long <= moved_short * (1 + 1e-3)
     assert _distance(updates["long"], updates["short"]) <= 2 * clip / batch * (1 + 1e-4)
@@ -198,7 +246,9 @@ def test_non_reentrant_gradient_checkpointing_gives_exact_per_sample_gradients(n
         got, _ = backend.compute(llm_data.CausalLMCollator(0, "left")(rows), params)
     for n in params:
         torch.testing.assert_close(got[n], ref[n], atol=ATOL, rtol=RTOL)
-    with pytest.raises(UnsupportedModelError, match=r"gradient checkpointing, which `backend='func'`.*backend='hooks'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"gradient checkpointing, which `backend='func'`.*backend='hooks'"
+    ):
         select_backend(model, "func").compute(llm_data.CausalLMCollator(0, "left")(rows), params)
 
 
@@ -221,11 +271,33 @@ def test_gradient_checkpointing_argument_is_refused_with_the_way_to_enable_it(tm
 # ----- the recipe -----------------------------------------------------------------------------------------------
 def _launch(flags: list, tmp_path) -> str:
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    launcher = [accelerate, "launch"] if os.path.exists(accelerate) else [sys.executable, "-m", "accelerate.commands.launch"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HOME=str(tmp_path / "hf_home"))
-    cmd = launcher + ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                      "--dynamo_backend", "no", os.path.join(ROOT, "recipes", "fed_llm.py")] + flags
+    launcher = (
+        [accelerate, "launch"] if os.path.exists(accelerate) else [sys.executable, "-m", "accelerate.commands.launch"]
+    )
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=ROOT,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HOME=str(tmp_path / "hf_home"),
+    )
+    cmd = (
+        launcher
+        + [
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            os.path.join(ROOT, "recipes", "fed_llm.py"),
+        ]
+        + flags
+    )
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"fed_llm failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
@@ -239,8 +311,22 @@ def _recipe():
     return module
 
 
-SMALL_FED = ["--num_rounds", "2", "--local_steps", "2", "--num_clients", "4", "--clients_per_round", "2",
-             "--per_device_train_batch_size", "8", "--eval_rounds", "0", "--target_epsilon", "8"]
+SMALL_FED = [
+    "--num_rounds",
+    "2",
+    "--local_steps",
+    "2",
+    "--num_clients",
+    "4",
+    "--clients_per_round",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_rounds",
+    "0",
+    "--target_epsilon",
+    "8",
+]
 LOAD_AND_GENERATE = """
 import json, sys, torch
 import peft_lalora
@@ -260,16 +346,33 @@ def test_fed_llm_offline_default_runs_and_its_adapter_generates_in_a_fresh_proce
     # Prepare: the offline default (random Llama from a config, Rotten Tomatoes as instructions), small, in process
     # (the slow test below runs the recipe through `accelerate launch`)
     out_dir = tmp_path / "out"
-    flags = ["--max_train_samples", "300", "--max_eval_samples", "32", "--eval_generate", "8", "--max_seq_length", "80",
-             "--output_dir", str(out_dir), "--noise_seed", "0"] + SMALL_FED
+    flags = [
+        "--max_train_samples",
+        "300",
+        "--max_eval_samples",
+        "32",
+        "--eval_generate",
+        "8",
+        "--max_seq_length",
+        "80",
+        "--output_dir",
+        str(out_dir),
+        "--noise_seed",
+        "0",
+    ] + SMALL_FED
     fed_llm = _recipe()
     # Execute
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fed_llm.main(flags)
     stdout = capsys.readouterr().out
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(out_dir)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, str(out_dir)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
     # Assert: artifacts, a finite epsilon within target, the LoRA targets, and generation after a fresh load
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"new_tokens": 5, "type": "PeftModelForCausalLM"}
@@ -289,16 +392,46 @@ def test_fed_llm_fine_tunes_a_local_gpt2_on_a_jsonl_file_with_left_padding_and_m
     # Prepare: a tiny GPT-2 checkpoint with the offline tokenizer, and 60 JSONL records from 4 users
     tokenizer = llm_data.train_byte_bpe_tokenizer(["count to three: one two three"] * 20, vocab_size=300)
     ckpt = tmp_path / "tiny_gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=128,
-                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)).save_pretrained(ckpt)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    ).save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(json.dumps({"instruction": "count", "input": str(i), "output": "one two three",
-                                          "user": f"u{i % 4}"}) for i in range(60)))
+    path.write_text(
+        "\n".join(
+            json.dumps({"instruction": "count", "input": str(i), "output": "one two three", "user": f"u{i % 4}"})
+            for i in range(60)
+        )
+    )
     out_dir = tmp_path / "out"
-    flags = ["--model_name_or_path", str(ckpt), "--dataset", str(path), "--client_split", "column",
-             "--client_column", "user", "--eval_size", "10", "--padding_side", "left", "--lora_on_mlp", "True",
-             "--max_seq_length", "64", "--output_dir", str(out_dir)] + SMALL_FED
+    flags = [
+        "--model_name_or_path",
+        str(ckpt),
+        "--dataset",
+        str(path),
+        "--client_split",
+        "column",
+        "--client_column",
+        "user",
+        "--eval_size",
+        "10",
+        "--padding_side",
+        "left",
+        "--lora_on_mlp",
+        "True",
+        "--max_seq_length",
+        "64",
+        "--output_dir",
+        str(out_dir),
+    ] + SMALL_FED
     flags[flags.index("--per_device_train_batch_size") + 1] = "4"
     # Execute
     stdout = _launch(flags, tmp_path)

@@ -28,9 +28,21 @@ from peft_lalora import FederatedDPTrainer  # noqa: E402
 from peft_lalora.flower import ClientState  # noqa: E402
 
 SIZES = (100, 120)
-JOB = {"method": "lalora", "num-clients": 2, "clients-per-round": 2, "min-clients-per-round": 1, "num-rounds": 2,
-       "local-steps": 2, "batch-size": 8, "learning-rate": 0.5, "per-sample-max-grad-norm": 1.0, "seed": 0,
-       "output-dir": "out", "round-timeout": 120, "node-wait-timeout": 120}
+JOB = {
+    "method": "lalora",
+    "num-clients": 2,
+    "clients-per-round": 2,
+    "min-clients-per-round": 1,
+    "num-rounds": 2,
+    "local-steps": 2,
+    "batch-size": 8,
+    "learning-rate": 0.5,
+    "per-sample-max-grad-norm": 1.0,
+    "seed": 0,
+    "output-dir": "out",
+    "round-timeout": 120,
+    "node-wait-timeout": 120,
+}
 
 
 @pytest.fixture
@@ -91,8 +103,9 @@ def test_two_supernodes_with_tls_and_node_auth_run_a_job(deployment, tmp_path):
     for n in SIZES:
         shards.append(data.select(range(start, start + n)))
         start += n
-    trainer = FederatedDPTrainer(model=toy_model("lalora"), args=toy_args(tmp_path / "trainer", num_clients=2),
-                                 client_datasets=shards)
+    trainer = FederatedDPTrainer(
+        model=toy_model("lalora"), args=toy_args(tmp_path / "trainer", num_clients=2), client_datasets=shards
+    )
     trainer.train()
     expected = get_peft_model_state_dict(trainer.model)
     for name, value in expected.items():
@@ -130,9 +143,15 @@ def test_supernode_restarted_between_runs_keeps_its_ledger(deployment, tmp_path)
     initial = get_peft_model_state_dict(toy_model("lalora"))
     saved = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
     assert all(torch.equal(saved[n], initial[n]) for n in initial)
-    secrets = [v for k in range(2) for v in json.loads((tmp_path / f"state{k}" / "secret.json").read_text())["runs"].values()]
-    published = "".join((tmp_path / run / f).read_text(errors="replace") for run in ("first", "second")
-                        for f in os.listdir(tmp_path / run) if not f.endswith(".safetensors"))
+    secrets = [
+        v for k in range(2) for v in json.loads((tmp_path / f"state{k}" / "secret.json").read_text())["runs"].values()
+    ]
+    published = "".join(
+        (tmp_path / run / f).read_text(errors="replace")
+        for run in ("first", "second")
+        for f in os.listdir(tmp_path / run)
+        if not f.endswith(".safetensors")
+    )
     assert len(set(secrets)) == 4 and not any(s in published for s in secrets)  # one per node and run
 
 
@@ -140,9 +159,13 @@ def run_and_kill(deploy, tmp_path, name: str, app_config: dict, k: int) -> None:
     """Submit a job, SIGKILL SuperNode `k` (and its ClientApp) as soon as it has charged its first round, and wait
     for the job to finish."""
     app = write_toy_app(str(tmp_path / f"app_{name}"), app_config)
-    job = subprocess.Popen([flwr_bin(), "run", app, "local", "--stream", "--run-config",
-                            f'output-dir="{tmp_path / name}"'], env=deploy.env, cwd=deploy.root,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        [flwr_bin(), "run", app, "local", "--stream", "--run-config", f'output-dir="{tmp_path / name}"'],
+        env=deploy.env,
+        cwd=deploy.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         state, charges, deadline = ClientState(str(tmp_path / f"state{k}")), None, time.time() + 300
         before = len((state.saved() or {"charges": []})["charges"])

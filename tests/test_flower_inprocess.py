@@ -32,9 +32,11 @@ from peft_lalora.federated.seeding import select_clients  # noqa: E402
 from peft_lalora.flower import ClientState, FlowerTask, make_client_app, make_server_app, protocol  # noqa: E402
 
 SIZES = (40, 50, 70, 80)  # unequal shards: sample rates and weights differ per client
-TASK = FlowerTask(build_model=lambda rc, nc: toy_model(rc["method"]),
-                  load_client_data=lambda nc, rc: (load_from_disk(nc["data-path"]), default_data_collator),
-                  config_keys=("method",))
+TASK = FlowerTask(
+    build_model=lambda rc, nc: toy_model(rc["method"]),
+    load_client_data=lambda nc, rc: (load_from_disk(nc["data-path"]), default_data_collator),
+    config_keys=("method",),
+)
 # name -> (LALoraConfig method, overrides of both engines)
 CASES = {
     "lalora": ("lalora", {}),
@@ -60,9 +62,21 @@ def shards(tmp_path_factory):
 
 def run_config(tmp_path, method="lalora", **overrides) -> dict:
     """The Flower twin of `toy_args`: same federation, privacy and noise seed."""
-    config = {"method": method, "num-clients": 4, "clients-per-round": 2, "num-rounds": 2, "local-steps": 2,
-              "batch-size": 8, "learning-rate": 0.5, "noise-multiplier": 1.0, "per-sample-max-grad-norm": 1.0,
-              "seed": 0, "noise-seed": 0, "output-dir": str(tmp_path / "flower"), "node-wait-timeout": 1}
+    config = {
+        "method": method,
+        "num-clients": 4,
+        "clients-per-round": 2,
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 8,
+        "learning-rate": 0.5,
+        "noise-multiplier": 1.0,
+        "per-sample-max-grad-norm": 1.0,
+        "seed": 0,
+        "noise-seed": 0,
+        "output-dir": str(tmp_path / "flower"),
+        "node-wait-timeout": 1,
+    }
     config.update({k.replace("_", "-"): v for k, v in overrides.items()})
     if not config.get("dp", True) or "target-epsilon" in config:
         config.pop("noise-multiplier")
@@ -73,8 +87,15 @@ def run_config(tmp_path, method="lalora", **overrides) -> dict:
 
 def run_flower(tmp_path, shard_root, config, *, run_id=1, node_extra=None, lifetimes=None, on_reply=None):
     """Run the real ServerApp main with one node per client; returns the grid (its nodes' contexts)."""
-    nodes = {100 + k: {"partition-id": k, "data-path": str(shard_root / str(k)),
-                       "state-dir": str(tmp_path / "state" / str(k)), **(node_extra or {})} for k in range(len(SIZES))}
+    nodes = {
+        100 + k: {
+            "partition-id": k,
+            "data-path": str(shard_root / str(k)),
+            "state-dir": str(tmp_path / "state" / str(k)),
+            **(node_extra or {}),
+        }
+        for k in range(len(SIZES))
+    }
     grid = InProcessGrid(make_client_app(TASK), nodes, config, run_id=run_id, on_reply=on_reply)
     grid.lifetimes = {100 + k: n for k, n in (lifetimes or {}).items()}
     make_server_app(TASK)(grid, grid.server_context())
@@ -91,8 +112,9 @@ def test_flower_run_equals_the_trainer(tmp_path, shards, case):
     # Prepare: the same clients, schedule, learning rates and fixed noise seed on both engines
     root, datasets = shards
     method, overrides = CASES[case]
-    trainer = FederatedDPTrainer(model=toy_model(method), args=toy_args(tmp_path / "trainer", **overrides),
-                                 client_datasets=datasets)
+    trainer = FederatedDPTrainer(
+        model=toy_model(method), args=toy_args(tmp_path / "trainer", **overrides), client_datasets=datasets
+    )
     sent = []  # (round, client, tensor roles sent)
     initial = get_peft_model_state_dict(toy_model(method))
 
@@ -136,8 +158,13 @@ def test_saved_adapter_loads_with_peft(tmp_path, shards):
     root, _ = shards
     run_flower(tmp_path, root, run_config(tmp_path))
     out = tmp_path / "flower"
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "privacy_report.json",
-            "flower_history.json"} <= set(os.listdir(out))
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "privacy_report.json",
+        "flower_history.json",
+    } <= set(os.listdir(out))
     loaded = PeftModel.from_pretrained(tiny_roberta(0), str(out))
     saved = load_file(str(out / "adapter_model.safetensors"))
     state = get_peft_model_state_dict(loaded)
@@ -217,9 +244,15 @@ def test_a_larger_target_in_a_later_run_does_not_raise_the_budget(tmp_path, shar
 def test_node_shares_training_metrics_only_when_its_owner_says_so(tmp_path, shards):
     root, _ = shards
     seen = []
-    run_flower(tmp_path, root, run_config(tmp_path), node_extra={"share-training-metrics": True},
-               on_reply=lambda node, message, reply: seen.append(dict(reply.content[protocol.METRICS]))
-               if message.metadata.message_type == "train" else None)
+    run_flower(
+        tmp_path,
+        root,
+        run_config(tmp_path),
+        node_extra={"share-training-metrics": True},
+        on_reply=lambda node, message, reply: (
+            seen.append(dict(reply.content[protocol.METRICS])) if message.metadata.message_type == "train" else None
+        ),
+    )
     assert seen and all({"loss", "sampled", "dropped"} <= set(m) for m in seen)
     history = read_json(tmp_path / "flower" / "flower_history.json")
     assert all(0 < h["loss"] < 10 for h in history)
@@ -256,8 +289,13 @@ def test_secret_randomness_never_leaves_the_client(tmp_path, shards):
                 assert re.fullmatch(r"[0-9a-f]{64}", secret) and oct(os.stat(path).st_mode)[-3:] == "600"
                 secrets.append(secret)
     assert len(secrets) == len(set(secrets)) >= 4
-    published = "".join(open(os.path.join(d, f), errors="replace").read() for run in ("a", "b")
-                        for d in [tmp_path / run / "flower"] for f in os.listdir(d) if not f.endswith(".safetensors"))
+    published = "".join(
+        open(os.path.join(d, f), errors="replace").read()
+        for run in ("a", "b")
+        for d in [tmp_path / run / "flower"]
+        for f in os.listdir(d)
+        if not f.endswith(".safetensors")
+    )
     assert not any(s in text for s in secrets for text in outgoing + [published])
     a = load_file(str(tmp_path / "a" / "flower" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "flower" / "adapter_model.safetensors"))
@@ -304,9 +342,12 @@ def test_bad_settings_are_refused_before_any_round(tmp_path, shards):
 def test_ledger_refuses_a_run_at_another_delta(tmp_path, shards):
     root, _ = shards
     run_flower(tmp_path, root, run_config(tmp_path, clients_per_round=4))
-    run_flower(tmp_path, root, dict(run_config(tmp_path, clients_per_round=4), **{"target-delta": 1e-6,
-                                                                                   "output-dir": str(tmp_path / "b")}),
-               run_id=2)
+    run_flower(
+        tmp_path,
+        root,
+        dict(run_config(tmp_path, clients_per_round=4), **{"target-delta": 1e-6, "output-dir": str(tmp_path / "b")}),
+        run_id=2,
+    )
     history = read_json(tmp_path / "b" / "flower_history.json")
     assert all("target-delta" in reason for h in history for reason in h["failed"].values())
     assert all(len(ClientState(str(tmp_path / "state" / str(k))).saved()["charges"]) == 2 for k in range(4))
@@ -320,19 +361,51 @@ def test_recipe_app_trains_the_offline_default_in_process(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    subprocess.run([sys.executable, os.path.join(root, "recipes", "flower_prepare.py"), "--output_dir",
-                    str(tmp_path / "data"), "--num_clients", "2", "--clients_per_round", "2", "--max_train_samples",
-                    "400", "--max_eval_samples", "64", "--num_hidden_layers", "1", "--max_seq_length", "24"],
-                   check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "recipes", "flower_prepare.py"),
+            "--output_dir",
+            str(tmp_path / "data"),
+            "--num_clients",
+            "2",
+            "--clients_per_round",
+            "2",
+            "--max_train_samples",
+            "400",
+            "--max_eval_samples",
+            "64",
+            "--num_hidden_layers",
+            "1",
+            "--max_seq_length",
+            "24",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     sys.path.insert(0, os.path.join(root, "recipes", "flower_app"))
     from lalora_rt.apps import client_app, server_app
 
-    config = {"num-clients": 2, "clients-per-round": 2, "num-rounds": 2, "local-steps": 2, "batch-size": 8,
-              "target-epsilon": 8.0, "seed": 42, "method": "lalora", "num-hidden-layers": 1,
-              "output-dir": str(tmp_path / "out"), "pooling-path": str(tmp_path / "data" / "pooling.safetensors"),
-              "node-wait-timeout": 1}
-    nodes = {10 + k: {"partition-id": k, "data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / f"s{k}")}
-             for k in range(2)}
+    config = {
+        "num-clients": 2,
+        "clients-per-round": 2,
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 8,
+        "target-epsilon": 8.0,
+        "seed": 42,
+        "method": "lalora",
+        "num-hidden-layers": 1,
+        "output-dir": str(tmp_path / "out"),
+        "pooling-path": str(tmp_path / "data" / "pooling.safetensors"),
+        "node-wait-timeout": 1,
+    }
+    nodes = {
+        10 + k: {"partition-id": k, "data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / f"s{k}")}
+        for k in range(2)
+    }
 
     # Execute
     grid = InProcessGrid(client_app, nodes, config)
@@ -353,8 +426,12 @@ def test_client_refuses_a_round_the_public_schedule_does_not_give_it(tmp_path, s
     nodes = {100: {"partition-id": 0, "data-path": str(root / "0"), "state-dir": str(tmp_path / "state0")}}
     grid = InProcessGrid(make_client_app(TASK), nodes, config)
     state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
-    content = RecordDict({protocol.GLOBAL: ArrayRecord(state), protocol.CONFIG: ConfigRecord(
-        {"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0})})
+    content = RecordDict(
+        {
+            protocol.GLOBAL: ArrayRecord(state),
+            protocol.CONFIG: ConfigRecord({"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0}),
+        }
+    )
 
     # Execute
     (reply,) = grid.send_and_receive([Message(content, dst_node_id=100, message_type="train")])
@@ -369,8 +446,12 @@ def test_server_pushes_adapter_card_and_report_in_one_commit(tmp_path, shards, h
     config = dict(run_config(tmp_path, noise_seed=None), **{"push-to-hub": True, "hub-model-id": "alice/flower"})
     run_flower(tmp_path, root, config)
     (commit,) = hub.repos["alice/flower"].commits
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "privacy_report.json"} <= set(commit.files)
-    assert commit.files["adapter_model.safetensors"] == (tmp_path / "flower" / "adapter_model.safetensors").read_bytes()
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "privacy_report.json"} <= set(
+        commit.files
+    )
+    assert (
+        commit.files["adapter_model.safetensors"] == (tmp_path / "flower" / "adapter_model.safetensors").read_bytes()
+    )
 
 
 def test_server_refuses_to_publish_a_fixed_noise_seed_before_any_round(tmp_path, shards, hub):  # noqa: F811

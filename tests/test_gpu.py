@@ -30,8 +30,11 @@ from test_grad_sample import assert_matches_reference, make_batch, peft_model, s
 from peft_lalora.privacy import GradientPrivatizer  # noqa: E402
 from peft_lalora.privacy.grad_sample import select_backend  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-              pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+]
 
 C, KERNEL, BF16_TOL = 0.7, (1, 4, 6, 4, 1), 0.05
 
@@ -50,11 +53,20 @@ def cuda_model(name: str):
 
 
 def to(batch: dict, device, dtype=None) -> dict:
-    return {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in batch.items()}
+    return {
+        k: v.to(device, dtype if dtype is not None and v.is_floating_point() else v.dtype) for k, v in batch.items()
+    }
 
 
 # ----- exactness on CUDA -----------------------------------------------------------------------------------------
-CASES = [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"), ("swin", "func"), ("vit", "func")]
+CASES = [
+    ("bert", "hooks"),
+    ("roberta", "hooks"),
+    ("vit", "hooks"),
+    ("llama", "hooks"),
+    ("swin", "func"),
+    ("vit", "func"),
+]
 
 
 @pytest.mark.parametrize("batch_size", [3, 16])
@@ -77,8 +89,11 @@ def grad_samples(seed: int = 0) -> dict:
     """Per-sample gradients of two LoRA factors and a head for 6 examples: tiny, huge (clipped) and one NaN."""
     g = torch.Generator().manual_seed(seed)
     scales = torch.tensor([1e-3, 1e-2, 0.1, 1.0, 10.0, 1e3]).view(6, 1, 1)
-    out = {"a": torch.randn(6, 4, 96, generator=g) * scales, "b": torch.randn(6, 80, 4, generator=g) * scales,
-           "head": torch.randn(6, 2, 96, generator=g) * scales}
+    out = {
+        "a": torch.randn(6, 4, 96, generator=g) * scales,
+        "b": torch.randn(6, 80, 4, generator=g) * scales,
+        "head": torch.randn(6, 2, 96, generator=g) * scales,
+    }
     out["b"][2, 0, 0] = float("nan")  # dropped by the clip stage on both devices
     return out
 
@@ -86,9 +101,14 @@ def grad_samples(seed: int = 0) -> dict:
 def dp_step(device: str, samples: dict, sigma: float = 0.0) -> tuple[dict, dict, torch.Tensor]:
     """clip, sum, noise, scale, low-pass and one SGD step on `device`: (noisy gradients, new params, clip factors)."""
     params = {n: torch.nn.Parameter(torch.ones(g.shape[1:], device=device)) for n, g in samples.items()}
-    opt = GradientPrivatizer(torch.optim.SGD(params.values(), lr=0.5), noise_multiplier=sigma, per_sample_max_grad_norm=C,
-                      factor_of={"a": "A", "b": "B"}, lowpass_kernel=KERNEL,
-                      generator=torch.Generator(device).manual_seed(0))
+    opt = GradientPrivatizer(
+        torch.optim.SGD(params.values(), lr=0.5),
+        noise_multiplier=sigma,
+        per_sample_max_grad_norm=C,
+        factor_of={"a": "A", "b": "B"},
+        lowpass_kernel=KERNEL,
+        generator=torch.Generator(device).manual_seed(0),
+    )
     samples = {n: g.to(device) for n, g in samples.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dropped NaN example's LALoraWarning
@@ -102,7 +122,9 @@ def assert_close_to_cpu(got: dict, want: dict, rel: float) -> None:
     for name, value in want.items():
         assert got[name].is_cuda
         scale = float(value.abs().max())
-        torch.testing.assert_close(got[name].cpu(), value, rtol=rel, atol=rel * scale, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got[name].cpu(), value, rtol=rel, atol=rel * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_dp_step_on_cuda_equals_cpu_for_the_same_per_sample_gradients():
@@ -128,8 +150,12 @@ def test_dp_step_on_cuda_with_torch_default_tf32_flags_is_within_tf32_rounding()
 def test_cuda_noise_std_is_sigma_c_over_b(seed):
     sigma, batch = 1.3, 16
     param = torch.nn.Parameter(torch.zeros(400, 256, device="cuda"))  # 102,400 coordinates
-    opt = GradientPrivatizer(torch.optim.SGD([param], lr=0.1), noise_multiplier=sigma, per_sample_max_grad_norm=C,
-                      generator=torch.Generator("cuda").manual_seed(seed))
+    opt = GradientPrivatizer(
+        torch.optim.SGD([param], lr=0.1),
+        noise_multiplier=sigma,
+        per_sample_max_grad_norm=C,
+        generator=torch.Generator("cuda").manual_seed(seed),
+    )
     noise = opt.privatize({"w": torch.zeros(batch, 400, 256, device="cuda")}, {"w": param}, batch)["w"]
     assert noise.is_cuda
     assert abs(float(noise.std()) / (sigma * C / batch) - 1) < 0.01
@@ -173,8 +199,14 @@ def test_bf16_model_dp_step_keeps_bf16_weights_and_moves_only_active_tensors():
     model = cuda_model("roberta").to(torch.bfloat16)
     set_phase(model, "B")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    step = PrivateStep(model, torch.optim.SGD(active_parameters(model).values(), lr=0.5), noise_multiplier=1.0,
-                       per_sample_max_grad_norm=C, lowpass_kernel=KERNEL, generator=torch.Generator("cuda").manual_seed(0))
+    step = PrivateStep(
+        model,
+        torch.optim.SGD(active_parameters(model).values(), lr=0.5),
+        noise_multiplier=1.0,
+        per_sample_max_grad_norm=C,
+        lowpass_kernel=KERNEL,
+        generator=torch.Generator("cuda").manual_seed(0),
+    )
     out = step(to(make_batch("roberta", 8), "cuda", torch.bfloat16), expected_batch_size=8)
     step.close()
     active = set(active_parameters(model))
@@ -206,8 +238,12 @@ def test_resume_on_cuda_is_bit_identical(tmp_path):
     seeded = {"noise_seed": 0} if "noise_seed" in FederatedDPArguments.__dataclass_fields__ else {}
 
     def trainer(path, callbacks=None):
-        return FederatedDPTrainer(model=toy_model(device="cuda"), args=toy_args(path, num_rounds=3, **seeded),
-                                  train_dataset=toy_dataset(), callbacks=callbacks)
+        return FederatedDPTrainer(
+            model=toy_model(device="cuda"),
+            args=toy_args(path, num_rounds=3, **seeded),
+            train_dataset=toy_dataset(),
+            callbacks=callbacks,
+        )
 
     def saved_adapter(run, path):
         run.save_model(str(path))
@@ -232,8 +268,10 @@ def test_resume_on_cuda_is_bit_identical(tmp_path):
             rerun = saved_adapter(again, tmp_path / "again_out")
             same = all(torch.equal(rerun[n], expected[n]) for n in expected)
             worst = max(float((got[n].double() - expected[n].double()).abs().max()) for n in differ)
-            pytest.fail(f"{len(differ)} of {len(expected)} adapter tensors differ after resume (max abs diff {worst:.3g}, "
-                        f"e.g. {differ[0]}); two uninterrupted runs are {'' if same else 'NOT '}bit-identical.")
+            pytest.fail(
+                f"{len(differ)} of {len(expected)} adapter tensors differ after resume (max abs diff {worst:.3g}, "
+                f"e.g. {differ[0]}); two uninterrupted runs are {'' if same else 'NOT '}bit-identical."
+            )
     # Assert
     assert set(got) == set(expected) and expected
     assert resumed.ledger.state_dict() == full.ledger.state_dict()

@@ -24,12 +24,22 @@ from peft_lalora.privacy.losses import per_example_loss
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 ATOL, RTOL = 1e-6, 1e-5
-BUILDERS = {"bert": lambda: tiny_bert(num_labels=3), "roberta": lambda: tiny_roberta(num_labels=3),
-            "llama": tiny_llama, "vit": tiny_vit, "swin": tiny_swin}  # shared tiny configs, 3 labels
+BUILDERS = {
+    "bert": lambda: tiny_bert(num_labels=3),
+    "roberta": lambda: tiny_roberta(num_labels=3),
+    "llama": tiny_llama,
+    "vit": tiny_vit,
+    "swin": tiny_swin,
+}  # shared tiny configs, 3 labels
 
 
-TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
-           "vit": ["q_proj", "v_proj"], "swin": ["q_proj", "v_proj"]}
+TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "vit": ["q_proj", "v_proj"],
+    "swin": ["q_proj", "v_proj"],
+}
 TASKS = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM"}
 
 
@@ -37,8 +47,14 @@ TASKS = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM"}
 def peft_model(name: str, lora_dropout: float = 0.0):
     torch.manual_seed(0)
     head = None if name in TASKS else ["classifier"]
-    config = LALoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[name], task_type=TASKS.get(name),
-                          modules_to_save=head, lora_dropout=lora_dropout)
+    config = LALoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=TARGETS[name],
+        task_type=TASKS.get(name),
+        modules_to_save=head,
+        lora_dropout=lora_dropout,
+    )
     model = get_peft_model(BUILDERS[name](), config).eval()
     randomize_lora(model, seed=1, scale=0.5)  # non-zero B so that A's gradient is non-zero too
     return model
@@ -48,16 +64,18 @@ def make_batch(name: str, batch_size: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     if name in ("vit", "swin"):
         size = 8 if name == "vit" else 16
-        return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
-                "labels": torch.randint(0, 3, (batch_size,), generator=g)}
+        return {
+            "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+            "labels": torch.randint(0, 3, (batch_size,), generator=g),
+        }
     length = 9
     ids = torch.randint(3, 50, (batch_size, length), generator=g)
     mask = torch.ones_like(ids)
     for i in range(batch_size):  # right padding of 0, 1, 2, 3 tokens
         pad = i % 4
         if pad:
-            mask[i, length - pad:] = 0
-            ids[i, length - pad:] = 1
+            mask[i, length - pad :] = 0
+            ids[i, length - pad :] = 1
     if name == "llama":
         labels = ids.masked_fill(mask == 0, -100)
     else:
@@ -74,7 +92,7 @@ def reference(model, batch: dict, params: dict) -> tuple[dict, torch.Tensor]:
     """One example at a time, plain autograd, padded positions cut off (the example with its own mask)."""
     grads, losses = {n: [] for n in params}, []
     for i in range(batch["labels"].shape[0]):
-        example = {k: v[i:i + 1] for k, v in batch.items()}
+        example = {k: v[i : i + 1] for k, v in batch.items()}
         if "attention_mask" in example:
             keep = int(example["attention_mask"].sum())
             example = {k: (v[:, :keep] if v.dim() == 2 else v) for k, v in example.items()}
@@ -99,7 +117,14 @@ def assert_matches_reference(backend, model, batch, params):
 
 
 # ----- exactness -----------------------------------------------------------------------------------------------
-CASES = [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"), ("swin", "func"), ("vit", "func")]
+CASES = [
+    ("bert", "hooks"),
+    ("roberta", "hooks"),
+    ("vit", "hooks"),
+    ("llama", "hooks"),
+    ("swin", "func"),
+    ("vit", "func"),
+]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
@@ -108,7 +133,9 @@ CASES = [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "h
 def test_per_sample_gradients_equal_one_example_loop(name, backend_name, factors, batch_size):
     model = peft_model(name)
     params = set_phase(model, factors)  # the other factor is frozen but present
-    assert any(".lora_" in n for n in params) and not any(f".lora_{'A' if factors == 'B' else 'B'}." in n for n in params)
+    assert any(".lora_" in n for n in params) and not any(
+        f".lora_{'A' if factors == 'B' else 'B'}." in n for n in params
+    )
     with select_backend(model, backend_name) as backend:
         assert backend.name == backend_name
         assert_matches_reference(backend, model, make_batch(name, batch_size, seed=batch_size), params)
@@ -178,8 +205,9 @@ def test_func_backend_runs_with_dropout_in_train_mode():
 
 
 # ----- backend choice and refusals -----------------------------------------------------------------------------
-@pytest.mark.parametrize("name,expected", [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"),
-                                           ("swin", "func")])
+@pytest.mark.parametrize(
+    "name,expected", [("bert", "hooks"), ("roberta", "hooks"), ("vit", "hooks"), ("llama", "hooks"), ("swin", "func")]
+)
 def test_auto_picks_an_exact_backend(name, expected):
     backend = select_backend(peft_model(name))
     assert backend.name == expected
@@ -187,7 +215,9 @@ def test_auto_picks_an_exact_backend(name, expected):
 
 
 def test_hooks_on_swin_refused_up_front_naming_a_module():
-    with pytest.raises(UnsupportedModelError, match=r"'swin'.*`base_model\.model\.swin\..*q_proj\.lora_A\.default`.*backend='func'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"'swin'.*`base_model\.model\.swin\..*q_proj\.lora_A\.default`.*backend='func'"
+    ):
         select_backend(peft_model("swin"), "hooks")
 
 
@@ -197,7 +227,9 @@ def test_hooks_runtime_check_catches_windows_folded_into_the_batch(monkeypatch):
     model = peft_model("swin")
     params = set_phase(model, "B")
     with HooksBackend(model) as backend:
-        with pytest.raises(UnsupportedModelError, match=r"module `.*lora_B\.default` received an input of shape .* not the batch of 3"):
+        with pytest.raises(
+            UnsupportedModelError, match=r"module `.*lora_B\.default` received an input of shape .* not the batch of 3"
+        ):
             backend.compute(make_batch("swin", 3), params)
     assert all(p.grad is None for p in model.parameters())
 
@@ -210,7 +242,9 @@ def test_unknown_backend_name():
 def test_func_on_transformers5_bert_is_refused_not_run():
     """vmap cannot trace transformers-5 BERT/RoBERTa mask code: a clear error pointing at hooks, no wrong numbers."""
     model = peft_model("bert")
-    with pytest.raises(UnsupportedModelError, match=r"`backend='func'` could not run model_type 'bert'.*backend='hooks'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"`backend='func'` could not run model_type 'bert'.*backend='hooks'"
+    ):
         FuncBackend(model).compute(make_batch("bert", 2), set_phase(model, "B"))
 
 
@@ -234,13 +268,15 @@ def test_unsupported_layer_refused_by_hooks_and_handled_exactly_by_func():
     model = RawAdapter()
     batch = {"x": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 0, 1])}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(UnsupportedModelError, match=r"module `` \(RawAdapter\) owns a trainable tensor.*backend='func'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"module `` \(RawAdapter\) owns a trainable tensor.*backend='func'"
+    ):
         HooksBackend(model).compute(batch, params)
     backend = select_backend(model)
     assert backend.name == "func"
     grads, _ = backend.compute(batch, params)
     for i in range(5):
-        loss = F.cross_entropy(model(batch["x"][i:i + 1]), batch["labels"][i:i + 1])
+        loss = F.cross_entropy(model(batch["x"][i : i + 1]), batch["labels"][i : i + 1])
         for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
             torch.testing.assert_close(grads[name][i], g, atol=ATOL, rtol=RTOL)
 
@@ -276,9 +312,15 @@ def test_batch_checks_and_empty_batch():
     with HooksBackend(model) as backend:
         with pytest.raises(ConfigError, match=r"`batch` must be a dict of tensors with the targets under 'labels'"):
             backend.compute({"pixel_values": torch.randn(2, 3, 8, 8)}, params)
-        with pytest.raises(ConfigError, match=r"`batch\['pixel_values'\]` must have the batch size 3 .* got shape \(2, 3, 8, 8\)"):
-            backend.compute({"pixel_values": torch.randn(2, 3, 8, 8), "labels": torch.zeros(3, dtype=torch.long)}, params)
-        grads, losses = backend.compute({"pixel_values": torch.randn(0, 3, 8, 8), "labels": torch.zeros(0, dtype=torch.long)}, params)
+        with pytest.raises(
+            ConfigError, match=r"`batch\['pixel_values'\]` must have the batch size 3 .* got shape \(2, 3, 8, 8\)"
+        ):
+            backend.compute(
+                {"pixel_values": torch.randn(2, 3, 8, 8), "labels": torch.zeros(3, dtype=torch.long)}, params
+            )
+        grads, losses = backend.compute(
+            {"pixel_values": torch.randn(0, 3, 8, 8), "labels": torch.zeros(0, dtype=torch.long)}, params
+        )
     assert losses.shape == (0,)
     assert all(grads[n].shape == (0, *p.shape) for n, p in params.items())
 
@@ -305,7 +347,9 @@ def test_per_example_loss_causal_lm_shifts_and_ignores_padding():
 
 
 def test_per_example_loss_errors():
-    with pytest.raises(ConfigError, match=r"`batch` must hold the targets under the key 'labels', got keys \['input_ids'\]"):
+    with pytest.raises(
+        ConfigError, match=r"`batch` must hold the targets under the key 'labels', got keys \['input_ids'\]"
+    ):
         per_example_loss({"logits": torch.zeros(2, 3)}, {"input_ids": torch.zeros(2)})
     with pytest.raises(ConfigError, match=r"`outputs.logits` of shape \(2, 3, 4, 5\)"):
         per_example_loss({"logits": torch.zeros(2, 3, 4, 5)}, {"labels": torch.zeros(2, dtype=torch.long)})
@@ -335,6 +379,9 @@ def test_func_backend_retries_with_math_attention_when_fused_kernels_refuse_vmap
     assert calls[0] is False and calls[-1] is True  # refused once, then retried with the math kernel
     assert all(g.shape[0] == 3 and torch.isfinite(g).all() for g in grads.values())
     with pytest.raises(UnsupportedModelError, match="attn_bias"):  # a refusal under the math kernel is final
-        monkeypatch.setattr(F, "scaled_dot_product_attention",
-                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("attn_bias: still wrong")))
+        monkeypatch.setattr(
+            F,
+            "scaled_dot_product_attention",
+            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("attn_bias: still wrong")),
+        )
         backend.compute(batch, params)

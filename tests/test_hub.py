@@ -23,10 +23,18 @@ from peft_lalora.hub import push_adapter_folder, render_model_card, write_model_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "privacy_report.json"}
-REPORT = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.2, "per_sample_max_grad_norm": 1.0,
-          "accountant": "rdp", "unit": "one example of one client",
-          "clients": [{"client": 0, "epsilon": 0.8125, "sample_rate": 0.05, "steps": 10},
-                      {"client": 1, "epsilon": 1.0, "sample_rate": 0.1, "steps": 20}]}
+REPORT = {
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "noise_multiplier": 1.2,
+    "per_sample_max_grad_norm": 1.0,
+    "accountant": "rdp",
+    "unit": "one example of one client",
+    "clients": [
+        {"client": 0, "epsilon": 0.8125, "sample_rate": 0.05, "steps": 10},
+        {"client": 1, "epsilon": 1.0, "sample_rate": 0.1, "steps": 20},
+    ],
+}
 FEDERATED = {"num_clients": 8, "clients_per_round": 4, "num_rounds": 5, "local_steps": 10, "dirichlet_alpha": 0.5}
 METRICS = {"eval_accuracy": 0.8765, "eval_loss": 0.4321}
 BASE = "tiny-roberta"
@@ -34,8 +42,15 @@ BASE = "tiny-roberta"
 
 def card_kwargs(**overrides):
     config = LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS").to_dict()
-    kwargs = dict(base_model=BASE, adapter_config=config, privacy_report=REPORT, federated=FEDERATED,
-                  metrics=METRICS, dataset="glue/sst2", repo_id="alice/lalora-sst2")
+    kwargs = dict(
+        base_model=BASE,
+        adapter_config=config,
+        privacy_report=REPORT,
+        federated=FEDERATED,
+        metrics=METRICS,
+        dataset="glue/sst2",
+        repo_id="alice/lalora-sst2",
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -61,10 +76,15 @@ def adapter(saved_adapter, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapter") / "adapter"
     shutil.copytree(saved_adapter.adapter, folder)
     (folder / "privacy_report.json").write_text(json.dumps(REPORT))
-    write_model_card(str(folder), base_model=saved_adapter.base, federated=FEDERATED, metrics=METRICS,
-                     repo_id="alice/lalora-sst2")
-    return {"folder": str(folder), "base": saved_adapter.base, "inputs": saved_adapter.inputs_file,
-            "logits": saved_adapter.logits}
+    write_model_card(
+        str(folder), base_model=saved_adapter.base, federated=FEDERATED, metrics=METRICS, repo_id="alice/lalora-sst2"
+    )
+    return {
+        "folder": str(folder),
+        "base": saved_adapter.base,
+        "inputs": saved_adapter.inputs_file,
+        "logits": saved_adapter.logits,
+    }
 
 
 @pytest.fixture
@@ -99,9 +119,15 @@ def test_card_front_matter_and_sections():
     result = meta["model-index"][0]["results"][0]
     assert result["task"]["type"] == "text-classification" and result["dataset"]["name"] == "glue/sst2"
     assert {(m["name"], m["value"]) for m in result["metrics"]} == {("eval_accuracy", 0.8765)}  # a loss is no result
-    assert "**LA-LoRA**" in card and "| `lowpass` (Gaussian low-pass filter on the active factor's noisy gradient) | on |" in card
+    assert (
+        "**LA-LoRA**" in card
+        and "| `lowpass` (Gaussian low-pass filter on the active factor's noisy gradient) | on |" in card
+    )
     assert "(epsilon = 1.0, delta = 1e-05)-differential privacy" in card
-    assert "| noise multiplier sigma | 1.2 |" in card and "| sample rate q (min / max over clients) | 0.05 / 0.1 |" in card
+    assert (
+        "| noise multiplier sigma | 1.2 |" in card
+        and "| sample rate q (min / max over clients) | 0.05 / 0.1 |" in card
+    )
     assert "| accountant | `rdp` |" in card and "one example of one client" in card
     assert "| eval_accuracy | 0.8765 |" in card and "| clients (`num_clients`) | 8 |" in card
     assert "| rank `r` | 4 |" in card and "`query`, `value`" in card
@@ -126,9 +152,16 @@ def test_card_shows_trainer_report_fields():
     assert "trained without differential privacy" in render_model_card(**card_kwargs(privacy_report=non_dp))
 
 
-@pytest.mark.parametrize("alternation, lowpass, name", [
-    ("local", True, "LA-LoRA"), ("local", False, "LA-LoRA without filter"), ("round", False, "RoLoRA"),
-    ("freeze_a", False, "FFA-LoRA"), ("none", False, "DP-LoRA")])
+@pytest.mark.parametrize(
+    "alternation, lowpass, name",
+    [
+        ("local", True, "LA-LoRA"),
+        ("local", False, "LA-LoRA without filter"),
+        ("round", False, "RoLoRA"),
+        ("freeze_a", False, "FFA-LoRA"),
+        ("none", False, "DP-LoRA"),
+    ],
+)
 def test_card_method_name_follows_schedule(alternation, lowpass, name):
     config = LALoraConfig(r=2, lora_alpha=4, target_modules=["query"], alternation=alternation, lowpass=lowpass)
     card = render_model_card(**card_kwargs(adapter_config=config.to_dict()))
@@ -141,14 +174,22 @@ def test_card_without_dp_says_so():
     assert "model-index" not in front_matter(card) and "No evaluation results were reported." in card
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"federated": {"num_clients": 8}}, r"`federated` must hold .*clients_per_round"),
-    ({"privacy_report": {k: v for k, v in REPORT.items() if k != "delta"}}, r"`privacy_report` must hold \['delta'\]"),
-    ({"metrics": {"accuracy": "high"}}, r"`metrics` must map names to numbers, got 'accuracy': 'high'"),
-    ({"adapter_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q"], "peft_type": "LORA"}},
-     r"`adapter_config` must hold \['alternation'\]"),
-    ({"base_model": ""}, r"`base_model` must be a non-empty"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"federated": {"num_clients": 8}}, r"`federated` must hold .*clients_per_round"),
+        (
+            {"privacy_report": {k: v for k, v in REPORT.items() if k != "delta"}},
+            r"`privacy_report` must hold \['delta'\]",
+        ),
+        ({"metrics": {"accuracy": "high"}}, r"`metrics` must map names to numbers, got 'accuracy': 'high'"),
+        (
+            {"adapter_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q"], "peft_type": "LORA"}},
+            r"`adapter_config` must hold \['alternation'\]",
+        ),
+        ({"base_model": ""}, r"`base_model` must be a non-empty"),
+    ],
+)
 def test_card_bad_input(overrides, match):
     with pytest.raises(ConfigError, match=match):
         render_model_card(**card_kwargs(**overrides))
@@ -168,7 +209,8 @@ def test_write_model_card_defaults_and_atomic(adapter, tmp_path):
         write_model_card(str(folder), federated=FEDERATED, metrics=METRICS)
     path = write_model_card(str(folder), privacy_report=None, federated=FEDERATED, metrics=METRICS)
     assert path == str(folder / "README.md") and sorted(os.listdir(folder)) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", "README.md"])  # no temporary file left behind
+        ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    )  # no temporary file left behind
     card = (folder / "README.md").read_text()
     assert front_matter(card)["base_model"] == adapter["base"]  # taken from adapter_config.json
     assert "trained without differential privacy" in card
@@ -205,11 +247,31 @@ def test_push_one_commit_then_load_from_hub(adapter, hub, tmp_path):
     assert set(repo.commits[0].files) == FILES and {k: before[k] for k in FILES} == repo.commits[0].files
     assert hub.count("POST", r"/commit/") == 1 and not repo.private
 
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "fresh_home"),
-           "PYTHONPATH": ROOT, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "fresh_home"),
+        "PYTHONPATH": ROOT,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     out = tmp_path / "logits.safetensors"
-    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, adapter["base"], "alice/lalora-sst2", adapter["folder"],
-                           adapter["inputs"], str(out)], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_SCRIPT,
+            adapter["base"],
+            "alice/lalora-sst2",
+            adapter["folder"],
+            adapter["inputs"],
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert hub.count("GET", r"^/alice/lalora-sst2/resolve/main/adapter_model.safetensors$") == 1
     logits = load_file(str(out))
@@ -305,8 +367,9 @@ def test_missing_required_file_and_bad_args(adapter, hub, tmp_path):
 def test_trainer_push_to_hub_uploads_the_aggregated_adapter(hub, tmp_path):
     from fed_helpers import make_trainer
 
-    trainer = make_trainer(tmp_path / "run", num_rounds=1, hub_model_id="alice/fed-run", target_epsilon=3.0,
-                           noise_seed=None)  # a real private run: secret noise
+    trainer = make_trainer(
+        tmp_path / "run", num_rounds=1, hub_model_id="alice/fed-run", target_epsilon=3.0, noise_seed=None
+    )  # a real private run: secret noise
     trainer.train()
     url = trainer.push_to_hub()
     repo = hub.repos["alice/fed-run"]
@@ -355,7 +418,9 @@ def test_fixed_noise_seed_folder_is_not_pushed_unless_allowed(adapter, hub, tmp_
     (folder / "privacy_report.json").write_text(json.dumps(report))
     before = snapshot(str(folder))
     # Execute / Assert: refused before anything leaves, then pushed with the explicit override
-    with pytest.raises(HubError, match=r"`secret_randomness: false`.*no privacy guarantee.*allow_fixed_noise_seed=True"):
+    with pytest.raises(
+        HubError, match=r"`secret_randomness: false`.*no privacy guarantee.*allow_fixed_noise_seed=True"
+    ):
         push_adapter_folder(str(folder), "alice/fixed")
     assert snapshot(str(folder)) == before and hub.repos == {}
     with pytest.warns(LALoraWarning, match="fixed noise seed"):

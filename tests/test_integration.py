@@ -66,8 +66,12 @@ def test_get_adapter_state_dict_returns_exactly_the_lora_factors():
 
     state = model.get_adapter_state_dict()
 
-    expected = {f"bert.encoder.layer.{i}.attention.self.{m}.lora_{f}.weight"
-                for i in range(TEXT_KW["num_hidden_layers"]) for m in TARGETS for f in "AB"}
+    expected = {
+        f"bert.encoder.layer.{i}.attention.self.{m}.lora_{f}.weight"
+        for i in range(TEXT_KW["num_hidden_layers"])
+        for m in TARGETS
+        for f in "AB"
+    }
     assert set(state) == expected
     params = dict(model.named_parameters())
     for key, value in state.items():

@@ -21,7 +21,8 @@ def test_readme_methods_table_is_the_package_table():
     # Execute: the table rendered from the package
     expected = [HEADER, "|---|---|---|---|"] + [
         f'| {m.title} (`{m.name}`) | `"{m.alternation}"` | {"on" if m.lowpass else "off"} | {m.description} |'
-        for m in METHODS.values()]
+        for m in METHODS.values()
+    ]
     # Assert
     assert lines[start:end] == expected
 
@@ -31,8 +32,13 @@ def test_config_and_card_follow_the_table(name):
     method = METHODS[name]
     config = LALoraConfig.for_method(name, r=4, target_modules=["query"], task_type="SEQ_CLS")
     assert (config.alternation, config.lowpass) == (method.alternation, method.lowpass)
-    card = render_model_card(base_model="tiny", adapter_config=config.to_dict(), privacy_report=None, metrics={},
-                             federated={"num_clients": 2, "clients_per_round": 1, "num_rounds": 1, "local_steps": 1})
+    card = render_model_card(
+        base_model="tiny",
+        adapter_config=config.to_dict(),
+        privacy_report=None,
+        metrics={},
+        federated={"num_clients": 2, "clients_per_round": 1, "num_rounds": 1, "local_steps": 1},
+    )
     assert f"**{method.title}**: {method.description}" in card
 
 

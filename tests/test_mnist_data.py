@@ -101,8 +101,10 @@ def test_mnist_5k_split_is_fixed_disjoint_and_complete(tmp_path):
     # Execute
     first, second = mnist_data.load_mnist_5k(test_size=7, path=str(path)), mnist_data.load_mnist_5k(7, str(path))
     # Assert
-    ids = {split: sorted(round((float(x[0, 0, 0]) + 1) * 127.5) for x in first[split]["pixel_values"])
-           for split in ("train", "test")}
+    ids = {
+        split: sorted(round((float(x[0, 0, 0]) + 1) * 127.5) for x in first[split]["pixel_values"])
+        for split in ("train", "test")
+    }
     assert len(ids["test"]) == 7 and len(ids["train"]) == 23
     assert sorted(ids["train"] + ids["test"]) == list(range(30))
     assert [int(v) for v in second["test"]["labels"]] == [i % 10 for i in ids["test"]]

@@ -39,8 +39,11 @@ def test_new_run_in_a_folder_holding_another_run_is_refused(tmp_path, holds):
     assert (STATE_DIR in os.listdir(tmp_path)) == (holds != "adapter")
     # Execute
     second = make_trainer(tmp_path, num_rounds=1, dp=False)
-    with pytest.raises(ConfigError, match=r"`output_dir` .* holds another run .*fresh `output_dir`.*"
-                                          r"resume_from_checkpoint=True.*overwrite_output_dir=True"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`output_dir` .* holds another run .*fresh `output_dir`.*"
+        r"resume_from_checkpoint=True.*overwrite_output_dir=True",
+    ):
         second.train()
     # Assert: nothing written, nothing removed
     assert snapshot(tmp_path) == before
@@ -50,7 +53,9 @@ def test_overwrite_output_dir_removes_the_old_run_before_training(tmp_path):
     # Prepare: a private run with its checkpoint, adapter, card and privacy report
     first_run(tmp_path, "both")
     (tmp_path / "notes.txt").write_text("the user's own file")
-    (tmp_path / "pooling.safetensors").write_bytes(b"the old run's pooler statistics")  # would load with the new adapter
+    (tmp_path / "pooling.safetensors").write_bytes(
+        b"the old run's pooler statistics"
+    )  # would load with the new adapter
     # Execute: a non-private run that writes no checkpoint, allowed to overwrite
     second = make_trainer(tmp_path, num_rounds=1, dp=False, save_strategy="no", overwrite_output_dir=True)
     second.train()

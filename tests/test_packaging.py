@@ -45,8 +45,8 @@ def _guarded(tree: ast.AST) -> set[int]:
     guarded = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
-                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
-                for h in node.handlers):
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
             for part in node.body + [n for h in node.handlers for n in h.body]:
                 guarded.update(id(n) for n in ast.walk(part))
     return guarded
@@ -113,8 +113,11 @@ def test_the_recipes_extra_declares_what_only_the_recipes_import():
 
     imported = _third_party_imports(sorted((ROOT / "recipes").glob("*.py")), local=local)
 
-    missing = {name: where for name, where in imported.items()
-               if name not in declared | recipes_extra | {_normalise(w) for w in OFFLINE_DATA_WHEELS}}
+    missing = {
+        name: where
+        for name, where in imported.items()
+        if name not in declared | recipes_extra | {_normalise(w) for w in OFFLINE_DATA_WHEELS}
+    }
     assert not missing, f"imported by recipes/ but in neither install_requires nor the `recipes` extra: {missing}"
     assert not recipes_extra & declared, "the `recipes` extra repeats install_requires entries"
     unused = recipes_extra - set(imported)
@@ -125,10 +128,16 @@ def test_the_recipes_extra_declares_what_only_the_recipes_import():
 
 def test_the_test_extra_declares_what_the_tests_import():
     config = _setup_cfg()
-    declared = _requirements(config["options"]["install_requires"]) | _requirements(
-        config["options.extras_require"]["test"]) | _requirements(config["options.extras_require"]["flower"])
-    local = ({path.stem for path in (ROOT / "tests").glob("*.py")} | {"peft_lalora", "lalora_rt"}  # + the Flower app
-             | {path.stem for path in (ROOT / "benchmarks").glob("*.py")})  # benchmark modules some tests import
+    declared = (
+        _requirements(config["options"]["install_requires"])
+        | _requirements(config["options.extras_require"]["test"])
+        | _requirements(config["options.extras_require"]["flower"])
+    )
+    local = (
+        {path.stem for path in (ROOT / "tests").glob("*.py")}
+        | {"peft_lalora", "lalora_rt"}  # + the Flower app
+        | {path.stem for path in (ROOT / "benchmarks").glob("*.py")}
+    )  # benchmark modules some tests import
 
     imported = _third_party_imports(sorted((ROOT / "tests").glob("*.py")), local=local)
 

@@ -41,12 +41,24 @@ def trained(tmp_path_factory):
     tiny_bert(seed=0).save_pretrained(root / "base")
     model = AutoModelForSequenceClassification.from_pretrained(root / "base", num_labels=2)
     recipe_pooling.use_mean_pooling(model)
-    peft_model = get_peft_model(model, LALoraConfig.for_method(
-        "lalora", r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
-        task_type="SEQ_CLS"))
+    peft_model = get_peft_model(
+        model,
+        LALoraConfig.for_method(
+            "lalora",
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        ),
+    )
     held_out = text_inputs(batch=16, seed=5)
-    recipe_pooling.standardise(peft_model.get_base_model(), Dataset.from_dict(
-        {k: v.tolist() for k, v in held_out.items()}), _stack, batch_size=8)
+    recipe_pooling.standardise(
+        peft_model.get_base_model(),
+        Dataset.from_dict({k: v.tolist() for k, v in held_out.items()}),
+        _stack,
+        batch_size=8,
+    )
     randomize_lora(peft_model, seed=3)
     peft_model.eval()
     inputs = text_inputs()
@@ -55,8 +67,14 @@ def trained(tmp_path_factory):
     folder = root / "runs" / "fed_roberta_default"
     peft_model.save_pretrained(folder)
     recipe_pooling.save_pooling(peft_model.get_base_model(), str(folder))
-    write_model_card(str(folder), base_model=str(root / "base"), metrics={}, repo_id="alice/pooled",
-                     privacy_report=None, federated={"num_clients": 4, "clients_per_round": 2, "num_rounds": 2, "local_steps": 2})
+    write_model_card(
+        str(folder),
+        base_model=str(root / "base"),
+        metrics={},
+        repo_id="alice/pooled",
+        privacy_report=None,
+        federated={"num_clients": 4, "clients_per_round": 2, "num_rounds": 2, "local_steps": 2},
+    )
     save_file(inputs, str(root / "inputs.safetensors"))
     return {"root": root, "base": str(root / "base"), "folder": str(folder), "inputs": inputs, "logits": logits}
 
@@ -64,7 +82,7 @@ def trained(tmp_path_factory):
 def _readme_loading_code() -> str:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
-    section = readme[readme.index("## Loading published adapters"):]
+    section = readme[readme.index("## Loading published adapters") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -114,11 +132,22 @@ def test_push_uploads_the_pooling_and_the_hub_copy_loads_with_the_trained_logits
     push_adapter_folder(trained["folder"], "alice/pooled")
     card = hub.repos["alice/pooled"].files["README.md"].decode()
     code = re.search(r"## How to load.*?```python\n(.*?)```", card, re.S).group(1) + "import torch\n" + SAVE_LOGITS
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "fresh_home"),
-           "PYTHONPATH": ROOT, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "fresh_home"),
+        "PYTHONPATH": ROOT,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     out = tmp_path / "logits.safetensors"
-    proc = subprocess.run([sys.executable, "-c", code, str(trained["root"] / "inputs.safetensors"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(trained["root"] / "inputs.safetensors"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # Assert
     assert "pooling.safetensors" in hub.repos["alice/pooled"].files
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -42,14 +42,18 @@ def test_authors_step_clips_each_tensor_to_the_median_norm_and_adds_the_smoothin
                 p.normal_(0, 0.1)
     model.base_model.set_trainable_factors({"B"})
     data = toy_dataset(16)
-    batch = {"input_ids": torch.tensor(data["input_ids"]), "attention_mask": torch.tensor(data["attention_mask"]),
-             "labels": torch.tensor(data["labels"])}
+    batch = {
+        "input_ids": torch.tensor(data["input_ids"]),
+        "attention_mask": torch.tensor(data["attention_mask"]),
+        "labels": torch.tensor(data["labels"]),
+    }
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     lrs = {n: 0.2 if "lora_B" in n else 0.1 for n in params}
     optimizer = torch.optim.SGD([{"params": [p], "lr": lrs[n]} for n, p in params.items()])
     model.eval()  # no dropout: the reference below sees the same forward pass
-    loss = torch.nn.functional.cross_entropy(model(input_ids=batch["input_ids"],
-                                                   attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    loss = torch.nn.functional.cross_entropy(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
     clip = min(float(torch.stack([g.norm() for g in grads.values()]).median()), pu_authors.MAX_CLIP)
     expected = {}

@@ -89,8 +89,10 @@ class _CharTokenizer:
         ids = [[ord(ch) % 50 + 3 for ch in t][:max_length] for t in texts]
         if not padding:
             return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
-        return {"input_ids": [i + [0] * (max_length - len(i)) for i in ids],
-                "attention_mask": [[1] * len(i) + [0] * (max_length - len(i)) for i in ids]}
+        return {
+            "input_ids": [i + [0] * (max_length - len(i)) for i in ids],
+            "attention_mask": [[1] * len(i) + [0] * (max_length - len(i)) for i in ids],
+        }
 
 
 def test_tokenize_keeps_labels_truncates_and_pads_on_request():
@@ -134,7 +136,9 @@ def test_offline_metric_is_an_evaluate_module_with_glue_keys():
     preds, refs = [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 1, 0]
     # Execute
     mrpc = data.OfflineClassificationMetric(extra=("f1",)).compute(predictions=preds, references=refs)
-    cola = data.OfflineClassificationMetric(extra=("matthews_correlation",)).compute(predictions=preds, references=refs)
+    cola = data.OfflineClassificationMetric(extra=("matthews_correlation",)).compute(
+        predictions=preds, references=refs
+    )
     # Assert: f1 = 2 * (2/3 * 2/3) / (4/3) = 2/3; MCC = (2*2 - 1*1) / sqrt(3*3*3*3) = 1/3
     assert mrpc["accuracy"] == pytest.approx(4 / 6)
     assert mrpc["f1"] == pytest.approx(2 / 3)

@@ -12,17 +12,53 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_FED = ["--num_rounds", "2", "--local_steps", "2", "--num_clients", "4", "--clients_per_round", "2",
-             "--per_device_train_batch_size", "8", "--eval_rounds", "0", "--target_epsilon", "8"]
+SMALL_FED = [
+    "--num_rounds",
+    "2",
+    "--local_steps",
+    "2",
+    "--num_clients",
+    "4",
+    "--clients_per_round",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_rounds",
+    "0",
+    "--target_epsilon",
+    "8",
+]
 
 
 def _launch(recipe: str, flags: list, tmp_path) -> str:
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    launcher = [accelerate, "launch"] if os.path.exists(accelerate) else [sys.executable, "-m", "accelerate.commands.launch"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HOME=str(tmp_path / "hf_home"))
-    cmd = launcher + ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                      "--dynamo_backend", "no", os.path.join(ROOT, "recipes", recipe)] + flags
+    launcher = (
+        [accelerate, "launch"] if os.path.exists(accelerate) else [sys.executable, "-m", "accelerate.commands.launch"]
+    )
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=ROOT,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HOME=str(tmp_path / "hf_home"),
+    )
+    cmd = (
+        launcher
+        + [
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            os.path.join(ROOT, "recipes", recipe),
+        ]
+        + flags
+    )
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{recipe} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
@@ -46,8 +82,18 @@ def _assert_artifacts(out_dir, stdout: str) -> dict:
 def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     # Prepare: the embedded default (MiniLM + Rotten Tomatoes, clients by movie), one layer, 400 examples
     out_dir = tmp_path / "out"
-    flags = ["--num_hidden_layers", "1", "--max_train_samples", "400", "--max_eval_samples", "64",
-             "--max_seq_length", "24", "--output_dir", str(out_dir)] + SMALL_FED
+    flags = [
+        "--num_hidden_layers",
+        "1",
+        "--max_train_samples",
+        "400",
+        "--max_eval_samples",
+        "64",
+        "--max_seq_length",
+        "24",
+        "--output_dir",
+        str(out_dir),
+    ] + SMALL_FED
     # Execute
     stdout = _launch("fed_roberta.py", flags, tmp_path)
     # Assert
@@ -64,8 +110,16 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
 def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     # Prepare: the offline default (tiny ViT from a config, digits), FFA-LoRA for variety
     out_dir = tmp_path / "out"
-    flags = ["--max_train_samples", "200", "--max_eval_samples", "50", "--method", "ffa",
-             "--output_dir", str(out_dir)] + SMALL_FED
+    flags = [
+        "--max_train_samples",
+        "200",
+        "--max_eval_samples",
+        "50",
+        "--method",
+        "ffa",
+        "--output_dir",
+        str(out_dir),
+    ] + SMALL_FED
     # Execute
     stdout = _launch("fed_vision.py", flags, tmp_path)
     # Assert
@@ -82,10 +136,24 @@ def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(
     from tiny_models import tiny_vit
 
     ckpt = tmp_path / "tiny_grey_vit"
-    tiny_vit(seed=0, num_labels=10, image_size=28, patch_size=7, num_channels=1, num_hidden_layers=1).save_pretrained(ckpt)
+    tiny_vit(seed=0, num_labels=10, image_size=28, patch_size=7, num_channels=1, num_hidden_layers=1).save_pretrained(
+        ckpt
+    )
     out_dir = tmp_path / "out"
-    flags = ["--model_name_or_path", str(ckpt), "--dataset_name", "mnist", "--max_train_samples", "200",
-             "--max_eval_samples", "50", "--dirichlet_alpha", "1.0", "--output_dir", str(out_dir)] + SMALL_FED
+    flags = [
+        "--model_name_or_path",
+        str(ckpt),
+        "--dataset_name",
+        "mnist",
+        "--max_train_samples",
+        "200",
+        "--max_eval_samples",
+        "50",
+        "--dirichlet_alpha",
+        "1.0",
+        "--output_dir",
+        str(out_dir),
+    ] + SMALL_FED
     # Execute
     stdout = _launch("fed_vision.py", flags, tmp_path)
     # Assert: it trained on the mnist data, and the saved head is a new one, not the checkpoint's
@@ -107,8 +175,18 @@ def test_fed_vision_runs_a_swin_checkpoint_with_a_dirichlet_split(tmp_path):
     tiny_swin(num_labels=10).save_pretrained(ckpt)  # the architecture of tests/tiny_models.py, seed 0
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(ckpt)
     out_dir = tmp_path / "out"
-    flags = ["--model_name_or_path", str(ckpt), "--max_train_samples", "200", "--max_eval_samples", "50",
-             "--dirichlet_alpha", "1.0", "--output_dir", str(out_dir)] + SMALL_FED
+    flags = [
+        "--model_name_or_path",
+        str(ckpt),
+        "--max_train_samples",
+        "200",
+        "--max_eval_samples",
+        "50",
+        "--dirichlet_alpha",
+        "1.0",
+        "--output_dir",
+        str(out_dir),
+    ] + SMALL_FED
     # Execute
     stdout = _launch("fed_vision.py", flags, tmp_path)
     # Assert
@@ -165,8 +243,11 @@ def test_help_lists_the_recipe_and_federated_flags_before_the_generic_training_a
 
     recipe = _recipe(name)
     # fields FederatedDPArguments redefines (e.g. lr_scheduler_type, a schedule over rounds) are federated flags
-    generic = {f.name for f in fields(TrainingArguments)} - {"per_device_train_batch_size"} \
+    generic = (
+        {f.name for f in fields(TrainingArguments)}
+        - {"per_device_train_batch_size"}
         - set(FederatedDPArguments.__annotations__)
+    )
     federated = {f.name for f in fields(FederatedDPArguments)} - generic
     own = {f.name for cls in (recipe.ModelArguments, recipe.DataArguments) for f in fields(cls)}
     # Execute
@@ -176,7 +257,7 @@ def test_help_lists_the_recipe_and_federated_flags_before_the_generic_training_a
     assert federated <= set(first) and own <= set(first)
     assert max(first[f] for f in own) < min(first[f] for f in federated)
     assert max(first[f] for f in federated) < min(first[f] for f in generic if f in first)
-    batch_help = " ".join(text[first["per_device_train_batch_size"]:].split("\n  --")[0].split()).lower()
+    batch_help = " ".join(text[first["per_device_train_batch_size"] :].split("\n  --")[0].split()).lower()
     assert "each client's expected poisson batch size b" in batch_help and "q = b / n_k" in batch_help
     assert "per device" not in batch_help and "(default: 32)" in batch_help
 

@@ -104,7 +104,9 @@ def test_bad_num_examples_and_generator_refused():
 def test_sample_rate_for():
     assert sample_rate_for(8, 200) == 8 / 200
     assert sample_rate_for(5, 5) == 1.0
-    with pytest.raises(ConfigError, match=r"`batch_size` must be <= .*client 3.*batch_size=32 and num_examples=20.*q = 32/20"):
+    with pytest.raises(
+        ConfigError, match=r"`batch_size` must be <= .*client 3.*batch_size=32 and num_examples=20.*q = 32/20"
+    ):
         sample_rate_for(32, 20, client=3)
     with pytest.raises(ConfigError, match="Use batch_size <= 20"):
         sample_rate_for(32, 20)

@@ -22,8 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_fresh(code: str, tmp_path, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """Run `code` in a new Python process that sees the source tree but has imported nothing yet."""
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -58,7 +64,9 @@ def test_saved_config_is_lalora(saved):
 
 def test_peft_from_pretrained_in_fresh_process(saved):
     tmp, _, _, logits = saved
-    run_fresh(LOAD_PREAMBLE + """
+    run_fresh(
+        LOAD_PREAMBLE
+        + """
 import peft_lalora
 from peft import PeftModel, PeftConfig
 from transformers import AutoModelForSequenceClassification
@@ -67,30 +75,40 @@ model = PeftModel.from_pretrained(base, "adapter").eval()
 assert type(model.base_model).__name__ == "LALoraModel", type(model.base_model)
 assert model.peft_config["default"].alternation_period == 2
 dump(model(**inputs).logits)
-""", tmp)
+""",
+        tmp,
+    )
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
 
 
 def test_auto_peft_model_in_fresh_process(saved):
     tmp, _, _, logits = saved
-    run_fresh(LOAD_PREAMBLE + """
+    run_fresh(
+        LOAD_PREAMBLE
+        + """
 import peft_lalora
 from peft import AutoPeftModelForSequenceClassification
 model = AutoPeftModelForSequenceClassification.from_pretrained("adapter").eval()
 dump(model(**inputs).logits)
-""", tmp)
+""",
+        tmp,
+    )
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
 
 
 def test_transformers_load_adapter_in_fresh_process(saved):
     tmp, _, _, logits = saved
-    run_fresh(LOAD_PREAMBLE + """
+    run_fresh(
+        LOAD_PREAMBLE
+        + """
 import peft_lalora
 from transformers import AutoModelForSequenceClassification
 model = AutoModelForSequenceClassification.from_pretrained("base").eval()
 model.load_adapter("adapter")
 dump(model(**inputs).logits)
-""", tmp)
+""",
+        tmp,
+    )
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=1e-6, atol=1e-6)
 
 
@@ -99,7 +117,9 @@ def test_without_import_peft_lalora_plain_peft_fails_until_it_is_imported(saved)
     # `import peft_lalora` is peft's own KeyError, on every try, and never imports peft_lalora behind the
     # caller's back. The card and the README say to import it first; after that the same call loads.
     tmp, _, _, logits = saved
-    run_fresh(LOAD_PREAMBLE + """
+    run_fresh(
+        LOAD_PREAMBLE
+        + """
 import sys
 import peft.mapping
 from peft import PeftModel
@@ -120,7 +140,9 @@ base = AutoModelForSequenceClassification.from_pretrained("base").eval()
 model = PeftModel.from_pretrained(base, "adapter").eval()
 assert type(model.base_model).__name__ == "LALoraModel", type(model.base_model)
 dump(model(**inputs).logits)
-""", tmp)
+""",
+        tmp,
+    )
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
 
 
@@ -138,7 +160,9 @@ def test_export_as_stock_lora_loads_with_plain_peft(saved):
     peft_lalora.export_as_lora(model, str(tmp / "exported"))
     config = json.loads((tmp / "exported" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and "alternation" not in config
-    proc = run_fresh(LOAD_PREAMBLE + """
+    proc = run_fresh(
+        LOAD_PREAMBLE
+        + """
 import sys
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
@@ -147,7 +171,9 @@ model = PeftModel.from_pretrained(base, "exported").eval()
 assert "peft_lalora" not in sys.modules, "plain peft must load the export"
 assert type(model.base_model).__name__ == "LoraModel"
 dump(model(**inputs).logits)
-""", tmp)
+""",
+        tmp,
+    )
     assert proc.returncode == 0
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
     ours = load_file(tmp / "adapter" / "adapter_model.safetensors")

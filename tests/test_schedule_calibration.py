@@ -29,8 +29,10 @@ def test_schedule_calibration_reaches_the_target_for_the_busiest_client(tmp_path
     # Assert: the busiest client ends within [target - 0.05, target]; the report states the calibration
     participations = [sum(k in select_clients(0, r, 6, 2) for r in range(6)) for k in range(6)]
     assert max(participations) < 6
-    reached = [opacus_epsilon(report["noise_multiplier"], c["sample_rate"], c["steps"], report["delta"])
-               for c in report["clients"]]
+    reached = [
+        opacus_epsilon(report["noise_multiplier"], c["sample_rate"], c["steps"], report["delta"])
+        for c in report["clients"]
+    ]
     assert TARGET - 0.05 <= max(reached) <= TARGET
     assert report["epsilon"] == pytest.approx(max(reached), rel=1e-9)
     assert report["sigma_calibration"] == "schedule"
@@ -45,8 +47,9 @@ def test_worst_case_calibration_is_kept_as_an_option_and_adds_noise(tmp_path):
     sigma_s, sigma_w = schedule.ledger.noise_multiplier, worst.ledger.noise_multiplier
     assert sigma_w > sigma_s
     rate = max(worst.ledger.sample_rate(c) for c in range(6))
-    expected = calibrate_noise_multiplier(target_epsilon=TARGET, target_delta=worst.ledger.delta, sample_rate=rate,
-                                          steps=6 * 2)
+    expected = calibrate_noise_multiplier(
+        target_epsilon=TARGET, target_delta=worst.ledger.delta, sample_rate=rate, steps=6 * 2
+    )
     assert sigma_w == expected and worst.privacy_report()["sigma_calibration"] == "worst_case"
 
 
@@ -54,7 +57,9 @@ def test_per_client_calibration_meets_the_target_for_every_client():
     # Clients with different rates and steps: the worst is not the one with the largest q or the most steps alone
     rates, steps = [0.1, 0.05, 0.2, 0.02], [40, 80, 10, 200]
     sigma = calibrate_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=rates, steps=steps)
-    reached = [compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=n, delta=1e-5) for q, n in zip(rates, steps)]
+    reached = [
+        compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=n, delta=1e-5) for q, n in zip(rates, steps)
+    ]
     assert 2.0 * (1 - 1e-3) <= max(reached) <= 2.0
     assert all(opacus_epsilon(sigma, q, n, 1e-5) <= 2.0 + 1e-9 for q, n in zip(rates, steps))
 
@@ -66,14 +71,16 @@ class Kill(TrainerCallback):
 
 
 def test_resumed_run_uses_the_same_sigma_and_a_changed_participation_is_refused(tmp_path):
-    first = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, **FED), train_dataset=toy_dataset(),
-                               callbacks=[Kill()])
+    first = FederatedDPTrainer(
+        model=toy_model(), args=toy_args(tmp_path, **FED), train_dataset=toy_dataset(), callbacks=[Kill()]
+    )
     with pytest.raises(KeyboardInterrupt):
         first.train()
     resumed = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, **FED), train_dataset=toy_dataset())
     resumed.train(resume_from_checkpoint=True)
     assert resumed.ledger.noise_multiplier == first.ledger.noise_multiplier
-    changed = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, **{**FED, "clients_per_round": 3}),
-                                 train_dataset=toy_dataset())
+    changed = FederatedDPTrainer(
+        model=toy_model(), args=toy_args(tmp_path, **{**FED, "clients_per_round": 3}), train_dataset=toy_dataset()
+    )
     with pytest.raises(CheckpointMismatchError, match="clients_per_round"):
         changed.train(resume_from_checkpoint=True)

@@ -60,12 +60,19 @@ def test_resume_from_the_private_checkpoint_equals_the_uninterrupted_run(tmp_pat
     # Prepare: an uninterrupted secret-noise run whose checkpoint after round 1 is kept aside
     snapshot = tmp_path / "snapshot" / STATE_DIR
     args = toy_args(tmp_path / "full", noise_seed=None, num_rounds=3)
-    full = FederatedDPTrainer(model=toy_model(), args=args, train_dataset=toy_dataset(),
-                              callbacks=[SnapshotAfterRound(tmp_path / "full" / STATE_DIR, snapshot, 1)])
+    full = FederatedDPTrainer(
+        model=toy_model(),
+        args=args,
+        train_dataset=toy_dataset(),
+        callbacks=[SnapshotAfterRound(tmp_path / "full" / STATE_DIR, snapshot, 1)],
+    )
     full.train()
     # Execute: a fresh trainer resumes from the snapshot (a run killed after round 1)
-    resumed = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path / "snapshot", noise_seed=None, num_rounds=3),
-                                 train_dataset=toy_dataset())
+    resumed = FederatedDPTrainer(
+        model=toy_model(),
+        args=toy_args(tmp_path / "snapshot", noise_seed=None, num_rounds=3),
+        train_dataset=toy_dataset(),
+    )
     resumed.train(resume_from_checkpoint=True)
     # Assert: bit-identical adapter and ledger, although the noise was secret
     a, b = adapter_state(full.model), adapter_state(resumed.model)
@@ -79,10 +86,12 @@ def test_nothing_published_holds_the_secret(tmp_path):
     trainer.save_model()
     secret = json.loads((tmp_path / "run" / STATE_DIR / "state.json").read_text())["private_seed"]
     assert isinstance(secret, str) and len(secret) == 64  # 256 bits from the OS, in the private checkpoint only
-    published = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "run") for f in files
-                 if STATE_DIR not in root]
-    assert {"adapter_model.safetensors", "privacy_report.json", "training_args.json", "README.md"} <= \
-        {os.path.basename(p) for p in published}
+    published = [
+        os.path.join(root, f) for root, _, files in os.walk(tmp_path / "run") for f in files if STATE_DIR not in root
+    ]
+    assert {"adapter_model.safetensors", "privacy_report.json", "training_args.json", "README.md"} <= {
+        os.path.basename(p) for p in published
+    }
     for path in published:
         assert secret.encode() not in open(path, "rb").read(), path
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["noise_seed"] is None
@@ -165,8 +174,17 @@ def test_a_client_update_neither_reads_nor_moves_the_callers_global_rng():
     def update(caller_seed):
         torch.manual_seed(caller_seed)
         before = torch.get_rng_state()
-        delta = client_update(model=model, stepper=stepper, shard=shard, global_state=global_state, round_idx=0,
-                              client=0, lr=0.5, local=LocalConfig(local_steps=2, batch_size=8), private_seed=0).delta
+        delta = client_update(
+            model=model,
+            stepper=stepper,
+            shard=shard,
+            global_state=global_state,
+            round_idx=0,
+            client=0,
+            lr=0.5,
+            local=LocalConfig(local_steps=2, batch_size=8),
+            private_seed=0,
+        ).delta
         return delta, before, torch.get_rng_state()
 
     # Execute: the same update, called with two different global generator states

@@ -39,13 +39,16 @@ def _broken(kind: str) -> Dataset:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("no_labels", "labels"),
-    ("labels_out_of_range", "outside \\[0, 2\\)"),
-    ("string_labels", "Client 0"),
-    ("too_long", "max_position_embeddings"),
-    ("token_ids_beyond_vocab", "vocabulary"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("no_labels", "labels"),
+        ("labels_out_of_range", "outside \\[0, 2\\)"),
+        ("string_labels", "Client 0"),
+        ("too_long", "max_position_embeddings"),
+        ("token_ids_beyond_vocab", "vocabulary"),
+    ],
+)
 def test_a_failure_every_client_shares_is_raised_before_any_charge(tmp_path, kind, match):
     # Prepare: every client holds the same broken data
     trainer = make_trainer(tmp_path, dataset=_broken(kind), dirichlet_alpha=None)
@@ -96,8 +99,10 @@ def vit_clients(nan_clients):
 
 
 def vit_trainer(tmp_path, nan_clients):
-    model = get_peft_model(tiny_vit(), LALoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                    modules_to_save=["classifier"], alternation="none"))
+    model = get_peft_model(
+        tiny_vit(),
+        LALoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], alternation="none"),
+    )
     args = toy_args(tmp_path, num_clients=3, clients_per_round=3, num_rounds=1, remove_unused_columns=False)
     return FederatedDPTrainer(model=model, args=args, client_datasets=vit_clients(nan_clients))
 
@@ -122,8 +127,15 @@ def test_every_example_dropped_everywhere_is_raised_not_reported_as_loss_zero(tm
 
 # ----- training arguments the federated loop would ignore ------------------------------------------------------
 REFUSED_VALUES = {
-    "max_steps": 10, "num_train_epochs": 1.0, "optim": "sgd", "label_smoothing_factor": 0.1,
-    "gradient_checkpointing": True, "fp16": True, "eval_strategy": "steps", "eval_steps": 5, "eval_delay": 1,
+    "max_steps": 10,
+    "num_train_epochs": 1.0,
+    "optim": "sgd",
+    "label_smoothing_factor": 0.1,
+    "gradient_checkpointing": True,
+    "fp16": True,
+    "eval_strategy": "steps",
+    "eval_steps": 5,
+    "eval_delay": 1,
 }
 
 
@@ -136,11 +148,12 @@ def test_ignored_training_argument_is_refused_naming_the_federated_field(tmp_pat
 
 def test_lr_scheduler_and_warmup_run_over_rounds(tmp_path):
     # Prepare: linear schedule, 1 warmup round, 4 rounds; hand-computed: warmup 0, then lr * (4 - t) / (4 - 1)
-    trainer = make_trainer(tmp_path, num_rounds=4, lr_scheduler_type="linear", warmup_steps=1, learning_rate=0.3,
-                           round_lr_decay=0.5)
+    trainer = make_trainer(
+        tmp_path, num_rounds=4, lr_scheduler_type="linear", warmup_steps=1, learning_rate=0.3, round_lr_decay=0.5
+    )
     trainer.train()
     logged = [log["learning_rate"] for log in trainer.state.log_history if "round" in log]
-    expected = [0.0] + [0.3 * (4 - t) / 3 * 0.5 ** t for t in (1, 2, 3)]
+    expected = [0.0] + [0.3 * (4 - t) / 3 * 0.5**t for t in (1, 2, 3)]
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
@@ -166,7 +179,9 @@ def test_bf16_trains_in_mixed_precision_with_the_same_privacy(tmp_path):
     def spy(module, args, output):
         seen.append(output.dtype)
 
-    handle = next(m for n, m in bf16.model.named_modules() if n.endswith("query.base_layer")).register_forward_hook(spy)
+    handle = next(m for n, m in bf16.model.named_modules() if n.endswith("query.base_layer")).register_forward_hook(
+        spy
+    )
     bf16.train()
     handle.remove()
     assert torch.bfloat16 in seen  # the local step ran under bf16 autocast
@@ -177,14 +192,17 @@ def test_bf16_trains_in_mixed_precision_with_the_same_privacy(tmp_path):
     assert all(v.dtype == torch.float32 for v in b.values())
 
 
-@pytest.mark.parametrize("field, value", [("dp", "False"), ("allow_large_delta", "yes"), ("allow_fixed_noise_seed", 1)])
+@pytest.mark.parametrize(
+    "field, value", [("dp", "False"), ("allow_large_delta", "yes"), ("allow_fixed_noise_seed", 1)]
+)
 def test_wrong_type_for_a_boolean_is_refused(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"`{field}` must be a bool"):
         toy_args(tmp_path, **{field: value})
 
 
-@pytest.mark.parametrize("field, value", [("lowpass", "false"), ("lowpass_kernel", "14641"),
-                                          ("lowpass_kernel", ("1", "4", "6", "4", "1"))])
+@pytest.mark.parametrize(
+    "field, value", [("lowpass", "false"), ("lowpass_kernel", "14641"), ("lowpass_kernel", ("1", "4", "6", "4", "1"))]
+)
 def test_wrong_type_in_the_adapter_config_is_refused(field, value):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         LALoraConfig(target_modules=["query"], **{field: value})

@@ -18,8 +18,9 @@ METHODS = ["dplora", "ffa", "rolora", "lalora_nofilter", "lalora"]
 def test_every_method_trains_end_to_end(tmp_path, method, dp):
     # Prepare
     model = toy_model(method)
-    base_before = {n: p.detach().clone() for n, p in model.named_parameters()
-                   if "lora_" not in n and "modules_to_save" not in n}
+    base_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
+    }
     adapter_before = adapter_state(model)
     trainer = FederatedDPTrainer(model=model, args=toy_args(tmp_path, dp=dp), train_dataset=toy_dataset())
     # Execute
@@ -51,13 +52,23 @@ def test_fedavg_equals_hand_computed_mean_of_client_adapters(tmp_path):
     # ... against each selected client's local adapter, recomputed one by one, and a mean taken by hand
     locals_ = []
     for client in select_clients(0, 0, 4, 3):
-        client_update(model=trainer.model, stepper=trainer.stepper, global_state=start, round_idx=0, client=client,
-                      lr=0.5, local=LocalConfig.from_args(trainer.args), private_seed=0,
-                      shard=trainer._federation["shards"][client])  # the trainer's shard: no public accessor
+        client_update(
+            model=trainer.model,
+            stepper=trainer.stepper,
+            global_state=start,
+            round_idx=0,
+            client=client,
+            lr=0.5,
+            local=LocalConfig.from_args(trainer.args),
+            private_seed=0,
+            shard=trainer._federation["shards"][client],
+        )  # the trainer's shard: no public accessor
         locals_.append(adapter_state(trainer.model))
     for name in start:
-        hand = start[name] + (locals_[0][name] - start[name] + locals_[1][name] - start[name]
-                              + locals_[2][name] - start[name]) / 3
+        hand = (
+            start[name]
+            + (locals_[0][name] - start[name] + locals_[1][name] - start[name] + locals_[2][name] - start[name]) / 3
+        )
         torch.testing.assert_close(global_after[name], hand, rtol=0, atol=1e-6)
 
 
@@ -94,22 +105,28 @@ def test_budget_exceeded_is_refused_before_release(tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"num_clients": 500}, "`num_clients` must be <= the number of training examples"),
-    ({"dirichlet_alpha": 0.0}, "`dirichlet_alpha` must be > 0"),
-    ({"clients_per_round": 0}, "`clients_per_round` must be an integer >= 1"),
-    ({"clients_per_round": 5}, r"`clients_per_round` must be in \[1, num_clients=4\]"),
-    ({"per_device_train_batch_size": 100}, "`per_device_train_batch_size` \\(100\\) is the expected Poisson batch"),
-    ({"noise_multiplier": None}, "exactly one of `target_epsilon`"),
-    ({"target_epsilon": -1.0}, "`target_epsilon` must be > 0"),
-    ({"noise_multiplier": -0.5}, "`noise_multiplier` must be >= 0"),
-    ({"per_sample_max_grad_norm": 0.0}, "`per_sample_max_grad_norm` must be > 0"),
-    ({"target_delta": 1.5}, r"`target_delta` must be in \(0, 1\)"),
-    ({"target_delta": 0.1}, "`target_delta` must be < 1 / n_k"),
-    ({"gradient_accumulation_steps": 2}, "`gradient_accumulation_steps` must be 1 under DP"),
-    ({"accountant": "gdp"}, "GDP is never used"),
-    ({"target_epsilon": 1e-4}, "epsilon"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"num_clients": 500}, "`num_clients` must be <= the number of training examples"),
+        ({"dirichlet_alpha": 0.0}, "`dirichlet_alpha` must be > 0"),
+        ({"clients_per_round": 0}, "`clients_per_round` must be an integer >= 1"),
+        ({"clients_per_round": 5}, r"`clients_per_round` must be in \[1, num_clients=4\]"),
+        (
+            {"per_device_train_batch_size": 100},
+            "`per_device_train_batch_size` \\(100\\) is the expected Poisson batch",
+        ),
+        ({"noise_multiplier": None}, "exactly one of `target_epsilon`"),
+        ({"target_epsilon": -1.0}, "`target_epsilon` must be > 0"),
+        ({"noise_multiplier": -0.5}, "`noise_multiplier` must be >= 0"),
+        ({"per_sample_max_grad_norm": 0.0}, "`per_sample_max_grad_norm` must be > 0"),
+        ({"target_delta": 1.5}, r"`target_delta` must be in \(0, 1\)"),
+        ({"target_delta": 0.1}, "`target_delta` must be < 1 / n_k"),
+        ({"gradient_accumulation_steps": 2}, "`gradient_accumulation_steps` must be 1 under DP"),
+        ({"accountant": "gdp"}, "GDP is never used"),
+        ({"target_epsilon": 1e-4}, "epsilon"),
+    ],
+)
 def test_bad_federated_input(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         overrides = dict(overrides)
@@ -117,8 +134,9 @@ def test_bad_federated_input(tmp_path, overrides, match):
             args = toy_args(tmp_path)
             args.noise_multiplier = None
             args.validate()
-        trainer = FederatedDPTrainer(model=toy_model(), args=toy_args(tmp_path, **overrides),
-                                     train_dataset=toy_dataset())
+        trainer = FederatedDPTrainer(
+            model=toy_model(), args=toy_args(tmp_path, **overrides), train_dataset=toy_dataset()
+        )
         trainer.train()
 
 

@@ -53,14 +53,17 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill_after):
     assert rounds == [1.0, 2.0, 3.0]
 
 
-@pytest.mark.parametrize("field,value", [
-    ("per_sample_max_grad_norm", 0.5),
-    ("noise_multiplier", 1.5),
-    ("per_device_train_batch_size", 6),
-    ("num_clients", 5),
-    ("seed", 1),
-    ("accountant", "prv"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("per_sample_max_grad_norm", 0.5),
+        ("noise_multiplier", 1.5),
+        ("per_device_train_batch_size", 6),
+        ("num_clients", 5),
+        ("seed", 1),
+        ("accountant", "prv"),
+    ],
+)
 def test_resume_with_changed_privacy_setting_names_the_field(tmp_path, field, value):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
@@ -70,11 +73,18 @@ def test_resume_with_changed_privacy_setting_names_the_field(tmp_path, field, va
         changed.train(resume_from_checkpoint=True)
 
 
-@pytest.mark.parametrize("config_change,error,match", [
-    ({"r": 2}, AdapterLoadError, r"wrong shape .*lora_A\.default\.weight: expected \(2, 16\), found \(4, 16\)"),
-    ({"lora_alpha": 4}, CheckpointMismatchError, "`adapter.lora_alpha` differs from the checkpoint: saved 8, current 4"),
-    ({"target_modules": ["query"]}, AdapterLoadError, r"unexpected .*value\.lora_A\.default\.weight"),
-])  # r and target_modules change the tensors, which are checked first; lora_alpha only the settings
+@pytest.mark.parametrize(
+    "config_change,error,match",
+    [
+        ({"r": 2}, AdapterLoadError, r"wrong shape .*lora_A\.default\.weight: expected \(2, 16\), found \(4, 16\)"),
+        (
+            {"lora_alpha": 4},
+            CheckpointMismatchError,
+            "`adapter.lora_alpha` differs from the checkpoint: saved 8, current 4",
+        ),
+        ({"target_modules": ["query"]}, AdapterLoadError, r"unexpected .*value\.lora_A\.default\.weight"),
+    ],
+)  # r and target_modules change the tensors, which are checked first; lora_alpha only the settings
 def test_resume_with_changed_adapter_is_refused(tmp_path, config_change, error, match):
     first = trainer_for(tmp_path, callbacks=[KillAfterRound(1)])
     with pytest.raises(KeyboardInterrupt):
@@ -113,8 +123,9 @@ def test_kill_during_checkpoint_save_leaves_previous_loadable(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         trainer._save_round(5)  # private: no public call saves one round's checkpoint
     monkeypatch.undo()
-    state, tensors = checkpoint_module.load_checkpoint(str(directory), expected_shapes={
-        n: tuple(t.shape) for n, t in trainer.global_adapter.state.items()})
+    state, tensors = checkpoint_module.load_checkpoint(
+        str(directory), expected_shapes={n: tuple(t.shape) for n, t in trainer.global_adapter.state.items()}
+    )
     assert state["round"] == 1
     assert (directory / "state.json").read_bytes() == before["state.json"]
     for name, value in tensors.items():
@@ -144,9 +155,17 @@ def test_failed_client_is_dropped_and_survivors_are_averaged(tmp_path):
     # the survivors' mean, recomputed one by one (clients 1, 2, 3)
     locals_ = []
     for client in (1, 2, 3):
-        client_update(model=model, stepper=trainer.stepper, global_state=start, round_idx=0, client=client, lr=0.5,
-                      local=LocalConfig.from_args(trainer.args), private_seed=0,
-                      shard=trainer._federation["shards"][client])  # the trainer's shard: no public accessor
+        client_update(
+            model=model,
+            stepper=trainer.stepper,
+            global_state=start,
+            round_idx=0,
+            client=client,
+            lr=0.5,
+            local=LocalConfig.from_args(trainer.args),
+            private_seed=0,
+            shard=trainer._federation["shards"][client],
+        )  # the trainer's shard: no public accessor
         locals_.append(adapter_state(model))
     trainer.global_adapter.load_into_model()
     after = adapter_state(model)

@@ -48,8 +48,12 @@ TABLE_PERIOD_2 = {
 @pytest.mark.parametrize("period,table", [(1, TABLE_PERIOD_1), (2, TABLE_PERIOD_2)])
 @pytest.mark.parametrize("alternation", ["local", "round", "freeze_a", "none"])
 def test_trainable_factors_table(alternation, period, table):
-    model = get_peft_model(tiny_roberta(), LALoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS",
-                                                         alternation=alternation, alternation_period=period))
+    model = get_peft_model(
+        tiny_roberta(),
+        LALoraConfig(
+            r=2, target_modules=["query"], task_type="SEQ_CLS", alternation=alternation, alternation_period=period
+        ),
+    )
     for round_idx in range(4):
         for step in range(6):
             got = model.base_model.trainable_factors(round_idx, step)
@@ -66,10 +70,13 @@ def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("optimizer_cls,kwargs", [
-    (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    (torch.optim.SGD, {"lr": 1e-1, "momentum": 0.9, "weight_decay": 0.1}),
-])
+@pytest.mark.parametrize(
+    "optimizer_cls,kwargs",
+    [
+        (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+        (torch.optim.SGD, {"lr": 1e-1, "momentum": 0.9, "weight_decay": 0.1}),
+    ],
+)
 @pytest.mark.parametrize("active", ["A", "B"])
 def test_inactive_factor_bitwise_unchanged(optimizer_cls, kwargs, active):
     # Prepare: a model whose optimizer has state for both factors (one joint step first)
@@ -147,19 +154,22 @@ def test_config_defaults_and_methods():
     assert LALoraConfig.for_method("lalora_nofilter").lowpass is False
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"r": 0}, "`r` must be > 0, got 0"),
-    ({"r": -2}, "`r` must be > 0, got -2"),
-    ({"lora_alpha": 0}, "`lora_alpha` must be > 0"),
-    ({"lora_alpha": -1.5}, "`lora_alpha` must be > 0"),
-    ({"alternation": "sometimes"}, "`alternation` must be one of .*'sometimes'"),
-    ({"alternation_period": 0}, "`alternation_period` must be an integer >= 1, got 0"),
-    ({"first_factor": "C"}, "`first_factor` must be 'A' or 'B'"),
-    ({"lowpass_kernel": ()}, "`lowpass_kernel` must not be empty"),
-    ({"lowpass_kernel": (1, -4, 1)}, "non-negative"),
-    ({"lowpass_kernel": (0, 0, 0)}, "positive sum"),
-    ({"lowpass_kernel": (1, 1)}, "odd length"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"r": 0}, "`r` must be > 0, got 0"),
+        ({"r": -2}, "`r` must be > 0, got -2"),
+        ({"lora_alpha": 0}, "`lora_alpha` must be > 0"),
+        ({"lora_alpha": -1.5}, "`lora_alpha` must be > 0"),
+        ({"alternation": "sometimes"}, "`alternation` must be one of .*'sometimes'"),
+        ({"alternation_period": 0}, "`alternation_period` must be an integer >= 1, got 0"),
+        ({"first_factor": "C"}, "`first_factor` must be 'A' or 'B'"),
+        ({"lowpass_kernel": ()}, "`lowpass_kernel` must not be empty"),
+        ({"lowpass_kernel": (1, -4, 1)}, "non-negative"),
+        ({"lowpass_kernel": (0, 0, 0)}, "positive sum"),
+        ({"lowpass_kernel": (1, 1)}, "odd length"),
+    ],
+)
 def test_config_bad_input(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LALoraConfig(**kwargs)

@@ -16,8 +16,15 @@ from transformers import (
     ViTForImageClassification,
 )
 
-TEXT_KW = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=64, num_labels=2)
+TEXT_KW = dict(
+    vocab_size=100,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=64,
+    num_labels=2,
+)
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 2):
@@ -27,28 +34,48 @@ def tiny_bert(seed: int = 0, num_labels: int = 2):
 
 def tiny_roberta(seed: int = 0, num_labels: int = 2):
     torch.manual_seed(seed)
-    return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **{**TEXT_KW, "num_labels": num_labels})).eval()
+    return RobertaForSequenceClassification(
+        RobertaConfig(pad_token_id=1, **{**TEXT_KW, "num_labels": num_labels})
+    ).eval()
 
 
 def tiny_vit(seed: int = 0, num_labels: int = 3, **config):
     """`config` overrides the ViT config's fields (e.g. a 1-channel 28x28 input)."""
     torch.manual_seed(seed)
     config = {"image_size": 8, "patch_size": 4, "num_channels": 3, "num_hidden_layers": 2, **config}
-    return ViTForImageClassification(ViTConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                                               num_labels=num_labels, **config)).eval()
+    return ViTForImageClassification(
+        ViTConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_labels=num_labels, **config)
+    ).eval()
 
 
 def tiny_swin(seed: int = 0, num_labels: int = 3):
     torch.manual_seed(seed)
-    return SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=8,
-                                                 depths=[1, 1], num_heads=[1, 2], window_size=2,
-                                                 num_labels=num_labels)).eval()
+    return SwinForImageClassification(
+        SwinConfig(
+            image_size=16,
+            patch_size=2,
+            num_channels=3,
+            embed_dim=8,
+            depths=[1, 1],
+            num_heads=[1, 2],
+            window_size=2,
+            num_labels=num_labels,
+        )
+    ).eval()
 
 
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
 
 
 # name -> (builder, target_modules, task_type, input builder)
@@ -56,7 +83,7 @@ def text_inputs(batch: int = 3, length: int = 7, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 100, (batch, length), generator=g)
     mask = torch.ones_like(ids)
-    mask[0, length - 2:] = 0  # one padded example
+    mask[0, length - 2 :] = 0  # one padded example
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -108,10 +108,15 @@ class Aggregator:
         offset = 0
         for name in self.names:
             size = self.sums[name].numel()
-            self.sums[name] = flat[offset:offset + size].view_as(self.sums[name]).clone()
+            self.sums[name] = flat[offset : offset + size].view_as(self.sums[name]).clone()
             offset += size
-        tail = reduce_fn(torch.tensor([self.counts[n] for n in self.names] + [float(self.survivors)],
-                                      dtype=torch.float64, device=first.device)).tolist()
+        tail = reduce_fn(
+            torch.tensor(
+                [self.counts[n] for n in self.names] + [float(self.survivors)],
+                dtype=torch.float64,
+                device=first.device,
+            )
+        ).tolist()
         self.counts = {n: float(c) for n, c in zip(self.names, tail[:-1])}
         self.survivors = int(round(tail[-1]))
 

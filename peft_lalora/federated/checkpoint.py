@@ -34,8 +34,12 @@ def save_checkpoint(directory: str, *, round_idx: int, global_state: dict, serve
     os.makedirs(directory, exist_ok=True)
     adapter_file = f"global_adapter-{round_idx:06d}.safetensors"
     save_tensors(os.path.join(directory, adapter_file), global_state, metadata={"round": str(round_idx)})
-    state = dict(server_state, round=round_idx, adapter_file=adapter_file,
-                 adapter_sha256=_sha256(os.path.join(directory, adapter_file)))
+    state = dict(
+        server_state,
+        round=round_idx,
+        adapter_file=adapter_file,
+        adapter_sha256=_sha256(os.path.join(directory, adapter_file)),
+    )
     save_json(os.path.join(directory, STATE_FILE), state, mode=0o600)  # holds the secret root of the noise
     for name in os.listdir(directory):
         if name.startswith("global_adapter-") and name != adapter_file:
@@ -48,11 +52,14 @@ def load_checkpoint(directory: str, *, expected_shapes: dict) -> tuple[dict, dic
     non-finite tensor, or an adapter file whose hash does not match, raises `AdapterLoadError`."""
     state_path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(state_path):
-        raise AdapterLoadError(f"`resume_from_checkpoint` {directory!r} holds no {STATE_FILE}: not a federated "
-                               "checkpoint. Pass the `federated_state` folder of an earlier run, or True.")
+        raise AdapterLoadError(
+            f"`resume_from_checkpoint` {directory!r} holds no {STATE_FILE}: not a federated "
+            "checkpoint. Pass the `federated_state` folder of an earlier run, or True."
+        )
     state = load_json(state_path)
     adapter_path = os.path.join(directory, state["adapter_file"])
     if _sha256(adapter_path) != state["adapter_sha256"]:
-        raise AdapterLoadError(f"{adapter_path!r} does not match the SHA-256 recorded in {state_path!r}; the "
-                               "checkpoint is corrupt.")
+        raise AdapterLoadError(
+            f"{adapter_path!r} does not match the SHA-256 recorded in {state_path!r}; the checkpoint is corrupt."
+        )
     return state, load_tensors(adapter_path, expected=expected_shapes)

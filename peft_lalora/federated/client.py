@@ -103,7 +103,7 @@ class CollatedRows:
             return None
         parts, lengths = [], []
         for start in range(0, len(dataset), cls.CHUNK_ROWS):
-            rows = dataset[start:start + cls.CHUNK_ROWS]
+            rows = dataset[start : start + cls.CHUNK_ROWS]
             if any(v is None for column in rows.values() for v in column):
                 return None
             features = _features(rows)
@@ -123,11 +123,14 @@ class CollatedRows:
             if len(lengths) * width > 2 * int(lengths.sum()):  # mostly padding: not worth its memory
                 return None
             fill = _pad_values(collate.tokenizer)
-            parts = [{k: _pad_right(v, width, fill[k]) if k in padded else v for k, v in part.items()}
-                     for part in parts]
-        if any(part.keys() != parts[0].keys() or any(part[k].dtype != parts[0][k].dtype
-                                                       or part[k].shape[1:] != parts[0][k].shape[1:] for k in part)
-               for part in parts):
+            parts = [
+                {k: _pad_right(v, width, fill[k]) if k in padded else v for k, v in part.items()} for part in parts
+            ]
+        if any(
+            part.keys() != parts[0].keys()
+            or any(part[k].dtype != parts[0][k].dtype or part[k].shape[1:] != parts[0][k].shape[1:] for k in part)
+            for part in parts
+        ):
             return None  # chunks that the collator would not stack into one batch
         tensors = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         return cls(tensors, lengths if padded else None, padded)
@@ -147,8 +150,12 @@ def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
 
 def _pad_values(tokenizer) -> dict:
     """The constant `tokenizer._pad` puts after an example's tokens, per column (transformers' own `_pad`)."""
-    return {tokenizer.model_input_names[0]: tokenizer.pad_token_id, "attention_mask": 0,
-            "token_type_ids": tokenizer.pad_token_type_id, "special_tokens_mask": 1}
+    return {
+        tokenizer.model_input_names[0]: tokenizer.pad_token_id,
+        "attention_mask": 0,
+        "token_type_ids": tokenizer.pad_token_type_id,
+        "special_tokens_mask": 1,
+    }
 
 
 def _padded_columns(collate: Callable):
@@ -159,16 +166,33 @@ def _padded_columns(collate: Callable):
     if type(collate) is not DataCollatorWithPadding:
         return None
     tokenizer = collate.tokenizer
-    plain = (getattr(type(tokenizer), "pad", None) is PreTrainedTokenizerBase.pad
-             and getattr(type(tokenizer), "_pad", None) is PreTrainedTokenizerBase._pad)
-    if (plain and collate.padding in (True, "longest") and collate.pad_to_multiple_of is None
-            and collate.return_tensors == "pt" and tokenizer.padding_side == "right"):
+    plain = (
+        getattr(type(tokenizer), "pad", None) is PreTrainedTokenizerBase.pad
+        and getattr(type(tokenizer), "_pad", None) is PreTrainedTokenizerBase._pad
+    )
+    if (
+        plain
+        and collate.padding in (True, "longest")
+        and collate.pad_to_multiple_of is None
+        and collate.return_tensors == "pt"
+        and tokenizer.padding_side == "right"
+    ):
         return (tokenizer.model_input_names[0], *PADDED_KEYS)
     return None
 
 
-def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Callable, round_idx: int, client: int,
-                    local_steps: int, batch_size: int, seed: int) -> dict:
+def run_local_round(
+    *,
+    tuner,
+    stepper,
+    shard: ClientShard,
+    make_optimizer: Callable,
+    round_idx: int,
+    client: int,
+    local_steps: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
     """
     Train the model (already holding the global adapter) on one client's shard for `local_steps` steps.
     Every random draw (batches, noise, dropout) derives from (seed, round, client), where `seed` is the run's
@@ -195,5 +219,9 @@ def run_local_round(*, tuner, stepper, shard: ClientShard, make_optimizer: Calla
             dropped += out.get("dropped", 0)
             if math.isfinite(out["loss"]):
                 losses.append(out["loss"])
-    return {"factors": frozenset(trained), "loss": sum(losses) / len(losses) if losses else float("nan"),
-            "examples": examples, "dropped": dropped}
+    return {
+        "factors": frozenset(trained),
+        "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "examples": examples,
+        "dropped": dropped,
+    }

@@ -44,10 +44,16 @@ class LocalConfig:
     @classmethod
     def from_args(cls, args) -> LocalConfig:
         """From `FederatedDPArguments` (`per_device_train_batch_size` is the expected Poisson batch)."""
-        return cls(local_steps=args.local_steps, batch_size=args.per_device_train_batch_size,
-                   local_optimizer=args.local_optimizer, local_momentum=args.local_momentum,
-                   weight_decay=args.weight_decay, lora_b_lr_ratio=args.lora_b_lr_ratio,
-                   adam_betas=(args.adam_beta1, args.adam_beta2), adam_epsilon=args.adam_epsilon)
+        return cls(
+            local_steps=args.local_steps,
+            batch_size=args.per_device_train_batch_size,
+            local_optimizer=args.local_optimizer,
+            local_momentum=args.local_momentum,
+            weight_decay=args.weight_decay,
+            lora_b_lr_ratio=args.lora_b_lr_ratio,
+            adam_betas=(args.adam_beta1, args.adam_beta2),
+            adam_epsilon=args.adam_epsilon,
+        )
 
 
 @dataclass
@@ -62,21 +68,38 @@ class ClientUpdate:
     dropped: int  # of those, dropped for a non-finite gradient
 
 
-def make_stepper(model, *, dp: bool, noise_multiplier: float = 0.0, per_sample_max_grad_norm: float = 1.0,
-                 adapter_name: str = "default", backend: str = "auto",
-                 autocast_dtype: Optional[torch.dtype] = None, head_max_grad_norm: Optional[float] = None):
+def make_stepper(
+    model,
+    *,
+    dp: bool,
+    noise_multiplier: float = 0.0,
+    per_sample_max_grad_norm: float = 1.0,
+    adapter_name: str = "default",
+    backend: str = "auto",
+    autocast_dtype: Optional[torch.dtype] = None,
+    head_max_grad_norm: Optional[float] = None,
+):
     """The local step of the adapter's method: DP-SGD (with the config's low-pass filter and, with
     `head_max_grad_norm`, clipping groups {LoRA factors: C, head: C_h}) or the non-private one."""
     config = model.peft_config[adapter_name]
     if not dp:
         return NonPrivateStep(model, None, autocast_dtype=autocast_dtype)
-    return PrivateStep(model, None, noise_multiplier=noise_multiplier, per_sample_max_grad_norm=per_sample_max_grad_norm,
-                       lowpass_kernel=config.lowpass_kernel if config.lowpass else None, backend=backend,
-                       adapter_name=adapter_name, autocast_dtype=autocast_dtype, head_max_grad_norm=head_max_grad_norm)
+    return PrivateStep(
+        model,
+        None,
+        noise_multiplier=noise_multiplier,
+        per_sample_max_grad_norm=per_sample_max_grad_norm,
+        lowpass_kernel=config.lowpass_kernel if config.lowpass else None,
+        backend=backend,
+        adapter_name=adapter_name,
+        autocast_dtype=autocast_dtype,
+        head_max_grad_norm=head_max_grad_norm,
+    )
 
 
-def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "default",
-                   params: Optional[dict] = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    model, lr: float, local: LocalConfig, adapter_name: str = "default", params: Optional[dict] = None
+) -> torch.optim.Optimizer:
     """The client optimizer over the adapter's tensors, one parameter group per role (B may have its own rate).
     `params`: `dict(model.named_parameters())`, when the caller has it already."""
     params = dict(model.named_parameters()) if params is None else params
@@ -88,8 +111,9 @@ def make_optimizer(model, lr: float, local: LocalConfig, adapter_name: str = "de
     ratios = {"A": 1.0, "B": local.lora_b_lr_ratio, "head": 1.0}
     param_groups = [{"params": p, "lr": lr * ratios[k]} for k, p in groups.items() if p]
     if local.local_optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=local.weight_decay, betas=tuple(local.adam_betas),
-                                 eps=local.adam_epsilon)
+        return torch.optim.AdamW(
+            param_groups, lr=lr, weight_decay=local.weight_decay, betas=tuple(local.adam_betas), eps=local.adam_epsilon
+        )
     return torch.optim.SGD(param_groups, lr=lr, momentum=local.local_momentum, weight_decay=local.weight_decay)
 
 
@@ -101,8 +125,19 @@ def load_state(model, state: dict, params: Optional[dict] = None) -> None:
         params[name].copy_(value)
 
 
-def client_update(*, model, stepper, shard: ClientShard, global_state: dict, round_idx: int, client: int, lr: float,
-                  local: LocalConfig, private_seed, adapter_name: str = "default") -> ClientUpdate:
+def client_update(
+    *,
+    model,
+    stepper,
+    shard: ClientShard,
+    global_state: dict,
+    round_idx: int,
+    client: int,
+    lr: float,
+    local: LocalConfig,
+    private_seed,
+    adapter_name: str = "default",
+) -> ClientUpdate:
     """
     Load `global_state` into `model`, run `local.local_steps` steps of the schedule on Poisson batches of `shard`
     (noise, batches and dropout from `private_seed`, round and client) and return the delta of the factors that
@@ -111,17 +146,36 @@ def client_update(*, model, stepper, shard: ClientShard, global_state: dict, rou
     """
     params = dict(model.named_parameters())  # one walk of the model per client
     load_state(model, global_state, params)
-    stats = run_local_round(tuner=model.base_model, stepper=stepper, shard=shard,
-                            make_optimizer=lambda: make_optimizer(model, lr, local, adapter_name, params),
-                            round_idx=round_idx, client=client, local_steps=local.local_steps,
-                            batch_size=local.batch_size, seed=private_seed)
+    stats = run_local_round(
+        tuner=model.base_model,
+        stepper=stepper,
+        shard=shard,
+        make_optimizer=lambda: make_optimizer(model, lr, local, adapter_name, params),
+        round_idx=round_idx,
+        client=client,
+        local_steps=local.local_steps,
+        batch_size=local.batch_size,
+        seed=private_seed,
+    )
     if stats["examples"] and stats["dropped"] == stats["examples"]:
-        raise ClientUpdateError(f"all {stats['examples']} sampled examples had a non-finite gradient and were "
-                                "dropped: the update would be noise only", dropped=stats["dropped"])
-    sent = [n for n in global_state if tensor_role(n, adapter_name) not in ("A", "B")
-            or tensor_role(n, adapter_name) in stats["factors"]]
+        raise ClientUpdateError(
+            f"all {stats['examples']} sampled examples had a non-finite gradient and were "
+            "dropped: the update would be noise only",
+            dropped=stats["dropped"],
+        )
+    sent = [
+        n
+        for n in global_state
+        if tensor_role(n, adapter_name) not in ("A", "B") or tensor_role(n, adapter_name) in stats["factors"]
+    ]
     delta = adapter_delta({n: params[n].detach() for n in sent}, {n: global_state[n] for n in sent})
     if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
         raise ClientUpdateError("the client's update is not finite (NaN or inf): lower the learning rate")
-    return ClientUpdate(delta=delta, num_examples=len(shard), loss=stats["loss"], steps=local.local_steps,
-                        sampled=stats["examples"], dropped=stats["dropped"])
+    return ClientUpdate(
+        delta=delta,
+        num_examples=len(shard),
+        loss=stats["loss"],
+        steps=local.local_steps,
+        sampled=stats["examples"],
+        dropped=stats["dropped"],
+    )

@@ -16,12 +16,28 @@ logger = logging.getLogger(__name__)
 
 # What a run writes to its folder: the round checkpoint, the adapter (`save_model`) with its card, privacy report
 # and training arguments, and the processor files `save_model` copies next to them.
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "privacy_report.json", "training_args.json",
-             "pooling.safetensors")
+RUN_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "privacy_report.json",
+    "training_args.json",
+    "pooling.safetensors",
+)
 CARD_FILE = "README.md"
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-                   "preprocessor_config.json", "processor_config.json")
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def run_artifacts(output_dir: str) -> list[str]:
@@ -30,8 +46,11 @@ def run_artifacts(output_dir: str) -> list[str]:
         return []
     found = [STATE_DIR] if os.path.isdir(os.path.join(output_dir, STATE_DIR)) else []
     found += [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
-    found += sorted(name for name in os.listdir(output_dir)  # peft's layout for an adapter not named "default"
-                    if name != STATE_DIR and os.path.isfile(os.path.join(output_dir, name, "adapter_config.json")))
+    found += sorted(
+        name
+        for name in os.listdir(output_dir)  # peft's layout for an adapter not named "default"
+        if name != STATE_DIR and os.path.isfile(os.path.join(output_dir, name, "adapter_config.json"))
+    )
     return found
 
 
@@ -52,7 +71,8 @@ def prepare_output_dir(args, *, resuming: bool) -> None:
             f"`output_dir` {output_dir!r} holds another run ({', '.join(found)}): a new run there would overwrite "
             "its checkpoint and leave its adapter, model card and privacy report mixed with this run's. Use a "
             "fresh `output_dir`, pass `resume_from_checkpoint=True` to `train()` to continue that run, or set "
-            "`overwrite_output_dir=True` to delete it first.")
+            "`overwrite_output_dir=True` to delete it first."
+        )
     if not args.should_save:
         return
     logger.warning("overwrite_output_dir=True: removing the earlier run in %s (%s)", output_dir, ", ".join(found))

@@ -30,12 +30,16 @@ def check_batch_against_config(batch: dict, config) -> None:
         return
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-        raise ClientDataError(f"`input_ids` hold token id {int(ids.max())} (min {int(ids.min())}), outside the "
-                              f"model's vocabulary [0, {vocab}): tokenise with the model's own tokenizer.")
+        raise ClientDataError(
+            f"`input_ids` hold token id {int(ids.max())} (min {int(ids.min())}), outside the "
+            f"model's vocabulary [0, {vocab}): tokenise with the model's own tokenizer."
+        )
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and ids.shape[-1] > positions:
-        raise ClientDataError(f"sequences of length {ids.shape[-1]} exceed the model's `max_position_embeddings` "
-                              f"= {positions}: truncate them (e.g. `max_length={positions}` in the tokenizer).")
+        raise ClientDataError(
+            f"sequences of length {ids.shape[-1]} exceed the model's `max_position_embeddings` "
+            f"= {positions}: truncate them (e.g. `max_length={positions}` in the tokenizer)."
+        )
 
 
 def check_labels(logits: torch.Tensor, batch: dict) -> None:
@@ -44,9 +48,11 @@ def check_labels(logits: torch.Tensor, batch: dict) -> None:
     if logits.dim() == 2 and not labels.is_floating_point() and labels.numel():
         classes = logits.shape[-1]
         if int(labels.min()) < 0 or int(labels.max()) >= classes:
-            raise ClientDataError(f"`labels` hold {sorted({int(v) for v in labels.flatten().tolist()})[:8]}, outside "
-                                  f"[0, {classes}) for a model with {classes} outputs: set `num_labels` or map the "
-                                  "labels to 0..num_labels-1.")
+            raise ClientDataError(
+                f"`labels` hold {sorted({int(v) for v in labels.flatten().tolist()})[:8]}, outside "
+                f"[0, {classes}) for a model with {classes} outputs: set `num_labels` or map the "
+                "labels to 0..num_labels-1."
+            )
 
 
 @torch.no_grad()
@@ -55,11 +61,15 @@ def _forward_check(model, shard) -> None:
     if "labels" not in batch:
         present = [c for c in ("labels", "label", "label_ids") if c in shard.dataset.column_names]
         if present:
-            raise ClientDataError(f"the `{present[0]}` column holds values that are not numbers (e.g. "
-                                  f"{shard.dataset[shard.indices[0]][present[0]]!r}): map them to integer class ids "
-                                  "0..num_labels-1 (e.g. `dataset.class_encode_column`).")
-        raise ClientDataError(f"the batch has no `labels` (keys {sorted(batch)}): the dataset needs a 'labels' "
-                              "(or 'label') column of targets.")
+            raise ClientDataError(
+                f"the `{present[0]}` column holds values that are not numbers (e.g. "
+                f"{shard.dataset[shard.indices[0]][present[0]]!r}): map them to integer class ids "
+                "0..num_labels-1 (e.g. `dataset.class_encode_column`)."
+            )
+        raise ClientDataError(
+            f"the batch has no `labels` (keys {sorted(batch)}): the dataset needs a 'labels' "
+            "(or 'label') column of targets."
+        )
     config = getattr(model, "config", None)
     check_batch_against_config(batch, config)
     logits = logits_of(model(**model_inputs(batch)))
@@ -82,14 +92,18 @@ def preflight(model, shards: list, gradient_probe) -> list:
                 errors[k] = f"{type(exc).__name__}: {exc}"
         if len(errors) == len(shards):
             first = next(iter(errors))
-            raise ClientDataError(f"Every client's data fails before training, so nothing was trained or charged. "
-                                  f"Client {first}: {errors[first]}")
+            raise ClientDataError(
+                f"Every client's data fails before training, so nothing was trained or charged. "
+                f"Client {first}: {errors[first]}"
+            )
         healthy = next(k for k in range(len(shards)) if k not in errors)
         try:
             gradient_probe(shards[healthy])
         except Exception as exc:  # noqa: BLE001
-            raise ClientDataError(f"Per-sample gradients fail on client {healthy}'s data, and would fail on every "
-                                  f"client; nothing was trained or charged: {type(exc).__name__}: {exc}") from exc
+            raise ClientDataError(
+                f"Per-sample gradients fail on client {healthy}'s data, and would fail on every "
+                f"client; nothing was trained or charged: {type(exc).__name__}: {exc}"
+            ) from exc
     finally:
         model.train(was_training)
     for k, message in errors.items():

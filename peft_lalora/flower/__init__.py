@@ -15,8 +15,9 @@ from __future__ import annotations
 try:
     import flwr  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("peft_lalora.flower needs Flower: install it with `pip install \"peft_lalora[flower]\"` "
-                      "(flwr==1.42.*).") from exc
+    raise ImportError(
+        'peft_lalora.flower needs Flower: install it with `pip install "peft_lalora[flower]"` (flwr==1.42.*).'
+    ) from exc
 
 from .client_app import make_client_app
 from .client_state import ClientState

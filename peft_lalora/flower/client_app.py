@@ -76,8 +76,10 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         config = message.content[protocol.CONFIG]
         round_idx, lr, steps = int(config["round"]), float(config["learning-rate"]), int(config["local-steps"])
         if steps != job.args.local_steps:
-            raise ConfigError(f"The server asks for `local-steps`={steps}, but the run's config (and this client's "
-                              f"privacy plan) has {job.args.local_steps}.")
+            raise ConfigError(
+                f"The server asks for `local-steps`={steps}, but the run's config (and this client's "
+                f"privacy plan) has {job.args.local_steps}."
+            )
         _check_scheduled(job, round_idx)
         global_state = _global_state(job, message.content[protocol.GLOBAL])
         if not job.checked:  # the data fails here, before any charge
@@ -93,9 +95,18 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
     try:  # charged: a failure from here on keeps the charge (the update may have been partly computed)
         job.model.train()
         start = time.perf_counter()
-        update = client_update(model=job.model, stepper=job.stepper, shard=job.shard, global_state=global_state,
-                               round_idx=round_idx, client=job.client, lr=lr, local=job.local, private_seed=seed,
-                               adapter_name=job.model.active_adapter)
+        update = client_update(
+            model=job.model,
+            stepper=job.stepper,
+            shard=job.shard,
+            global_state=global_state,
+            round_idx=round_idx,
+            client=job.client,
+            lr=lr,
+            local=job.local,
+            private_seed=seed,
+            adapter_name=job.model.active_adapter,
+        )
         seconds = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001
         logger.exception("client update failed")
@@ -103,38 +114,71 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
     delta = ArrayRecord({n: t.detach().to("cpu", torch.float32) for n, t in update.delta.items()})
     sent = delta.count_bytes()
     epsilon = ledger.epsilon(job.client) if ledger is not None else float("inf")
-    metrics = {"num-examples": int(update.num_examples), "steps": int(update.steps), "epsilon": float(epsilon),
-               "bytes-sent": int(sent), "train-seconds": float(seconds)}
+    metrics = {
+        "num-examples": int(update.num_examples),
+        "steps": int(update.steps),
+        "epsilon": float(epsilon),
+        "bytes-sent": int(sent),
+        "train-seconds": float(seconds),
+    }
     if context.node_config.get("share-training-metrics") is True or not job.args.dp:
         # loss and dropped examples are computed from the data without noise: only the node's owner may share them
         metrics.update({"loss": float(update.loss), "sampled": int(update.sampled), "dropped": int(update.dropped)})
-    logger.info("round %d: client %d loss %.4f, %d sampled, %d dropped", round_idx, job.client, update.loss,
-                update.sampled, update.dropped)
-    logger.info("round %d: client %d sends %d tensors (%d bytes), epsilon %.4f", round_idx, job.client, len(delta),
-                sent, epsilon)
-    content = RecordDict({protocol.DELTA: delta, protocol.METRICS: MetricRecord(metrics),
-                          protocol.PRIVACY: privacy_record(job, ledger)})
+    logger.info(
+        "round %d: client %d loss %.4f, %d sampled, %d dropped",
+        round_idx,
+        job.client,
+        update.loss,
+        update.sampled,
+        update.dropped,
+    )
+    logger.info(
+        "round %d: client %d sends %d tensors (%d bytes), epsilon %.4f",
+        round_idx,
+        job.client,
+        len(delta),
+        sent,
+        epsilon,
+    )
+    content = RecordDict(
+        {protocol.DELTA: delta, protocol.METRICS: MetricRecord(metrics), protocol.PRIVACY: privacy_record(job, ledger)}
+    )
     return Message(content, reply_to=message)
 
 
 def privacy_record(job: _Job, ledger) -> ConfigRecord:
     """The client's accounting as the server reports it (its epsilon is over every step on this data)."""
-    record = {"partition-id": job.client, "dp": bool(job.args.dp),
-              "secret-randomness": bool(job.args.dp and job.args.noise_seed is None)}
+    record = {
+        "partition-id": job.client,
+        "dp": bool(job.args.dp),
+        "secret-randomness": bool(job.args.dp and job.args.noise_seed is None),
+    }
     if ledger is not None:
-        record.update({"epsilon": float(ledger.epsilon(job.client)), "delta": float(ledger.delta),
-                       "noise-multiplier": float(ledger.noise_multiplier), "sigma-calibration": job.plan.calibration,
-                       "per-sample-max-grad-norm": float(ledger.per_sample_max_grad_norm),
-                       "sample-rate": float(ledger.sample_rate(job.client)), "steps": int(ledger.steps(job.client)),
-                       "accountant": ledger.accountant})
+        record.update(
+            {
+                "epsilon": float(ledger.epsilon(job.client)),
+                "delta": float(ledger.delta),
+                "noise-multiplier": float(ledger.noise_multiplier),
+                "sigma-calibration": job.plan.calibration,
+                "per-sample-max-grad-norm": float(ledger.per_sample_max_grad_norm),
+                "sample-rate": float(ledger.sample_rate(job.client)),
+                "steps": int(ledger.steps(job.client)),
+                "accountant": ledger.accountant,
+            }
+        )
         if ledger.target_epsilon is not None:
             record["budget"] = float(ledger.target_epsilon)
     return ConfigRecord(record)
 
 
 def _job(task: FlowerTask, context: Context) -> _Job:
-    key = (id(task), context.run_id, context.node_id, repr(sorted(context.run_config.items())),
-           repr(sorted(context.node_config.items())))
+    key = (
+        id(task),
+        context.run_id,
+        context.node_id,
+        repr(sorted(context.run_config.items())),
+        repr(sorted(context.node_config.items())),
+    )
     if key in _JOBS:
         return _JOBS[key]
     args = federated_args(context.run_config, task.config_keys)
@@ -149,21 +193,47 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     if args.dp:  # this client plans for itself alone: its size, and its own steps in the public schedule
         scheduled = None
         if args.sigma_calibration == "schedule":
-            scheduled = {client: scheduled_steps(seed=args.seed, rounds=args.num_rounds, num_clients=args.num_clients,
-                                                 clients_per_round=args.clients_per_round,
-                                                 local_steps=args.local_steps)[client]}
-        plan = PrivacyPlan.build(client_sizes={client: len(shard)}, batch_size=args.per_device_train_batch_size,
-                                 num_rounds=args.num_rounds, local_steps=args.local_steps,
-                                 target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier,
-                                 target_delta=args.target_delta, allow_large_delta=args.allow_large_delta,
-                                 accountant=args.accountant, per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-                                 scheduled_steps=scheduled)
-    stepper = make_stepper(model, dp=args.dp, noise_multiplier=plan.noise_multiplier if plan else 0.0,
-                           per_sample_max_grad_norm=args.per_sample_max_grad_norm, adapter_name=model.active_adapter,
-                           backend=args.per_sample_grad_backend, autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                           head_max_grad_norm=args.per_sample_head_max_grad_norm)
-    job = _Job(args=args, client=client, model=model, shard=shard, stepper=stepper, plan=plan,
-               local=LocalConfig.from_args(args))
+            scheduled = {
+                client: scheduled_steps(
+                    seed=args.seed,
+                    rounds=args.num_rounds,
+                    num_clients=args.num_clients,
+                    clients_per_round=args.clients_per_round,
+                    local_steps=args.local_steps,
+                )[client]
+            }
+        plan = PrivacyPlan.build(
+            client_sizes={client: len(shard)},
+            batch_size=args.per_device_train_batch_size,
+            num_rounds=args.num_rounds,
+            local_steps=args.local_steps,
+            target_epsilon=args.target_epsilon,
+            noise_multiplier=args.noise_multiplier,
+            target_delta=args.target_delta,
+            allow_large_delta=args.allow_large_delta,
+            accountant=args.accountant,
+            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+            scheduled_steps=scheduled,
+        )
+    stepper = make_stepper(
+        model,
+        dp=args.dp,
+        noise_multiplier=plan.noise_multiplier if plan else 0.0,
+        per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+        adapter_name=model.active_adapter,
+        backend=args.per_sample_grad_backend,
+        autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        head_max_grad_norm=args.per_sample_head_max_grad_norm,
+    )
+    job = _Job(
+        args=args,
+        client=client,
+        model=model,
+        shard=shard,
+        stepper=stepper,
+        plan=plan,
+        local=LocalConfig.from_args(args),
+    )
     _JOBS[key] = job
     while len(_JOBS) > _MAX_JOBS:
         _JOBS.popitem(last=False)
@@ -174,10 +244,14 @@ def _check_scheduled(job: _Job, round_idx: int) -> None:
     """A client trains only in the rounds the public schedule gives it (its sigma may be calibrated for those)."""
     args = job.args
     if not 0 <= round_idx < args.num_rounds:
-        raise ConfigError(f"The server asks for round {round_idx}, outside the run's `num-rounds` = {args.num_rounds}.")
+        raise ConfigError(
+            f"The server asks for round {round_idx}, outside the run's `num-rounds` = {args.num_rounds}."
+        )
     if job.client not in select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round):
-        raise ConfigError(f"Client {job.client} is not among round {round_idx}'s clients in the public schedule "
-                          f"(seed {args.seed}): refusing to train in it.")
+        raise ConfigError(
+            f"Client {job.client} is not among round {round_idx}'s clients in the public schedule "
+            f"(seed {args.seed}): refusing to train in it."
+        )
 
 
 def _global_state(job: _Job, arrays: ArrayRecord) -> dict:
@@ -187,13 +261,17 @@ def _global_state(job: _Job, arrays: ArrayRecord) -> dict:
     state = arrays.to_torch_state_dict()
     if sorted(state) != sorted(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise ConfigError(f"The server's adapter does not match this client's model: missing {missing[:5]}, "
-                          f"unexpected {extra[:5]}. Server and clients must build the same model and LALoraConfig.")
+        raise ConfigError(
+            f"The server's adapter does not match this client's model: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}. Server and clients must build the same model and LALoraConfig."
+        )
     out = {}
     for name, value in state.items():
         if tuple(value.shape) != tuple(params[name].shape):
-            raise ConfigError(f"`{name}` has shape {tuple(value.shape)} on the server and {tuple(params[name].shape)} "
-                              "here: server and clients must share one LALoraConfig (r, target modules).")
+            raise ConfigError(
+                f"`{name}` has shape {tuple(value.shape)} on the server and {tuple(params[name].shape)} "
+                "here: server and clients must share one LALoraConfig (r, target modules)."
+            )
         out[name] = value.to(params[name].device, params[name].dtype)
     return out
 

@@ -48,8 +48,10 @@ class ClientState:
 
     def __init__(self, directory: str):
         if not isinstance(directory, str) or not directory:
-            raise ConfigError(f"`state-dir` (node_config) must be a folder path on the SuperNode's disk, got "
-                              f"{directory!r}. Start the SuperNode with --node-config 'state-dir=\"/srv/lalora\" ...'.")
+            raise ConfigError(
+                f"`state-dir` (node_config) must be a folder path on the SuperNode's disk, got "
+                f"{directory!r}. Start the SuperNode with --node-config 'state-dir=\"/srv/lalora\" ...'."
+            )
         self.directory = os.path.abspath(os.path.expanduser(directory))
         if not os.path.isdir(self.directory):
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -84,33 +86,58 @@ class ClientState:
         saved = self.saved()
         if saved is None:
             budget = _smallest(plan.target_epsilon, max_epsilon)
-            return PrivacyLedger(sample_rates={client: rate}, noise_multiplier=plan.noise_multiplier,
-                                 delta=plan.delta, accountant=plan.accountant,
-                                 per_sample_max_grad_norm=plan.per_sample_max_grad_norm, target_epsilon=budget)
+            return PrivacyLedger(
+                sample_rates={client: rate},
+                noise_multiplier=plan.noise_multiplier,
+                delta=plan.delta,
+                accountant=plan.accountant,
+                per_sample_max_grad_norm=plan.per_sample_max_grad_norm,
+                target_epsilon=budget,
+            )
         if saved.get("format") != _LEDGER_FORMAT or saved.get("version") != _VERSION:
-            raise ConfigError(f"{self.ledger_path!r} is not a peft_lalora client ledger (format {_LEDGER_FORMAT!r}, "
-                              f"version {_VERSION}); refusing to train rather than forget what was spent.")
+            raise ConfigError(
+                f"{self.ledger_path!r} is not a peft_lalora client ledger (format {_LEDGER_FORMAT!r}, "
+                f"version {_VERSION}); refusing to train rather than forget what was spent."
+            )
         for name, key in (("delta", "target-delta"), ("accountant", "accountant")):
             if saved[name] != getattr(plan, name):
                 raise ConfigError(
                     f"This node's ledger ({self.ledger_path}) accounts with {name}={saved[name]!r}, but the run asks "
                     f"for {getattr(plan, name)!r}: epsilons under different settings do not compose. Run with "
-                    f"`{key}` = {saved[name]!r}.")
+                    f"`{key}` = {saved[name]!r}."
+                )
         state = dict(saved["ledger"])
         histories = list(state["histories"].values())
-        state.update(noise_multiplier=plan.noise_multiplier, sample_rates={str(client): rate},
-                     per_sample_max_grad_norm=plan.per_sample_max_grad_norm,
-                     target_epsilon=_smallest(saved["target_epsilon"], plan.target_epsilon, max_epsilon),
-                     histories={str(client): [entry for history in histories for entry in history]})
+        state.update(
+            noise_multiplier=plan.noise_multiplier,
+            sample_rates={str(client): rate},
+            per_sample_max_grad_norm=plan.per_sample_max_grad_norm,
+            target_epsilon=_smallest(saved["target_epsilon"], plan.target_epsilon, max_epsilon),
+            histories={str(client): [entry for history in histories for entry in history]},
+        )
         return PrivacyLedger.from_state_dict(state)
 
     def save_charge(self, ledger: PrivacyLedger, *, client: int, run_id: int, round_idx: int, steps: int) -> None:
         """Write the ledger after charging `steps` steps of round `round_idx` of run `run_id` (durable on return)."""
         saved = self.saved() or {"charges": []}
-        saved.update(format=_LEDGER_FORMAT, version=_VERSION, client=int(client), ledger=ledger.state_dict(),
-                     target_epsilon=ledger.target_epsilon, delta=ledger.delta, accountant=ledger.accountant)
-        saved["charges"].append({"run_id": int(run_id), "round": int(round_idx), "steps": int(steps),
-                                 "epsilon": ledger.epsilon(client), "time": time.time()})
+        saved.update(
+            format=_LEDGER_FORMAT,
+            version=_VERSION,
+            client=int(client),
+            ledger=ledger.state_dict(),
+            target_epsilon=ledger.target_epsilon,
+            delta=ledger.delta,
+            accountant=ledger.accountant,
+        )
+        saved["charges"].append(
+            {
+                "run_id": int(run_id),
+                "round": int(round_idx),
+                "steps": int(steps),
+                "epsilon": ledger.epsilon(client),
+                "time": time.time(),
+            }
+        )
         save_json(self.ledger_path, saved)
 
     def epsilon(self) -> float:
@@ -134,4 +161,3 @@ class ClientState:
             saved["runs"][key] = secret_seed()
             save_json(path, saved, mode=0o600)
         return saved["runs"][key]
-

@@ -20,14 +20,19 @@ BUDGET_EXCEEDED = 100  # the round would exceed the client's budget: refused, no
 CLIENT_CONFIG = 101  # the run's settings or the node's config / data are invalid: nothing trained or charged
 UPDATE_FAILED = 102  # the local round failed after its charge (e.g. every sampled gradient was non-finite)
 NOT_CHARGED = (BUDGET_EXCEEDED, CLIENT_CONFIG)  # any other failure may come after the client's charge
-ERROR_NAMES = {BUDGET_EXCEEDED: "budget exceeded", CLIENT_CONFIG: "invalid configuration",
-               UPDATE_FAILED: "update failed"}
+ERROR_NAMES = {
+    BUDGET_EXCEEDED: "budget exceeded",
+    CLIENT_CONFIG: "invalid configuration",
+    UPDATE_FAILED: "update failed",
+}
 
 
 def partition_id(node_config) -> int:
     """The client id of a SuperNode (`node_config["partition-id"]`), which the public schedule selects."""
     value = node_config.get("partition-id")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"`partition-id` (node_config) must be an integer >= 0, the client's id in the public "
-                          f"schedule, got {value!r}. Start the SuperNode with --node-config 'partition-id=0 ...'.")
+        raise ConfigError(
+            f"`partition-id` (node_config) must be an integer >= 0, the client's id in the public "
+            f"schedule, got {value!r}. Start the SuperNode with --node-config 'partition-id=0 ...'."
+        )
     return value

@@ -55,20 +55,29 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     model = task.model(run_config, context.node_config)
     params = dict(model.named_parameters())
     names = adapter_tensor_names(model, model.active_adapter)
-    strategy = LALoraStrategy(args=args, global_state={n: params[n] for n in names},
-                              learning_rates=round_learning_rates(args),
-                              round_timeout=server_setting(run_config, "round-timeout"))
+    strategy = LALoraStrategy(
+        args=args,
+        global_state={n: params[n] for n in names},
+        learning_rates=round_learning_rates(args),
+        round_timeout=server_setting(run_config, "round-timeout"),
+    )
     wait = server_setting(run_config, "node-wait-timeout")
     found = strategy.discover(grid, wait=wait, until=args.num_clients)
     if len(found) < args.min_clients_per_round:
-        raise ConfigError(f"Only {len(found)} of the {args.num_clients} clients (partition-ids {sorted(found)}) have "
-                          f"a SuperNode after waiting {wait:.0f} s (`node-wait-timeout`), fewer than "
-                          f"`min-clients-per-round` = {args.min_clients_per_round}. Start more SuperNodes.")
+        raise ConfigError(
+            f"Only {len(found)} of the {args.num_clients} clients (partition-ids {sorted(found)}) have "
+            f"a SuperNode after waiting {wait:.0f} s (`node-wait-timeout`), fewer than "
+            f"`min-clients-per-round` = {args.min_clients_per_round}. Start more SuperNodes."
+        )
     if len(found) < args.num_clients:
-        logger.warning("Only partition-ids %s of %d have a SuperNode; the others' rounds count as failed clients.",
-                       sorted(found), args.num_clients)
-    strategy.start(grid=grid, initial_arrays=strategy.arrays(), num_rounds=args.num_rounds,
-                   timeout=strategy.round_timeout)
+        logger.warning(
+            "Only partition-ids %s of %d have a SuperNode; the others' rounds count as failed clients.",
+            sorted(found),
+            args.num_clients,
+        )
+    strategy.start(
+        grid=grid, initial_arrays=strategy.arrays(), num_rounds=args.num_rounds, timeout=strategy.round_timeout
+    )
     return save_results(task, model, strategy, run_config)
 
 
@@ -91,15 +100,30 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
     if args.dp and report["epsilon"] is None:  # no epsilon to state: no card
         logger.warning("No client ever reported its epsilon (every round failed): no model card is written.")
     else:
-        write_model_card(out, base_model=config.base_model_name_or_path or "unknown", adapter_config=config.to_dict(),
-                         privacy_report=report if args.dp else None, metrics={}, repo_id=args.hub_model_id,
-                         federated={"num_clients": args.num_clients, "clients_per_round": args.clients_per_round,
-                                    "num_rounds": args.num_rounds, "local_steps": args.local_steps,
-                                    "partition": "each client's own data on its own SuperNode (Flower)"})
+        write_model_card(
+            out,
+            base_model=config.base_model_name_or_path or "unknown",
+            adapter_config=config.to_dict(),
+            privacy_report=report if args.dp else None,
+            metrics={},
+            repo_id=args.hub_model_id,
+            federated={
+                "num_clients": args.num_clients,
+                "clients_per_round": args.clients_per_round,
+                "num_rounds": args.num_rounds,
+                "local_steps": args.local_steps,
+                "partition": "each client's own data on its own SuperNode (Flower)",
+            },
+        )
     logger.info("saved the adapter, %s and %s to %s (epsilon %s)", PRIVACY_REPORT, HISTORY, out, report["epsilon"])
     if args.push_to_hub:
-        push_adapter_folder(out, args.hub_model_id, token=args.hub_token, private=bool(args.hub_private_repo),
-                            allow_fixed_noise_seed=bool(args.allow_fixed_noise_seed))
+        push_adapter_folder(
+            out,
+            args.hub_model_id,
+            token=args.hub_token,
+            private=bool(args.hub_private_repo),
+            allow_fixed_noise_seed=bool(args.allow_fixed_noise_seed),
+        )
     return report
 
 
@@ -110,5 +134,7 @@ def _check_publishable(args) -> None:
     if not args.hub_model_id:
         raise ConfigError("`push-to-hub` is set but `hub-model-id` is not: name the Hub repo (e.g. 'alice/lalora').")
     if args.dp and args.noise_seed is not None and not args.allow_fixed_noise_seed:
-        raise ConfigError(f"`noise-seed`={args.noise_seed} fixes the noise, so the adapter would NOT be differentially "
-                          "private: refusing to publish it. Leave `noise-seed` out, or set `allow-fixed-noise-seed`.")
+        raise ConfigError(
+            f"`noise-seed`={args.noise_seed} fixes the noise, so the adapter would NOT be differentially "
+            "private: refusing to publish it. Leave `noise-seed` out, or set `allow-fixed-noise-seed`."
+        )

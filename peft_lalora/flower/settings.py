@@ -19,13 +19,44 @@ from ..errors import ConfigError, LALoraWarning
 ALIASES = {"batch-size": "per_device_train_batch_size"}
 # FederatedDPArguments fields that mean something in a Flower run (data splits and evaluation are the nodes' own)
 FIELDS = (
-    "num_clients", "clients_per_round", "num_rounds", "local_steps", "min_clients_per_round", "aggregation_weights",
-    "dp", "target_epsilon", "target_delta", "allow_large_delta", "noise_multiplier", "per_sample_max_grad_norm",
-    "accountant", "noise_seed", "allow_fixed_noise_seed", "seed", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "round_lr_decay", "lora_b_lr_ratio", "local_optimizer", "local_momentum", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "per_sample_grad_backend", "bf16", "use_cpu", "output_dir",
-    "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "per_device_train_batch_size",
-    "sigma_calibration", "per_sample_head_max_grad_norm",
+    "num_clients",
+    "clients_per_round",
+    "num_rounds",
+    "local_steps",
+    "min_clients_per_round",
+    "aggregation_weights",
+    "dp",
+    "target_epsilon",
+    "target_delta",
+    "allow_large_delta",
+    "noise_multiplier",
+    "per_sample_max_grad_norm",
+    "accountant",
+    "noise_seed",
+    "allow_fixed_noise_seed",
+    "seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "round_lr_decay",
+    "lora_b_lr_ratio",
+    "local_optimizer",
+    "local_momentum",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "per_sample_grad_backend",
+    "bf16",
+    "use_cpu",
+    "output_dir",
+    "overwrite_output_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "per_device_train_batch_size",
+    "sigma_calibration",
+    "per_sample_head_max_grad_norm",
 )
 SERVER_KEYS = {"round-timeout": 3600.0, "node-wait-timeout": 300.0}
 
@@ -41,9 +72,11 @@ def check_keys(run_config: Mapping, task_keys: Iterable[str] = ()) -> None:
     known = set(SERVER_KEYS) | set(task_keys)
     unknown = sorted(k for k in run_config if field_of(k) is None and k not in known)
     if unknown:
-        raise ConfigError(f"`run_config` holds keys no part of the run reads: {unknown}. Use FederatedDPArguments "
-                          f"fields in kebab case (e.g. `num-rounds`, `target-epsilon`, `batch-size`), "
-                          f"{sorted(SERVER_KEYS)}, or the task's keys {sorted(task_keys)}.")
+        raise ConfigError(
+            f"`run_config` holds keys no part of the run reads: {unknown}. Use FederatedDPArguments "
+            f"fields in kebab case (e.g. `num-rounds`, `target-epsilon`, `batch-size`), "
+            f"{sorted(SERVER_KEYS)}, or the task's keys {sorted(task_keys)}."
+        )
 
 
 def federated_args(run_config: Mapping, task_keys: Iterable[str] = ()) -> FederatedDPArguments:

@@ -37,8 +37,15 @@ class LALoraStrategy(Strategy):
         query_timeout (`float`): seconds to wait for the SuperNodes' answers to "which partition are you?".
     """
 
-    def __init__(self, *, args, global_state: dict, learning_rates: list, round_timeout: float = 3600.0,
-                 query_timeout: float = 120.0):
+    def __init__(
+        self,
+        *,
+        args,
+        global_state: dict,
+        learning_rates: list,
+        round_timeout: float = 3600.0,
+        query_timeout: float = 120.0,
+    ):
         self.args = args
         self.global_state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
         self.learning_rates = list(learning_rates)
@@ -69,8 +76,9 @@ class LALoraStrategy(Strategy):
             time.sleep(min(1.0, max(0.0, deadline - time.time())))
 
     def _ask(self, grid: Grid, nodes: list) -> None:
-        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=self.query_timeout)
-                    for n in nodes]
+        messages = [
+            Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=self.query_timeout) for n in nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=self.query_timeout))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
@@ -81,16 +89,21 @@ class LALoraStrategy(Strategy):
             self._asked.add(node)
             pid = int(reply.content[protocol.NODE]["partition-id"])
             if pid >= self.args.num_clients:
-                logger.warning("SuperNode %s has partition-id %d, outside the run's num-clients=%d: not used", node,
-                               pid, self.args.num_clients)
+                logger.warning(
+                    "SuperNode %s has partition-id %d, outside the run's num-clients=%d: not used",
+                    node,
+                    pid,
+                    self.args.num_clients,
+                )
                 continue
             if self.nodes.get(pid, node) != node:
                 logger.warning("partition-id %d is now served by SuperNode %s (was %s)", pid, node, self.nodes[pid])
             self.nodes[pid] = node
 
     # ----- training rounds -------------------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Messages to the round's clients of the public schedule (`server_round` counts from 1, `round` from 0)."""
         args, round_idx = self.args, server_round - 1
         selected = select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round)
@@ -99,21 +112,40 @@ class LALoraStrategy(Strategy):
             self.discover(grid)  # a node (re)joined, or a selected client has none
         self._round = {"round": round_idx, "selected": selected, "failed": {}, "messages": [], "start": time.time()}
         self._uncharged = set()  # clients whose error reply says nothing was charged
-        content = RecordDict({protocol.GLOBAL: self.arrays(), protocol.CONFIG: ConfigRecord({
-            "round": round_idx, "learning-rate": float(self.learning_rates[round_idx]),
-            "local-steps": args.local_steps, "seed": args.seed})})
+        content = RecordDict(
+            {
+                protocol.GLOBAL: self.arrays(),
+                protocol.CONFIG: ConfigRecord(
+                    {
+                        "round": round_idx,
+                        "learning-rate": float(self.learning_rates[round_idx]),
+                        "local-steps": args.local_steps,
+                        "seed": args.seed,
+                    }
+                ),
+            }
+        )
         for pid in selected:
             node = self.nodes.get(pid)
             if node is None or node not in online:
                 self._round["failed"][pid] = "no SuperNode online with this partition-id"
                 continue
-            message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round),
-                              ttl=self.round_timeout)
+            message = Message(
+                content,
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+                group_id=str(server_round),
+                ttl=self.round_timeout,
+            )
             self._round["messages"].append((message, pid))
         if len(self._round["messages"]) < args.min_clients_per_round:  # known before anyone trains: charge nobody
-            logger.warning("round %d: only %d of its clients have a SuperNode online, fewer than "
-                           "min_clients_per_round=%d: aborted before sending", round_idx, len(self._round["messages"]),
-                           args.min_clients_per_round)
+            logger.warning(
+                "round %d: only %d of its clients have a SuperNode online, fewer than "
+                "min_clients_per_round=%d: aborted before sending",
+                round_idx,
+                len(self._round["messages"]),
+                args.min_clients_per_round,
+            )
             for _, pid in self._round["messages"]:
                 self._round["failed"][pid] = "not sent: the round could not reach min_clients_per_round"
             self._round["messages"] = []
@@ -171,28 +203,44 @@ class LALoraStrategy(Strategy):
         record, args = self._round, self.args
         aborted = aggregator.survivors < args.min_clients_per_round
         if aborted:
-            logger.warning("round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; nothing "
-                           "released", record["round"], aggregator.survivors, len(record["selected"]),
-                           args.min_clients_per_round)
+            logger.warning(
+                "round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; nothing released",
+                record["round"],
+                aggregator.survivors,
+                len(record["selected"]),
+                args.min_clients_per_round,
+            )
         else:
             self.global_state = aggregator.merged()
         losses = [m["loss"] for m in clients.values() if math.isfinite(m.get("loss", math.nan))]
-        entry = {"round": record["round"], "selected": record["selected"], "survivors": sorted(clients),
-                 "failed": {str(k): v for k, v in sorted(record["failed"].items())}, "aborted": aborted,
-                 "seconds": time.time() - record["start"],
-                 "bytes_sent": {str(k): int(m["bytes-sent"]) for k, m in clients.items()},
-                 "client_seconds": {str(k): float(m.get("train-seconds", float("nan"))) for k, m in clients.items()},
-                 "loss": sum(losses) / len(losses) if losses else float("nan"),
-                 "adapter_sha256": state_sha256(self.global_state)}
+        entry = {
+            "round": record["round"],
+            "selected": record["selected"],
+            "survivors": sorted(clients),
+            "failed": {str(k): v for k, v in sorted(record["failed"].items())},
+            "aborted": aborted,
+            "seconds": time.time() - record["start"],
+            "bytes_sent": {str(k): int(m["bytes-sent"]) for k, m in clients.items()},
+            "client_seconds": {str(k): float(m.get("train-seconds", float("nan"))) for k, m in clients.items()},
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "adapter_sha256": state_sha256(self.global_state),
+        }
         self.history.append(entry)
-        metrics = MetricRecord({"clients": len(clients), "failed": len(record["failed"]), "aborted": int(aborted),
-                                "loss": entry["loss"], "epsilon": max([float(m["epsilon"]) for m in clients.values()],
-                                                                      default=0.0)})
+        metrics = MetricRecord(
+            {
+                "clients": len(clients),
+                "failed": len(record["failed"]),
+                "aborted": int(aborted),
+                "loss": entry["loss"],
+                "epsilon": max([float(m["epsilon"]) for m in clients.values()], default=0.0),
+            }
+        )
         return (None if aborted else self.arrays()), metrics
 
     # ----- no federated evaluation: the clients' data is theirs; evaluate the saved adapter -------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -200,9 +248,15 @@ class LALoraStrategy(Strategy):
 
     def summary(self) -> None:
         args = self.args
-        logger.info("LALoraStrategy: %d clients, %d per round (at least %d), %d rounds x %d local steps, %s weights",
-                    args.num_clients, args.clients_per_round, args.min_clients_per_round, args.num_rounds,
-                    args.local_steps, args.aggregation_weights)
+        logger.info(
+            "LALoraStrategy: %d clients, %d per round (at least %d), %d rounds x %d local steps, %s weights",
+            args.num_clients,
+            args.clients_per_round,
+            args.min_clients_per_round,
+            args.num_rounds,
+            args.local_steps,
+            args.aggregation_weights,
+        )
 
 
 def state_sha256(state: dict) -> str:

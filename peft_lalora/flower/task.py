@@ -37,13 +37,17 @@ class FlowerTask:
     def model(self, run_config: dict, node_config: dict):
         model = self.build_model(dict(run_config), dict(node_config))
         if not isinstance(getattr(model, "base_model", None), LALoraModel):
-            raise ConfigError("`build_model` must return `get_peft_model(base, LALoraConfig(...))` (after `import "
-                              f"peft_lalora`), got {type(model).__name__}.")
+            raise ConfigError(
+                "`build_model` must return `get_peft_model(base, LALoraConfig(...))` (after `import "
+                f"peft_lalora`), got {type(model).__name__}."
+            )
         return model
 
     def client_data(self, node_config: dict, run_config: dict) -> tuple:
         out = self.load_client_data(dict(node_config), dict(run_config))
         if not (isinstance(out, tuple) and len(out) == 2 and callable(out[1])):
-            raise ConfigError("`load_client_data` must return `(dataset, collate)` (a `datasets.Dataset` and a "
-                              f"collate function), got {type(out).__name__}.")
+            raise ConfigError(
+                "`load_client_data` must return `(dataset, collate)` (a `datasets.Dataset` and a "
+                f"collate function), got {type(out).__name__}."
+            )
         return out

@@ -43,10 +43,20 @@ AUTO_CLASS_BY_TASK = {task: auto for task, auto in TASKS.values()}
 AUTO_CLASS_BY_TASK["image-classification"] = "AutoModelForImageClassification"
 
 
-def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_report: dict | None,
-                      federated: dict, metrics: dict, dataset: str | None = None, task: str | None = None,
-                      repo_id: str | None = None, eval_round: int | None = None,
-                      adapter_round: int | None = None, data_format: str | None = None) -> str:
+def render_model_card(
+    *,
+    base_model: str | None,
+    adapter_config: dict,
+    privacy_report: dict | None,
+    federated: dict,
+    metrics: dict,
+    dataset: str | None = None,
+    task: str | None = None,
+    repo_id: str | None = None,
+    eval_round: int | None = None,
+    adapter_round: int | None = None,
+    data_format: str | None = None,
+) -> str:
     """
     README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
     `metrics` as results) and sections on the method and schedule, the adapter, the federated setup, the privacy
@@ -60,38 +70,52 @@ def render_model_card(*, base_model: str | None, adapter_config: dict, privacy_r
     instruction-tuned causal LM) becomes a "Training data" section.
     """
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
-        raise ConfigError(f"`base_model` must be a non-empty model id or path (or None when not recorded), got "
-                          f"{base_model!r}.")
+        raise ConfigError(
+            f"`base_model` must be a non-empty model id or path (or None when not recorded), got {base_model!r}."
+        )
     config = _adapter_config_dict(adapter_config)
     metrics = {k: v for k, v in _check_metrics(metrics).items() if _metric_kind(k) not in NOT_METRICS}
     task = task or TASKS.get(str(config.get("task_type")), (None, None))[0]
-    title = f"{repo_id.split('/')[-1]}" if repo_id else f"LA-LoRA adapter for {base_model}" if base_model \
+    title = (
+        f"{repo_id.split('/')[-1]}"
+        if repo_id
+        else f"LA-LoRA adapter for {base_model}"
+        if base_model
         else "LA-LoRA adapter"
+    )
     kind = "causal-LM (text-generation) LoRA adapter" if task == "text-generation" else "LoRA adapter"
-    values = {"base_model_text": f"`{base_model}`" if base_model else "not recorded",
-              "adapter_for": f"{kind[0].upper()}{kind[1:]} for `{base_model}`" if base_model else
-              f"{kind[0].upper()}{kind[1:]} (its base model was not recorded)",
-              "data_section": f"## Training data\n\n{data_format.strip()}\n\n" if data_format else "",
-              "base_model_load": base_model or "<the base model's id or path>",
-              "repo_id": repo_id or "<repo_id or local adapter folder>", "title": title,
-              "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"), "task_type": _code(config.get("task_type"))}
+    values = {
+        "base_model_text": f"`{base_model}`" if base_model else "not recorded",
+        "adapter_for": f"{kind[0].upper()}{kind[1:]} for `{base_model}`"
+        if base_model
+        else f"{kind[0].upper()}{kind[1:]} (its base model was not recorded)",
+        "data_section": f"## Training data\n\n{data_format.strip()}\n\n" if data_format else "",
+        "base_model_load": base_model or "<the base model's id or path>",
+        "repo_id": repo_id or "<repo_id or local adapter folder>",
+        "title": title,
+        "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"),
+        "task_type": _code(config.get("task_type")),
+    }
     values.update(_method_values(config))
     values.update(_federated_values(federated))
     status = privacy_status(privacy_report)
     values["privacy_section"] = _privacy_section(privacy_report)
-    values["dp_clause"] = {"private": " with differential privacy", "fixed_seed": " with DP-SGD noise from a fixed "
-                           "seed (no privacy guarantee)"}.get(status, " without differential privacy")
+    values["dp_clause"] = {
+        "private": " with differential privacy",
+        "fixed_seed": " with DP-SGD noise from a fixed seed (no privacy guarantee)",
+    }.get(status, " without differential privacy")
     adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
     final = eval_round is None or eval_round == adapter_round
     values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])
     index_metrics = {k: v for k, v in metrics.items() if _metric_kind(k) not in NOT_INDEX_METRICS} if final else {}
-    values["front_matter"] = _front_matter(base_model, index_metrics, dataset, task, title,
-                                           private=status == "private")
+    values["front_matter"] = _front_matter(
+        base_model, index_metrics, dataset, task, title, private=status == "private"
+    )
     return string.Template(_template()).substitute(values)
 
 
 def privacy_status(report: dict | None) -> str:
-    """"private" (DP with noise from secret randomness), "fixed_seed" (the noise can be re-created: no guarantee),
+    """ "private" (DP with noise from secret randomness), "fixed_seed" (the noise can be re-created: no guarantee),
     "no_noise" (noise_multiplier 0: epsilon = inf) or "none" (trained without DP)."""
     if report is None or (isinstance(report, dict) and report.get("dp") is False):
         return "none"
@@ -115,13 +139,17 @@ def write_model_card(folder: str, **kwargs) -> str:
     if "base_model" not in kwargs:
         kwargs["base_model"] = _adapter_config_dict(kwargs["adapter_config"]).get("base_model_name_or_path")
         if not kwargs["base_model"]:
-            raise ConfigError("`base_model` was not given and the adapter config has no `base_model_name_or_path`; "
-                              "pass `base_model=` (the Hub id of the model the adapter was trained on).")
+            raise ConfigError(
+                "`base_model` was not given and the adapter config has no `base_model_name_or_path`; "
+                "pass `base_model=` (the Hub id of the model the adapter was trained on)."
+            )
     if "privacy_report" not in kwargs:
         report_path = os.path.join(folder, "privacy_report.json")
         if not os.path.isfile(report_path):
-            raise ConfigError(f"`privacy_report` was not given and {report_path!r} does not exist. Pass the run's "
-                              "privacy report, or `privacy_report=None` for a run trained without differential privacy.")
+            raise ConfigError(
+                f"`privacy_report` was not given and {report_path!r} does not exist. Pass the run's "
+                "privacy report, or `privacy_report=None` for a run trained without differential privacy."
+            )
         kwargs["privacy_report"] = _read_json(report_path, "privacy_report")
     text = render_model_card(**kwargs)
     path = os.path.join(folder, "README.md")
@@ -134,8 +162,10 @@ def _template() -> str:
     try:
         return TEMPLATE_PATH.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"The model-card template {str(TEMPLATE_PATH)!r} is missing; it ships with the "
-                                "peft_lalora package (peft_lalora/hub/card_template.md); reinstall the package.") from exc
+        raise FileNotFoundError(
+            f"The model-card template {str(TEMPLATE_PATH)!r} is missing; it ships with the "
+            "peft_lalora package (peft_lalora/hub/card_template.md); reinstall the package."
+        ) from exc
 
 
 def _read_json(path: str, name: str) -> dict:
@@ -150,12 +180,16 @@ def _adapter_config_dict(adapter_config) -> dict:
     if hasattr(adapter_config, "to_dict"):
         adapter_config = adapter_config.to_dict()
     if not isinstance(adapter_config, dict):
-        raise ConfigError(f"`adapter_config` must be a dict (adapter_config.json) or an LALoraConfig, got "
-                          f"{type(adapter_config).__name__}.")
+        raise ConfigError(
+            f"`adapter_config` must be a dict (adapter_config.json) or an LALoraConfig, got "
+            f"{type(adapter_config).__name__}."
+        )
     missing = [k for k in ("r", "lora_alpha", "target_modules", "alternation") if k not in adapter_config]
     if missing:
-        raise ConfigError(f"`adapter_config` must hold {missing} (an LA-LoRA adapter_config.json), got keys "
-                          f"{sorted(adapter_config)}. Pass the LALORA adapter's config, not a stock LoRA export.")
+        raise ConfigError(
+            f"`adapter_config` must hold {missing} (an LA-LoRA adapter_config.json), got keys "
+            f"{sorted(adapter_config)}. Pass the LALORA adapter's config, not a stock LoRA export."
+        )
     return adapter_config
 
 
@@ -167,12 +201,19 @@ def _method_values(config: dict) -> dict:
     method = method_of(alternation, lowpass)
     targets = config["target_modules"]
     targets = [targets] if isinstance(targets, str) else sorted(targets)
-    return {"method_name": method.title, "method_description": method.description, "alternation": alternation,
-            "alternation_period": config.get("alternation_period", 1), "first_factor": config.get("first_factor", "B"),
-            "lowpass": "on" if lowpass else "off", "r": config["r"], "lora_alpha": config["lora_alpha"],
-            "target_modules": ", ".join(f"`{t}`" for t in targets),
-            "modules_to_save": ", ".join(f"`{m}`" for m in dict.fromkeys(_as_list(config.get("modules_to_save"))))
-            or "none"}
+    return {
+        "method_name": method.title,
+        "method_description": method.description,
+        "alternation": alternation,
+        "alternation_period": config.get("alternation_period", 1),
+        "first_factor": config.get("first_factor", "B"),
+        "lowpass": "on" if lowpass else "off",
+        "r": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "target_modules": ", ".join(f"`{t}`" for t in targets),
+        "modules_to_save": ", ".join(f"`{m}`" for m in dict.fromkeys(_as_list(config.get("modules_to_save"))))
+        or "none",
+    }
 
 
 def _federated_values(federated: dict) -> dict:
@@ -189,34 +230,52 @@ def _federated_values(federated: dict) -> dict:
 
 def _privacy_section(report: dict | None) -> str:
     if report is None or (isinstance(report, dict) and report.get("dp") is False):
-        return ("This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
-                "for the clients' data.")
+        return (
+            "This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
+            "for the clients' data."
+        )
     if not isinstance(report, dict):
-        raise ConfigError(f"`privacy_report` must be a dict (privacy_report.json) or None, got {type(report).__name__}.")
+        raise ConfigError(
+            f"`privacy_report` must be a dict (privacy_report.json) or None, got {type(report).__name__}."
+        )
     clients = report.get("clients") or []
     epsilon = report.get("epsilon", max((c["epsilon"] for c in clients if "epsilon" in c), default=None))
     missing = [k for k in PRIVACY_KEYS if report.get(k) is None] + (["epsilon"] if epsilon is None else [])
     if missing:
-        raise ConfigError(f"`privacy_report` must hold {missing}; got keys {sorted(report)}. Pass the report "
-                          "written by the privacy accountant, or None for a non-private run.")
+        raise ConfigError(
+            f"`privacy_report` must hold {missing}; got keys {sorted(report)}. Pass the report "
+            "written by the privacy accountant, or None for a non-private run."
+        )
     rates = [c["sample_rate"] for c in clients if "sample_rate" in c] or _as_list(report.get("sample_rate"))
     steps = [c["steps"] for c in clients if "steps" in c]
-    rows = [("epsilon (worst-case client)", _num(epsilon)), ("delta", _num(report["delta"])),
-            ("noise multiplier sigma", _num(report["noise_multiplier"])),
-            ("per-sample clip norm C (`per_sample_max_grad_norm`)", _num(report["per_sample_max_grad_norm"])),
-            ("sample rate q (min / max over clients)",
-             f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported"),
-            ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
-            ("accountant", f"`{report['accountant']}`"), ("privacy unit", report.get("unit") or REPORT_UNIT)]
+    rows = [
+        ("epsilon (worst-case client)", _num(epsilon)),
+        ("delta", _num(report["delta"])),
+        ("noise multiplier sigma", _num(report["noise_multiplier"])),
+        ("per-sample clip norm C (`per_sample_max_grad_norm`)", _num(report["per_sample_max_grad_norm"])),
+        (
+            "sample rate q (min / max over clients)",
+            f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported",
+        ),
+        ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
+        ("accountant", f"`{report['accountant']}`"),
+        ("privacy unit", report.get("unit") or REPORT_UNIT),
+    ]
     if report.get("target_epsilon") is not None:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
         rows.insert(1, ("epsilon bound for a client in every round", _num(report["worst_case_epsilon"])))
     if report.get("sigma_calibration"):
-        rows.append(("sigma calibrated for", {"schedule": "each client's scheduled steps",
-                                              "worst_case": "a client in every round",
-                                              "given": "(sigma given explicitly)"}.get(report["sigma_calibration"],
-                                                                                      report["sigma_calibration"])))
+        rows.append(
+            (
+                "sigma calibrated for",
+                {
+                    "schedule": "each client's scheduled steps",
+                    "worst_case": "a client in every round",
+                    "given": "(sigma given explicitly)",
+                }.get(report["sigma_calibration"], report["sigma_calibration"]),
+            )
+        )
     if report.get("clip_groups"):
         groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report["clip_groups"].items())
         rows.append(("clipping groups (per-example clip norm of each)", groups))
@@ -225,28 +284,40 @@ def _privacy_section(report: dict | None) -> str:
     text += [f"| {name} | {value} |" for name, value in rows]
     if clients:
         text += ["", "Per client:", "", "| client | epsilon | sample rate | steps |", "|---|---|---|---|"]
-        text += [f"| {c.get('client', i)} | {_num(c.get('epsilon'))} | {_num(c.get('sample_rate'))} | "
-                 f"{c.get('steps', '')} |" for i, c in enumerate(clients)]
+        text += [
+            f"| {c.get('client', i)} | {_num(c.get('epsilon'))} | {_num(c.get('sample_rate'))} | "
+            f"{c.get('steps', '')} |"
+            for i, c in enumerate(clients)
+        ]
     return "\n".join(text)
 
 
 def _privacy_lead(report: dict, epsilon) -> list[str]:
     guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy"
-    unit = (f"The privacy unit is **{report.get('unit') or REPORT_UNIT}**; each client has its own accountant and "
-            "the epsilon is the largest over clients.")
+    unit = (
+        f"The privacy unit is **{report.get('unit') or REPORT_UNIT}**; each client has its own accountant and "
+        "the epsilon is the largest over clients."
+    )
     status = privacy_status(report)
     if status == "no_noise":
-        return ["This adapter was trained with DP-SGD's per-sample clipping but **without noise** (noise multiplier "
-                "0, epsilon = inf): it carries **no formal privacy guarantee** for the clients' data."]
+        return [
+            "This adapter was trained with DP-SGD's per-sample clipping but **without noise** (noise multiplier "
+            "0, epsilon = inf): it carries **no formal privacy guarantee** for the clients' data."
+        ]
     if status == "fixed_seed":
         detail = report.get("noise_seed_warning")
-        return ["> **Warning: no privacy guarantee.** The DP noise and Poisson sampling of this run came from a fixed "
-                "`noise_seed` (a setting for tests and research), not from secret randomness: anyone who knows the "
-                "seed can re-create the noise and remove it, so the guarantee computed below does **not** hold."
-                + (f"\n> {detail}" if detail else ""), "",
-                f"Had the randomness been secret, the accountant's numbers would give {guarantee}. {unit}"]
-    return [f"Trained with **{guarantee}** (DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on "
-            f"every client). {unit}"]
+        return [
+            "> **Warning: no privacy guarantee.** The DP noise and Poisson sampling of this run came from a fixed "
+            "`noise_seed` (a setting for tests and research), not from secret randomness: anyone who knows the "
+            "seed can re-create the noise and remove it, so the guarantee computed below does **not** hold."
+            + (f"\n> {detail}" if detail else ""),
+            "",
+            f"Had the randomness been secret, the accountant's numbers would give {guarantee}. {unit}",
+        ]
+    return [
+        f"Trained with **{guarantee}** (DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on "
+        f"every client). {unit}"
+    ]
 
 
 def _metric_kind(name: str) -> str:
@@ -261,20 +332,39 @@ def _metrics_section(metrics: dict, dataset: str | None, eval_round, adapter_rou
         head += f", after round {eval_round} of {num_rounds}"
     head += ":"
     if eval_round is not None and eval_round != adapter_round:
-        head += (f"\n\n**These results are of the global adapter after round {eval_round}, not of the final adapter "
-                 f"in this repo (after round {adapter_round}), which was not evaluated.** They are not listed as "
-                 "model-index results.")
-    return "\n".join([head, "", "| metric | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in metrics.items()])
+        head += (
+            f"\n\n**These results are of the global adapter after round {eval_round}, not of the final adapter "
+            f"in this repo (after round {adapter_round}), which was not evaluated.** They are not listed as "
+            "model-index results."
+        )
+    return "\n".join(
+        [head, "", "| metric | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in metrics.items()]
+    )
 
 
-def _front_matter(base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str, *,
-                  private: bool) -> str:
-    results = [EvalResult(task_type=task or "other", dataset_type=dataset or "unspecified",
-                          dataset_name=dataset or "unspecified", metric_type=_metric_kind(k), metric_value=v,
-                          metric_name=k) for k, v in metrics.items()]
-    data = ModelCardData(library_name="peft", base_model=base_model or None,
-                         tags=[t for t in TAGS if private or t != DP_TAG], datasets=[dataset] if dataset else None,
-                         pipeline_tag=task or None, model_name=name if results else None, eval_results=results or None)
+def _front_matter(
+    base_model: str | None, metrics: dict, dataset: str | None, task: str | None, name: str, *, private: bool
+) -> str:
+    results = [
+        EvalResult(
+            task_type=task or "other",
+            dataset_type=dataset or "unspecified",
+            dataset_name=dataset or "unspecified",
+            metric_type=_metric_kind(k),
+            metric_value=v,
+            metric_name=k,
+        )
+        for k, v in metrics.items()
+    ]
+    data = ModelCardData(
+        library_name="peft",
+        base_model=base_model or None,
+        tags=[t for t in TAGS if private or t != DP_TAG],
+        datasets=[dataset] if dataset else None,
+        pipeline_tag=task or None,
+        model_name=name if results else None,
+        eval_results=results or None,
+    )
     return data.to_yaml() + "\n"
 
 
@@ -283,8 +373,10 @@ def _check_metrics(metrics) -> dict:
         raise ConfigError(f"`metrics` must be a dict of name -> number, got {type(metrics).__name__}.")
     for key, value in metrics.items():
         if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"`metrics` must map names to numbers, got {key!r}: {value!r}. Pass plain floats, "
-                              "e.g. {'accuracy': 0.91}.")
+            raise ConfigError(
+                f"`metrics` must map names to numbers, got {key!r}: {value!r}. Pass plain floats, "
+                "e.g. {'accuracy': 0.91}."
+            )
     return {k: int(v) if isinstance(v, numbers.Integral) else float(v) for k, v in metrics.items()}
 
 

@@ -31,9 +31,17 @@ REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OPTIONAL_FILES = ("README.md", "privacy_report.json", "pooling.safetensors")  # the last: peft_lalora.pooling
 
 
-def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, private: bool = False,
-                        commit_message: str = "Upload LA-LoRA adapter", max_retries: int = 3,
-                        backoff: float = 1.0, allow_fixed_noise_seed: bool = False) -> str:
+def push_adapter_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload LA-LoRA adapter",
+    max_retries: int = 3,
+    backoff: float = 1.0,
+    allow_fixed_noise_seed: bool = False,
+) -> str:
     """
     Upload the adapter artifacts of `folder` to the model repo `repo_id` in ONE commit (the repo is created if
     needed) and return the commit URL.
@@ -74,8 +82,14 @@ def push_adapter_folder(folder: str, repo_id: str, *, token: str | None = None, 
                     "or `backoff`. Nothing was committed and the local files are unchanged."
                 ) from exc
             wait = backoff * 2 ** (attempt - 1)
-            logger.warning("Push to %s failed (%s), attempt %d of %d; retrying in %.2f s.", repo_id,
-                           _describe(exc), attempt, attempts, wait)
+            logger.warning(
+                "Push to %s failed (%s), attempt %d of %d; retrying in %.2f s.",
+                repo_id,
+                _describe(exc),
+                attempt,
+                attempts,
+                wait,
+            )
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -89,8 +103,10 @@ def _push_once(api: HfApi, repo_id: str, contents: dict, *, private: bool, commi
 
 def _check_args(folder, repo_id, max_retries, backoff, commit_message) -> None:
     if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
-        raise HubError(f"`folder` must be an existing adapter folder, got {folder!r}. Save the adapter with "
-                       "`save_pretrained(folder)` first.")
+        raise HubError(
+            f"`folder` must be an existing adapter folder, got {folder!r}. Save the adapter with "
+            "`save_pretrained(folder)` first."
+        )
     if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/") or " " in repo_id:
         raise ConfigError(f"`repo_id` must look like 'namespace/name' (or 'name'), got {repo_id!r}.")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -105,8 +121,10 @@ def _read_artifacts(folder) -> dict:
     """name -> bytes of the files to upload (a snapshot: the push never touches the folder again)."""
     missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
-        raise HubError(f"`folder` {str(folder)!r} has no {' and no '.join(missing)}: an adapter folder needs "
-                       f"{list(REQUIRED_FILES)}. Save the adapter with `save_pretrained(folder)` first; nothing was pushed.")
+        raise HubError(
+            f"`folder` {str(folder)!r} has no {' and no '.join(missing)}: an adapter folder needs "
+            f"{list(REQUIRED_FILES)}. Save the adapter with `save_pretrained(folder)` first; nothing was pushed."
+        )
     contents = {}
     for name in REQUIRED_FILES + OPTIONAL_FILES:
         path = os.path.join(folder, name)
@@ -120,12 +138,20 @@ def _read_artifacts(folder) -> dict:
             except ValueError as exc:
                 raise HubError(f"`folder` holds a {name} that is not valid JSON ({exc}); nothing was pushed.") from exc
     if "README.md" not in contents:
-        warnings.warn(f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
-                      "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
+        warnings.warn(
+            f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
+            "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.",
+            LALoraWarning,
+            stacklevel=3,
+        )
     elif not is_lalora_card(contents["README.md"].decode("utf-8", errors="replace")):
-        warnings.warn(f"The README.md in {str(folder)!r} is not an LA-LoRA model card (peft's `save_pretrained` "
-                      "writes a generic one without the privacy guarantee). Call "
-                      "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.", LALoraWarning, stacklevel=3)
+        warnings.warn(
+            f"The README.md in {str(folder)!r} is not an LA-LoRA model card (peft's `save_pretrained` "
+            "writes a generic one without the privacy guarantee). Call "
+            "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.",
+            LALoraWarning,
+            stacklevel=3,
+        )
     return contents
 
 
@@ -138,22 +164,30 @@ def _check_secret_randomness(folder, contents: dict, allow: bool) -> None:
         return
     detail = f" ({report['noise_seed_warning']})" if report.get("noise_seed_warning") else ""
     if not allow:
-        raise HubError(f"`folder` {str(folder)!r} holds a privacy_report.json with `secret_randomness: false`: the "
-                       f"run's DP noise came from a fixed `noise_seed`{detail}, so anyone who knows the seed can "
-                       "re-create it and the adapter carries no privacy guarantee. Retrain without a fixed "
-                       "`noise_seed` to publish it, or pass `allow_fixed_noise_seed=True` (the "
-                       "`allow_fixed_noise_seed` argument of the trainer) to upload it anyway; nothing was pushed.")
-    warnings.warn(f"Pushing {str(folder)!r}, trained with a fixed noise seed: it carries no privacy guarantee "
-                  "(`allow_fixed_noise_seed=True`).", LALoraWarning, stacklevel=3)
+        raise HubError(
+            f"`folder` {str(folder)!r} holds a privacy_report.json with `secret_randomness: false`: the "
+            f"run's DP noise came from a fixed `noise_seed`{detail}, so anyone who knows the seed can "
+            "re-create it and the adapter carries no privacy guarantee. Retrain without a fixed "
+            "`noise_seed` to publish it, or pass `allow_fixed_noise_seed=True` (the "
+            "`allow_fixed_noise_seed` argument of the trainer) to upload it anyway; nothing was pushed."
+        )
+    warnings.warn(
+        f"Pushing {str(folder)!r}, trained with a fixed noise seed: it carries no privacy guarantee "
+        "(`allow_fixed_noise_seed=True`).",
+        LALoraWarning,
+        stacklevel=3,
+    )
 
 
 def _check_online() -> None:
     # huggingface_hub reads the variables once, at import; a push also honours them when set later.
     env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
     if constants.is_offline_mode() or env in constants.ENV_VARS_TRUE_VALUES:
-        raise HubError("Cannot push: Hugging Face Hub offline mode is on (`HF_HUB_OFFLINE=1` or "
-                       "`TRANSFORMERS_OFFLINE=1`). Unset it (`unset HF_HUB_OFFLINE`, before Python starts) to push; "
-                       "nothing was pushed and the local files are unchanged.")
+        raise HubError(
+            "Cannot push: Hugging Face Hub offline mode is on (`HF_HUB_OFFLINE=1` or "
+            "`TRANSFORMERS_OFFLINE=1`). Unset it (`unset HF_HUB_OFFLINE`, before Python starts) to push; "
+            "nothing was pushed and the local files are unchanged."
+        )
 
 
 def _resolve_token(token):
@@ -163,9 +197,11 @@ def _resolve_token(token):
         return token
     found = get_token()
     if not found:
-        raise HubError("Cannot push: no Hugging Face token found. Log in with `hf auth login`, pass "
-                       "`token=\"hf_...\"` (a token with write access), or set the `HF_TOKEN` environment variable; "
-                       "nothing was pushed.")
+        raise HubError(
+            "Cannot push: no Hugging Face token found. Log in with `hf auth login`, pass "
+            '`token="hf_..."` (a token with write access), or set the `HF_TOKEN` environment variable; '
+            "nothing was pushed."
+        )
     return found
 
 
@@ -193,12 +229,16 @@ def _translate(exc, repo_id: str, endpoint: str) -> HubError | None:
     if isinstance(exc, OfflineModeIsEnabled):
         return HubError(f"Cannot push to `{repo_id}`: offline mode is on. Unset `HF_HUB_OFFLINE`. {tail}")
     if status in (401, 403):
-        return HubError(f"The Hub at {endpoint} refused to let this token write to `{repo_id}` (HTTP {status}): the "
-                        "token is invalid or has no write access to that namespace. Log in again with "
-                        f"`hf auth login`, or pass `token=` / set `HF_TOKEN` to a token with write access. {tail}")
+        return HubError(
+            f"The Hub at {endpoint} refused to let this token write to `{repo_id}` (HTTP {status}): the "
+            "token is invalid or has no write access to that namespace. Log in again with "
+            f"`hf auth login`, or pass `token=` / set `HF_TOKEN` to a token with write access. {tail}"
+        )
     if status == 404:
-        return HubError(f"The Hub at {endpoint} has no repo `{repo_id}` and could not create it (HTTP 404). Check "
-                        f"the namespace in `repo_id` and the token's permissions. {tail}")
+        return HubError(
+            f"The Hub at {endpoint} has no repo `{repo_id}` and could not create it (HTTP 404). Check "
+            f"the namespace in `repo_id` and the token's permissions. {tail}"
+        )
     if status is not None:
         return HubError(f"Pushing to `{repo_id}` failed with HTTP {status}: {exc}. {tail}")
     if isinstance(exc, ValueError):

@@ -30,7 +30,11 @@ def __getattr__(name):
     if name == "DPOptimizer":  # its former name, which suggested an opacus DPOptimizer: kept for one release
         import warnings
 
-        warnings.warn("`peft_lalora.privacy.DPOptimizer` is now `GradientPrivatizer` (it is not an opacus "
-                      "`DPOptimizer`); the old name will be removed.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "`peft_lalora.privacy.DPOptimizer` is now `GradientPrivatizer` (it is not an opacus "
+            "`DPOptimizer`); the old name will be removed.",
+            FutureWarning,
+            stacklevel=2,
+        )
         return GradientPrivatizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

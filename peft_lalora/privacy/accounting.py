@@ -67,23 +67,43 @@ def _check_accountant(accountant) -> str:
 
 
 def _check_sigma(value) -> float:
-    return _real("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf,
-                 "Use sigma > 0 for private training (0 means no noise and infinite epsilon).")
+    return _real(
+        "noise_multiplier",
+        value,
+        "a finite number >= 0",
+        lambda v: 0.0 <= v < math.inf,
+        "Use sigma > 0 for private training (0 means no noise and infinite epsilon).",
+    )
 
 
 def _check_q(value, name: str = "sample_rate") -> float:
-    return _real(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0,
-                 "Use q = batch_size / num_examples with batch_size <= num_examples.")
+    return _real(
+        name,
+        value,
+        "a number in (0, 1]",
+        lambda v: 0.0 < v <= 1.0,
+        "Use q = batch_size / num_examples with batch_size <= num_examples.",
+    )
 
 
 def _check_delta(value, name: str = "delta") -> float:
-    return _real(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0,
-                 "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n).")
+    return _real(
+        name,
+        value,
+        "a number in (0, 1)",
+        lambda v: 0.0 < v < 1.0,
+        "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n).",
+    )
 
 
 def _check_target(value) -> float:
-    return _real("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf,
-                 "Choose the privacy budget, e.g. target_epsilon=8.0.")
+    return _real(
+        "target_epsilon",
+        value,
+        "a finite number > 0",
+        lambda v: 0.0 < v < math.inf,
+        "Choose the privacy budget, e.g. target_epsilon=8.0.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- epsilon
@@ -191,8 +211,13 @@ def calibrate_noise_multiplier(
     acc = _check_accountant(accountant)
     if epsilon_tolerance is None:
         epsilon_tolerance = EPSILON_RTOL * target
-    tol = _real("epsilon_tolerance", epsilon_tolerance, "a number in (0, target_epsilon)",
-                lambda v: 0.0 < v < target, "Use a small positive tolerance such as 0.001 * target_epsilon.")
+    tol = _real(
+        "epsilon_tolerance",
+        epsilon_tolerance,
+        "a number in (0, target_epsilon)",
+        lambda v: 0.0 < v < target,
+        "Use a small positive tolerance such as 0.001 * target_epsilon.",
+    )
 
     def eps(sigma: float) -> float:
         return max(_epsilon_of_history([(sigma, q_k, n_k)], delta, acc) for q_k, n_k in pairs)
@@ -218,9 +243,13 @@ def calibrate_noise_multiplier(
         with warnings.catch_warnings():  # only a starting point: the answer below warns if it must
             warnings.simplefilter("ignore", LALoraWarning)
             try:
-                start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta,
-                                                   sample_rate=[p[0] for p in pairs], steps=[p[1] for p in pairs],
-                                                   epsilon_tolerance=max(tol, 0.05 * target))
+                start = calibrate_noise_multiplier(
+                    target_epsilon=target,
+                    target_delta=delta,
+                    sample_rate=[p[0] for p in pairs],
+                    steps=[p[1] for p in pairs],
+                    epsilon_tolerance=max(tol, 0.05 * target),
+                )
             except ConfigError:  # infeasible under RDP: PRV may still meet it
                 start = 1.0
         found = _search_from(eps, target, tol, start)
@@ -246,8 +275,16 @@ def calibrate_noise_multiplier(
             LALoraWarning,
             stacklevel=2,
         )
-    logger.info("Calibrated noise_multiplier=%.6g: epsilon=%.4f (target %.4g, delta=%g, q=%.6g, steps=%d, %s)",
-                hi, eps_hi, target, delta, q, n, acc)
+    logger.info(
+        "Calibrated noise_multiplier=%.6g: epsilon=%.4f (target %.4g, delta=%g, q=%.6g, steps=%d, %s)",
+        hi,
+        eps_hi,
+        target,
+        delta,
+        q,
+        n,
+        acc,
+    )
     return hi
 
 
@@ -255,12 +292,20 @@ def _pareto_schedule(sample_rate, steps) -> list:
     """[(q, steps)] of the clients that can be the worst: epsilon grows with q and with steps, so a client with
     both no larger than another's never decides sigma. Clients with 0 steps never release anything."""
     if isinstance(sample_rate, (list, tuple)) or isinstance(steps, (list, tuple)):
-        if not (isinstance(sample_rate, (list, tuple)) and isinstance(steps, (list, tuple))
-                and len(sample_rate) == len(steps) and len(steps) > 0):
-            raise ConfigError(f"`sample_rate` and `steps` must both be numbers, or sequences of the same length "
-                              f"(one entry per client), got {sample_rate!r} and {steps!r}.")
-        pairs = {(_check_q(q, f"sample_rate[{i}]"), _steps(f"steps[{i}]", n)) for i, (q, n) in
-                 enumerate(zip(sample_rate, steps))}
+        if not (
+            isinstance(sample_rate, (list, tuple))
+            and isinstance(steps, (list, tuple))
+            and len(sample_rate) == len(steps)
+            and len(steps) > 0
+        ):
+            raise ConfigError(
+                f"`sample_rate` and `steps` must both be numbers, or sequences of the same length "
+                f"(one entry per client), got {sample_rate!r} and {steps!r}."
+            )
+        pairs = {
+            (_check_q(q, f"sample_rate[{i}]"), _steps(f"steps[{i}]", n))
+            for i, (q, n) in enumerate(zip(sample_rate, steps))
+        }
         pairs = {p for p in pairs if p[1] > 0}
         if not pairs:
             raise ConfigError("`steps` must schedule at least one local step for some client, got only zeros.")
@@ -311,6 +356,7 @@ def _search_rdp_orders(pairs: list, delta: float, target: float, tol: float, eps
        within the target and the tolerance. If another client exceeds the target there, step 2 runs again on
        every client; if the tolerance is missed, the search goes on from sigma_2 on every order.
     Returns (sigma, eps(sigma)), or None when the target is infeasible."""
+
     def on(orders, clients):
         return lambda sigma: max(_rdp_epsilon([(sigma, q, n)], delta, orders)[0] for q, n in clients)
 
@@ -318,8 +364,9 @@ def _search_rdp_orders(pairs: list, delta: float, target: float, tol: float, eps
     if found is None:  # infeasible: at sigma = MAX_NOISE_MULTIPLIER the best order is the largest, an integer one
         return None
     sigma_1, slope = found[2], _log_slope(*found)
-    ranked = sorted((_rdp_epsilon([(sigma_1, q, n)], delta, _INTEGER_ORDERS) + ((q, n),) for q, n in pairs),
-                    reverse=True)
+    ranked = sorted(
+        (_rdp_epsilon([(sigma_1, q, n)], delta, _INTEGER_ORDERS) + ((q, n),) for q, n in pairs), reverse=True
+    )
     for clients in ([ranked[0][2]], pairs) if len(pairs) > 1 else ([ranked[0][2]],):
         best = {order for _, order, pair in ranked if pair in clients}
         near = on(tuple(a for a in _ORDERS if float(a).is_integer() or any(abs(a - b) < 1 for b in best)), clients)
@@ -411,8 +458,16 @@ class PrivacyLedger:
     `json` as the token `Infinity` (`allow_nan=True`; Python's `json.loads` reads it back as inf).
     """
 
-    def __init__(self, *, sample_rates: dict, noise_multiplier: float, delta: float, accountant: str = "rdp",
-                 per_sample_max_grad_norm: float, target_epsilon: float | None = None):
+    def __init__(
+        self,
+        *,
+        sample_rates: dict,
+        noise_multiplier: float,
+        delta: float,
+        accountant: str = "rdp",
+        per_sample_max_grad_norm: float,
+        target_epsilon: float | None = None,
+    ):
         if not isinstance(sample_rates, dict) or not sample_rates:
             raise ConfigError(f"`sample_rates` must be a non-empty dict {{client id: q}}, got {sample_rates!r}.")
         self._rates = {}
@@ -424,17 +479,25 @@ class PrivacyLedger:
         self.delta = _check_delta(delta)
         self.accountant = _check_accountant(accountant)
         self.per_sample_max_grad_norm = _real(
-            "per_sample_max_grad_norm", per_sample_max_grad_norm, "a finite number > 0",
-            lambda v: 0.0 < v < math.inf, "Use a fixed clip norm such as 1.0 (never computed from data).")
+            "per_sample_max_grad_norm",
+            per_sample_max_grad_norm,
+            "a finite number > 0",
+            lambda v: 0.0 < v < math.inf,
+            "Use a fixed clip norm such as 1.0 (never computed from data).",
+        )
         self.target_epsilon = None if target_epsilon is None else _check_target(target_epsilon)
         if self.noise_multiplier == 0.0:
             if self.target_epsilon is not None:
                 raise ConfigError(
                     f"`noise_multiplier` = 0 gives infinite epsilon and can never meet `target_epsilon` = "
                     f"{self.target_epsilon}. Calibrate sigma with `calibrate_noise_multiplier`, or drop the target "
-                    "for a non-private run.")
-            warnings.warn("`noise_multiplier` = 0: training is not private and epsilon is reported as inf.",
-                          LALoraWarning, stacklevel=2)
+                    "for a non-private run."
+                )
+            warnings.warn(
+                "`noise_multiplier` = 0: training is not private and epsilon is reported as inf.",
+                LALoraWarning,
+                stacklevel=2,
+            )
         self._histories = {c: [] for c in self._rates}
         self._cache = {}  # (client, tuple(history)) -> epsilon
 
@@ -514,7 +577,9 @@ class PrivacyLedger:
 
     def save_report(self, path: str) -> None:
         """Write `report()` as JSON, atomically (temporary file, fsync, rename); inf is written as `Infinity`."""
-        atomic_write_bytes(os.fspath(path), (json.dumps(self.report(), indent=2, allow_nan=True) + "\n").encode("utf-8"))
+        atomic_write_bytes(
+            os.fspath(path), (json.dumps(self.report(), indent=2, allow_nan=True) + "\n").encode("utf-8")
+        )
 
     def state_dict(self) -> dict:
         """JSON-serialisable full state: settings and every client's accountant history."""
@@ -534,20 +599,38 @@ class PrivacyLedger:
     def from_state_dict(cls, state: dict) -> PrivacyLedger:
         """Rebuild a ledger from `state_dict()` (also after a JSON round trip); epsilons are identical."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ConfigError(f"`state` must be a dict written by `PrivacyLedger.state_dict()` "
-                              f"(format {_STATE_FORMAT!r}), got {type(state).__name__}.")
+            raise ConfigError(
+                f"`state` must be a dict written by `PrivacyLedger.state_dict()` "
+                f"(format {_STATE_FORMAT!r}), got {type(state).__name__}."
+            )
         if state.get("version") != _STATE_VERSION:
             raise ConfigError(f"`state['version']` must be {_STATE_VERSION}, got {state.get('version')!r}.")
-        missing = [k for k in ("accountant", "noise_multiplier", "delta", "per_sample_max_grad_norm",
-                               "target_epsilon", "sample_rates", "histories") if k not in state]
+        missing = [
+            k
+            for k in (
+                "accountant",
+                "noise_multiplier",
+                "delta",
+                "per_sample_max_grad_norm",
+                "target_epsilon",
+                "sample_rates",
+                "histories",
+            )
+            if k not in state
+        ]
         if missing:
-            raise ConfigError(f"`state` lacks the keys {missing}; pass the dict `PrivacyLedger.state_dict()` returned.")
+            raise ConfigError(
+                f"`state` lacks the keys {missing}; pass the dict `PrivacyLedger.state_dict()` returned."
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LALoraWarning)  # the sigma == 0 warning was given at creation
             ledger = cls(
                 sample_rates={_client_id(k): q for k, q in state["sample_rates"].items()},
-                noise_multiplier=state["noise_multiplier"], delta=state["delta"], accountant=state["accountant"],
-                per_sample_max_grad_norm=state["per_sample_max_grad_norm"], target_epsilon=state["target_epsilon"],
+                noise_multiplier=state["noise_multiplier"],
+                delta=state["delta"],
+                accountant=state["accountant"],
+                per_sample_max_grad_norm=state["per_sample_max_grad_norm"],
+                target_epsilon=state["target_epsilon"],
             )
         histories = state["histories"]
         if not isinstance(histories, dict) or {_client_id(k) for k in histories} != set(ledger._rates):

@@ -44,18 +44,33 @@ class PrivateStep:
 
     private = True
 
-    def __init__(self, model, optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
-                 lowpass_kernel: Optional[tuple] = None, backend: str = "auto",
-                 generator: Optional[torch.Generator] = None, loss_fn: Callable = per_example_loss,
-                 adapter_name: str = "default", autocast_dtype: Optional[torch.dtype] = None,
-                 head_max_grad_norm: Optional[float] = None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        noise_multiplier: float,
+        per_sample_max_grad_norm: float,
+        lowpass_kernel: Optional[tuple] = None,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        loss_fn: Callable = per_example_loss,
+        adapter_name: str = "default",
+        autocast_dtype: Optional[torch.dtype] = None,
+        head_max_grad_norm: Optional[float] = None,
+    ):
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.backend = select_backend(model, backend, loss_fn)
-        self.dp = GradientPrivatizer(optimizer, noise_multiplier=noise_multiplier,
-                                     per_sample_max_grad_norm=per_sample_max_grad_norm,
-                                     factor_of=factor_names(model, adapter_name), lowpass_kernel=lowpass_kernel,
-                                     generator=generator, head_max_grad_norm=head_max_grad_norm)
+        self.dp = GradientPrivatizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            per_sample_max_grad_norm=per_sample_max_grad_norm,
+            factor_of=factor_names(model, adapter_name),
+            lowpass_kernel=lowpass_kernel,
+            generator=generator,
+            head_max_grad_norm=head_max_grad_norm,
+        )
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -73,8 +88,11 @@ class PrivateStep:
         dropped_before = self.dp.dropped_samples
         self.dp.step(grad_samples, params, expected_batch_size)
         finite = losses[torch.isfinite(losses)]
-        return {"loss": float(finite.mean()) if finite.numel() else float("nan"), "batch_size": int(losses.shape[0]),
-                "dropped": self.dp.dropped_samples - dropped_before}
+        return {
+            "loss": float(finite.mean()) if finite.numel() else float("nan"),
+            "batch_size": int(losses.shape[0]),
+            "dropped": self.dp.dropped_samples - dropped_before,
+        }
 
     def probe(self, batch: dict) -> None:
         """Per-sample gradients of one batch of the active tensors, discarded (a pre-flight check)."""
@@ -90,8 +108,15 @@ class NonPrivateStep:
 
     private = False
 
-    def __init__(self, model, optimizer, *, loss_fn: Callable = per_example_loss,
-                 autocast_dtype: Optional[torch.dtype] = None, **_unused):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        *,
+        loss_fn: Callable = per_example_loss,
+        autocast_dtype: Optional[torch.dtype] = None,
+        **_unused,
+    ):
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn

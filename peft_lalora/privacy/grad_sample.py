@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 BACKENDS = {"hooks": HooksBackend, "func": FuncBackend}
 
 
-def select_backend(model: nn.Module, backend: str = "auto", loss_fn: Callable = per_example_loss) -> PerSampleGradients:
+def select_backend(
+    model: nn.Module, backend: str = "auto", loss_fn: Callable = per_example_loss
+) -> PerSampleGradients:
     """
     The per-sample-gradient backend for `model`.
 

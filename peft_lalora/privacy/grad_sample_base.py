@@ -32,9 +32,13 @@ class PerSampleGradients:
 
     def __init__(self, model: nn.Module, loss_fn: Callable = per_example_loss):
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"`model` must be a torch.nn.Module (e.g. a peft PeftModel), got {type(model).__name__}.")
+            raise ConfigError(
+                f"`model` must be a torch.nn.Module (e.g. a peft PeftModel), got {type(model).__name__}."
+            )
         if not callable(loss_fn):
-            raise ConfigError(f"`loss_fn` must be callable as loss_fn(outputs, batch) -> Tensor (B,), got {loss_fn!r}.")
+            raise ConfigError(
+                f"`loss_fn` must be callable as loss_fn(outputs, batch) -> Tensor (B,), got {loss_fn!r}."
+            )
         refuse_batch_norm(model)
         self.model = model
         self.loss_fn = loss_fn

@@ -45,7 +45,9 @@ def per_example_loss(outputs, batch: Mapping[str, torch.Tensor], *, shift_labels
       has loss 0.
     """
     if "labels" not in batch:
-        raise ConfigError(f"`batch` must hold the targets under the key 'labels', got keys {sorted(batch)}. Add the labels to the batch.")
+        raise ConfigError(
+            f"`batch` must hold the targets under the key 'labels', got keys {sorted(batch)}. Add the labels to the batch."
+        )
     logits, labels = logits_of(outputs), batch["labels"]
     if logits.dim() == 2:
         return _sequence_level_loss(logits, labels)
@@ -60,7 +62,9 @@ def per_example_loss(outputs, batch: Mapping[str, torch.Tensor], *, shift_labels
 def _sequence_level_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     batch_size, num_labels = logits.shape
     if labels.shape[0] != batch_size:
-        raise ConfigError(f"`labels` must have batch size {batch_size} like the logits, got shape {tuple(labels.shape)}.")
+        raise ConfigError(
+            f"`labels` must have batch size {batch_size} like the logits, got shape {tuple(labels.shape)}."
+        )
     if labels.is_floating_point():
         if num_labels == 1:  # regression
             return (logits.reshape(batch_size) - labels.reshape(batch_size).to(logits.dtype)) ** 2
@@ -78,7 +82,9 @@ def _sequence_level_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def _token_level_loss(logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool) -> torch.Tensor:
     if labels.shape != logits.shape[:2]:
-        raise ConfigError(f"`labels` must have shape (B, T) = {tuple(logits.shape[:2])} like the logits, got {tuple(labels.shape)}.")
+        raise ConfigError(
+            f"`labels` must have shape (B, T) = {tuple(logits.shape[:2])} like the logits, got {tuple(labels.shape)}."
+        )
     if shift_labels:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     labels = labels.long()

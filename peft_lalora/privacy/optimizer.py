@@ -49,18 +49,38 @@ class GradientPrivatizer:
             sensitivity sqrt(C^2 + C_h^2) of the groups that are active, so sigma keeps its meaning.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, per_sample_max_grad_norm: float,
-                 factor_of: Optional[dict] = None, lowpass_kernel: Optional[tuple] = None,
-                 generator: Optional[torch.Generator] = None, head_max_grad_norm: Optional[float] = None):
-        if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        per_sample_max_grad_norm: float,
+        factor_of: Optional[dict] = None,
+        lowpass_kernel: Optional[tuple] = None,
+        generator: Optional[torch.Generator] = None,
+        head_max_grad_norm: Optional[float] = None,
+    ):
+        if not (
+            isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0
+        ):
             raise ConfigError(f"`noise_multiplier` must be a finite number >= 0, got {noise_multiplier!r}.")
-        if not (isinstance(per_sample_max_grad_norm, (int, float)) and math.isfinite(per_sample_max_grad_norm)
-                and per_sample_max_grad_norm > 0):
-            raise ConfigError(f"`per_sample_max_grad_norm` must be > 0, got {per_sample_max_grad_norm!r}. "
-                              "It is the fixed per-example clip norm C, e.g. 1.0.")
-        if head_max_grad_norm is not None and not (isinstance(head_max_grad_norm, (int, float))
-                                                   and math.isfinite(head_max_grad_norm) and head_max_grad_norm > 0):
-            raise ConfigError(f"`head_max_grad_norm` must be > 0 or None (one joint clip), got {head_max_grad_norm!r}.")
+        if not (
+            isinstance(per_sample_max_grad_norm, (int, float))
+            and math.isfinite(per_sample_max_grad_norm)
+            and per_sample_max_grad_norm > 0
+        ):
+            raise ConfigError(
+                f"`per_sample_max_grad_norm` must be > 0, got {per_sample_max_grad_norm!r}. "
+                "It is the fixed per-example clip norm C, e.g. 1.0."
+            )
+        if head_max_grad_norm is not None and not (
+            isinstance(head_max_grad_norm, (int, float))
+            and math.isfinite(head_max_grad_norm)
+            and head_max_grad_norm > 0
+        ):
+            raise ConfigError(
+                f"`head_max_grad_norm` must be > 0 or None (one joint clip), got {head_max_grad_norm!r}."
+            )
         self.head_max_grad_norm = None if head_max_grad_norm is None else float(head_max_grad_norm)
         self.optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
@@ -101,8 +121,10 @@ class GradientPrivatizer:
         norms = {group: v.sqrt() for group, v in sq.items()}
         keep = torch.stack([torch.isfinite(v) for v in norms.values()]).all(dim=0)
         self._count_dropped(int((~keep).sum()))
-        return {group: torch.where(keep, (self._threshold(group) / (v + 1e-6)).clamp(max=1.0), torch.zeros_like(v))
-                for group, v in norms.items()}
+        return {
+            group: torch.where(keep, (self._threshold(group) / (v + 1e-6)).clamp(max=1.0), torch.zeros_like(v))
+            for group, v in norms.items()
+        }
 
     def _threshold(self, group: str) -> float:
         return self.head_max_grad_norm if group == "head" else self.max_grad_norm
@@ -137,15 +159,18 @@ class GradientPrivatizer:
         out = {}
         for name, s in summed.items():
             dtype = torch.promote_types(s.dtype, torch.float32)
-            out[name] = s.to(dtype) + torch.normal(0.0, std, s.shape, device=s.device, dtype=dtype,
-                                                   generator=self.generator)
+            out[name] = s.to(dtype) + torch.normal(
+                0.0, std, s.shape, device=s.device, dtype=dtype, generator=self.generator
+            )
         return out
 
     def lowpass(self, grads: dict) -> dict:
         if self.lowpass_kernel is None:
             return grads
-        return {name: lowpass_filter(g, self.factor_of[name], self.lowpass_kernel) if name in self.factor_of else g
-                for name, g in grads.items()}
+        return {
+            name: lowpass_filter(g, self.factor_of[name], self.lowpass_kernel) if name in self.factor_of else g
+            for name, g in grads.items()
+        }
 
     # ----- the step --------------------------------------------------------------------------------------------
     def privatize(self, grad_samples: dict, params: dict, expected_batch_size: float) -> dict:
@@ -155,8 +180,10 @@ class GradientPrivatizer:
         if grad_samples and next(iter(grad_samples.values())).shape[0] > 0:
             summed = self.sum_clipped(grad_samples, self.group_clip_factors(grad_samples))
         else:  # an empty Poisson batch: a noise-only step, accounted like any other
-            summed = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-                      for name, p in params.items()}
+            summed = {
+                name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                for name, p in params.items()
+            }
         noisy = self.add_noise(summed)
         scaled = {name: g / expected_batch_size for name, g in noisy.items()}
         return self.lowpass(scaled)
@@ -178,6 +205,10 @@ class GradientPrivatizer:
         self.dropped_samples += count
         if not self._warned:
             self._warned = True
-            warnings.warn(f"{count} example(s) had a non-finite per-sample gradient and were dropped from the step "
-                          "(they add nothing; the noise and the accounting are unchanged). Further drops are counted "
-                          "in `dropped_samples` without a warning.", LALoraWarning, stacklevel=3)
+            warnings.warn(
+                f"{count} example(s) had a non-finite per-sample gradient and were dropped from the step "
+                "(they add nothing; the noise and the accounting are unchanged). Further drops are counted "
+                "in `dropped_samples` without a warning.",
+                LALoraWarning,
+                stacklevel=3,
+            )

@@ -40,46 +40,86 @@ class PrivacyPlan:
     calibration: str = "worst_case"
 
     @classmethod
-    def build(cls, *, client_sizes: dict, batch_size: int, num_rounds: int, local_steps: int,
-              target_epsilon: Optional[float] = None, noise_multiplier: Optional[float] = None,
-              target_delta: Optional[float] = None, allow_large_delta: bool = False, accountant: str = "rdp",
-              per_sample_max_grad_norm: float = 1.0, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
+    def build(
+        cls,
+        *,
+        client_sizes: dict,
+        batch_size: int,
+        num_rounds: int,
+        local_steps: int,
+        target_epsilon: Optional[float] = None,
+        noise_multiplier: Optional[float] = None,
+        target_delta: Optional[float] = None,
+        allow_large_delta: bool = False,
+        accountant: str = "rdp",
+        per_sample_max_grad_norm: float = 1.0,
+        scheduled_steps: Optional[dict] = None,
+    ) -> PrivacyPlan:
         """Plan for clients `{id: n_k}`: delta defaults to min(1e-5, 1 / n) of the smallest client. With
         `target_epsilon`, sigma is calibrated so that every client stays within the target: for its
         `scheduled_steps[id]` (the public participation schedule, known before training), or, without them, for
         a client taking part in all `num_rounds` rounds at the largest rate (the worst case)."""
         if not isinstance(client_sizes, dict) or not client_sizes:
-            raise ConfigError(f"`client_sizes` must be a non-empty dict {{client id: number of examples}}, got "
-                              f"{client_sizes!r}.")
+            raise ConfigError(
+                f"`client_sizes` must be a non-empty dict {{client id: number of examples}}, got {client_sizes!r}."
+            )
         if (target_epsilon is None) == (noise_multiplier is None):
-            raise ConfigError("Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
-                              f"(epsilon is reported), got {target_epsilon!r} and {noise_multiplier!r}.")
+            raise ConfigError(
+                "Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
+                f"(epsilon is reported), got {target_epsilon!r} and {noise_multiplier!r}."
+            )
         rates = {k: sample_rate_for(batch_size, n, client=k) for k, n in client_sizes.items()}
         delta = plan_delta(min(client_sizes.values()), target_delta, allow_large_delta)
         steps, calibration = num_rounds * local_steps, "given"
         if noise_multiplier is None and scheduled_steps is not None:
             clients = sorted(rates)
             steps, calibration = max(scheduled_steps[k] for k in clients), "schedule"
-            noise_multiplier = calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                                          sample_rate=[rates[k] for k in clients],
-                                                          steps=[scheduled_steps[k] for k in clients],
-                                                          accountant=accountant)
+            noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=[rates[k] for k in clients],
+                steps=[scheduled_steps[k] for k in clients],
+                accountant=accountant,
+            )
         elif noise_multiplier is None:
             calibration = "worst_case"
-            noise_multiplier = calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                                          sample_rate=max(rates.values()), steps=steps,
-                                                          accountant=accountant)
-        logger.info("DP: sigma=%.4f C=%s delta=%.2e q in [%.4f, %.4f], %d steps per client at most",
-                    noise_multiplier, per_sample_max_grad_norm, delta, min(rates.values()), max(rates.values()), steps)
-        return cls(noise_multiplier=noise_multiplier, delta=delta, sample_rates=rates, accountant=accountant,
-                   per_sample_max_grad_norm=per_sample_max_grad_norm, target_epsilon=target_epsilon,
-                   calibrated_steps=steps, calibration=calibration)
+            noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=max(rates.values()),
+                steps=steps,
+                accountant=accountant,
+            )
+        logger.info(
+            "DP: sigma=%.4f C=%s delta=%.2e q in [%.4f, %.4f], %d steps per client at most",
+            noise_multiplier,
+            per_sample_max_grad_norm,
+            delta,
+            min(rates.values()),
+            max(rates.values()),
+            steps,
+        )
+        return cls(
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            sample_rates=rates,
+            accountant=accountant,
+            per_sample_max_grad_norm=per_sample_max_grad_norm,
+            target_epsilon=target_epsilon,
+            calibrated_steps=steps,
+            calibration=calibration,
+        )
 
     def new_ledger(self) -> PrivacyLedger:
         """An empty ledger: one accountant per client, refusing releases beyond `target_epsilon`."""
-        return PrivacyLedger(sample_rates=self.sample_rates, noise_multiplier=self.noise_multiplier, delta=self.delta,
-                             accountant=self.accountant, per_sample_max_grad_norm=self.per_sample_max_grad_norm,
-                             target_epsilon=self.target_epsilon)
+        return PrivacyLedger(
+            sample_rates=self.sample_rates,
+            noise_multiplier=self.noise_multiplier,
+            delta=self.delta,
+            accountant=self.accountant,
+            per_sample_max_grad_norm=self.per_sample_max_grad_norm,
+            target_epsilon=self.target_epsilon,
+        )
 
 
 def plan_delta(smallest: int, target_delta: Optional[float], allow_large_delta: bool = False) -> float:
@@ -87,8 +127,10 @@ def plan_delta(smallest: int, target_delta: Optional[float], allow_large_delta: 
     delta = target_delta if target_delta is not None else default_delta(smallest)
     if delta >= 1 / smallest:
         if not allow_large_delta:
-            raise ConfigError(f"`target_delta` must be < 1 / n_k = {1 / smallest:.3g} for the smallest client "
-                              f"(n_k = {smallest}), got {delta!r}: a larger delta allows releasing an example "
-                              "outright. Lower it, or set `allow_large_delta=True` to accept the risk.")
+            raise ConfigError(
+                f"`target_delta` must be < 1 / n_k = {1 / smallest:.3g} for the smallest client "
+                f"(n_k = {smallest}), got {delta!r}: a larger delta allows releasing an example "
+                "outright. Lower it, or set `allow_large_delta=True` to accept the risk."
+            )
         warnings.warn(f"`target_delta`={delta} >= 1/n_k for the smallest client.", LALoraWarning, stacklevel=3)
     return delta

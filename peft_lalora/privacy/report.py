@@ -8,22 +8,37 @@ import math
 
 from .accounting import REPORT_UNIT
 
-FIXED_SEED_WARNING = ("`noise_seed` was fixed: the DP noise and the Poisson batches can be re-created by anyone who "
-                      "knows it, so this run has NO differential-privacy guarantee, whatever epsilon says.")
+FIXED_SEED_WARNING = (
+    "`noise_seed` was fixed: the DP noise and the Poisson batches can be re-created by anyone who "
+    "knows it, so this run has NO differential-privacy guarantee, whatever epsilon says."
+)
 
 
 def non_private_report() -> dict:
     """The report of a run trained without differential privacy (`dp=False`): epsilon is infinite."""
-    return {"epsilon": math.inf, "delta": None, "noise_multiplier": 0.0, "per_sample_max_grad_norm": None,
-            "accountant": None, "unit": REPORT_UNIT, "dp": False, "clients": []}
+    return {
+        "epsilon": math.inf,
+        "delta": None,
+        "noise_multiplier": 0.0,
+        "per_sample_max_grad_norm": None,
+        "accountant": None,
+        "unit": REPORT_UNIT,
+        "dp": False,
+        "clients": [],
+    }
 
 
 def run_privacy_fields(args) -> dict:
     """The fields every DP report carries from `FederatedDPArguments`: the schedule and target, whether the noise
     was secret (with the warning when `noise_seed` fixed it), and the clipping groups with their joint
     per-example sensitivity."""
-    fields = {"dp": True, "target_epsilon": args.target_epsilon, "num_rounds": args.num_rounds,
-              "local_steps": args.local_steps, "secret_randomness": args.noise_seed is None}
+    fields = {
+        "dp": True,
+        "target_epsilon": args.target_epsilon,
+        "num_rounds": args.num_rounds,
+        "local_steps": args.local_steps,
+        "secret_randomness": args.noise_seed is None,
+    }
     if args.noise_seed is not None:
         fields["noise_seed_warning"] = FIXED_SEED_WARNING
     if args.per_sample_head_max_grad_norm is not None:

@@ -58,7 +58,8 @@ class LALoraConfig(LoraConfig):
     alternation_period: int = field(default=1, metadata={"help": "Local steps (or rounds for 'round') per phase."})
     first_factor: str = field(default="B", metadata={"help": "Factor trained in the first phase: 'B' or 'A'."})
     lowpass: Optional[bool] = field(
-        default=None, metadata={"help": "Gaussian low-pass filter on the active factor's gradient (default: on for 'local')."}
+        default=None,
+        metadata={"help": "Gaussian low-pass filter on the active factor's gradient (default: on for 'local')."},
     )
     lowpass_kernel: tuple = field(
         default=DEFAULT_KERNEL, metadata={"help": "Low-pass kernel, normalised to sum 1; odd length, non-negative."}
@@ -71,9 +72,15 @@ class LALoraConfig(LoraConfig):
         self.peft_type = PEFT_TYPE
         if self.alternation not in ALTERNATIONS:
             uses = [title.replace(" (", " for ").rstrip(")") for title in _TITLES]
-            raise ConfigError(f"`alternation` must be one of {ALTERNATIONS}, got {self.alternation!r}. Use "
-                              f"{', '.join(uses[:-1])} or {uses[-1]}.")
-        if isinstance(self.alternation_period, bool) or not isinstance(self.alternation_period, int) or self.alternation_period < 1:
+            raise ConfigError(
+                f"`alternation` must be one of {ALTERNATIONS}, got {self.alternation!r}. Use "
+                f"{', '.join(uses[:-1])} or {uses[-1]}."
+            )
+        if (
+            isinstance(self.alternation_period, bool)
+            or not isinstance(self.alternation_period, int)
+            or self.alternation_period < 1
+        ):
             raise ConfigError(f"`alternation_period` must be an integer >= 1, got {self.alternation_period!r}.")
         if self.first_factor not in FACTORS:
             raise ConfigError(f"`first_factor` must be 'A' or 'B', got {self.first_factor!r}.")
@@ -82,8 +89,10 @@ class LALoraConfig(LoraConfig):
         if self.lowpass is None:  # the alternation's primary method's: on for "local" (LA-LoRA), else off
             self.lowpass = method_of(self.alternation).lowpass
         if not isinstance(self.lowpass, bool):
-            raise ConfigError(f"`lowpass` must be True, False or None (the method's default), got {self.lowpass!r} of "
-                              f"type {type(self.lowpass).__name__}; a string such as 'false' would count as true.")
+            raise ConfigError(
+                f"`lowpass` must be True, False or None (the method's default), got {self.lowpass!r} of "
+                f"type {type(self.lowpass).__name__}; a string such as 'false' would count as true."
+            )
         self.lowpass_kernel = _check_kernel(self.lowpass_kernel)
 
     @classmethod
@@ -93,21 +102,27 @@ class LALoraConfig(LoraConfig):
             raise ConfigError(f"`method` must be one of {tuple(METHODS)}, got {method!r}.")
         fixed = sorted({"alternation", "lowpass"} & set(kwargs))
         if fixed:
-            raise ConfigError(f"{', '.join(f'`{k}`' for k in fixed)} is set by `method`={method!r}; pick the method "
-                              "that has it (e.g. 'lalora_nofilter' for LA-LoRA without the filter), or build "
-                              "`LALoraConfig(alternation=..., lowpass=...)` directly.")
+            raise ConfigError(
+                f"{', '.join(f'`{k}`' for k in fixed)} is set by `method`={method!r}; pick the method "
+                "that has it (e.g. 'lalora_nofilter' for LA-LoRA without the filter), or build "
+                "`LALoraConfig(alternation=..., lowpass=...)` directly."
+            )
         return cls(alternation=METHODS[method].alternation, lowpass=METHODS[method].lowpass, **kwargs)
 
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"`{name}` must be > 0, got {value!r}. LoRA needs a positive rank and scale, e.g. r=8, lora_alpha=16.")
+        raise ConfigError(
+            f"`{name}` must be > 0, got {value!r}. LoRA needs a positive rank and scale, e.g. r=8, lora_alpha=16."
+        )
 
 
 def _check_kernel(kernel) -> tuple:
     if isinstance(kernel, (str, bytes)):
-        raise ConfigError(f"`lowpass_kernel` must be a sequence of numbers such as (1, 4, 6, 4, 1), got the string "
-                          f"{kernel!r} (its characters would be read as digits).")
+        raise ConfigError(
+            f"`lowpass_kernel` must be a sequence of numbers such as (1, 4, 6, 4, 1), got the string "
+            f"{kernel!r} (its characters would be read as digits)."
+        )
     try:
         items = tuple(kernel)
     except TypeError as exc:
@@ -116,11 +131,15 @@ def _check_kernel(kernel) -> tuple:
         raise ConfigError(f"`lowpass_kernel` must hold numbers, got {kernel!r}: pass e.g. (1, 4, 6, 4, 1).")
     values = tuple(float(k) for k in items)
     if not values:
-        raise ConfigError("`lowpass_kernel` must not be empty; use the default (1, 4, 6, 4, 1) or set `lowpass=False`.")
+        raise ConfigError(
+            "`lowpass_kernel` must not be empty; use the default (1, 4, 6, 4, 1) or set `lowpass=False`."
+        )
     if any(not math.isfinite(v) or v < 0 for v in values):
         raise ConfigError(f"`lowpass_kernel` must hold finite non-negative weights, got {kernel!r}.")
     if sum(values) <= 0:
         raise ConfigError(f"`lowpass_kernel` must have a positive sum to be normalised, got {kernel!r}.")
     if len(values) % 2 == 0:
-        raise ConfigError(f"`lowpass_kernel` must have an odd length (centred filter), got length {len(values)}: {kernel!r}.")
+        raise ConfigError(
+            f"`lowpass_kernel` must have an odd length (centred filter), got length {len(values)}: {kernel!r}."
+        )
     return values

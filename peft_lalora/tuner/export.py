@@ -14,8 +14,11 @@ from ..errors import ConfigError
 from .config import LALoraConfig
 from .saving import is_lalora_card, save_adapter_files
 
-SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(LALoraConfig) if f.name not in
-                        {f2.name for f2 in dataclasses.fields(LALoraConfig.__mro__[1])})
+SCHEDULE_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(LALoraConfig)
+    if f.name not in {f2.name for f2 in dataclasses.fields(LALoraConfig.__mro__[1])}
+)
 
 
 def export_as_lora(peft_model, save_directory: str, adapter_name: str = "default") -> str:
@@ -54,12 +57,15 @@ def _refuse_lalora_folder(save_directory: str) -> None:
     if is_lalora_card(_read_text(os.path.join(save_directory, "README.md"))):
         found.append("README.md (an LA-LoRA model card)")
     if found:
-        suggestion = os.path.join(os.path.dirname(os.path.normpath(save_directory)) or ".",
-                                  os.path.basename(os.path.normpath(save_directory)) + "-lora")
+        suggestion = os.path.join(
+            os.path.dirname(os.path.normpath(save_directory)) or ".",
+            os.path.basename(os.path.normpath(save_directory)) + "-lora",
+        )
         raise ConfigError(
             f"`save_directory` {save_directory!r} holds an LA-LoRA adapter or its privacy card ({'; '.join(found)}): "
             "a stock LoRA export there would replace the privacy card (README.md) and adapter_config.json. Export "
-            f"to another folder, e.g. {suggestion!r}.")
+            f"to another folder, e.g. {suggestion!r}."
+        )
 
 
 def _read_text(path: str) -> str:

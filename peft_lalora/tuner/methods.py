@@ -19,20 +19,38 @@ class Method:
     description: str
 
 
-METHODS = {method.name: method for method in (
-    Method("lalora", "LA-LoRA", "local", True,
-           "each client alternates the trainable LoRA factor inside its local steps (B, then A, ...) and smooths the "
-           "active factor's noisy gradient with a Gaussian low-pass filter."),
-    Method("lalora_nofilter", "LA-LoRA without filter", "local", False,
-           "each client alternates the trainable LoRA factor inside its local steps (B, then A, ...), without the "
-           "low-pass filter (ablation)."),
-    Method("rolora", "RoLoRA", "round", False,
-           "all clients train B in one round and A in the next, alternating by round."),
-    Method("ffa", "FFA-LoRA", "freeze_a", False,
-           "only B trains; A keeps its random initialisation and is never sent."),
-    Method("dplora", "DP-LoRA", "none", False,
-           "A and B train together at every step (FedAvg-LoRA)."),
-)}
+METHODS = {
+    method.name: method
+    for method in (
+        Method(
+            "lalora",
+            "LA-LoRA",
+            "local",
+            True,
+            "each client alternates the trainable LoRA factor inside its local steps (B, then A, ...) and smooths the "
+            "active factor's noisy gradient with a Gaussian low-pass filter.",
+        ),
+        Method(
+            "lalora_nofilter",
+            "LA-LoRA without filter",
+            "local",
+            False,
+            "each client alternates the trainable LoRA factor inside its local steps (B, then A, ...), without the "
+            "low-pass filter (ablation).",
+        ),
+        Method(
+            "rolora",
+            "RoLoRA",
+            "round",
+            False,
+            "all clients train B in one round and A in the next, alternating by round.",
+        ),
+        Method(
+            "ffa", "FFA-LoRA", "freeze_a", False, "only B trains; A keeps its random initialisation and is never sent."
+        ),
+        Method("dplora", "DP-LoRA", "none", False, "A and B train together at every step (FedAvg-LoRA)."),
+    )
+}
 ALTERNATIONS = tuple(dict.fromkeys(method.alternation for method in METHODS.values()))  # local, round, freeze_a, none
 
 

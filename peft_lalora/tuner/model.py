@@ -46,7 +46,9 @@ class LALoraModel(LoraModel):
     def _config(self, adapter_name: Optional[str] = None) -> LALoraConfig:
         name = adapter_name or self.active_adapters[0]
         if name not in self.peft_config:
-            raise ConfigError(f"`adapter_name` {name!r} is not an adapter of this model; have {list(self.peft_config)}.")
+            raise ConfigError(
+                f"`adapter_name` {name!r} is not an adapter of this model; have {list(self.peft_config)}."
+            )
         return self.peft_config[name]
 
     def trainable_factors(self, round_idx: int, step: int, adapter_name: Optional[str] = None) -> frozenset:
@@ -61,7 +63,9 @@ class LALoraModel(LoraModel):
         """
         factors = schedule.check_factors(factors)
         if self._config(adapter_name).alternation == "freeze_a" and "A" in factors:
-            raise ConfigError(f"`factors` {set(factors)} asks A to train, but `alternation='freeze_a'` (FFA-LoRA) keeps A frozen.")
+            raise ConfigError(
+                f"`factors` {set(factors)} asks A to train, but `alternation='freeze_a'` (FFA-LoRA) keeps A frozen."
+            )
         for factor, param in self.factor_parameters(adapter_name):
             active = factor in factors
             param.requires_grad_(active)

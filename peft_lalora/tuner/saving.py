@@ -28,8 +28,9 @@ def is_lalora_card(text: str) -> bool:
     return isinstance(meta, dict) and "lalora" in (meta.get("tags") or [])
 
 
-def save_adapter_files(peft_model, save_directory: str, adapter_name: str,
-                       edit_config: Callable[[dict], dict] | None = None) -> list[str]:
+def save_adapter_files(
+    peft_model, save_directory: str, adapter_name: str, edit_config: Callable[[dict], dict] | None = None
+) -> list[str]:
     """
     Write `adapter_config.json` and the weights of adapter `adapter_name` to the top of `save_directory` and
     return the names written. The files are written to a temporary folder inside `save_directory` first (the

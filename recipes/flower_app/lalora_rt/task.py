@@ -45,26 +45,37 @@ def client_data_path(node_config: dict) -> str | None:
 
 def pooling_file(run_config: dict, node_config: dict) -> str | None:
     data = client_data_path(node_config)
-    candidates = [node_config.get("pooling-path"), data and os.path.join(os.path.dirname(data), POOLING_FILE),
-                  node_config.get("data-dir") and os.path.join(node_config["data-dir"], POOLING_FILE),
-                  run_config.get("pooling-path")]
+    candidates = [
+        node_config.get("pooling-path"),
+        data and os.path.join(os.path.dirname(data), POOLING_FILE),
+        node_config.get("data-dir") and os.path.join(node_config["data-dir"], POOLING_FILE),
+        run_config.get("pooling-path"),
+    ]
     return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 
 def build_model(run_config: dict, node_config: dict):
     torch.manual_seed(int(run_config.get("seed", 42)))  # the same frozen weights on every machine
     extra = {"num_hidden_layers": int(run_config["num-hidden-layers"])} if "num-hidden-layers" in run_config else {}
-    model = AutoModelForSequenceClassification.from_pretrained(model_path(run_config, node_config), num_labels=2,
-                                                               **extra)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path(run_config, node_config), num_labels=2, **extra
+    )
     stats_path = pooling_file(run_config, node_config)
     if stats_path is None and client_data_path(node_config) is not None:  # a client must pool as its peers do
-        raise FileNotFoundError(f"No {POOLING_FILE} next to the client's data or at `pooling-path`: run "
-                                "recipes/flower_prepare.py and copy it to this machine.")
+        raise FileNotFoundError(
+            f"No {POOLING_FILE} next to the client's data or at `pooling-path`: run "
+            "recipes/flower_prepare.py and copy it to this machine."
+        )
     stats = load_file(stats_path) if stats_path else {}
     use_mean_pooling(model, stats.get("center"), stats.get("scale"))
-    config = LALoraConfig.for_method(run_config.get("method", "lalora"), r=int(run_config.get("lora-r", 8)),
-                                     lora_alpha=run_config.get("lora-alpha", 16), target_modules=["query", "value"],
-                                     modules_to_save=["classifier"], task_type="SEQ_CLS")
+    config = LALoraConfig.for_method(
+        run_config.get("method", "lalora"),
+        r=int(run_config.get("lora-r", 8)),
+        lora_alpha=run_config.get("lora-alpha", 16),
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
     peft_model = get_peft_model(model, config)
     peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = BASE_MODEL
     return peft_model
@@ -73,8 +84,10 @@ def build_model(run_config: dict, node_config: dict):
 def load_client_data(node_config: dict, run_config: dict) -> tuple:
     path = client_data_path(node_config)
     if path is None:
-        raise ValueError("The SuperNode needs `data-path` (its client folder) or `data-dir` with `partition-id` in "
-                         "its --node-config; prepare them with recipes/flower_prepare.py.")
+        raise ValueError(
+            "The SuperNode needs `data-path` (its client folder) or `data-dir` with `partition-id` in "
+            "its --node-config; prepare them with recipes/flower_prepare.py."
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_path(run_config, node_config))
     return load_from_disk(path), DataCollatorWithPadding(tokenizer)
 
@@ -87,5 +100,6 @@ def save_extras(output_dir: str, run_config: dict) -> None:
         shutil.copyfile(stats, os.path.join(output_dir, POOLING_FILE))
 
 
-TASK = FlowerTask(build_model=build_model, load_client_data=load_client_data, config_keys=KEYS,
-                  save_extras=save_extras)
+TASK = FlowerTask(
+    build_model=build_model, load_client_data=load_client_data, config_keys=KEYS, save_extras=save_extras
+)

@@ -170,7 +170,7 @@ def instrument_setup(timers: Timers):
     for name, key in (
         ("ClientShard", "client_shards"),
         ("GlobalAdapter", "global_adapter"),
-        ("make_stepper", "stepper_init"),
+        ("stepper_from_args", "stepper_init"),
         ("partition_indices", "partition"),
     ):
         setattr(tr, name, timers.wrap(key, getattr(tr, name)))

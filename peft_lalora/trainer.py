@@ -25,7 +25,7 @@ from .errors import CheckpointMismatchError, ClientDataError, ConfigError, Priva
 from .federated.aggregation import Aggregator
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns
-from .federated.client_update import LocalConfig, client_update, make_optimizer, make_stepper
+from .federated.client_update import LocalConfig, client_update, make_optimizer, stepper_from_args
 from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
@@ -110,17 +110,9 @@ class FederatedDPTrainer(Trainer):
             sample_rate_for(args.per_device_train_batch_size, n, client=k)
         noise_multiplier, delta = 0.0, None
         if args.dp:
-            plan = PrivacyPlan.build(
-                client_sizes=dict(enumerate(sizes)),
-                batch_size=args.per_device_train_batch_size,
-                num_rounds=args.num_rounds,
-                local_steps=args.local_steps,
-                target_epsilon=args.target_epsilon,
-                noise_multiplier=args.noise_multiplier,
-                target_delta=args.target_delta,
-                allow_large_delta=args.allow_large_delta,
-                accountant=args.accountant,
-                per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+            plan = PrivacyPlan.from_args(
+                args,
+                dict(enumerate(sizes)),
                 scheduled_steps=self._scheduled_steps() if args.sigma_calibration == "schedule" else None,
             )
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
@@ -143,16 +135,7 @@ class FederatedDPTrainer(Trainer):
         self._round_lrs = round_learning_rates(args)
         self._local = LocalConfig.from_args(args)
         self._private_seed = self._draw_private_seed()
-        self.stepper = make_stepper(
-            self.model,
-            dp=args.dp,
-            noise_multiplier=noise_multiplier,
-            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-            adapter_name=self.adapter_name,
-            backend=args.per_sample_grad_backend,
-            autocast_dtype=torch.bfloat16 if args.bf16 else None,
-            head_max_grad_norm=args.per_sample_head_max_grad_norm,
-        )
+        self.stepper = stepper_from_args(self.model, args, noise_multiplier, adapter_name=self.adapter_name)
 
     def _scheduled_steps(self) -> dict:
         args = self.args

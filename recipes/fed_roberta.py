@@ -45,6 +45,7 @@ from transformers import (  # noqa: E402
 )
 
 from peft_lalora import FederatedDPArguments, FederatedDPTrainer, LALoraConfig  # noqa: E402
+from peft_lalora.federated import partition_groups  # noqa: E402
 
 logger = logging.getLogger("fed_roberta")
 RT_TASK = "rotten_tomatoes"
@@ -200,7 +201,7 @@ def load_splits(data_args: DataArguments, args: FederatedDPArguments, tokenizer,
             # the tokenizer for its cache fingerprint at every map, 0.3 s each)
             tokenized = data.tokenize(train, tokenizer, columns, data_args.max_seq_length)
             clients = [
-                tokenized.select(idx) for idx in data.group_clients(train["movie"], args.num_clients, seed=args.seed)
+                tokenized.select(idx) for idx in partition_groups(train["movie"], args.num_clients, seed=args.seed)
             ]
             train = None
         else:

@@ -97,6 +97,21 @@ def make_stepper(
     )
 
 
+def stepper_from_args(model, args, noise_multiplier: float, adapter_name: str = "default"):
+    """`make_stepper` with the settings of `FederatedDPArguments` (DP on or off, clip norms, backend, bf16), for
+    the in-process trainer and a Flower client alike."""
+    return make_stepper(
+        model,
+        dp=args.dp,
+        noise_multiplier=noise_multiplier,
+        per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+        adapter_name=adapter_name,
+        backend=args.per_sample_grad_backend,
+        autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        head_max_grad_norm=args.per_sample_head_max_grad_norm,
+    )
+
+
 def make_optimizer(
     model, lr: float, local: LocalConfig, adapter_name: str = "default", params: Optional[dict] = None
 ) -> torch.optim.Optimizer:

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from ..errors import ClientDataError, ConfigError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
-from ..federated.client_update import LocalConfig, client_update, load_state, make_stepper
+from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
 from ..federated.preflight import PROBE_ROWS, preflight
 from ..federated.seeding import scheduled_steps, select_clients
 from ..privacy.plan import PrivacyPlan
@@ -202,29 +202,8 @@ def _job(task: FlowerTask, context: Context) -> _Job:
                     local_steps=args.local_steps,
                 )[client]
             }
-        plan = PrivacyPlan.build(
-            client_sizes={client: len(shard)},
-            batch_size=args.per_device_train_batch_size,
-            num_rounds=args.num_rounds,
-            local_steps=args.local_steps,
-            target_epsilon=args.target_epsilon,
-            noise_multiplier=args.noise_multiplier,
-            target_delta=args.target_delta,
-            allow_large_delta=args.allow_large_delta,
-            accountant=args.accountant,
-            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-            scheduled_steps=scheduled,
-        )
-    stepper = make_stepper(
-        model,
-        dp=args.dp,
-        noise_multiplier=plan.noise_multiplier if plan else 0.0,
-        per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-        adapter_name=model.active_adapter,
-        backend=args.per_sample_grad_backend,
-        autocast_dtype=torch.bfloat16 if args.bf16 else None,
-        head_max_grad_norm=args.per_sample_head_max_grad_norm,
-    )
+        plan = PrivacyPlan.from_args(args, {client: len(shard)}, scheduled_steps=scheduled)
+    stepper = stepper_from_args(model, args, plan.noise_multiplier if plan else 0.0, adapter_name=model.active_adapter)
     job = _Job(
         args=args,
         client=client,

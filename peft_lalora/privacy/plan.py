@@ -110,6 +110,24 @@ class PrivacyPlan:
             calibration=calibration,
         )
 
+    @classmethod
+    def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
+        """`build` from `FederatedDPArguments` (its sigma or target epsilon, delta, accountant and clip norm), for the
+        in-process trainer (every client) and a Flower client (itself); `scheduled_steps` as in `build`."""
+        return cls.build(
+            client_sizes=client_sizes,
+            batch_size=args.per_device_train_batch_size,
+            num_rounds=args.num_rounds,
+            local_steps=args.local_steps,
+            target_epsilon=args.target_epsilon,
+            noise_multiplier=args.noise_multiplier,
+            target_delta=args.target_delta,
+            allow_large_delta=args.allow_large_delta,
+            accountant=args.accountant,
+            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
+            scheduled_steps=scheduled_steps,
+        )
+
     def new_ledger(self) -> PrivacyLedger:
         """An empty ledger: one accountant per client, refusing releases beyond `target_epsilon`."""
         return PrivacyLedger(

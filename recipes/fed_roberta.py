@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling `data.py`
 if not any(a.split("=")[0] in ("--model_name_or_path", "--task_name", "--push_to_hub") for a in sys.argv[1:]):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default job never touches the Hub
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     split = resolve_client_split(data_args, args)
     num_labels = 2 if data_args.task_name == RT_TASK else data.GLUE_NUM_LABELS.get(data_args.task_name, 2)
+    torch.manual_seed(args.seed)  # the new head and LoRA A from the public seed (the DP noise stays secret)
     model, tokenizer = load_model(model_args, num_labels, args.device)
     train, clients, test, task = load_splits(data_args, args, tokenizer, split)
     if resolve_pooling(model_args) == "mean":  # statistics of unlabeled held-out inputs: no privacy cost

@@ -107,6 +107,32 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     assert "\ndatasets:\n- rotten_tomatoes\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
+def test_fed_roberta_is_reproducible_from_seed_and_noise_seed(tmp_path):
+    # Prepare: the same tiny job twice, in fresh processes, with the public seed and a fixed noise root
+    from safetensors.torch import load_file
+
+    flags = ["--num_hidden_layers", "1", "--max_train_samples", "200", "--max_eval_samples", "32"]
+    flags += ["--max_seq_length", "16", "--seed", "3", "--noise_seed", "0"] + SMALL_FED
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
+    adapters = []
+    for run in ("a", "b"):
+        out_dir = tmp_path / run
+        # Execute
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "recipes", "fed_roberta.py"), "--output_dir", str(out_dir), *flags],
+            cwd=str(tmp_path),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        adapters.append(load_file(str(out_dir / "adapter_model.safetensors")))
+    # Assert: the head and LoRA A start from the seed, so the two adapters are equal tensor for tensor
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert all(bool((adapters[0][k] == adapters[1][k]).all()) for k in adapters[0])
+
+
 def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     # Prepare: the offline default (tiny ViT from a config, digits), FFA-LoRA for variety
     out_dir = tmp_path / "out"

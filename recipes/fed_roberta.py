@@ -58,10 +58,10 @@ DEFAULT_DIRICHLET_ALPHA = 0.5
 DEFAULTS = dict(
     RECIPE_DEFAULTS,
     output_dir="runs/fed_roberta_default",
-    num_rounds=8,
+    num_rounds=16,
     local_steps=8,
     per_device_eval_batch_size=128,
-    eval_rounds=4,
+    eval_rounds=8,
     weight_decay=0.0,
 )
 DEFAULT_TARGET_EPSILON = 8.0

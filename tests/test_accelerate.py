@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from flower_deploy import free_port
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def launch(num_processes: int, output_dir, *extra) -> None:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(29500 + num_processes),
+        str(free_port()),  # a free port, not a fixed one: other runs on the machine may hold 29501
         os.path.join(ROOT, "tests", "accelerate_fed_run.py"),
         str(output_dir),
         *extra,

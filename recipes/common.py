@@ -133,4 +133,5 @@ def train_and_report(
             print(f"{name.removeprefix('eval_')}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
         print(f"epsilon: {result['epsilon']:.4f} (delta {result['delta']}, sample-level, per client)")
         print(f"output_dir: {result['output_dir']}")
+    trainer.accelerator.end_training()  # several processes: destroy the process group before the interpreter exits
     return result

@@ -31,3 +31,4 @@ if __name__ == "__main__":
         json.dump(
             {"world_size": trainer.args.world_size, "clients": trainer.local_clients, "noise_root": root}, handle
         )
+    trainer.accelerator.end_training()  # destroy the gloo process group before exit (else a rank can abort)

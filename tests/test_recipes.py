@@ -113,20 +113,11 @@ def test_fed_roberta_is_reproducible_from_seed_and_noise_seed(tmp_path):
 
     flags = ["--num_hidden_layers", "1", "--max_train_samples", "200", "--max_eval_samples", "32"]
     flags += ["--max_seq_length", "16", "--seed", "3", "--noise_seed", "0"] + SMALL_FED
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
     adapters = []
     for run in ("a", "b"):
         out_dir = tmp_path / run
         # Execute
-        proc = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "recipes", "fed_roberta.py"), "--output_dir", str(out_dir), *flags],
-            cwd=str(tmp_path),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _launch("fed_roberta.py", ["--output_dir", str(out_dir), *flags], tmp_path)
         adapters.append(load_file(str(out_dir / "adapter_model.safetensors")))
     # Assert: the head and LoRA A start from the seed, so the two adapters are equal tensor for tensor
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]

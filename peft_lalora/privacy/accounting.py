@@ -66,44 +66,26 @@ def _check_accountant(accountant) -> str:
     return accountant
 
 
+_SIGMA_FIX = "Use sigma > 0 for private training (0 means no noise and infinite epsilon)."
+_Q_FIX = "Use q = batch_size / num_examples with batch_size <= num_examples."
+_DELTA_FIX = "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n)."
+_TARGET_FIX = "Choose the privacy budget, e.g. target_epsilon=8.0."
+
+
 def _check_sigma(value) -> float:
-    return _real(
-        "noise_multiplier",
-        value,
-        "a finite number >= 0",
-        lambda v: 0.0 <= v < math.inf,
-        "Use sigma > 0 for private training (0 means no noise and infinite epsilon).",
-    )
+    return _real("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf, _SIGMA_FIX)
 
 
 def _check_q(value, name: str = "sample_rate") -> float:
-    return _real(
-        name,
-        value,
-        "a number in (0, 1]",
-        lambda v: 0.0 < v <= 1.0,
-        "Use q = batch_size / num_examples with batch_size <= num_examples.",
-    )
+    return _real(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, _Q_FIX)
 
 
 def _check_delta(value, name: str = "delta") -> float:
-    return _real(
-        name,
-        value,
-        "a number in (0, 1)",
-        lambda v: 0.0 < v < 1.0,
-        "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n).",
-    )
+    return _real(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0, _DELTA_FIX)
 
 
 def _check_target(value) -> float:
-    return _real(
-        "target_epsilon",
-        value,
-        "a finite number > 0",
-        lambda v: 0.0 < v < math.inf,
-        "Choose the privacy budget, e.g. target_epsilon=8.0.",
-    )
+    return _real("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf, _TARGET_FIX)
 
 
 # ----------------------------------------------------------------------------------------------- epsilon

@@ -30,7 +30,7 @@ from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
-from .federated.seeding import scheduled_steps, secret_seed, select_clients
+from .federated.seeding import run_schedule, secret_seed, select_clients
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, compute_epsilon
@@ -113,7 +113,7 @@ class FederatedDPTrainer(Trainer):
             plan = PrivacyPlan.from_args(
                 args,
                 dict(enumerate(sizes)),
-                scheduled_steps=self._scheduled_steps() if args.sigma_calibration == "schedule" else None,
+                scheduled_steps=run_schedule(args) if args.sigma_calibration == "schedule" else None,
             )
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
             self._calibration = plan.calibration
@@ -136,16 +136,6 @@ class FederatedDPTrainer(Trainer):
         self._local = LocalConfig.from_args(args)
         self._private_seed = self._draw_private_seed()
         self.stepper = stepper_from_args(self.model, args, noise_multiplier, adapter_name=self.adapter_name)
-
-    def _scheduled_steps(self) -> dict:
-        args = self.args
-        return scheduled_steps(
-            seed=args.seed,
-            rounds=args.num_rounds,
-            num_clients=args.num_clients,
-            clients_per_round=args.clients_per_round,
-            local_steps=args.local_steps,
-        )
 
     def _draw_private_seed(self):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it

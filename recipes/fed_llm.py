@@ -96,10 +96,7 @@ class ModelArguments(LoraArguments):
     num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "Keep only the first k layers (tests)."})
     target_modules: Optional[list[str]] = field(
         default=None,
-        metadata={
-            "help": "Modules that get adapters. Default: the attention projections (q_proj "
-            "k_proj v_proj o_proj; GPT-2: c_attn attn.c_proj)."
-        },
+        metadata={"help": "Modules that get adapters. Default: attention (q/k/v/o_proj; GPT-2: c_attn attn.c_proj)."},
     )
     lora_on_mlp: bool = field(
         default=False,

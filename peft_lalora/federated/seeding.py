@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..by_name import call_by_name
+
 
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed from the run seed and any keys (e.g. "noise", round, client)."""
@@ -67,3 +69,8 @@ def scheduled_steps(*, seed: int, rounds: int, num_clients: int, clients_per_rou
         for client in select_clients(seed, round_idx, num_clients, clients_per_round):
             steps[client] += local_steps
     return steps
+
+
+def run_schedule(args) -> dict:
+    """`scheduled_steps` of a run's `FederatedDPArguments` (its seed, clients, participation and rounds)."""
+    return call_by_name(scheduled_steps, args, rounds=args.num_rounds)

@@ -25,7 +25,7 @@ from ..errors import ClientDataError, ConfigError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
 from ..federated.preflight import PROBE_ROWS, preflight
-from ..federated.seeding import scheduled_steps, select_clients
+from ..federated.seeding import run_schedule, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
 from . import protocol
@@ -193,26 +193,10 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     if args.dp:  # this client plans for itself alone: its size, and its own steps in the public schedule
         scheduled = None
         if args.sigma_calibration == "schedule":
-            scheduled = {
-                client: scheduled_steps(
-                    seed=args.seed,
-                    rounds=args.num_rounds,
-                    num_clients=args.num_clients,
-                    clients_per_round=args.clients_per_round,
-                    local_steps=args.local_steps,
-                )[client]
-            }
+            scheduled = {client: run_schedule(args)[client]}
         plan = PrivacyPlan.from_args(args, {client: len(shard)}, scheduled_steps=scheduled)
     stepper = stepper_from_args(model, args, plan.noise_multiplier if plan else 0.0, adapter_name=model.active_adapter)
-    job = _Job(
-        args=args,
-        client=client,
-        model=model,
-        shard=shard,
-        stepper=stepper,
-        plan=plan,
-        local=LocalConfig.from_args(args),
-    )
+    job = _Job(args, client, model, shard, stepper, plan, LocalConfig.from_args(args))
     _JOBS[key] = job
     while len(_JOBS) > _MAX_JOBS:
         _JOBS.popitem(last=False)

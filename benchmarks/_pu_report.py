@@ -137,15 +137,17 @@ def table_lines(runs, settings, phase) -> list:
     for (m, e), group in groups.items():
         if e is not None:
             sigmas[e] = group[0]["noise_multiplier"]
-    reached = {
-        e: max((r["epsilon_reached"] or 0.0) for (m, ee), g in groups.items() if ee == e for r in g) for e in epsilons
-    }
+    reached = {}  # the runs of a mechanism that is not DP have no epsilon
+    for e in epsilons:
+        spent = [r["epsilon_reached"] for (_, ee), g in groups.items() if ee == e for r in g]
+        spent = [x for x in spent if x is not None]
+        reached[e] = f"reached {max(spent):.3f}" if spent else "no ε reached (not DP)"
     lines += [""] + comparison_lines(groups, epsilons) + [""] + probe_lines(groups, epsilons)
     lines += [
         "",
         "Noise multiplier σ and the largest ε reached by any client (δ = "
         f"{next((r['delta'] for r in runs if r.get('delta')), None)}): "
-        + ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, reached {reached[e]:.3f}" for e in epsilons),
+        + ", ".join(f"ε={e:g}: σ={sigmas[e]:.3f}, {reached[e]}" for e in epsilons),
         "",
     ]
     return lines

@@ -1,9 +1,9 @@
-"""One table across the privacy-utility arms of the text track: the library's DP methods with flat clipping, with
+"""One table across the privacy-utility arms of a track: the library's DP methods with flat clipping, with
 clipping groups, the DP linear probe, non-private LoRA, and the authors' released mechanism (NOT differentially
 private) at the same sigma; paired differences (same seeds: same clients, head init and batches) with 95 % intervals.
 
-    python benchmarks/pu_summary.py                      # reads results/privacy_utility{,_groups,_authors}.json
-    python benchmarks/pu_summary.py --out results/privacy_utility_summary.md
+    python benchmarks/pu_summary.py                 # text: results/privacy_utility{,_groups,_authors,_15rounds}.json
+    python benchmarks/pu_summary.py --track vision  # vision: results/privacy_utility_vision{,_authors}.json
 """
 
 from __future__ import annotations
@@ -18,22 +18,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _pu_report import LABELS, METHOD_ORDER, diff_cell, final_groups, mean_std, paired  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# arm suffix -> (file stem, phase, label)
-ARMS = {
+# arm suffix -> (file stem, phase, label), per track
+TEXT_ARMS = {
     "": ("privacy_utility", "final", "DP, flat clip C"),
     "@groups": ("privacy_utility_groups", "final", "DP, clipping groups"),
     "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
     "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
     "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds"),
 }
+VISION_ARMS = {
+    "": ("privacy_utility_vision", "final", "DP, flat clip C"),
+    "@authors": ("privacy_utility_vision_authors", "final", "authors' mechanism (NOT DP), lr per method"),
+    "@authors-shared": ("privacy_utility_vision_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
+}
 # the schedules compared with their own non-private reference: (name, DP arms, the arm holding non-private and probe)
-TRACKS = (("5 rounds", ("", "@groups"), ""), ("15 rounds", ("@r15",), "@r15"))
+TEXT_SCHEDULES = (("5 rounds", ("", "@groups"), ""), ("15 rounds", ("@r15",), "@r15"))
+TRACKS = {  # track -> (arms, schedules, the summary file's stem)
+    "text": (TEXT_ARMS, TEXT_SCHEDULES, "privacy_utility_summary"),
+    "vision": (VISION_ARMS, (("6 rounds", ("",), ""),), "privacy_utility_vision_summary"),
+}
 
 
-def load(results: str) -> tuple:
+def load(results: str, arms: dict, schedules: tuple) -> tuple:
     """All arms' final runs in one {(method + arm suffix, epsilon): runs} dict, and each file's settings."""
     groups, settings = {}, {}
-    for suffix, (stem, phase, _) in ARMS.items():
+    for suffix, (stem, phase, _) in arms.items():
         path = os.path.join(results, stem + ".json")
         if not os.path.exists(path):
             continue
@@ -41,7 +50,7 @@ def load(results: str) -> tuple:
             saved = json.load(handle)
         settings[stem] = saved["settings"]
         for (method, eps), runs in final_groups(saved["runs"], phase).items():
-            if method == "nonprivate" and suffix not in {track[2] for track in TRACKS}:
+            if method == "nonprivate" and suffix not in {schedule[2] for schedule in schedules}:
                 continue  # each schedule's reference comes from its own file
             groups[(method + suffix, eps)] = runs
     return groups, settings
@@ -67,11 +76,12 @@ def cell(groups, key, eps) -> str:
     return f"{100 * mu:.2f} ± {100 * sd:.2f} ({runs[0]['learning_rate']:g}, n={len(runs)})"
 
 
-def summary(groups, settings) -> str:
+def summary(groups, settings, track: str = "text") -> str:
+    arms, schedules, _ = TRACKS[track]
     epsilons = sorted({e for (_, e) in groups if e is not None})
-    dp_keys = [m + s for _, arms, _ in TRACKS for s in arms for m in METHOD_ORDER if m != "nonprivate"]
+    dp_keys = [m + s for _, dp_arms, _ in schedules for s in dp_arms for m in METHOD_ORDER if m != "nonprivate"]
     lines = [
-        "# Privacy-utility summary (text track)",
+        f"# Privacy-utility summary ({track} track)",
         "",
         "Test accuracy (%), mean ± std over seeds (chosen learning rate, number of seeds). Every arm uses the "
         "same clients, seeds and, at each ε and schedule, the same σ; `pu_summary.py` reads the committed "
@@ -83,7 +93,7 @@ def summary(groups, settings) -> str:
     for key in (
         dp_keys
         + [m + s for s in ("@authors", "@authors-shared") for m in METHOD_ORDER]
-        + ["nonprivate" + ref for _, _, ref in TRACKS]
+        + ["nonprivate" + ref for _, _, ref in schedules]
     ):
         if any((key, e) in groups for e in epsilons + [None]):
             lines.append(f"| {label(key)} | " + " | ".join(cell(groups, key, e) for e in epsilons + [None]) + " |")
@@ -95,11 +105,11 @@ def summary(groups, settings) -> str:
         "| schedule | ε | best DP arm | non-private − best | best − DP linear probe |",
         "|---|---|---|---|---|",
     ]
-    for name, arms, ref in TRACKS:
+    for name, dp_arms, ref in schedules:
         for eps in epsilons:
             present = [
                 m + a
-                for a in arms
+                for a in dp_arms
                 for m in METHOD_ORDER
                 if m not in ("nonprivate", "headonly") and (m + a, eps) in groups
             ]
@@ -111,13 +121,13 @@ def summary(groups, settings) -> str:
                 f"{diff_cell(paired(groups, 'nonprivate' + ref, best, None, eps_b=eps))} | "
                 f"{diff_cell(paired(groups, best, 'headonly' + ref, eps))} |"
             )
-    lines += reproduction(groups, epsilons)
+    lines += reproduction(groups, epsilons, arms)
     for stem, s in settings.items():
         lines += ["", f"Settings of `{stem}`: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "client_sizes")]
     return "\n".join(lines) + "\n"
 
 
-def reproduction(groups, epsilons) -> list:
+def reproduction(groups, epsilons, arms: dict) -> list:
     """Part 4: the paper's ordering and filter gain under the library's DP-SGD and under the authors' mechanism."""
     lines = [
         "",
@@ -131,7 +141,7 @@ def reproduction(groups, epsilons) -> list:
         "|---|---|---|---|---|---|---|",
     ]
     for eps in epsilons:
-        for suffix, (_, _, name) in ARMS.items():  # the 5-round arms and the 15-round one
+        for suffix, (_, _, name) in arms.items():
             methods = [
                 m for m in ("lalora", "rolora", "ffa", "dplora", "lalora_nofilter") if (m + suffix, eps) in groups
             ]
@@ -153,10 +163,12 @@ def reproduction(groups, epsilons) -> list:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=RESULTS, help="the folder of the arms' JSON files")
-    p.add_argument("--out", default=os.path.join(RESULTS, "privacy_utility_summary.md"))
+    p.add_argument("--track", choices=sorted(TRACKS), default="text")
+    p.add_argument("--out", help="default: <results>/privacy_utility_summary.md (vision: ..._vision_summary.md)")
     opts = p.parse_args(argv)
-    text = summary(*load(opts.results))
-    with open(opts.out, "w") as handle:
+    arms, schedules, stem = TRACKS[opts.track]
+    text = summary(*load(opts.results, arms, schedules), track=opts.track)
+    with open(opts.out or os.path.join(opts.results, stem + ".md"), "w") as handle:
         handle.write(text)
     print(text)
     return text

@@ -28,6 +28,7 @@ TEXT_ARMS = {
 }
 VISION_ARMS = {
     "": ("privacy_utility_vision", "final", "DP, flat clip C"),
+    "@s5": ("privacy_utility_vision_eps1_5seeds", "final", "DP, flat clip C, 5 seeds"),
     "@authors": ("privacy_utility_vision_authors", "final", "authors' mechanism (NOT DP), lr per method"),
     "@authors-shared": ("privacy_utility_vision_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
 }
@@ -35,7 +36,11 @@ VISION_ARMS = {
 TEXT_SCHEDULES = (("5 rounds", ("", "@groups"), ""), ("15 rounds", ("@r15",), "@r15"))
 TRACKS = {  # track -> (arms, schedules, the summary file's stem)
     "text": (TEXT_ARMS, TEXT_SCHEDULES, "privacy_utility_summary"),
-    "vision": (VISION_ARMS, (("6 rounds", ("",), ""),), "privacy_utility_vision_summary"),
+    "vision": (
+        VISION_ARMS,
+        (("6 rounds", ("",), ""), ("6 rounds, 5 seeds", ("@s5",), "@s5")),
+        "privacy_utility_vision_summary",
+    ),
 }
 
 
@@ -64,6 +69,7 @@ def label(key: str) -> str:
         "authors": " (authors, NOT DP)",
         "authors-shared": " (authors, NOT DP, one lr)",
         "r15": ", 15 rounds",
+        "s5": ", 5 seeds",
     }
     return LABELS[method] + suffix[arm]
 

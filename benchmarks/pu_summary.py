@@ -2,7 +2,7 @@
 clipping groups, the DP linear probe, non-private LoRA, and the authors' released mechanism (NOT differentially
 private) at the same sigma; paired differences (same seeds: same clients, head init and batches) with 95 % intervals.
 
-    python benchmarks/pu_summary.py                 # text: results/privacy_utility{,_groups,_authors,_15rounds}.json
+    python benchmarks/pu_summary.py                 # text: results/privacy_utility{,_groups,_authors,_15rounds,_batch128}.json
     python benchmarks/pu_summary.py --track vision  # vision: results/privacy_utility_vision{,_authors}.json
 """
 
@@ -25,6 +25,7 @@ TEXT_ARMS = {
     "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
     "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
     "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds"),
+    "@b128": ("privacy_utility_batch128", "final", "DP, flat clip C, batch 128"),
 }
 VISION_ARMS = {
     "": ("privacy_utility_vision", "final", "DP, flat clip C"),
@@ -33,7 +34,11 @@ VISION_ARMS = {
     "@authors-shared": ("privacy_utility_vision_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
 }
 # the schedules compared with their own non-private reference: (name, DP arms, the arm holding non-private and probe)
-TEXT_SCHEDULES = (("5 rounds", ("", "@groups"), ""), ("15 rounds", ("@r15",), "@r15"))
+TEXT_SCHEDULES = (
+    ("5 rounds", ("", "@groups"), ""),
+    ("15 rounds", ("@r15",), "@r15"),
+    ("5 rounds, batch 128", ("@b128",), "@b128"),
+)
 TRACKS = {  # track -> (arms, schedules, the summary file's stem)
     "text": (TEXT_ARMS, TEXT_SCHEDULES, "privacy_utility_summary"),
     "vision": (
@@ -70,6 +75,7 @@ def label(key: str) -> str:
         "authors-shared": " (authors, NOT DP, one lr)",
         "r15": ", 15 rounds",
         "s5": ", 5 seeds",
+        "b128": ", batch 128",
     }
     return LABELS[method] + suffix[arm]
 

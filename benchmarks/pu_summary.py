@@ -2,8 +2,8 @@
 clipping groups, the DP linear probe, non-private LoRA, and the authors' released mechanism (NOT differentially
 private) at the same sigma; paired differences (same seeds: same clients, head init and batches) with 95 % intervals.
 
-    python benchmarks/pu_summary.py                 # text: results/privacy_utility{,_groups,_authors,_15rounds,_batch128}.json
-    python benchmarks/pu_summary.py --track vision  # vision: results/privacy_utility_vision{,_authors}.json
+    python benchmarks/pu_summary.py                 # text: the files of TEXT_ARMS in results/
+    python benchmarks/pu_summary.py --track vision  # vision: the files of VISION_ARMS
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ TEXT_ARMS = {
     "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
     "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds"),
     "@b128": ("privacy_utility_batch128", "final", "DP, flat clip C, batch 128"),
+    "@b128r15": ("privacy_utility_batch128_15rounds", "final", "DP, flat clip C, batch 128, 15 rounds"),
 }
 VISION_ARMS = {
     "": ("privacy_utility_vision", "final", "DP, flat clip C"),
@@ -38,6 +39,7 @@ TEXT_SCHEDULES = (
     ("5 rounds", ("", "@groups"), ""),
     ("15 rounds", ("@r15",), "@r15"),
     ("5 rounds, batch 128", ("@b128",), "@b128"),
+    ("15 rounds, batch 128", ("@b128r15",), "@b128r15"),
 )
 TRACKS = {  # track -> (arms, schedules, the summary file's stem)
     "text": (TEXT_ARMS, TEXT_SCHEDULES, "privacy_utility_summary"),
@@ -76,6 +78,7 @@ def label(key: str) -> str:
         "r15": ", 15 rounds",
         "s5": ", 5 seeds",
         "b128": ", batch 128",
+        "b128r15": ", batch 128, 15 rounds",
     }
     return LABELS[method] + suffix[arm]
 

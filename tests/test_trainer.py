@@ -41,6 +41,9 @@ def test_every_method_trains_end_to_end(tmp_path, method, dp):
     logged = [log for log in trainer.state.log_history if "round" in log]
     assert [log["round"] for log in logged] == [1.0, 2.0]
     assert ("epsilon" in logged[-1]) == dp
+    # no Trainer-style global clipping: no norm of the non-private batch gradient is computed or logged
+    assert trainer.args.max_grad_norm == (0.0 if dp else 1.0)
+    assert not any("grad_norm" in log for log in trainer.state.log_history)
 
 
 def test_fedavg_equals_hand_computed_mean_of_client_adapters(tmp_path):

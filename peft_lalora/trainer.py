@@ -30,7 +30,7 @@ from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
-from .federated.seeding import run_schedule, secret_seed, select_clients
+from .federated.seeding import calibration_steps, secret_seed, select_clients
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, compute_epsilon
@@ -110,11 +110,8 @@ class FederatedDPTrainer(Trainer):
             sample_rate_for(args.per_device_train_batch_size, n, client=k)
         noise_multiplier, delta = 0.0, None
         if args.dp:
-            plan = PrivacyPlan.from_args(
-                args,
-                dict(enumerate(sizes)),
-                scheduled_steps=run_schedule(args) if args.sigma_calibration == "schedule" else None,
-            )
+            client_sizes = dict(enumerate(sizes))
+            plan = PrivacyPlan.from_args(args, client_sizes, scheduled_steps=calibration_steps(args, client_sizes))
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
             self._calibration = plan.calibration
         columns = model_columns(self.model)

@@ -7,7 +7,7 @@ from fed_helpers import toy_args
 
 from peft_lalora.by_name import call_by_name
 from peft_lalora.federated.client_update import LocalConfig
-from peft_lalora.federated.seeding import run_schedule, scheduled_steps
+from peft_lalora.federated.seeding import calibration_steps, run_schedule, scheduled_steps
 
 
 def _f(a, *, b, c=3):
@@ -36,3 +36,5 @@ def test_local_config_and_schedule_from_arguments(tmp_path):
     expected = scheduled_steps(seed=11, rounds=2, num_clients=5, clients_per_round=2, local_steps=3)
     assert run_schedule(args) == expected
     assert sum(expected.values()) == 2 * 2 * 3
+    assert calibration_steps(args, [0, 3]) == {0: expected[0], 3: expected[3]}  # the default: "schedule"
+    assert calibration_steps(toy_args(tmp_path, sigma_calibration="worst_case"), [0, 3]) is None

@@ -12,6 +12,7 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import numpy as np
 import torch
@@ -74,3 +75,12 @@ def scheduled_steps(*, seed: int, rounds: int, num_clients: int, clients_per_rou
 def run_schedule(args) -> dict:
     """`scheduled_steps` of a run's `FederatedDPArguments` (its seed, clients, participation and rounds)."""
     return call_by_name(scheduled_steps, args, rounds=args.num_rounds)
+
+
+def calibration_steps(args, clients) -> Optional[dict]:
+    """The scheduled steps of `clients` that sigma is calibrated for under `sigma_calibration="schedule"`, or None
+    (`"worst_case"`: calibrated for a client taking part in every round); `PrivacyPlan.from_args`' `scheduled_steps`."""
+    if args.sigma_calibration != "schedule":
+        return None
+    steps = run_schedule(args)
+    return {client: steps[client] for client in clients}

@@ -25,7 +25,7 @@ from ..errors import ClientDataError, ConfigError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
 from ..federated.preflight import PROBE_ROWS, preflight
-from ..federated.seeding import run_schedule, select_clients
+from ..federated.seeding import calibration_steps, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
 from . import protocol
@@ -191,10 +191,7 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     shard = ClientShard(dataset, collate, model_columns(model), device)
     plan = None
     if args.dp:  # this client plans for itself alone: its size, and its own steps in the public schedule
-        scheduled = None
-        if args.sigma_calibration == "schedule":
-            scheduled = {client: run_schedule(args)[client]}
-        plan = PrivacyPlan.from_args(args, {client: len(shard)}, scheduled_steps=scheduled)
+        plan = PrivacyPlan.from_args(args, {client: len(shard)}, scheduled_steps=calibration_steps(args, [client]))
     stepper = stepper_from_args(model, args, plan.noise_multiplier if plan else 0.0, adapter_name=model.active_adapter)
     job = _Job(args, client, model, shard, stepper, plan, LocalConfig.from_args(args))
     _JOBS[key] = job

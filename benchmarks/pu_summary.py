@@ -18,22 +18,32 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _pu_report import LABELS, METHOD_ORDER, diff_cell, final_groups, mean_std, paired  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# arm suffix -> (file stem, phase, label), per track
+# arm suffix -> (file stem, phase, label, what a row's method name gets appended), per track
+_AUTHORS = ("final", "authors' mechanism (NOT DP), lr per method", " (authors, NOT DP)")
+_AUTHORS_SHARED = ("final_shared", "authors' mechanism (NOT DP), one lr", " (authors, NOT DP, one lr)")
+
+
+def _flat(stem: str, row: str = "") -> tuple:
+    """An arm of the library's DP-SGD with flat clipping; `row` names what differs from the default track."""
+    return (stem, "final", "DP, flat clip C" + row, row)
+
+
 TEXT_ARMS = {
-    "": ("privacy_utility", "final", "DP, flat clip C"),
-    "@groups": ("privacy_utility_groups", "final", "DP, clipping groups"),
-    "@authors": ("privacy_utility_authors", "final", "authors' mechanism (NOT DP), lr per method"),
-    "@authors-shared": ("privacy_utility_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
-    "@r15": ("privacy_utility_15rounds", "final", "DP, flat clip C, 15 rounds"),
-    "@b128": ("privacy_utility_batch128", "final", "DP, flat clip C, batch 128"),
-    "@b128r15": ("privacy_utility_batch128_15rounds", "final", "DP, flat clip C, batch 128, 15 rounds"),
+    "": _flat("privacy_utility"),
+    "@groups": ("privacy_utility_groups", "final", "DP, clipping groups", " + groups"),
+    "@authors": ("privacy_utility_authors", *_AUTHORS),
+    "@authors-shared": ("privacy_utility_authors", *_AUTHORS_SHARED),
+    "@r15": _flat("privacy_utility_15rounds", ", 15 rounds"),
+    "@b128": _flat("privacy_utility_batch128", ", batch 128"),
+    "@b128r15": _flat("privacy_utility_batch128_15rounds", ", batch 128, 15 rounds"),
 }
 VISION_ARMS = {
-    "": ("privacy_utility_vision", "final", "DP, flat clip C"),
-    "@s5": ("privacy_utility_vision_eps1_5seeds", "final", "DP, flat clip C, 5 seeds"),
-    "@authors": ("privacy_utility_vision_authors", "final", "authors' mechanism (NOT DP), lr per method"),
-    "@authors-shared": ("privacy_utility_vision_authors", "final_shared", "authors' mechanism (NOT DP), one lr"),
+    "": _flat("privacy_utility_vision"),
+    "@s5": _flat("privacy_utility_vision_eps1_5seeds", ", 5 seeds"),
+    "@authors": ("privacy_utility_vision_authors", *_AUTHORS),
+    "@authors-shared": ("privacy_utility_vision_authors", *_AUTHORS_SHARED),
 }
+_ROW_SUFFIX = {suffix[1:]: arm[3] for arms in (TEXT_ARMS, VISION_ARMS) for suffix, arm in arms.items()}
 # the schedules compared with their own non-private reference: (name, DP arms, the arm holding non-private and probe)
 TEXT_SCHEDULES = (
     ("5 rounds", ("", "@groups"), ""),
@@ -54,7 +64,7 @@ TRACKS = {  # track -> (arms, schedules, the summary file's stem)
 def load(results: str, arms: dict, schedules: tuple) -> tuple:
     """All arms' final runs in one {(method + arm suffix, epsilon): runs} dict, and each file's settings."""
     groups, settings = {}, {}
-    for suffix, (stem, phase, _) in arms.items():
+    for suffix, (stem, phase, _, _) in arms.items():
         path = os.path.join(results, stem + ".json")
         if not os.path.exists(path):
             continue
@@ -70,17 +80,7 @@ def load(results: str, arms: dict, schedules: tuple) -> tuple:
 
 def label(key: str) -> str:
     method, _, arm = key.partition("@")
-    suffix = {
-        "": "",
-        "groups": " + groups",
-        "authors": " (authors, NOT DP)",
-        "authors-shared": " (authors, NOT DP, one lr)",
-        "r15": ", 15 rounds",
-        "s5": ", 5 seeds",
-        "b128": ", batch 128",
-        "b128r15": ", batch 128, 15 rounds",
-    }
-    return LABELS[method] + suffix[arm]
+    return LABELS[method] + _ROW_SUFFIX[arm]
 
 
 def cell(groups, key, eps) -> str:
@@ -156,7 +156,7 @@ def reproduction(groups, epsilons, arms: dict) -> list:
         "|---|---|---|---|---|---|---|",
     ]
     for eps in epsilons:
-        for suffix, (_, _, name) in arms.items():
+        for suffix, (_, _, name, _) in arms.items():
             methods = [
                 m for m in ("lalora", "rolora", "ffa", "dplora", "lalora_nofilter") if (m + suffix, eps) in groups
             ]

@@ -8,6 +8,9 @@ Memory: peak RSS of the step, measured in a fresh subprocess per (mode, factor):
 warm-up step the kernel's peak-RSS counter is reset (`echo 5 > /proc/self/clear_refs`), then --mem-reps steps run
 and VmHWM (peak RSS during the steps) minus VmRSS before them is reported. glibc keeps freed memory, so the delta
 is what the steps needed beyond what the process already held (a lower bound on their transient memory).
+Secure generator: the noise of one step (every active tensor) drawn from the ChaCha20 stream (`SecureRandom`, what
+the DP step uses) and, for comparison only, from torch's generator (`torch.normal`, which keeps 32 bits of a seed
+on CPU and is not used): the difference as a share of the DP step's median time is the generator's cost.
 Breakdown: the DP step timed stage by stage (forward + backward with hooks, Opacus grad samplers, clip, sum,
 noise, scale, low-pass, inner SGD), and the non-DP step (forward, backward, SGD).
 On CUDA (`--device cuda`) every timer synchronises the device, and memory is the peak of
@@ -48,6 +51,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from peft_lalora import LALoraConfig  # noqa: E402
 from peft_lalora.privacy import NonPrivateStep, PrivateStep, active_parameters  # noqa: E402
+from peft_lalora.privacy.secure_random import SecureRandom  # noqa: E402
 
 SIGMA, CLIP, LR, KERNEL = 1.0, 1.0, 0.05, (1, 4, 6, 4, 1)
 # all-MiniLM-L6-v2's config.json and RoBERTa-base's, for models with random weights (timing needs no trained ones)
@@ -132,7 +136,7 @@ def steppers(model, device):
         per_sample_max_grad_norm=CLIP,
         lowpass_kernel=KERNEL,
         backend="hooks",
-        generator=torch.Generator(device).manual_seed(7),
+        generator=SecureRandom(7, "benchmark-noise"),
     )
     plain = NonPrivateStep(model, torch.optim.SGD(params, lr=LR))
     return dp, plain
@@ -244,6 +248,31 @@ def nondp_breakdown(model, batch, plain, reps):
     return {k: statistics.median(v) for k, v in stages.items()}
 
 
+def noise_cost(model, dp, reps, dp_step_ms):
+    """Median ms to draw one step's noise for the active tensors: the secure stream vs torch.normal."""
+    shapes = [(p.shape, p.device) for p in active_parameters(model).values()]
+    std = SIGMA * CLIP
+    secure = SecureRandom(11, "benchmark-noise-cost")
+    plain = torch.Generator(shapes[0][1]).manual_seed(11)
+
+    def draw_secure():
+        for shape, device in shapes:
+            secure.normal(std, shape, device=device, dtype=torch.float32)
+
+    def draw_torch():
+        for shape, device in shapes:
+            torch.normal(0.0, std, shape, device=device, dtype=torch.float32, generator=plain)
+
+    times = {"secure_ms": [], "torch_ms": []}
+    for _ in range(reps):
+        times["secure_ms"].append(timed(draw_secure))
+        times["torch_ms"].append(timed(draw_torch))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["values"] = sum(shape.numel() for shape, _ in shapes)
+    out["share_of_dp_step"] = (out["secure_ms"] - out["torch_ms"]) / dp_step_ms
+    return out
+
+
 # ----- memory (subprocess per mode) ------------------------------------------------------------------------------
 def _status_kb(field):
     with open("/proc/self/status") as fh:
@@ -335,6 +364,7 @@ def run_factor(args, model, batch, dp, plain, factors):
             )
         if args.device.startswith("cuda"):
             row["memory_label"] = "peak CUDA MB"
+    row["secure_noise"] = noise_cost(model, dp, max(5, args.reps // 3), row["dp"]["median_ms"])
     row["dp_breakdown_ms"] = dp_breakdown(model, batch, dp, max(5, args.reps // 3))
     row["nondp_breakdown_ms"] = nondp_breakdown(model, batch, plain, max(5, args.reps // 3))
     return row
@@ -365,6 +395,11 @@ def print_row(row):
         f"{'ratio':8s}{dp['median_ms'] / nd['median_ms']:11.2f}{dp['p90_ms'] / nd['p90_ms']:9.2f}"
         f"{(dp['memory']['peak_mb'] / nd['memory']['peak_mb']) if 'memory' in dp else float('nan'):13.2f}"
         f"{ratio_mem:15.2f}"
+    )
+    noise = row["secure_noise"]
+    print(
+        f"  secure generator: {noise['values']:,} noise values in {noise['secure_ms']:.2f} ms (ChaCha20) vs "
+        f"{noise['torch_ms']:.2f} ms (torch.normal, not used): +{100 * noise['share_of_dp_step']:.2f} % of the DP step"
     )
     for label, key in (("DP step stages", "dp_breakdown_ms"), ("non-DP step stages", "nondp_breakdown_ms")):
         stages = row[key]

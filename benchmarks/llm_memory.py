@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from peft_lalora import LALoraConfig  # noqa: E402
 from peft_lalora.privacy import NonPrivateStep, PrivateStep  # noqa: E402
+from peft_lalora.privacy.secure_random import SecureRandom  # noqa: E402
 
 SIGMA, CLIP, LR, KERNEL, PROMPT = 1.0, 1.0, 0.05, (1, 4, 6, 4, 1), 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -85,7 +86,7 @@ def steppers(model, device):
         per_sample_max_grad_norm=CLIP,
         lowpass_kernel=KERNEL,
         backend="hooks",
-        generator=torch.Generator(device).manual_seed(7),
+        generator=SecureRandom(7, "benchmark-noise"),
     )
     return {"dp": dp, "nondp": NonPrivateStep(model, torch.optim.SGD(params, lr=LR))}
 

@@ -26,6 +26,7 @@ from .federated.aggregation import Aggregator
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns
 from .federated.client_update import LocalConfig, client_update, make_optimizer, stepper_from_args
+from .federated.fingerprint import check_fingerprints, shard_fingerprint
 from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
@@ -94,6 +95,7 @@ class FederatedDPTrainer(Trainer):
         self.local_clients = []  # per round, the clients this process ran
         self._train_called = False
         self._private_seed = None  # root of the noise and the batches: secret, only in the private checkpoint
+        self._fingerprints = None  # keyed fingerprints of the clients' data, for the resume check
 
     # ----- setup -------------------------------------------------------------------------------------------------
     @property
@@ -367,6 +369,7 @@ class FederatedDPTrainer(Trainer):
             "log_history": self.state.log_history,
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,
             "private_seed": self._private_seed,
+            "data_fingerprints": self._data_fingerprints(),
         }  # private: this folder must never be published
         save_checkpoint(
             os.path.join(self.args.output_dir, STATE_DIR),
@@ -400,15 +403,26 @@ class FederatedDPTrainer(Trainer):
                 accountant=args.accountant,
             )
             self._private_seed = state.get("private_seed")
-            if self._private_seed is None:
+            if self._private_seed is None or "data_fingerprints" not in state:
                 raise CheckpointMismatchError(
-                    f"The checkpoint {directory!r} holds no private randomness "
-                    "(`private_seed`): resuming would have to draw new noise for the "
-                    "rounds already run. Start a fresh `output_dir`."
+                    f"The checkpoint {directory!r} holds no private randomness (`private_seed`) or no fingerprint "
+                    "of the clients' data: resuming would have to draw new noise for the rounds already run, or "
+                    "could re-use its noise on other data. Start a fresh `output_dir`."
                 )
+            self._fingerprints = None  # of this run's data under the checkpoint's root
+            check_fingerprints(state["data_fingerprints"], self._data_fingerprints(), directory)
         self.state.log_history = list(state.get("log_history", []))
         logger.info("resumed from %s after round %d", directory, state["round"])
         return int(state["round"]) + 1
+
+    def _data_fingerprints(self):
+        """Per client, the keyed fingerprint of its data (`federated.fingerprint`), once per run; None when the
+        run is not private (its randomness is public)."""
+        if not self.args.dp:
+            return None
+        if self._fingerprints is None:
+            self._fingerprints = [shard_fingerprint(s, self._private_seed) for s in self._federation["shards"]]
+        return self._fingerprints
 
     # ----- results -------------------------------------------------------------------------------------------
     def privacy_report(self) -> dict:

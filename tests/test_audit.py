@@ -30,6 +30,7 @@ from scipy.stats import beta
 import peft_lalora  # noqa: F401
 from peft_lalora import LALoraConfig
 from peft_lalora.privacy import GradientPrivatizer, PrivateStep, active_parameters, compute_epsilon
+from peft_lalora.privacy.secure_random import SecureRandom
 
 DELTA = 1e-5
 C = 0.5
@@ -109,7 +110,7 @@ def synthetic_mechanism(sigma: float, steps: int, seed: int):
         per_sample_max_grad_norm=C,
         factor_of={"w": "B"},
         lowpass_kernel=(1, 4, 6, 4, 1),
-        generator=torch.Generator().manual_seed(seed + 1),
+        generator=SecureRandom(seed + 1, "noise"),
     )
     params = {"w": torch.zeros(shape)}
     batch_in, batch_out = {"w": torch.cat([background, canary])}, {"w": background}
@@ -175,7 +176,7 @@ def tiny_lora_step(sigma: float, seed: int):
         per_sample_max_grad_norm=C,
         lowpass_kernel=None,
         backend="hooks",
-        generator=torch.Generator().manual_seed(seed + 1),
+        generator=SecureRandom(seed + 1, "noise"),
     )
     g = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(6, 6, generator=g)

@@ -12,6 +12,7 @@ from fed_helpers import adapter_state, make_trainer, toy_dataset
 from opacus.optimizers import DPPerLayerOptimizer
 
 from peft_lalora.privacy import GradientPrivatizer
+from peft_lalora.privacy.secure_random import SecureRandom
 
 A, HEAD = "layer.lora_A.default.weight", "classifier.modules_to_save.default.weight"
 C, C_HEAD = 1.0, 0.25
@@ -66,7 +67,7 @@ def test_adding_one_huge_example_moves_each_group_by_exactly_its_threshold():
 
 
 def test_noise_is_calibrated_to_the_joint_sensitivity():
-    opt, params = grouped(noise=2.0, generator=torch.Generator().manual_seed(1))
+    opt, params = grouped(noise=2.0, generator=SecureRandom(1, "noise"))
     big = {A: torch.nn.Parameter(torch.zeros(300, 300)), HEAD: torch.nn.Parameter(torch.zeros(200, 300))}
     zero = {n: torch.zeros(1, *p.shape) for n, p in big.items()}
     noisy = opt.privatize(zero, big, expected_batch_size=1)

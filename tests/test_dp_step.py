@@ -12,6 +12,7 @@ from tiny_models import image_inputs, randomize_lora, text_inputs, tiny_roberta,
 import peft_lalora  # noqa: F401
 from peft_lalora import ConfigError, LALoraConfig, LALoraWarning
 from peft_lalora.privacy import GradientPrivatizer, NonPrivateStep, PrivateStep, active_parameters
+from peft_lalora.privacy.secure_random import SecureRandom
 
 C = 0.7
 
@@ -41,7 +42,7 @@ def dp_optimizer(params, sigma=0.0, clip=C, kernel=None, seed=0, factor_of=None)
         per_sample_max_grad_norm=clip,
         lowpass_kernel=kernel,
         factor_of=factor_of,
-        generator=torch.Generator().manual_seed(seed),
+        generator=SecureRandom(seed, "noise"),
     )
 
 
@@ -57,7 +58,7 @@ def test_inactive_factor_and_base_bit_identical_through_dp_steps_and_switches():
         noise_multiplier=1.0,
         per_sample_max_grad_norm=C,
         lowpass_kernel=(1, 4, 6, 4, 1),
-        generator=torch.Generator().manual_seed(0),
+        generator=SecureRandom(0, "noise"),
     )
     base_before = {
         n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
@@ -249,7 +250,7 @@ def test_nan_sample_is_dropped_and_equals_the_run_without_it():
             torch.optim.SGD(active_parameters(model).values(), lr=0.5),
             noise_multiplier=0.8,
             per_sample_max_grad_norm=C,
-            generator=torch.Generator().manual_seed(5),
+            generator=SecureRandom(5, "noise"),
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -272,7 +273,7 @@ def test_empty_batch_takes_a_noise_only_step():
         torch.optim.SGD(active_parameters(model).values(), lr=0.5),
         noise_multiplier=1.0,
         per_sample_max_grad_norm=C,
-        generator=torch.Generator().manual_seed(0),
+        generator=SecureRandom(0, "noise"),
     )
     empty = {k: v[:0] for k, v in text_batch().items()}
     out = step(empty, expected_batch_size=4)
@@ -302,7 +303,7 @@ def test_noise_is_drawn_and_summed_in_float32_for_a_bfloat16_adapter():
         torch.optim.SGD([param], lr=1.0),
         noise_multiplier=2.0,
         per_sample_max_grad_norm=0.5,
-        generator=torch.Generator().manual_seed(0),
+        generator=SecureRandom(0, "noise"),
     )
     grad_samples = {"w": torch.zeros(4, 400, 250, dtype=torch.bfloat16)}
     # Execute

@@ -29,6 +29,7 @@ from test_grad_sample import assert_matches_reference, make_batch, peft_model, s
 
 from peft_lalora.privacy import GradientPrivatizer  # noqa: E402
 from peft_lalora.privacy.grad_sample import select_backend  # noqa: E402
+from peft_lalora.privacy.secure_random import SecureRandom
 
 pytestmark = [
     pytest.mark.gpu,
@@ -107,7 +108,7 @@ def dp_step(device: str, samples: dict, sigma: float = 0.0) -> tuple[dict, dict,
         per_sample_max_grad_norm=C,
         factor_of={"a": "A", "b": "B"},
         lowpass_kernel=KERNEL,
-        generator=torch.Generator(device).manual_seed(0),
+        generator=SecureRandom(0, "noise"),
     )
     samples = {n: g.to(device) for n, g in samples.items()}
     with warnings.catch_warnings():
@@ -154,7 +155,7 @@ def test_cuda_noise_std_is_sigma_c_over_b(seed):
         torch.optim.SGD([param], lr=0.1),
         noise_multiplier=sigma,
         per_sample_max_grad_norm=C,
-        generator=torch.Generator("cuda").manual_seed(seed),
+        generator=SecureRandom(seed, "noise"),
     )
     noise = opt.privatize({"w": torch.zeros(batch, 400, 256, device="cuda")}, {"w": param}, batch)["w"]
     assert noise.is_cuda
@@ -205,7 +206,7 @@ def test_bf16_model_dp_step_keeps_bf16_weights_and_moves_only_active_tensors():
         noise_multiplier=1.0,
         per_sample_max_grad_norm=C,
         lowpass_kernel=KERNEL,
-        generator=torch.Generator("cuda").manual_seed(0),
+        generator=SecureRandom(0, "noise"),
     )
     out = step(to(make_batch("roberta", 8), "cuda", torch.bfloat16), expected_batch_size=8)
     step.close()

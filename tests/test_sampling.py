@@ -7,6 +7,7 @@ from scipy import stats
 
 from peft_lalora.errors import ConfigError
 from peft_lalora.privacy.sampling import poisson_sample, sample_rate_for
+from peft_lalora.privacy.secure_random import SecureRandom
 
 
 def _chi_square_p(sizes: np.ndarray, n: int, q: float) -> float:
@@ -30,7 +31,7 @@ def _chi_square_p(sizes: np.ndarray, n: int, q: float) -> float:
 @pytest.mark.parametrize("n, q", [(40, 0.1), (200, 0.03), (9, 0.5)])
 def test_batch_sizes_follow_binomial(n, q):
     # Prepare
-    generator = torch.Generator().manual_seed(1234)
+    generator = SecureRandom(1234, "sample")
     draws = 20_000
     # Execute
     sizes = np.array([len(poisson_sample(n, q, generator)) for _ in range(draws)])
@@ -42,7 +43,7 @@ def test_batch_sizes_follow_binomial(n, q):
 
 def test_each_example_included_with_probability_q_independently():
     n, q, draws = 30, 0.2, 20_000
-    generator = torch.Generator().manual_seed(7)
+    generator = SecureRandom(7, "sample")
     included = torch.zeros(draws, n, dtype=torch.bool)
     for i in range(draws):
         included[i, poisson_sample(n, q, generator)] = True
@@ -56,7 +57,7 @@ def test_each_example_included_with_probability_q_independently():
 
 
 def test_indices_sorted_unique_long_in_range():
-    generator = torch.Generator().manual_seed(0)
+    generator = SecureRandom(0, "sample")
     for _ in range(50):
         idx = poisson_sample(100, 0.3, generator)
         assert idx.dtype == torch.long and idx.dim() == 1
@@ -64,19 +65,19 @@ def test_indices_sorted_unique_long_in_range():
         assert idx.numel() == 0 or (idx.min() >= 0 and idx.max() < 100)
 
 
-def test_deterministic_under_generator_seed():
-    a = [poisson_sample(500, 0.05, torch.Generator().manual_seed(42)) for _ in range(2)]
+def test_deterministic_under_the_key():
+    a = [poisson_sample(500, 0.05, SecureRandom(42, "sample")) for _ in range(2)]
     assert torch.equal(a[0], a[1])
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    g1, g2 = SecureRandom(3, "sample"), SecureRandom(3, "sample")
     seq1 = [poisson_sample(50, 0.2, g1) for _ in range(20)]
     seq2 = [poisson_sample(50, 0.2, g2) for _ in range(20)]
     assert all(torch.equal(x, y) for x, y in zip(seq1, seq2))
-    other = [poisson_sample(50, 0.2, torch.Generator().manual_seed(4)) for _ in range(20)]
+    other = [poisson_sample(50, 0.2, SecureRandom(4, "sample")) for _ in range(20)]
     assert not all(torch.equal(x, y) for x, y in zip(seq1, other))
 
 
 def test_empty_batches_occur_at_small_q():
-    generator = torch.Generator().manual_seed(0)
+    generator = SecureRandom(0, "sample")
     batches = [poisson_sample(10, 0.01, generator) for _ in range(200)]
     empty = [b for b in batches if b.numel() == 0]
     # P(empty) = 0.99 ** 10 = 0.904, so about 181 of 200
@@ -85,20 +86,22 @@ def test_empty_batches_occur_at_small_q():
 
 
 def test_q_one_takes_every_example():
-    assert torch.equal(poisson_sample(7, 1.0, torch.Generator().manual_seed(0)), torch.arange(7))
+    assert torch.equal(poisson_sample(7, 1.0, SecureRandom(0, "sample")), torch.arange(7))
 
 
 @pytest.mark.parametrize("q", [0.0, -0.1, 1.5, float("nan"), True])
 def test_bad_sample_rate_refused(q):
     with pytest.raises(ConfigError, match=r"`sample_rate` must be a number in \(0, 1\]"):
-        poisson_sample(10, q, torch.Generator())
+        poisson_sample(10, q, SecureRandom.fresh())
 
 
 def test_bad_num_examples_and_generator_refused():
     with pytest.raises(ConfigError, match="`num_examples` must be an integer >= 1, got 0"):
-        poisson_sample(0, 0.5, torch.Generator())
-    with pytest.raises(ConfigError, match="`generator` must be a torch.Generator, got int"):
+        poisson_sample(0, 0.5, SecureRandom.fresh())
+    with pytest.raises(ConfigError, match="`generator` must be a peft_lalora SecureRandom, got int"):
         poisson_sample(10, 0.5, 123)
+    with pytest.raises(ConfigError, match="`generator` must be a peft_lalora SecureRandom, got Generator"):
+        poisson_sample(10, 0.5, torch.Generator().manual_seed(0))  # 32 bits of state: refused
 
 
 def test_sample_rate_for():

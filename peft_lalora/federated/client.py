@@ -13,7 +13,8 @@ from transformers import DataCollatorWithPadding, DefaultDataCollator, default_d
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..privacy.sampling import poisson_sample
-from .seeding import generator, global_rng
+from ..privacy.secure_random import SecureRandom
+from .seeding import global_rng
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 PADDED_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")  # what `tokenizer.pad` pads, with input_ids
@@ -196,12 +197,14 @@ def run_local_round(
     """
     Train the model (already holding the global adapter) on one client's shard for `local_steps` steps.
     Every random draw (batches, noise, dropout) derives from (seed, round, client), where `seed` is the run's
-    private root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run. Returns the
+    private root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run: the batches
+    and the noise from ChaCha20 streams keyed by it (`SecureRandom`), dropout (not part of the mechanism) from
+    torch's generator under a seed derived from it. Returns the
     factors that trained (the tensors to send) and statistics, `dropped` counting examples whose gradient was
     not finite.
     """
-    sampler = generator(seed, "sample", round_idx, client)
-    noise = generator(seed, "noise", round_idx, client, device=shard.device)
+    sampler = SecureRandom(seed, "sample", round_idx, client)
+    noise = SecureRandom(seed, "noise", round_idx, client)
     sample_rate = batch_size / len(shard)
     trained, losses, examples, dropped = set(), [], 0, 0
     with global_rng(seed, "dropout", round_idx, client, device=shard.device):  # dropout takes no generator; the

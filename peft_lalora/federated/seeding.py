@@ -2,7 +2,9 @@
 
 Two roots: the public `seed` (partition, client selection, initialisation: what may be known) and the private
 root of the DP noise and the Poisson batches, drawn from the operating system's entropy for each run
-(`secret_seed`) and kept only in the private checkpoint. Nothing random is carried from one client or round to
+(`secret_seed`) and kept only in the private checkpoint. The noise and the batches come from ChaCha20 streams
+keyed by the private root (`privacy.secure_random.SecureRandom`); torch's generators, which keep 32 (CPU) or
+64 (CUDA) bits of a seed, only ever draw dropout and public things. Nothing random is carried from one client or round to
 the next, so a client's local round gives the same result whichever process runs it and after any resume.
 """
 
@@ -30,10 +32,6 @@ def secret_seed() -> str:
     """A fresh 256-bit private root from the operating system's entropy (`secrets`): no public setting, and no
     earlier run, lets anyone re-create the noise and the batches derived from it."""
     return secrets.token_hex(32)
-
-
-def generator(seed: int, *keys, device="cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, *keys))
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from .grad_sample import select_backend
 from .grad_sample_base import model_inputs
 from .losses import per_example_loss
 from .optimizer import GradientPrivatizer
+from .secure_random import SecureRandom
 
 
 def mixed_precision(model: torch.nn.Module, dtype: Optional[torch.dtype]):
@@ -39,7 +40,7 @@ class PrivateStep:
         noise_multiplier, per_sample_max_grad_norm: sigma and the fixed clip norm C.
         lowpass_kernel: the low-pass kernel when the config enables the filter, else None.
         backend: `"auto"`, `"hooks"` or `"func"` (see `select_backend`).
-        generator: the noise RNG.
+        generator: the noise stream (`SecureRandom`, keyed by the private root; None: fresh OS entropy).
     """
 
     private = True
@@ -53,7 +54,7 @@ class PrivateStep:
         per_sample_max_grad_norm: float,
         lowpass_kernel: Optional[tuple] = None,
         backend: str = "auto",
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[SecureRandom] = None,
         loss_fn: Callable = per_example_loss,
         adapter_name: str = "default",
         autocast_dtype: Optional[torch.dtype] = None,
@@ -76,8 +77,8 @@ class PrivateStep:
     def optimizer(self) -> torch.optim.Optimizer:
         return self.dp.optimizer
 
-    def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator]) -> None:
-        """Start a client's local round: a fresh inner optimizer and that client's noise generator."""
+    def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[SecureRandom]) -> None:
+        """Start a client's local round: a fresh inner optimizer and that client's noise stream."""
         self.dp.optimizer = optimizer
         self.dp.generator = generator
 
@@ -122,7 +123,7 @@ class NonPrivateStep:
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
 
-    def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[torch.Generator] = None) -> None:
+    def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[SecureRandom] = None) -> None:
         self.optimizer = optimizer
 
     def __call__(self, batch: dict, expected_batch_size: float) -> dict:

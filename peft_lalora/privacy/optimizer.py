@@ -29,6 +29,7 @@ import torch
 
 from ..errors import ConfigError, LALoraWarning
 from ..tuner.lowpass import lowpass_filter
+from .secure_random import SecureRandom
 
 
 class GradientPrivatizer:
@@ -42,7 +43,9 @@ class GradientPrivatizer:
         per_sample_max_grad_norm (`float`): the fixed clip norm C.
         factor_of (`dict[str, str]`): parameter name -> "A" / "B" for LoRA weights (others: head).
         lowpass_kernel (`tuple`, *optional*): kernel of the low-pass stage; None disables it.
-        generator (`torch.Generator`, *optional*): the noise RNG (checkpointed for bit-identical resume).
+        generator (`SecureRandom`, *optional*): the noise stream, keyed by the private root (a resumed run
+            re-creates it from the root in its checkpoint). None: a fresh stream from the OS's entropy. A
+            `torch.Generator` is refused: it keeps 32 (CPU) or 64 (CUDA) bits of any seed.
         head_max_grad_norm (`float`, *optional*): clipping groups. None (default): one joint clip of every active
             tensor to C. A number C_h: the LoRA factors are clipped to C and the head (every other tensor) to
             C_h, each example in each group separately; the noise is then calibrated to the joint per-example
@@ -57,7 +60,7 @@ class GradientPrivatizer:
         per_sample_max_grad_norm: float,
         factor_of: Optional[dict] = None,
         lowpass_kernel: Optional[tuple] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[SecureRandom] = None,
         head_max_grad_norm: Optional[float] = None,
     ):
         if not (
@@ -91,6 +94,22 @@ class GradientPrivatizer:
         self.dropped_samples = 0
         self._warned = False
 
+    @property
+    def generator(self) -> SecureRandom:
+        return self._generator
+
+    @generator.setter
+    def generator(self, value: Optional[SecureRandom]) -> None:
+        if value is None:
+            value = SecureRandom.fresh("noise")
+        if not isinstance(value, SecureRandom):
+            raise ConfigError(
+                f"`generator` must be a peft_lalora SecureRandom (a ChaCha20 stream keyed by the private root), got "
+                f"{type(value).__name__}: torch's generators keep 32 (CPU) or 64 (CUDA) bits of a seed, so their "
+                "noise can be re-created by a brute force. Pass `SecureRandom(root, 'noise', ...)` or None."
+            )
+        self._generator = value
+
     # ----- stages ----------------------------------------------------------------------------------------------
     def clip_factors(self, grad_samples: dict) -> torch.Tensor:
         """Per-example scale factors min(1, C / ||g_i||) of the joint L2 norm over the active tensors; 0 for an
@@ -115,7 +134,11 @@ class GradientPrivatizer:
         batch = first.shape[0]
         sq = {}
         for name, g in grad_samples.items():
-            part = g.reshape(batch, -1).pow(2).sum(dim=1, dtype=torch.float64)
+            flat = g.reshape(batch, -1)
+            if flat.dtype in (torch.bfloat16, torch.float16):  # squared in bf16, norms overshot C by 0.17 %
+                part = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).to(torch.float64).pow(2)
+            else:
+                part = flat.pow(2).sum(dim=1, dtype=torch.float64)
             group = group_of(name)
             sq[group] = sq[group] + part if group in sq else part
         norms = {group: v.sqrt() for group, v in sq.items()}
@@ -152,16 +175,15 @@ class GradientPrivatizer:
         return out
 
     def add_noise(self, summed: dict) -> dict:
-        """+ N(0, (sigma C)^2), drawn in at least float32 (a bfloat16 draw would keep 8 bits of the noise)."""
+        """+ N(0, (sigma C)^2) from the secure stream, added in at least float32 (a bfloat16 draw would keep 8 bits
+        of the noise)."""
         if self.noise_multiplier == 0.0:
             return summed
         std = self.noise_multiplier * self.sensitivity(summed)
         out = {}
         for name, s in summed.items():
             dtype = torch.promote_types(s.dtype, torch.float32)
-            out[name] = s.to(dtype) + torch.normal(
-                0.0, std, s.shape, device=s.device, dtype=dtype, generator=self.generator
-            )
+            out[name] = s.to(dtype) + self.generator.normal(std, s.shape, device=s.device, dtype=dtype)
         return out
 
     def lowpass(self, grads: dict) -> dict:

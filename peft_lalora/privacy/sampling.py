@@ -13,6 +13,7 @@ from numbers import Integral, Real
 import torch
 
 from ..errors import ConfigError
+from .secure_random import SecureRandom
 
 __all__ = ["poisson_sample", "sample_rate_for"]
 
@@ -32,27 +33,28 @@ def _check_rate(value) -> float:
     return float(value)
 
 
-def poisson_sample(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+def poisson_sample(num_examples: int, sample_rate: float, generator: SecureRandom) -> torch.Tensor:
     """Draw one Poisson-sampled batch.
 
     Args:
         num_examples (`int`): size n of the client's shard (>= 1).
         sample_rate (`float`): inclusion probability q of each example, in (0, 1].
-        generator (`torch.Generator`): the client's random generator; the draw is deterministic given its state.
+        generator (`SecureRandom`): the client's sampling stream, keyed by the private root (never a torch
+            generator: its 32- or 64-bit state would let anyone re-create the batches); deterministic given
+            its position.
 
     Returns:
         A sorted 1-D `torch.long` tensor of the included indices; it may be empty.
     """
     n = _check_count("num_examples", num_examples, "A client needs at least one example to be sampled.")
     q = _check_rate(sample_rate)
-    if not isinstance(generator, torch.Generator):
+    if not isinstance(generator, SecureRandom):
         raise ConfigError(
-            f"`generator` must be a torch.Generator, got {type(generator).__name__}. Pass the client's seeded "
-            "generator, e.g. `torch.Generator().manual_seed(seed)`, so that sampling is reproducible."
+            f"`generator` must be a peft_lalora SecureRandom, got {type(generator).__name__}. Pass the client's "
+            "stream keyed by the private root, e.g. `SecureRandom(root, 'sample', round, client)`."
         )
-    # One uniform per example, drawn on the generator's device; inclusion iff u < q (q == 1 keeps everything).
-    uniforms = torch.rand(n, generator=generator, device=generator.device)
-    return torch.nonzero(uniforms < q, as_tuple=False).flatten().to(device="cpu", dtype=torch.long)
+    # One float64 uniform in (0, 1) per example; inclusion iff u < q (q == 1 keeps everything).
+    return torch.nonzero(generator.bernoulli(n, q), as_tuple=False).flatten().to(dtype=torch.long)
 
 
 def sample_rate_for(batch_size: int, num_examples: int, *, client=None) -> float:

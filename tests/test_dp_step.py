@@ -313,3 +313,20 @@ def test_noise_is_drawn_and_summed_in_float32_for_a_bfloat16_adapter():
     assert abs(float(noisy.std()) / (2.0 * 0.5 / 4) - 1) < 0.01
     off_grid = (noisy != noisy.to(torch.bfloat16).to(torch.float32)).float().mean()
     assert off_grid > 0.9
+
+
+def test_bf16_per_sample_gradients_are_clipped_to_c_computed_in_float32():
+    # Prepare: 4,000 bf16 per-sample gradients of few coordinates, above C (squares rounded to bf16's 8 bits
+    # overshot C by up to 0.17 %)
+    g = torch.Generator().manual_seed(3)
+    samples = {"a": (torch.randn(4000, 3, generator=g) * 3.0).to(torch.bfloat16)}
+    opt = GradientPrivatizer(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+        noise_multiplier=0.0,
+        per_sample_max_grad_norm=1.0,
+    )
+    # Execute: the clipped per-example gradients (clip factor times the gradient, as `sum_clipped` applies it)
+    factors = opt.clip_factors(samples)
+    clipped = samples["a"].float() * factors.float().unsqueeze(1)
+    # Assert: every clipped example within C to float32 rounding
+    assert float(clipped.norm(dim=1).max()) <= 1.0 + 1e-6

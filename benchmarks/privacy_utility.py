@@ -316,8 +316,12 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
             local_optimizer=opts.optimizer,
             weight_decay=0.0,
         )
-        # research: the noise is fixed by the seed so that every committed number can be re-run (no guarantee)
-        kwargs.update(dp=True, target_epsilon=epsilon, noise_seed=seed) if private else kwargs.update(dp=False)
+        # research: the noise is fixed by the seed so that every committed number can be re-run (no guarantee), and
+        # the noise-free training loss is recorded (`log_private_metrics`: outside the guarantee, so only on request)
+        if private:
+            kwargs.update(dp=True, target_epsilon=epsilon, noise_seed=seed, log_private_metrics=True)
+        else:
+            kwargs.update(dp=False)
         if private and opts.head_clip is not None and method != HEAD_ONLY:
             kwargs.update(per_sample_head_max_grad_norm=opts.head_clip)
         authors = private and opts.mechanism == "authors"

@@ -44,6 +44,9 @@ class FederatedDPArguments(TrainingArguments):
         eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
         min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
         aggregation_weights (`str`): "uniform" or "num_samples".
+        log_private_metrics (`bool`, defaults to False): under DP, also log and return the noise-free training
+            loss, the counts of sampled and dropped examples and the text of a failing client's error: outside the
+            DP guarantee, so only on request (a Flower node has its own switch, `share-training-metrics`).
         overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
             run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
         card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
@@ -110,6 +113,16 @@ class FederatedDPArguments(TrainingArguments):
             "help": "Allow push_to_hub of a run whose `noise_seed` was fixed (its privacy report says it is not private)."
         },
     )
+    log_private_metrics: bool = field(
+        default=False,
+        metadata={
+            "help": "Under DP, also log and return what is computed from the private training data without noise: "
+            "the training loss (per round and `train_loss`), the counts of sampled and dropped examples, and the "
+            "text of a failing client's error (it may quote a length or a batch size). These are OUTSIDE the DP "
+            "guarantee (an audit tells neighbouring datasets apart from them). Default False: a DP run logs only "
+            "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them."
+        },
+    )
     # The federated loop's own defaults for TrainingArguments fields it reads differently (schedules over rounds).
     lr_scheduler_type: str = field(
         default="constant",
@@ -134,7 +147,15 @@ class FederatedDPArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name in ("dp", "allow_large_delta", "allow_fixed_noise_seed", "overwrite_output_dir", "bf16", "fp16"):
+        for name in (
+            "dp",
+            "allow_large_delta",
+            "allow_fixed_noise_seed",
+            "log_private_metrics",
+            "overwrite_output_dir",
+            "bf16",
+            "fp16",
+        ):
             _bool(name, getattr(self, name))
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):

@@ -26,6 +26,7 @@ from .federated.aggregation import Aggregator
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns
 from .federated.client_update import LocalConfig, client_update, make_optimizer, stepper_from_args
+from .federated.disclosure import error_text, reveals_private
 from .federated.fingerprint import check_fingerprints, shard_fingerprint
 from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
@@ -45,6 +46,10 @@ from .tuner.saving import save_adapter_files
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT = "privacy_report.json"
+FAILED_DATA_CHECK = (
+    "ClientDataError: the client's data failed the data check before training (see its warning then), so the "
+    "client is dropped from every round it is scheduled in"
+)
 
 
 class FederatedDPTrainer(Trainer):
@@ -96,6 +101,7 @@ class FederatedDPTrainer(Trainer):
         self._train_called = False
         self._private_seed = None  # root of the noise and the batches: secret, only in the private checkpoint
         self._fingerprints = None  # keyed fingerprints of the clients' data, for the resume check
+        self._failed_data_check = frozenset()  # clients dropped from every round by the data check
 
     # ----- setup -------------------------------------------------------------------------------------------------
     @property
@@ -229,15 +235,20 @@ class FederatedDPTrainer(Trainer):
                 break
         if not args.eval_rounds and self.eval_dataset is not None:
             self.evaluate(ignore_keys=ignore_keys_for_eval)
-        finite = [x for x in losses if math.isfinite(x)]
-        metrics = {
-            "train_runtime": time.time() - start_time,
-            "train_loss": sum(finite) / len(finite) if finite else float("nan"),
-        }
+        metrics = {"train_runtime": time.time() - start_time}
+        if self._reveals_private:  # the noise-free training loss: outside the DP guarantee, only on request
+            finite = [x for x in losses if math.isfinite(x)]
+            metrics["train_loss"] = sum(finite) / len(finite) if finite else float("nan")
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.report()["epsilon"]
         self.control = self.callback_handler.on_train_end(args, state, self.control)
-        return TrainOutput(state.global_step, metrics["train_loss"], metrics)
+        return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
+
+    @property
+    def _reveals_private(self) -> bool:
+        """Whether logs, metrics and error texts may carry values computed from private data without noise:
+        always without DP, under DP only with `log_private_metrics=True` (see `federated.disclosure`)."""
+        return reveals_private(self.args)
 
     def _run_round(self, round_idx: int) -> dict:
         args = self.args
@@ -274,7 +285,6 @@ class FederatedDPTrainer(Trainer):
             "learning_rate": lr,
             "clients": float(total.survivors),
             "failed_clients": float(len(failed)),
-            "dropped_examples": float(sum(r.get("dropped", 0) for r in records)),
         }
         for record in failed:
             logger.warning(
@@ -292,15 +302,18 @@ class FederatedDPTrainer(Trainer):
         else:
             self.global_adapter.state = total.merged()
         self.global_adapter.load_into_model()
-        finite = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
-        if finite:
-            logs["loss"] = sum(finite) / len(finite)
+        if self._reveals_private:
+            logs.update(private_round_metrics(records))
         if self.ledger is not None:
             logs["epsilon"] = self.ledger.max_epsilon()
         return logs
 
     def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:
-        """One client's update into `total`; a client that raises is dropped, a budget error is not."""
+        """One client's update into `total`; a client that raises is dropped, a budget error is not. A client whose
+        data failed the data check is dropped without running (whether its batch would draw the bad example is
+        private), as failed."""
+        if client in self._failed_data_check:
+            return {"client": client, "error": FAILED_DATA_CHECK}
         try:
             update = client_update(
                 model=self.model,
@@ -317,7 +330,8 @@ class FederatedDPTrainer(Trainer):
         except PrivacyBudgetExceededError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing client must not take the federation down
-            return {"client": client, "error": f"{type(exc).__name__}: {exc}", "dropped": getattr(exc, "dropped", 0)}
+            text = error_text(exc, reveal=self._reveals_private, where="inside the client's local round")
+            return {"client": client, "error": text, "dropped": getattr(exc, "dropped", 0)}
         weight = 1.0 if self.args.aggregation_weights == "uniform" else float(update.num_examples)
         total.add(update.delta, weight)
         return {"client": client, "loss": update.loss, "examples": update.sampled, "dropped": update.dropped}
@@ -331,7 +345,8 @@ class FederatedDPTrainer(Trainer):
             self.stepper.probe(shard.batch(list(range(min(PROBE_ROWS, len(shard))))))
 
         self.global_adapter.load_into_model()
-        preflight(self.model, shards, gradient_probe)
+        failing = preflight(self.model, shards, gradient_probe, reveal_errors=self._reveals_private)
+        self._failed_data_check = frozenset(failing)
 
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -531,3 +546,16 @@ class FederatedDPTrainer(Trainer):
             },
             "repo_id": args.hub_model_id,
         }
+
+
+def private_round_metrics(records: list) -> dict:
+    """The round's metrics computed from private data without noise (`disclosure.PRIVATE_METRICS`): the mean loss of the
+    clients with a finite loss, and the counts of sampled and dropped examples."""
+    out = {
+        "sampled_examples": float(sum(r.get("examples", 0) for r in records)),
+        "dropped_examples": float(sum(r.get("dropped", 0) for r in records)),
+    }
+    finite = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
+    if finite:
+        out["loss"] = sum(finite) / len(finite)
+    return out

@@ -22,7 +22,8 @@ LOCAL_OPTIMIZERS = ("sgd", "adamw")
 
 class ClientUpdateError(RuntimeError):
     """A client's local round produced nothing that may be sent (its update is dropped); `dropped` counts
-    the examples dropped for a non-finite gradient."""
+    the examples dropped for a non-finite gradient. Its texts hold no value computed from the examples (they may
+    be logged under DP: `disclosure.VALUE_FREE_ERRORS`)."""
 
     def __init__(self, message: str, dropped: int = 0):
         super().__init__(message)
@@ -167,9 +168,8 @@ def client_update(
         seed=private_seed,
     )
     if stats["examples"] and stats["dropped"] == stats["examples"]:
-        raise ClientUpdateError(
-            f"all {stats['examples']} sampled examples had a non-finite gradient and were "
-            "dropped: the update would be noise only",
+        raise ClientUpdateError(  # no count in the text: it is computed from the data without noise
+            "every sampled example had a non-finite gradient and was dropped: the update would be noise only",
             dropped=stats["dropped"],
         )
     sent = [

@@ -11,6 +11,7 @@ from fed_helpers import toy_args, toy_dataset, toy_model
 from opacus.accountants import RDPAccountant
 from peft import PeftModel
 from tiny_models import tiny_roberta
+from transformers import TrainerCallback
 
 from peft_lalora import FederatedDPTrainer
 from peft_lalora.errors import ConfigError, LALoraWarning
@@ -204,3 +205,53 @@ def test_a_non_private_earlier_run_is_said_and_cannot_be_composed(tmp_path):
     trainer = FederatedDPTrainer(model=loaded(tmp_path / "np"), args=args, train_dataset=toy_dataset())
     with pytest.raises(ConfigError, match="was not private"):
         trainer.train()
+
+
+# -- resume of a composed run ------------------------------------------------------------------------------------
+class KillAfterRound(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            raise KeyboardInterrupt("killed after round 1")
+
+
+def test_a_composed_run_resumes_with_the_earlier_steps_counted(first, tmp_path):
+    # Prepare: the composed run, uninterrupted and killed after round 1
+    folder, _ = first
+
+    def composed(out, callbacks=None):
+        args = toy_args(out, noise_multiplier=1.3, prior_privacy_same_data=True)
+        return FederatedDPTrainer(model=loaded(folder), args=args, train_dataset=toy_dataset(), callbacks=callbacks)
+
+    full = composed(tmp_path / "full")
+    full.train()
+    killed = composed(tmp_path / "killed", callbacks=[KillAfterRound()])
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    # Execute
+    resumed = composed(tmp_path / "killed")
+    resumed.train(resume_from_checkpoint=True)
+    # Assert: the checkpoint's ledger (earlier steps included) passes the schedule check and ends where the full run did
+    assert resumed.ledger.state_dict() == full.ledger.state_dict()
+    assert resumed.privacy_report()["epsilon"] == full.privacy_report()["epsilon"]
+
+
+# -- a Hub adapter: offline only ---------------------------------------------------------------------------------
+def test_a_hub_adapter_whose_report_is_not_cached_is_said_unchecked(tmp_path):
+    # Prepare: what `LALoraConfig.from_pretrained` records for a Hub adapter without a cached privacy report
+    model = toy_model()
+    model.peft_config["default"].adapter_source = {"hub_repo": "alice/lalora-sst2", "folder": None}
+    # Execute
+    with pytest.warns(LALoraWarning, match="'alice/lalora-sst2'.*not checked"):
+        _, report = train_and_save(tmp_path, model=model, noise_multiplier=1.0)
+    # Assert
+    assert report["earlier_spending"] == {"included": False, "source": "alice/lalora-sst2", "checked": False}
+    assert "was not checked, and it is NOT included" in card_privacy(tmp_path)
+
+
+def test_a_cached_hub_report_is_found_and_named_by_its_repo(first, tmp_path):
+    folder, report1 = first
+    model = toy_model()
+    model.peft_config["default"].adapter_source = {"hub_repo": "alice/lalora-sst2", "folder": str(folder)}
+    _, report = train_and_save(tmp_path, model=model, noise_multiplier=1.3, prior_privacy_same_data=True)
+    assert report["earlier_spending"]["source"] == "alice/lalora-sst2"
+    assert report["earlier_spending"]["epsilon"] == report1["epsilon"]

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from ..errors import ConfigError, LALoraWarning
@@ -110,14 +110,10 @@ def detect_prior(adapter_config) -> Optional[PriorSpending]:
     folder = source.get("folder")
     if folder and os.path.isfile(os.path.join(folder, REPORT_FILE)):
         prior = read_prior_report(folder)
-        return prior if "hub_repo" not in source else _renamed(prior, source["hub_repo"])
+        return prior if "hub_repo" not in source else replace(prior, source=source["hub_repo"])
     if source.get("hub_repo"):
         return PriorSpending(source=source["hub_repo"], epsilon=None)
     return None
-
-
-def _renamed(prior: PriorSpending, source: str) -> PriorSpending:
-    return PriorSpending(**{**prior.__dict__, "source": source})
 
 
 def _spending(report: dict, source: str, sha256: str) -> PriorSpending:

@@ -39,6 +39,12 @@ class FederatedDPArguments(TrainingArguments):
         per_sample_head_max_grad_norm (`float`, *optional*): clipping groups: the head's own clip norm (the LoRA
             factors keep C); the noise covers sqrt(C^2 + C_head^2).
         accountant (`str`): "rdp" (default) or "prv".
+        prior_privacy_report (`str`, *optional*): an earlier run's privacy_report.json (or its adapter folder) for
+            the adapter this run starts from; by default the report next to the adapter the model was loaded from
+            (`PeftModel.from_pretrained` of a local folder, or a cached Hub snapshot) is found offline.
+        prior_privacy_same_data (`bool`, defaults to False): the earlier run used the same data: its accountant
+            events are composed into this run's epsilon (see `peft_lalora.privacy.prior`). False: the report, the
+            card and a warning say that the earlier spending is NOT included.
         lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
         round_lr_decay (`float`): learning rate of round t is learning_rate * round_lr_decay ** t.
         eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
@@ -83,6 +89,20 @@ class FederatedDPArguments(TrainingArguments):
         },
     )
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
+    prior_privacy_report: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "An earlier run's privacy_report.json (or adapter folder) for the adapter this run starts from; "
+            "default: found next to the adapter the model was loaded from."
+        },
+    )
+    prior_privacy_same_data: bool = field(
+        default=False,
+        metadata={
+            "help": "The earlier run used the same data: compose its accountant events into this run's epsilon. "
+            "False: the report and card say the earlier epsilon is NOT included."
+        },
+    )
     lora_b_lr_ratio: float = field(default=1.0, metadata={"help": "LR of lora_B relative to lora_A and the head."})
     round_lr_decay: float = field(default=1.0, metadata={"help": "Per-round learning-rate decay factor."})
     eval_rounds: int = field(default=1, metadata={"help": "Evaluate every N rounds (0 = only at the end)."})
@@ -155,6 +175,7 @@ class FederatedDPArguments(TrainingArguments):
             "overwrite_output_dir",
             "bf16",
             "fp16",
+            "prior_privacy_same_data",
         ):
             _bool(name, getattr(self, name))
         super().__post_init__()
@@ -195,8 +216,18 @@ class FederatedDPArguments(TrainingArguments):
             raise ConfigError(f"`local_momentum` must be in [0, 1), got {self.local_momentum!r}.")
         if self.noise_seed is not None:
             _int_at_least("noise_seed", self.noise_seed, 0)
+        if self.prior_privacy_report is not None and not isinstance(self.prior_privacy_report, str):
+            raise ConfigError(
+                f"`prior_privacy_report` must be a path (str) to an earlier run's privacy_report.json or adapter "
+                f"folder, got {self.prior_privacy_report!r}."
+            )
         if self.dp:
             self._validate_dp()
+        elif self.prior_privacy_same_data:
+            raise ConfigError(
+                "`prior_privacy_same_data`=True composes an earlier run's privacy spending into this run's epsilon, "
+                "but `dp=False` trains without privacy (epsilon = inf). Drop it, or keep `dp=True`."
+            )
         else:
             given = [
                 n
@@ -286,6 +317,8 @@ class FederatedDPArguments(TrainingArguments):
             "noise_seed",
             "sigma_calibration",
             "per_sample_head_max_grad_norm",
+            "prior_privacy_report",
+            "prior_privacy_same_data",
             "lr_scheduler_type",
             "warmup_steps",
             "bf16",

@@ -32,11 +32,12 @@ from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
-from .federated.seeding import calibration_steps, secret_seed, select_clients
+from .federated.seeding import calibration_steps, run_schedule, secret_seed, select_clients
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
+from .privacy.prior import REPORT_FILE, apply_prior, partition_record, prior_report_fields
 from .privacy.report import non_private_report, run_privacy_fields
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
@@ -45,7 +46,7 @@ from .tuner.roles import adapter_tensor_names
 from .tuner.saving import save_adapter_files
 
 logger = logging.getLogger(__name__)
-PRIVACY_REPORT = "privacy_report.json"
+PRIVACY_REPORT = REPORT_FILE
 FAILED_DATA_CHECK = (
     "ClientDataError: the client's data failed the data check before training (see its warning then), so the "
     "client is dropped from every round it is scheduled in"
@@ -102,6 +103,7 @@ class FederatedDPTrainer(Trainer):
         self._private_seed = None  # root of the noise and the batches: secret, only in the private checkpoint
         self._fingerprints = None  # keyed fingerprints of the clients' data, for the resume check
         self._failed_data_check = frozenset()  # clients dropped from every round by the data check
+        self._prior = None  # the earlier spending of the adapter this run starts from (`privacy.prior.PriorUse`)
 
     # ----- setup -------------------------------------------------------------------------------------------------
     @property
@@ -117,11 +119,14 @@ class FederatedDPTrainer(Trainer):
         for k, n in enumerate(sizes):  # q = B / n_k <= 1 for every client, private or not
             sample_rate_for(args.per_device_train_batch_size, n, client=k)
         noise_multiplier, delta = 0.0, None
+        partition = partition_record(args, given_per_client=self.client_datasets is not None)
         if args.dp:
             client_sizes = dict(enumerate(sizes))
             plan = PrivacyPlan.from_args(args, client_sizes, scheduled_steps=calibration_steps(args, client_sizes))
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
             self._calibration = plan.calibration
+            config = self.model.peft_config[self.adapter_name]
+            self.ledger, self._prior = apply_prior(args, config, self.ledger, partition, run_schedule(args))
         columns = model_columns(self.model)
         whole = {}  # each distinct dataset is restricted to the model's columns, and collated, once
         clients = []
@@ -135,6 +140,8 @@ class FederatedDPTrainer(Trainer):
             "sizes": sizes,
             "noise_multiplier": noise_multiplier,
             "delta": delta,
+            "partition": partition,
+            "prior_steps": self._prior.steps() if self._prior is not None else None,
         }
         self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
         self._round_lrs = round_learning_rates(args)
@@ -416,6 +423,7 @@ class FederatedDPTrainer(Trainer):
                 noise_multiplier=fed["noise_multiplier"],
                 delta=fed["delta"],
                 accountant=args.accountant,
+                prior_steps=fed["prior_steps"],
             )
             self._private_seed = state.get("private_seed")
             if self._private_seed is None or "data_fingerprints" not in state:
@@ -446,17 +454,21 @@ class FederatedDPTrainer(Trainer):
         if self.ledger is None:
             return non_private_report()
         report = self.ledger.report()
+        worst_case = (max(c["sample_rate"] for c in report["clients"]), self.args.num_rounds * self.args.local_steps)
         report.update(
             run_privacy_fields(self.args),
             sigma_calibration=self._calibration,
             worst_case_epsilon=compute_epsilon(
                 noise_multiplier=self.ledger.noise_multiplier,
-                sample_rate=max(c["sample_rate"] for c in report["clients"]),
-                steps=self.args.num_rounds * self.args.local_steps,
+                sample_rate=worst_case[0],
+                steps=worst_case[1],
                 delta=self.ledger.delta,
                 accountant=self.args.accountant,
             ),
+            partition=self._federation["partition"],
         )
+        if self._prior is not None:
+            report.update(prior_report_fields(self._prior, self.ledger, report, worst_case))
         return report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -21,9 +21,11 @@ def checked_ledger(
     noise_multiplier: float,
     delta: float,
     accountant: str,
+    prior_steps: dict | None = None,
 ) -> PrivacyLedger:
     """The ledger of checkpoint `state`, or `CheckpointMismatchError` when it is missing, unreadable, or does not
-    charge each client exactly its scheduled steps with the run's sigma, delta and accountant."""
+    charge each client exactly its scheduled steps (after `prior_steps`, an earlier run's composed steps) with the
+    run's sigma, delta and accountant."""
     if not state.get("ledger"):
         raise CheckpointMismatchError(
             f"The DP checkpoint {directory!r} holds no privacy ledger, so the epsilon "
@@ -44,6 +46,8 @@ def checked_ledger(
             f"The DP checkpoint {directory!r} has a ledger for clients "
             f"{sorted(ledger.clients)[:10]}, not the run's {num_clients}. {_FIX}"
         )
+    if prior_steps:
+        expected = {c: n + prior_steps.get(c, 0) for c, n in expected.items()}
     wrong = {c: (ledger.steps(c), n) for c, n in expected.items() if ledger.steps(c) != n}
     if wrong:
         shown = dict(list(wrong.items())[:5])

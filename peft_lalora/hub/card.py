@@ -280,7 +280,8 @@ def _privacy_section(report: dict | None) -> str:
         groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report["clip_groups"].items())
         rows.append(("clipping groups (per-example clip norm of each)", groups))
         rows.append(("joint per-example sensitivity (noise std / sigma)", _num(float(report["sensitivity"]))))
-    text = _privacy_lead(report, epsilon) + ["", "| quantity | value |", "|---|---|"]
+    text = _privacy_lead(report, epsilon) + _earlier_spending(report.get("earlier_spending"))
+    text += ["", "| quantity | value |", "|---|---|"]
     text += [f"| {name} | {value} |" for name, value in rows]
     if clients:
         text += ["", "Per client:", "", "| client | epsilon | sample rate | steps |", "|---|---|---|---|"]
@@ -317,6 +318,35 @@ def _privacy_lead(report: dict, epsilon) -> list[str]:
     return [
         f"Trained with **{guarantee}** (DP-SGD with per-sample clipping, Gaussian noise and Poisson sampling on "
         f"every client). {unit}"
+    ]
+
+
+def _earlier_spending(earlier) -> list[str]:
+    """A sentence on the privacy spent by the run this adapter was trained from (`privacy.prior`), if any."""
+    if not isinstance(earlier, dict):
+        return []
+    source = f"`{earlier.get('source')}`"
+    if earlier.get("included"):
+        how = {"per_client": "per client", "worst_case": "as the worst case over its clients, for every client"}
+        return [
+            "",
+            f"This epsilon **includes** the earlier run this adapter was trained from ({source}, epsilon = "
+            f"{_num(earlier.get('epsilon'))} alone), declared to use the same data: both runs' DP-SGD steps are "
+            f"composed {how.get(earlier.get('composition'), '')} by the accountant.",
+        ]
+    if not earlier.get("checked", True):
+        text = f"The earlier privacy spending of the Hub adapter this run started from ({source}) was not checked"
+    elif earlier.get("dp") is False:
+        text = f"The adapter this run started from ({source}) was trained **without** differential privacy"
+    else:
+        text = (
+            f"The earlier spending of **epsilon = {_num(earlier.get('epsilon'))}** (delta = "
+            f"{_num(earlier.get('delta'))}) by the run this adapter was trained from ({source})"
+        )
+    return [
+        "",
+        f"> **{text}, and it is NOT included in the epsilon below.** If that run used the same data, the total "
+        "privacy loss of that data is larger than stated here.",
     ]
 
 

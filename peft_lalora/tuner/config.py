@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -96,6 +97,16 @@ class LALoraConfig(LoraConfig):
         self.lowpass_kernel = _check_kernel(self.lowpass_kernel)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """peft's loader (`PeftModel.from_pretrained` calls it), which also records where the adapter came from in
+        `adapter_source` (not a field: never written to adapter_config.json), so that a trainer can find the
+        earlier run's privacy report offline: `{"folder": local folder}` for a local adapter, or
+        `{"hub_repo": id, "folder": its cached snapshot folder or None}` for a Hub adapter."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.adapter_source = _adapter_source(os.fspath(pretrained_model_name_or_path), subfolder, kwargs)
+        return config
+
+    @classmethod
     def for_method(cls, method: str, **kwargs) -> LALoraConfig:
         """Config for one of the paper's methods: a name in `peft_lalora.tuner.METHODS` (`lalora`, ...)."""
         if method not in METHODS:
@@ -108,6 +119,17 @@ class LALoraConfig(LoraConfig):
                 "`LALoraConfig(alternation=..., lowpass=...)` directly."
             )
         return cls(alternation=METHODS[method].alternation, lowpass=METHODS[method].lowpass, **kwargs)
+
+
+def _adapter_source(path: str, subfolder: Optional[str], kwargs: dict) -> dict:
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return {"folder": os.path.abspath(folder)}
+    from huggingface_hub import try_to_load_from_cache  # offline: the local cache only
+
+    name = "adapter_config.json" if not subfolder else f"{subfolder}/adapter_config.json"
+    cached = try_to_load_from_cache(path, name, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
+    return {"hub_repo": path, "folder": os.path.dirname(cached) if isinstance(cached, str) else None}
 
 
 def _check_positive(name: str, value) -> None:

@@ -227,10 +227,10 @@ class GradientPrivatizer:
         self.dropped_samples += count
         if not self._warned:
             self._warned = True
-            warnings.warn(
-                f"{count} example(s) had a non-finite per-sample gradient and were dropped from the step "
-                "(they add nothing; the noise and the accounting are unchanged). Further drops are counted "
-                "in `dropped_samples` without a warning.",
+            warnings.warn(  # no count: how many examples were dropped is computed from private data
+                "An example had a non-finite per-sample gradient and was dropped from the step (it adds nothing; "
+                "the noise and the accounting are unchanged). Drops are counted in `dropped_samples` (private: "
+                "computed from the data without noise) without a further warning.",
                 LALoraWarning,
                 stacklevel=3,
             )

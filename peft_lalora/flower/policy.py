@@ -113,20 +113,23 @@ class NodePolicy:
     def check_plan(self, plan, num_examples: int) -> None:
         """Refuse what the run's settings give on this node's `num_examples` examples (`plan`: its
         `PrivacyPlan`): the delta (the default min(1e-5, 1 / n) included) and the sigma (given or calibrated)."""
-        limit = min(self.max_delta, 1.0 / num_examples)
+        limit = f"<= {self.max_delta!r}" if self.max_delta < 1.0 / num_examples else f"< {1.0 / num_examples:.3g}"
         if plan.delta > self.max_delta or plan.delta >= 1.0 / num_examples:
             raise PolicyError(
                 f"The run accounts at `target-delta`={plan.delta!r} on this node's {num_examples} examples, but "
                 f"this node allows delta <= `max-delta`={self.max_delta!r} and < 1/n = {1.0 / num_examples:.3g}. "
-                f"Run with `target-delta` < {limit:.3g}."
+                f"Run with `target-delta` {limit}."
             )
-        self._check_sigma(plan.noise_multiplier)
+        calibrated = (
+            "" if plan.target_epsilon is None else f" (calibrated for `target-epsilon`={plan.target_epsilon!r})"
+        )
+        self._check_sigma(plan.noise_multiplier, calibrated)
 
-    def _check_sigma(self, sigma: float) -> None:
+    def _check_sigma(self, sigma: float, calibrated: str = "") -> None:
         if sigma <= 0 or sigma < self.min_noise_multiplier:
             rule = f">= {self.min_noise_multiplier!r}" if self.min_noise_multiplier > 0 else "> 0"
             raise PolicyError(
-                f"The run's `noise-multiplier`={sigma!r} is below this node's limit: sigma must be {rule} "
+                f"The run's `noise-multiplier`={sigma!r}{calibrated} is below this node's limit: sigma must be {rule} "
                 f"(`min-noise-multiplier`={self.min_noise_multiplier!r}; sigma 0 is epsilon = inf). Run with more "
                 "noise, or a smaller `target-epsilon`."
             )

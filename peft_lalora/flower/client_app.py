@@ -1,7 +1,7 @@
 """The ClientApp: one SuperNode, one client. It checks the run against its node's privacy policy (`NodePolicy`),
 loads its own data (`FlowerTask.load_client_data`), plans its own privacy (sigma for its own size and the run's
 target), charges each round on its own disk before training (`ClientState`), runs the library's client update
-(`federated.client_update`) and sends only what it trained.
+(`federated.client_update`) with noise keyed by that charge's release number, and sends only what it trained.
 
 Node config (`flower-supernode --node-config '...'`): `partition-id` (the client's id in the public schedule),
 `state-dir` (its private state folder: ledger and secret randomness), `share-training-metrics` (true: also send the
@@ -34,7 +34,7 @@ from ..federated.seeding import calibration_steps, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
 from . import protocol
-from .client_state import ClientState
+from .client_state import ClientState, release_seed
 from .policy import NodePolicy
 from .settings import federated_args
 from .task import FlowerTask
@@ -266,14 +266,19 @@ def _preflight(job: _Job, global_state: dict, round_idx: int) -> None:
 
 
 def _charge(job: _Job, context: Context, round_idx: int, steps: int) -> tuple:
-    """Charge the round to the ledger on disk before training; returns (ledger or None, the private seed)."""
+    """Charge the round to the ledger on disk before training; returns (ledger or None, the release's private seed).
+
+    The seed is `release_seed(run root, n)`, n the release number the charge wrote: a round asked twice is charged
+    twice and noised twice, independently. A fixed `noise-seed` (only where the node allows it) is used as is, so
+    that tests can compare runs; it gives no guarantee, replayed or not."""
     args = job.args
     if not args.dp:
         return None, args.seed  # the non-private baseline: no ledger, public randomness (as in the trainer)
     state = ClientState(context.node_config.get("state-dir"))
     with state.locked():
-        seed = args.noise_seed if args.noise_seed is not None else state.private_seed(context.run_id)
+        root = state.private_seed(context.run_id) if args.noise_seed is None else None
         ledger = state.ledger(job.plan, job.client, max_epsilon=job.policy.max_epsilon)
         ledger.charge(job.client, steps)  # raises PrivacyBudgetExceededError: nothing charged or trained
-        state.save_charge(ledger, client=job.client, run_id=context.run_id, round_idx=round_idx, steps=steps)
+        release = state.save_charge(ledger, client=job.client, run_id=context.run_id, round_idx=round_idx, steps=steps)
+    seed = args.noise_seed if root is None else release_seed(root, release)
     return ledger, seed  # the last step that can fail before training is the durable charge

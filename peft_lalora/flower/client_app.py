@@ -195,6 +195,7 @@ def _job(task: FlowerTask, context: Context) -> _Job:
         return _JOBS[key]
     args = federated_args(context.run_config, task.config_keys)
     policy = NodePolicy.from_node_config(context.node_config)
+    logger.info("this node's privacy policy: %s", policy.as_node_config())
     policy.check(args)  # before this node loads its model or its data
     client = protocol.partition_id(context.node_config)
     if client >= args.num_clients:

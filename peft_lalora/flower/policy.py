@@ -76,7 +76,7 @@ class NodePolicy:
         return cls(**kwargs)
 
     def as_node_config(self) -> dict:
-        """The policy as node config keys (for the log and the refusals)."""
+        """The policy as node config keys (the client logs it when a run starts)."""
         return {key: getattr(self, name) for key, name in _KEYS.items()}
 
     def check(self, args) -> None:

@@ -12,6 +12,7 @@ from .errors import (
     HubError,
     LALoraError,
     LALoraWarning,
+    PolicyError,
     PrivacyBudgetExceededError,
     UnsupportedModelError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "LALoraError",
     "LALoraModel",
     "LALoraWarning",
+    "PolicyError",
     "PrivacyBudgetExceededError",
     "UnsupportedModelError",
     "__version__",

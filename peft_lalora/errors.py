@@ -15,6 +15,11 @@ class ConfigError(LALoraError, ValueError):
     """An argument or configuration field has an invalid value."""
 
 
+class PolicyError(ConfigError):
+    """A run's settings break the data owner's own policy (e.g. a Flower node's `max-epsilon`): refused, nothing
+    trained or charged."""
+
+
 class UnsupportedModelError(LALoraError, ValueError):
     """No exact per-sample-gradient backend exists for a module of the model."""
 

@@ -270,7 +270,10 @@ class Deployment:
     def start_supernode(self, name: str, private_key: str, node_config: dict) -> subprocess.Popen:
         home = os.path.join(self.root, f"home_{name}")
         os.makedirs(home, exist_ok=True)
-        config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
+        config = " ".join(
+            f'{k}="{v}"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in node_config.items()
+        )
         return self._start(
             name,
             [

@@ -61,7 +61,13 @@ def deployment(tmp_path):
 
 
 def node_config(tmp_path, k: int) -> dict:
-    return {"partition-id": k, "data-path": str(tmp_path / "data" / str(k)), "state-dir": str(tmp_path / f"state{k}")}
+    # the owner allows a fixed noise seed: the first test's job fixes it to compare with the in-process trainer
+    return {
+        "partition-id": k,
+        "data-path": str(tmp_path / "data" / str(k)),
+        "state-dir": str(tmp_path / f"state{k}"),
+        "allow-fixed-noise-seed": True,
+    }
 
 
 def start_node(deploy, tmp_path, k: int, *, register: bool = True):

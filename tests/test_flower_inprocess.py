@@ -85,13 +85,21 @@ def run_config(tmp_path, method="lalora", **overrides) -> dict:
     return {k: v for k, v in config.items() if v is not None}
 
 
-def run_flower(tmp_path, shard_root, config, *, run_id=1, node_extra=None, lifetimes=None, on_reply=None):
-    """Run the real ServerApp main with one node per client; returns the grid (its nodes' contexts)."""
+# The nodes of the tests that compare runs: their owners allow a fixed noise seed and the non-private baseline
+TEST_POLICY = {"allow-fixed-noise-seed": True, "allow-non-private": True}
+
+
+def run_flower(
+    tmp_path, shard_root, config, *, run_id=1, node_extra=None, lifetimes=None, on_reply=None, policy=TEST_POLICY
+):
+    """Run the real ServerApp main with one node per client (each with the node config `policy`); returns the grid
+    (its nodes' contexts)."""
     nodes = {
         100 + k: {
             "partition-id": k,
             "data-path": str(shard_root / str(k)),
             "state-dir": str(tmp_path / "state" / str(k)),
+            **policy,
             **(node_extra or {}),
         }
         for k in range(len(SIZES))
@@ -423,7 +431,9 @@ def test_client_refuses_a_round_the_public_schedule_does_not_give_it(tmp_path, s
     # Prepare: a message for client 0 in round 0, whose clients are 1 and 3 (seed 0)
     root, _ = shards
     config = run_config(tmp_path)
-    nodes = {100: {"partition-id": 0, "data-path": str(root / "0"), "state-dir": str(tmp_path / "state0")}}
+    nodes = {
+        100: {"partition-id": 0, "data-path": str(root / "0"), "state-dir": str(tmp_path / "state0"), **TEST_POLICY}
+    }
     grid = InProcessGrid(make_client_app(TASK), nodes, config)
     state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
     content = RecordDict(

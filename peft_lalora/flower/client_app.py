@@ -1,12 +1,17 @@
-"""The ClientApp: one SuperNode, one client. It loads its own data (`FlowerTask.load_client_data`), plans its
-own privacy (sigma for its own size and the run's target), charges each round on its own disk before training
-(`ClientState`), runs the library's client update (`federated.client_update`) and sends only what it trained.
+"""The ClientApp: one SuperNode, one client. It checks the run against its node's privacy policy (`NodePolicy`),
+loads its own data (`FlowerTask.load_client_data`), plans its own privacy (sigma for its own size and the run's
+target), charges each round on its own disk before training (`ClientState`), runs the library's client update
+(`federated.client_update`) with noise keyed by that charge's release number, and sends only what it trained.
 
 Node config (`flower-supernode --node-config '...'`): `partition-id` (the client's id in the public schedule),
-`state-dir` (its private state folder: ledger and secret randomness), optional `max-epsilon` (the node's own cap
-on its lifetime epsilon) and `share-training-metrics` (true: also send the loss and the sampled / dropped counts,
-which are computed from the data without noise and so are outside the DP guarantee; a non-private run always
-sends them), plus whatever the task reads (e.g. `data-path`).
+`state-dir` (its private state folder: ledger and secret randomness), `share-training-metrics` (true: also send the
+loss and the sampled / dropped counts, which are computed from the data without noise and so are outside the DP
+guarantee; a non-private run always sends them), plus whatever the task reads (e.g. `data-path`). The data owner's
+policy, which a run can only tighten (see `policy`): `max-epsilon` (lifetime cap, default 8.0), `max-delta`
+(default 1e-5; never >= 1/n), `min-noise-multiplier` (default: any sigma > 0), `allow-non-private` (may a run set
+`dp=false`; default false) and `allow-fixed-noise-seed` (may a run set `noise-seed`; default false). A run that
+breaks it gets an error reply with code `protocol.POLICY` naming the key, the value asked and the limit, and the
+node logs a warning; nothing is trained or charged.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..errors import ClientDataError, ConfigError, PrivacyBudgetExceededError
+from ..errors import ClientDataError, ConfigError, PolicyError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
 from ..federated.preflight import PROBE_ROWS, preflight
@@ -29,7 +34,8 @@ from ..federated.seeding import calibration_steps, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
 from . import protocol
-from .client_state import ClientState
+from .client_state import ClientState, release_seed
+from .policy import NodePolicy
 from .settings import federated_args
 from .task import FlowerTask
 
@@ -47,6 +53,7 @@ class _Job:
     stepper: Any
     plan: Optional[PrivacyPlan]
     local: LocalConfig
+    policy: NodePolicy
     checked: bool = False  # the pre-flight check of the data ran
 
 
@@ -89,6 +96,11 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
     except PrivacyBudgetExceededError as exc:
         logger.warning("round %s refused: %s", message.content[protocol.CONFIG].get("round"), exc)
         return Message(Error(protocol.BUDGET_EXCEEDED, str(exc)), reply_to=message)
+    except PolicyError as exc:
+        logger.warning(
+            "round %s refused by this node's policy: %s", message.content[protocol.CONFIG].get("round"), exc
+        )
+        return Message(Error(protocol.POLICY, str(exc)), reply_to=message)
     except Exception as exc:  # noqa: BLE001 - reported to the server, never a crash of the node
         logger.exception("client configuration failed")
         return Message(Error(protocol.CLIENT_CONFIG, f"{type(exc).__name__}: {exc}"), reply_to=message)
@@ -182,6 +194,9 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     if key in _JOBS:
         return _JOBS[key]
     args = federated_args(context.run_config, task.config_keys)
+    policy = NodePolicy.from_node_config(context.node_config)
+    logger.info("this node's privacy policy: %s", policy.as_node_config())
+    policy.check(args)  # before this node loads its model or its data
     client = protocol.partition_id(context.node_config)
     if client >= args.num_clients:
         raise ConfigError(f"`partition-id` {client} must be < `num-clients` = {args.num_clients} of the run.")
@@ -192,8 +207,9 @@ def _job(task: FlowerTask, context: Context) -> _Job:
     plan = None
     if args.dp:  # this client plans for itself alone: its size, and its own steps in the public schedule
         plan = PrivacyPlan.from_args(args, {client: len(shard)}, scheduled_steps=calibration_steps(args, [client]))
+        policy.check_plan(plan, len(shard))
     stepper = stepper_from_args(model, args, plan.noise_multiplier if plan else 0.0, adapter_name=model.active_adapter)
-    job = _Job(args, client, model, shard, stepper, plan, LocalConfig.from_args(args))
+    job = _Job(args, client, model, shard, stepper, plan, LocalConfig.from_args(args), policy)
     _JOBS[key] = job
     while len(_JOBS) > _MAX_JOBS:
         _JOBS.popitem(last=False)
@@ -251,15 +267,19 @@ def _preflight(job: _Job, global_state: dict, round_idx: int) -> None:
 
 
 def _charge(job: _Job, context: Context, round_idx: int, steps: int) -> tuple:
-    """Charge the round to the ledger on disk before training; returns (ledger or None, the private seed)."""
+    """Charge the round to the ledger on disk before training; returns (ledger or None, the release's private seed).
+
+    The seed is `release_seed(run root, n)`, n the release number the charge wrote: a round asked twice is charged
+    twice and noised twice, independently. A fixed `noise-seed` (only where the node allows it) is used as is, so
+    that tests can compare runs; it gives no guarantee, replayed or not."""
     args = job.args
     if not args.dp:
         return None, args.seed  # the non-private baseline: no ledger, public randomness (as in the trainer)
     state = ClientState(context.node_config.get("state-dir"))
-    max_epsilon = context.node_config.get("max-epsilon")
     with state.locked():
-        seed = args.noise_seed if args.noise_seed is not None else state.private_seed(context.run_id)
-        ledger = state.ledger(job.plan, job.client, max_epsilon=max_epsilon)
+        root = state.private_seed(context.run_id) if args.noise_seed is None else None
+        ledger = state.ledger(job.plan, job.client, max_epsilon=job.policy.max_epsilon)
         ledger.charge(job.client, steps)  # raises PrivacyBudgetExceededError: nothing charged or trained
-        state.save_charge(ledger, client=job.client, run_id=context.run_id, round_idx=round_idx, steps=steps)
+        release = state.save_charge(ledger, client=job.client, run_id=context.run_id, round_idx=round_idx, steps=steps)
+    seed = args.noise_seed if root is None else release_seed(root, release)
     return ledger, seed  # the last step that can fail before training is the durable charge

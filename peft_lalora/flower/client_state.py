@@ -3,6 +3,11 @@
     ledger.json   the client's privacy ledger: every local step ever charged to this data, with the budget
     secret.json   the secret root of the noise and the Poisson batches of each run (never leaves the machine)
 
+Every release draws its noise and batches from its own key, `release_seed(root, n)`: n is the number of charges
+ever written to the ledger (the release's own charge included), so a key never repeats on a node, and a round the
+server sends twice (e.g. with two different global adapters, to subtract the replies) gets fresh noise and a
+second charge.
+
 Both are written atomically (temporary file, fsync, rename, fsync of the folder), under an exclusive lock
 (two runs on one node cannot lose a charge). The ledger is charged and written before the client trains, so an
 update never leaves without its charge on disk; a restart, or a second run on the same state folder,
@@ -17,6 +22,8 @@ are refused, not trained.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -36,6 +43,12 @@ logger = logging.getLogger(__name__)
 
 LEDGER_FILE, SECRET_FILE, LOCK_FILE = "ledger.json", "secret.json", ".lock"
 _LEDGER_FORMAT, _SECRET_FORMAT, _VERSION = "peft_lalora.flower.ClientLedger", "peft_lalora.flower.ClientSecrets", 1
+
+
+def release_seed(root: str, release: int) -> str:
+    """The private seed of release number `release` (1, 2, ...) under the secret `root` (64 hex characters):
+    HMAC-SHA256(root, "release:<n>") as 64 hex characters. Without the root, no two releases' keys are related."""
+    return hmac.new(bytes.fromhex(root), f"release:{int(release)}".encode(), hashlib.sha256).hexdigest()
 
 
 def _smallest(*budgets) -> Optional[float]:
@@ -117,8 +130,9 @@ class ClientState:
         )
         return PrivacyLedger.from_state_dict(state)
 
-    def save_charge(self, ledger: PrivacyLedger, *, client: int, run_id: int, round_idx: int, steps: int) -> None:
-        """Write the ledger after charging `steps` steps of round `round_idx` of run `run_id` (durable on return)."""
+    def save_charge(self, ledger: PrivacyLedger, *, client: int, run_id: int, round_idx: int, steps: int) -> int:
+        """Write the ledger after charging `steps` steps of round `round_idx` of run `run_id` (durable on return);
+        returns the release number: how many charges this ledger holds, this one included (call under `locked`)."""
         saved = self.saved() or {"charges": []}
         saved.update(
             format=_LEDGER_FORMAT,
@@ -129,8 +143,10 @@ class ClientState:
             delta=ledger.delta,
             accountant=ledger.accountant,
         )
+        release = len(saved["charges"]) + 1
         saved["charges"].append(
             {
+                "release": release,
                 "run_id": int(run_id),
                 "round": int(round_idx),
                 "steps": int(steps),
@@ -139,6 +155,7 @@ class ClientState:
             }
         )
         save_json(self.ledger_path, saved)
+        return release
 
     def epsilon(self) -> float:
         """The epsilon spent on this data so far (0 before the first charge), from the file alone."""
@@ -153,7 +170,8 @@ class ClientState:
     def private_seed(self, run_id: int) -> str:
         """The secret root of run `run_id`'s noise and batches on this node: drawn from the OS the first time
         (`secrets`), then read back (a restarted SuperNode continues the run with the same root; another run
-        gets a fresh one, so no two releases share noise)."""
+        gets a fresh one). Each release keys its noise with `release_seed(root, n)`, so no two releases share
+        noise, within a run or across runs (even if the ledger file were reset, a new run has a new root)."""
         path = os.path.join(self.directory, SECRET_FILE)
         saved = load_json(path) if os.path.isfile(path) else {"format": _SECRET_FORMAT, "runs": {}}
         key = str(int(run_id))

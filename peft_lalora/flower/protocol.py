@@ -19,11 +19,15 @@ GLOBAL, CONFIG, DELTA, METRICS, PRIVACY, NODE = "global", "config", "delta", "me
 BUDGET_EXCEEDED = 100  # the round would exceed the client's budget: refused, nothing trained or charged
 CLIENT_CONFIG = 101  # the run's settings or the node's config / data are invalid: nothing trained or charged
 UPDATE_FAILED = 102  # the local round failed after its charge (e.g. every sampled gradient was non-finite)
-NOT_CHARGED = (BUDGET_EXCEEDED, CLIENT_CONFIG)  # any other failure may come after the client's charge
+POLICY = (
+    103  # the run's settings break the node's own privacy policy (`policy.NodePolicy`): nothing trained or charged
+)
+NOT_CHARGED = (BUDGET_EXCEEDED, CLIENT_CONFIG, POLICY)  # any other failure may come after the client's charge
 ERROR_NAMES = {
     BUDGET_EXCEEDED: "budget exceeded",
     CLIENT_CONFIG: "invalid configuration",
     UPDATE_FAILED: "update failed",
+    POLICY: "refused by the node's policy",
 }
 
 

@@ -55,7 +55,7 @@ class LALoraStrategy(Strategy):
         self.history: list[dict] = []  # one record per round
         self.clients: dict[int, dict] = {}  # partition id -> its last privacy report
         self.unreported: dict[int, list] = {}  # partition id -> rounds it may have charged without reporting
-        self.refused: list[dict] = []  # budget refusals
+        self.refused: list[dict] = []  # refusals: over a client's budget, or against its node's policy
         self._round: dict = {}
         self._uncharged: set = set()
 
@@ -185,7 +185,7 @@ class LALoraStrategy(Strategy):
         self._round["failed"][pid] = f"{name}: {reason}"
         if code in protocol.NOT_CHARGED:
             self._uncharged.add(pid)
-        if code == protocol.BUDGET_EXCEEDED:
+        if code in (protocol.BUDGET_EXCEEDED, protocol.POLICY):
             self.refused.append({"client": pid, "round": self._round["round"], "reason": reason})
         logger.warning("round %d: client %d failed (%s): %s", self._round["round"], pid, name, reason)
 

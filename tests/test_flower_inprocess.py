@@ -478,3 +478,32 @@ def test_a_private_flower_run_disables_the_trainers_global_clipping():
 
     assert federated_args({"noise-multiplier": 1.0}).max_grad_norm == 0.0
     assert federated_args({"dp": False}).max_grad_norm == 1.0  # dp=False leaves the argument as given
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_failed_local_round_tells_the_server_no_private_value(tmp_path, shards, monkeypatch, share):
+    # Prepare: client 1 (in round 0's schedule) whose local round fails with a text quoting private values
+    root, _ = shards
+    import peft_lalora.flower.client_app as client_app_module
+
+    def failing_update(**kwargs):
+        raise RuntimeError("a batch of 8 examples, the longest of length 80")
+
+    monkeypatch.setattr(client_app_module, "client_update", failing_update)
+    node = {"partition-id": 1, "data-path": str(root / "1"), "state-dir": str(tmp_path / "state1"), **TEST_POLICY}
+    if share:
+        node["share-training-metrics"] = True
+    grid = InProcessGrid(make_client_app(TASK), {100: node}, run_config(tmp_path))
+    state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
+    content = RecordDict(
+        {
+            protocol.GLOBAL: ArrayRecord(state),
+            protocol.CONFIG: ConfigRecord({"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0}),
+        }
+    )
+    # Execute
+    (reply,) = grid.send_and_receive([Message(content, dst_node_id=100, message_type="train")])
+    # Assert: a failure (charged), whose text reaches the server only where the node's owner shares it
+    assert reply.has_error() and reply.error.code == protocol.UPDATE_FAILED
+    assert (tmp_path / "state1" / "ledger.json").exists()
+    assert ("80" in reply.error.reason) == share and ("RuntimeError" in reply.error.reason)

@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from ..errors import ClientDataError, ConfigError, PolicyError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
+from ..federated.disclosure import error_text
 from ..federated.preflight import PROBE_ROWS, preflight
 from ..federated.seeding import calibration_steps, select_clients
 from ..privacy.plan import PrivacyPlan
@@ -102,8 +103,9 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         )
         return Message(Error(protocol.POLICY, str(exc)), reply_to=message)
     except Exception as exc:  # noqa: BLE001 - reported to the server, never a crash of the node
-        logger.exception("client configuration failed")
-        return Message(Error(protocol.CLIENT_CONFIG, f"{type(exc).__name__}: {exc}"), reply_to=message)
+        logger.exception("client configuration failed")  # the full text stays in the node owner's own log
+        text = error_text(exc, reveal=_reveals(context), where="while the client prepared the round")
+        return Message(Error(protocol.CLIENT_CONFIG, text), reply_to=message)
     try:  # charged: a failure from here on keeps the charge (the update may have been partly computed)
         job.model.train()
         start = time.perf_counter()
@@ -121,8 +123,9 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         )
         seconds = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001
-        logger.exception("client update failed")
-        return Message(Error(protocol.UPDATE_FAILED, f"{type(exc).__name__}: {exc}"), reply_to=message)
+        logger.exception("client update failed")  # the full text stays in the node owner's own log
+        text = error_text(exc, reveal=_reveals(context), where="inside the client's local round")
+        return Message(Error(protocol.UPDATE_FAILED, text), reply_to=message)
     delta = ArrayRecord({n: t.detach().to("cpu", torch.float32) for n, t in update.delta.items()})
     sent = delta.count_bytes()
     epsilon = ledger.epsilon(job.client) if ledger is not None else float("inf")
@@ -133,17 +136,17 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         "bytes-sent": int(sent),
         "train-seconds": float(seconds),
     }
-    if context.node_config.get("share-training-metrics") is True or not job.args.dp:
+    if _reveals(context) or not job.args.dp:
         # loss and dropped examples are computed from the data without noise: only the node's owner may share them
         metrics.update({"loss": float(update.loss), "sampled": int(update.sampled), "dropped": int(update.dropped)})
-    logger.info(
-        "round %d: client %d loss %.4f, %d sampled, %d dropped",
-        round_idx,
-        job.client,
-        update.loss,
-        update.sampled,
-        update.dropped,
-    )
+        logger.info(
+            "round %d: client %d loss %.4f, %d sampled, %d dropped",
+            round_idx,
+            job.client,
+            update.loss,
+            update.sampled,
+            update.dropped,
+        )
     logger.info(
         "round %d: client %d sends %d tensors (%d bytes), epsilon %.4f",
         round_idx,
@@ -156,6 +159,12 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         {protocol.DELTA: delta, protocol.METRICS: MetricRecord(metrics), protocol.PRIVACY: privacy_record(job, ledger)}
     )
     return Message(content, reply_to=message)
+
+
+def _reveals(context: Context) -> bool:
+    """The node's owner shares values computed from its data without noise (`share-training-metrics`); a
+    non-private run's values are not covered anyway, but its error texts follow the same switch."""
+    return context.node_config.get("share-training-metrics") is True
 
 
 def privacy_record(job: _Job, ledger) -> ConfigRecord:

@@ -9,13 +9,14 @@ update is missing): only its exception type and a fixed explanation are said. A 
 
 from __future__ import annotations
 
-from ..errors import ClientDataError
+from ..errors import ClientDataError, ConfigError
 from .client_update import ClientUpdateError
 
 PRIVATE_METRICS = ("loss", "sampled_examples", "dropped_examples")  # per-round logs outside the DP guarantee
 OPT_IN = "`log_private_metrics=True`"
-# The library's own errors whose texts are written to hold no value computed from private examples
-VALUE_FREE_ERRORS = (ClientDataError, ClientUpdateError)
+# The library's own errors whose texts are written to hold no value computed from private examples (a ConfigError
+# quotes settings, and at most a shard's size, which the sample rate publishes anyway)
+VALUE_FREE_ERRORS = (ClientDataError, ClientUpdateError, ConfigError)
 
 
 def reveals_private(args) -> bool:
@@ -23,12 +24,12 @@ def reveals_private(args) -> bool:
     return not args.dp or getattr(args, "log_private_metrics", False) is True
 
 
-def error_text(exc: BaseException, *, reveal: bool, where: str) -> str:
+def error_text(exc: BaseException, *, reveal: bool, where: str, opt_in: str = OPT_IN) -> str:
     """`"Type: message"` when `reveal` (or for the library's value-free errors), else the exception's type and a
     fixed explanation: `where` says where it was raised (e.g. "inside the client's local round")."""
     if reveal or isinstance(exc, VALUE_FREE_ERRORS):
         return f"{type(exc).__name__}: {exc}"
     return (
         f"{type(exc).__name__} {where}. Its text is withheld: it may quote lengths, shapes, batch sizes or values "
-        f"computed from private examples, which no noise covers. Set {OPT_IN} to see it (outside the DP guarantee)"
+        f"computed from private examples, which no noise covers. Set {opt_in} to see it (outside the DP guarantee)"
     )

@@ -104,7 +104,7 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         return Message(Error(protocol.POLICY, str(exc)), reply_to=message)
     except Exception as exc:  # noqa: BLE001 - reported to the server, never a crash of the node
         logger.exception("client configuration failed")  # the full text stays in the node owner's own log
-        text = error_text(exc, reveal=_reveals(context), where="while the client prepared the round")
+        text = error_text(exc, reveal=_reveals(context), where="while the client prepared the round", opt_in=SHARE)
         return Message(Error(protocol.CLIENT_CONFIG, text), reply_to=message)
     try:  # charged: a failure from here on keeps the charge (the update may have been partly computed)
         job.model.train()
@@ -124,7 +124,7 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         seconds = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001
         logger.exception("client update failed")  # the full text stays in the node owner's own log
-        text = error_text(exc, reveal=_reveals(context), where="inside the client's local round")
+        text = error_text(exc, reveal=_reveals(context), where="inside the client's local round", opt_in=SHARE)
         return Message(Error(protocol.UPDATE_FAILED, text), reply_to=message)
     delta = ArrayRecord({n: t.detach().to("cpu", torch.float32) for n, t in update.delta.items()})
     sent = delta.count_bytes()
@@ -159,6 +159,9 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         {protocol.DELTA: delta, protocol.METRICS: MetricRecord(metrics), protocol.PRIVACY: privacy_record(job, ledger)}
     )
     return Message(content, reply_to=message)
+
+
+SHARE = "`share-training-metrics=true` in the node config"
 
 
 def _reveals(context: Context) -> bool:

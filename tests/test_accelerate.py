@@ -12,6 +12,8 @@ import torch
 from flower_deploy import free_port
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.processes  # starts servers or processes: `pytest -m processes` (CI runs it)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 

@@ -342,6 +342,7 @@ print(json.dumps({"new_tokens": out.shape[1] - ids["input_ids"].shape[1], "type"
 """
 
 
+@pytest.mark.processes
 def test_fed_llm_offline_default_runs_and_its_adapter_generates_in_a_fresh_process(tmp_path, capsys):
     # Prepare: the offline default (random Llama from a config, Rotten Tomatoes as instructions), small, in process
     # (the slow test below runs the recipe through `accelerate launch`)

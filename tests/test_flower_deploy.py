@@ -27,6 +27,8 @@ import peft_lalora  # noqa: E402, F401
 from peft_lalora import FederatedDPTrainer  # noqa: E402
 from peft_lalora.flower import ClientState  # noqa: E402
 
+pytestmark = pytest.mark.processes  # starts servers or processes: `pytest -m processes` (CI runs it)
+
 SIZES = (100, 120)
 JOB = {
     "method": "lalora",

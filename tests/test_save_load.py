@@ -62,6 +62,7 @@ def test_saved_config_is_lalora(saved):
     assert os.path.exists(tmp / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.processes
 def test_peft_from_pretrained_in_fresh_process(saved):
     tmp, _, _, logits = saved
     run_fresh(
@@ -81,6 +82,7 @@ dump(model(**inputs).logits)
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
 
 
+@pytest.mark.processes
 def test_auto_peft_model_in_fresh_process(saved):
     tmp, _, _, logits = saved
     run_fresh(
@@ -96,6 +98,7 @@ dump(model(**inputs).logits)
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=0, atol=0)
 
 
+@pytest.mark.processes
 def test_transformers_load_adapter_in_fresh_process(saved):
     tmp, _, _, logits = saved
     run_fresh(
@@ -112,6 +115,7 @@ dump(model(**inputs).logits)
     torch.testing.assert_close(load_file(tmp / "out.safetensors")["logits"], logits, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.processes
 def test_without_import_peft_lalora_plain_peft_fails_until_it_is_imported(saved):
     # Nothing in the environment patches peft (no start-up hook): loading an LALORA adapter without
     # `import peft_lalora` is peft's own KeyError, on every try, and never imports peft_lalora behind the
@@ -155,6 +159,7 @@ def test_merge_and_unload_gives_identical_logits(saved):
     torch.testing.assert_close(merged(**inputs).logits, logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.processes
 def test_export_as_stock_lora_loads_with_plain_peft(saved):
     tmp, model, _, logits = saved
     peft_lalora.export_as_lora(model, str(tmp / "exported"))

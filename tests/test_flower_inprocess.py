@@ -428,6 +428,18 @@ def test_recipe_app_trains_the_offline_default_in_process(tmp_path):
     assert [c["client"] for c in report["clients"]] == [0, 1] and 7.9 < report["epsilon"] <= 8.0
 
 
+def round_zero_message(node: int) -> Message:
+    """The server's round-0 training message for `node`, with the tiny model's initial adapter."""
+    state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
+    content = RecordDict(
+        {
+            protocol.GLOBAL: ArrayRecord(state),
+            protocol.CONFIG: ConfigRecord({"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0}),
+        }
+    )
+    return Message(content, dst_node_id=node, message_type="train")
+
+
 def test_client_refuses_a_round_the_public_schedule_does_not_give_it(tmp_path, shards):
     # Prepare: a message for client 0 in round 0, whose clients are 1 and 3 (seed 0)
     root, _ = shards
@@ -436,16 +448,9 @@ def test_client_refuses_a_round_the_public_schedule_does_not_give_it(tmp_path, s
         100: {"partition-id": 0, "data-path": str(root / "0"), "state-dir": str(tmp_path / "state0"), **TEST_POLICY}
     }
     grid = InProcessGrid(make_client_app(TASK), nodes, config)
-    state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
-    content = RecordDict(
-        {
-            protocol.GLOBAL: ArrayRecord(state),
-            protocol.CONFIG: ConfigRecord({"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0}),
-        }
-    )
 
     # Execute
-    (reply,) = grid.send_and_receive([Message(content, dst_node_id=100, message_type="train")])
+    (reply,) = grid.send_and_receive([round_zero_message(100)])
 
     # Assert: refused before anything was charged
     assert reply.has_error() and reply.error.code == protocol.CLIENT_CONFIG
@@ -495,15 +500,8 @@ def test_a_failed_local_round_tells_the_server_no_private_value(tmp_path, shards
     if share:
         node["share-training-metrics"] = True
     grid = InProcessGrid(make_client_app(TASK), {100: node}, run_config(tmp_path))
-    state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
-    content = RecordDict(
-        {
-            protocol.GLOBAL: ArrayRecord(state),
-            protocol.CONFIG: ConfigRecord({"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0}),
-        }
-    )
     # Execute
-    (reply,) = grid.send_and_receive([Message(content, dst_node_id=100, message_type="train")])
+    (reply,) = grid.send_and_receive([round_zero_message(100)])
     # Assert: a failure (charged), whose text reaches the server only where the node's owner shares it
     assert reply.has_error() and reply.error.code == protocol.UPDATE_FAILED
     assert (tmp_path / "state1" / "ledger.json").exists()

@@ -104,6 +104,8 @@ def test_no_seed_handed_to_torch_re_creates_the_released_noise(tmp_path, monkeyp
     candidates = recorder.seeds + [s & 0xFFFFFFFF for s in recorder.seeds]
     for name, noise in noises.items():
         assert found_in_torch_stream(noise, candidates, std=1.0) == [], name
+    # ... and the report names the generator the noise came from
+    assert trainer.privacy_report()["noise_generator"].startswith("ChaCha20")
 
 
 def test_the_detector_finds_noise_from_a_recorded_seed():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from .accounting import REPORT_UNIT
+from .secure_random import GENERATOR
 
 FIXED_SEED_WARNING = (
     "`noise_seed` was fixed: the DP noise and the Poisson batches can be re-created by anyone who "
@@ -38,6 +39,7 @@ def run_privacy_fields(args) -> dict:
         "num_rounds": args.num_rounds,
         "local_steps": args.local_steps,
         "secret_randomness": args.noise_seed is None,
+        "noise_generator": GENERATOR,
     }
     if args.noise_seed is not None:
         fields["noise_seed_warning"] = FIXED_SEED_WARNING

@@ -35,7 +35,8 @@ __all__ = ["SecureRandom", "derive_key", "GAUSSIANS_SUMMED", "GENERATOR"]
 GENERATOR = "ChaCha20, key HKDF-SHA256(private root, purpose, round, client); Box-Muller in float64"  # reports
 GAUSSIANS_SUMMED = 4  # opacus' secure_mode: 2n Gaussians with n = 2, summed and divided by sqrt(2n)
 _UNIT = 2.0**-53
-_NONCE = bytes(16)  # each key drives one stream, so a fixed nonce never repeats a (key, nonce) pair
+_NONCE = bytes(16)
+_NO_FLOAT64 = ("mps",)  # devices without float64: the Gaussians are made on the CPU and moved  # each key drives one stream, so a fixed nonce never repeats a (key, nonce) pair
 
 
 def _root_bytes(root) -> bytes:
@@ -104,7 +105,8 @@ class SecureRandom:
         shape = tuple(shape)
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         summed = GAUSSIANS_SUMMED if dtype == torch.float64 else 1
-        return self.standard_normal(count, device, summed).mul_(std).view(shape).to(dtype)
+        where = device if device is not None and torch.device(device).type not in _NO_FLOAT64 else "cpu"
+        return self.standard_normal(count, where, summed).mul_(std).view(shape).to(device or "cpu", dtype)
 
     def bernoulli(self, count: int, probability: float) -> torch.Tensor:
         """`count` independent inclusions, each True with `probability` (u < p; p = 1 includes all)."""

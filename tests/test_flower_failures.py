@@ -141,3 +141,20 @@ def test_run_config_errors_name_the_key(tmp_path):
         federated_args({"num-rounds": 0})
     with pytest.raises(ConfigError, match="num-round"):
         federated_args({"num-round": 3})
+
+
+def test_check_config_names_what_the_superlink_refuses_with_code_15(tmp_path):
+    # Prepare: an app folder that declares the toy job's keys (as the deploy tests write it)
+    from flower_deploy import write_toy_app
+
+    from peft_lalora.flower.check_config import check_run_config, main
+
+    app = write_toy_app(str(tmp_path / "app"), {"method": "lalora", "num-rounds": 2, "noise-multiplier": 1.0})
+
+    # Execute / Assert: an undeclared key (Flower's code 15), a bad value, a good override
+    with pytest.raises(ConfigError, match=r"\['num-round'\] are not declared.*code: 15"):
+        check_run_config(app, ["num-round=3"])
+    with pytest.raises(ConfigError, match="run-config key `num-rounds` = 0"):
+        check_run_config(app, ["num-rounds=0"])
+    assert check_run_config(app, ["num-rounds=3"])["num-rounds"] == 3
+    assert main([app, "-c", "num-round=3"]) == 2 and main([app, "-c", "num-rounds=3"]) == 0

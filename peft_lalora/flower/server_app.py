@@ -37,6 +37,7 @@ DEFAULT_OUTPUT_DIR = "lalora_flower_output"
 def make_server_app(task: FlowerTask) -> ServerApp:
     """A `ServerApp` whose main function runs `task` across the SuperNodes (see `run_federation`)."""
     app = ServerApp()
+    app.lalora_task = task  # read by `check_config` to know the task's own run-config keys
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:

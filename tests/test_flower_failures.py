@@ -125,7 +125,9 @@ def test_a_lost_superlink_raises_and_keeps_what_the_clients_charged(tmp_path, sh
     monkeypatch.setattr(InProcessGrid, "push_messages", push)
 
     # Execute
-    with pytest.raises(FlowerRunError, match="The run failed .*SuperLink.*ConnectionError.*Rounds lost: \\[1, 2\\]"):
+    with pytest.raises(
+        FlowerRunError, match="The run failed during its rounds .*SuperLink.*ConnectionError.*Rounds lost: \\[1, 2\\]"
+    ):
         run_flower(tmp_path, root, run_config(tmp_path, num_rounds=3, noise_seed=None))
 
     # Assert: round 0's charges are on the ledgers and in the report, rounds 1 and 2 are reported lost

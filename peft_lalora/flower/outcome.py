@@ -50,7 +50,7 @@ def failure_message(result: dict, output_dir: str) -> str | None:
     head = {
         "completed": f"No round of the {result['rounds_configured']} was aggregated",
         "stopped": "The run stopped early: its quorum can no longer be reached",
-        "failed": "The run failed (did the SuperLink restart or stop?)",
+        "failed": "The run failed during its rounds (a lost SuperLink, or an error in a round)",
     }[result["status"]]
     cause = f" ({result['error']})" if result["error"] else ""
     if lost and result["rounds_lost"][str(lost[0])] != NOT_RUN:

@@ -111,7 +111,8 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
         logger.error("%s", failure)
         raise (QuorumUnreachable if isinstance(error, QuorumUnreachable) else FlowerRunError)(failure) from error
     if result["rounds_lost"]:
-        logger.warning("rounds %s were lost (aborted): see `run` in %s", sorted(result["rounds_lost"]), PRIVACY_REPORT)
+        lost = sorted(int(r) for r in result["rounds_lost"])
+        logger.warning("rounds %s were lost (aborted): see `run` in %s", lost, PRIVACY_REPORT)
     if args.push_to_hub:
         from ..hub import push_adapter_folder  # hub sits above flower in the import order
 

@@ -106,6 +106,30 @@ def test_run_stops_when_its_quorum_is_unreachable_and_the_survivor_pays_no_more(
     assert len(read_json(out / "flower_history.json")) == 3
 
 
+def test_rounds_below_quorum_online_are_not_sent_and_the_run_stops(tmp_path, shards, monkeypatch):  # noqa: F811
+    # Prepare: client 1's SuperNode leaves the federation after round 0 (Flower lists only online nodes)
+    from flower_grid import InProcessGrid
+
+    root, _ = shards
+    listed = InProcessGrid.get_node_ids
+
+    def online(self):
+        trained = sum(1 for node, kind in self.sent if node == 101 and kind == "train")
+        return [n for n in listed(self) if n != 101 or not trained]
+
+    monkeypatch.setattr(InProcessGrid, "get_node_ids", online)
+
+    # Execute
+    with pytest.raises(QuorumUnreachable, match="2 consecutive rounds"):
+        run_flower(tmp_path, root, two_of_two(tmp_path, num_rounds=5), lifetimes={1: 1})
+
+    # Assert: rounds 1 and 2 were aborted before anything was sent: client 0 paid round 0 only
+    assert charged_rounds(tmp_path, 0) == [0] and charged_rounds(tmp_path, 1) == [0]
+    history = read_json(tmp_path / "flower" / "flower_history.json")
+    assert [h["aborted"] for h in history] == [False, True, True]
+    assert history[1]["failed"]["1"] == "no SuperNode online with this partition-id"
+
+
 def test_a_lost_superlink_raises_and_keeps_what_the_clients_charged(tmp_path, shards, monkeypatch):  # noqa: F811
     # Prepare: the grid fails in round 1, as Flower's grid does when the SuperLink restarts (its run is gone)
     from flower_grid import InProcessGrid

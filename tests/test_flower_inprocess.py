@@ -29,7 +29,14 @@ from transformers import default_data_collator  # noqa: E402
 import peft_lalora  # noqa: E402, F401
 from peft_lalora import ConfigError, FederatedDPTrainer  # noqa: E402
 from peft_lalora.federated.seeding import select_clients  # noqa: E402
-from peft_lalora.flower import ClientState, FlowerTask, make_client_app, make_server_app, protocol  # noqa: E402
+from peft_lalora.flower import (  # noqa: E402
+    ClientState,
+    FlowerRunError,
+    FlowerTask,
+    make_client_app,
+    make_server_app,
+    protocol,
+)
 
 SIZES = (40, 50, 70, 80)  # unequal shards: sample rates and weights differ per client
 TASK = FlowerTask(
@@ -216,9 +223,10 @@ def test_second_run_continues_the_ledger_and_is_refused_beyond_the_budget(tmp_pa
     first = load_file(str(tmp_path / "flower" / "adapter_model.safetensors"))
 
     # Execute: a second run on the same nodes (a restarted SuperNode reads the same state folder)
-    run_flower(tmp_path, root, dict(config, **{"output-dir": str(tmp_path / "second")}), run_id=2)
+    with pytest.raises(FlowerRunError, match="No round of the 2 was aggregated.*budget exceeded"):
+        run_flower(tmp_path, root, dict(config, **{"output-dir": str(tmp_path / "second")}), run_id=2)
 
-    # Assert: refused, not trained: no new charge, nothing released, the report lists the refusals
+    # Assert: refused, not trained: no new charge, nothing released or published, the report lists the refusals
     assert all(2.9 < e <= 3.0 for e in spent)
     assert [len(s.saved()["charges"]) for s in states] == charges
     assert [s.epsilon() for s in states] == spent
@@ -227,9 +235,10 @@ def test_second_run_continues_the_ledger_and_is_refused_beyond_the_budget(tmp_pa
     assert all("epsilon" in r["reason"] for r in report["refused"])
     history = read_json(tmp_path / "second" / "flower_history.json")
     assert all(h["aborted"] and h["survivors"] == [] for h in history)
-    second = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
+    assert report["run"]["status"] == "completed" and report["run"]["rounds_aggregated"] == []
+    assert sorted(report["run"]["rounds_lost"]) == ["0", "1"]
+    assert not {"adapter_model.safetensors", "README.md"} & set(os.listdir(tmp_path / "second"))
     initial = get_peft_model_state_dict(toy_model("lalora"))
-    assert all(torch.equal(second[n], initial[n]) for n in initial)  # nothing of run 2 was released
     assert any(not torch.equal(first[n], initial[n]) for n in initial)
 
 
@@ -241,7 +250,8 @@ def test_a_larger_target_in_a_later_run_does_not_raise_the_budget(tmp_path, shar
 
     # Execute: a second run asks for epsilon 8 (less noise)
     later = run_config(tmp_path, target_epsilon=8.0, clients_per_round=4, noise_seed=None)
-    run_flower(tmp_path, root, dict(later, **{"output-dir": str(tmp_path / "later")}), run_id=2)
+    with pytest.raises(FlowerRunError, match="No round of the 2 was aggregated"):
+        run_flower(tmp_path, root, dict(later, **{"output-dir": str(tmp_path / "later")}), run_id=2)
 
     # Assert: the ledgers keep the smaller budget and refuse; nothing more is spent
     assert [ClientState(str(tmp_path / "state" / str(k))).epsilon() for k in range(4)] == spent
@@ -268,11 +278,12 @@ def test_node_shares_training_metrics_only_when_its_owner_says_so(tmp_path, shar
 
 def test_node_cap_refuses_the_first_round_and_charges_nothing(tmp_path, shards):
     root, _ = shards
-    run_flower(tmp_path, root, run_config(tmp_path, noise_seed=None), node_extra={"max-epsilon": 0.5})
+    with pytest.raises(FlowerRunError, match="No round of the 2 was aggregated.*budget exceeded"):
+        run_flower(tmp_path, root, run_config(tmp_path, noise_seed=None), node_extra={"max-epsilon": 0.5})
     report = read_json(tmp_path / "flower" / "privacy_report.json")
     assert report["epsilon"] is None and len(report["refused"]) == 4
     assert all(ClientState(str(tmp_path / "state" / str(k))).saved() is None for k in range(4))
-    assert not (tmp_path / "flower" / "README.md").exists()  # no epsilon to state: no card
+    assert not {"adapter_model.safetensors", "README.md"} & set(os.listdir(tmp_path / "flower"))
 
 
 def test_secret_randomness_never_leaves_the_client(tmp_path, shards):
@@ -350,12 +361,15 @@ def test_bad_settings_are_refused_before_any_round(tmp_path, shards):
 def test_ledger_refuses_a_run_at_another_delta(tmp_path, shards):
     root, _ = shards
     run_flower(tmp_path, root, run_config(tmp_path, clients_per_round=4))
-    run_flower(
-        tmp_path,
-        root,
-        dict(run_config(tmp_path, clients_per_round=4), **{"target-delta": 1e-6, "output-dir": str(tmp_path / "b")}),
-        run_id=2,
-    )
+    with pytest.raises(FlowerRunError, match="No round of the 2 was aggregated.*target-delta"):
+        run_flower(
+            tmp_path,
+            root,
+            dict(
+                run_config(tmp_path, clients_per_round=4), **{"target-delta": 1e-6, "output-dir": str(tmp_path / "b")}
+            ),
+            run_id=2,
+        )
     history = read_json(tmp_path / "b" / "flower_history.json")
     assert all("target-delta" in reason for h in history for reason in h["failed"].values())
     assert all(len(ClientState(str(tmp_path / "state" / str(k))).saved()["charges"]) == 2 for k in range(4))

@@ -16,7 +16,7 @@ from flower_grid import InProcessGrid, train_message  # noqa: E402
 from test_flower_inprocess import TASK, read_json, run_config, run_flower  # noqa: E402
 
 from peft_lalora import ConfigError  # noqa: E402
-from peft_lalora.flower import ClientState, make_client_app, protocol  # noqa: E402
+from peft_lalora.flower import ClientState, FlowerRunError, make_client_app, protocol  # noqa: E402
 from peft_lalora.flower.policy import NodePolicy  # noqa: E402
 
 NODE = 101  # partition-id 1: among round 0's clients (1 and 3) in seed 0's public schedule
@@ -128,8 +128,9 @@ def test_the_server_hears_every_policy_refusal(tmp_path):
         data.select(range(start, start + n)).save_to_disk(str(root / str(k)))
         start += n
 
-    # Execute
-    run_flower(tmp_path, root, run_config(tmp_path), policy={})
+    # Execute: nothing aggregated, so the run fails (and publishes nothing)
+    with pytest.raises(FlowerRunError, match="No round of the 2 was aggregated.*refused by the node's policy"):
+        run_flower(tmp_path, root, run_config(tmp_path), policy={})
 
     # Assert: every selected client refused each round (2 rounds x 2 clients); no ledger anywhere
     report = read_json(tmp_path / "flower" / "privacy_report.json")

@@ -21,8 +21,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .client_app import make_client_app
 from .client_state import ClientState
+from .outcome import FlowerRunError, QuorumUnreachable
 from .server_app import make_server_app
 from .strategy import LALoraStrategy
 from .task import FlowerTask
 
-__all__ = ["ClientState", "FlowerTask", "LALoraStrategy", "make_client_app", "make_server_app"]
+__all__ = [
+    "ClientState",
+    "FlowerRunError",
+    "FlowerTask",
+    "LALoraStrategy",
+    "QuorumUnreachable",
+    "make_client_app",
+    "make_server_app",
+]

@@ -1,9 +1,11 @@
 """The ServerApp: builds the model (for its initial adapter), finds which SuperNode holds which client, runs the
-rounds with `LALoraStrategy`, then writes the final adapter (peft format), the privacy report, the round history
-and the model card to `output-dir`, and pushes them to the Hub when `push-to-hub` is set.
+rounds with `LALoraStrategy`, then writes the privacy report and the round history (after every round too) to
+`output-dir`, and the final adapter (peft format) and model card when at least one round was aggregated; it pushes
+them to the Hub when `push-to-hub` is set and the run completed. A run that aggregated nothing, stopped early
+(`max-aborted-rounds`) or lost its SuperLink raises `FlowerRunError` (see `outcome`): the ServerApp exits non-zero.
 
 Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
-`settings`), `round-timeout` and `node-wait-timeout` (seconds), and the task's keys.
+`settings`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..federated.state_io import save_json
 from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
+from .outcome import FlowerRunError, QuorumUnreachable, failure_message, outcome
 from .report import privacy_report
 from .settings import federated_args, server_setting
 from .strategy import LALoraStrategy
@@ -34,6 +37,7 @@ DEFAULT_OUTPUT_DIR = "lalora_flower_output"
 def make_server_app(task: FlowerTask) -> ServerApp:
     """A `ServerApp` whose main function runs `task` across the SuperNodes (see `run_federation`)."""
     app = ServerApp()
+    app.lalora_task = task  # read by `check_config` to know the task's own run-config keys
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -60,6 +64,8 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
         global_state={n: params[n] for n in names},
         learning_rates=round_learning_rates(args),
         round_timeout=server_setting(run_config, "round-timeout"),
+        max_aborted_rounds=server_setting(run_config, "max-aborted-rounds"),
+        on_round=lambda history: _save_history(args.output_dir, history),
     )
     wait = server_setting(run_config, "node-wait-timeout")
     found = strategy.discover(grid, wait=wait, until=args.num_clients)
@@ -75,30 +81,64 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
             sorted(found),
             args.num_clients,
         )
-    strategy.start(
-        grid=grid, initial_arrays=strategy.arrays(), num_rounds=args.num_rounds, timeout=strategy.round_timeout
-    )
-    return save_results(task, model, strategy, run_config)
+    error = None
+    try:
+        strategy.start(
+            grid=grid, initial_arrays=strategy.arrays(), num_rounds=args.num_rounds, timeout=strategy.round_timeout
+        )
+    except Exception as exc:  # noqa: BLE001 - a lost SuperLink or an unreachable quorum: record it, then raise
+        error = exc
+        strategy.round_lost()
+        logger.error("the rounds ended early at round %d: %s: %s", len(strategy.history), type(exc).__name__, exc)
+    return save_results(task, model, strategy, run_config, error=error)
 
 
-def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict) -> dict:
-    """Adapter (safetensors, peft format), privacy report, history, run config and card; push if asked."""
-    from ..hub import push_adapter_folder, write_model_card  # hub sits above flower in the import order
-
+def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
+    """Privacy report and history (always: what the clients charged, which rounds were lost); the adapter
+    (safetensors, peft format), run config and card only when a round was aggregated; a push only when the run
+    completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
     args, out = strategy.args, strategy.args.output_dir
     os.makedirs(out, exist_ok=True)
+    result = outcome(strategy.history, args.num_rounds, error)
+    report = {**privacy_report(strategy), "run": result}
+    save_json(os.path.join(out, PRIVACY_REPORT), report)
+    save_json(os.path.join(out, HISTORY), strategy.history)
+    save_json(os.path.join(out, RUN_CONFIG), run_config)
+    if result["rounds_aggregated"]:
+        _save_adapter(task, model, strategy, run_config, report)
+    failure = failure_message(result, out)
+    if failure is not None:
+        logger.error("%s", failure)
+        raise (QuorumUnreachable if isinstance(error, QuorumUnreachable) else FlowerRunError)(failure) from error
+    if result["rounds_lost"]:
+        lost = sorted(int(r) for r in result["rounds_lost"])
+        logger.warning("rounds %s were lost (aborted): see `run` in %s", lost, PRIVACY_REPORT)
+    if args.push_to_hub:
+        from ..hub import push_adapter_folder  # hub sits above flower in the import order
+
+        push_adapter_folder(
+            out,
+            args.hub_model_id,
+            token=args.hub_token,
+            private=bool(args.hub_private_repo),
+            allow_fixed_noise_seed=bool(args.allow_fixed_noise_seed),
+        )
+    return report
+
+
+def _save_adapter(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, report: dict) -> None:
+    """The global adapter after the last aggregated round, the task's extras and the card (the real rounds)."""
+    from ..hub import write_model_card  # hub sits above flower in the import order
+
+    args, out, result = strategy.args, strategy.args.output_dir, report["run"]
     params = dict(model.named_parameters())
     load_state(model, {n: t.to(params[n].device, params[n].dtype) for n, t in strategy.global_state.items()})
     save_adapter_files(model, out, model.active_adapter)  # at the top, whatever the adapter's name
     if task.save_extras is not None:
         task.save_extras(out, run_config)
-    report = privacy_report(strategy)
-    save_json(os.path.join(out, PRIVACY_REPORT), report)
-    save_json(os.path.join(out, HISTORY), strategy.history)
-    save_json(os.path.join(out, RUN_CONFIG), run_config)
     config = model.peft_config[model.active_adapter]
     if args.dp and report["epsilon"] is None:  # no epsilon to state: no card
-        logger.warning("No client ever reported its epsilon (every round failed): no model card is written.")
+        logger.warning("No client ever reported its epsilon: no model card is written.")
     else:
         write_model_card(
             out,
@@ -110,21 +150,27 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
             federated={
                 "num_clients": args.num_clients,
                 "clients_per_round": args.clients_per_round,
-                "num_rounds": args.num_rounds,
+                "num_rounds": rounds_text(result),
                 "local_steps": args.local_steps,
                 "partition": "each client's own data on its own SuperNode (Flower)",
             },
         )
     logger.info("saved the adapter, %s and %s to %s (epsilon %s)", PRIVACY_REPORT, HISTORY, out, report["epsilon"])
-    if args.push_to_hub:
-        push_adapter_folder(
-            out,
-            args.hub_model_id,
-            token=args.hub_token,
-            private=bool(args.hub_private_repo),
-            allow_fixed_noise_seed=bool(args.allow_fixed_noise_seed),
-        )
-    return report
+
+
+def rounds_text(result: dict):
+    """The card's rounds: the aggregated count, with the configured ones and the lost ones when they differ."""
+    aggregated = len(result["rounds_aggregated"])
+    if not result["rounds_lost"]:
+        return aggregated
+    lost = sorted(int(r) for r in result["rounds_lost"])
+    return f"{aggregated} aggregated of {result['rounds_configured']} configured (rounds lost: {lost})"
+
+
+def _save_history(out: str, history: list) -> None:
+    """After every round: a run killed with its SuperLink leaves the rounds it had on disk."""
+    os.makedirs(out, exist_ok=True)
+    save_json(os.path.join(out, HISTORY), history)
 
 
 def _check_publishable(args) -> None:

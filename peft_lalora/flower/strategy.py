@@ -3,7 +3,9 @@ rounds. Round r selects the clients `select_clients(seed, r, num_clients, client
 over the SuperNodes' `partition-id`s), sends them the global adapter and the round's settings, and aggregates the
 replies with the library's `Aggregator`, in client order: A with A, B with B, a tensor nobody sent (FFA-LoRA's A,
 RoLoRA's idle factor) keeps its global value. A round with fewer than `min_clients_per_round` surviving clients is
-aborted and releases nothing. The server holds no privacy state: each client accounts for itself and reports.
+aborted and releases nothing; after `max_aborted_rounds` consecutive aborted rounds the strategy raises
+`QuorumUnreachable` (the survivors are asked for nothing more). The server holds no privacy state: each client
+accounts for itself and reports.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from ..federated.aggregation import Aggregator
 from ..federated.seeding import select_clients
 from . import protocol
+from .outcome import QuorumUnreachable
 
 logger = logging.getLogger(__name__)
 NO_REPLY = "no reply within the round's timeout"
@@ -35,6 +38,9 @@ class LALoraStrategy(Strategy):
         learning_rates (`list[float]`): the learning rate of every round (`round_learning_rates(args)`).
         round_timeout (`float`): seconds to wait for a round's replies (also the messages' time to live).
         query_timeout (`float`): seconds to wait for the SuperNodes' answers to "which partition are you?".
+        max_aborted_rounds (`int`): stop the run (`QuorumUnreachable`) after this many consecutive aborted rounds,
+            since each one may have charged its survivors for nothing; 0 never stops.
+        on_round (`callable`, *optional*): called with the history after every round (e.g. to write it to disk).
     """
 
     def __init__(
@@ -45,6 +51,8 @@ class LALoraStrategy(Strategy):
         learning_rates: list,
         round_timeout: float = 3600.0,
         query_timeout: float = 120.0,
+        max_aborted_rounds: int = 2,
+        on_round=None,
     ):
         self.args = args
         self.global_state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
@@ -56,6 +64,7 @@ class LALoraStrategy(Strategy):
         self.clients: dict[int, dict] = {}  # partition id -> its last privacy report
         self.unreported: dict[int, list] = {}  # partition id -> rounds it may have charged without reporting
         self.refused: list[dict] = []  # refusals: over a client's budget, or against its node's policy
+        self.max_aborted_rounds, self.on_round = int(max_aborted_rounds), on_round
         self._round: dict = {}
         self._uncharged: set = set()
 
@@ -226,6 +235,9 @@ class LALoraStrategy(Strategy):
             "adapter_sha256": state_sha256(self.global_state),
         }
         self.history.append(entry)
+        if self.on_round is not None:
+            self.on_round(self.history)
+        self._stop_if_unreachable()
         metrics = MetricRecord(
             {
                 "clients": len(clients),
@@ -236,6 +248,29 @@ class LALoraStrategy(Strategy):
             }
         )
         return (None if aborted else self.arrays()), metrics
+
+    def round_lost(self) -> None:
+        """The round in flight ended without replies (the SuperLink went away): its clients may have charged it."""
+        record = self._round
+        if record and record["round"] == len(self.history):
+            for _, pid in record["messages"]:
+                self.unreported.setdefault(pid, []).append(record["round"])
+
+    def _stop_if_unreachable(self) -> None:
+        aborted = 0
+        for entry in reversed(self.history):
+            if not entry["aborted"]:
+                break
+            aborted += 1
+        remaining = self.args.num_rounds - 1 - self.history[-1]["round"]
+        if self.max_aborted_rounds and aborted >= self.max_aborted_rounds and remaining > 0:
+            raise QuorumUnreachable(
+                f"{aborted} consecutive rounds (up to round {self.history[-1]['round']}) were aborted with fewer "
+                f"than `min-clients-per-round` = {self.args.min_clients_per_round} surviving clients; "
+                f"`max-aborted-rounds` = {self.max_aborted_rounds}, so the remaining rounds are not sent (each "
+                "could charge its survivors for nothing). Restart the missing SuperNodes, lower "
+                "`min-clients-per-round`, or raise `max-aborted-rounds` (0: never stop)"
+            )
 
     # ----- no federated evaluation: the clients' data is theirs; evaluate the saved adapter -------------------
     def configure_evaluate(

@@ -22,7 +22,7 @@ from fed_helpers import toy_dataset, toy_model
 from owner_task import TASK
 
 from peft_lalora import ConfigError
-from peft_lalora.owner import ClientState, PrivateTrainer, TrainerRelay, codes
+from peft_lalora.owner import ClientState, OwnerConfig, PrivateTrainer, TrainerRelay, codes
 from peft_lalora.owner.config import read_token
 from peft_lalora.owner.local_round import local_round
 from peft_lalora.owner.wire import MAGIC, PROTOCOL, recv_frame, send_frame
@@ -374,3 +374,15 @@ def test_a_trainer_killed_after_its_charge_loses_no_ledger_entry(tmp_path, data)
     assert charges(tmp_path) == [(0, 1)]
     assert ClientState(str(tmp_path / "state")).epsilon() > 0
     assert result["reply"].code == codes.TRAINER_UNAVAILABLE and result["reply"].delta == {}
+
+
+def test_the_readmes_owner_config_reads():
+    # The owner's config as the README writes it (between `tee /srv/lalora_owner.toml` and EOT)
+    import tomllib
+
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        text = handle.read()
+    body = text.split("tee /srv/lalora_owner.toml > /dev/null <<EOT\n", 1)[1].split("\nEOT\n", 1)[0]
+    config = OwnerConfig.from_dict(tomllib.loads(body), base="/")
+    assert config.task == "lalora_rt.task:TASK" and config.socket == "/run/lalora/trainer.sock"
+    assert config.node_config["partition-id"] == 3 and config.node_config["max-epsilon"] == 8.0

@@ -244,12 +244,14 @@ def test_a_second_answer_to_a_round_is_charged_again_with_fresh_noise(tmp_path, 
 
 @pytest.mark.parametrize("trainer", [FIXED], indirect=True)
 def test_a_round_before_one_already_trained_is_out_of_order(tmp_path, trainer):
-    _, relay = trainer
+    server, relay = trainer
     assert train(relay, round_idx=1, **{"clients-per-round": 4}).ok
     reply = train(relay, round_idx=0, **{"clients-per-round": 4})
     assert reply.code == codes.OUT_OF_ORDER and "rounds only advance" in reply.text
     assert charges(tmp_path) == [(1, 1)]
     assert train(relay, round_idx=0, run_id=8, **{"clients-per-round": 4}).ok  # another run starts at round 0
+    server.last_round.clear()  # a restarted trainer: the ledger on disk still orders the rounds
+    assert train(relay, round_idx=0, **{"clients-per-round": 4}).code == codes.OUT_OF_ORDER
 
 
 @pytest.mark.parametrize("trainer", [FIXED], indirect=True)
@@ -386,3 +388,9 @@ def test_the_readmes_owner_config_reads():
     config = OwnerConfig.from_dict(tomllib.loads(body), base="/")
     assert config.task == "lalora_rt.task:TASK" and config.socket == "/run/lalora/trainer.sock"
     assert config.node_config["partition-id"] == 3 and config.node_config["max-epsilon"] == 8.0
+
+
+def test_the_owner_package_imports_no_flower():
+    code = "import sys, peft_lalora.owner.cli, owner_task; assert 'flwr' not in sys.modules, 'flwr imported'"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TESTS])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)

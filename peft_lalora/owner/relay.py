@@ -67,6 +67,8 @@ class TrainerRelay:
             header, tensors = self.request(request, {k: v.contiguous() for k, v in global_state.items()})
         except TrainerUnavailable as exc:
             return Reply(code=codes.TRAINER_UNAVAILABLE, text=str(exc))
+        except (TypeError, ValueError) as exc:  # a run-config value JSON cannot carry (nothing was sent)
+            return Reply(code=codes.CLIENT_CONFIG, text=f"The request cannot be sent: {type(exc).__name__}: {exc}")
         if not header.get("ok"):
             return Reply(code=int(header.get("code", codes.BAD_REQUEST)), text=str(header.get("error", "")))
         metrics = {k: (float("inf") if v is None else v) for k, v in header.get("metrics", {}).items()}

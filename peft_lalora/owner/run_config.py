@@ -4,7 +4,8 @@
 Keys are the arguments' field names in kebab case (`num-rounds`, `target-epsilon`, ...; `batch-size` is
 `per_device_train_batch_size`, each client's expected Poisson batch). TOML has no null: leave a key out for None.
 The server reads `round-timeout` and `node-wait-timeout` (seconds) too, and a `FlowerTask` declares its own keys.
-Any other key is refused, so that a misspelt privacy setting never falls back to a default silently.
+Any other key is refused, so that a misspelt privacy setting never falls back to a default silently. The private
+trainer reads the run config its caller forwards with the same functions (Flower-free).
 """
 
 from __future__ import annotations

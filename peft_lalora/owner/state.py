@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - Windows: one run per node at a time
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE, SECRET_FILE, LOCK_FILE = "ledger.json", "secret.json", ".lock"
+# the formats keep their first module's name: ledgers written before the move stay readable
 _LEDGER_FORMAT, _SECRET_FORMAT, _VERSION = "peft_lalora.flower.ClientLedger", "peft_lalora.flower.ClientSecrets", 1
 
 

@@ -9,7 +9,7 @@ the shared token, compared with `hmac.compare_digest`):
      "run-config": {key: str | int | float | bool}} + the global adapter (safetensors)
         -> {"ok": true, "metrics": {...}, "privacy": {...}} + the delta (safetensors)
 Any refusal is {"ok": false, "code": int (`codes`), "error": str}. A bad frame, a wrong token, or a round before one
-this run already trained is refused before anything is loaded or charged. The run config is the caller's: the
+this run already trained (in memory, or on the ledger) is refused before anything is loaded or charged. The run config is the caller's: the
 trainer checks it against its own policy (`NodePolicy`), exactly as the in-ClientApp mode does.
 """
 
@@ -25,6 +25,7 @@ import threading
 from . import codes
 from .config import check_folder
 from .local_round import Reply, local_round, partition_id
+from .state import ClientState
 from .task import TrainingTask
 from .wire import DEFAULT_MAX_PAYLOAD_BYTES, PROTOCOL, ConnectionClosed, WireError, recv_frame, send_frame
 
@@ -118,8 +119,9 @@ class PrivateTrainer:
             return _refusal(codes.BAD_REQUEST, f"`type` must be 'train' or 'describe', got {kind!r}."), None
         request = _train_request(header)
         run_id, round_idx = request["run-id"], request["round"]
-        if round_idx < self.last_round.get(run_id, -1):
-            text = f"`round` {round_idx} comes after round {self.last_round[run_id]} of run {run_id}: rounds only advance."
+        last = max(self.last_round.get(run_id, -1), self._last_charged(run_id))
+        if round_idx < last:
+            text = f"`round` {round_idx} comes after round {last} of run {run_id}: rounds only advance."
             return _refusal(codes.OUT_OF_ORDER, text), None
         reply = local_round(
             self.task,
@@ -135,6 +137,13 @@ class PrivateTrainer:
         if reply.code not in codes.NOT_CHARGED:
             self.last_round[run_id] = round_idx  # charged (released, or failed after the charge)
         return _reply(reply)
+
+    def _last_charged(self, run_id: int) -> int:
+        """The last round of run `run_id` on the ledger (a restarted trainer remembers it), or -1."""
+        state_dir = self.node_config.get("state-dir")
+        saved = ClientState(state_dir).saved() if isinstance(state_dir, str) and state_dir else None
+        rounds = [c["round"] for c in (saved or {}).get("charges", []) if c.get("run_id") == run_id]
+        return max(rounds, default=-1)
 
 
 def _train_request(header: dict) -> dict:

@@ -11,6 +11,10 @@ serialisation and TLS.
     --model minilm : the recipe app (recipes/flower_app: all-MiniLM-L6-v2, 6 layers, LA-LoRA r=8 on query/value,
                      classifier head) on 2 clients of the Rotten Tomatoes default (recipes/flower_prepare.py)
     --model tiny   : the tests' 2-layer RoBERTa (hidden 16) on synthetic data
+    --mode clientapp : the ClientApp trains (trial mode: a fresh process per message loads the model again)
+    --mode relay     : each SuperNode relays to a private trainer (`python -m peft_lalora.owner.cli`, started here
+                       with its own config) that keeps the model in memory; the trainer's local compute is the
+                       `train-seconds` it reports
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/flower_round_overhead.py --model minilm --rounds 3
 """
@@ -90,12 +94,35 @@ def prepare(model: str, directory: str, clients: int) -> tuple[str, dict, list, 
     return os.path.join(ROOT, "recipes", "flower_app"), overrides, nodes, size
 
 
+def start_trainer(deploy: Deployment, k: int, model: str, node: dict, sockets: str) -> dict:
+    """Start client k's private trainer (model `model`, node config `node`); the SuperNode's relay node config."""
+    task = (
+        {"task": "owner_task:TASK", "python-path": [os.path.join(ROOT, "tests")]}
+        if model == "tiny"
+        else {"task": "lalora_rt.task:TASK", "python-path": [os.path.join(ROOT, "recipes", "flower_app")]}
+    )
+    config = dict(task, socket=os.path.join(sockets, f"{k}.sock"), **{"token-file": os.path.join(sockets, "token")})
+    config["node-config"] = node
+    path = os.path.join(deploy.root, f"owner{k}.json")
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+    deploy._start(f"trainer{k}", [sys.executable, "-m", "peft_lalora.owner.cli", "--config", path], deploy.env)
+    for _ in range(1200):
+        if os.path.exists(config["socket"]):
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"private trainer {k} did not start:\n{deploy.log(f'trainer{k}')[-3000:]}")
+    return {"private-trainer": config["socket"], "private-trainer-token": config["token-file"]}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--mode", choices=("clientapp", "relay"), default="clientapp")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +133,12 @@ def main(argv=None) -> dict:
             for k, node in enumerate(nodes):
                 key, public = make_node_key(deploy.root, f"node{k}")
                 deploy.register(public)
-                deploy.start_supernode(f"node{k}", key, dict(node, **{"state-dir": os.path.join(tmp, f"state{k}")}))
+                node = dict(node, **{"state-dir": os.path.join(tmp, f"state{k}")})
+                if args.mode == "relay":
+                    sockets = os.path.join(tmp, "sockets")
+                    os.makedirs(sockets, mode=0o700, exist_ok=True)
+                    node = start_trainer(deploy, k, args.model, node, sockets)
+                deploy.start_supernode(f"node{k}", key, node)
             start = time.perf_counter()
             out = deploy.run(
                 app,
@@ -141,6 +173,7 @@ def main(argv=None) -> dict:
         )
     result = {
         "model": args.model,
+        "mode": args.mode,
         "model_parameters": model_size,
         "model_bytes_fp32": 4 * model_size,
         "clients": args.clients,
@@ -149,6 +182,7 @@ def main(argv=None) -> dict:
         "rounds": rows,
         "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
         "median_compute_s": statistics.median(r["compute_s"] for r in rows),
+        "median_wall_over_compute": statistics.median(r["wall_s"] / r["compute_s"] for r in rows),
         "upload_bytes_per_client_round": statistics.median(b for r in rows for b in r["upload_bytes"]),
     }
     print("| round | wall s | slowest client's compute s | overhead s | upload per client (bytes) |")
@@ -159,7 +193,8 @@ def main(argv=None) -> dict:
             f"{', '.join(str(b) for b in r['upload_bytes'])} |"
         )
     print(
-        f"\nmodel: {args.model}, {model_size:,} parameters ({4 * model_size:,} bytes in fp32); {args.clients} clients, "
+        f"\nmode: {args.mode}; median round wall / slowest client's compute: "
+        f"{result['median_wall_over_compute']:.2f}\nmodel: {args.model}, {model_size:,} parameters ({4 * model_size:,} bytes in fp32); {args.clients} clients, "
         f"{args.local_steps} local steps"
     )
     print(

@@ -504,12 +504,12 @@ def test_a_private_flower_run_disables_the_trainers_global_clipping():
 def test_a_failed_local_round_tells_the_server_no_private_value(tmp_path, shards, monkeypatch, share):
     # Prepare: client 1 (in round 0's schedule) whose local round fails with a text quoting private values
     root, _ = shards
-    import peft_lalora.flower.client_app as client_app_module
+    import peft_lalora.owner.local_round as local_round_module
 
     def failing_update(**kwargs):
         raise RuntimeError("a batch of 8 examples, the longest of length 80")
 
-    monkeypatch.setattr(client_app_module, "client_update", failing_update)
+    monkeypatch.setattr(local_round_module, "client_update", failing_update)
     node = {"partition-id": 1, "data-path": str(root / "1"), "state-dir": str(tmp_path / "state1"), **TEST_POLICY}
     if share:
         node["share-training-metrics"] = True

@@ -83,7 +83,7 @@ def test_a_run_that_loosens_the_nodes_policy_is_refused_and_charges_nothing(tmp_
     policy, overrides, expected = HOSTILE[case]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="peft_lalora.flower.client_app"):
+    with caplog.at_level(logging.WARNING, logger="peft_lalora.owner.local_round"):
         reply, state = one_round(tmp_path, shard, policy, **overrides)
 
     # Assert: a policy error reply naming key, value and limit; the same text in the node's log; no charge

@@ -5,38 +5,44 @@ Server -> client (train): `global` (ArrayRecord: every adapter tensor, float32) 
 Client -> server: `delta` (ArrayRecord: only the tensors it trained, plus the head), `metrics` (MetricRecord:
 `num-examples`, `steps`, `epsilon`, `bytes-sent`, `train-seconds`; `loss`, `sampled`, `dropped` only where the
 node shares them or the run is not private) and `privacy` (ConfigRecord: the client's accounting, see
-`client_app.privacy_record`), or an error reply with one of the codes below.
+`owner.local_round.privacy_record`), or an error reply with a code of `owner.codes`.
 Query: the server asks a node which client it is; the reply is `node` (ConfigRecord: `partition-id`).
 """
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..owner.codes import (
+    BAD_REQUEST,
+    BUDGET_EXCEEDED,
+    CLIENT_CONFIG,
+    ERROR_NAMES,
+    NOT_CHARGED,
+    OUT_OF_ORDER,
+    POLICY,
+    TRAINER_UNAVAILABLE,
+    UNAUTHORIZED,
+    UPDATE_FAILED,
+)
+from ..owner.local_round import partition_id
 
 GLOBAL, CONFIG, DELTA, METRICS, PRIVACY, NODE = "global", "config", "delta", "metrics", "privacy", "node"
 
-# Error replies (flwr's own codes are < 100)
-BUDGET_EXCEEDED = 100  # the round would exceed the client's budget: refused, nothing trained or charged
-CLIENT_CONFIG = 101  # the run's settings or the node's config / data are invalid: nothing trained or charged
-UPDATE_FAILED = 102  # the local round failed after its charge (e.g. every sampled gradient was non-finite)
-POLICY = (
-    103  # the run's settings break the node's own privacy policy (`policy.NodePolicy`): nothing trained or charged
-)
-NOT_CHARGED = (BUDGET_EXCEEDED, CLIENT_CONFIG, POLICY)  # any other failure may come after the client's charge
-ERROR_NAMES = {
-    BUDGET_EXCEEDED: "budget exceeded",
-    CLIENT_CONFIG: "invalid configuration",
-    UPDATE_FAILED: "update failed",
-    POLICY: "refused by the node's policy",
-}
-
-
-def partition_id(node_config) -> int:
-    """The client id of a SuperNode (`node_config["partition-id"]`), which the public schedule selects."""
-    value = node_config.get("partition-id")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(
-            f"`partition-id` (node_config) must be an integer >= 0, the client's id in the public "
-            f"schedule, got {value!r}. Start the SuperNode with --node-config 'partition-id=0 ...'."
-        )
-    return value
+__all__ = [
+    "BAD_REQUEST",
+    "BUDGET_EXCEEDED",
+    "CLIENT_CONFIG",
+    "CONFIG",
+    "DELTA",
+    "ERROR_NAMES",
+    "GLOBAL",
+    "METRICS",
+    "NODE",
+    "NOT_CHARGED",
+    "OUT_OF_ORDER",
+    "POLICY",
+    "PRIVACY",
+    "TRAINER_UNAVAILABLE",
+    "UNAUTHORIZED",
+    "UPDATE_FAILED",
+    "partition_id",
+]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from peft_lalora import LALoraConfig
-from peft_lalora.flower import FlowerTask
+from peft_lalora.owner import TrainingTask  # Flower-free: the owner's private trainer imports this module too
 from peft_lalora.pooling import POOLING_FILE, use_mean_pooling
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -100,6 +100,6 @@ def save_extras(output_dir: str, run_config: dict) -> None:
         shutil.copyfile(stats, os.path.join(output_dir, POOLING_FILE))
 
 
-TASK = FlowerTask(
+TASK = TrainingTask(
     build_model=build_model, load_client_data=load_client_data, config_keys=KEYS, save_extras=save_extras
 )

@@ -3,7 +3,8 @@
 
 Keys are the arguments' field names in kebab case (`num-rounds`, `target-epsilon`, ...; `batch-size` is
 `per_device_train_batch_size`, each client's expected Poisson batch). TOML has no null: leave a key out for None.
-The server reads `round-timeout` and `node-wait-timeout` (seconds) too, and a `FlowerTask` declares its own keys.
+The server reads `round-timeout` and `node-wait-timeout` (seconds) and `max-aborted-rounds` (consecutive aborted
+rounds after which the run stops; 0: never) too, and a `FlowerTask` declares its own keys.
 Any other key is refused, so that a misspelt privacy setting never falls back to a default silently. The private
 trainer reads the run config its caller forwards with the same functions (Flower-free).
 """
@@ -59,7 +60,7 @@ FIELDS = (
     "sigma_calibration",
     "per_sample_head_max_grad_norm",
 )
-SERVER_KEYS = {"round-timeout": 3600.0, "node-wait-timeout": 300.0}
+SERVER_KEYS = {"round-timeout": 3600.0, "node-wait-timeout": 300.0, "max-aborted-rounds": 2}
 
 
 def field_of(key: str) -> str | None:
@@ -88,11 +89,28 @@ def federated_args(run_config: Mapping, task_keys: Iterable[str] = ()) -> Federa
     with warnings.catch_warnings():
         # the fixed-noise-seed warning is repeated by every process that reads the config: the report states it
         warnings.filterwarnings("ignore", message="`noise_seed`=", category=LALoraWarning)
-        return FederatedDPArguments(report_to=[], disable_tqdm=True, eval_rounds=0, save_strategy="no", **kwargs)
+        try:
+            return FederatedDPArguments(report_to=[], disable_tqdm=True, eval_rounds=0, save_strategy="no", **kwargs)
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise ConfigError(f"Invalid run config: {_keys_named(run_config, str(exc))}{exc}") from exc
+
+
+def _keys_named(run_config: Mapping, message: str) -> str:
+    """'run-config key `num-rounds` = 0: ' for the keys whose argument the error names (in snake or kebab case)."""
+    named = [k for k in run_config if field_of(k) and (f"`{field_of(k)}`" in message or f"`{k}`" in message)]
+    return "".join(f"run-config key `{k}` = {run_config[k]!r}: " for k in named)
 
 
 def server_setting(run_config: Mapping, key: str) -> float:
+    """A server key's value (its default when unset), checked: seconds > 0, or a count >= 0."""
     value = run_config.get(key, SERVER_KEYS[key])
+    if key == "max-aborted-rounds":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f"`max-aborted-rounds` must be an integer >= 0 (consecutive aborted rounds before the run stops; "
+                f"0: never), got {value!r}. Set e.g. `max-aborted-rounds=2`."
+            )
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"`{key}` must be a number of seconds > 0, got {value!r}.")
     return float(value)

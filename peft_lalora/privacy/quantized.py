@@ -1,0 +1,92 @@
+"""Quantized base layers (QLoRA): which ones training supports, and what they need first.
+
+peft's k-bit LoRA layers (`peft.tuners.lora.bnb.Linear4bit` / `Linear8bitLt`) keep the LoRA factors in plain
+`nn.Linear` leaves next to a frozen bitsandbytes base layer, so the hooks backend samples the factors exactly
+whatever the base is, as long as the gradient of the loss flows back through the quantized base layers of the
+layers above. Two things break that, and are handled here before any forward pass of the run:
+
+- bitsandbytes >= 0.48 on a CPU with AVX512-BF16: the first forward of a `bnb.nn.Linear4bit` in eval mode on an
+  input that needs no gradient (our data pre-flight, an evaluation, `generate`) repacks its weight in place for a
+  CPU inference kernel (`gemv_4bit`) that has no backward. Every later forward, training included, runs that
+  kernel, so the gradient through the base layers is silently dropped: non-private training gets wrong gradients
+  and the per-sample hooks get none (measured with 0.50.2: "'NoneType' object has no attribute 'detach'"). The
+  fast path is switched off, and a weight already repacked is unpacked (bitsandbytes' own inverse; its absmax
+  was rounded to bf16 by the packing, so the model is then the one the user already evaluated).
+- a quantized layer type this module does not know (GPTQ, AWQ, HQQ, torchao, ...): whether its backward is
+  correct is unverified, so it is refused, naming the module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# bitsandbytes base layers whose backward w.r.t. the input is verified here (tests/test_qlora_dp.py)
+KNOWN_BNB_LAYERS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes.") and type(module).__name__ in KNOWN_BNB_LAYERS
+
+
+def _holds_integer_weight(module: nn.Module) -> bool:
+    """Whether the module itself keeps a weight-like tensor in an integer dtype (a packed quantized weight)."""
+    own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return any("weight" in name and not (t.is_floating_point() or t.is_complex()) for name, t in own)
+
+
+def refuse_unknown_quantized(model: nn.Module) -> None:
+    """Refuse a quantized layer whose backward is not verified (anything but the bitsandbytes layers above)."""
+    for name, module in model.named_modules():
+        if is_bnb_layer(module):
+            continue
+        if _holds_integer_weight(module):
+            raise UnsupportedModelError(
+                f"module `{name}` ({type(module).__module__}.{type(module).__name__}) is a quantized layer this "
+                f"library does not support for training: only bitsandbytes {', '.join(KNOWN_BNB_LAYERS)} are "
+                "verified to pass exact gradients to the LoRA factors below them. Load the base in 4 or 8 bits "
+                "with `BitsAndBytesConfig(load_in_4bit=True)` / `(load_in_8bit=True)`, or unquantized."
+            )
+
+
+def prepare_quantized_layers(model: nn.Module) -> int:
+    """
+    Make the model's quantized base layers trainable through (see the module docstring); returns how many
+    bitsandbytes layers it holds. Idempotent; a no-op on a model without quantized layers.
+
+    Raises:
+        UnsupportedModelError: a quantized layer type whose backward is not verified here.
+    """
+    refuse_unknown_quantized(model)
+    count = 0
+    for name, module in model.named_modules():
+        if not is_bnb_layer(module):
+            continue
+        count += 1
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # the CPU inference kernel has no backward
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            _unpack_cpu_weight(name, module)
+    return count
+
+
+def _unpack_cpu_weight(name: str, module: nn.Module) -> None:
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    with torch.no_grad():
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, module.weight.quant_state
+        )
+    logger.warning(
+        "module `%s`: bitsandbytes had repacked its 4-bit weight for its CPU inference kernel, which has no "
+        "backward; unpacked it for training (its absmax scales keep the bf16 rounding of that packing)",
+        name,
+    )

@@ -12,6 +12,10 @@ layers above. Two things break that, and are handled here before any forward pas
   and the per-sample hooks get none (measured with 0.50.2: "'NoneType' object has no attribute 'detach'"). The
   fast path is switched off, and a weight already repacked is unpacked (bitsandbytes' own inverse; its absmax
   was rounded to bf16 by the packing, so the model is then the one the user already evaluated).
+- under DP, bitsandbytes' 8-bit layer with outlier decomposition (`llm_int8_threshold` > 0, transformers'
+  default 6.0): the outlier columns are chosen from every token of the batch, so one example's output depends on
+  the others; per-example clipping then bounds nothing (like BatchNorm). Refused; `llm_int8_threshold=0.0` is
+  exact (measured: per-sample gradients off by ~2 % with 6.0, identical with 0.0).
 - a quantized layer type this module does not know (GPTQ, AWQ, HQQ, torchao, ...): whether its backward is
   correct is unverified, so it is refused, naming the module.
 """
@@ -90,3 +94,16 @@ def _unpack_cpu_weight(name: str, module: nn.Module) -> None:
         "backward; unpacked it for training (its absmax scales keep the bf16 rounding of that packing)",
         name,
     )
+
+
+def refuse_batch_dependent_quantization(model: nn.Module) -> None:
+    """Under DP: an 8-bit bitsandbytes layer with outlier decomposition mixes the examples of a batch."""
+    for name, module in model.named_modules():
+        threshold = getattr(getattr(module, "state", None), "threshold", 0.0)
+        if is_bnb_layer(module) and type(module).__name__ == "Linear8bitLt" and threshold > 0.0:
+            raise UnsupportedModelError(
+                f"module `{name}` (bitsandbytes Linear8bitLt) uses outlier decomposition (`llm_int8_threshold`="
+                f"{threshold}): its outlier columns are chosen from the whole batch, so one example's output and "
+                "gradient depend on the other examples and per-example clipping would not bound its influence. "
+                "Load the base with `BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)`, or in 4 bits."
+            )

@@ -397,3 +397,50 @@ def test_fed_llm_trains_on_a_quantized_offline_base(tmp_path, flag):
 def test_fed_llm_refuses_both_quantization_flags():
     with pytest.raises(ValueError, match="`load_in_4bit` and `load_in_8bit` are both True"):
         _fed_llm().main(["--load_in_4bit", "--load_in_8bit", "--output_dir", "unused"])
+
+
+def test_the_flower_task_builds_a_4bit_encoder_with_exact_per_sample_gradients():
+    # Prepare: the Flower app's model (MiniLM encoder, mean pooling, LA-LoRA on query/value, trained classifier) in 4 bits
+    sys.path.insert(0, os.path.join(ROOT, "recipes", "flower_app"))
+    from lalora_rt.task import build_model, model_path, quantization
+    from transformers import AutoTokenizer
+
+    model = build_model({"load-in-4bit": True, "num-hidden-layers": 2, "method": "dplora"}, {}).eval()  # no dropout
+    query = model.get_base_model().bert.encoder.layer[0].attention.self.query
+    assert type(query).__module__ == "peft.tuners.lora.bnb" and type(query.base_layer).__name__ == "Linear4bit"
+    tokenizer = AutoTokenizer.from_pretrained(model_path({}, {}))
+    texts = ["a fine film", "dull and far too long, with nothing to say", "fresh"]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"), labels=torch.tensor([1, 0, 1]))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # Execute
+    with select_backend(model) as backend:
+        got, _ = backend.compute(batch, params)
+    # Assert: each example alone (unpadded), plain autograd
+    ref = {n: [] for n in params}
+    for text, label in zip(texts, [1, 0, 1]):
+        one = dict(tokenizer([text], return_tensors="pt"), labels=torch.tensor([label]))
+        loss = per_example_loss(model(**{k: v for k, v in one.items() if k != "labels"}), one)
+        for n, g in zip(params, torch.autograd.grad(loss.sum(), list(params.values()))):
+            ref[n].append(g)
+    assert_exact(got, {n: torch.stack(v) for n, v in ref.items()})
+    with pytest.raises(ValueError, match="`load-in-4bit` and `load-in-8bit` are both true"):
+        quantization({"load-in-4bit": True, "load-in-8bit": True})
+
+
+def test_a_quantized_layer_that_should_train_is_refused_naming_it_and_the_fix():
+    # a sequence-classification head is quantized too unless skipped; as modules_to_save it would train in 4 bits
+    sys.path.insert(0, os.path.join(ROOT, "recipes", "flower_app"))
+    from lalora_rt.task import model_path
+    from transformers import AutoModelForSequenceClassification
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_path({}, {}), num_labels=2, num_hidden_layers=1, quantization_config=quant
+    )
+    config = LALoraConfig.for_method(
+        "dplora", r=2, target_modules=["query"], modules_to_save=["classifier"], task_type="SEQ_CLS"
+    )
+    with pytest.raises(
+        UnsupportedModelError, match=r"`.*classifier\.modules_to_save\.default`.*llm_int8_skip_modules"
+    ):
+        select_backend(get_peft_model(base, config))

@@ -49,6 +49,12 @@ def refuse_unknown_quantized(model: nn.Module) -> None:
     """Refuse a quantized layer whose backward is not verified (anything but the bitsandbytes layers above)."""
     for name, module in model.named_modules():
         if is_bnb_layer(module):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                raise UnsupportedModelError(
+                    f"module `{name}` ({type(module).__name__}) is quantized by bitsandbytes but trainable (e.g. a "
+                    "head in `modules_to_save`): its packed weight has no exact per-sample gradient. Keep it out of "
+                    f"quantization with `BitsAndBytesConfig(..., llm_int8_skip_modules=[{name.split('.')[-1]!r}])`."
+                )
             continue
         if _holds_integer_weight(module):
             raise UnsupportedModelError(

@@ -89,7 +89,14 @@ def prepare_quantized_layers(model: nn.Module) -> int:
 
 
 def _unpack_cpu_weight(name: str, module: nn.Module) -> None:
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    try:  # optional (the `qlora` extra): a packed layer only exists where bitsandbytes is installed
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as exc:  # pragma: no cover - a bitsandbytes version without the CPU packing
+        raise UnsupportedModelError(
+            f"module `{name}` holds a weight packed by bitsandbytes for its CPU inference kernel (no backward), and "
+            "this bitsandbytes cannot unpack it. Install the `qlora` extra (bitsandbytes 0.50), or load the model "
+            "again and train it before any evaluation."
+        ) from exc
 
     with torch.no_grad():
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(

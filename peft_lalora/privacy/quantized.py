@@ -3,9 +3,10 @@
 peft's k-bit LoRA layers (`peft.tuners.lora.bnb.Linear4bit` / `Linear8bitLt`) keep the LoRA factors in plain
 `nn.Linear` leaves next to a frozen bitsandbytes base layer, so the hooks backend samples the factors exactly
 whatever the base is, as long as the gradient of the loss flows back through the quantized base layers of the
-layers above. Two things break that, and are handled here before any forward pass of the run:
+layers above, and the examples of a batch stay independent. What breaks that is handled here, before any forward
+pass of the run:
 
-- bitsandbytes >= 0.48 on a CPU with AVX512-BF16: the first forward of a `bnb.nn.Linear4bit` in eval mode on an
+- bitsandbytes 0.50 (measured with 0.50.2) on a CPU with AVX512-BF16: the first forward of a `bnb.nn.Linear4bit` in eval mode on an
   input that needs no gradient (our data pre-flight, an evaluation, `generate`) repacks its weight in place for a
   CPU inference kernel (`gemv_4bit`) that has no backward. Every later forward, training included, runs that
   kernel, so the gradient through the base layers is silently dropped: non-private training gets wrong gradients
@@ -17,7 +18,8 @@ layers above. Two things break that, and are handled here before any forward pas
   the others; per-example clipping then bounds nothing (like BatchNorm). Refused; `llm_int8_threshold=0.0` is
   exact (measured: per-sample gradients off by ~2 % with 6.0, identical with 0.0).
 - a quantized layer type this module does not know (GPTQ, AWQ, HQQ, torchao, ...): whether its backward is
-  correct is unverified, so it is refused, naming the module.
+  correct is unverified, so it is refused, naming the module; so is a bitsandbytes layer that should train (a
+  quantized head in `modules_to_save`).
 """
 
 from __future__ import annotations

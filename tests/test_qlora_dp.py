@@ -139,6 +139,19 @@ def test_per_sample_gradients_on_a_quantized_base_equal_a_per_example_loop(base_
     assert_exact(got, reference(model, examples, params))
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_per_sample_gradients_on_nf4_are_exact_for_batch_sizes_1_3_16(base_dir, batch_size):
+    # R1's batch sizes, LA-LoRA's B phase (A frozen but present) and padded sequences
+    model = quantized(base_dir, "nf4", method="lalora").train()
+    model.base_model.set_trainable_factors({"B"})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all(".lora_B." in n for n in params)
+    examples = rows(batch_size, seed=batch_size)
+    with select_backend(model) as backend:
+        got, _ = backend.compute(collate(examples), params)
+    assert_exact(got, reference(model, examples, params))
+
+
 def test_exact_after_an_evaluation_pass_that_bitsandbytes_uses_to_repack_its_cpu_weights(base_dir):
     # Prepare: an eval forward without gradients (what the pre-flight, an evaluation or generate() do): on a CPU
     # with AVX512-BF16, bitsandbytes repacks the 4-bit weights for a kernel with no backward

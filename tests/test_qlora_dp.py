@@ -184,6 +184,35 @@ def test_non_reentrant_gradient_checkpointing_on_a_4bit_base_is_exact(base_dir):
     assert_exact(got, ref)
 
 
+def test_prepare_model_for_kbit_training_with_checkpointing_non_reentrant_exact_default_refused(base_dir):
+    # peft's documented call enables checkpointing; its default (torch's reentrant variant) would give zero
+    # per-sample gradients inside the checkpointed layers, so it is refused with the fix; non-reentrant is exact
+    reference_model = quantized(base_dir, "nf4").train()
+    params = {n: p for n, p in reference_model.named_parameters() if p.requires_grad}
+    ref = reference(reference_model, rows(), params)
+    for kwargs, exact in (({"use_reentrant": False}, True), (None, False)):
+        model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**MODES["nf4"]))
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=kwargs)
+        config = LALoraConfig.for_method(
+            "dplora", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, config)
+        quantized_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():  # the same LoRA values as the reference model
+            for n, p in quantized_params.items():
+                p.copy_(params[n])
+        model.train()
+        if exact:
+            with select_backend(model) as backend:
+                got, _ = backend.compute(collate(rows()), quantized_params)
+            assert_exact(got, ref)
+        else:
+            with pytest.raises(
+                UnsupportedModelError, match=r"reentrant gradient checkpointing.*'use_reentrant': False"
+            ):
+                select_backend(model).compute(collate(rows()), quantized_params)
+
+
 # ----- refusals: the model's fault, named, before training --------------------------------------------------------
 def test_8bit_outlier_decomposition_is_refused_under_dp_naming_the_module_and_the_fix(base_dir):
     # llm_int8_threshold > 0 picks outlier columns from the whole batch: examples are no longer independent

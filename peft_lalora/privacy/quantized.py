@@ -9,8 +9,10 @@ pass of the run:
 - bitsandbytes 0.50 (measured with 0.50.2) on a CPU with AVX512-BF16: the first forward of a `bnb.nn.Linear4bit` in eval mode on an
   input that needs no gradient (our data pre-flight, an evaluation, `generate`) repacks its weight in place for a
   CPU inference kernel (`gemv_4bit`) that has no backward. Every later forward, training included, runs that
-  kernel, so the gradient through the base layers is silently dropped: non-private training gets wrong gradients
-  and the per-sample hooks get none (measured with 0.50.2: "'NoneType' object has no attribute 'detach'"). The
+  kernel, so the gradient through the base layers is silently dropped. Measured with 0.50.2 on a tiny Llama with
+  LoRA on q/v: after one eval pass every LoRA tensor's gradient is None (each path to the loss crosses a packed
+  o_proj), so non-private training runs without error and never moves the adapter, and the per-sample hooks
+  raised "'NoneType' object has no attribute 'detach'". The
   fast path is switched off, and a weight already repacked is unpacked (bitsandbytes' own inverse; its absmax
   was rounded to bf16 by the packing, so the model is then the one the user already evaluated).
 - under DP, bitsandbytes' 8-bit layer with outlier decomposition (`llm_int8_threshold` > 0, transformers'

@@ -27,6 +27,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # no
 
 import peft_lalora  # noqa: E402, F401
 from peft_lalora import FederatedDPTrainer, LALoraConfig, UnsupportedModelError  # noqa: E402
+from peft_lalora.federated.client_update import make_stepper  # noqa: E402
 from peft_lalora.privacy.grad_sample import select_backend  # noqa: E402
 from peft_lalora.privacy.losses import per_example_loss  # noqa: E402
 
@@ -286,6 +287,21 @@ def dataset(n: int = 40) -> Dataset:
     return Dataset.from_dict(
         {"input_ids": [r["input_ids"] for r in examples], "labels": [r["labels"] for r in examples]}
     )
+
+
+def test_the_non_private_step_moves_the_adapter_after_an_evaluation_pass(base_dir):
+    # an eval pass switches bitsandbytes' CPU backend to a kernel without a backward: plain autograd then gets no
+    # LoRA gradient at all and the non-private step silently leaves the adapter where it was (unless the stepper
+    # prepares the quantized layers first)
+    model = quantized(base_dir, "nf4", method="dplora").eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    step = make_stepper(model, dp=False)
+    step.reset(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5))
+    before = adapter_state(model)
+    step(collate(rows()), expected_batch_size=5)
+    after = adapter_state(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before)  # every A and B tensor moved
 
 
 @pytest.mark.parametrize("method", ["lalora_nofilter", "dplora"])

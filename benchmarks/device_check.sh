@@ -12,7 +12,9 @@
 #   dp_overhead_minilm   benchmarks/dp_overhead.py, MiniLM-L6 (real weights if installed, else its config)
 #   dp_overhead_roberta  benchmarks/dp_overhead.py, RoBERTa-base config, random weights
 #                        -> benchmarks.txt, dp_overhead.json (both runs)
-#   llm_memory           benchmarks/llm_memory.py, Llama-shaped 8 layers x 1024, lengths 128 / 512 / 2048, batch 8
+#   llm_memory           benchmarks/llm_memory.py, Llama-shaped 8 layers x 1024, lengths 128 / 512 / 2048, batch 8,
+#                        on the full-precision base and on the same weights in 4 bits (NF4, bitsandbytes: carry its
+#                        wheel in .whl/; without it the 4-bit arm prints a skipped line)
 #                        -> benchmarks.txt, llm_memory.json
 #   pu_faithful          benchmarks/privacy_utility.py --preset faithful on CUDA, 4 workers, epsilon 1, seed 0, one
 #                        learning rate (no tuning), FAITHFUL_ROUNDS rounds (default 20), with whatever budget is
@@ -136,7 +138,7 @@ if [[ $MODE == gpu ]]; then
     --config "$MINILM" --batch-size 32 128 512 --seq-len 128 --reps 20 --json "$SCRATCH/minilm.json"
   run_part dp_overhead_roberta 120 benchmarks.txt "$PY" benchmarks/dp_overhead.py --device cuda \
     --config roberta-base --batch-size 32 128 --seq-len 128 --reps 20 --json "$SCRATCH/roberta-base.json"
-  run_part llm_memory 90 benchmarks.txt "$PY" benchmarks/llm_memory.py --device cuda --json "$OUT/llm_memory.json"
+  run_part llm_memory 180 benchmarks.txt "$PY" benchmarks/llm_memory.py --device cuda --json "$OUT/llm_memory.json"
   FAITHFUL=(--preset faithful --device cuda --workers 4 --epsilons 1 --seeds 0 --lr-grid 1e-3
     --rounds "${FAITHFUL_ROUNDS:-20}")
 else

@@ -13,9 +13,14 @@ back when freed (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so that RSS fo
 what an earlier step left in glibc's pools.
 Memory, CUDA: `torch.cuda.max_memory_allocated` during two steps minus the memory allocated before them.
 The goal (issue 13): DP step <= 1.3x the non-private step and peak memory <= 1.2x at every length.
+Bases (`--bases`, both by default, in one run): `full` (fp32 weights) and `4bit` (the same weights saved and reloaded
+through bitsandbytes NF4, `prepare_model_for_kbit_training`, peft's k-bit LoRA layers; skipped with a line saying
+so when bitsandbytes is not installed). Goal for 4bit (issue 21): time ratio <= 1.3 at 128, <= 1.1 at 2048, peak
+memory within 5 %.
 
     python benchmarks/llm_memory.py                                   # 8 layers, hidden 1024, 128/512/2048, batch 8
     python benchmarks/llm_memory.py --device cpu --layers 2 --hidden 256 --vocab 8000 --json out.json
+    python benchmarks/llm_memory.py --bases 4bit                      # the QLoRA arm only
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -46,7 +52,19 @@ SIGMA, CLIP, LR, KERNEL, PROMPT = 1.0, 1.0, 0.05, (1, 4, 6, 4, 1), 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def build(args):
+def quantized_base(base, args):
+    """`base` saved and reloaded in 4 bits (NF4) on the device, as a QLoRA user loads a checkpoint."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        base.save_pretrained(folder)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        base = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": args.device})
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
+def build(args, kind="full"):
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     heads = max(1, args.hidden // 64)
@@ -59,7 +77,8 @@ def build(args):
         num_key_value_heads=max(1, heads // 4),
         max_position_embeddings=max(args.seq_len) + 1,
     )
-    base = LlamaForCausalLM(config).to(args.device)  # before get_peft_model (opacus issue #820)
+    base = LlamaForCausalLM(config)
+    base = quantized_base(base, args) if kind == "4bit" else base.to(args.device)  # before get_peft_model (#820)
     model = get_peft_model(base, LALoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     with torch.no_grad():  # a trained-looking B, so that A's gradient is not identically zero
         for name, param in model.named_parameters():
@@ -122,7 +141,7 @@ def _status_kb(field):
 
 def memory_worker(args):
     """In a fresh process: one (length, mode, factor); prints the steps' peak RSS beyond what was held, in MiB."""
-    model = build(args)
+    model = build(args, args.bases[0])
     length = args.seq_len[0]
     batch, step = make_batch(args, length), steppers(model, args.device)[args.worker_mode]
     run_step(model, step, batch, args.factor)  # warm-up: lazy allocations, allocator pools
@@ -134,7 +153,7 @@ def memory_worker(args):
     print(json.dumps({"peak_mib": (_status_kb("VmHWM") - before) / 1024}))
 
 
-def cpu_memory(args, length, mode, factor):
+def cpu_memory(args, length, mode, factor, kind):
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -156,6 +175,8 @@ def cpu_memory(args, length, mode, factor):
         str(args.seed),
         "--device",
         "cpu",
+        "--bases",
+        kind,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -183,6 +204,7 @@ def parse(argv=None):
     p.add_argument("--seq-len", type=int, nargs="+", default=[128, 512, 2048])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--factors", nargs="+", default=["B", "A"])
+    p.add_argument("--bases", nargs="+", default=["full", "4bit"], choices=["full", "4bit"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true")
@@ -196,8 +218,6 @@ def main(argv=None):
     args = parse(argv)
     if args.worker_mode:
         return memory_worker(args)
-    model = build(args)
-    steps = steppers(model, args.device)
     device = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
@@ -207,37 +227,21 @@ def main(argv=None):
         f"# {device}, torch {torch.__version__}; Llama config: {args.layers} layers, hidden {args.hidden}, "
         f"vocab {args.vocab}, batch {args.batch_size}, LoRA r=8 on {' '.join(TARGETS)}, prompt {PROMPT} tokens masked"
     )
-    print("| length | factor | DP ms | non-DP ms | time ratio | DP peak MiB | non-DP peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| base | length | factor | DP ms | non-DP ms | time ratio | DP peak MiB | non-DP peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for length in args.seq_len:
-        batch = make_batch(args, length)
-        for factor in args.factors:
-            row = {
-                "length": length,
-                "factor": factor,
-                **{f"{k}_ms": v for k, v in time_steps(args, model, steps, batch, factor).items()},
-            }
-            if not args.no_memory:
-                for mode in ("dp", "nondp"):
-                    row[f"{mode}_peak_mib"] = (
-                        cuda_memory(model, steps[mode], batch, factor)
-                        if args.device.startswith("cuda")
-                        else cpu_memory(args, length, mode, factor)
-                    )
-            row["time_ratio"] = row["dp_ms"] / row["nondp_ms"]
-            row["memory_ratio"] = row["dp_peak_mib"] / row["nondp_peak_mib"] if not args.no_memory else None
-            rows.append(row)
-            mem = (
-                f"{row['dp_peak_mib']:.0f} | {row['nondp_peak_mib']:.0f} | {row['memory_ratio']:.2f}x"
-                if not args.no_memory
-                else "- | - | -"
-            )
-            print(
-                f"| {length} | {factor} | {row['dp_ms']:.1f} | {row['nondp_ms']:.1f} | {row['time_ratio']:.2f}x | {mem} |",
-                flush=True,
-            )
-        del batch
+    for kind in args.bases:
+        if kind == "4bit" and not _has_bitsandbytes():
+            print("| 4bit | skipped: bitsandbytes is not installed (pip install '.[qlora]') |", flush=True)
+            continue
+        model = build(args, kind)
+        steps = steppers(model, args.device)
+        for length in args.seq_len:
+            batch = make_batch(args, length)
+            for factor in args.factors:
+                rows.append(measure(args, model, steps, batch, kind, length, factor))
+            del batch
+        del model, steps
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
@@ -245,6 +249,42 @@ def main(argv=None):
                 fh,
                 indent=1,
             )
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(args, model, steps, batch, kind, length, factor) -> dict:
+    row = {
+        "base": kind,
+        "length": length,
+        "factor": factor,
+        **{f"{k}_ms": v for k, v in time_steps(args, model, steps, batch, factor).items()},
+    }
+    if not args.no_memory:
+        for mode in ("dp", "nondp"):
+            row[f"{mode}_peak_mib"] = (
+                cuda_memory(model, steps[mode], batch, factor)
+                if args.device.startswith("cuda")
+                else cpu_memory(args, length, mode, factor, kind)
+            )
+    row["time_ratio"] = row["dp_ms"] / row["nondp_ms"]
+    row["memory_ratio"] = row["dp_peak_mib"] / row["nondp_peak_mib"] if not args.no_memory else None
+    mem = (
+        f"{row['dp_peak_mib']:.0f} | {row['nondp_peak_mib']:.0f} | {row['memory_ratio']:.2f}x"
+        if not args.no_memory
+        else "- | - | -"
+    )
+    print(
+        f"| {kind} | {length} | {factor} | {row['dp_ms']:.1f} | {row['nondp_ms']:.1f} | {row['time_ratio']:.2f}x | {mem} |",
+        flush=True,
+    )
+    return row
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .errors import (
     PolicyError,
     PrivacyBudgetExceededError,
     UnsupportedModelError,
+    UntraceableModelError,
 )
 from .tuner import LALoraConfig, LALoraModel, export_as_lora, lowpass_filter, register, trainable_factors
 
@@ -48,6 +49,7 @@ __all__ = [
     "PolicyError",
     "PrivacyBudgetExceededError",
     "UnsupportedModelError",
+    "UntraceableModelError",
     "__version__",
     "export_as_lora",
     "lowpass_filter",

@@ -24,6 +24,11 @@ class UnsupportedModelError(LALoraError, ValueError):
     """No exact per-sample-gradient backend exists for a module of the model."""
 
 
+class UntraceableModelError(UnsupportedModelError):
+    """The model's structure stops the gradient before a hooked layer (e.g. a kernel without a backward): found
+    while computing per-sample gradients. Its text names modules and settings only, never a value of the data."""
+
+
 class PrivacyBudgetExceededError(LALoraError):
     """A release would spend more privacy budget than the target allows; nothing was released."""
 

@@ -29,6 +29,9 @@ under `output_dir/base_model`, which the adapter's config names, so the adapter 
 It prints the evaluation loss, the exact-match rate of greedy answers (`model.generate`) on held-out records,
 epsilon and the output folder. Baselines: `--method` in lalora, lalora_nofilter, rolora, ffa, dplora;
 non-private: `--dp False`.
+
+QLoRA: `--load_in_4bit` (NF4; `--bnb_4bit_quant_type fp4`) or `--load_in_8bit` loads the base through bitsandbytes
+(`pip install '.[qlora]'`) and trains the LoRA factors in fp32 on top, with exact per-sample gradients.
 """
 
 from __future__ import annotations
@@ -103,6 +106,19 @@ class ModelArguments(LoraArguments):
         metadata={"help": "Also adapt the MLP projections (gate_proj up_proj down_proj; GPT-2: c_fc mlp.c_proj)."},
     )
     padding_side: str = field(default="right", metadata={"help": "Pad training batches on the 'right' or 'left'."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the base in 4 bits (bitsandbytes, `pip install '.[qlora]'`); LoRA trains in fp32."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base in 8 bits (bitsandbytes LLM.int8() without outlier decomposition, exact under DP)."
+        },
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: 'nf4' or 'fp4'."})
 
 
 @dataclass
@@ -190,6 +206,40 @@ def resolve_targets(model_args: ModelArguments, model_type: str) -> list[str]:
     return targets
 
 
+def quantization_config(model_args: ModelArguments):
+    """The `BitsAndBytesConfig` of `--load_in_4bit` / `--load_in_8bit`, or None (full precision)."""
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError(
+            "`load_in_4bit` and `load_in_8bit` are both True: pass one of --load_in_4bit / --load_in_8bit."
+        )
+    if model_args.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"`bnb_4bit_quant_type` must be 'nf4' or 'fp4', got {model_args.bnb_4bit_quant_type!r}.")
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type)
+    # outlier decomposition (transformers' default threshold 6.0) picks columns from the whole batch: examples would
+    # not be independent, which DP refuses; without it LLM.int8() is row-wise, per token
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+
+
+def from_pretrained(path: str, model_args: ModelArguments, args: FederatedDPArguments, **extra):
+    """The base from `path`: full precision, or in 4 / 8 bits straight onto the run's device, prepared as peft
+    documents for k-bit training (norms and head in fp32; gradient checkpointing stays off: see the refusal of
+    `--gradient_checkpointing`)."""
+    quant = quantization_config(model_args)
+    if quant is None:
+        return AutoModelForCausalLM.from_pretrained(path, **extra)
+    from peft import prepare_model_for_kbit_training
+
+    base = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quant, device_map={"": str(args.device)}, **extra
+    )
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
 def load_base(model_args: ModelArguments, train_texts, args: FederatedDPArguments):
     """(base model, tokenizer, the base's id or folder). Offline: a random Llama and a BPE tokenizer trained on the
     training texts (public-by-assumption here, like the model's vocabulary), saved to `output_dir/base_model`."""
@@ -199,11 +249,11 @@ def load_base(model_args: ModelArguments, train_texts, args: FederatedDPArgument
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return AutoModelForCausalLM.from_pretrained(path, **extra), tokenizer, path
+        return from_pretrained(path, model_args, args, **extra), tokenizer, path
     path = os.path.abspath(os.path.join(args.output_dir, "base_model"))
     with args.main_process_first(desc="offline base model"):
         if args.process_index > 0:  # the main process has built and saved it
-            return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), path
+            return from_pretrained(path, model_args, args), AutoTokenizer.from_pretrained(path), path
         tokenizer = llm_data.train_byte_bpe_tokenizer(train_texts, OFFLINE_VOCAB)
         import torch
 
@@ -218,6 +268,8 @@ def load_base(model_args: ModelArguments, train_texts, args: FederatedDPArgument
         model = LlamaForCausalLM(config)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
+    if quantization_config(model_args) is not None:  # reloaded in 4 / 8 bits, as a real checkpoint would be
+        model = from_pretrained(path, model_args, args)
     return model, tokenizer, path
 
 
@@ -255,12 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     start = time.time()
     split = resolve_client_split(data_args, args)
+    quantization_config(model_args)  # check the flags before loading anything
     if model_args.padding_side not in ("left", "right"):
         raise ValueError(f"`padding_side` must be 'left' or 'right', got {model_args.padding_side!r}.")
     train_records, test_records = load_records(data_args, args)
     texts = (llm_data.format_prompt(r) + r["output"] for r in train_records)
     base, tokenizer, base_id = load_base(model_args, texts, args)
-    base.to(args.device)  # before get_peft_model (opacus issue #820)
+    if quantization_config(model_args) is None:  # a quantized base was loaded onto its device
+        base.to(args.device)  # before get_peft_model (opacus issue #820)
     config = LALoraConfig.for_method(
         model_args.method,
         r=model_args.lora_r,

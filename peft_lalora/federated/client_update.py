@@ -13,6 +13,7 @@ import torch
 
 from ..by_name import call_by_name
 from ..privacy.engine import NonPrivateStep, PrivateStep
+from ..privacy.quantized import prepare_quantized_layers
 from ..tuner.roles import tensor_role
 from .aggregation import adapter_delta
 from .client import ClientShard, run_local_round
@@ -77,6 +78,7 @@ def make_stepper(
     """The local step of the adapter's method: DP-SGD (with the config's low-pass filter and, with
     `head_max_grad_norm`, clipping groups {LoRA factors: C, head: C_h}) or the non-private one."""
     config = model.peft_config[adapter_name]
+    prepare_quantized_layers(model)  # before any forward: bitsandbytes' CPU eval kernel has no backward
     if not dp:
         return NonPrivateStep(model, None, autocast_dtype=autocast_dtype)
     return PrivateStep(

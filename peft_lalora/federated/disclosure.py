@@ -9,14 +9,14 @@ update is missing): only its exception type and a fixed explanation are said. A 
 
 from __future__ import annotations
 
-from ..errors import ClientDataError, ConfigError
+from ..errors import ClientDataError, ConfigError, UntraceableModelError
 from .client_update import ClientUpdateError
 
 PRIVATE_METRICS = ("loss", "sampled_examples", "dropped_examples")  # per-round logs outside the DP guarantee
 OPT_IN = "`log_private_metrics=True`"
 # The library's own errors whose texts are written to hold no value computed from private examples (a ConfigError
 # quotes settings, and at most a shard's size, which the sample rate publishes anyway)
-VALUE_FREE_ERRORS = (ClientDataError, ClientUpdateError, ConfigError)
+VALUE_FREE_ERRORS = (ClientDataError, ClientUpdateError, ConfigError, UntraceableModelError)
 
 
 def reveals_private(args) -> bool:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ClientDataError
+from ..errors import ClientDataError, UnsupportedModelError
 from ..privacy.grad_sample_base import model_inputs
 from ..privacy.losses import IGNORE_INDEX, logits_of, per_example_loss
 from .disclosure import error_text
@@ -214,6 +214,12 @@ def preflight(model, shards: list, gradient_probe, *, reveal_errors: bool = Fals
         healthy = next(k for k in range(len(shards)) if k not in errors)
         try:
             gradient_probe(shards[healthy])
+        except UnsupportedModelError as exc:  # the model, not the data: say so, with the module it names
+            text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
+            raise UnsupportedModelError(
+                f"Per-sample gradients cannot be computed for this model, whatever the data; nothing was trained "
+                f"or charged: {text}"
+            ) from (exc if reveal_errors else None)
         except Exception as exc:  # noqa: BLE001
             text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
             raise ClientDataError(

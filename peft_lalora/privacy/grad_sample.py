@@ -23,6 +23,7 @@ from .grad_sample_base import PerSampleGradients, is_windowed, model_type, refus
 from .grad_sample_func import FuncBackend
 from .grad_sample_hooks import HooksBackend, grad_samplers
 from .losses import per_example_loss
+from .quantized import prepare_quantized_layers, refuse_batch_dependent_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,11 @@ def select_backend(
 
     Raises:
         ConfigError: unknown backend name.
-        UnsupportedModelError: no backend computes this model's per-sample gradients exactly (e.g. BatchNorm),
-            or the requested one cannot.
+        UnsupportedModelError: no backend computes this model's per-sample gradients exactly (e.g. BatchNorm, a
+            quantized layer type other than bitsandbytes'), or the requested one cannot.
     """
+    prepare_quantized_layers(model)
+    refuse_batch_dependent_quantization(model)
     if backend == "auto":
         refuse_batch_norm(model)
         backend = "func" if is_windowed(model) or not hooks_cover(model) else "hooks"

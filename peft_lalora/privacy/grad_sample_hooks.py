@@ -20,7 +20,7 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, UntraceableModelError
 from .grad_sample_base import (
     PerSampleGradients,
     check_losses,
@@ -113,10 +113,18 @@ class HooksBackend(PerSampleGradients):
                 "Use `backend='func'` (torch.func over examples)."
             )
         grads = self._grads
-        output.register_hook(lambda grad: self._accumulate(grads, module, activations, grad.detach()))
+        output.register_hook(lambda grad: self._accumulate(grads, module, activations, grad))
 
-    def _accumulate(self, grads: dict, module: nn.Module, activations: list, backprops: torch.Tensor) -> None:
+    def _accumulate(self, grads: dict, module: nn.Module, activations: list, backprops) -> None:
         """Per-example gradients of one call of `module`, added to `grads` (during the backward pass)."""
+        if backprops is None:  # autograd reached the output with an undefined gradient: a layer above has no backward
+            raise UntraceableModelError(
+                f"module `{self._hooked[module]}` received no gradient for its output although it feeds the loss: a "
+                "layer between it and the loss has no backward (e.g. a quantized kernel for inference only), so its "
+                "per-sample gradients would be wrong. Load the base unquantized or with bitsandbytes "
+                "(`BitsAndBytesConfig(load_in_4bit=True)`), whose layers peft_lalora prepares for training."
+            )
+        backprops = backprops.detach()
         if backprops.shape[0] != self._batch_size:
             raise UnsupportedModelError(
                 f"module `{self._hooked[module]}` got output gradients of shape {tuple(backprops.shape)} whose "

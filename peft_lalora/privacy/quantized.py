@@ -1,0 +1,126 @@
+"""Quantized base layers (QLoRA): which ones training supports, and what they need first.
+
+peft's k-bit LoRA layers (`peft.tuners.lora.bnb.Linear4bit` / `Linear8bitLt`) keep the LoRA factors in plain
+`nn.Linear` leaves next to a frozen bitsandbytes base layer, so the hooks backend samples the factors exactly
+whatever the base is, as long as the gradient of the loss flows back through the quantized base layers of the
+layers above, and the examples of a batch stay independent. What breaks that is handled here, before any forward
+pass of the run:
+
+- bitsandbytes 0.50 (measured with 0.50.2) on a CPU with AVX512-BF16: the first forward of a `bnb.nn.Linear4bit` in eval mode on an
+  input that needs no gradient (our data pre-flight, an evaluation, `generate`) repacks its weight in place for a
+  CPU inference kernel (`gemv_4bit`) that has no backward. Every later forward, training included, runs that
+  kernel, so the gradient through the base layers is silently dropped. Measured with 0.50.2 on a tiny Llama with
+  LoRA on q/v: after one eval pass every LoRA tensor's gradient is None (each path to the loss crosses a packed
+  o_proj), so non-private training runs without error and never moves the adapter, and the per-sample hooks
+  raised "'NoneType' object has no attribute 'detach'". The
+  fast path is switched off, and a weight already repacked is unpacked (bitsandbytes' own inverse; its absmax
+  was rounded to bf16 by the packing, so the model is then the one the user already evaluated).
+- under DP, bitsandbytes' 8-bit layer with outlier decomposition (`llm_int8_threshold` > 0, transformers'
+  default 6.0): the outlier columns are chosen from every token of the batch, so one example's output depends on
+  the others; per-example clipping then bounds nothing (like BatchNorm). Refused; `llm_int8_threshold=0.0` is
+  exact (measured: per-sample gradients off by ~2 % with 6.0, identical with 0.0).
+- a quantized layer type this module does not know (GPTQ, AWQ, HQQ, torchao, ...): whether its backward is
+  correct is unverified, so it is refused, naming the module; so is a bitsandbytes layer that should train (a
+  quantized head in `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# bitsandbytes base layers whose backward w.r.t. the input is verified here (tests/test_qlora_dp.py)
+KNOWN_BNB_LAYERS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes.") and type(module).__name__ in KNOWN_BNB_LAYERS
+
+
+def _holds_integer_weight(module: nn.Module) -> bool:
+    """Whether the module itself keeps a weight-like tensor in an integer dtype (a packed quantized weight)."""
+    own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return any("weight" in name and not (t.is_floating_point() or t.is_complex()) for name, t in own)
+
+
+def refuse_unknown_quantized(model: nn.Module) -> None:
+    """Refuse a quantized layer whose backward is not verified (anything but the bitsandbytes layers above)."""
+    for name, module in model.named_modules():
+        if is_bnb_layer(module):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                raise UnsupportedModelError(
+                    f"module `{name}` ({type(module).__name__}) is quantized by bitsandbytes but trainable (e.g. a "
+                    "head in `modules_to_save`): its packed weight has no exact per-sample gradient. Keep it out of "
+                    f"quantization with `BitsAndBytesConfig(..., llm_int8_skip_modules=[{name.split('.')[-1]!r}])`."
+                )
+            continue
+        if _holds_integer_weight(module):
+            raise UnsupportedModelError(
+                f"module `{name}` ({type(module).__module__}.{type(module).__name__}) is a quantized layer this "
+                f"library does not support for training: only bitsandbytes {', '.join(KNOWN_BNB_LAYERS)} are "
+                "verified to pass exact gradients to the LoRA factors below them. Load the base in 4 or 8 bits "
+                "with `BitsAndBytesConfig(load_in_4bit=True)` / `(load_in_8bit=True)`, or unquantized."
+            )
+
+
+def prepare_quantized_layers(model: nn.Module) -> int:
+    """
+    Make the model's quantized base layers trainable through (see the module docstring); returns how many
+    bitsandbytes layers it holds. Idempotent; a no-op on a model without quantized layers.
+
+    Raises:
+        UnsupportedModelError: a quantized layer type whose backward is not verified here.
+    """
+    refuse_unknown_quantized(model)
+    count = 0
+    for name, module in model.named_modules():
+        if not is_bnb_layer(module):
+            continue
+        count += 1
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # the CPU inference kernel has no backward
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            _unpack_cpu_weight(name, module)
+    return count
+
+
+def _unpack_cpu_weight(name: str, module: nn.Module) -> None:
+    try:  # optional (the `qlora` extra): a packed layer only exists where bitsandbytes is installed
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as exc:  # pragma: no cover - a bitsandbytes version without the CPU packing
+        raise UnsupportedModelError(
+            f"module `{name}` holds a weight packed by bitsandbytes for its CPU inference kernel (no backward), and "
+            "this bitsandbytes cannot unpack it. Install the `qlora` extra (bitsandbytes 0.50), or load the model "
+            "again and train it before any evaluation."
+        ) from exc
+
+    with torch.no_grad():
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, module.weight.quant_state
+        )
+    logger.warning(
+        "module `%s`: bitsandbytes had repacked its 4-bit weight for its CPU inference kernel, which has no "
+        "backward; unpacked it for training (its absmax scales keep the bf16 rounding of that packing)",
+        name,
+    )
+
+
+def refuse_batch_dependent_quantization(model: nn.Module) -> None:
+    """Under DP: an 8-bit bitsandbytes layer with outlier decomposition mixes the examples of a batch."""
+    for name, module in model.named_modules():
+        threshold = getattr(getattr(module, "state", None), "threshold", 0.0)
+        if is_bnb_layer(module) and type(module).__name__ == "Linear8bitLt" and threshold > 0.0:
+            raise UnsupportedModelError(
+                f"module `{name}` (bitsandbytes Linear8bitLt) uses outlier decomposition (`llm_int8_threshold`="
+                f"{threshold}): its outlier columns are chosen from the whole batch, so one example's output and "
+                "gradient depend on the other examples and per-example clipping would not bound its influence. "
+                "Load the base with `BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)`, or in 4 bits."
+            )

@@ -71,9 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = check_run_config(ns.app_dir, ns.run_config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        sys.stderr.write(f"{exc}\n")  # a command's answer, not library logging
         return 2
-    print(f"run config OK ({len(config)} keys)")
+    sys.stdout.write(f"run config OK ({len(config)} keys)\n")
     return 0
 
 

@@ -186,6 +186,12 @@ class FederatedDPArguments(TrainingArguments):
 
     def validate(self) -> None:
         refuse_ignored_training_arguments(self)
+        if self.push_to_hub and not self.hub_model_id:  # checked now, not after all the training
+            raise ConfigError(
+                "`push_to_hub=True` needs `hub_model_id`, the Hub repo to push to (e.g. 'alice/lalora-sst2'), got "
+                f"{self.hub_model_id!r}. Set `hub_model_id` (`--hub_model_id` in the recipes), or leave "
+                "`push_to_hub` False."
+            )
         _int_at_least("num_clients", self.num_clients, 1)
         _int_at_least("clients_per_round", self.clients_per_round, 1)
         if self.clients_per_round > self.num_clients:

@@ -443,3 +443,10 @@ def test_trainer_push_passes_allow_fixed_noise_seed(hub, tmp_path):
         trainer.push_to_hub()
     card = hub.repos["alice/seeded"].files["README.md"].decode()
     assert "Warning: no privacy guarantee" in card and "differential-privacy" not in card
+
+
+def test_push_to_hub_without_a_repo_id_is_refused_before_training(tmp_path):
+    from fed_helpers import toy_args
+
+    with pytest.raises(ConfigError, match=r"`push_to_hub=True` needs `hub_model_id`.*got None"):
+        toy_args(tmp_path / "run", push_to_hub=True)

@@ -19,9 +19,10 @@ import os
 import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import ConfigError, LALoraWarning
+from .federated.state_io import save_tensors
 
 POOLING_FILE = "pooling.safetensors"
 
@@ -87,11 +88,7 @@ def save_pooling(model, folder: str) -> str | None:
         )
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, POOLING_FILE)
-    save_file(
-        {"center": pooler.center.detach().cpu().contiguous(), "scale": pooler.scale.detach().cpu().contiguous()},
-        path,
-        metadata={"pooling": "mean"},
-    )
+    save_tensors(path, {"center": pooler.center, "scale": pooler.scale}, metadata={"pooling": "mean"})  # atomic
     return path
 
 

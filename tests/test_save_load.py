@@ -205,3 +205,26 @@ def test_several_named_adapters(tmp_path):
     loaded.set_adapter("rolora")
     torch.testing.assert_close(loaded(**inputs).logits, out_second, rtol=0, atol=0)
     assert loaded.peft_config["rolora"].alternation == "round"
+
+
+def test_a_crash_while_saving_the_weights_leaves_the_previous_adapter_whole(tmp_path, monkeypatch):
+    # Prepare: an adapter saved once, then a second save of other weights that crashes while writing them
+    from peft_lalora.tuner import saving
+
+    model = get_peft_model(tiny_roberta(), LALoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    saving.save_adapter_files(model, str(tmp_path), "default")
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    randomize_lora(model, seed=1)
+    real = saving.atomic_write_bytes
+
+    def crash_on_weights(path, data, mode=0o644):
+        if path.endswith(".safetensors"):
+            raise OSError("disk full")
+        real(path, data, mode)
+
+    monkeypatch.setattr(saving, "atomic_write_bytes", crash_on_weights)
+    # Execute
+    with pytest.raises(OSError, match="disk full"):
+        saving.save_adapter_files(model, str(tmp_path), "default")
+    # Assert: the previous files, byte for byte, and no stray temporary file or folder
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 
 import yaml
+
+from ..atomic import atomic_write_bytes
 
 PEFT_CARD = "README.md"  # peft's generic card: the caller writes its own (or none)
 
@@ -35,7 +36,8 @@ def save_adapter_files(
     Write `adapter_config.json` and the weights of adapter `adapter_name` to the top of `save_directory` and
     return the names written. The files are written to a temporary folder inside `save_directory` first (the
     config rewritten by `edit_config` there) and then renamed into place, so a failure leaves nothing
-    half-written. peft's generic README.md is not copied.
+    half-written: each file is written atomically (`atomic.atomic_write_bytes`: fsync, rename, fsync of the
+    folder), the weights before the config. peft's generic README.md is not copied.
     """
     os.makedirs(save_directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter-") as tmp:
@@ -48,6 +50,8 @@ def save_adapter_files(
             with open(config_path, "w", encoding="utf-8") as fh:
                 json.dump(config, fh, indent=2, sort_keys=True)
         names = sorted(n for n in os.listdir(src) if n != PEFT_CARD and os.path.isfile(os.path.join(src, n)))
-        for name in names:
-            shutil.move(os.path.join(src, name), os.path.join(save_directory, name))
+        names.sort(key=lambda n: n == "adapter_config.json")  # the weights first, the config that names them last
+        for name in names:  # each file whole or not at all (fsync'ed, renamed), never torn by a crash
+            with open(os.path.join(src, name), "rb") as fh:
+                atomic_write_bytes(os.path.join(save_directory, name), fh.read())
     return names

@@ -68,3 +68,17 @@ def saved_adapter(tmp_path_factory) -> SavedAdapter:
         inputs=inputs,
         logits=logits,
     )
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random Llama (`qlora_helpers.CONFIG`) saved as a checkpoint, so that the QLoRA tests can reload it
+    quantized (as users load a 7B)."""
+    import torch
+    from qlora_helpers import CONFIG
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(folder)
+    return str(folder)

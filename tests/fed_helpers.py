@@ -55,6 +55,23 @@ def toy_args(output_dir, **overrides) -> FederatedDPArguments:
     return FederatedDPArguments(**kwargs)
 
 
+def flower_run_config(method: str = "lalora") -> dict:
+    """The Flower twin of `toy_args`: the run config a server sends (same federation, privacy and noise seed)."""
+    return {
+        "method": method,
+        "num-clients": 4,
+        "clients-per-round": 2,
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 8,
+        "learning-rate": 0.5,
+        "noise-multiplier": 1.0,
+        "per-sample-max-grad-norm": 1.0,
+        "seed": 0,
+        "noise-seed": 0,
+    }
+
+
 def accuracy(pred) -> dict:
     return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 

@@ -17,7 +17,7 @@ pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.
 
 import torch  # noqa: E402
 from datasets import load_from_disk  # noqa: E402
-from fed_helpers import toy_args, toy_dataset, toy_model  # noqa: E402
+from fed_helpers import flower_run_config, toy_args, toy_dataset, toy_model  # noqa: E402
 from flower_grid import InProcessGrid  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
@@ -68,22 +68,8 @@ def shards(tmp_path_factory):
 
 
 def run_config(tmp_path, method="lalora", **overrides) -> dict:
-    """The Flower twin of `toy_args`: same federation, privacy and noise seed."""
-    config = {
-        "method": method,
-        "num-clients": 4,
-        "clients-per-round": 2,
-        "num-rounds": 2,
-        "local-steps": 2,
-        "batch-size": 8,
-        "learning-rate": 0.5,
-        "noise-multiplier": 1.0,
-        "per-sample-max-grad-norm": 1.0,
-        "seed": 0,
-        "noise-seed": 0,
-        "output-dir": str(tmp_path / "flower"),
-        "node-wait-timeout": 1,
-    }
+    """`flower_run_config` with this test's output folder and a short wait for nodes."""
+    config = {**flower_run_config(method), "output-dir": str(tmp_path / "flower"), "node-wait-timeout": 1}
     config.update({k.replace("_", "-"): v for k, v in overrides.items()})
     if not config.get("dp", True) or "target-epsilon" in config:
         config.pop("noise-multiplier")

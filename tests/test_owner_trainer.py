@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from fed_helpers import toy_dataset, toy_model
+from fed_helpers import flower_run_config, toy_dataset, toy_model
 from owner_task import TASK
 
 from peft_lalora import ConfigError
@@ -34,21 +34,23 @@ FIXED = {"allow-fixed-noise-seed": True}  # an owner who allows the tests' fixed
 
 def run_config(**overrides) -> dict:
     """The run config a server sends (as in test_flower_inprocess): 4 clients, 2 per round, sigma 1, noise seed 0."""
-    config = {
-        "method": "lalora",
-        "num-clients": 4,
-        "clients-per-round": 2,
-        "num-rounds": 2,
-        "local-steps": 2,
-        "batch-size": 8,
-        "learning-rate": 0.5,
-        "noise-multiplier": 1.0,
-        "per-sample-max-grad-norm": 1.0,
-        "seed": 0,
-        "noise-seed": 0,
-    }
-    config.update(overrides)
+    config = {**flower_run_config(), **overrides}
     return {k: v for k, v in config.items() if v is not None}
+
+
+def train_header(relay, **changes) -> dict:
+    """The header of a well-formed train request of run 7, round 0, with the relay's token."""
+    header = {
+        "protocol": PROTOCOL,
+        "token": read_token(relay.token_path),
+        "type": "train",
+        "run-id": 7,
+        "round": 0,
+        "local-steps": 2,
+        "learning-rate": 0.5,
+        "run-config": run_config(),
+    }
+    return {**header, **changes}
 
 
 def global_adapter() -> dict:
@@ -202,17 +204,7 @@ def test_a_bad_frame_gets_an_error_reply_and_changes_nothing(tmp_path, trainer, 
 
 def test_a_request_with_bad_fields_is_refused(tmp_path, trainer):
     server, relay = trainer
-    token = read_token(relay.token_path)
-    base = {
-        "protocol": PROTOCOL,
-        "token": token,
-        "type": "train",
-        "run-id": 7,
-        "round": 0,
-        "local-steps": 2,
-        "learning-rate": 0.5,
-        "run-config": run_config(**{"noise-seed": None}),
-    }
+    base = train_header(relay, **{"run-config": run_config(**{"noise-seed": None})})
     for change, expected in (
         ({"type": "shell"}, "`type` must be"),
         ({"round": -1}, "`round` must be >= 0"),
@@ -257,16 +249,8 @@ def test_a_round_before_one_already_trained_is_out_of_order(tmp_path, trainer):
 @pytest.mark.parametrize("trainer", [FIXED], indirect=True)
 def test_the_trainer_survives_a_caller_that_dies_mid_request(tmp_path, trainer):
     server, relay = trainer
-    token = read_token(relay.token_path)
     header = {
-        "protocol": PROTOCOL,
-        "token": token,
-        "type": "train",
-        "run-id": 7,
-        "round": 0,
-        "local-steps": 2,
-        "learning-rate": 0.5,
-        "run-config": run_config(),
+        **train_header(relay),
         "payload-bytes": 5000,
     }
     # Execute: a caller that dies half-way through its payload, then one that dies while the trainer trains

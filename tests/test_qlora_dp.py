@@ -20,7 +20,6 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed 
 
 from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from qlora_helpers import (  # noqa: E402
-    CONFIG,
     MODES,
     assert_exact,
     collate,
@@ -29,21 +28,12 @@ from qlora_helpers import (  # noqa: E402
     reference,
     rows,
 )
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_lalora  # noqa: E402, F401
 from peft_lalora import FederatedDPTrainer, LALoraConfig, UnsupportedModelError  # noqa: E402
 from peft_lalora.federated.client_update import make_stepper  # noqa: E402
 from peft_lalora.privacy.grad_sample import select_backend  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny random Llama saved as a checkpoint, so that it can be reloaded quantized (as users load a 7B)."""
-    folder = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(folder)
-    return str(folder)
 
 
 # ----- exact per-sample gradients -------------------------------------------------------------------------------

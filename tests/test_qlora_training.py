@@ -19,29 +19,18 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed 
 
 from peft import get_peft_model  # noqa: E402
 from qlora_helpers import (  # noqa: E402
-    CONFIG,
     ROOT,
     assert_exact,
     collate,
     dataset,
     quantized,
 )
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BitsAndBytesConfig  # noqa: E402
 
 import peft_lalora  # noqa: E402, F401
 from peft_lalora import FederatedDPTrainer, LALoraConfig, UnsupportedModelError  # noqa: E402
 from peft_lalora.privacy.grad_sample import select_backend  # noqa: E402
 from peft_lalora.privacy.losses import per_example_loss  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny random Llama saved as a checkpoint, so that it can be reloaded quantized (as users load a 7B)."""
-    folder = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(folder)
-    return str(folder)
-
 
 LOAD = """
 import json, sys, torch

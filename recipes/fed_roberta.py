@@ -24,6 +24,7 @@ It prints the test accuracy, epsilon and the output folder at the end.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         args,
         start,
         after_save=lambda folder: save_pooling(model.get_base_model(), folder),
+        reference_loss=math.log(num_labels) if num_labels > 1 else None,  # a uniform guess's cross-entropy
         client_split=split,
         method=model_args.method,
     )

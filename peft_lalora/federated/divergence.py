@@ -14,7 +14,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..errors import LALoraWarning
+from ..errors import ConfigError, LALoraWarning
 
 WATCHED = {"loss": "training loss of round", "eval_loss": "evaluation loss after round"}
 DEFAULT_FACTOR = 5.0
@@ -29,7 +29,7 @@ class LossWatch(TrainerCallback):
 
     def __init__(self, reference_loss: Optional[float] = None, factor: float = DEFAULT_FACTOR):
         if reference_loss is not None and not (math.isfinite(reference_loss) and reference_loss > 0):
-            raise ValueError(f"`reference_loss` must be a finite number > 0, got {reference_loss!r}.")
+            raise ConfigError(f"`reference_loss` must be a finite number > 0, got {reference_loss!r}.")
         self.reference_loss = reference_loss
         self.factor = factor
         self.first: dict[str, float] = {}

@@ -125,3 +125,22 @@ def test_a_diverging_non_private_recipe_run_warns_with_its_loss(fed_vision, tmp_
     # Execute / Assert
     with pytest.warns(LALoraWarning, match=r"training loss of round \d is [0-9.e+]+, over 5x .*Lower `learning_rate`"):
         fed_vision.main([*flags, "--output_dir", str(tmp_path / "run")])
+
+
+def test_a_busy_machine_with_several_torch_threads_gets_the_omp_hint(fed_vision, monkeypatch, caplog):
+    import common
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(common.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    for load, hinted in ((9.5, True), (1.0, False)):
+        caplog.clear()
+        monkeypatch.setattr(common.os, "getloadavg", lambda load=load: (load, load, load))
+        with caplog.at_level("WARNING"):
+            common.busy_machine_hint()
+        assert any("set OMP_NUM_THREADS=1" in r.getMessage() for r in caplog.records) == hinted
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (9.5, 9.5, 9.5))
+    caplog.clear()
+    common.busy_machine_hint()
+    assert not caplog.records

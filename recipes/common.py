@@ -120,14 +120,14 @@ def resume_argument(args):
 
 def busy_machine_hint() -> None:
     """Log a hint when the cores are shared and torch still uses several threads: under load, threads wait for
-    each other (the default job's round took 658 s with torch's 2 threads against 279 s with OMP_NUM_THREADS=1 at
-    load average 15-20 on 2 cores; README.md)."""
+    each other (two rounds of the default job took 1034 s with torch's 2 threads against 509 s with
+    OMP_NUM_THREADS=1 at load average 10-20 on 2 cores; README.md)."""
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if threads > 1 and "OMP_NUM_THREADS" not in os.environ and load > cores:
         logging.getLogger("recipes").warning(
             "The machine is busy (load average %.1f on %d cores) and torch uses %d threads: set "
-            "OMP_NUM_THREADS=1, which ran the default job's rounds 2.4x faster under such load (README.md).",
+            "OMP_NUM_THREADS=1, which ran the default job's rounds 2x faster under such load (README.md).",
             load,
             cores,
             threads,

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
-from .training_arguments import RESULT, refuse_unhonoured, refuse_unsupported_schedule
+from .training_arguments import RESULT, refuse_unhonoured
 
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
@@ -188,7 +188,6 @@ class FederatedDPArguments(TrainingArguments):
         self.validate()
 
     def validate(self) -> None:
-        refuse_unsupported_schedule(self)
         if self.push_to_hub and not self.hub_model_id:  # checked now, not after all the training
             raise ConfigError(
                 "`push_to_hub=True` needs `hub_model_id`, the Hub repo to push to (e.g. 'alice/lalora-sst2'), got "

@@ -95,8 +95,14 @@ REFUSED = {
 }
 # Values other than the default that say what the run does (HfArgumentParser gives False for "no").
 _ALSO_ACCEPTED = {"max_grad_norm": (0, None), "include_num_input_tokens_seen": (False,)}
-SAVE_STRATEGIES = ("steps", "no")
-UNSUPPORTED_SCHEDULES = ("reduce_lr_on_plateau",)
+# Honoured fields' values that the federated loop cannot honour: field -> {value: why}.
+REFUSED_VALUES = {
+    "save_strategy": dict.fromkeys(("epoch", "best"), f"it checkpoints after every round ('steps') or never; {_LAST}"),
+    "lr_scheduler_type": {
+        "reduce_lr_on_plateau": "it needs a validation metric after every step, which a round does not provide "
+        "(use 'constant', 'linear', 'cosine' or `round_lr_decay`)"
+    },
+}
 _DEFAULTS = {
     f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     for f in dataclasses.fields(TrainingArguments)
@@ -109,7 +115,7 @@ def _plain(value):
 
 def refuse_unhonoured(given: dict) -> None:
     """Raise `ConfigError` for a `REFUSED` field of `given` (the values as set, before `TrainingArguments` derives
-    others from them) that is not at its default, or a `save_strategy` that is not in `SAVE_STRATEGIES`."""
+    others from them) that is not at its default, or a value in `REFUSED_VALUES`."""
     for name, instead in REFUSED.items():
         value, default = _plain(given[name]), _plain(_DEFAULTS[name])
         if value == default or (not value and not default) or value in _ALSO_ACCEPTED.get(name, ()):
@@ -118,20 +124,10 @@ def refuse_unhonoured(given: dict) -> None:
             f"`{name}`={value!r} is not honoured by the federated loop (a round is many clients' local steps, not "
             f"a Trainer step): leave it at its default ({default!r}); instead, {instead}."
         )
-    if _plain(given["save_strategy"]) not in SAVE_STRATEGIES:
-        raise ConfigError(
-            f"`save_strategy`={_plain(given['save_strategy'])!r}: a federated run checkpoints after every round "
-            f"('steps', the default) or never ('no'); {_LAST}."
-        )
-
-
-def refuse_unsupported_schedule(args) -> None:
-    schedule = _plain(args.lr_scheduler_type)
-    if schedule in UNSUPPORTED_SCHEDULES:
-        raise ConfigError(
-            f"`lr_scheduler_type`={schedule!r} needs a validation metric after every step, which a "
-            "round does not provide. Use 'constant', 'linear', 'cosine' or `round_lr_decay`."
-        )
+    for name, refused in REFUSED_VALUES.items():
+        value = _plain(given[name])
+        if value in refused:
+            raise ConfigError(f"`{name}`={value!r} is not honoured by the federated loop: {refused[value]}.")
 
 
 def round_learning_rates(args) -> list:

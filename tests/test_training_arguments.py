@@ -99,10 +99,17 @@ def test_a_refused_field_set_to_another_value_is_refused_naming_it(tmp_path, fie
         toy_args(tmp_path, **{field: NOT_DEFAULT[field]})
 
 
-@pytest.mark.parametrize("strategy", ["epoch", "best"])
-def test_a_save_strategy_other_than_every_round_or_never_is_refused(tmp_path, strategy):
-    with pytest.raises(ConfigError, match=f"`save_strategy`='{strategy}'.*adapter of the last round"):
-        toy_args(tmp_path, save_strategy=strategy)
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("save_strategy", "epoch", "after every round .*adapter of the last round"),
+        ("save_strategy", "best", "after every round .*adapter of the last round"),
+        ("lr_scheduler_type", "reduce_lr_on_plateau", "needs a validation metric"),
+    ],
+)
+def test_a_value_the_loop_cannot_honour_is_refused(tmp_path, field, value, match):
+    with pytest.raises(ConfigError, match=f"`{field}`='{value}' is not honoured by the federated loop: .*{match}"):
+        toy_args(tmp_path, **{field: value})
 
 
 def test_load_best_model_at_end_with_save_strategy_best_is_refused_not_ignored(tmp_path):

@@ -176,9 +176,8 @@ class FederatedDPArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name in "dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir".split():
-            _bool(name, getattr(self, name))
-        for name in ("bf16", "fp16", "prior_privacy_same_data"):
+        for name in """dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir bf16 fp16
+            prior_privacy_same_data""".split():
             _bool(name, getattr(self, name))
         refuse_unhonoured(vars(self))  # the values as set: `TrainingArguments.__post_init__` derives some from others
         super().__post_init__()
@@ -310,8 +309,9 @@ def _refuse_unused_optimizer_settings(args) -> None:
     if args.local_optimizer == "adamw":
         unused, other = ({"local_momentum": args.local_momentum} if args.local_momentum else {}), "sgd"
     else:
-        defaults = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}  # TrainingArguments'
-        unused, other = {n: getattr(args, n) for n, d in defaults.items() if getattr(args, n) != d}, "adamw"
+        adam = ("adam_beta1", "adam_beta2", "adam_epsilon")
+        default = TrainingArguments.__dataclass_fields__
+        unused, other = {n: getattr(args, n) for n in adam if getattr(args, n) != default[n].default}, "adamw"
     if unused:
         raise ConfigError(
             f"{', '.join(f'`{n}`={v!r}' for n, v in unused.items())} would be ignored by `local_optimizer`="

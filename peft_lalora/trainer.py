@@ -374,7 +374,7 @@ class FederatedDPTrainer(Trainer):
             sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
         )
         return {
-            "args": self.args.privacy_settings(),
+            "args": self.args.resume_settings(),
             "adapter": adapter,
             "partition": self._federation["fingerprint"],
             "client_sizes": self._federation["sizes"],

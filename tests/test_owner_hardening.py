@@ -160,3 +160,15 @@ def test_a_caller_that_sends_nothing_holds_others_back_only_until_its_timeout(tm
         server.stop()
         thread.join(timeout=10)
     assert waited < 5, f"the next caller waited {waited:.1f} s"
+
+
+def test_a_trainer_that_stops_after_its_successor_bound_leaves_the_successors_socket(tmp_path, data):  # noqa: F811
+    old, old_thread, _ = start(tmp_path, data)
+    new = PrivateTrainer(TASK, node_config(tmp_path, data, FIXED), old.socket_path, "ab" * 32)
+    new.bind()  # a restart while the old process is still shutting down
+    old.stop()
+    old_thread.join(timeout=10)
+    try:
+        assert os.path.exists(new.socket_path)
+    finally:
+        new._listener.close()

@@ -15,6 +15,7 @@ trainer checks it against its own policy (`NodePolicy`), exactly as the in-Clien
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
@@ -68,6 +69,7 @@ class PrivateTrainer:
         self.run_configs: dict = {}  # run id -> the run config its charged rounds trained with
         self.stopped = threading.Event()
         self._listener = None
+        self._inode = None
 
     # ----- the socket ---------------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -77,6 +79,7 @@ class PrivateTrainer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         os.chmod(self.socket_path, 0o660)
+        self._inode = os.stat(self.socket_path).st_ino  # a successor may bind the same path: unlink only ours
         listener.listen(4)
         listener.settimeout(0.5)
         self._listener = listener
@@ -96,8 +99,9 @@ class PrivateTrainer:
                     self.serve_connection(conn)
         finally:
             self._listener.close()
-            if os.path.exists(self.socket_path):
-                os.unlink(self.socket_path)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.socket_path).st_ino == self._inode:
+                    os.unlink(self.socket_path)
 
     def stop(self) -> None:
         self.stopped.set()

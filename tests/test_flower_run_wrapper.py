@@ -100,7 +100,8 @@ def test_a_superlink_restart_mid_run_exits_1_even_though_the_stream_exited_0(tmp
     code, _, err = submit(tmp_path, capsys)
     assert code == 1
     assert "still reports it `running`: the SuperLink probably restarted mid-run" in err
-    assert "flower_history.json holds 1 round(s), aggregated [0]" in err and "nothing was published" in err
+    assert "flower_history.json holds 1 round(s), aggregated [0]: rounds lost [1], and nothing was published" in err
+    assert "state-dir`/ledger.json" in err
 
 
 def test_an_unreachable_superlink_exits_1(tmp_path, capsys, fake_flwr):

@@ -26,6 +26,7 @@ import time
 
 STARTED = re.compile(r"Successfully started run (\d+)")
 OUTPUT_DIR = re.compile(r"""output-dir\s*=\s*["']([^"']+)["']""")
+NUM_ROUNDS = re.compile(r"(?:^|\s)num-rounds\s*=\s*(\d+)")
 
 
 def _flwr(args) -> str:
@@ -80,7 +81,7 @@ def _fresh_json(folder: str | None, name: str, since: float):
     return None
 
 
-def server_outcome(output_dir: str | None, since: float) -> str:
+def server_outcome(output_dir: str | None, since: float, num_rounds: int | None = None) -> str:
     """What the ServerApp's files in `output_dir` say about the rounds (empty if they are not readable here)."""
     report = _fresh_json(output_dir, "privacy_report.json", since)
     if report and isinstance(report.get("run"), dict):
@@ -93,16 +94,23 @@ def server_outcome(output_dir: str | None, since: float) -> str:
     history = _fresh_json(output_dir, "flower_history.json", since)
     if isinstance(history, list):
         done = [h.get("round") for h in history if not h.get("aborted")]
+        lost = [h.get("round") for h in history if h.get("aborted")] + list(range(len(history), num_rounds or 0))
+        later = f"rounds lost {lost}" if num_rounds else "every later round was lost"
         return (
             f"The ServerApp wrote no report (it died with the run); {output_dir}/flower_history.json holds "
-            f"{len(history)} round(s), aggregated {done}: every later round was lost and nothing was published."
+            f"{len(history)} round(s), aggregated {done}: {later}, and nothing was published."
         )
     return ""
 
 
 def verdict(run_id: str, entry: dict, why: str, outcome: str, wait_s: float) -> tuple[int, str]:
     status, details = str(entry.get("status", "")), entry.get("status-details", "N/A")
-    charged = "What the clients charged stays on their ledgers (see `unreported` in privacy_report.json)."
+    charged = (
+        "What the clients charged stays on their ledgers (see `unreported` in privacy_report.json)."
+        if "privacy_report.json" in outcome
+        else "What the clients charged stays on their ledgers (each client's `state-dir`/ledger.json; a client "
+        "may have charged the round in flight)."
+    )
     report_completed = not outcome or "status 'completed'" in outcome  # no report readable here: the SuperLink's word
     if status == "finished:completed" and report_completed:
         return 0, f"Run {run_id} completed. {outcome}".strip()
@@ -138,7 +146,9 @@ def main(argv=None) -> int:
     entry, why = run_status(flwr, args.connection, run_id, args.wait)
     found = OUTPUT_DIR.search(" ".join(extra))
     output_dir = args.output_dir or (found.group(1) if found else None)
-    status, text = verdict(run_id, entry, why, server_outcome(output_dir, since), args.wait)
+    rounds = NUM_ROUNDS.search(" ".join(extra))
+    outcome = server_outcome(output_dir, since, int(rounds.group(1)) if rounds else None)
+    status, text = verdict(run_id, entry, why, outcome, args.wait)
     (sys.stdout if status == 0 else sys.stderr).write(f"peft_lalora.flower.run: {text}\n")
     return status
 

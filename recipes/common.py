@@ -32,9 +32,7 @@ RECIPE_DEFAULTS = dict(
     per_sample_max_grad_norm=1.0,
     seed=42,
     report_to="none",
-    logging_strategy="no",
     save_strategy="steps",
-    save_steps=1,
 )
 # Without DP (`--dp False`) the steps are neither clipped nor noised and 1.0 diverges (the default job: loss 84,
 # accuracy at the majority class). The privacy-utility benchmark tuned non-private LoRA over [0.1, 0.3, 1.0, 3.0] and

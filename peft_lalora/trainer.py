@@ -537,6 +537,7 @@ class FederatedDPTrainer(Trainer):
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
         return {
             "base_model": config.base_model_name_or_path or None,
+            "base_model_path": local_base_path(self.model),
             "adapter_config": config.to_dict(),
             "privacy_report": self.privacy_report() if args.dp else None,
             "metrics": metrics,
@@ -555,6 +556,13 @@ class FederatedDPTrainer(Trainer):
             },
             "repo_id": args.hub_model_id,
         }
+
+
+def local_base_path(model) -> str | None:
+    """The local folder the base model was loaded from (its config's `_name_or_path`), or None (a Hub id, or a
+    model built from a config): the card's loading code names it, so that it runs where the run ran."""
+    path = getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None)
+    return os.path.abspath(path) if isinstance(path, str) and path and os.path.isdir(path) else None
 
 
 def private_round_metrics(records: list) -> dict:

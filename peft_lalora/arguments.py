@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
+from .round_arguments import validate_round_policy
 from .training_arguments import refuse_ignored_training_arguments
 
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
@@ -59,6 +60,12 @@ class FederatedDPArguments(TrainingArguments):
             model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
         card_data_format (`str`, *optional*): the training data's format (e.g. an instruction prompt template),
             written in the model card's "Training data" section.
+        aggregation (`str`, defaults to "mean"): the aggregation rule (`federated.rules`): "mean" or
+            "trimmed_mean" (coordinate-wise, `aggregation_trim` of each end dropped; uniform weights only).
+        client_dp (`bool`, defaults to False): client-level DP (DP-FedAvg) on the server: clients Poisson-sampled
+            at q = clients_per_round / num_clients, each update clipped to `client_clip_norm`, noise
+            N(0, (z S)^2) on the sum, divided by clients_per_round; z is `client_noise_multiplier` or calibrated
+            for `client_target_epsilon` over `num_rounds` (delta `client_target_delta`). Independent of `dp`.
     """
 
     per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
@@ -165,6 +172,33 @@ class FederatedDPArguments(TrainingArguments):
             "prompt template of an instruction-tuned causal LM)."
         },
     )
+    # ----- the round's server-side policy (`federated.round.RoundPolicy`) -----
+    aggregation: str = field(
+        default="mean",
+        metadata={"help": "Aggregation rule of the clients' deltas (`federated.rules`): 'mean' or 'trimmed_mean'."},
+    )
+    aggregation_trim: float = field(
+        default=0.2,
+        metadata={"help": "trimmed_mean: fraction of the largest and of the smallest values dropped per coordinate."},
+    )
+    # ----- client-level DP on the server (DP-FedAvg; `federated.client_dp`, `privacy.client_level`) -----
+    client_dp: bool = field(
+        default=False,
+        metadata={
+            "help": "Client-level DP: Poisson-sample clients at rate clients_per_round / num_clients, clip each "
+            "update to client_clip_norm, add Gaussian noise to the sum (trusted server). With or without `dp`."
+        },
+    )
+    client_clip_norm: Optional[float] = field(default=None, metadata={"help": "Client-level DP: clip norm S."})
+    client_noise_multiplier: Optional[float] = field(
+        default=None, metadata={"help": "Client-level DP: noise multiplier z (epsilon reported)."}
+    )
+    client_target_epsilon: Optional[float] = field(
+        default=None, metadata={"help": "Client-level DP: target epsilon over num_rounds (z calibrated)."}
+    )
+    client_target_delta: Optional[float] = field(
+        default=None, metadata={"help": "Client-level DP: delta; default min(1e-5, 1 / num_clients)."}
+    )
 
     def __post_init__(self):
         for name in (
@@ -176,6 +210,7 @@ class FederatedDPArguments(TrainingArguments):
             "bf16",
             "fp16",
             "prior_privacy_same_data",
+            "client_dp",
         ):
             _bool(name, getattr(self, name))
         super().__post_init__()
@@ -216,6 +251,7 @@ class FederatedDPArguments(TrainingArguments):
         _positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
         _positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
         _choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
+        validate_round_policy(self)
         _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
         _choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
         if not 0 <= self.local_momentum < 1:
@@ -238,7 +274,7 @@ class FederatedDPArguments(TrainingArguments):
             given = [
                 n
                 for n in ("target_epsilon", "target_delta", "noise_multiplier", "noise_seed")
-                if getattr(self, n) is not None
+                if getattr(self, n) is not None and not (n == "noise_seed" and self.client_dp)
             ]
             if given:
                 raise ConfigError(
@@ -328,6 +364,13 @@ class FederatedDPArguments(TrainingArguments):
             "lr_scheduler_type",
             "warmup_steps",
             "bf16",
+            "aggregation",
+            "aggregation_trim",
+            "client_dp",
+            "client_clip_norm",
+            "client_noise_multiplier",
+            "client_target_epsilon",
+            "client_target_delta",
         )
         return {n: _plain(getattr(self, n)) for n in names}
 

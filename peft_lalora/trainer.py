@@ -294,12 +294,9 @@ class FederatedDPTrainer(Trainer):
                 f"Every client of round {round_idx} failed, so nothing was released or charged. "
                 f"Client {first['client']}: {first['error']}"
             )
-        logs = {
-            "round": float(round_idx + 1),
-            "learning_rate": lr,
-            "clients": float(total.survivors),
-            "failed_clients": float(len(failed)),
-        }
+        logs = {"round": float(round_idx + 1), "learning_rate": lr}
+        if not args.client_dp or self._reveals_private:  # under client-level DP the sample's size is secret
+            logs.update(clients=float(total.survivors), failed_clients=float(len(failed)))
         for record in failed:
             logger.warning(
                 "round %d: client %d failed and was dropped: %s", round_idx, record["client"], record["error"]

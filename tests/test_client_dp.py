@@ -85,6 +85,10 @@ def test_epsilon_is_opacus_rdp_over_the_rounds(tmp_path):
     assert entry["unit"] == "client" and entry["rounds"] == 3 and entry["sample_rate"] == 0.5
     assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
     assert (entry["noise_multiplier"], entry["client_clip_norm"], entry["delta"]) == (1.0, 0.5, 1e-5)
+    # ... the logs hold neither the sample's size nor a noise-free loss (both would leak past the guarantee)
+    rounds = [log for log in trainer.state.log_history if "round" in log]
+    assert len(rounds) == 3 and all("clients" not in log and "loss" not in log for log in rounds)
+    assert rounds[-1]["client_epsilon"] == pytest.approx(entry["epsilon"], rel=1e-12)
     # ... the report and the card say which guarantee holds: none per example, client-level only
     assert report["dp"] is False and "NONE" in report["guarantees"][0]
     card = open(tmp_path / "README.md").read()

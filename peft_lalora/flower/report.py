@@ -83,4 +83,5 @@ def hide_participation(report: dict, strategy) -> None:
         entry.pop("last_round")
     report["epsilon"] = max((c["epsilon"] for c in report["clients"]), default=None)
     report["unreported"] = {}
+    report["refused"] = [{k: v for k, v in r.items() if k != "round"} for r in report["refused"]]
     report["note"] = PARTICIPATION_NOTE

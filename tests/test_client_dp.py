@@ -185,3 +185,24 @@ def test_both_engines_release_the_same_client_level_adapter(tmp_path, shards):  
     every_round = {c["client"]: c["epsilon"] for c in local["clients"]}
     assert {c["client"]: c["epsilon"] for c in flower["clients"]} == pytest.approx(every_round, rel=1e-9)
     assert all(c["steps"] == 3 * 2 for c in flower["clients"] + local["clients"])
+
+
+def test_resume_re_creates_the_client_sample_and_noise(tmp_path):
+    # Prepare: sample-level and client-level DP, an uninterrupted run and one killed after its first round
+    from test_trainer_resume import KillAfterRound, final_adapter_sha, trainer_for
+
+    full = trainer_for(tmp_path / "full", **CLIENT_DP)
+    full.train()
+    killed = trainer_for(tmp_path / "killed", callbacks=[KillAfterRound(1)], **CLIENT_DP)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+
+    # Execute
+    resumed = trainer_for(tmp_path / "killed", **CLIENT_DP)
+    resumed.train(resume_from_checkpoint=True)
+
+    # Assert: the same adapter, ledger (every client charged every round) and client-level epsilon
+    assert final_adapter_sha(resumed, tmp_path / "r") == final_adapter_sha(full, tmp_path / "f")
+    assert resumed.ledger.state_dict() == full.ledger.state_dict()
+    assert all(c["steps"] == 3 * 2 for c in resumed.privacy_report()["clients"])
+    assert resumed.privacy_report()["client_level"]["epsilon"] == full.privacy_report()["client_level"]["epsilon"]

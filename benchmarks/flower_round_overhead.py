@@ -154,10 +154,10 @@ class SpawnWatch(threading.Thread):
         self.deploy, self.names, self.interval = deploy, names, interval
         self.starts: dict = {n: [] for n in names}
         self._seen: set = set()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self):
-        while not self._stop.is_set():
+        while not self._done.is_set():
             for name in self.names:
                 try:
                     children = psutil.Process(self.deploy.procs[name].pid).children(recursive=True)
@@ -171,10 +171,10 @@ class SpawnWatch(threading.Thread):
                         self.starts[name].append(child.create_time())
                     except psutil.Error:
                         pass
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self):
-        self._stop.set()
+        self._done.set()
         self.join(timeout=5)
 
 
@@ -244,6 +244,14 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
         if watch is not None:
             watch.stop()
         deploy.close()
+        if args.logs:  # the components' logs, for a closer look at a round
+            import shutil
+
+            folder = os.path.join(args.logs, name)
+            os.makedirs(folder, exist_ok=True)
+            for log in os.listdir(deploy.root):
+                if log.endswith(".log"):
+                    shutil.copy(os.path.join(deploy.root, log), folder)
     rows = []
     for entry in history:
         compute = max(entry["client_seconds"].values())
@@ -273,6 +281,11 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
         "wall_over_compute_after_first_round": statistics.median(r["wall_over_compute"] for r in later),
         "median_compute_s": statistics.median(r["compute_s"] for r in rows),
         "upload_bytes_per_client_round": statistics.median(b for r in rows for b in r["upload_bytes"]),
+        "timeline": {
+            "round_starts": [e["started"] for e in history],
+            "clientapp_starts": watch.starts,
+            "releases": released,
+        },
     }
 
 
@@ -318,15 +331,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--modes", default="relay", help="comma-separated: relay, clientapp")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--logs", default=None, help="a folder to copy every component's log to")
     args = parser.parse_args(argv)
     layers = [int(n) for n in args.layers.split(",")] if args.model == "minilm" else [2]
     modes = args.modes.split(",")
     if not set(modes) <= {"relay", "clientapp"}:
         parser.error(f"--modes must name relay and/or clientapp, got {args.modes!r}")
-    with tempfile.TemporaryDirectory() as tmp:
-        data = prepare(args.model, os.path.join(tmp, "data"), args.clients)
-        args.sizes = {n: data[3] if args.model == "tiny" else minilm_parameters(n) for n in layers}
-        jobs = [run_job(args, n, mode, data, tmp) for n in layers for mode in modes]
     result = {
         "settings": {
             "model": args.model,
@@ -338,12 +348,27 @@ def main(argv=None) -> dict:
             "cpu_count": os.cpu_count(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
-        "jobs": jobs,
+        "jobs": [],
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        data = prepare(args.model, os.path.join(tmp, "data"), args.clients)
+        args.sizes = {n: data[3] if args.model == "tiny" else minilm_parameters(n) for n in layers}
+        print(f"prepared the data in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+        for n in layers:
+            for mode in modes:
+                result["jobs"].append(run_job(args, n, mode, data, tmp))
+                job = result["jobs"][-1]
+                print(
+                    f"{n} layers, {mode}: wall / compute {job['median_wall_over_compute']:.2f}, job "
+                    f"{job['job_wall_s']:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if args.json:  # after every job: a later one that fails leaves the earlier ones on disk
+                    with open(args.json, "w") as handle:
+                        json.dump(result, handle, indent=1)
     report(result)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
     return result
 
 

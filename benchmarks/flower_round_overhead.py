@@ -21,12 +21,13 @@ every (size, mode) asked for, each in a fresh deployment, and prints them side b
                      Flower issue #3670)
 
 Where a round's time goes (relay mode), from timestamps on one clock: the server's round start (`started` in its
-history), the start of each `flwr-clientapp` process (watched here with psutil), the trainer's log line when it
-releases the round (and its `train-seconds` before that), and the round's end. For the client that released last:
-`to_clientapp` (the SuperNode's 3 s poll of the SuperLink, SuperExec's 1 s task poll, the process launch),
-`clientapp_to_compute` (interpreter start, imports, the message's pull, the relay's request, the trainer's checks
-and, in a run's first round, its model load), `compute`, `release_to_end` (the reply's way back: the ClientApp's
-push, the SuperNode's push, the ServerApp grid's 3 s poll of the SuperLink, aggregation).
+history), the start and end of each `flwr-clientapp` process (watched here with psutil every 50 ms), the trainer's
+log line when it releases the round (and its `train-seconds` before that), and the round's end. For the client
+that finished last: `to_clientapp` (the SuperNode's 3 s poll of the SuperLink, SuperExec's 1 s task poll, the
+process launch), `clientapp_to_compute` (interpreter start, imports, the message's pull, the relay's request, the
+trainer's checks and charge and, in a run's first round, its model load), `compute`, `release_to_clientapp_exit`
+(the reply to the relay, its ArrayRecord, its push to the SuperNode, the process's exit) and
+`clientapp_exit_to_end` (the SuperNode's push to the SuperLink, the ServerApp's pull, aggregation).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/flower_round_overhead.py --layers 6,24 --modes relay --rounds 2 \
         --json benchmarks/results/flower_round_overhead_relay_light.json
@@ -125,7 +126,13 @@ def start_trainer(deploy: Deployment, k: int, model: str, node: dict, sockets: s
     path = os.path.join(deploy.root, f"owner{k}.json")
     with open(path, "w") as handle:
         json.dump(config, handle)
-    deploy._start(f"trainer{k}", [sys.executable, "-m", "peft_lalora.owner.cli", "--config", path], deploy.env)
+    # the trainer's INFO lines (its release times) are needed here; an import before `cli.main` installs a root
+    # handler at WARNING, so `main`'s basicConfig is a no-op: configure logging first, with force
+    launch = (
+        "import logging, sys; from peft_lalora.owner.cli import main; logging.basicConfig(level='INFO', "
+        "format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True); sys.exit(main(sys.argv[1:]))"
+    )
+    deploy._start(f"trainer{k}", [sys.executable, "-c", launch, "--config", path], deploy.env)
     for _ in range(1200):
         if os.path.exists(config["socket"]):
             break
@@ -147,30 +154,38 @@ def minilm_parameters(layers: int) -> int:
 
 
 class SpawnWatch(threading.Thread):
-    """Records when each SuperNode starts a `flwr-clientapp` process: {node name: [start times]}."""
+    """Records when each SuperNode's `flwr-clientapp` processes start and end: {node name: [start times]},
+    {node name: [end times]} (an end is the first poll that no longer sees the process)."""
 
     def __init__(self, deploy: Deployment, names: list, interval: float = 0.05):
         super().__init__(daemon=True)
         self.deploy, self.names, self.interval = deploy, names, interval
         self.starts: dict = {n: [] for n in names}
+        self.ends: dict = {n: [] for n in names}
         self._seen: set = set()
+        self._alive: dict = {}  # pid -> node name
         self._done = threading.Event()
 
     def run(self):
         while not self._done.is_set():
+            now, present = time.time(), set()
             for name in self.names:
                 try:
                     children = psutil.Process(self.deploy.procs[name].pid).children(recursive=True)
                 except (psutil.NoSuchProcess, KeyError):
                     continue
+                present.update(child.pid for child in children)
                 for child in children:
                     try:
                         if child.pid in self._seen or not any(a.endswith("flwr-clientapp") for a in child.cmdline()):
                             continue
                         self._seen.add(child.pid)
+                        self._alive[child.pid] = name
                         self.starts[name].append(child.create_time())
                     except psutil.Error:
                         pass
+            for pid in [p for p in self._alive if p not in present]:
+                self.ends[self._alive.pop(pid)].append(now)
             self._done.wait(self.interval)
 
     def stop(self):
@@ -186,24 +201,25 @@ def releases(log: str) -> dict:
     }
 
 
-def breakdown(entry: dict, node_of: dict, spawns: dict, released: dict) -> dict | None:
+def breakdown(entry: dict, node_of: dict, watch: SpawnWatch, released: dict) -> dict | None:
     """Where round `entry`'s wall time went, for the client that released last (see the module's docstring)."""
     start, end = entry["started"], entry["started"] + entry["seconds"]
     rows = {}
     for client, seconds in entry["client_seconds"].items():
+        node = node_of[int(client)]
         release = released.get(int(client), {}).get(entry["round"])
-        spawn = [t for t in spawns.get(node_of[int(client)], []) if start - 0.05 <= t <= end]
-        if release is None or not spawn:
+        spawn = [t for t in watch.starts.get(node, []) if start - 0.05 <= t <= end]
+        gone = [t for t in watch.ends.get(node, []) if release is not None and t >= release]
+        if release is None or not spawn or not gone:
             return None
         rows[client] = {
             "to_clientapp_s": spawn[0] - start,
             "clientapp_to_compute_s": release - seconds - spawn[0],
             "compute_s": seconds,
-            "release_to_end_s": end - release,
+            "release_to_clientapp_exit_s": gone[0] - release,
+            "clientapp_exit_to_end_s": end - gone[0],
         }
-    last = max(
-        rows, key=lambda c: rows[c]["to_clientapp_s"] + rows[c]["clientapp_to_compute_s"] + rows[c]["compute_s"]
-    )
+    last = max(rows, key=lambda c: end - rows[c]["clientapp_exit_to_end_s"])
     return {"client": int(last), **rows[last]}
 
 
@@ -241,9 +257,11 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
             history = json.load(handle)
         released = {k: releases(deploy.log(f"trainer{k}")) for k in node_of} if mode == "relay" else {}
     finally:
-        if watch is not None:
-            watch.stop()
-        deploy.close()
+        try:
+            if watch is not None:
+                watch.stop()
+        finally:
+            deploy.close()
         if args.logs:  # the components' logs, for a closer look at a round
             import shutil
 
@@ -264,7 +282,7 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
             "upload_bytes": sorted(entry["bytes_sent"].values()),
         }
         if mode == "relay":
-            row["breakdown"] = breakdown(entry, node_of, watch.starts, released)
+            row["breakdown"] = breakdown(entry, node_of, watch, released)
         rows.append(row)
     later = rows[1:] or rows
     return {
@@ -284,6 +302,7 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
         "timeline": {
             "round_starts": [e["started"] for e in history],
             "clientapp_starts": watch.starts,
+            "clientapp_ends": watch.ends,
             "releases": released,
         },
     }
@@ -292,15 +311,21 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
 def report(result: dict) -> None:
     print(
         "| size (parameters) | mode | round | wall s | slowest compute s | wall / compute | overhead s | "
-        "to ClientApp s | ClientApp to compute s | release to end s | load avg (1 min) before |"
+        "to ClientApp s | ClientApp to compute s | release to ClientApp exit s | exit to round end s | "
+        "load avg (1 min) before |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for job in result["jobs"]:
         for r in job["rounds"]:
             b = r.get("breakdown") or {}
             parts = [
                 f"{b[k]:.2f}" if k in b else "-"
-                for k in ("to_clientapp_s", "clientapp_to_compute_s", "release_to_end_s")
+                for k in (
+                    "to_clientapp_s",
+                    "clientapp_to_compute_s",
+                    "release_to_clientapp_exit_s",
+                    "clientapp_exit_to_end_s",
+                )
             ]
             print(
                 f"| {job['layers']} layers ({job['model_parameters']:,}) | {job['mode']} | {r['round']} | "

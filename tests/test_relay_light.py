@@ -162,3 +162,17 @@ def test_a_relay_only_clientapp_refuses_a_node_without_a_trainer():
 def test_the_light_clientapp_needs_a_task_spec():
     with pytest.raises(ValueError, match="`trial_task`"):
         make_client_app(trial_task="lalora_rt.task.TASK")
+
+
+def test_the_light_clientapp_in_trial_mode_is_the_full_clientapp_of_its_task():
+    # Prepare: a node without a private trainer; the task named as the recipe names its own
+    from flwr.app import Message, RecordDict
+
+    app = make_client_app(trial_task="test_flower_inprocess:TASK")
+    grid = InProcessGrid(app, {5: {"partition-id": 3}, 6: {}}, {"method": "lalora"})
+    # Execute
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query") for n in (5, 6)])
+    # Assert: peft_lalora.flower's answers (its partition-id, its error for a node config without one)
+    ok, bad = sorted(replies, key=lambda r: r.has_error())
+    assert ok.content[protocol.NODE]["partition-id"] == 3
+    assert bad.error.code == protocol.CLIENT_CONFIG and "partition-id" in bad.error.reason

@@ -21,13 +21,13 @@ every (size, mode) asked for, each in a fresh deployment, and prints them side b
                      Flower issue #3670)
 
 Where a round's time goes (relay mode), from timestamps on one clock: the server's round start (`started` in its
-history), the start and end of each `flwr-clientapp` process (watched here with psutil every 50 ms), the trainer's
-log line when it releases the round (and its `train-seconds` before that), and the round's end. For the client
-that finished last: `to_clientapp` (the SuperNode's 3 s poll of the SuperLink, SuperExec's 1 s task poll, the
-process launch), `clientapp_to_compute` (interpreter start, imports, the message's pull, the relay's request, the
-trainer's checks and charge and, in a run's first round, its model load), `compute`, `release_to_clientapp_exit`
-(the reply to the relay, its ArrayRecord, its push to the SuperNode, the process's exit) and
-`clientapp_exit_to_end` (the SuperNode's push to the SuperLink, the ServerApp's pull, aggregation).
+history), the start of each `flwr-clientapp` process and the span of each connection to a private trainer's socket
+(watched here with psutil every 50 ms), the trainer's log line when it releases the round (and its `train-seconds`
+before that), and the round's end. For the client that released last: `to_clientapp` (the SuperNode's 3 s poll of
+the SuperLink, SuperExec's 1 s task poll, the process launch), `clientapp_to_request` (interpreter start, imports,
+the message's pull, the relay's connect), `request_to_compute` (the trainer reads and checks the request, charges
+its ledger and, in a run's first round, loads the model), `compute`, `release_to_end` (the reply to the relay, its
+ArrayRecord, its push to the SuperNode, the SuperNode's push to the SuperLink, the ServerApp's pull, aggregation).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/flower_round_overhead.py --layers 6,24 --modes relay --rounds 2 \
         --json benchmarks/results/flower_round_overhead_relay_light.json
@@ -38,8 +38,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,39 +156,48 @@ def minilm_parameters(layers: int) -> int:
 
 
 class SpawnWatch(threading.Thread):
-    """Records when each SuperNode's `flwr-clientapp` processes start and end: {node name: [start times]},
-    {node name: [end times]} (an end is the first poll that no longer sees the process)."""
+    """Every 50 ms: when each SuperNode starts a `flwr-clientapp` process ({node name: [start times]}) and when a
+    caller is connected to each private trainer's socket ({trainer name: [(connected, closed)]}: the request's
+    arrival, the reply's end)."""
 
-    def __init__(self, deploy: Deployment, names: list, interval: float = 0.05):
+    def __init__(self, deploy: Deployment, names: list, trainers: list = (), interval: float = 0.05):
         super().__init__(daemon=True)
-        self.deploy, self.names, self.interval = deploy, names, interval
+        self.deploy, self.names, self.trainers, self.interval = deploy, names, list(trainers), interval
         self.starts: dict = {n: [] for n in names}
-        self.ends: dict = {n: [] for n in names}
+        self.requests: dict = {t: [] for t in self.trainers}
         self._seen: set = set()
-        self._alive: dict = {}  # pid -> node name
+        self._open: dict = {}
         self._done = threading.Event()
 
     def run(self):
         while not self._done.is_set():
-            now, present = time.time(), set()
             for name in self.names:
-                try:
-                    children = psutil.Process(self.deploy.procs[name].pid).children(recursive=True)
-                except (psutil.NoSuchProcess, KeyError):
+                self._look_at_node(name)
+            now = time.time()
+            for name in self.trainers:
+                try:  # the listener, plus one per accepted connection
+                    busy = len(psutil.Process(self.deploy.procs[name].pid).net_connections(kind="unix")) > 1
+                except (psutil.Error, KeyError):
                     continue
-                present.update(child.pid for child in children)
-                for child in children:
-                    try:
-                        if child.pid in self._seen or not any(a.endswith("flwr-clientapp") for a in child.cmdline()):
-                            continue
-                        self._seen.add(child.pid)
-                        self._alive[child.pid] = name
-                        self.starts[name].append(child.create_time())
-                    except psutil.Error:
-                        pass
-            for pid in [p for p in self._alive if p not in present]:
-                self.ends[self._alive.pop(pid)].append(now)
+                if busy and name not in self._open:
+                    self._open[name] = now
+                elif not busy and name in self._open:
+                    self.requests[name].append((self._open.pop(name), now))
             self._done.wait(self.interval)
+
+    def _look_at_node(self, name: str) -> None:
+        try:
+            children = psutil.Process(self.deploy.procs[name].pid).children(recursive=True)
+        except (psutil.NoSuchProcess, KeyError):
+            return
+        for child in children:
+            try:
+                if child.pid in self._seen or not any(a.endswith("flwr-clientapp") for a in child.cmdline()):
+                    continue
+                self._seen.add(child.pid)
+                self.starts[name].append(child.create_time())
+            except psutil.Error:
+                pass
 
     def stop(self):
         self._done.set()
@@ -201,26 +212,23 @@ def releases(log: str) -> dict:
     }
 
 
-def breakdown(entry: dict, node_of: dict, watch: SpawnWatch, released: dict) -> dict | None:
-    """Where round `entry`'s wall time went, for the client that released last (see the module's docstring)."""
+def breakdown(entry: dict, k_last: int, node: str, trainer: str, watch: SpawnWatch, release: float) -> dict:
+    """Where round `entry`'s wall time went, for client `k_last` (the one that released last): see the docstring."""
     start, end = entry["started"], entry["started"] + entry["seconds"]
-    rows = {}
-    for client, seconds in entry["client_seconds"].items():
-        node = node_of[int(client)]
-        release = released.get(int(client), {}).get(entry["round"])
-        spawn = [t for t in watch.starts.get(node, []) if start - 0.05 <= t <= end]
-        gone = [t for t in watch.ends.get(node, []) if release is not None and t >= release]
-        if release is None or not spawn or not gone:
-            return None
-        rows[client] = {
-            "to_clientapp_s": spawn[0] - start,
-            "clientapp_to_compute_s": release - seconds - spawn[0],
-            "compute_s": seconds,
-            "release_to_clientapp_exit_s": gone[0] - release,
-            "clientapp_exit_to_end_s": end - gone[0],
-        }
-    last = max(rows, key=lambda c: end - rows[c]["clientapp_exit_to_end_s"])
-    return {"client": int(last), **rows[last]}
+    seconds = entry["client_seconds"][str(k_last)]
+    spawn = min((t for t in watch.starts[node] if start - 0.05 <= t <= end), default=math.nan)
+    asked = [(a, b) for a, b in watch.requests.get(trainer, []) if spawn <= a <= release]
+    arrived, answered = asked[-1] if asked else (math.nan, math.nan)
+    return {
+        "client": k_last,
+        "to_clientapp_s": spawn - start,
+        "clientapp_to_request_s": arrived - spawn,  # interpreter, imports, the message's pull, the relay's connect
+        "request_to_compute_s": release - seconds - arrived,  # the trainer reads, checks, (loads,) charges
+        "compute_s": seconds,
+        "release_to_reply_sent_s": answered - release,
+        "reply_sent_to_end_s": end - answered,  # the relay's ArrayRecord and push, the SuperNode's push, the pull
+        "release_to_end_s": end - release,
+    }
 
 
 def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
@@ -242,11 +250,13 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
                 node = start_trainer(deploy, k, args.model, node, sockets)
             deploy.start_supernode(f"node{k}", key, node)
             node_of[k] = f"node{k}"
-        watch = SpawnWatch(deploy, list(node_of.values()))
+        watch = SpawnWatch(deploy, list(node_of.values()), [f"trainer{k}" for k in node_of] if mode == "relay" else [])
         watch.start()
         run_config = dict(overrides, **{"num-rounds": args.rounds, "local-steps": args.local_steps})
-        if args.model == "minilm" and layers != 6:
-            run_config["num-hidden-layers"] = layers
+        if args.model == "minilm" and layers != 6:  # Flower refuses a -c key the app does not declare
+            app = shutil.copytree(app, os.path.join(tmp, name, "app"))
+            with open(os.path.join(app, "pyproject.toml"), "a") as handle:  # [tool.flwr.app.config] is its last table
+                handle.write(f"num-hidden-layers = {layers}\n")
         run_config["output-dir"] = os.path.join(tmp, name, "out")
         start = time.perf_counter()
         out = deploy.run(app, run_config, timeout=3600)
@@ -263,8 +273,6 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
         finally:
             deploy.close()
         if args.logs:  # the components' logs, for a closer look at a round
-            import shutil
-
             folder = os.path.join(args.logs, name)
             os.makedirs(folder, exist_ok=True)
             for log in os.listdir(deploy.root):
@@ -281,8 +289,14 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
             "wall_over_compute": entry["seconds"] / compute,
             "upload_bytes": sorted(entry["bytes_sent"].values()),
         }
-        if mode == "relay":
-            row["breakdown"] = breakdown(entry, node_of, watch, released)
+        row["client_seconds"] = entry["client_seconds"]
+        done = {k: released.get(k, {}).get(entry["round"]) for k in node_of}
+        if mode == "relay" and all(t is not None for t in done.values()):
+            last = max(done, key=done.get)
+            try:
+                row["breakdown"] = breakdown(entry, last, node_of[last], f"trainer{last}", watch, done[last])
+            except (KeyError, ValueError) as exc:  # a missing timestamp: keep the round's numbers
+                row["breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
     later = rows[1:] or rows
     return {
@@ -302,7 +316,7 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
         "timeline": {
             "round_starts": [e["started"] for e in history],
             "clientapp_starts": watch.starts,
-            "clientapp_ends": watch.ends,
+            "trainer_requests": watch.requests,
             "releases": released,
         },
     }
@@ -311,7 +325,7 @@ def run_job(args, layers: int, mode: str, data: tuple, tmp: str) -> dict:
 def report(result: dict) -> None:
     print(
         "| size (parameters) | mode | round | wall s | slowest compute s | wall / compute | overhead s | "
-        "to ClientApp s | ClientApp to compute s | release to ClientApp exit s | exit to round end s | "
+        "to ClientApp s | ClientApp to request s | request to compute s | release to round end s | "
         "load avg (1 min) before |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -322,9 +336,9 @@ def report(result: dict) -> None:
                 f"{b[k]:.2f}" if k in b else "-"
                 for k in (
                     "to_clientapp_s",
-                    "clientapp_to_compute_s",
-                    "release_to_clientapp_exit_s",
-                    "clientapp_exit_to_end_s",
+                    "clientapp_to_request_s",
+                    "request_to_compute_s",
+                    "release_to_end_s",
                 )
             ]
             print(

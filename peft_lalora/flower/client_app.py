@@ -25,59 +25,53 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from peft_lalora_relay.client_app import RELAY_KEYS, relay_query, relay_train
+
 from ..errors import ConfigError
 from ..owner.local_round import Reply, local_round
-from ..owner.relay import TrainerRelay, TrainerUnavailable
 from . import protocol
 from .task import FlowerTask
 
 logger = logging.getLogger(__name__)
-RELAY_KEYS = ("private-trainer", "private-trainer-token")
+__all__ = ["RELAY_KEYS", "make_client_app", "train_round"]
 
 
 def make_client_app(task: FlowerTask) -> ClientApp:
-    """A `ClientApp` that answers the server's queries and runs `task`'s client updates (or relays them)."""
+    """A `ClientApp` that answers the server's queries and runs `task`'s client updates (or relays them). Relay
+    mode is `peft_lalora_relay.client_app`'s (torch-free); an app whose nodes relay should name that module's
+    ClientApp in its `pyproject.toml`, so that Flower's process per message does not import torch at all."""
     app = ClientApp()
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
+        reply = relay_query(message, context)
+        if reply is not None:
+            return reply
         try:
-            relay = relay_of(context.node_config)
-            client = relay.describe() if relay else protocol.partition_id(context.node_config)
-        except (ConfigError, TrainerUnavailable) as exc:
+            client = protocol.partition_id(context.node_config)
+        except ConfigError as exc:
             return Message(Error(protocol.CLIENT_CONFIG, str(exc)), reply_to=message)
         return Message(RecordDict({protocol.NODE: ConfigRecord({"partition-id": client})}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return train_round(task, message, context)
+        reply = relay_train(message, context)
+        return reply if reply is not None else train_round(task, message, context)
 
     return app
 
 
-def relay_of(node_config) -> TrainerRelay | None:
-    """The private trainer this node relays to, or None (trial mode)."""
-    given = [k for k in RELAY_KEYS if k in node_config]
-    if not given:
-        return None
-    if len(given) < len(RELAY_KEYS) or not all(isinstance(node_config[k], str) and node_config[k] for k in RELAY_KEYS):
-        raise ConfigError(
-            f"Relay mode needs both {RELAY_KEYS} as paths in the node config, got "
-            f"{ {k: node_config.get(k) for k in RELAY_KEYS} }. Start the SuperNode with --node-config "
-            '\'private-trainer="/run/lalora/trainer.sock" private-trainer-token="/run/lalora/token"\'.'
-        )
-    return TrainerRelay(node_config["private-trainer"], node_config["private-trainer-token"])
-
-
 def train_round(task: FlowerTask, message: Message, context: Context) -> Message:
-    """One round of this client: the private trainer's reply (relay mode) or this process's own (trial mode)."""
+    """One round of this client in trial mode: this process checks the policy, charges its ledger and trains."""
     config = message.content[protocol.CONFIG]
     try:
-        relay = relay_of(context.node_config)
         round_idx, lr, steps = int(config["round"]), float(config["learning-rate"]), int(config["local-steps"])
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         return Message(Error(protocol.CLIENT_CONFIG, f"{type(exc).__name__}: {exc}"), reply_to=message)
-    request = dict(
+    reply = local_round(
+        task,
+        node_id=context.node_id,
+        node_config=dict(context.node_config),
         run_id=context.run_id,
         round_idx=round_idx,
         lr=lr,
@@ -85,10 +79,6 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         run_config=dict(context.run_config),
         global_state=message.content[protocol.GLOBAL].to_torch_state_dict(),
     )
-    if relay is not None:
-        reply = relay.train(**request)
-    else:
-        reply = local_round(task, node_id=context.node_id, node_config=dict(context.node_config), **request)
     return _message(reply, message)
 
 

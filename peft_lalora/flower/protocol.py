@@ -11,6 +11,8 @@ Query: the server asks a node which client it is; the reply is `node` (ConfigRec
 
 from __future__ import annotations
 
+from peft_lalora_relay.records import CONFIG, DELTA, GLOBAL, METRICS, NODE, PRIVACY
+
 from ..owner.codes import (
     BAD_REQUEST,
     BUDGET_EXCEEDED,
@@ -24,8 +26,6 @@ from ..owner.codes import (
     UPDATE_FAILED,
 )
 from ..owner.local_round import partition_id
-
-GLOBAL, CONFIG, DELTA, METRICS, PRIVACY, NODE = "global", "config", "delta", "metrics", "privacy", "node"
 
 __all__ = [
     "BAD_REQUEST",

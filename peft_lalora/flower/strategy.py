@@ -225,6 +225,7 @@ class LALoraStrategy(Strategy):
             "survivors": sorted(clients),
             "failed": {str(k): v for k, v in sorted(record["failed"].items())},
             "aborted": aborted,
+            "started": record["start"],  # epoch seconds (the benchmark lines it up with the clients' logs)
             "seconds": time.time() - record["start"],
             "bytes_sent": {str(k): int(m["bytes-sent"]) for k, m in clients.items()},
             "client_seconds": {str(k): float(m.get("train-seconds", float("nan"))) for k, m in clients.items()},

@@ -20,10 +20,11 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import secrets
 import stat
 import sys
 from dataclasses import dataclass, field
+
+from peft_lalora_relay import token
 
 from ..errors import ConfigError
 from .task import TrainingTask
@@ -150,16 +151,9 @@ def check_folder(path: str) -> None:
 
 
 def read_token(path: str, *, create: bool = False) -> str:
-    """The shared token (hex) in `path`; `create`: write a fresh one (mode 0640) if the file is missing."""
-    if create and not os.path.exists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o007:
-        raise ConfigError(f"`token-file` {path!r} has mode {mode:04o}: others may read it. Run `chmod 0640 {path}`.")
-    with open(path) as handle:
-        token = handle.read().strip()
-    if len(token) < 32:
-        raise ConfigError(f"`token-file` {path!r} holds {len(token)} characters; write at least 32 (e.g. 64 hex).")
-    return token
+    """The shared token (hex) in `path`; `create`: write a fresh one (mode 0640) if the file is missing. The check
+    is `peft_lalora_relay.token`'s (the relay ClientApp reads the same file without importing torch)."""
+    try:
+        return token.read_token(path, create=create)
+    except token.TokenFileError as exc:
+        raise ConfigError(str(exc)) from None

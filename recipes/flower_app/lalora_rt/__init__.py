@@ -1,1 +1,1 @@
-"""The offline default job as a Flower app (`apps.py`, `task.py`)."""
+"""The offline default job as a Flower app (`apps.py`, `client.py`, `task.py`)."""

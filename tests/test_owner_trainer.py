@@ -332,10 +332,13 @@ def test_the_owners_trainer_process_trains_and_charges_once(tmp_path, data):
         assert reply.ok, reply.text
         assert charges(tmp_path) == [(0, 1)] and reply.metrics["epsilon"] == reply.privacy["epsilon"]
         assert "loss" not in reply.metrics  # not shared by the owner
-        assert train(relay, **{"noise-seed": None, "dp": False, "noise-multiplier": None}).code == codes.POLICY
+        hostile = {"noise-seed": None, "dp": False, "noise-multiplier": None}
+        assert train(relay, run_id=8, **hostile).code == codes.POLICY  # a new run asking for no DP
+        assert train(relay, **hostile).code == codes.RUN_CONFIG_CHANGED  # the same run switching DP off
         assert charges(tmp_path) == [(0, 1)]
     finally:
         stop(proc)
+    assert "listening on" in (tmp_path / "trainer.log").read_text()  # the owner sees its trainer's INFO lines
 
 
 @pytest.mark.processes

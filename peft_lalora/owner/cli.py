@@ -21,7 +21,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="the owner's config: a .toml or .json file")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: an import (transformers/torch) may have installed a root handler at WARNING before main() runs, which
+    # would make basicConfig a no-op and hide the trainer's own INFO lines (its socket, each round's charge).
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         config = OwnerConfig.load(args.config)
         check_private_paths(config.node_config, config.allow_group_read)  # before anything is read or listened on

@@ -59,6 +59,8 @@ FIELDS = (
     "per_device_train_batch_size",
     "sigma_calibration",
     "per_sample_head_max_grad_norm",
+    "privacy_unit",
+    "user_column",
 )
 SERVER_KEYS = {"round-timeout": 3600.0, "node-wait-timeout": 300.0, "max-aborted-rounds": 2}
 

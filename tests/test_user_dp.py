@@ -255,3 +255,21 @@ def test_example_level_runs_are_unchanged_by_a_user_column(tmp_path):
         results.append(trainer.global_adapter.state)
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
     assert os.path.isdir(tmp_path / "0")
+
+
+def test_earlier_example_level_spending_does_not_compose_into_a_user_level_run(tmp_path):
+    # Prepare: an example-level run on the same clients, saved with its privacy report
+    clients = two_client_users()
+    args = toy_args(tmp_path / "earlier", num_clients=2, clients_per_round=2, num_rounds=1)
+    earlier = FederatedDPTrainer(model=toy_model(), args=args, client_datasets=clients)
+    earlier.train()
+    earlier.save_model(str(tmp_path / "earlier_out"))
+    # Execute / Assert: composing it into a user-level epsilon is refused (the units differ)
+    later = user_trainer(
+        tmp_path / "later",
+        clients,
+        prior_privacy_report=str(tmp_path / "earlier_out"),
+        prior_privacy_same_data=True,
+    )
+    with pytest.raises(ConfigError, match="epsilons of two units do not compose"):
+        later.train()

@@ -195,6 +195,8 @@ class FederatedDPArguments(TrainingArguments):
             "prior_privacy_same_data",
         ):
             _bool(name, getattr(self, name))
+        if self.user_column == "":  # a Flower run config (TOML has no null) leaves it empty for none
+            self.user_column = None
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):
             # The Trainer's global clipping would log a non-private gradient norm; DP clips per example instead.

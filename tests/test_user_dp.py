@@ -273,3 +273,14 @@ def test_earlier_example_level_spending_does_not_compose_into_a_user_level_run(t
     )
     with pytest.raises(ConfigError, match="epsilons of two units do not compose"):
         later.train()
+
+
+def test_run_config_keys_and_an_empty_column():
+    from peft_lalora.owner.run_config import federated_args
+
+    config = {"num-clients": 2, "clients-per-round": 2, "noise-multiplier": 1.0}
+    args = federated_args({**config, "privacy-unit": "user", "user-column": "patient"})
+    assert (args.privacy_unit, args.user_column) == ("user", "patient")
+    assert federated_args({**config, "privacy-unit": "example", "user-column": ""}).user_column is None  # TOML
+    with pytest.raises(ConfigError, match="run-config key `privacy-unit` = 'person'"):
+        federated_args({**config, "privacy-unit": "person"})

@@ -152,7 +152,8 @@ class NodePolicy:
         limit = f"<= {self.max_delta!r}" if self.max_delta < 1.0 / num_examples else f"< {1.0 / num_examples:.3g}"
         if plan.delta > self.max_delta or plan.delta >= 1.0 / num_examples:
             raise PolicyError(
-                f"The run accounts at `target-delta`={plan.delta!r} on this node's {num_examples} examples, but "
+                f"The run accounts at `target-delta`={plan.delta!r} on this node's {num_examples} privacy units "
+                "(examples, or users under user-level DP), but "
                 f"this node allows delta <= `max-delta`={self.max_delta!r} and < 1/n = {1.0 / num_examples:.3g}. "
                 f"Run with `target-delta` {limit}."
             )

@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))  # the recipes' `data.py` (pub
 
 import data  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from pooling import standardise, use_mean_pooling  # noqa: E402  (recipes/pooling.py: the same head as the default job)
 from transformers import (  # noqa: E402
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -29,6 +28,7 @@ from transformers import (  # noqa: E402
 
 from peft_lalora import LALoraConfig  # noqa: E402
 from peft_lalora.federated import partition_dirichlet  # noqa: E402
+from peft_lalora.pooling import standardise, use_mean_pooling  # noqa: E402  (the default job's head)
 
 MINILM = "minilm"
 FASHION_VIT = "fashion-vit"  # --vision value of the offline track: benchmarks/fashion_vit.py's pretrained ViT

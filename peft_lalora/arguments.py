@@ -11,13 +11,22 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
-from .training_arguments import refuse_ignored_training_arguments
+from .training_arguments import RESULT, refuse_unhonoured
 
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
 BACKENDS = ("auto", "hooks", "func")
 SIGMA_CALIBRATIONS = ("schedule", "worst_case")
 PRIVACY_UNITS = ("example", "user")  # what one DP step protects inside a client (see `privacy.users`)
+# The fields this class adds that change the trained adapter or its accounting: with `training_arguments.RESULT`,
+# what a resumed run must share with its checkpoint (`resume_settings`). `OUTCOME_FREE`: the fields it adds that do
+# not (a resumed run may change them). tests/test_training_arguments.py checks that every field is in one of them.
+OUTCOME = """num_clients clients_per_round num_rounds local_steps dirichlet_alpha min_shard_size dp target_epsilon
+    target_delta noise_multiplier per_sample_max_grad_norm per_sample_head_max_grad_norm accountant sigma_calibration
+    prior_privacy_report prior_privacy_same_data lora_b_lr_ratio round_lr_decay min_clients_per_round
+    aggregation_weights local_optimizer local_momentum label_column noise_seed privacy_unit user_column""".split()
+OUTCOME_FREE = """allow_large_delta eval_rounds per_sample_grad_backend allow_fixed_noise_seed log_private_metrics
+    overwrite_output_dir card_dataset_name card_data_format""".split()
 
 
 @dataclass
@@ -184,19 +193,12 @@ class FederatedDPArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name in (
-            "dp",
-            "allow_large_delta",
-            "allow_fixed_noise_seed",
-            "log_private_metrics",
-            "overwrite_output_dir",
-            "bf16",
-            "fp16",
-            "prior_privacy_same_data",
-        ):
+        for name in """dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir bf16 fp16
+            prior_privacy_same_data""".split():
             _bool(name, getattr(self, name))
         if self.user_column == "":  # a Flower run config (TOML has no null) leaves it empty for none
             self.user_column = None
+        refuse_unhonoured(vars(self))  # the values as set: `TrainingArguments.__post_init__` derives some from others
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):
             # The Trainer's global clipping would log a non-private gradient norm; DP clips per example instead.
@@ -204,7 +206,6 @@ class FederatedDPArguments(TrainingArguments):
         self.validate()
 
     def validate(self) -> None:
-        refuse_ignored_training_arguments(self)
         if self.push_to_hub and not self.hub_model_id:  # checked now, not after all the training
             raise ConfigError(
                 "`push_to_hub=True` needs `hub_model_id`, the Hub repo to push to (e.g. 'alice/lalora-sst2'), got "
@@ -240,6 +241,7 @@ class FederatedDPArguments(TrainingArguments):
         self._validate_unit()
         if not 0 <= self.local_momentum < 1:
             raise ConfigError(f"`local_momentum` must be in [0, 1), got {self.local_momentum!r}.")
+        _refuse_unused_optimizer_settings(self)
         if self.noise_seed is not None:
             _int_at_least("noise_seed", self.noise_seed, 0)
         if self.prior_privacy_report is not None and not isinstance(self.prior_privacy_report, str):
@@ -283,11 +285,6 @@ class FederatedDPArguments(TrainingArguments):
             )
 
     def _validate_dp(self) -> None:
-        if self.gradient_accumulation_steps != 1:
-            raise ConfigError(
-                f"`gradient_accumulation_steps` must be 1 under DP, got {self.gradient_accumulation_steps}: "
-                "each local step is one Poisson batch; raise `per_device_train_batch_size` instead."
-            )
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ConfigError(
                 "Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
@@ -332,46 +329,29 @@ class FederatedDPArguments(TrainingArguments):
                 stacklevel=3,
             )
 
-    def privacy_settings(self) -> dict:
-        """The settings a resumed run must share with the checkpoint it resumes."""
-        names = (
-            "num_clients",
-            "clients_per_round",
-            "num_rounds",
-            "local_steps",
-            "dirichlet_alpha",
-            "min_shard_size",
-            "dp",
-            "target_epsilon",
-            "target_delta",
-            "noise_multiplier",
-            "per_sample_max_grad_norm",
-            "accountant",
-            "per_device_train_batch_size",
-            "seed",
-            "aggregation_weights",
-            "local_optimizer",
-            "local_momentum",
-            "learning_rate",
-            "lora_b_lr_ratio",
-            "round_lr_decay",
-            "noise_seed",
-            "sigma_calibration",
-            "per_sample_head_max_grad_norm",
-            "prior_privacy_report",
-            "prior_privacy_same_data",
-            "lr_scheduler_type",
-            "warmup_steps",
-            "bf16",
-        )
-        if self.privacy_unit != "example":  # only then: checkpoints of example-level runs keep their settings
-            names += ("privacy_unit", "user_column")
-        return {n: _plain(getattr(self, n)) for n in names}
+    def resume_settings(self) -> dict:
+        """The settings that change the result, which a resumed run must share with the checkpoint it resumes."""
+        return {n: _plain(getattr(self, n)) for n in sorted(RESULT) + OUTCOME}
 
 
 def _plain(value):
     """Enum-valued TrainingArguments fields as their string values (JSON, and equal across a resume)."""
     return getattr(value, "value", value)
+
+
+def _refuse_unused_optimizer_settings(args) -> None:
+    """The `adam_*` fields with `local_optimizer="sgd"`, and `local_momentum` with "adamw", would be ignored."""
+    if args.local_optimizer == "adamw":
+        unused, other = ({"local_momentum": args.local_momentum} if args.local_momentum else {}), "sgd"
+    else:
+        adam = ("adam_beta1", "adam_beta2", "adam_epsilon")
+        default = TrainingArguments.__dataclass_fields__
+        unused, other = {n: getattr(args, n) for n in adam if getattr(args, n) != default[n].default}, "adamw"
+    if unused:
+        raise ConfigError(
+            f"{', '.join(f'`{n}`={v!r}' for n, v in unused.items())} would be ignored by `local_optimizer`="
+            f"{args.local_optimizer!r}: set `local_optimizer`={other!r}, or leave it at its default."
+        )
 
 
 def _bool(name: str, value) -> None:

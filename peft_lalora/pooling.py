@@ -1,16 +1,23 @@
 """Mean pooling in place of BERT's [CLS] pooler, saved with an adapter and applied before loading it.
 
 A sentence-transformer such as all-MiniLM-L6-v2 was trained with mean pooling and never trained BERT's [CLS]
-pooler, on which `...ForSequenceClassification` puts its head. `use_mean_pooling` swaps the pooler for a
-parameter-free masked mean, layer-normalised and standardised per dimension; a head trained on it needs the same
-swap, with the same statistics, wherever the adapter is loaded. peft cannot rebuild a module that is not part of
-the base architecture, so the statistics travel next to the adapter as `pooling.safetensors` (`save_pooling`;
-`push_adapter_folder` uploads it) and `load_pooling` applies them to the base model before
+pooler, on which `...ForSequenceClassification` puts its head (measured on all-MiniLM-L6-v2: the pooler's output
+has a per-dimension std of ~0.06; a logistic probe on it reaches 0.66 on Rotten Tomatoes, 0.73 on the mean of the
+token states, and under DP the default job's head stays at the majority class, 0.576). `use_mean_pooling` swaps
+the pooler for a parameter-free masked mean, layer-normalised and standardised per dimension with statistics of
+unlabeled held-out inputs (`standardise`: not client data, so they cost no privacy). A head trained on it needs
+the same swap, with the same statistics, wherever the adapter is loaded. peft cannot rebuild a module that is not
+part of the base architecture, so the statistics travel next to the adapter as `pooling.safetensors`
+(`save_pooling`; `push_adapter_folder` uploads it) and `load_pooling` applies them to the base model before
 `PeftModel.from_pretrained`:
 
     base = AutoModelForSequenceClassification.from_pretrained(base_id, num_labels=2)
     load_pooling(base, adapter)                  # no-op for adapters trained on the model's own pooler
     model = PeftModel.from_pretrained(base, adapter)
+
+Why in the library and not in the recipes: whoever loads a published adapter installs peft_lalora, not its
+recipes, and the model card's loading code (`hub/card_template.md`) calls `load_pooling`; it works for any
+BERT-style `...ForSequenceClassification` (an encoder with a `pooler`), not only the recipes' model.
 """
 
 from __future__ import annotations
@@ -75,6 +82,27 @@ def use_mean_pooling(model, center: torch.Tensor | None = None, scale: torch.Ten
     return pooler
 
 
+@torch.no_grad()
+def standardise(model, dataset, collator, batch_size: int = 128) -> None:
+    """Set the `MeanPooler`'s per-dimension centre and scale from the unlabeled inputs of `dataset` (held-out data,
+    never client data: the statistics are released with the adapter)."""
+    encoder = _encoder(model)
+    pooler, feats = encoder.pooler, []
+    pooler.center, pooler.scale = None, None
+    was_training = model.training
+    model.eval()
+    columns = ("input_ids", "attention_mask", "token_type_ids")
+    for i in range(0, len(dataset), batch_size):
+        rows = [
+            {k: v for k, v in dataset[j].items() if k in columns} for j in range(i, min(i + batch_size, len(dataset)))
+        ]
+        batch = collator(rows)
+        feats.append(encoder(**{k: v.to(model.device) for k, v in batch.items() if k in columns}).pooler_output)
+    feats = torch.cat(feats)
+    pooler.center, pooler.scale = feats.mean(0), feats.std(0).clamp(min=1e-3)
+    model.train(was_training)
+
+
 def save_pooling(model, folder: str) -> str | None:
     """Write the statistics of `model`'s standardised `MeanPooler` to `folder/pooling.safetensors`; returns the
     path, or None when the model keeps its own pooler (nothing to save)."""
@@ -83,8 +111,8 @@ def save_pooling(model, folder: str) -> str | None:
         return None
     if pooler.center is None:
         raise ConfigError(
-            "`model` has a MeanPooler without statistics: set its `center` and `scale` (the recipes' "
-            "`standardise`) before saving, or the loaded model cannot reproduce its logits."
+            "`model` has a MeanPooler without statistics: set its `center` and `scale` (`standardise`) "
+            "before saving, or the loaded model cannot reproduce its logits."
         )
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, POOLING_FILE)

@@ -35,6 +35,7 @@ from .federated.preflight import PROBE_ROWS, preflight
 from .federated.seeding import calibration_steps, run_schedule, secret_seed, select_clients
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
+from .hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
 from .privacy.prior import REPORT_FILE, apply_prior, partition_record, prior_report_fields
@@ -383,7 +384,7 @@ class FederatedDPTrainer(Trainer):
             sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
         )
         return {
-            "args": self.args.privacy_settings(),
+            "args": self.args.resume_settings(),
             "adapter": adapter,
             "partition": self._federation["fingerprint"],
             "client_sizes": self._federation["sizes"],
@@ -529,8 +530,6 @@ class FederatedDPTrainer(Trainer):
         self.save_model(self.args.output_dir)
         if not self.is_world_process_zero():
             return None
-        from .hub import push_adapter_folder
-
         return push_adapter_folder(
             self.args.output_dir,
             self.args.hub_model_id,
@@ -541,8 +540,6 @@ class FederatedDPTrainer(Trainer):
         )
 
     def _write_card(self, output_dir: str) -> None:
-        from .hub import write_model_card  # hub sits above the trainer in the import order
-
         write_model_card(output_dir, **self.card_context())
 
     def card_context(self) -> dict:

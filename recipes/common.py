@@ -26,7 +26,6 @@ RECIPE_DEFAULTS = dict(
     per_sample_max_grad_norm=1.0,
     seed=42,
     report_to="none",
-    logging_strategy="no",
     save_strategy="no",
 )
 

@@ -46,7 +46,6 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--task_name", "--push_to
 import data  # noqa: E402
 from common import RECIPE_DEFAULTS, LoraArguments, parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from pooling import save_pooling, standardise, use_mean_pooling  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -55,6 +54,7 @@ from transformers import (  # noqa: E402
 
 from peft_lalora import FederatedDPArguments, FederatedDPTrainer, LALoraConfig  # noqa: E402
 from peft_lalora.federated import partition_groups  # noqa: E402
+from peft_lalora.pooling import save_pooling, standardise, use_mean_pooling  # noqa: E402
 
 logger = logging.getLogger("fed_roberta")
 RT_TASK = "rotten_tomatoes"
@@ -92,7 +92,7 @@ class ModelArguments(LoraArguments):
         default="auto",
         metadata={
             "help": "'cls' (the model's own pooler and head), 'mean' "
-            "(masked mean of the token states; see recipes/pooling.py) or 'auto': mean for the offline "
+            "(masked mean of the token states; see peft_lalora/pooling.py) or 'auto': mean for the offline "
             "sentence-transformer default, cls otherwise."
         },
     )

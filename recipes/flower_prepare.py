@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling re
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fed_roberta  # noqa: E402
-from pooling import save_pooling, standardise  # noqa: E402
 from transformers import DataCollatorWithPadding  # noqa: E402
 
 from peft_lalora.federated import partition_dataset  # noqa: E402
+from peft_lalora.pooling import save_pooling, standardise  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,7 +14,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from peft_lalora.errors import ConfigError, LALoraWarning, PrivacyBudgetExceededError
+from peft_lalora.errors import ConfigError, LALoraError, LALoraWarning, PrivacyBudgetExceededError
 from peft_lalora.privacy import accounting
 from peft_lalora.privacy.accounting import (
     ACCOUNTANTS,
@@ -187,12 +187,13 @@ def _opacus_rdp_epsilon(sigma, q, steps, delta):
     return accountant.get_epsilon(delta=delta)
 
 
+# q = 0.5 costs opacus' search ~5 CPU s (its fractional orders are a series of erfc terms there): not by default
 @pytest.mark.filterwarnings("ignore:Optimal order", "ignore:.*drowns any gradient")
 @pytest.mark.parametrize("target", [1.0, 8.0])
-@pytest.mark.parametrize("q", [0.01, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("q", [0.01, 0.1, pytest.param(0.5, marks=pytest.mark.slow), 1.0])
 @pytest.mark.parametrize("steps", [1, 64, 1000])
 def test_calibration_meets_the_target_under_opacus_for_every_sample_rate(target, q, steps):
-    # Execute: the calibration searches on subsets of the RDP orders; Assert against opacus' own accountant
+    # Execute / Assert against opacus' own accountant
     sigma = calibrate_noise_multiplier(target_epsilon=target, target_delta=DELTA, sample_rate=q, steps=steps)
     reached = _opacus_rdp_epsilon(sigma, q, steps, DELTA)
     assert target * (1 - 1e-3) <= reached <= target  # sigma is never too small, and within the tolerance
@@ -200,19 +201,13 @@ def test_calibration_meets_the_target_under_opacus_for_every_sample_rate(target,
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order")
-def test_calibration_checks_its_answer_on_every_order(monkeypatch):
-    # Prepare: a search on the subsets of orders that under-states epsilon by 10 % (as a wrong subset would)
-    real = accounting._rdp_epsilon
-
-    def optimistic(history, delta, orders=accounting._ORDERS):
-        eps, order = real(history, delta, orders)
-        return (eps if orders is accounting._ORDERS else 0.9 * eps), order
-
-    monkeypatch.setattr(accounting, "_rdp_epsilon", optimistic)
-    # Execute
-    sigma = calibrate_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=0.5, steps=64)
-    # Assert: the answer is still checked, and corrected, on every order
-    assert 3.0 * (1 - 1e-3) <= _opacus_rdp_epsilon(sigma, 0.5, 64, DELTA) <= 3.0
+def test_calibration_checks_every_client_at_its_answer(monkeypatch):
+    # Prepare: opacus' search answering 10 % too little noise (as a wrong search, or a non-monotone accountant would)
+    real = accounting.get_noise_multiplier
+    monkeypatch.setattr(accounting, "get_noise_multiplier", lambda **kwargs: 0.9 * real(**kwargs))
+    # Execute / Assert: the answer is checked on every client, and refused
+    with pytest.raises(LALoraError, match=r"failed its check.*\(0\.1, 10\).*exceed `target_epsilon` = 3\.0"):
+        calibrate_noise_multiplier(target_epsilon=3.0, target_delta=DELTA, sample_rate=[0.1, 0.05], steps=[10, 10])
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order")

@@ -363,12 +363,12 @@ def test_a_trainer_killed_after_its_charge_loses_no_ledger_entry(tmp_path, data)
 
 
 def test_the_readmes_owner_config_reads():
-    # The owner's config as the README writes it (between `tee /srv/lalora_owner.toml` and EOT)
+    # The owner's config as the README writes it (between `tee /etc/lalora-owner/owner.toml` and EOT)
     import tomllib
 
     with open(os.path.join(ROOT, "README.md")) as handle:
         text = handle.read()
-    body = text.split("tee /srv/lalora_owner.toml > /dev/null <<EOT\n", 1)[1].split("\nEOT\n", 1)[0]
+    body = text.split("tee /etc/lalora-owner/owner.toml > /dev/null <<EOT\n", 1)[1].split("\nEOT\n", 1)[0]
     config = OwnerConfig.from_dict(tomllib.loads(body), base="/")
     assert config.task == "lalora_rt.task:TASK" and config.socket == "/run/lalora/trainer.sock"
     assert config.node_config["partition-id"] == 3 and config.node_config["max-epsilon"] == 8.0

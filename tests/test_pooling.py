@@ -3,7 +3,6 @@ README's "Loading published adapters" code is followed literally, from a folder 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -22,12 +21,9 @@ from transformers import AutoModelForSequenceClassification
 import peft_lalora  # noqa: F401  (registers LALORA)
 from peft_lalora import ConfigError, LALoraConfig
 from peft_lalora.hub import push_adapter_folder, write_model_card
-from peft_lalora.pooling import MeanPooler, load_pooling
+from peft_lalora.pooling import MeanPooler, load_pooling, save_pooling, standardise, use_mean_pooling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("recipe_pooling", os.path.join(ROOT, "recipes", "pooling.py"))
-recipe_pooling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recipe_pooling)
 
 
 def _stack(rows):
@@ -40,7 +36,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pooled")
     tiny_bert(seed=0).save_pretrained(root / "base")
     model = AutoModelForSequenceClassification.from_pretrained(root / "base", num_labels=2)
-    recipe_pooling.use_mean_pooling(model)
+    use_mean_pooling(model)
     peft_model = get_peft_model(
         model,
         LALoraConfig.for_method(
@@ -53,7 +49,7 @@ def trained(tmp_path_factory):
         ),
     )
     held_out = text_inputs(batch=16, seed=5)
-    recipe_pooling.standardise(
+    standardise(
         peft_model.get_base_model(),
         Dataset.from_dict({k: v.tolist() for k, v in held_out.items()}),
         _stack,
@@ -66,7 +62,7 @@ def trained(tmp_path_factory):
         logits = peft_model(**inputs).logits
     folder = root / "runs" / "fed_roberta_default"
     peft_model.save_pretrained(folder)
-    recipe_pooling.save_pooling(peft_model.get_base_model(), str(folder))
+    save_pooling(peft_model.get_base_model(), str(folder))
     write_model_card(
         str(folder),
         base_model=str(root / "base"),

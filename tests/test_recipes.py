@@ -102,7 +102,7 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     assert config["alternation"] == "local" and config["lowpass"] is True
     assert sorted(config["target_modules"]) == ["query", "value"]
     assert "classifier" in config["modules_to_save"] and "pooler" not in config["modules_to_save"]
-    # the default pools by the mean (recipes/pooling.py) and saves the statistics needed to reproduce it
+    # the default pools by the mean (peft_lalora.pooling) and saves the statistics needed to reproduce it
     assert (out_dir / "pooling.safetensors").exists()
     assert '"client_split": "movie"' in stdout
     assert "\ndatasets:\n- rotten_tomatoes\n" in (out_dir / "README.md").read_text()  # the card names the data

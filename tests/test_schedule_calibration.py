@@ -5,6 +5,7 @@ each client's epsilon from opacus' RDP accountant, recomputed here from the ledg
 import pytest
 from fed_helpers import make_trainer, toy_args, toy_dataset, toy_model
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from transformers import TrainerCallback
 
 from peft_lalora import CheckpointMismatchError, FederatedDPTrainer
@@ -62,6 +63,19 @@ def test_per_client_calibration_meets_the_target_for_every_client():
     ]
     assert 2.0 * (1 - 1e-3) <= max(reached) <= 2.0
     assert all(opacus_epsilon(sigma, q, n, 1e-5) <= 2.0 + 1e-9 for q, n in zip(rates, steps))
+
+
+def test_schedule_sigma_is_the_largest_of_each_clients_opacus_sigma():
+    # Reference: opacus' own search for every client alone (none left out), at the same target and tolerance
+    rates, steps = [0.1, 0.05, 0.2, 0.02, 0.05], [40, 80, 10, 200, 20]
+    sigma = calibrate_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=rates, steps=steps)
+    each = [
+        get_noise_multiplier(
+            target_epsilon=2.0, target_delta=1e-5, sample_rate=q, steps=n, accountant="rdp", epsilon_tolerance=2e-3
+        )
+        for q, n in zip(rates, steps)
+    ]
+    assert sigma == max(each)
 
 
 class Kill(TrainerCallback):

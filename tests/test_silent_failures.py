@@ -14,7 +14,6 @@ from tiny_models import tiny_vit
 import peft_lalora.trainer as trainer_module
 from peft_lalora import ClientDataError, ConfigError, FederatedDPTrainer, LALoraConfig
 from peft_lalora.federated.checkpoint import STATE_DIR
-from peft_lalora.training_arguments import REFUSED
 
 
 def _with(dataset, **columns):
@@ -139,27 +138,6 @@ def test_every_example_dropped_everywhere_is_raised_not_reported_as_loss_zero(tm
         warnings.simplefilter("ignore")
         with pytest.raises(ClientDataError, match="non-finite"):
             trainer.train()
-
-
-# ----- training arguments the federated loop would ignore ------------------------------------------------------
-REFUSED_VALUES = {
-    "max_steps": 10,
-    "num_train_epochs": 1.0,
-    "optim": "sgd",
-    "label_smoothing_factor": 0.1,
-    "gradient_checkpointing": True,
-    "fp16": True,
-    "eval_strategy": "steps",
-    "eval_steps": 5,
-    "eval_delay": 1,
-}
-
-
-@pytest.mark.parametrize("field", sorted(set(REFUSED) & set(REFUSED_VALUES)))
-def test_ignored_training_argument_is_refused_naming_the_federated_field(tmp_path, field):
-    extra = {"eval_steps": 5} if field == "eval_strategy" else {}
-    with pytest.raises(ConfigError, match=f"`{field}`"):
-        toy_args(tmp_path, **{field: REFUSED_VALUES[field], **extra})
 
 
 def test_lr_scheduler_and_warmup_run_over_rounds(tmp_path):

@@ -125,7 +125,7 @@ def test_budget_exceeded_is_refused_before_release(tmp_path):
         ({"per_sample_max_grad_norm": 0.0}, "`per_sample_max_grad_norm` must be > 0"),
         ({"target_delta": 1.5}, r"`target_delta` must be in \(0, 1\)"),
         ({"target_delta": 0.1}, "`target_delta` must be < 1 / n_k"),
-        ({"gradient_accumulation_steps": 2}, "`gradient_accumulation_steps` must be 1 under DP"),
+        ({"gradient_accumulation_steps": 2}, "`gradient_accumulation_steps`=2 is not honoured"),
         ({"accountant": "gdp"}, "GDP is never used"),
         ({"target_epsilon": 1e-4}, "epsilon"),
     ],

@@ -62,6 +62,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, kill_after):
         ("num_clients", 5),
         ("seed", 1),
         ("accountant", "prv"),
+        ("weight_decay", 0.01),  # not a privacy setting, but it changes the result
     ],
 )
 def test_resume_with_changed_privacy_setting_names_the_field(tmp_path, field, value):

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 
-from ..by_name import call_by_name
 from ..privacy.engine import NonPrivateStep, PrivateStep
 from ..privacy.quantized import prepare_quantized_layers
 from ..tuner.roles import tensor_role
@@ -47,8 +46,15 @@ class LocalConfig:
     @classmethod
     def from_args(cls, args) -> LocalConfig:
         """From `FederatedDPArguments` (`per_device_train_batch_size` is the expected Poisson batch)."""
-        return call_by_name(
-            cls, args, batch_size=args.per_device_train_batch_size, adam_betas=(args.adam_beta1, args.adam_beta2)
+        return cls(
+            local_steps=args.local_steps,
+            batch_size=args.per_device_train_batch_size,
+            local_optimizer=args.local_optimizer,
+            local_momentum=args.local_momentum,
+            weight_decay=args.weight_decay,
+            lora_b_lr_ratio=args.lora_b_lr_ratio,
+            adam_betas=(args.adam_beta1, args.adam_beta2),
+            adam_epsilon=args.adam_epsilon,
         )
 
 

@@ -19,8 +19,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..by_name import call_by_name
-
 
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed from the run seed and any keys (e.g. "noise", round, client)."""
@@ -72,7 +70,13 @@ def scheduled_steps(*, seed: int, rounds: int, num_clients: int, clients_per_rou
 
 def run_schedule(args) -> dict:
     """`scheduled_steps` of a run's `FederatedDPArguments` (its seed, clients, participation and rounds)."""
-    return call_by_name(scheduled_steps, args, rounds=args.num_rounds)
+    return scheduled_steps(
+        seed=args.seed,
+        rounds=args.num_rounds,
+        num_clients=args.num_clients,
+        clients_per_round=args.clients_per_round,
+        local_steps=args.local_steps,
+    )
 
 
 def calibration_steps(args, clients) -> Optional[dict]:

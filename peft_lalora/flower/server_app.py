@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..federated.client_update import load_state
 from ..federated.output_dir import prepare_output_dir
 from ..federated.state_io import save_json
+from ..hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
 from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
@@ -114,8 +115,6 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
         lost = sorted(int(r) for r in result["rounds_lost"])
         logger.warning("rounds %s were lost (aborted): see `run` in %s", lost, PRIVACY_REPORT)
     if args.push_to_hub:
-        from ..hub import push_adapter_folder  # hub sits above flower in the import order
-
         push_adapter_folder(
             out,
             args.hub_model_id,
@@ -128,8 +127,6 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
 
 def _save_adapter(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, report: dict) -> None:
     """The global adapter after the last aggregated round, the task's extras and the card (the real rounds)."""
-    from ..hub import write_model_card  # hub sits above flower in the import order
-
     args, out, result = strategy.args, strategy.args.output_dir, report["run"]
     params = dict(model.named_parameters())
     load_state(model, {n: t.to(params[n].device, params[n].dtype) for n, t in strategy.global_state.items()})

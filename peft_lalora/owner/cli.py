@@ -6,7 +6,9 @@ import argparse
 import logging
 import signal
 
+from ..errors import ConfigError
 from .config import OwnerConfig, read_token
+from .permissions import check_private_paths
 from .trainer import PrivateTrainer
 
 
@@ -20,13 +22,19 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = OwnerConfig.load(args.config)
+    try:
+        config = OwnerConfig.load(args.config)
+        check_private_paths(config.node_config, config.allow_group_read)  # before anything is read or listened on
+    except ConfigError as exc:
+        parser.exit(2, f"lalora-private-trainer: {exc}\n")
     trainer = PrivateTrainer(
         config.load_task(),
         config.node_config,
         config.socket,
         read_token(config.token_file, create=True),
         max_payload_bytes=config.max_payload_bytes,
+        max_models=config.max_models,
+        request_timeout_s=config.request_timeout_s,
     )
     trainer.bind()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,7 +9,8 @@ BAD_REQUEST = 110  # the private trainer could not read the request (framing, JS
 UNAUTHORIZED = 111  # the request did not present the trainer's token: nothing charged
 OUT_OF_ORDER = 112  # the request's round is before a round this run already trained: nothing charged
 TRAINER_UNAVAILABLE = 113  # the relay could not reach the private trainer (or lost it mid-request)
-NOT_CHARGED = (BUDGET_EXCEEDED, CLIENT_CONFIG, POLICY, BAD_REQUEST, UNAUTHORIZED, OUT_OF_ORDER)
+RUN_CONFIG_CHANGED = 114  # the request's run config is not the one this run already trained with: nothing charged
+NOT_CHARGED = (BUDGET_EXCEEDED, CLIENT_CONFIG, POLICY, BAD_REQUEST, UNAUTHORIZED, OUT_OF_ORDER, RUN_CONFIG_CHANGED)
 ERROR_NAMES = {
     BUDGET_EXCEEDED: "budget exceeded",
     CLIENT_CONFIG: "invalid configuration",
@@ -19,4 +20,5 @@ ERROR_NAMES = {
     UNAUTHORIZED: "unauthorized at the private trainer",
     OUT_OF_ORDER: "round out of order at the private trainer",
     TRAINER_UNAVAILABLE: "private trainer unavailable",
+    RUN_CONFIG_CHANGED: "run config changed mid-run at the private trainer",
 }

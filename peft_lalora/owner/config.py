@@ -5,6 +5,9 @@ python-path = ["/opt/app"]            # optional: folders to import the task's m
 socket = "/run/lalora/trainer.sock"   # the Unix socket; its folder must be closed to others (see `check_folder`)
 token-file = "/run/lalora/token"      # the shared token a caller must present (created, mode 0640, if missing)
 max-payload-bytes = 1073741824        # optional: the largest adapter a request may carry
+max-models = 2                        # optional: models held in memory at most (one per run; the oldest goes)
+request-timeout-s = 10.0              # optional: a caller must send its whole request within this many seconds
+allow-group-read = false              # optional: let the data's and the state's group read them (`permissions`)
 [node-config]                         # what a SuperNode's --node-config would hold, read by this process only
 partition-id = 0
 data-path = "/srv/owner/data/client_0"
@@ -28,7 +31,19 @@ from ..errors import ConfigError
 from .task import TrainingTask
 from .wire import DEFAULT_MAX_PAYLOAD_BYTES
 
-_KEYS = {"task", "python-path", "socket", "token-file", "max-payload-bytes", "node-config"}
+_KEYS = {
+    "task",
+    "python-path",
+    "socket",
+    "token-file",
+    "max-payload-bytes",
+    "max-models",
+    "request-timeout-s",
+    "allow-group-read",
+    "node-config",
+}
+DEFAULT_MAX_MODELS = 2
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -39,6 +54,9 @@ class OwnerConfig:
     node_config: dict = field(default_factory=dict)
     python_path: tuple = ()
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_models: int = DEFAULT_MAX_MODELS
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    allow_group_read: bool = False
 
     @classmethod
     def load(cls, path: str) -> OwnerConfig:
@@ -68,9 +86,12 @@ class OwnerConfig:
         node_config = data.get("node-config", {})
         if not isinstance(node_config, dict):
             raise ConfigError(f"`node-config` must be a table of settings, got {type(node_config).__name__}.")
-        cap = data.get("max-payload-bytes", DEFAULT_MAX_PAYLOAD_BYTES)
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
-            raise ConfigError(f"`max-payload-bytes` must be an integer > 0, got {cap!r}.")
+        cap = _positive(data, "max-payload-bytes", DEFAULT_MAX_PAYLOAD_BYTES, int)
+        models = _positive(data, "max-models", DEFAULT_MAX_MODELS, int)
+        timeout = _positive(data, "request-timeout-s", DEFAULT_REQUEST_TIMEOUT_S, (int, float))
+        group_read = data.get("allow-group-read", False)
+        if not isinstance(group_read, bool):
+            raise ConfigError(f"`allow-group-read` must be true or false, got {group_read!r}.")
 
         def here(p):
             return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
@@ -82,6 +103,9 @@ class OwnerConfig:
             node_config=dict(node_config),
             python_path=tuple(here(p) for p in data.get("python-path", ())),
             max_payload_bytes=cap,
+            max_models=models,
+            request_timeout_s=float(timeout),
+            allow_group_read=group_read,
         )
 
     def load_task(self) -> TrainingTask:
@@ -98,6 +122,14 @@ class OwnerConfig:
                 f"`task` {self.task!r} must name a `TrainingTask` (or `FlowerTask`), got {type(task).__name__}."
             )
         return task
+
+
+def _positive(data: dict, key: str, default, kind):
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < float("inf"):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"`{key}` (private trainer config) must be {what} > 0, got {value!r}.")
+    return value
 
 
 def check_folder(path: str) -> None:

@@ -96,12 +96,13 @@ def local_round(
     lr: float,
     steps: int,
     global_state: dict,
+    max_models: int = _MAX_JOBS,
 ) -> Reply:
     """One round of this client: charge (durably), train, return the delta; or a refusal (nothing charged, except
     `codes.UPDATE_FAILED`, which comes after the charge)."""
     reveal = reveals(node_config)
     try:
-        job = open_job(task, run_id, node_id, run_config, node_config)
+        job = open_job(task, run_id, node_id, run_config, node_config, max_models)
         if steps != job.args.local_steps:
             raise ConfigError(
                 f"The server asks for `local-steps`={steps}, but the run's config (and this client's "
@@ -194,10 +195,14 @@ def privacy_record(job: Job, ledger) -> dict:
     return record
 
 
-def open_job(task: TrainingTask, run_id: int, node_id: int, run_config: dict, node_config: dict) -> Job:
-    """The client of run `run_id` on this node: its model, data, plan and stepper, built once and kept."""
+def open_job(
+    task: TrainingTask, run_id: int, node_id: int, run_config: dict, node_config: dict, max_models: int = _MAX_JOBS
+) -> Job:
+    """The client of run `run_id` on this node: its model, data, plan and stepper, built once and kept (at most
+    `max_models` jobs, the least recently used one dropped first; a dropped job is rebuilt if asked again)."""
     key = (id(task), run_id, node_id, repr(sorted(run_config.items())), repr(sorted(node_config.items())))
     if key in _JOBS:
+        _JOBS.move_to_end(key)
         return _JOBS[key]
     args = federated_args(run_config, task.config_keys)
     policy = NodePolicy.from_node_config(node_config)
@@ -206,6 +211,8 @@ def open_job(task: TrainingTask, run_id: int, node_id: int, run_config: dict, no
     client = partition_id(node_config)
     if client >= args.num_clients:
         raise ConfigError(f"`partition-id` {client} must be < `num-clients` = {args.num_clients} of the run.")
+    while len(_JOBS) >= max_models:  # drop before building: at most `max_models` models in memory at once
+        _JOBS.popitem(last=False)
     model = task.model(run_config, node_config)
     dataset, collate = task.client_data(node_config, run_config)
     device = next(model.parameters()).device
@@ -218,8 +225,6 @@ def open_job(task: TrainingTask, run_id: int, node_id: int, run_config: dict, no
     stepper = stepper_from_args(model, args, plan.noise_multiplier if plan else 0.0, adapter_name=model.active_adapter)
     job = Job(args, client, model, shard, stepper, plan, LocalConfig.from_args(args), policy)
     _JOBS[key] = job
-    while len(_JOBS) > _MAX_JOBS:
-        _JOBS.popitem(last=False)
     return job
 
 

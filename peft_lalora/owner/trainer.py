@@ -15,22 +15,23 @@ trainer checks it against its own policy (`NodePolicy`), exactly as the in-Clien
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
 import os
 import socket
 import threading
+import time
 
 from . import codes
-from .config import check_folder
+from .config import DEFAULT_MAX_MODELS, DEFAULT_REQUEST_TIMEOUT_S, check_folder
 from .local_round import Reply, local_round, partition_id
 from .state import ClientState
 from .task import TrainingTask
 from .wire import DEFAULT_MAX_PAYLOAD_BYTES, PROTOCOL, ConnectionClosed, WireError, recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
-REQUEST_TIMEOUT_S = 120.0  # a caller that stops sending mid-request is dropped after this long
 
 
 class PrivateTrainer:
@@ -41,18 +42,34 @@ class PrivateTrainer:
         socket_path (`str`): where to listen; its folder must pass `config.check_folder`.
         token (`str`): the shared token a caller must present.
         max_payload_bytes (`int`): the largest request payload read.
+        max_models (`int`): models held in memory at most (the least recently used run's goes first).
+        request_timeout_s (`float`): a caller must send its whole request within this time, or it is dropped
+            (requests are served one at a time: a caller that stalls holds the others back this long at most).
     """
 
-    def __init__(self, task, node_config, socket_path, token, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES):
+    def __init__(
+        self,
+        task,
+        node_config,
+        socket_path,
+        token,
+        max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES,
+        max_models=DEFAULT_MAX_MODELS,
+        request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S,
+    ):
         self.task: TrainingTask = task
         self.node_config = dict(node_config)
         self.client = partition_id(self.node_config)
         self.socket_path = os.path.abspath(socket_path)
         self.token = token
         self.max_payload_bytes = int(max_payload_bytes)
+        self.max_models = int(max_models)
+        self.request_timeout_s = float(request_timeout_s)
         self.last_round: dict = {}  # run id -> the last round this trainer released for it
+        self.run_configs: dict = {}  # run id -> the run config its charged rounds trained with
         self.stopped = threading.Event()
         self._listener = None
+        self._inode = None
 
     # ----- the socket ---------------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -62,6 +79,7 @@ class PrivateTrainer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         os.chmod(self.socket_path, 0o660)
+        self._inode = os.stat(self.socket_path).st_ino  # a successor may bind the same path: unlink only ours
         listener.listen(4)
         listener.settimeout(0.5)
         self._listener = listener
@@ -81,16 +99,16 @@ class PrivateTrainer:
                     self.serve_connection(conn)
         finally:
             self._listener.close()
-            if os.path.exists(self.socket_path):
-                os.unlink(self.socket_path)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.socket_path).st_ino == self._inode:
+                    os.unlink(self.socket_path)
 
     def stop(self) -> None:
         self.stopped.set()
 
     def serve_connection(self, conn: socket.socket) -> None:
-        conn.settimeout(REQUEST_TIMEOUT_S)
         try:
-            header, tensors = recv_frame(conn, self.max_payload_bytes)
+            header, tensors = recv_frame(_Deadline(conn, self.request_timeout_s), self.max_payload_bytes)
             reply_header, reply_tensors = self.handle(header, tensors)
         except WireError as exc:
             reply_header, reply_tensors = _refusal(exc.code, str(exc)), None
@@ -98,6 +116,7 @@ class PrivateTrainer:
             logger.warning("a caller went away mid-request (%s): nothing done", exc)
             return
         try:
+            conn.settimeout(self.request_timeout_s)  # a caller that does not read its reply is dropped as well
             send_frame(conn, reply_header, reply_tensors)
         except OSError as exc:  # the caller died while this trainer worked: a charge made stays on the ledger
             logger.warning("could not answer the caller (%s); what was charged stays charged", exc)
@@ -123,6 +142,16 @@ class PrivateTrainer:
         if round_idx < last:
             text = f"`round` {round_idx} comes after round {last} of run {run_id}: rounds only advance."
             return _refusal(codes.OUT_OF_ORDER, text), None
+        held = self.run_configs.get(run_id)
+        if held is not None and held != request["run-config"]:
+            changed = sorted(
+                k for k in set(held) | set(request["run-config"]) if held.get(k) != request["run-config"].get(k)
+            )
+            text = (
+                f"`run-config` of run {run_id} changed after it trained (keys {changed}): a run keeps one config. "
+                "Start a new run for another config."
+            )
+            return _refusal(codes.RUN_CONFIG_CHANGED, text), None
         reply = local_round(
             self.task,
             run_id=run_id,
@@ -133,9 +162,11 @@ class PrivateTrainer:
             lr=request["learning-rate"],
             steps=request["local-steps"],
             global_state=tensors,
+            max_models=self.max_models,
         )
         if reply.code not in codes.NOT_CHARGED:
             self.last_round[run_id] = round_idx  # charged (released, or failed after the charge)
+            self.run_configs[run_id] = dict(request["run-config"])
         return _reply(reply)
 
     def _last_charged(self, run_id: int) -> int:
@@ -144,6 +175,21 @@ class PrivateTrainer:
         saved = ClientState(state_dir).saved() if isinstance(state_dir, str) and state_dir else None
         rounds = [c["round"] for c in (saved or {}).get("charges", []) if c.get("run_id") == run_id]
         return max(rounds, default=-1)
+
+
+class _Deadline:
+    """A socket whose reads share one deadline (`recv_frame` reads in many calls; a per-call timeout would let a
+    caller that sends one byte at a time hold the trainer for ever)."""
+
+    def __init__(self, conn: socket.socket, seconds: float):
+        self.conn, self.deadline, self.seconds = conn, time.monotonic() + seconds, seconds
+
+    def recv(self, size: int) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request was not complete within `request-timeout-s` = {self.seconds} s")
+        self.conn.settimeout(left)
+        return self.conn.recv(size)
 
 
 def _train_request(header: dict) -> dict:

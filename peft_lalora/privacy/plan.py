@@ -9,7 +9,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from ..by_name import call_by_name
 from ..errors import ConfigError, LALoraWarning
 from .accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta
 from .sampling import sample_rate_for
@@ -119,17 +118,31 @@ class PrivacyPlan:
     def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
         """`build` from `FederatedDPArguments` (its sigma or target epsilon, delta, accountant and clip norm), for the
         in-process trainer (every client) and a Flower client (itself); `scheduled_steps` as in `build`."""
-        return call_by_name(
-            cls.build,
-            args,
+        return cls.build(
             client_sizes=client_sizes,
             batch_size=args.per_device_train_batch_size,
+            num_rounds=args.num_rounds,
+            local_steps=args.local_steps,
+            target_epsilon=args.target_epsilon,
+            noise_multiplier=args.noise_multiplier,
+            target_delta=args.target_delta,
+            allow_large_delta=args.allow_large_delta,
+            accountant=args.accountant,
+            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
             scheduled_steps=scheduled_steps,
+            privacy_unit=args.privacy_unit,
         )
 
     def new_ledger(self) -> PrivacyLedger:
         """An empty ledger: one accountant per client, refusing releases beyond `target_epsilon`."""
-        return call_by_name(PrivacyLedger, self)
+        return PrivacyLedger(
+            sample_rates=self.sample_rates,
+            noise_multiplier=self.noise_multiplier,
+            delta=self.delta,
+            accountant=self.accountant,
+            per_sample_max_grad_norm=self.per_sample_max_grad_norm,
+            target_epsilon=self.target_epsilon,
+        )
 
 
 def plan_delta(smallest: int, target_delta: Optional[float], allow_large_delta: bool = False) -> float:

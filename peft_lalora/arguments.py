@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
+from .round_arguments import validate_round_policy
 from .training_arguments import RESULT, refuse_unhonoured
 
 AGGREGATION_WEIGHTS = ("uniform", "num_samples")
@@ -24,7 +25,9 @@ PRIVACY_UNITS = ("example", "user")  # what one DP step protects inside a client
 OUTCOME = """num_clients clients_per_round num_rounds local_steps dirichlet_alpha min_shard_size dp target_epsilon
     target_delta noise_multiplier per_sample_max_grad_norm per_sample_head_max_grad_norm accountant sigma_calibration
     prior_privacy_report prior_privacy_same_data lora_b_lr_ratio round_lr_decay min_clients_per_round
-    aggregation_weights local_optimizer local_momentum label_column noise_seed privacy_unit user_column""".split()
+    aggregation_weights local_optimizer local_momentum label_column noise_seed aggregation aggregation_trim
+    client_dp client_clip_norm client_noise_multiplier client_target_epsilon client_target_delta
+    privacy_unit user_column""".split()
 OUTCOME_FREE = """allow_large_delta eval_rounds per_sample_grad_backend allow_fixed_noise_seed log_private_metrics
     overwrite_output_dir card_dataset_name card_data_format""".split()
 
@@ -74,6 +77,12 @@ class FederatedDPArguments(TrainingArguments):
             model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
         card_data_format (`str`, *optional*): the training data's format (e.g. an instruction prompt template),
             written in the model card's "Training data" section.
+        aggregation (`str`, defaults to "mean"): the aggregation rule (`federated.rules`): "mean" or
+            "trimmed_mean" (coordinate-wise, `aggregation_trim` of each end dropped; uniform weights only).
+        client_dp (`bool`, defaults to False): client-level DP (DP-FedAvg) on the server: clients Poisson-sampled
+            at q = clients_per_round / num_clients, each update clipped to `client_clip_norm`, noise
+            N(0, (z S)^2) on the sum, divided by clients_per_round; z is `client_noise_multiplier` or calibrated
+            for `client_target_epsilon` over `num_rounds` (delta `client_target_delta`). Independent of `dp`.
     """
 
     per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
@@ -191,10 +200,37 @@ class FederatedDPArguments(TrainingArguments):
             "prompt template of an instruction-tuned causal LM)."
         },
     )
+    # ----- the round's server-side policy (`federated.round.RoundPolicy`) -----
+    aggregation: str = field(
+        default="mean",
+        metadata={"help": "Aggregation rule of the clients' deltas (`federated.rules`): 'mean' or 'trimmed_mean'."},
+    )
+    aggregation_trim: float = field(
+        default=0.2,
+        metadata={"help": "trimmed_mean: fraction of the largest and of the smallest values dropped per coordinate."},
+    )
+    # ----- client-level DP on the server (DP-FedAvg; `federated.client_dp`, `privacy.client_level`) -----
+    client_dp: bool = field(
+        default=False,
+        metadata={
+            "help": "Client-level DP: Poisson-sample clients at rate clients_per_round / num_clients, clip each "
+            "update to client_clip_norm, add Gaussian noise to the sum (trusted server). With or without `dp`."
+        },
+    )
+    client_clip_norm: Optional[float] = field(default=None, metadata={"help": "Client-level DP: clip norm S."})
+    client_noise_multiplier: Optional[float] = field(
+        default=None, metadata={"help": "Client-level DP: noise multiplier z (epsilon reported)."}
+    )
+    client_target_epsilon: Optional[float] = field(
+        default=None, metadata={"help": "Client-level DP: target epsilon over num_rounds (z calibrated)."}
+    )
+    client_target_delta: Optional[float] = field(
+        default=None, metadata={"help": "Client-level DP: delta; default min(1e-5, 1 / num_clients)."}
+    )
 
     def __post_init__(self):
         for name in """dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir bf16 fp16
-            prior_privacy_same_data""".split():
+            prior_privacy_same_data client_dp""".split():
             _bool(name, getattr(self, name))
         if self.user_column == "":  # a Flower run config (TOML has no null) leaves it empty for none
             self.user_column = None
@@ -236,6 +272,7 @@ class FederatedDPArguments(TrainingArguments):
         _positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
         _positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
         _choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
+        validate_round_policy(self)
         _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
         _choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
         self._validate_unit()
@@ -260,7 +297,7 @@ class FederatedDPArguments(TrainingArguments):
             given = [
                 n
                 for n in ("target_epsilon", "target_delta", "noise_multiplier", "noise_seed")
-                if getattr(self, n) is not None
+                if getattr(self, n) is not None and not (n == "noise_seed" and self.client_dp)
             ]
             if given:
                 raise ConfigError(

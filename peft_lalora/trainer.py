@@ -22,9 +22,9 @@ from transformers.trainer_utils import TrainOutput
 
 from .arguments import FederatedDPArguments
 from .errors import CheckpointMismatchError, ClientDataError, ConfigError, PrivacyBudgetExceededError
-from .federated.aggregation import Aggregator
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns
+from .federated.client_dp import round_tensor_names
 from .federated.client_update import LocalConfig, client_update, make_optimizer, stepper_from_args
 from .federated.disclosure import error_text, reveals_private
 from .federated.fingerprint import check_fingerprints, shard_fingerprint
@@ -32,14 +32,15 @@ from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import PROBE_ROWS, preflight
-from .federated.seeding import calibration_steps, run_schedule, secret_seed, select_clients
+from .federated.round import RoundPolicy, finite_mean
+from .federated.seeding import calibration_steps, run_schedule, scheduled_per_round, secret_seed
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
 from .privacy.prior import REPORT_FILE, apply_prior, partition_record, prior_report_fields
-from .privacy.report import non_private_report, run_privacy_fields
+from .privacy.report import non_private_report, run_privacy_fields, with_client_level
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
 from .tuner.model import LALoraModel
@@ -144,6 +145,12 @@ class FederatedDPTrainer(Trainer):
         self._round_lrs = round_learning_rates(args)
         self._local = LocalConfig.from_args(args)
         self._private_seed = self._draw_private_seed()
+        names, config = list(self.global_adapter.state), self.model.peft_config[self.adapter_name]
+        self.round_policy = RoundPolicy(
+            args,
+            private_root=self._private_seed,
+            round_tensors=lambda r: round_tensor_names(config, names, self.adapter_name, r, args.local_steps),
+        )
         self.stepper = stepper_from_args(self.model, args, noise_multiplier, adapter_name=self.adapter_name)
 
     def _build_shards(self, shards: list) -> list:
@@ -163,7 +170,7 @@ class FederatedDPTrainer(Trainer):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
         for tests and research; no guarantee then), the public seed for the non-private baseline."""
         args = self.args
-        if not args.dp:
+        if not args.dp and not args.client_dp:
             return args.seed
         if args.noise_seed is not None:
             return args.noise_seed
@@ -254,8 +261,7 @@ class FederatedDPTrainer(Trainer):
             self.evaluate(ignore_keys=ignore_keys_for_eval)
         metrics = {"train_runtime": time.time() - start_time}
         if self._reveals_private:  # the noise-free training loss: outside the DP guarantee, only on request
-            finite = [x for x in losses if math.isfinite(x)]
-            metrics["train_loss"] = sum(finite) / len(finite) if finite else float("nan")
+            metrics["train_loss"] = finite_mean(losses)
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.report()["epsilon"]
         self.control = self.callback_handler.on_train_end(args, state, self.control)
@@ -268,17 +274,18 @@ class FederatedDPTrainer(Trainer):
         return reveals_private(self.args)
 
     def _run_round(self, round_idx: int) -> dict:
-        args = self.args
-        clients = select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round)
+        args, policy = self.args, self.round_policy
+        clients = policy.select(round_idx)
         ledger_before = None
         if self.ledger is not None:  # refuse before anything is computed or released; charged whether it survives
             ledger_before = self.ledger.state_dict()
-            for client in clients:
+            charged = range(args.num_clients) if args.client_dp else clients  # client-level: the sample is private
+            for client in charged:
                 self.ledger.check_release(client, args.local_steps)
-            for client in clients:
+            for client in charged:
                 self.ledger.charge(client, args.local_steps)
         lr = self._round_lrs[round_idx]
-        total = Aggregator(self.global_adapter.state)
+        total = policy.aggregator(self.global_adapter.state, round_idx)
         records = []
         self.model.train()
         mine = clients[args.process_index :: args.world_size]  # this process's disjoint share of the round
@@ -297,35 +304,28 @@ class FederatedDPTrainer(Trainer):
                 f"Every client of round {round_idx} failed, so nothing was released or charged. "
                 f"Client {first['client']}: {first['error']}"
             )
-        logs = {
-            "round": float(round_idx + 1),
-            "learning_rate": lr,
-            "clients": float(total.survivors),
-            "failed_clients": float(len(failed)),
-        }
+        logs = {"round": float(round_idx + 1), "learning_rate": lr}
+        if not args.client_dp or self._reveals_private:  # under client-level DP the sample's size is secret
+            logs.update(clients=float(total.survivors), failed_clients=float(len(failed)))
         for record in failed:
             logger.warning(
                 "round %d: client %d failed and was dropped: %s", round_idx, record["client"], record["error"]
             )
-        if total.survivors < args.min_clients_per_round:
-            logger.warning(
-                "round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; nothing released",
-                round_idx,
-                total.survivors,
-                len(clients),
-                args.min_clients_per_round,
-            )
+        merged = policy.close(total, round_idx, len(clients))
+        if merged is None:
             logs["round_aborted"] = 1.0
         else:
-            self.global_adapter.state = total.merged()
+            self.global_adapter.state = merged
         self.global_adapter.load_into_model()
         if self._reveals_private:
             logs.update(private_round_metrics(records))
         if self.ledger is not None:
             logs["epsilon"] = self.ledger.max_epsilon()
+        if args.client_dp:
+            logs["client_epsilon"] = policy.client_level.epsilon(round_idx + 1)
         return logs
 
-    def _run_client(self, round_idx: int, client: int, lr: float, total: Aggregator) -> dict:
+    def _run_client(self, round_idx: int, client: int, lr: float, total) -> dict:
         """One client's update into `total`; a client that raises is dropped, a budget error is not. A client whose
         data failed the data check is dropped without running (whether its batch would draw the bad example is
         private), as failed."""
@@ -349,8 +349,7 @@ class FederatedDPTrainer(Trainer):
         except Exception as exc:  # noqa: BLE001 - a failing client must not take the federation down
             text = error_text(exc, reveal=self._reveals_private, where="inside the client's local round")
             return {"client": client, "error": text, "dropped": getattr(exc, "dropped", 0)}
-        weight = 1.0 if self.args.aggregation_weights == "uniform" else float(update.num_examples)
-        total.add(update.delta, weight)
+        total.add(update.delta, self.round_policy.weight(update.num_examples))
         return {"client": client, "loss": update.loss, "examples": update.sampled, "dropped": update.dropped}
 
     def _preflight(self, start_round: int) -> None:
@@ -429,20 +428,22 @@ class FederatedDPTrainer(Trainer):
                 directory,
                 seed=args.seed,
                 num_clients=args.num_clients,
-                clients_per_round=args.clients_per_round,
+                clients_per_round=scheduled_per_round(args),
                 local_steps=args.local_steps,
                 noise_multiplier=fed["noise_multiplier"],
                 delta=fed["delta"],
                 accountant=args.accountant,
                 prior_steps=fed["prior_steps"],
             )
-            self._private_seed = state.get("private_seed")
+        if self.args.dp or self.args.client_dp:
+            self._private_seed = self.round_policy.private_root = state.get("private_seed")
             if self._private_seed is None or "data_fingerprints" not in state:
                 raise CheckpointMismatchError(
                     f"The checkpoint {directory!r} holds no private randomness (`private_seed`) or no fingerprint "
                     "of the clients' data: resuming would have to draw new noise for the rounds already run, or "
                     "could re-use its noise on other data. Start a fresh `output_dir`."
                 )
+        if self.args.dp:
             self._fingerprints = None  # of this run's data under the checkpoint's root
             check_fingerprints(state["data_fingerprints"], self._data_fingerprints(), directory)
         self.state.log_history = list(state.get("log_history", []))
@@ -462,8 +463,9 @@ class FederatedDPTrainer(Trainer):
     def privacy_report(self) -> dict:
         """Epsilon per client and the maximum, delta, sigma, C, sample rates, steps, accountant, unit."""
         self._setup_federation()
+        client_level = self.round_policy.client_level_report(self.state.global_step)
         if self.ledger is None:
-            return non_private_report()
+            return with_client_level(non_private_report(), client_level, self.args)
         report = self.ledger.report()
         worst_case = (max(c["sample_rate"] for c in report["clients"]), self.args.num_rounds * self.args.local_steps)
         report.update(
@@ -483,7 +485,7 @@ class FederatedDPTrainer(Trainer):
                 entry["users"] = self._federation["users"][entry["client"]]
         if self._prior is not None:
             report.update(prior_report_fields(self._prior, self.ledger, report, worst_case))
-        return report
+        return with_client_level(report, client_level, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the global adapter (peft format, safetensors, at the top of the folder even when the adapter is not
@@ -550,8 +552,9 @@ class FederatedDPTrainer(Trainer):
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
         return {
             "base_model": config.base_model_name_or_path or None,
+            "base_model_path": local_base_path(self.model),
             "adapter_config": config.to_dict(),
-            "privacy_report": self.privacy_report() if args.dp else None,
+            "privacy_report": self.privacy_report() if args.dp or args.client_dp else None,
             "metrics": metrics,
             "eval_round": last.get("step"),
             "adapter_round": self.state.global_step,
@@ -570,6 +573,13 @@ class FederatedDPTrainer(Trainer):
         }
 
 
+def local_base_path(model) -> str | None:
+    """The local folder the base model was loaded from (its config's `_name_or_path`), or None (a Hub id, or a
+    model built from a config): the card's loading code names it, so that it runs where the run ran."""
+    path = getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None)
+    return os.path.abspath(path) if isinstance(path, str) and path and os.path.isdir(path) else None
+
+
 def private_round_metrics(records: list) -> dict:
     """The round's metrics computed from private data without noise (`disclosure.PRIVATE_METRICS`): the mean loss of the
     clients with a finite loss, and the counts of sampled and dropped examples."""
@@ -577,7 +587,7 @@ def private_round_metrics(records: list) -> dict:
         "sampled_examples": float(sum(r.get("examples", 0) for r in records)),
         "dropped_examples": float(sum(r.get("dropped", 0) for r in records)),
     }
-    finite = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
-    if finite:
-        out["loss"] = sum(finite) / len(finite)
+    loss = finite_mean(r["loss"] for r in records if "loss" in r)
+    if not math.isnan(loss):
+        out["loss"] = loss
     return out

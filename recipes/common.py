@@ -5,29 +5,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
 import typing
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from peft_lalora import FederatedDPArguments
+from peft_lalora.federated.checkpoint import STATE_DIR
+from peft_lalora.federated.divergence import LossWatch
 from peft_lalora.tuner import METHODS
 
-# Federated defaults every recipe's embedded job starts from (each adds its own rounds, steps and folder).
+# Federated defaults every recipe's embedded job starts from (each adds its own rounds, steps and folder). A round
+# checkpoint after every round (`federated_state/`, a LoRA round's state is small) lets `--resume_from_checkpoint`
+# finish a killed run.
 RECIPE_DEFAULTS = dict(
     num_clients=10,
     clients_per_round=4,
     per_device_train_batch_size=32,
-    learning_rate=1.0,
+    learning_rate=1.0,  # tuned for DP's clipped, noised steps
     local_optimizer="sgd",
     per_sample_max_grad_norm=1.0,
     seed=42,
     report_to="none",
-    save_strategy="no",
+    save_strategy="steps",
 )
+# Without DP (`--dp False`) the steps are neither clipped nor noised and 1.0 diverges (the default job: loss 84,
+# accuracy at the majority class). The privacy-utility benchmark tuned non-private LoRA over [0.1, 0.3, 1.0, 3.0] and
+# picked 0.1 (benchmarks/results/privacy_utility.md: 70.83 % at 0.1; privacy_utility_vision.md: 0.1 too).
+NONPRIVATE_LEARNING_RATE = 0.1
 
 
 @dataclass
@@ -77,6 +87,8 @@ def parse_recipe_args(parser: HfArgumentParser, argv: list[str] | None, default_
     argv = sys.argv[1:] if argv is None else argv
     if not any(a.split("=")[0] in ("--noise_multiplier", "--target_epsilon") for a in argv) and not _dp_off(argv):
         parser.set_defaults(target_epsilon=default_target_epsilon)  # DP needs exactly one of the two
+    if _dp_off(argv) and not any(a.split("=")[0] == "--learning_rate" for a in argv):
+        parser.set_defaults(learning_rate=NONPRIVATE_LEARNING_RATE)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -92,6 +104,34 @@ def _dp_off(argv: list[str]) -> bool:
     return False
 
 
+def resume_argument(args):
+    """`--resume_from_checkpoint` as `FederatedDPTrainer.train()` takes it: None for a fresh run, True ("true")
+    for the run in `output_dir`, else the `federated_state` folder named (or the one inside the run folder named)."""
+    value = args.resume_from_checkpoint
+    if value is None or value is False or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    if value is True or str(value).lower() in ("true", "yes", "1"):
+        return True
+    nested = os.path.join(str(value), STATE_DIR)
+    return nested if os.path.isdir(nested) else str(value)
+
+
+def busy_machine_hint() -> None:
+    """Log a hint when the cores are shared and torch still uses several threads: under load, threads wait for
+    each other (two rounds of the default job took 1034 s with torch's 2 threads against 509 s with
+    OMP_NUM_THREADS=1 at load average 10-20 on 2 cores; README.md)."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and "OMP_NUM_THREADS" not in os.environ and load > cores:
+        logging.getLogger("recipes").warning(
+            "The machine is busy (load average %.1f on %d cores) and torch uses %d threads: set "
+            "OMP_NUM_THREADS=1, which ran the default job's rounds 2x faster under such load (README.md).",
+            load,
+            cores,
+            threads,
+        )
+
+
 def final_metrics(trainer, key: str = "eval_accuracy") -> dict:
     """The evaluation of the final global adapter: the one logged after the last round, else a fresh one."""
     logged = [log for log in trainer.state.log_history if key in log]
@@ -101,14 +141,28 @@ def final_metrics(trainer, key: str = "eval_accuracy") -> dict:
 
 
 def train_and_report(
-    trainer, args, start: float, after_save=None, metric: str = "accuracy", extra_metrics=None, **extra
+    trainer,
+    args,
+    start: float,
+    after_save=None,
+    metric: str = "accuracy",
+    extra_metrics=None,
+    reference_loss=None,
+    before_save=None,
+    **extra,
 ) -> dict:
-    """Train, save the adapter folder (adapter, card, privacy report; then `after_save(output_dir)` adds the
-    recipe's own files), push if asked, print and return the result. `metric` is the evaluation metric printed
+    """Train (resuming if `--resume_from_checkpoint`; warning if a logged loss explodes past 5x `reference_loss`,
+    else past 5x its first value), save the adapter folder (`before_save(output_dir)` first, e.g. a base model the
+    adapter names; then adapter, card and privacy report; then `after_save(output_dir)` adds the recipe's own
+    files), push if asked, print and return the result. `metric` is the evaluation metric printed
     (`eval_<metric>`); `extra_metrics()` returns more results measured after training (e.g. by generation)."""
-    trainer.train()
+    busy_machine_hint()
+    trainer.add_callback(LossWatch(reference_loss))
+    trainer.train(resume_from_checkpoint=resume_argument(args))
     metrics = final_metrics(trainer, f"eval_{metric}")
     more = extra_metrics() if extra_metrics is not None else {}
+    if before_save is not None and trainer.is_world_process_zero():
+        before_save(args.output_dir)
     trainer.save_model(args.output_dir)
     if after_save is not None and trainer.is_world_process_zero():
         after_save(args.output_dir)

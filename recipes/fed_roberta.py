@@ -17,7 +17,8 @@ Any AutoModelForSequenceClassification checkpoint and GLUE task (through `datase
     accelerate launch --num_processes 4 recipes/fed_roberta.py ...          # several GPUs share each round's clients
     python recipes/fed_roberta.py ... --push_to_hub --hub_model_id you/roberta-sst2-lalora-eps3
 
-Baselines: `--method` in lalora, lalora_nofilter, rolora, ffa, dplora. Non-private: `--dp False`.
+Baselines: `--method` in lalora, lalora_nofilter, rolora, ffa, dplora. Non-private: `--dp False` (learning rate
+0.1 by default: DP's 1.0 is tuned for clipped, noised steps and diverges without them).
 User-level DP (every example of a user protected together; users, not rows, are sampled): `--privacy_unit user
 --user_column COLUMN`, COLUMN a column of the training data naming each example's user (kept through
 tokenisation). The offline Rotten Tomatoes rows name no critic: `--user_column pseudo_user` derives one inside each
@@ -25,12 +26,15 @@ movie (`data.add_pseudo_users`: snippets dealt to pseudo-critics of geometric si
 that the mechanism and its cost can be tried:
 
     HF_HUB_OFFLINE=1 python recipes/fed_roberta.py --privacy_unit user --user_column pseudo_user
-It prints the test accuracy, epsilon and the output folder at the end.
+
+It checkpoints after every round (`output_dir/federated_state`, private); `--resume_from_checkpoint True` finishes
+a killed run. It prints the test accuracy, epsilon and the output folder at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         args,
         start,
         after_save=lambda folder: save_pooling(model.get_base_model(), folder),
+        reference_loss=math.log(num_labels) if num_labels > 1 else None,  # a uniform guess's cross-entropy
         client_split=split,
         method=model_args.method,
     )

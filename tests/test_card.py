@@ -142,3 +142,52 @@ def test_fixed_noise_seed_card_warns_that_no_guarantee_holds():
     assert privacy.index("Warning") < privacy.index("epsilon")  # before the numbers it voids
     for older in (REPORT, {**REPORT, "secret_randomness": True}):  # a report without the key: secret randomness
         assert "Warning: no privacy guarantee" not in render_model_card(**card_kwargs(privacy_report=older))
+
+
+# -- how to load -----------------------------------------------------------------------------------------------
+def test_card_code_loads_the_local_base_the_run_used_and_runs_offline(tmp_path):
+    # Prepare: a base saved to a folder (the run's offline copy) whose Hub id is recorded, and its adapter
+    import re
+
+    import torch
+    from peft import PeftModel, get_peft_model
+    from tiny_models import tiny_roberta
+    from transformers import AutoModelForSequenceClassification
+
+    from peft_lalora.trainer import local_base_path
+
+    base_dir, adapter_dir = tmp_path / "offline copy", tmp_path / "adapter"
+    tiny_roberta().save_pretrained(base_dir)
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(base_dir),
+        LALoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    )
+    with torch.no_grad():  # a nonzero adapter, so that loading it is visible in the outputs
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    model.peft_config["default"].base_model_name_or_path = "someone/hub-model"
+    model.save_pretrained(adapter_dir)
+    # Execute
+    local = local_base_path(model)
+    card = render_model_card(**card_kwargs(base_model="someone/hub-model", base_model_path=local))
+    hub_card = render_model_card(**card_kwargs(base_model="someone/hub-model", base_model_path=local, repo_id="u/r"))
+    # Assert: the code loads the folder the run used and names the Hub id; a Hub card the other way round
+    assert local == str(base_dir)
+    snippet = re.search(r"```python\n(import peft_lalora.*?)```", card, re.S).group(1)
+    assert f'from_pretrained("{base_dir}")' in snippet and "elsewhere load 'someone/hub-model'" in snippet
+    assert 'from_pretrained("someone/hub-model")' in hub_card and repr(str(base_dir)) in hub_card
+    # ... and runs offline as written (the adapter folder in place of the placeholder), reproducing the outputs
+    namespace = {}
+    exec(snippet.replace("<repo_id or local adapter folder>", str(adapter_dir)), namespace)
+    assert isinstance(namespace["model"], PeftModel)
+    inputs = {"input_ids": torch.tensor([[0, 5, 6, 7, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(namespace["model"].eval()(**inputs).logits, model(**inputs).logits, atol=1e-6)
+
+
+def test_card_code_loads_the_recorded_base_when_it_is_the_folder_the_run_used():
+    card = render_model_card(**card_kwargs(base_model="/data/base", base_model_path="/data/base"))
+    assert 'base = AutoModelForSequenceClassification.from_pretrained("/data/base")' in card
+    assert "local copy" not in card

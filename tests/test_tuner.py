@@ -1,12 +1,14 @@
 """LALoraConfig / LALoraModel: injection on every supported architecture, the schedule, freezing, errors."""
 
+import warnings
+
 import pytest
 import torch
 from peft import get_peft_model
 from tiny_models import MODELS, tiny_roberta
 
 import peft_lalora  # noqa: F401  (registers LALORA)
-from peft_lalora import ConfigError, LALoraConfig, LALoraModel
+from peft_lalora import ConfigError, LALoraConfig, LALoraModel, LALoraWarning
 
 
 def make(name="roberta", **kwargs):
@@ -178,6 +180,20 @@ def test_config_bad_input(kwargs, match):
 def test_target_modules_matching_nothing_lists_candidates():
     with pytest.raises(ConfigError, match=r"matched no module.*'query'.*'value'"):
         get_peft_model(tiny_roberta(), LALoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_target_modules_partly_matching_warns_naming_the_unmatched():
+    # stock peft adapts `query` alone without a word; the typo must be named
+    with pytest.warns(LALoraWarning, match=r"\['no_such_module'\] matched no module.*only \['query'\] get adapters"):
+        model = get_peft_model(tiny_roberta(), LALoraConfig(r=2, target_modules=["query", "no_such_module"]))
+    adapted = {n.rsplit(".", 1)[-1] for n in model.base_model.targeted_module_names}
+    assert adapted == {"query"}
+
+
+def test_target_modules_all_matching_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LALoraWarning)
+        get_peft_model(tiny_roberta(), LALoraConfig(r=2, target_modules=["query", "value"]))
 
 
 def test_registration_is_idempotent():

@@ -1,10 +1,12 @@
 """Federated building blocks, the round as a public API that the in-process trainer and the Flower apps share:
-client partitions, the client update, the aggregator, seeding and checkpoints."""
+client partitions, the client update, the round's server policy (`RoundPolicy`, aggregation rules in `rules`,
+client-level DP in `client_dp`), seeding and checkpoints."""
 
 from .aggregation import Aggregator, adapter_delta, apply_delta
 from .client import ClientShard, model_columns
 from .client_update import ClientUpdate, ClientUpdateError, LocalConfig, client_update, make_optimizer, make_stepper
 from .partition import partition_dataset, partition_dirichlet, partition_groups, partition_iid
+from .round import RoundPolicy
 
 __all__ = [
     "Aggregator",
@@ -12,6 +14,7 @@ __all__ = [
     "ClientUpdate",
     "ClientUpdateError",
     "LocalConfig",
+    "RoundPolicy",
     "adapter_delta",
     "apply_delta",
     "client_update",

@@ -20,8 +20,10 @@ VALUE_FREE_ERRORS = (ClientDataError, ClientUpdateError, ConfigError, Untraceabl
 
 
 def reveals_private(args) -> bool:
-    """Whether the run may log and return values computed from private data without noise."""
-    return not args.dp or getattr(args, "log_private_metrics", False) is True
+    """Whether the run may log and return values computed from private data without noise (never by default
+    under sample-level or client-level DP)."""
+    private = args.dp or getattr(args, "client_dp", False) is True
+    return not private or getattr(args, "log_private_metrics", False) is True
 
 
 def error_text(exc: BaseException, *, reveal: bool, where: str, opt_in: str = OPT_IN) -> str:

@@ -70,8 +70,9 @@ def prepare_output_dir(args, *, resuming: bool) -> None:
         raise ConfigError(
             f"`output_dir` {output_dir!r} holds another run ({', '.join(found)}): a new run there would overwrite "
             "its checkpoint and leave its adapter, model card and privacy report mixed with this run's. Use a "
-            "fresh `output_dir`, pass `resume_from_checkpoint=True` to `train()` to continue that run, or set "
-            "`overwrite_output_dir=True` to delete it first."
+            "fresh `output_dir`, continue that run (`train(resume_from_checkpoint=True)`; in the recipes and "
+            "scripts: `--resume_from_checkpoint True`), or delete it first (`overwrite_output_dir=True`; "
+            "`--overwrite_output_dir True`)."
         )
     if not args.should_save:
         return

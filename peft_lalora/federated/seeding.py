@@ -68,13 +68,20 @@ def scheduled_steps(*, seed: int, rounds: int, num_clients: int, clients_per_rou
     return steps
 
 
+def scheduled_per_round(args) -> int:
+    """The clients of the public schedule per round: `clients_per_round`, or under client-level DP every client
+    (its Poisson sample is private, so each client's sample-level accounting assumes it takes part in every round,
+    and nothing published tells which rounds it took part in)."""
+    return args.num_clients if getattr(args, "client_dp", False) else args.clients_per_round
+
+
 def run_schedule(args) -> dict:
     """`scheduled_steps` of a run's `FederatedDPArguments` (its seed, clients, participation and rounds)."""
     return scheduled_steps(
         seed=args.seed,
         rounds=args.num_rounds,
         num_clients=args.num_clients,
-        clients_per_round=args.clients_per_round,
+        clients_per_round=scheduled_per_round(args),
         local_steps=args.local_steps,
     )
 

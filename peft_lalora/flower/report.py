@@ -3,8 +3,8 @@ own sigma, delta and ledger on its own disk), so the report lists every client a
 
 from __future__ import annotations
 
-from ..privacy.accounting import REPORT_UNIT
-from ..privacy.report import non_private_report, run_privacy_fields
+from ..privacy.accounting import REPORT_UNIT, compute_epsilon
+from ..privacy.report import non_private_report, run_privacy_fields, with_client_level
 
 NOTE = (
     "Each client's epsilon is its own ledger's (kept on its own disk), over every local step ever charged to "
@@ -13,12 +13,20 @@ NOTE = (
     "ledger file is the authority."
 )
 
+PARTICIPATION_NOTE = (
+    "Client-level DP: which clients were sampled in which round is secret, so each client's epsilon here is the "
+    "one of taking part in every round of this run (its reported steps plus `local_steps` for each round it did "
+    "not report, at its sigma and sample rate). It bounds its ledger when the ledger holds this run only; "
+    "otherwise the ledger file on the client's disk is the authority."
+)
+
 
 def privacy_report(strategy) -> dict:
     """Epsilon per client (as last reported) and the maximum, the clients' delta, sigma, C, rates and steps."""
     args = strategy.args
+    client_level = strategy.policy.client_level_report(len(strategy.history))
     if not args.dp:
-        return {"engine": "flower", **non_private_report()}
+        return with_client_level({"engine": "flower", **non_private_report()}, client_level, args)
     clients = [
         {
             "client": pid,
@@ -51,4 +59,30 @@ def privacy_report(strategy) -> dict:
         "unreported": {str(k): v for k, v in sorted(strategy.unreported.items())},
         "note": NOTE,
     }
-    return report
+    if client_level is not None:
+        hide_participation(report, strategy)
+    return with_client_level(report, client_level, args)
+
+
+def hide_participation(report: dict, strategy) -> None:
+    """Under client-level DP the clients' Poisson sample is secret, but each client's ledger counts the rounds it
+    was sampled in: the published entries give instead the client's epsilon as if it had taken part in every
+    round of this run (its reported steps plus `local_steps` for every round it did not report, at its sigma
+    and rate: an upper bound when its ledger holds this run's events only; otherwise its ledger file is the
+    authority), and no `last_round`."""
+    args, released = strategy.args, len(strategy.history)
+    for entry in report["clients"]:
+        taken = sum(1 for h in strategy.history if entry["client"] in h["survivors"])
+        entry["steps"] += args.local_steps * (released - taken)
+        entry["epsilon"] = compute_epsilon(
+            noise_multiplier=entry["noise_multiplier"],
+            sample_rate=entry["sample_rate"],
+            steps=entry["steps"],
+            delta=entry["delta"],
+            accountant=args.accountant,
+        )
+        entry.pop("last_round")
+    report["epsilon"] = max((c["epsilon"] for c in report["clients"]), default=None)
+    report["unreported"] = {}
+    report["refused"] = [{k: v for k, v in r.items() if k != "round"} for r in report["refused"]]
+    report["note"] = PARTICIPATION_NOTE

@@ -17,8 +17,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..errors import ConfigError
+from ..federated.client_dp import round_tensor_names
 from ..federated.client_update import load_state
 from ..federated.output_dir import prepare_output_dir
+from ..federated.seeding import secret_seed
 from ..federated.state_io import save_json
 from ..hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
 from ..training_arguments import round_learning_rates
@@ -67,6 +69,7 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
         round_timeout=server_setting(run_config, "round-timeout"),
         max_aborted_rounds=server_setting(run_config, "max-aborted-rounds"),
         on_round=lambda history: _save_history(args.output_dir, history),
+        **client_dp_settings(args, model, names),
     )
     wait = server_setting(run_config, "node-wait-timeout")
     found = strategy.discover(grid, wait=wait, until=args.num_clients)
@@ -141,7 +144,7 @@ def _save_adapter(task: FlowerTask, model, strategy: LALoraStrategy, run_config:
             out,
             base_model=config.base_model_name_or_path or "unknown",
             adapter_config=config.to_dict(),
-            privacy_report=report if args.dp else None,
+            privacy_report=report if args.dp or args.client_dp else None,
             metrics={},
             repo_id=args.hub_model_id,
             federated={
@@ -170,13 +173,25 @@ def _save_history(out: str, history: list) -> None:
     save_json(os.path.join(out, HISTORY), history)
 
 
+def client_dp_settings(args, model, names: list) -> dict:
+    """Client-level DP's server secrets: a fresh private root (the sampling and noise; `noise-seed` fixes it, no
+    guarantee then), never stored, and the tensors each round's clients train (the noise covers them)."""
+    if not args.client_dp:
+        return {}
+    config, adapter = model.peft_config[model.active_adapter], model.active_adapter
+    return {
+        "private_root": args.noise_seed if args.noise_seed is not None else secret_seed(),
+        "round_tensors": lambda r: round_tensor_names(config, names, adapter, r, args.local_steps),
+    }
+
+
 def _check_publishable(args) -> None:
     """Refuse a push that cannot succeed or must not happen, before any round is run."""
     if not args.push_to_hub:
         return
     if not args.hub_model_id:
         raise ConfigError("`push-to-hub` is set but `hub-model-id` is not: name the Hub repo (e.g. 'alice/lalora').")
-    if args.dp and args.noise_seed is not None and not args.allow_fixed_noise_seed:
+    if (args.dp or args.client_dp) and args.noise_seed is not None and not args.allow_fixed_noise_seed:
         raise ConfigError(
             f"`noise-seed`={args.noise_seed} fixes the noise, so the adapter would NOT be differentially "
             "private: refusing to publish it. Leave `noise-seed` out, or set `allow-fixed-noise-seed`."

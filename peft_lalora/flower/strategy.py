@@ -1,11 +1,10 @@
 """`LALoraStrategy`: the server side of a Flower run, a Flower `Strategy` that reproduces `FederatedDPTrainer`'s
-rounds. Round r selects the clients `select_clients(seed, r, num_clients, clients_per_round)` (the public schedule,
-over the SuperNodes' `partition-id`s), sends them the global adapter and the round's settings, and aggregates the
-replies with the library's `Aggregator`, in client order: A with A, B with B, a tensor nobody sent (FFA-LoRA's A,
-RoLoRA's idle factor) keeps its global value. A round with fewer than `min_clients_per_round` surviving clients is
-aborted and releases nothing; after `max_aborted_rounds` consecutive aborted rounds the strategy raises
-`QuorumUnreachable` (the survivors are asked for nothing more). The server holds no privacy state: each client
-accounts for itself and reports.
+rounds through the same `federated.round.RoundPolicy`: round r selects its clients (the public schedule, over the
+SuperNodes' `partition-id`s), sends them the global adapter and the round's settings, and aggregates the replies
+with the run's rule in client order (A with A, B with B; a tensor nobody sent keeps its global value). A round
+with fewer than `min_clients_per_round` surviving clients is aborted and releases nothing; after
+`max_aborted_rounds` consecutive aborted rounds the strategy raises `QuorumUnreachable` (the survivors are asked
+for nothing more). The server holds no sample-level privacy state: each client accounts for itself and reports.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..federated.aggregation import Aggregator
-from ..federated.seeding import select_clients
+from ..federated.round import RoundPolicy, finite_mean
 from . import protocol
 from .outcome import QuorumUnreachable
 
@@ -41,6 +39,8 @@ class LALoraStrategy(Strategy):
         max_aborted_rounds (`int`): stop the run (`QuorumUnreachable`) after this many consecutive aborted rounds,
             since each one may have charged its survivors for nothing; 0 never stops.
         on_round (`callable`, *optional*): called with the history after every round (e.g. to write it to disk).
+        private_root, round_tensors: client-level DP only (`RoundPolicy`): the server's secret root and
+            round -> the tensors its clients train.
     """
 
     def __init__(
@@ -53,6 +53,8 @@ class LALoraStrategy(Strategy):
         query_timeout: float = 120.0,
         max_aborted_rounds: int = 2,
         on_round=None,
+        private_root=None,
+        round_tensors=None,
     ):
         self.args = args
         self.global_state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
@@ -67,6 +69,7 @@ class LALoraStrategy(Strategy):
         self.max_aborted_rounds, self.on_round = int(max_aborted_rounds), on_round
         self._round: dict = {}
         self._uncharged: set = set()
+        self.policy = RoundPolicy(args, private_root=private_root, round_tensors=round_tensors)
 
     def arrays(self) -> ArrayRecord:
         return ArrayRecord(self.global_state)
@@ -115,7 +118,7 @@ class LALoraStrategy(Strategy):
     ) -> Iterable[Message]:
         """Messages to the round's clients of the public schedule (`server_round` counts from 1, `round` from 0)."""
         args, round_idx = self.args, server_round - 1
-        selected = select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round)
+        selected = self.policy.select(round_idx)
         online = set(grid.get_node_ids())
         if any(self.nodes.get(pid) not in online for pid in selected) or online - self._asked:
             self.discover(grid)  # a node (re)joined, or a selected client has none
@@ -147,7 +150,8 @@ class LALoraStrategy(Strategy):
                 ttl=self.round_timeout,
             )
             self._round["messages"].append((message, pid))
-        if len(self._round["messages"]) < args.min_clients_per_round:  # known before anyone trains: charge nobody
+        too_few = len(self._round["messages"]) < args.min_clients_per_round
+        if too_few and self.policy.may_abort():  # known before anyone trains: charge nobody
             logger.warning(
                 "round %d: only %d of its clients have a SuperNode online, fewer than "
                 "min_clients_per_round=%d: aborted before sending",
@@ -175,7 +179,7 @@ class LALoraStrategy(Strategy):
                 self._failed(pid, reply.error.code, reply.error.reason)
             else:
                 answered[pid] = reply
-        aggregator = Aggregator(self.global_state)
+        aggregator = self.policy.aggregator(self.global_state, record["round"])
         clients = {}
         for pid in sorted(answered):  # client order, as the in-process trainer adds them
             try:
@@ -198,30 +202,23 @@ class LALoraStrategy(Strategy):
             self.refused.append({"client": pid, "round": self._round["round"], "reason": reason})
         logger.warning("round %d: client %d failed (%s): %s", self._round["round"], pid, name, reason)
 
-    def _add(self, aggregator: Aggregator, pid: int, reply: Message) -> dict:
+    def _add(self, aggregator, pid: int, reply: Message) -> dict:
         metrics = dict(reply.content[protocol.METRICS])
         privacy = dict(reply.content[protocol.PRIVACY])
         if privacy.get("partition-id") != pid:
             raise ValueError(f"the reply says partition-id {privacy.get('partition-id')!r}, the node serves {pid}")
-        weight = 1.0 if self.args.aggregation_weights == "uniform" else float(metrics["num-examples"])
-        aggregator.add(reply.content[protocol.DELTA].to_torch_state_dict(), weight)
+        aggregator.add(
+            reply.content[protocol.DELTA].to_torch_state_dict(), self.policy.weight(metrics["num-examples"])
+        )
         self.clients[pid] = {**privacy, "last_round": self._round["round"]}
         return metrics
 
-    def _close_round(self, aggregator: Aggregator, clients: dict) -> tuple:
-        record, args = self._round, self.args
-        aborted = aggregator.survivors < args.min_clients_per_round
-        if aborted:
-            logger.warning(
-                "round %d aborted: %d of %d clients survived, fewer than min_clients_per_round=%d; nothing released",
-                record["round"],
-                aggregator.survivors,
-                len(record["selected"]),
-                args.min_clients_per_round,
-            )
-        else:
-            self.global_state = aggregator.merged()
-        losses = [m["loss"] for m in clients.values() if math.isfinite(m.get("loss", math.nan))]
+    def _close_round(self, aggregator, clients: dict) -> tuple:
+        record = self._round
+        merged = self.policy.close(aggregator, record["round"], len(record["selected"]))
+        aborted = merged is None
+        if not aborted:
+            self.global_state = merged
         entry = {
             "round": record["round"],
             "selected": record["selected"],
@@ -231,7 +228,7 @@ class LALoraStrategy(Strategy):
             "seconds": time.time() - record["start"],
             "bytes_sent": {str(k): int(m["bytes-sent"]) for k, m in clients.items()},
             "client_seconds": {str(k): float(m.get("train-seconds", float("nan"))) for k, m in clients.items()},
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "loss": finite_mean(m.get("loss", math.nan) for m in clients.values()),
             "adapter_sha256": state_sha256(self.global_state),
         }
         self.history.append(entry)

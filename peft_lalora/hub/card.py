@@ -20,6 +20,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
 from ..privacy.accounting import REPORT_UNIT
 from ..tuner.methods import ALTERNATIONS, method_of
+from .card_client import client_level_text
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "card_template.md"
 TAGS = ["peft", "lalora", "lora", "differential-privacy", "federated-learning"]
@@ -56,6 +57,7 @@ def render_model_card(
     eval_round: int | None = None,
     adapter_round: int | None = None,
     data_format: str | None = None,
+    base_model_path: str | None = None,
 ) -> str:
     """
     README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
@@ -67,7 +69,9 @@ def render_model_card(
     dropped). `base_model=None` (not recorded) leaves `base_model` out of the metadata. `eval_round` is the round
     after which `metrics` were measured and `adapter_round` the adapter's (default: `num_rounds`); results of an
     earlier round are said to be so and are no model-index claim. `data_format` (e.g. the prompt template of an
-    instruction-tuned causal LM) becomes a "Training data" section.
+    instruction-tuned causal LM) becomes a "Training data" section. `base_model_path` is the local folder the run
+    loaded its base from when that is not `base_model` (e.g. an offline copy of a Hub model): the loading code
+    then names both, loading from the folder unless the card is for a Hub repo (`repo_id`).
     """
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
         raise ConfigError(
@@ -90,7 +94,7 @@ def render_model_card(
         if base_model
         else f"{kind[0].upper()}{kind[1:]} (its base model was not recorded)",
         "data_section": f"## Training data\n\n{data_format.strip()}\n\n" if data_format else "",
-        "base_model_load": base_model or "<the base model's id or path>",
+        **_base_load(base_model, base_model_path, repo_id),
         "repo_id": repo_id or "<repo_id or local adapter folder>",
         "title": title,
         "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"),
@@ -99,11 +103,16 @@ def render_model_card(
     values.update(_method_values(config))
     values.update(_federated_values(federated))
     status = privacy_status(privacy_report)
-    values["privacy_section"] = _privacy_section(privacy_report)
+    values["privacy_section"] = _privacy_section(privacy_report) + client_level_text(privacy_report)
     values["dp_clause"] = {
         "private": " with differential privacy",
         "fixed_seed": " with DP-SGD noise from a fixed seed (no privacy guarantee)",
-    }.get(status, " without differential privacy")
+    }.get(
+        status,
+        " with client-level differential privacy"
+        if client_level_text(privacy_report)
+        else " without differential privacy",
+    )
     adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
     final = eval_round is None or eval_round == adapter_round
     values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])
@@ -112,6 +121,25 @@ def render_model_card(
         base_model, index_metrics, dataset, task, title, private=status == "private"
     )
     return string.Template(_template()).substitute(values)
+
+
+def _base_load(base_model: str | None, local: str | None, repo_id: str | None) -> dict:
+    """The `from_pretrained` argument of the card's loading code and a comment line naming the other source when
+    the run loaded its base from a local folder that is not `base_model` (the code must run where the run ran)."""
+    if not local or local == base_model:
+        return {"base_model_load": base_model or "<the base model's id or path>", "base_load_comment": ""}
+    if not base_model:
+        return {"base_model_load": local, "base_load_comment": "# the local folder this run loaded its base from\n"}
+    if repo_id:  # a Hub card: the Hub id, and where the run found it
+        return {
+            "base_model_load": base_model,
+            "base_load_comment": f"# the run loaded this base from its local copy {local!r}\n",
+        }
+    return {
+        "base_model_load": local,
+        "base_load_comment": f"# the local copy of {base_model!r} this run loaded (offline); elsewhere load "
+        f"{base_model!r} from the Hub\n",
+    }
 
 
 def privacy_status(report: dict | None) -> str:
@@ -230,6 +258,8 @@ def _federated_values(federated: dict) -> dict:
 
 def _privacy_section(report: dict | None) -> str:
     if report is None or (isinstance(report, dict) and report.get("dp") is False):
+        if client_level_text(report):
+            return "**No sample-level DP** (`dp=False`): each client's local training is not private on its own."
         return (
             "This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
             "for the clients' data."

@@ -25,7 +25,7 @@ from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
 from ..federated.disclosure import error_text
 from ..federated.preflight import PROBE_ROWS, preflight
-from ..federated.seeding import calibration_steps, select_clients
+from ..federated.seeding import calibration_steps, scheduled_per_round, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
 from . import codes
@@ -235,7 +235,7 @@ def check_scheduled(job: Job, round_idx: int) -> None:
         raise ConfigError(
             f"The server asks for round {round_idx}, outside the run's `num-rounds` = {args.num_rounds}."
         )
-    if job.client not in select_clients(args.seed, round_idx, args.num_clients, args.clients_per_round):
+    if job.client not in select_clients(args.seed, round_idx, args.num_clients, scheduled_per_round(args)):
         raise ConfigError(
             f"Client {job.client} is not among round {round_idx}'s clients in the public schedule "
             f"(seed {args.seed}): refusing to train in it."

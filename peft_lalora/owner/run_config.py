@@ -59,6 +59,13 @@ FIELDS = (
     "per_device_train_batch_size",
     "sigma_calibration",
     "per_sample_head_max_grad_norm",
+    "aggregation",
+    "aggregation_trim",
+    "client_dp",
+    "client_clip_norm",
+    "client_noise_multiplier",
+    "client_target_epsilon",
+    "client_target_delta",
     "privacy_unit",
     "user_column",
 )

@@ -62,3 +62,19 @@ def run_privacy_fields(args) -> dict:
         fields["clip_groups"] = {"lora": args.per_sample_max_grad_norm, "head": args.per_sample_head_max_grad_norm}
         fields["sensitivity"] = math.hypot(args.per_sample_max_grad_norm, args.per_sample_head_max_grad_norm)
     return fields
+
+
+def with_client_level(report: dict, client_level, args) -> dict:
+    """`report` with the client-level entry (`client_level`, unit "client") next to the per-client sample-level
+    ones, and `guarantees`: which unit is protected, in one line each. Unchanged without client-level DP."""
+    if client_level is None:
+        return report
+    if args.noise_seed is not None:
+        client_level = {**client_level, "noise_seed_warning": FIXED_SEED_WARNING}
+    sample = (
+        f"sample-level ({report.get('unit')}): epsilon {report['epsilon']:.4g} per client, delta {report['delta']}"
+        if report.get("dp")
+        else "sample-level: NONE (`dp=False`): each client's local training is not private on its own"
+    )
+    client = f"client-level: epsilon {client_level['epsilon']:.4g}, delta {client_level['delta']:g}"
+    return {**report, "client_level": client_level, "guarantees": [sample, client]}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LALoraWarning
 from . import schedule
 from .config import LALoraConfig
 
@@ -33,7 +34,7 @@ class LALoraModel(LoraModel):
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         self._factor_params = {}  # the set of LoRA layers changes (the first call comes from `__init__`)
         try:
-            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+            result = super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as exc:
             config = self.peft_config[adapter_name]
             raise ConfigError(
@@ -41,6 +42,17 @@ class LALoraModel(LoraModel):
                 f"matched no module of {type(model).__name__}. Candidate module names (nn.Linear leaves): "
                 f"{candidate_module_names(model)}. Pass some of these as `target_modules`."
             ) from exc
+        # peft raises only when no name matches; a list with a typo would train the other modules without a word
+        unmatched = unmatched_target_modules(self.peft_config[adapter_name].target_modules, self.targeted_module_names)
+        if unmatched:
+            warnings.warn(
+                f"`target_modules` {unmatched} matched no module of {type(model).__name__}, so only "
+                f"{matched_target_names(self.targeted_module_names)} get adapters. Candidate module names "
+                f"(nn.Linear leaves): {candidate_module_names(model)}. Fix or drop the unmatched names.",
+                LALoraWarning,
+                stacklevel=2,
+            )
+        return result
 
     # ----- the schedule -------------------------------------------------------------------------------------
     def _config(self, adapter_name: Optional[str] = None) -> LALoraConfig:
@@ -89,6 +101,23 @@ class LALoraModel(LoraModel):
                     pairs += [("A", module.lora_A[name].weight), ("B", module.lora_B[name].weight)]
             self._factor_params[name] = pairs
         return self._factor_params[name]
+
+
+def unmatched_target_modules(target_modules, targeted_module_names: list) -> list:
+    """The names of a `target_modules` list that no adapted module matched (peft's rule: the full module name
+    equals the entry or ends with `.<entry>`); [] for a regex string or "all-linear", which peft matches whole."""
+    if not target_modules or isinstance(target_modules, str):
+        return []
+    return sorted(
+        name
+        for name in target_modules
+        if not any(key == name or key.endswith(f".{name}") for key in targeted_module_names)
+    )
+
+
+def matched_target_names(targeted_module_names: list) -> list:
+    """The distinct last name parts of the adapted modules."""
+    return sorted({key.rsplit(".", 1)[-1] for key in targeted_module_names})
 
 
 def candidate_module_names(model: torch.nn.Module, limit: int = 20) -> list:

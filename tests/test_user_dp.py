@@ -284,3 +284,12 @@ def test_run_config_keys_and_an_empty_column():
     assert federated_args({**config, "privacy-unit": "example", "user-column": ""}).user_column is None  # TOML
     with pytest.raises(ConfigError, match="run-config key `privacy-unit` = 'person'"):
         federated_args({**config, "privacy-unit": "person"})
+
+
+def test_user_level_composes_with_client_level_dp_in_the_report(tmp_path):
+    trainer = user_trainer(tmp_path, client_dp=True, client_noise_multiplier=1.0, client_clip_norm=0.5)
+    trainer.train()
+    report = trainer.privacy_report()
+    assert report["privacy_unit"] == "user" and [c["users"] for c in report["clients"]] == [12, 20]
+    assert report["guarantees"][0].startswith("sample-level (all the examples of one user of one client)")
+    assert report["client_level"]["epsilon"] > 0

@@ -13,8 +13,9 @@ from peft_lalora.tuner.methods import METHODS
 LABELS = {
     **{name: METHODS[name].title for name in ("dplora", "ffa", "rolora", "lalora_nofilter", "lalora")},
     "headonly": "DP linear probe (head only)",
-    "nonprivate": "LoRA (non-private)",
 }  # titles: the methods table
+LABELS.update({f"{m}@user": f"{title}, user-level" for m, title in LABELS.items()})  # --units user
+LABELS["nonprivate"] = "LoRA (non-private)"
 METHOD_ORDER = tuple(LABELS)
 PHASES = {"final": "learning rate chosen per method", "final_shared": "one learning rate shared by the methods"}
 # two-sided 95 % Student t quantiles t_{0.975, df} for df = 1..10 (standard table values)
@@ -135,7 +136,7 @@ def table_lines(runs, settings, phase) -> list:
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     sigmas = {}
     for (m, e), group in groups.items():
-        if e is not None:
+        if e is not None and not m.endswith("@user"):
             sigmas[e] = group[0]["noise_multiplier"]
     reached = {}  # the runs of a mechanism that is not DP have no epsilon
     for e in epsilons:
@@ -143,6 +144,7 @@ def table_lines(runs, settings, phase) -> list:
         spent = [x for x in spent if x is not None]
         reached[e] = f"reached {max(spent):.3f}" if spent else "no ε reached (not DP)"
     lines += [""] + comparison_lines(groups, epsilons) + [""] + probe_lines(groups, epsilons)
+    lines += unit_lines(groups, epsilons)
     lines += [
         "",
         "Noise multiplier σ and the largest ε reached by any client (δ = "
@@ -151,6 +153,32 @@ def table_lines(runs, settings, phase) -> list:
         "",
     ]
     return lines
+
+
+def unit_lines(groups, epsilons) -> list:
+    """The user-level arm (`--units user`): per method and ε, user-level minus example-level accuracy (paired by
+    seed), and the σ each unit needs for the same ε (users are sampled at a higher rate: fewer of them)."""
+    rows = []
+    for m in [m for m in LABELS if m.endswith("@user")]:
+        base = m[: -len("@user")]
+        for eps in epsilons:
+            if (m, eps) in groups and (base, eps) in groups:
+                sigma = (groups[(base, eps)][0]["noise_multiplier"], groups[(m, eps)][0]["noise_multiplier"])
+                users = groups[(m, eps)][0].get("users_per_client") or []
+                rows.append(
+                    f"| {LABELS[base]} | {eps:g} | {diff_cell(paired(groups, m, base, eps))} | {sigma[0]:.3f} | "
+                    f"{sigma[1]:.3f} | {min(users, default='')}–{max(users, default='')} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "User-level minus example-level DP at the same ε (users are sampled at q = B / users, one example each):",
+        "",
+        "| method | ε | user − example (paired by seed) | σ example | σ user | users per client |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def probe_lines(groups, epsilons) -> list:

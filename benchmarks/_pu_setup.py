@@ -33,6 +33,7 @@ from peft_lalora.pooling import standardise, use_mean_pooling  # noqa: E402  (th
 MINILM = "minilm"
 FASHION_VIT = "fashion-vit"  # --vision value of the offline track: benchmarks/fashion_vit.py's pretrained ViT
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+USER_COLUMN = data.PSEUDO_USER_COLUMN  # the user-level arm's users: derived pseudo-critics (`data.add_pseudo_users`)
 
 
 class Setup:
@@ -64,15 +65,20 @@ def text_setup(opts) -> Setup:
     train, val = _val_split(raw["train"], opts.val_size, opts.partition_seed)
     train = data.limit(train, opts.train_examples, seed=opts.partition_seed)
     test = data.limit(raw["test"], opts.test_size, seed=opts.partition_seed)
+    users = "user" in getattr(opts, "units", ())
+    if users:  # Rotten Tomatoes names no critic: pseudo-users derived inside each movie (no real person)
+        if "movie" not in train.column_names:
+            raise ValueError("--units user needs the Rotten Tomatoes task (its movies hold the derived users).")
+        train = data.add_pseudo_users(train, seed=opts.partition_seed)
     if opts.client_split == "movie":
         shards = data.split_by_group(train, "movie", opts.num_clients, seed=opts.partition_seed)
     else:
         shards = label_skew_shards(train, opts)
 
-    def tok(ds):
-        return data.tokenize(ds, tokenizer, columns, opts.max_seq_length)
+    def tok(ds, keep=()):
+        return data.tokenize(ds, tokenizer, columns, opts.max_seq_length, keep=keep)
 
-    clients = [tok(s) for s in shards]
+    clients = [tok(s, (USER_COLUMN,) if users else ()) for s in shards]
     extra = {} if opts.layers is None else {"num_hidden_layers": opts.layers}
 
     def build_model(method: str, seed: int):
@@ -114,6 +120,11 @@ def text_setup(opts) -> Setup:
         "max_seq_length": opts.max_seq_length,
         "train_examples": sum(sizes),
         "client_sizes": sizes,
+        "client_users": [len(set(c[USER_COLUMN])) for c in clients] if users else None,
+        "users": f"{USER_COLUMN}: derived, the snippets of each movie dealt to pseudo-critics of geometric size "
+        f"(mean {data.PSEUDO_USER_MEAN_SIZE:g}); no real person"
+        if users
+        else None,
         "val_examples": len(val),
         "test_examples": len(test),
         "client_split": opts.client_split,

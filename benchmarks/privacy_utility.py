@@ -56,6 +56,7 @@ METHODS = tuple(reversed(tuner_methods.METHODS))  # the package's methods table,
 HEAD_ONLY = "headonly"  # DP linear probe: the LoRA factors frozen at B = 0, only the new head trains
 NONPRIVATE = "nonprivate"
 MECHANISMS = ("dp", "authors")  # authors: benchmarks/pu_authors.py, NOT differentially private
+UNITS = ("example", "user")  # --units: the privacy unit of the DP arms; user: `_pu_setup.USER_COLUMN` (derived)
 LR_PROTOCOLS = ("per-method", "shared", "both")
 
 
@@ -168,6 +169,15 @@ def _parser():
         help="clipping groups: the head's own clip norm C_h (the LoRA factors keep --clip); noise "
         "calibrated to sqrt(C^2 + C_h^2)",
     )
+    p.add_argument(
+        "--units",
+        nargs="+",
+        default=["example"],
+        choices=UNITS,
+        help="privacy unit of the DP arms: example (default) and/or user (text track: users are the derived "
+        "pseudo-critics of recipes/data.py `add_pseudo_users`, one example per sampled user; the arm's methods "
+        "are named '<method>@user')",
+    )
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 6.0])
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private LoRA reference")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -253,6 +263,7 @@ def settings_of(opts, setup) -> dict:
             "clip",
             "head_clip",
             "mechanism",
+            "units",
             "lr_protocol",
             "accountant",
             "rank",
@@ -290,6 +301,7 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
     """One federated training run; returns its record (accuracies, epsilon, sigma, wall time)."""
     start = time.time()
     private = epsilon is not None
+    method, unit = split_unit(method)
     model = setup.build_model(method if private and method != HEAD_ONLY else "dplora", seed)
     if method == HEAD_ONLY:
         linear_probe(model)
@@ -322,6 +334,8 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
             kwargs.update(dp=True, target_epsilon=epsilon, noise_seed=seed, log_private_metrics=True)
         else:
             kwargs.update(dp=False)
+        if private and unit == "user":  # users, not rows, sampled and accounted (peft_lalora.privacy.users)
+            kwargs.update(privacy_unit="user", user_column=_pu_setup.USER_COLUMN)
         if private and opts.head_clip is not None and method != HEAD_ONLY:
             kwargs.update(per_sample_head_max_grad_norm=opts.head_clip)
         authors = private and opts.mechanism == "authors"
@@ -345,7 +359,9 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
         test = trainer.evaluate(eval_dataset=setup.test, metric_key_prefix="test")["test_accuracy"]
         report = trainer.privacy_report()
     return {
-        "method": NONPRIVATE if not private else method,
+        "method": NONPRIVATE if not private else with_unit(method, unit),
+        "privacy_unit": unit if private else None,
+        "users_per_client": [c.get("users") for c in report.get("clients", [])] if unit == "user" else None,
         "epsilon_target": epsilon,
         "epsilon_reached": report["epsilon"] if private and not authors else None,
         "mechanism": "authors (not DP)" if authors else ("dp" if private else "none"),
@@ -382,8 +398,18 @@ def _accuracy(pred) -> dict:
     return {"accuracy": float((logits.argmax(-1) == pred.label_ids).mean())}
 
 
+def split_unit(method: str) -> tuple:
+    """'lalora@user' -> ('lalora', 'user'); 'lalora' -> ('lalora', 'example')."""
+    name, _, unit = method.partition("@")
+    return name, unit or "example"
+
+
+def with_unit(method: str, unit: str) -> str:
+    return method if unit == "example" else f"{method}@{unit}"
+
+
 def configurations(opts) -> list:
-    configs = [(m, e) for e in opts.epsilons for m in opts.methods]
+    configs = [(with_unit(m, u), e) for e in opts.epsilons for u in opts.units for m in opts.methods]
     return configs + ([] if opts.no_nonprivate else [(NONPRIVATE, None)])
 
 

@@ -18,6 +18,7 @@ AGGREGATION_WEIGHTS = ("uniform", "num_samples")
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
 BACKENDS = ("auto", "hooks", "func")
 SIGMA_CALIBRATIONS = ("schedule", "worst_case")
+PRIVACY_UNITS = ("example", "user")  # what one DP step protects inside a client (see `privacy.users`)
 # The fields this class adds that change the trained adapter or its accounting: with `training_arguments.RESULT`,
 # what a resumed run must share with its checkpoint (`resume_settings`). `OUTCOME_FREE`: the fields it adds that do
 # not (a resumed run may change them). tests/test_training_arguments.py checks that every field is in one of them.
@@ -25,7 +26,8 @@ OUTCOME = """num_clients clients_per_round num_rounds local_steps dirichlet_alph
     target_delta noise_multiplier per_sample_max_grad_norm per_sample_head_max_grad_norm accountant sigma_calibration
     prior_privacy_report prior_privacy_same_data lora_b_lr_ratio round_lr_decay min_clients_per_round
     aggregation_weights local_optimizer local_momentum label_column noise_seed aggregation aggregation_trim
-    client_dp client_clip_norm client_noise_multiplier client_target_epsilon client_target_delta""".split()
+    client_dp client_clip_norm client_noise_multiplier client_target_epsilon client_target_delta
+    privacy_unit user_column""".split()
 OUTCOME_FREE = """allow_large_delta eval_rounds per_sample_grad_backend allow_fixed_noise_seed log_private_metrics
     overwrite_output_dir card_dataset_name card_data_format""".split()
 
@@ -47,6 +49,11 @@ class FederatedDPArguments(TrainingArguments):
         sigma_calibration (`str`): "schedule" (default: every client's scheduled steps meet the target) or
             "worst_case" (a client taking part in every round).
         per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
+        privacy_unit (`str`, defaults to "example"): what the guarantee protects inside a client: "example" (one
+            example) or "user" (all the examples of one user, named by `user_column`: users, not rows, are Poisson
+            sampled at q = B / users of the client, and each sampled user gives one example; see
+            `peft_lalora.privacy.users`).
+        user_column (`str`, *optional*): with `privacy_unit="user"`, the dataset column naming each example's user.
         per_sample_head_max_grad_norm (`float`, *optional*): clipping groups: the head's own clip norm (the LoRA
             factors keep C); the noise covers sqrt(C^2 + C_head^2).
         accountant (`str`): "rdp" (default) or "prv".
@@ -104,6 +111,17 @@ class FederatedDPArguments(TrainingArguments):
             "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
             "None: one joint clip (the head can take most of C)."
         },
+    )
+    privacy_unit: str = field(
+        default="example",
+        metadata={
+            "help": "What DP protects inside a client: 'example' (one example) or 'user' (all the examples of one "
+            "user, named by --user_column; users are Poisson sampled at q = batch size / users of the client, one "
+            "example each)."
+        },
+    )
+    user_column: Optional[str] = field(
+        default=None, metadata={"help": "With privacy_unit='user': the dataset column naming each example's user."}
     )
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
     prior_privacy_report: Optional[str] = field(
@@ -214,6 +232,8 @@ class FederatedDPArguments(TrainingArguments):
         for name in """dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir bf16 fp16
             prior_privacy_same_data client_dp""".split():
             _bool(name, getattr(self, name))
+        if self.user_column == "":  # a Flower run config (TOML has no null) leaves it empty for none
+            self.user_column = None
         refuse_unhonoured(vars(self))  # the values as set: `TrainingArguments.__post_init__` derives some from others
         super().__post_init__()
         if self.dp and self.max_grad_norm not in (None, 0, 0.0):
@@ -255,6 +275,7 @@ class FederatedDPArguments(TrainingArguments):
         validate_round_policy(self)
         _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
         _choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
+        self._validate_unit()
         if not 0 <= self.local_momentum < 1:
             raise ConfigError(f"`local_momentum` must be in [0, 1), got {self.local_momentum!r}.")
         _refuse_unused_optimizer_settings(self)
@@ -284,6 +305,21 @@ class FederatedDPArguments(TrainingArguments):
                     f"{', '.join(f'`{n}`={getattr(self, n)!r}' for n in given)}. Drop them for the "
                     "non-private baseline, or keep `dp=True` for a private run."
                 )
+
+    def _validate_unit(self) -> None:
+        _choice("privacy_unit", self.privacy_unit, PRIVACY_UNITS)
+        if self.privacy_unit == "user" and (not isinstance(self.user_column, str) or not self.user_column):
+            raise ConfigError(
+                f"`privacy_unit`='user' needs `user_column`, the dataset column naming each example's user, got "
+                f"{self.user_column!r}. Set e.g. `user_column='patient_id'` (`--user_column` in the recipes), or "
+                "use `privacy_unit`='example'."
+            )
+        if self.privacy_unit == "example" and self.user_column is not None:
+            raise ConfigError(
+                f"`user_column`={self.user_column!r} is read only with `privacy_unit`='user', got "
+                "`privacy_unit`='example' (one example is the unit, users are ignored). Set `privacy_unit`='user' "
+                "to protect every example of a user, or drop `user_column`."
+            )
 
     def _validate_dp(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

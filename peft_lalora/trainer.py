@@ -118,28 +118,24 @@ class FederatedDPTrainer(Trainer):
         args = self.args
         shards, fingerprint = self._client_shards()
         sizes = [len(d) if idx is None else len(idx) for d, idx in shards]
-        for k, n in enumerate(sizes):  # q = B / n_k <= 1 for every client, private or not
-            sample_rate_for(args.per_device_train_batch_size, n, client=k)
+        clients = self._build_shards(shards)
+        units = [c.num_units for c in clients]  # examples, or users under user-level DP: what q and delta count
+        for k, n in enumerate(units):  # q = B / n_k <= 1 for every client, private or not
+            sample_rate_for(args.per_device_train_batch_size, n, client=k, unit=f"{args.privacy_unit}s")
         noise_multiplier, delta = 0.0, None
         partition = partition_record(args, given_per_client=self.client_datasets is not None)
         if args.dp:
-            client_sizes = dict(enumerate(sizes))
+            client_sizes = dict(enumerate(units))
             plan = PrivacyPlan.from_args(args, client_sizes, scheduled_steps=calibration_steps(args, client_sizes))
             noise_multiplier, delta, self.ledger = plan.noise_multiplier, plan.delta, plan.new_ledger()
             self._calibration = plan.calibration
             config = self.model.peft_config[self.adapter_name]
             self.ledger, self._prior = apply_prior(args, config, self.ledger, partition, run_schedule(args))
-        columns = model_columns(self.model)
-        whole = {}  # each distinct dataset is restricted to the model's columns, and collated, once
-        clients = []
-        for dataset, idx in shards:
-            if id(dataset) not in whole:
-                whole[id(dataset)] = ClientShard(dataset, self.data_collator, columns, self.args.device)
-            clients.append(whole[id(dataset)] if idx is None else whole[id(dataset)].subset(idx))
         self._federation = {
             "shards": clients,
             "fingerprint": fingerprint,
             "sizes": sizes,
+            "users": units if args.privacy_unit == "user" else None,
             "noise_multiplier": noise_multiplier,
             "delta": delta,
             "partition": partition,
@@ -156,6 +152,19 @@ class FederatedDPTrainer(Trainer):
             round_tensors=lambda r: round_tensor_names(config, names, self.adapter_name, r, args.local_steps),
         )
         self.stepper = stepper_from_args(self.model, args, noise_multiplier, adapter_name=self.adapter_name)
+
+    def _build_shards(self, shards: list) -> list:
+        """A `ClientShard` per (dataset, row indices): each distinct dataset is restricted to the model's columns
+        (its user ids read first under user-level DP), and collated, once."""
+        columns, user_column = model_columns(self.model), self.args.user_column
+        whole, clients = {}, []
+        for dataset, idx in shards:
+            if id(dataset) not in whole:
+                whole[id(dataset)] = ClientShard(
+                    dataset, self.data_collator, columns, self.args.device, user_column=user_column
+                )
+            clients.append(whole[id(dataset)] if idx is None else whole[id(dataset)].subset(idx))
+        return clients
 
     def _draw_private_seed(self):
         """The root of the noise and the Poisson batches: the OS's entropy for a DP run (`noise_seed` fixes it
@@ -378,6 +387,7 @@ class FederatedDPTrainer(Trainer):
             "adapter": adapter,
             "partition": self._federation["fingerprint"],
             "client_sizes": self._federation["sizes"],
+            **({"client_users": self._federation["users"]} if self._federation["users"] is not None else {}),
             "noise_multiplier": self._federation["noise_multiplier"],
             "delta": self._federation["delta"],
         }
@@ -470,6 +480,9 @@ class FederatedDPTrainer(Trainer):
             ),
             partition=self._federation["partition"],
         )
+        if self._federation["users"] is not None:  # user-level DP: each client's count of users (its q's n)
+            for entry in report["clients"]:
+                entry["users"] = self._federation["users"][entry["client"]]
         if self._prior is not None:
             report.update(prior_report_fields(self._prior, self.ledger, report, worst_case))
         return with_client_level(report, client_level, self.args)

@@ -10,7 +10,11 @@ unlabeled held-out inputs: public, no privacy cost):
 
 Copy `client_<k>` (and `pooling.safetensors`) to the machine of SuperNode k, then start it with
 `--node-config 'partition-id=<k> data-path="/srv/lalora_rt/client_<k>" state-dir="/srv/lalora_state"'`.
-Takes the same flags as `fed_roberta.py` (`--num_clients`, `--seed`, `--max_seq_length`, ...).
+Takes the same flags as `fed_roberta.py` (`--num_clients`, `--seed`, `--max_seq_length`, ...). With
+`--privacy_unit user --user_column pseudo_user` the clients keep the derived pseudo-critic column (see
+`data.add_pseudo_users`: no real person) for a user-level run, `flwr run ... -c 'privacy-unit="user"
+user-column="pseudo_user"'`; a node can require it with `--node-config '... min-privacy-unit="user"
+user-column="pseudo_user"'`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from fed_helpers import adapter_state, make_trainer, toy_dataset, toy_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import _pu_report  # noqa: E402
 import privacy_utility  # noqa: E402
 import pu_authors  # noqa: E402
 
@@ -113,3 +114,32 @@ def test_linear_probe_trains_the_head_only_and_keeps_lora_at_identity(tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in lora)
     assert all(float((before[n] - after[n]).abs().max()) > 0 for n in head)
     assert all(float(after[n].abs().max()) == 0 for n in lora if "lora_B" in n)
+
+
+def test_user_level_arm_names_its_runs_and_pairs_them_with_the_example_level_ones():
+    # Prepare: the arm's configurations, and two seeds' records of each unit at epsilon 3
+    opts = privacy_utility.parse(["--units", "example", "user", "--methods", "lalora", "--epsilons", "3"])
+    runs = [
+        {
+            "phase": "final",
+            "method": method,
+            "epsilon_target": 3.0,
+            "seed": seed,
+            "test_accuracy": acc,
+            "noise_multiplier": sigma,
+            "users_per_client": users,
+        }
+        for method, sigma, users, accs in (
+            ("lalora", 0.8, None, (0.70, 0.68)),
+            ("lalora@user", 1.1, [300, 330], (0.65, 0.64)),
+        )
+        for seed, acc in enumerate(accs)
+    ]
+    # Execute
+    configs = privacy_utility.configurations(opts)
+    lines = _pu_report.unit_lines(_pu_report.final_groups(runs), [3.0])
+    # Assert: one user-level cell per method and epsilon; the paired difference is user - example, seed by seed
+    assert ("lalora@user", 3.0) in configs and ("lalora", 3.0) in configs
+    assert privacy_utility.split_unit("lalora@user") == ("lalora", "user")
+    row = next(line for line in lines if line.startswith("| LA-LoRA |"))
+    assert "-4.50 ± 0.71 (n=2" in row and "| 0.800 | 1.100 | 300–330 |" in row

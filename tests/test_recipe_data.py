@@ -77,6 +77,24 @@ def test_clients_by_movie_hold_whole_movies_and_cover_every_example(rt_splits):
     assert max(sizes) - min(sizes) <= 40  # greedy balancing; the largest movie has 35 snippets
 
 
+def test_pseudo_users_are_derived_inside_movies_with_a_heavy_tail(rt_splits):
+    # Prepare
+    train = rt_splits["train"]
+    # Execute
+    with_users = data.add_pseudo_users(train, seed=0)
+    again = data.add_pseudo_users(train, seed=0)
+    # Assert: seeded; every row has a pseudo-user, and each pseudo-user lies inside one movie (so inside one
+    # client of the movie split); sizes from 1 up, about the geometric mean of 4 (cut by each movie's size)
+    users = with_users[data.PSEUDO_USER_COLUMN]
+    assert users == again[data.PSEUDO_USER_COLUMN] and all(users)
+    movie_of = {}
+    for user, movie in zip(users, with_users["movie"]):
+        assert movie_of.setdefault(user, movie) == movie
+    sizes = np.array(list(Counter(users).values()))
+    assert sizes.min() == 1 and sizes.max() >= 15 and 2.5 < sizes.mean() <= 4.0
+    assert with_users.remove_columns(data.PSEUDO_USER_COLUMN)["text"] == train["text"]
+
+
 # ---------------------------------------------------------------- text and images
 
 
@@ -107,6 +125,8 @@ def test_tokenize_keeps_labels_truncates_and_pads_on_request():
     assert [len(x) for x in padded["input_ids"]] == [6, 6]
     assert padded["attention_mask"][0] == [1, 1, 1, 1, 0, 0]
     assert [len(x) for x in unpadded["input_ids"]] == [4, 6]
+    kept = data.tokenize(ds, _CharTokenizer(), ("q", "s"), max_seq_length=6, keep=("idx",))  # e.g. a user column
+    assert set(kept.column_names) == {"input_ids", "attention_mask", "labels", "idx"} and kept["idx"] == [0, 1]
 
 
 def test_limit_is_seeded_and_bounded():

@@ -115,6 +115,23 @@ def test_fed_roberta_runs_end_to_end_on_the_offline_pair(tmp_path):
 
 
 @pytest.mark.processes
+def test_fed_roberta_runs_user_level_dp_on_the_derived_pseudo_users(tmp_path):
+    # Prepare: the offline pair, users = the pseudo-critics derived inside each movie
+    out_dir = tmp_path / "out"
+    flags = ["--num_hidden_layers", "1", "--max_train_samples", "400", "--max_eval_samples", "64"]
+    flags += ["--max_seq_length", "24", "--output_dir", str(out_dir), "--privacy_unit", "user"]
+    flags += ["--user_column", "pseudo_user", *SMALL_FED]
+    # Execute
+    stdout = _launch("fed_roberta.py", flags, tmp_path)
+    # Assert: the report and the card say that users were the unit, and how many each client holds
+    _assert_artifacts(out_dir, stdout)
+    report = json.loads((out_dir / "privacy_report.json").read_text())
+    assert report["privacy_unit"] == "user" and report["user_column"] == "pseudo_user"
+    assert all(8 <= c["users"] <= 100 and c["sample_rate"] == 8 / c["users"] for c in report["clients"])
+    assert "all the examples of one user of one client" in (out_dir / "README.md").read_text()
+
+
+@pytest.mark.processes
 def test_fed_roberta_is_reproducible_from_seed_and_noise_seed(tmp_path):
     # Prepare: the same tiny job twice, in fresh processes, with the public seed and a fixed noise root
     from safetensors.torch import load_file

@@ -12,8 +12,10 @@ import torch
 from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ..errors import ConfigError
 from ..privacy.sampling import poisson_sample
 from ..privacy.secure_random import SecureRandom
+from ..privacy.users import sample_users, user_groups
 from .seeding import global_rng
 
 LABEL_KEYS = ("labels", "label", "label_ids")
@@ -30,25 +32,51 @@ class ClientShard:
     """One client's examples: rows `indices` of a `datasets.Dataset` (all rows if None), read on demand, so
     partitioning never copies or re-indexes the data; the dataset is restricted to model columns. Where the
     collator allows it, the dataset is collated once, at the first batch of any shard that shares it (`subset`):
-    batches are then its rows gathered by index, bit-identical to collating them (`CollatedRows`)."""
+    batches are then its rows gathered by index, bit-identical to collating them (`CollatedRows`).
 
-    def __init__(self, dataset, collate: Callable, columns: set, device, indices=None):
+    With `user_column` (user-level DP, `privacy.users`), the column's ids are read before the non-model columns
+    are dropped: `user_ids` (per shard row) and `users` (each user's shard positions); `num_units` is then the
+    number of users, the count that Poisson sampling and the accountant use."""
+
+    def __init__(self, dataset, collate: Callable, columns: set, device, indices=None, user_column=None):
+        self.user_column = user_column
+        self._all_user_ids = _user_ids(dataset, user_column) if user_column is not None else None
         drop = [c for c in dataset.column_names if c not in columns]
         self.dataset = dataset.remove_columns(drop) if drop else dataset
-        self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         self.collate = collate
         self.device = device
         self._collated = _Lazy(lambda: CollatedRows.build(self.dataset, self.collate))
+        self._set_indices(range(len(dataset)) if indices is None else indices)
+
+    def _set_indices(self, indices) -> None:
+        self.indices = [int(i) for i in indices]
+        self.user_ids, self.users = None, None
+        if self._all_user_ids is not None:
+            self.user_ids = [self._all_user_ids[i] for i in self.indices]
+            self.users = user_groups(self.user_ids, self.user_column)
 
     def subset(self, indices) -> ClientShard:
         """The shard of rows `indices` of this shard's dataset, sharing its dataset and its collated rows (one
         collation, and one allocation, for all the clients of a dataset)."""
         shard = copy.copy(self)
-        shard.indices = [int(i) for i in indices]
+        shard._set_indices(indices)
         return shard
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def num_units(self) -> int:
+        """The number of privacy units: users under user-level DP, else examples."""
+        return len(self.users) if self.users is not None else len(self.indices)
+
+    def sample(self, batch_size: int, sampler: SecureRandom, picker: SecureRandom) -> list:
+        """One Poisson batch's shard positions at the expected size `batch_size`: examples at q = B / n, or
+        users at q = B / users with one example each (`privacy.users.sample_users`)."""
+        rate = batch_size / self.num_units
+        if self.users is None:
+            return poisson_sample(len(self), rate, sampler).tolist()
+        return sample_users(self.users, rate, sampler, picker)
 
     def batch(self, positions: list) -> dict:
         """Collate the shard's examples at `positions` (0-based within the shard) into model inputs."""
@@ -63,6 +91,17 @@ class ClientShard:
         if "label" in out and "labels" not in out:
             out["labels"] = out.pop("label")
         return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _user_ids(dataset, column) -> list:
+    """Every row's user id from `dataset[column]`, or a ConfigError naming `user_column`."""
+    if not isinstance(column, str) or column not in dataset.column_names:
+        raise ConfigError(
+            f"`user_column`={column!r} is not a column of the client's data (columns: {dataset.column_names}). "
+            "Name the column that holds each example's user, and keep it in the dataset (tokenisation must not "
+            "remove it): the trainer drops it before the model sees the batch."
+        )
+    return list(dataset.with_format(None)[column])
 
 
 class _Lazy:
@@ -195,7 +234,8 @@ def run_local_round(
     seed: int,
 ) -> dict:
     """
-    Train the model (already holding the global adapter) on one client's shard for `local_steps` steps.
+    Train the model (already holding the global adapter) on one client's shard for `local_steps` steps, each on
+    a Poisson batch of its examples, or of its users with one example each (`ClientShard.sample`).
     Every random draw (batches, noise, dropout) derives from (seed, round, client), where `seed` is the run's
     private root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run: the batches
     and the noise from ChaCha20 streams keyed by it (`SecureRandom`), dropout (not part of the mechanism) from
@@ -204,8 +244,8 @@ def run_local_round(
     not finite.
     """
     sampler = SecureRandom(seed, "sample", round_idx, client)
+    picker = SecureRandom(seed, "user-example", round_idx, client)  # user-level DP: which example of each user
     noise = SecureRandom(seed, "noise", round_idx, client)
-    sample_rate = batch_size / len(shard)
     trained, losses, examples, dropped = set(), [], 0, 0
     with global_rng(seed, "dropout", round_idx, client, device=shard.device):  # dropout takes no generator; the
         # caller's RNG is kept
@@ -214,7 +254,7 @@ def run_local_round(
             factors = tuner.trainable_factors(round_idx, step)
             tuner.set_trainable_factors(factors)
             trained |= factors
-            indices = poisson_sample(len(shard), sample_rate, sampler).tolist()
+            indices = shard.sample(batch_size, sampler, picker)
             if not indices and not stepper.private:
                 continue  # nothing to learn from, and no privacy mechanism that must run
             out = stepper(shard.batch(indices), expected_batch_size=batch_size)

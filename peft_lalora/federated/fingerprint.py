@@ -4,15 +4,17 @@ A resumed round re-creates its noise from the root in the checkpoint (bit-identi
 re-releases the same update; on edited data it would release a second update under the same noise, and their
 difference would cancel the noise (measured: 0.0012 apart, against ~1.15 for independent noise). So the private
 checkpoint records, per client, HMAC-SHA256 under a key derived from the private root of the tensors the client
-trains on (its shard collated, in order), and a resume whose data give another fingerprint is refused. Keyed,
-so the fingerprint says nothing about the data to whoever reads it without the root (no dictionary attack on a
-plain hash); computed once per run, from the same collation the training reads.
+trains on (its shard collated, in order; under user-level DP also each example's user id, which decides the
+batches), and a resume whose data give another fingerprint is refused. Keyed, so the fingerprint says nothing
+about the data to whoever reads it without the root (no dictionary attack on a plain hash); computed once per
+run, from the same collation the training reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 import torch
 
@@ -33,6 +35,9 @@ def shard_fingerprint(shard, root) -> str:
             tensor = batch[name].detach().to("cpu").contiguous()
             mac.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             mac.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    user_ids = getattr(shard, "user_ids", None)
+    if user_ids is not None:  # user-level DP: who wrote each example decides the batches, so it is data too
+        mac.update(b"users:" + json.dumps([repr(u) for u in user_ids]).encode())
     return mac.hexdigest()
 
 

@@ -39,6 +39,7 @@ def privacy_report(strategy) -> dict:
             "last_round": r["last_round"],
             "secret_randomness": r["secret-randomness"],
             "sigma_calibration": r.get("sigma-calibration"),
+            **({"users": r["users"]} if r.get("users") is not None else {}),
         }
         for pid, r in sorted(strategy.clients.items())
     ]

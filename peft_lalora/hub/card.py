@@ -291,6 +291,9 @@ def _privacy_section(report: dict | None) -> str:
         ("accountant", f"`{report['accountant']}`"),
         ("privacy unit", report.get("unit") or REPORT_UNIT),
     ]
+    users = [c["users"] for c in clients if c.get("users") is not None]
+    if users:
+        rows.append(("users per client (min / max)", f"{min(users)} / {max(users)}"))
     if report.get("target_epsilon") is not None:
         rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
     if report.get("worst_case_epsilon") is not None:
@@ -329,6 +332,12 @@ def _privacy_lead(report: dict, epsilon) -> list[str]:
         f"The privacy unit is **{report.get('unit') or REPORT_UNIT}**; each client has its own accountant and "
         "the epsilon is the largest over clients."
     )
+    if report.get("privacy_unit") == "user":
+        unit += (
+            f" Users (column `{report.get('user_column')}`), not examples, were Poisson-sampled, one example of "
+            "each sampled user per step, so the guarantee covers all of a user's examples at a client together "
+            "(under example-level DP a user with m examples would be protected only as m examples are)."
+        )
     status = privacy_status(report)
     if status == "no_noise":
         return [

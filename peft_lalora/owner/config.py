@@ -13,6 +13,8 @@ partition-id = 0
 data-path = "/srv/owner/data/client_0"
 state-dir = "/srv/owner/state"        # the ledger and the secret randomness
 max-epsilon = 8.0                     # the policy keys of `policy` (a run can only tighten them)
+min-privacy-unit = "user"             # optional: only user-level runs, users named by the owner's column
+user-column = "patient_id"
 """
 
 from __future__ import annotations

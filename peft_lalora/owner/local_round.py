@@ -173,7 +173,10 @@ def privacy_record(job: Job, ledger) -> dict:
         "partition-id": job.client,
         "dp": bool(job.args.dp),
         "secret-randomness": bool(job.args.dp and job.args.noise_seed is None),
+        "privacy-unit": job.args.privacy_unit,
     }
+    if job.shard.users is not None:
+        record["users"] = len(job.shard.users)
     if ledger is not None:
         record.update(
             {
@@ -213,11 +216,12 @@ def open_job(
     model = task.model(run_config, node_config)
     dataset, collate = task.client_data(node_config, run_config)
     device = next(model.parameters()).device
-    shard = ClientShard(dataset, collate, model_columns(model), device)
+    shard = ClientShard(dataset, collate, model_columns(model), device, user_column=args.user_column)
     plan = None
-    if args.dp:  # this client plans for itself alone: its size, and its own steps in the public schedule
-        plan = PrivacyPlan.from_args(args, {client: len(shard)}, scheduled_steps=calibration_steps(args, [client]))
-        policy.check_plan(plan, len(shard))
+    if args.dp:  # this client plans for itself alone: its size (examples or users), and its own scheduled steps
+        units = {client: shard.num_units}
+        plan = PrivacyPlan.from_args(args, units, scheduled_steps=calibration_steps(args, [client]))
+        policy.check_plan(plan, shard.num_units)
     stepper = stepper_from_args(model, args, plan.noise_multiplier if plan else 0.0, adapter_name=model.active_adapter)
     job = Job(args, client, model, shard, stepper, plan, LocalConfig.from_args(args), policy)
     _JOBS[key] = job
@@ -285,8 +289,11 @@ def _charge(job: Job, node_config: dict, run_id: int, round_idx: int, steps: int
     state = ClientState(node_config.get("state-dir"))
     with state.locked():
         root = state.private_seed(run_id) if args.noise_seed is None else None
-        ledger = state.ledger(job.plan, job.client, max_epsilon=job.policy.max_epsilon)
+        unit = args.privacy_unit
+        ledger = state.ledger(job.plan, job.client, max_epsilon=job.policy.max_epsilon, privacy_unit=unit)
         ledger.charge(job.client, steps)  # raises PrivacyBudgetExceededError: nothing charged or trained
-        release = state.save_charge(ledger, client=job.client, run_id=run_id, round_idx=round_idx, steps=steps)
+        release = state.save_charge(
+            ledger, client=job.client, run_id=run_id, round_idx=round_idx, steps=steps, privacy_unit=unit
+        )
     seed = args.noise_seed if root is None else release_seed(root, release)
     return ledger, seed  # the last step that can fail before training is the durable charge

@@ -16,6 +16,12 @@ Node config keys (all optional; the defaults are the policy of a node whose owne
                           Default false.
     allow-fixed-noise-seed  true: a run may fix the noise with `noise-seed` (whoever knows the seed can re-create
                           the noise and the batches: no guarantee). Default false.
+    min-privacy-unit      "example" (default) or "user": with "user", a run must protect users (`privacy-unit =
+                          "user"`), with the owner's own `user-column`: a server can neither downgrade the unit to
+                          one example nor name a column of its choosing (a column unique per row, e.g. an index,
+                          would make every example its own "user", i.e. example-level DP again).
+    user-column           the column of this node's data that names each example's user; required with
+                          `min-privacy-unit = "user"`, and a user-level run must name the same column.
 
 Why a default cap rather than a refusal when `max-epsilon` is missing: a node started without a policy still has
 a finite guarantee, at the upper end of what DP fine-tuning reports (epsilon 1, 3 or 8) and the recipe's own
@@ -40,7 +46,10 @@ _KEYS = {  # node config key -> field
     "min-noise-multiplier": "min_noise_multiplier",
     "allow-non-private": "allow_non_private",
     "allow-fixed-noise-seed": "allow_fixed_noise_seed",
+    "min-privacy-unit": "min_privacy_unit",
+    "user-column": "user_column",
 }
+PRIVACY_UNITS = ("example", "user")  # weakest first
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,8 @@ class NodePolicy:
         min_noise_multiplier (`float`): the smallest sigma (`min-noise-multiplier`); 0.0 means any sigma > 0.
         allow_non_private (`bool`): a run may set `dp=false` (`allow-non-private`).
         allow_fixed_noise_seed (`bool`): a run may set `noise-seed` (`allow-fixed-noise-seed`).
+        min_privacy_unit (`str`): "example" or "user": the weakest unit a run may protect (`min-privacy-unit`).
+        user_column (`str`): the owner's column of user ids (`user-column`); "" when not set.
     """
 
     max_epsilon: float = DEFAULT_MAX_EPSILON
@@ -59,6 +70,8 @@ class NodePolicy:
     min_noise_multiplier: float = 0.0
     allow_non_private: bool = False
     allow_fixed_noise_seed: bool = False
+    min_privacy_unit: str = "example"
+    user_column: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping) -> NodePolicy:
@@ -73,7 +86,14 @@ class NodePolicy:
         for key, name in _KEYS.items():
             if key in node_config:
                 kwargs[name] = _value(key, node_config[key], type(getattr(cls, name)))
-        return cls(**kwargs)
+        policy = cls(**kwargs)
+        if policy.min_privacy_unit == "user" and not policy.user_column:
+            raise ConfigError(
+                "`min-privacy-unit` (node config) is 'user' but `user-column` is not set: name the column of this "
+                "node's data that holds each example's user, e.g. --node-config 'min-privacy-unit=\"user\" "
+                'user-column="patient_id"\'.'
+            )
+        return policy
 
     def as_node_config(self) -> dict:
         """The policy as node config keys (the client logs it when a run starts)."""
@@ -89,6 +109,7 @@ class NodePolicy:
                     "SuperNode with --node-config 'allow-non-private=true' for a non-private trial."
                 )
             return
+        self._check_unit(args)
         if args.noise_seed is not None and not self.allow_fixed_noise_seed:
             raise PolicyError(
                 f"The server's run config asks for `noise-seed`={args.noise_seed!r} (noise the server can "
@@ -110,13 +131,29 @@ class NodePolicy:
                 "owner) raise `max-delta` in --node-config."
             )
 
+    def _check_unit(self, args) -> None:
+        """A run protects at least `min-privacy-unit`, and users by the owner's `user-column`."""
+        if PRIVACY_UNITS.index(args.privacy_unit) < PRIVACY_UNITS.index(self.min_privacy_unit):
+            raise PolicyError(
+                f"The server's run config asks for `privacy-unit`={args.privacy_unit!r}, but this node's "
+                f"`min-privacy-unit` is {self.min_privacy_unit!r}: its users must be protected, not single "
+                f'examples. Run with `privacy-unit`="user" and `user-column`={self.user_column!r}.'
+            )
+        if args.privacy_unit == "user" and self.user_column and args.user_column != self.user_column:
+            raise PolicyError(
+                f"The server's run config names `user-column`={args.user_column!r}, but this node's users are in "
+                f"`user-column`={self.user_column!r} (node config): another column could group the examples "
+                f"otherwise than by person. Run with `user-column`={self.user_column!r}."
+            )
+
     def check_plan(self, plan, num_examples: int) -> None:
-        """Refuse what the run's settings give on this node's `num_examples` examples (`plan`: its
-        `PrivacyPlan`): the delta (the default min(1e-5, 1 / n) included) and the sigma (given or calibrated)."""
+        """Refuse what the run's settings give on this node's `num_examples` privacy units (examples, or users
+        under user-level DP; `plan`: its `PrivacyPlan`): the delta (the default min(1e-5, 1 / n) included) and the sigma (given or calibrated)."""
         limit = f"<= {self.max_delta!r}" if self.max_delta < 1.0 / num_examples else f"< {1.0 / num_examples:.3g}"
         if plan.delta > self.max_delta or plan.delta >= 1.0 / num_examples:
             raise PolicyError(
-                f"The run accounts at `target-delta`={plan.delta!r} on this node's {num_examples} examples, but "
+                f"The run accounts at `target-delta`={plan.delta!r} on this node's {num_examples} privacy units "
+                "(examples, or users under user-level DP), but "
                 f"this node allows delta <= `max-delta`={self.max_delta!r} and < 1/n = {1.0 / num_examples:.3g}. "
                 f"Run with `target-delta` {limit}."
             )
@@ -147,6 +184,14 @@ def _value(key: str, value, kind: type):
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"`{key}` (node config) must be true or false, got {value!r}.")
+        return value
+    if key == "min-privacy-unit":
+        if value not in PRIVACY_UNITS:
+            raise ConfigError(f"`{key}` (node config) must be one of {PRIVACY_UNITS}, got {value!r}.")
+        return value
+    if kind is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"`{key}` (node config) must be a non-empty string (a column name), got {value!r}.")
         return value
     allowed, rule = _RANGES[key]
     if (

@@ -66,6 +66,8 @@ FIELDS = (
     "client_noise_multiplier",
     "client_target_epsilon",
     "client_target_delta",
+    "privacy_unit",
+    "user_column",
 )
 SERVER_KEYS = {"round-timeout": 3600.0, "node-wait-timeout": 300.0, "max-aborted-rounds": 2}
 

@@ -93,9 +93,13 @@ class ClientState:
         """The ledger file's content, or None before the first charge."""
         return load_json(self.ledger_path) if os.path.isfile(self.ledger_path) else None
 
-    def ledger(self, plan, client: int, max_epsilon: Optional[float] = None) -> PrivacyLedger:
+    def ledger(
+        self, plan, client: int, max_epsilon: Optional[float] = None, privacy_unit: str = "example"
+    ) -> PrivacyLedger:
         """This run's ledger for `client`: the run's sigma and rate (from `plan`, a `PrivacyPlan` for this client
-        alone) on top of every step already charged to this state folder, with the smallest budget seen."""
+        alone) on top of every step already charged to this state folder, with the smallest budget seen. A ledger
+        counts one privacy unit (`privacy_unit`: "example" or "user"): steps of the other are refused, since an
+        epsilon per example does not bound a user's loss, nor the converse sum one unit."""
         rate = plan.sample_rates[client]
         saved = self.saved()
         if saved is None:
@@ -112,6 +116,13 @@ class ClientState:
             raise ConfigError(
                 f"{self.ledger_path!r} is not a peft_lalora client ledger (format {_LEDGER_FORMAT!r}, "
                 f"version {_VERSION}); refusing to train rather than forget what was spent."
+            )
+        if saved.get("privacy-unit", "example") != privacy_unit:
+            raise ConfigError(
+                f"This node's ledger ({self.ledger_path}) accounts per {saved.get('privacy-unit', 'example')!r}, but "
+                f"the run protects `privacy-unit`={privacy_unit!r}: epsilons of different units do not compose. Run "
+                f"with `privacy-unit`={saved.get('privacy-unit', 'example')!r}, or keep another `state-dir`'s ledger "
+                "for it."
             )
         for name, key in (("delta", "target-delta"), ("accountant", "accountant")):
             if saved[name] != getattr(plan, name):
@@ -131,7 +142,16 @@ class ClientState:
         )
         return PrivacyLedger.from_state_dict(state)
 
-    def save_charge(self, ledger: PrivacyLedger, *, client: int, run_id: int, round_idx: int, steps: int) -> int:
+    def save_charge(
+        self,
+        ledger: PrivacyLedger,
+        *,
+        client: int,
+        run_id: int,
+        round_idx: int,
+        steps: int,
+        privacy_unit: str = "example",
+    ) -> int:
         """Write the ledger after charging `steps` steps of round `round_idx` of run `run_id` (durable on return);
         returns the release number: how many charges this ledger holds, this one included (call under `locked`)."""
         saved = self.saved() or {"charges": []}
@@ -144,6 +164,7 @@ class ClientState:
             delta=ledger.delta,
             accountant=ledger.accountant,
         )
+        saved["privacy-unit"] = privacy_unit
         release = len(saved["charges"]) + 1
         saved["charges"].append(
             {

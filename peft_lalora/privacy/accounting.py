@@ -1,7 +1,9 @@
 """Privacy accounting: epsilon of DP-SGD, noise calibration, and a per-client ledger that refuses over-budget releases.
 
-The unit of privacy is one training example of one client. Each local step of a client is one Poisson-subsampled
-Gaussian mechanism (sample rate q_k = B / n_k, noise multiplier sigma), whichever LoRA factor is active. Epsilons
+The unit of privacy is one training example of one client (with `privacy_unit="user"`, all the examples of one
+user of one client: users are the Poisson-sampled units and n_k counts them, see `privacy.users`). Each local step
+of a client is one Poisson-subsampled Gaussian mechanism (sample rate q_k = B / n_k, noise multiplier sigma),
+whichever LoRA factor is active. Epsilons
 come from opacus' accountants: RDP (default; Mironov et al. 2019, with the conversion of Balle et al. 2020) or PRV
 (Gopi et al. 2021). The GDP accountant is a central-limit approximation that can under-report epsilon, so it is
 refused.

@@ -54,11 +54,14 @@ class PrivacyPlan:
         accountant: str = "rdp",
         per_sample_max_grad_norm: float = 1.0,
         scheduled_steps: Optional[dict] = None,
+        privacy_unit: str = "example",
     ) -> PrivacyPlan:
         """Plan for clients `{id: n_k}`: delta defaults to min(1e-5, 1 / n) of the smallest client. With
         `target_epsilon`, sigma is calibrated so that every client stays within the target: for its
         `scheduled_steps[id]` (the public participation schedule, known before training), or, without them, for
-        a client taking part in all `num_rounds` rounds at the largest rate (the worst case)."""
+        a client taking part in all `num_rounds` rounds at the largest rate (the worst case). Under user-level DP
+        (`privacy_unit="user"`) `client_sizes` counts each client's users: q = batch_size / users, and delta
+        defaults to min(1e-5, 1 / users) of the client with the fewest."""
         if not isinstance(client_sizes, dict) or not client_sizes:
             raise ConfigError(
                 f"`client_sizes` must be a non-empty dict {{client id: number of examples}}, got {client_sizes!r}."
@@ -68,7 +71,8 @@ class PrivacyPlan:
                 "Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
                 f"(epsilon is reported), got {target_epsilon!r} and {noise_multiplier!r}."
             )
-        rates = {k: sample_rate_for(batch_size, n, client=k) for k, n in client_sizes.items()}
+        unit = "users" if privacy_unit == "user" else "examples"
+        rates = {k: sample_rate_for(batch_size, n, client=k, unit=unit) for k, n in client_sizes.items()}
         delta = plan_delta(min(client_sizes.values()), target_delta, allow_large_delta)
         steps, calibration = num_rounds * local_steps, "given"
         if noise_multiplier is None and scheduled_steps is not None:
@@ -126,6 +130,7 @@ class PrivacyPlan:
             accountant=args.accountant,
             per_sample_max_grad_norm=args.per_sample_max_grad_norm,
             scheduled_steps=scheduled_steps,
+            privacy_unit=args.privacy_unit,
         )
 
     def new_ledger(self) -> PrivacyLedger:

@@ -49,6 +49,7 @@ class PriorSpending:
         histories (`dict[int, list]`, *optional*): each earlier client's events [(sigma, q, steps)], or None.
         missing (`str`, *optional*): why the histories cannot be rebuilt.
         partition (`dict`, *optional*): the earlier run's public partition record.
+        privacy_unit (`str`): what the earlier epsilon protects, "example" or "user" (`privacy.users`).
     """
 
     source: str
@@ -60,6 +61,7 @@ class PriorSpending:
     histories: Optional[dict] = None
     missing: Optional[str] = None
     partition: Optional[dict] = None
+    privacy_unit: str = "example"
 
     @property
     def checked(self) -> bool:
@@ -129,6 +131,7 @@ def _spending(report: dict, source: str, sha256: str) -> PriorSpending:
         histories=histories,
         missing=missing,
         partition=report.get("partition"),
+        privacy_unit=report.get("privacy_unit") or "example",  # reports before user-level DP: examples
     )
 
 
@@ -307,6 +310,13 @@ def apply_prior(
     if not args.prior_privacy_same_data:
         warnings.warn(not_included_message(prior), LALoraWarning, stacklevel=2)
         return ledger, PriorUse(prior)
+    if prior.dp and prior.privacy_unit != args.privacy_unit:
+        raise ConfigError(
+            f"`prior_privacy_same_data`=True composes the earlier run's spending, but it protected "
+            f"`privacy_unit`={prior.privacy_unit!r} and this run protects {args.privacy_unit!r}: epsilons of two "
+            f"units do not compose. Train with `privacy_unit`={prior.privacy_unit!r}, or drop "
+            "`prior_privacy_same_data` (the report then says the earlier epsilon is NOT included)."
+        )
     histories, composition = prior_histories(prior, ledger.clients, partition)
     ledger = ledger_with_prior(ledger, histories)
     check_room(ledger, scheduled_steps)

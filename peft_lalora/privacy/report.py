@@ -9,6 +9,10 @@ import math
 from .accounting import REPORT_UNIT
 from .secure_random import GENERATOR
 
+UNITS = {  # `privacy_unit` -> the report's and the card's words for what one DP step protects
+    "example": REPORT_UNIT,
+    "user": "all the examples of one user of one client",
+}
 FIXED_SEED_WARNING = (
     "`noise_seed` was fixed: the DP noise and the Poisson batches can be re-created by anyone who "
     "knows it, so this run has NO differential-privacy guarantee, whatever epsilon says."
@@ -29,12 +33,23 @@ def non_private_report() -> dict:
     }
 
 
+def unit_fields(args) -> dict:
+    """What the guarantee protects: `unit` (in words), `privacy_unit` ("example" or "user") and, for users, the
+    `user_column` that names them (`privacy.users`)."""
+    unit = args.privacy_unit
+    fields = {"unit": UNITS[unit], "privacy_unit": unit}
+    if unit == "user":
+        fields["user_column"] = args.user_column
+    return fields
+
+
 def run_privacy_fields(args) -> dict:
     """The fields every DP report carries from `FederatedDPArguments`: the schedule and target, whether the noise
     was secret (with the warning when `noise_seed` fixed it), and the clipping groups with their joint
     per-example sensitivity."""
     fields = {
         "dp": True,
+        **unit_fields(args),
         "target_epsilon": args.target_epsilon,
         "num_rounds": args.num_rounds,
         "local_steps": args.local_steps,

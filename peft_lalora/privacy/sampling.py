@@ -57,13 +57,15 @@ def poisson_sample(num_examples: int, sample_rate: float, generator: SecureRando
     return torch.nonzero(generator.bernoulli(n, q), as_tuple=False).flatten().to(dtype=torch.long)
 
 
-def sample_rate_for(batch_size: int, num_examples: int, *, client=None) -> float:
+def sample_rate_for(batch_size: int, num_examples: int, *, client=None, unit: str = "examples") -> float:
     """The Poisson sampling rate q = batch_size / num_examples of a client.
 
     Args:
         batch_size (`int`): the expected batch size B (>= 1).
-        num_examples (`int`): the client's shard size n_k (>= 1).
+        num_examples (`int`): the client's number of privacy units n_k (>= 1): its examples, or its users under
+            user-level DP (`unit="users"`, see `privacy.users`).
         client (*optional*): the client's id, named in error messages.
+        unit (`str`): what is counted ("examples" or "users"), named in error messages.
 
     Raises:
         ConfigError: when either size is not a positive integer, or when batch_size > num_examples (q > 1).
@@ -73,8 +75,8 @@ def sample_rate_for(batch_size: int, num_examples: int, *, client=None) -> float
     n = _check_count("num_examples", num_examples, f"Every client shard{who} needs at least one example.")
     if bs > n:
         raise ConfigError(
-            f"`batch_size` must be <= the client's number of examples{who}: got batch_size={bs} and "
-            f"num_examples={n}, so q = {bs}/{n} = {bs / n:.4g} > 1, which Poisson sampling cannot realise. "
-            f"Use batch_size <= {n}, or repartition so that every client holds at least {bs} examples."
+            f"`batch_size` must be <= the client's number of {unit}{who}: got batch_size={bs} and "
+            f"num_{unit}={n}, so q = {bs}/{n} = {bs / n:.4g} > 1, which Poisson sampling cannot realise. "
+            f"Use batch_size <= {n}, or repartition so that every client holds at least {bs} {unit}."
         )
     return bs / n

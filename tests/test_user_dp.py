@@ -21,6 +21,7 @@ from peft_lalora.federated import LocalConfig, client_update
 from peft_lalora.federated.client import ClientShard, model_columns
 from peft_lalora.federated.client_update import make_stepper
 from peft_lalora.privacy.secure_random import SecureRandom
+from peft_lalora.tuner import METHODS
 
 HEAVY = 1000  # examples of the heavy user
 
@@ -68,7 +69,7 @@ def heavy_sampled_seed(light: int, batch: int) -> int:
     raise AssertionError("no seed samples the heavy user")
 
 
-@pytest.mark.parametrize("method", ["dplora", "lalora"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_removing_every_example_of_a_user_moves_the_update_by_at_most_the_bound(method):
     # Prepare: 7 one-example users and a user with 1,000 examples; the neighbour lacks the heavy user entirely.
     light, batch, lr, clip = 7, 4, 0.5, 1.0

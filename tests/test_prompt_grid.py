@@ -75,3 +75,15 @@ def test_a_silent_node_is_given_up_after_the_timeout():
     start = time.perf_counter()
     replies = list(PromptGrid(LateGrid(delay=None)).send_and_receive(messages(1), timeout=0.6))
     assert replies == [] and 0.6 <= time.perf_counter() - start < 2.0
+
+
+def test_only_flowers_deployment_grid_is_wrapped():
+    # Prepare: Flower's deployment grid (not connected: only its type matters) and a test double
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from peft_lalora.flower.prompt_grid import prompt_grid
+
+    deployment, double = HttpGrid.__new__(HttpGrid), LateGrid(delay=None)
+    # Execute / Assert: the deployment grid gets the prompt loop; a grid with its own loop keeps it
+    assert isinstance(prompt_grid(deployment), PromptGrid) and prompt_grid(deployment).grid is deployment
+    assert prompt_grid(double) is double

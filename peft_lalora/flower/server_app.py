@@ -27,7 +27,7 @@ from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
 from .outcome import FlowerRunError, QuorumUnreachable, failure_message, outcome
-from .prompt_grid import PromptGrid
+from .prompt_grid import prompt_grid
 from .report import privacy_report
 from .settings import federated_args, server_setting
 from .strategy import LALoraStrategy
@@ -52,7 +52,7 @@ def make_server_app(task: FlowerTask) -> ServerApp:
 
 def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     """Run the rounds and save the results; returns the privacy report."""
-    grid = PromptGrid(grid)  # replies collected as they arrive, not on Flower's 3 s poll
+    grid = prompt_grid(grid)  # replies collected as they arrive, not on Flower's 3 s poll
     run_config = dict(context.run_config)
     run_config.setdefault("output-dir", DEFAULT_OUTPUT_DIR)
     args = federated_args(run_config, task.config_keys)

@@ -350,9 +350,8 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
             compute_metrics=_accuracy,
         )
         if authors:  # same sigma, schedule and batches as the DP run; the step replaced (private trainer API)
-            trainer._setup_federation()
             trainer.stepper = pu_authors.AuthorsStep(
-                model, sigma=trainer._federation["noise_multiplier"], extra_filter_step=method == "lalora"
+                model, sigma=trainer.federation.noise_multiplier, extra_filter_step=method == "lalora"
             )
         out = trainer.train()
         val = trainer.evaluate(eval_dataset=setup.val, metric_key_prefix="val")["val_accuracy"]

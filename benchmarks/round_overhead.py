@@ -183,7 +183,7 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     update_mod = importlib.import_module("peft_lalora.federated.client_update")  # the module, not the function
 
     trainer.stepper = TimedStepper(trainer.stepper, timers)
-    for shard in trainer._federation["shards"]:
+    for shard in trainer.federation.shards:
         shard.batch = timers.wrap("batch_collate", shard.batch)
     client_mod.poisson_sample = timers.wrap("poisson_sample", client_mod.poisson_sample)
     client_mod.generator = timers.wrap("seed_rng", client_mod.generator)
@@ -296,8 +296,8 @@ def worker(args) -> dict:
         "dataset_bytes": dataset.data.nbytes,
         "checkpoint_bytes": ckpt_bytes,
         "peak_reset": peak_reset,
-        "noise_multiplier": trainer._federation["noise_multiplier"],
-        "delta": trainer._federation["delta"],
+        "noise_multiplier": trainer.federation.noise_multiplier,
+        "delta": trainer.federation.delta,
         "process_wall": time.perf_counter() - t_import,
     }
 

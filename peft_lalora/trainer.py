@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from typing import NamedTuple, Optional
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
@@ -53,6 +54,17 @@ FAILED_DATA_CHECK = (
     "ClientDataError: the client's data failed the data check before training (see its warning then), so the "
     "client is dropped from every round it is scheduled in"
 )
+
+
+class Federation(NamedTuple):
+    """The federation a `FederatedDPTrainer` set up (`trainer.federation`): public facts only, never the secret
+    root of the noise and the batches (which has no accessor, by design)."""
+
+    shards: tuple  # each client's `ClientShard` (its collated examples), in client order
+    client_sizes: tuple  # each client's number of examples
+    client_users: Optional[tuple]  # each client's number of users under user-level DP, else None
+    noise_multiplier: float  # sigma of the sample-level DP step (0.0 without DP)
+    delta: Optional[float]  # the sample-level delta (None without DP)
 
 
 class FederatedDPTrainer(Trainer):
@@ -111,6 +123,14 @@ class FederatedDPTrainer(Trainer):
     @property
     def tuner(self) -> LALoraModel:
         return self.model.base_model
+
+    @property
+    def federation(self) -> Federation:
+        """The clients' shards, sizes and the calibrated noise, set up (partition, calibration) on first use."""
+        self._setup_federation()
+        fed = self._federation
+        users = None if fed["users"] is None else tuple(fed["users"])
+        return Federation(tuple(fed["shards"]), tuple(fed["sizes"]), users, fed["noise_multiplier"], fed["delta"])
 
     def _setup_federation(self) -> None:
         if self._federation is not None:

@@ -64,8 +64,8 @@ def test_fedavg_equals_hand_computed_mean_of_client_adapters(tmp_path):
             lr=0.5,
             local=LocalConfig.from_args(trainer.args),
             private_seed=0,
-            shard=trainer._federation["shards"][client],
-        )  # the trainer's shard: no public accessor
+            shard=trainer.federation.shards[client],
+        )
         locals_.append(adapter_state(trainer.model))
     for name in start:
         hand = (

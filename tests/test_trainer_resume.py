@@ -165,8 +165,8 @@ def test_failed_client_is_dropped_and_survivors_are_averaged(tmp_path):
             lr=0.5,
             local=LocalConfig.from_args(trainer.args),
             private_seed=0,
-            shard=trainer._federation["shards"][client],
-        )  # the trainer's shard: no public accessor
+            shard=trainer.federation.shards[client],
+        )
         locals_.append(adapter_state(model))
     trainer.global_adapter.load_into_model()
     after = adapter_state(model)

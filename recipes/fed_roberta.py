@@ -65,7 +65,7 @@ RT_TASK = "rotten_tomatoes"
 CLIENT_SPLITS = ("movie", "dirichlet", "iid")
 DEFAULT_DIRICHLET_ALPHA = 0.5
 
-# The embedded default job (measured: see README.md). Every value can be overridden by its flag.
+# The embedded default job (measured: see docs/default_job.md). Every value can be overridden by its flag.
 DEFAULTS = dict(
     RECIPE_DEFAULTS,
     output_dir="runs/fed_roberta_default",

@@ -2,7 +2,7 @@
 must exit non-zero with a message naming what happened. Here a fake `flwr` (a small script, no Flower, no server)
 plays the CLI as measured with Flower 1.42: `run` prints "Successfully started run N" and exits 0 (also for a run
 that failed, or lost its SuperLink), `ls --format json` answers the run's status. A real SuperLink restart is not
-part of this test (see README, "When a run fails").
+part of this test (see docs/flower.md, "When a run fails").
 """
 
 from __future__ import annotations

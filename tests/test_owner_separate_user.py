@@ -1,4 +1,4 @@
-"""The README's two users, automated: the private trainer runs as the data owner (root here), the relay as another
+"""The operator guide's (docs/flower.md) two users, automated: the private trainer runs as the data owner (root here), the relay as another
 user (`nobody`, in the socket folder's group), as the SuperNode's user does. The relay's process gets a released
 round through the socket, and EACCES on the data folder and the state folder it never needs.
 

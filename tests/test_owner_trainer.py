@@ -365,11 +365,11 @@ def test_a_trainer_killed_after_its_charge_loses_no_ledger_entry(tmp_path, data)
     assert result["reply"].code == codes.TRAINER_UNAVAILABLE and result["reply"].delta == {}
 
 
-def test_the_readmes_owner_config_reads():
-    # The owner's config as the README writes it (between `tee /etc/lalora-owner/owner.toml` and EOT)
+def test_the_operator_guides_owner_config_reads():
+    # The owner's config as the operator guide writes it (between `tee /etc/lalora-owner/owner.toml` and EOT)
     import tomllib
 
-    with open(os.path.join(ROOT, "README.md")) as handle:
+    with open(os.path.join(ROOT, "docs", "flower.md")) as handle:
         text = handle.read()
     body = text.split("tee /etc/lalora-owner/owner.toml > /dev/null <<EOT\n", 1)[1].split("\nEOT\n", 1)[0]
     config = OwnerConfig.from_dict(tomllib.loads(body), base="/")

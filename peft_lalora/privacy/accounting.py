@@ -238,6 +238,8 @@ def calibrate_noise_multiplier(
     return sigma
 
 
+# A pure function of its arguments: clients of one size, and a process's repeated calibrations, share one search.
+@functools.lru_cache(maxsize=1024)
 def _opacus_sigma(target: float, delta: float, q: float, steps: int, acc: str, tol: float) -> float | None:
     """opacus' sigma for one client; None when no sigma up to opacus' `MAX_SIGMA` meets the target. Its bisection has
     no iteration cap: it relies on epsilon being continuous in sigma (RDP: a minimum over orders of continuous

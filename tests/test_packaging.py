@@ -75,21 +75,29 @@ def _third_party_imports(paths, local: set[str]) -> dict[str, str]:
 
 
 FLOWER = ROOT / "peft_lalora" / "flower"  # the optional integration: its imports are the `flower` extra's
+RELAY = ROOT / "peft_lalora_relay"  # the torch-free relay, shipped in the same distribution
+RELAY_APP = RELAY / "client_app.py"  # its Flower ClientApp: the `flower` extra's too
+LOCAL = {"peft_lalora", "peft_lalora_relay"}  # this distribution's own packages
 
 
 def _package_files():
-    return [p for p in sorted((ROOT / "peft_lalora").rglob("*.py")) if FLOWER not in p.parents]
+    core = [p for p in sorted((ROOT / "peft_lalora").rglob("*.py")) if FLOWER not in p.parents]
+    return core + [p for p in sorted(RELAY.rglob("*.py")) if p != RELAY_APP]
+
+
+def _flower_files():
+    return sorted(FLOWER.rglob("*.py")) + [RELAY_APP]
 
 
 def test_the_flower_extra_declares_what_the_flower_integration_imports():
     config = _setup_cfg()
     declared = _requirements(config["options"]["install_requires"])
     flower_extra = _requirements(config["options.extras_require"]["flower"])
-    imported = _third_party_imports(sorted(FLOWER.rglob("*.py")), local={"peft_lalora"})
+    imported = _third_party_imports(_flower_files(), local=LOCAL)
     missing = {name: where for name, where in imported.items() if name not in declared | flower_extra}
     assert not missing, f"imported by peft_lalora/flower/ but in neither install_requires nor `flower`: {missing}"
     assert flower_extra <= set(imported), "the `flower` extra holds something peft_lalora/flower/ never imports"
-    core = _third_party_imports(_package_files(), local={"peft_lalora"})
+    core = _third_party_imports(_package_files(), local=LOCAL)
     assert not flower_extra & set(core), "the core package must not import the optional flwr"
 
 
@@ -97,7 +105,7 @@ def test_install_requires_is_exactly_what_the_package_imports():
     # Prepare
     declared = _requirements(_setup_cfg()["options"]["install_requires"])
     # Execute
-    imported = _third_party_imports(_package_files(), local={"peft_lalora"})
+    imported = _third_party_imports(_package_files(), local=LOCAL)
     # Assert
     undeclared = {name: where for name, where in imported.items() if name not in declared}
     assert not undeclared, f"imported by the package but not in setup.cfg install_requires: {undeclared}"
@@ -109,7 +117,7 @@ def test_the_recipes_extra_declares_what_only_the_recipes_import():
     config = _setup_cfg()
     declared = _requirements(config["options"]["install_requires"])
     recipes_extra = _requirements(config["options.extras_require"]["recipes"])
-    local = {path.stem for path in (ROOT / "recipes").glob("*.py")} | {"peft_lalora"}
+    local = {path.stem for path in (ROOT / "recipes").glob("*.py")} | LOCAL
 
     imported = _third_party_imports(sorted((ROOT / "recipes").glob("*.py")), local=local)
 
@@ -135,7 +143,8 @@ def test_the_test_extra_declares_what_the_tests_import():
     )
     local = (
         {path.stem for path in (ROOT / "tests").glob("*.py")}
-        | {"peft_lalora", "lalora_rt"}  # + the Flower app
+        | LOCAL
+        | {"lalora_rt"}  # + the Flower app
         | {path.stem for path in (ROOT / "benchmarks").glob("*.py")}
         | {path.stem for path in (ROOT / "recipes").glob("*.py")}
     )  # benchmark and recipe modules some tests import

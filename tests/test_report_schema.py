@@ -95,3 +95,19 @@ def test_the_card_renders_from_the_typed_report(trainer_report):
     assert card == render_model_card(**card_kwargs(privacy_report=trainer_report))
     assert "| epsilon (worst-case client) |" in card and f"| {typed.clients[0]['client']} |" in card
     assert "| client-level epsilon |" in card and "Warning: no privacy guarantee" in card  # noise_seed=0
+
+
+def test_the_flower_report_parses_and_round_trips_exactly(tmp_path):
+    pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.[flower]'`")
+    from test_flower_inprocess import SIZES, read_json, run_config, run_flower
+
+    data, start = toy_dataset(), 0
+    for k, n in enumerate(SIZES):
+        data.select(range(start, start + n)).save_to_disk(str(tmp_path / "data" / str(k)))
+        start += n
+    run_flower(tmp_path, tmp_path / "data", run_config(tmp_path, **CLIENT_DP))
+    report = read_json(tmp_path / "flower" / "privacy_report.json")
+    parsed = PrivacyReport.from_dict(report)
+    assert (parsed.schema_version, parsed.engine, parsed.dp) == (SCHEMA_VERSION, "flower", True)
+    assert parsed.run["rounds_aggregated"] and parsed.client_level is not None
+    assert round_trip(report) == report

@@ -41,7 +41,13 @@ from .hub import push_adapter_folder, write_model_card  # hub imports only tuner
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
 from .privacy.prior import REPORT_FILE, apply_prior, partition_record, prior_report_fields
-from .privacy.report import non_private_report, run_privacy_fields, with_client_level
+from .privacy.report import (
+    PrivacyReport,
+    build_report,
+    non_private_report,
+    run_privacy_fields,
+    with_client_level,
+)
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
 from .tuner.model import LALoraModel
@@ -481,11 +487,16 @@ class FederatedDPTrainer(Trainer):
 
     # ----- results -------------------------------------------------------------------------------------------
     def privacy_report(self) -> dict:
-        """Epsilon per client and the maximum, delta, sigma, C, sample rates, steps, accountant, unit."""
+        """Epsilon per client and the maximum, delta, sigma, C, sample rates, steps, accountant, unit: the JSON
+        form (privacy_report.json) of `privacy_record()`."""
+        return self.privacy_record().to_dict()
+
+    def privacy_record(self) -> PrivacyReport:
+        """The privacy report, typed (`privacy.report.PrivacyReport`)."""
         self._setup_federation()
         client_level = self.round_policy.client_level_report(self.state.global_step)
         if self.ledger is None:
-            return with_client_level(non_private_report(), client_level, self.args)
+            return build_report(with_client_level(non_private_report(), client_level, self.args))
         report = self.ledger.report()
         worst_case = (max(c["sample_rate"] for c in report["clients"]), self.args.num_rounds * self.args.local_steps)
         report.update(
@@ -505,7 +516,7 @@ class FederatedDPTrainer(Trainer):
                 entry["users"] = self._federation["users"][entry["client"]]
         if self._prior is not None:
             report.update(prior_report_fields(self._prior, self.ledger, report, worst_case))
-        return with_client_level(report, client_level, self.args)
+        return build_report(with_client_level(report, client_level, self.args))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the global adapter (peft format, safetensors, at the top of the folder even when the adapter is not

@@ -4,7 +4,7 @@ own sigma, delta and ledger on its own disk), so the report lists every client a
 from __future__ import annotations
 
 from ..privacy.accounting import REPORT_UNIT, compute_epsilon
-from ..privacy.report import non_private_report, run_privacy_fields, with_client_level
+from ..privacy.report import PrivacyReport, build_report, non_private_report, run_privacy_fields, with_client_level
 
 NOTE = (
     "Each client's epsilon is its own ledger's (kept on its own disk), over every local step ever charged to "
@@ -21,8 +21,14 @@ PARTICIPATION_NOTE = (
 )
 
 
-def privacy_report(strategy) -> dict:
-    """Epsilon per client (as last reported) and the maximum, the clients' delta, sigma, C, rates and steps."""
+def privacy_report(strategy, run: dict | None = None) -> PrivacyReport:
+    """Epsilon per client (as last reported) and the maximum, the clients' delta, sigma, C, rates and steps, and
+    `run` (how the rounds went) when given."""
+    report = _report_fields(strategy)
+    return build_report(report if run is None else {**report, "run": run})
+
+
+def _report_fields(strategy) -> dict:
     args = strategy.args
     client_level = strategy.policy.client_level_report(len(strategy.history))
     if not args.dp:

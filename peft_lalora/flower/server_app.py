@@ -106,7 +106,7 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
     args, out = strategy.args, strategy.args.output_dir
     os.makedirs(out, exist_ok=True)
     result = outcome(strategy.history, args.num_rounds, error)
-    report = {**privacy_report(strategy), "run": result}
+    report = privacy_report(strategy, run=result).to_dict()
     save_json(os.path.join(out, PRIVACY_REPORT), report)
     save_json(os.path.join(out, HISTORY), strategy.history)
     save_json(os.path.join(out, RUN_CONFIG), run_config)

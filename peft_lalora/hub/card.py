@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
-from ..privacy.accounting import REPORT_UNIT
+from ..privacy.report import PrivacyReport
 from ..tuner.methods import ALTERNATIONS, method_of
 from .card_client import client_level_text
 
@@ -30,7 +30,6 @@ DP_TAG = "differential-privacy"  # only on the card of a private run (DP with no
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 NOT_INDEX_METRICS = ("loss",)
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
-PRIVACY_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")
 # peft task_type / pipeline task -> (pipeline task for the model-index, transformers auto class)
 TASKS = {
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
@@ -102,6 +101,7 @@ def render_model_card(
     }
     values.update(_method_values(config))
     values.update(_federated_values(federated))
+    privacy_report = None if privacy_report is None else PrivacyReport.from_dict(privacy_report)
     status = privacy_status(privacy_report)
     values["privacy_section"] = _privacy_section(privacy_report) + client_level_text(privacy_report)
     values["dp_clause"] = {
@@ -142,14 +142,15 @@ def _base_load(base_model: str | None, local: str | None, repo_id: str | None) -
     }
 
 
-def privacy_status(report: dict | None) -> str:
+def privacy_status(report: PrivacyReport | dict | None) -> str:
     """ "private" (DP with noise from secret randomness), "fixed_seed" (the noise can be re-created: no guarantee),
     "no_noise" (noise_multiplier 0: epsilon = inf) or "none" (trained without DP)."""
-    if report is None or (isinstance(report, dict) and report.get("dp") is False):
+    report = None if report is None else PrivacyReport.from_dict(report)
+    if report is None or not report.dp:
         return "none"
-    if isinstance(report, dict) and not (report.get("noise_multiplier") or 0) > 0:
+    if not report.noise_multiplier > 0:
         return "no_noise"
-    if isinstance(report, dict) and report.get("secret_randomness") is False:  # a missing key: an older report
+    if report.fixed_seed:
         return "fixed_seed"
     return "private"
 
@@ -256,49 +257,38 @@ def _federated_values(federated: dict) -> dict:
     return {**{k: federated[k] for k in FEDERATED_KEYS}, "partition": partition or "not reported"}
 
 
-def _privacy_section(report: dict | None) -> str:
-    if report is None or (isinstance(report, dict) and report.get("dp") is False):
+def _privacy_section(report: PrivacyReport | None) -> str:
+    if report is None or not report.dp:
         if client_level_text(report):
             return "**No sample-level DP** (`dp=False`): each client's local training is not private on its own."
         return (
             "This adapter was **trained without differential privacy**: it carries no formal privacy guarantee "
             "for the clients' data."
         )
-    if not isinstance(report, dict):
-        raise ConfigError(
-            f"`privacy_report` must be a dict (privacy_report.json) or None, got {type(report).__name__}."
-        )
-    clients = report.get("clients") or []
-    epsilon = report.get("epsilon", max((c["epsilon"] for c in clients if "epsilon" in c), default=None))
-    missing = [k for k in PRIVACY_KEYS if report.get(k) is None] + (["epsilon"] if epsilon is None else [])
-    if missing:
-        raise ConfigError(
-            f"`privacy_report` must hold {missing}; got keys {sorted(report)}. Pass the report "
-            "written by the privacy accountant, or None for a non-private run."
-        )
-    rates = [c["sample_rate"] for c in clients if "sample_rate" in c] or _as_list(report.get("sample_rate"))
-    steps = [c["steps"] for c in clients if "steps" in c]
+    clients, epsilon = report.clients, report.epsilon
+    rates = [c["sample_rate"] for c in clients] or _as_list(report.extra.get("sample_rate"))  # version 0: one q
+    steps = [c["steps"] for c in clients]
     rows = [
         ("epsilon (worst-case client)", _num(epsilon)),
-        ("delta", _num(report["delta"])),
-        ("noise multiplier sigma", _num(report["noise_multiplier"])),
-        ("per-sample clip norm C (`per_sample_max_grad_norm`)", _num(report["per_sample_max_grad_norm"])),
+        ("delta", _num(report.delta)),
+        ("noise multiplier sigma", _num(report.noise_multiplier)),
+        ("per-sample clip norm C (`per_sample_max_grad_norm`)", _num(report.per_sample_max_grad_norm)),
         (
             "sample rate q (min / max over clients)",
             f"{_num(min(rates))} / {_num(max(rates))}" if rates else "not reported",
         ),
         ("DP-SGD steps (max over clients)", str(max(steps)) if steps else "not reported"),
-        ("accountant", f"`{report['accountant']}`"),
-        ("privacy unit", report.get("unit") or REPORT_UNIT),
+        ("accountant", f"`{report.accountant}`"),
+        ("privacy unit", report.unit),
     ]
-    users = [c["users"] for c in clients if c.get("users") is not None]
+    users = [c["users"] for c in clients if c.get("users") is not None]  # user-level DP only
     if users:
         rows.append(("users per client (min / max)", f"{min(users)} / {max(users)}"))
-    if report.get("target_epsilon") is not None:
-        rows.insert(1, ("target epsilon", _num(report["target_epsilon"])))
-    if report.get("worst_case_epsilon") is not None:
-        rows.insert(1, ("epsilon bound for a client in every round", _num(report["worst_case_epsilon"])))
-    if report.get("sigma_calibration"):
+    if report.target_epsilon is not None:
+        rows.insert(1, ("target epsilon", _num(report.target_epsilon)))
+    if report.worst_case_epsilon is not None:
+        rows.insert(1, ("epsilon bound for a client in every round", _num(report.worst_case_epsilon)))
+    if report.sigma_calibration:
         rows.append(
             (
                 "sigma calibrated for",
@@ -306,35 +296,33 @@ def _privacy_section(report: dict | None) -> str:
                     "schedule": "each client's scheduled steps",
                     "worst_case": "a client in every round",
                     "given": "(sigma given explicitly)",
-                }.get(report["sigma_calibration"], report["sigma_calibration"]),
+                }.get(report.sigma_calibration, report.sigma_calibration),
             )
         )
-    if report.get("clip_groups"):
-        groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report["clip_groups"].items())
+    if report.clip_groups:
+        groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report.clip_groups.items())
         rows.append(("clipping groups (per-example clip norm of each)", groups))
-        rows.append(("joint per-example sensitivity (noise std / sigma)", _num(float(report["sensitivity"]))))
-    text = _privacy_lead(report, epsilon) + _earlier_spending(report.get("earlier_spending"))
+        rows.append(("joint per-example sensitivity (noise std / sigma)", _num(float(report.sensitivity))))
+    text = _privacy_lead(report, epsilon) + _earlier_spending(report.earlier_spending)
     text += ["", "| quantity | value |", "|---|---|"]
     text += [f"| {name} | {value} |" for name, value in rows]
     if clients:
         text += ["", "Per client:", "", "| client | epsilon | sample rate | steps |", "|---|---|---|---|"]
         text += [
-            f"| {c.get('client', i)} | {_num(c.get('epsilon'))} | {_num(c.get('sample_rate'))} | "
-            f"{c.get('steps', '')} |"
-            for i, c in enumerate(clients)
+            f"| {c['client']} | {_num(c['epsilon'])} | {_num(c['sample_rate'])} | {c['steps']} |" for c in clients
         ]
     return "\n".join(text)
 
 
-def _privacy_lead(report: dict, epsilon) -> list[str]:
-    guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report['delta'])})-differential privacy"
+def _privacy_lead(report: PrivacyReport, epsilon) -> list[str]:
+    guarantee = f"(epsilon = {_num(epsilon)}, delta = {_num(report.delta)})-differential privacy"
     unit = (
-        f"The privacy unit is **{report.get('unit') or REPORT_UNIT}**; each client has its own accountant and "
+        f"The privacy unit is **{report.unit}**; each client has its own accountant and "
         "the epsilon is the largest over clients."
     )
-    if report.get("privacy_unit") == "user":
+    if report.privacy_unit == "user":
         unit += (
-            f" Users (column `{report.get('user_column')}`), not examples, were Poisson-sampled, one example of "
+            f" Users (column `{report.user_column}`), not examples, were Poisson-sampled, one example of "
             "each sampled user per step, so the guarantee covers all of a user's examples at a client together "
             "(under example-level DP a user with m examples would be protected only as m examples are)."
         )
@@ -345,7 +333,7 @@ def _privacy_lead(report: dict, epsilon) -> list[str]:
             "0, epsilon = inf): it carries **no formal privacy guarantee** for the clients' data."
         ]
     if status == "fixed_seed":
-        detail = report.get("noise_seed_warning")
+        detail = report.noise_seed_warning
         return [
             "> **Warning: no privacy guarantee.** The DP noise and Poisson sampling of this run came from a fixed "
             "`noise_seed` (a setting for tests and research), not from secret randomness: anyone who knows the "

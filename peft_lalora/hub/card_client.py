@@ -5,8 +5,8 @@ from __future__ import annotations
 
 
 def client_level_text(report) -> str:
-    """Markdown on the client-level guarantee, or "" when the run had none."""
-    entry = report.get("client_level") if isinstance(report, dict) else None
+    """Markdown on the client-level guarantee (`report`: a `PrivacyReport` or None), or "" when the run had none."""
+    entry = None if report is None else report.client_level
     if not entry:
         return ""
     guarantee = f"(epsilon = {entry['epsilon']:.4g}, delta = {entry['delta']:g})"

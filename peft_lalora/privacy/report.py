@@ -5,7 +5,10 @@ The per-client epsilons come from the ledgers (`PrivacyLedger.report`, or what e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
+from ..errors import ConfigError
 from .accounting import REPORT_UNIT
 from .secure_random import GENERATOR
 
@@ -78,3 +81,167 @@ def with_client_level(report: dict, client_level, args) -> dict:
     )
     client = f"client-level: epsilon {client_level['epsilon']:.4g}, delta {client_level['delta']:g}"
     return {**report, "client_level": client_level, "guarantees": [sample, client]}
+
+
+# ----------------------------------------------------------------------------------------------- the schema
+# One typed report that every writer builds (`PrivacyReport.from_dict(...)` of the fields it assembled, then
+# `to_dict()` for privacy_report.json) and the card reads. Hand-written: no dataclass-to-JSON library in the
+# dependencies keeps a report's optional keys as written (present with a None value vs absent) and its extras.
+SCHEMA_VERSION = 1  # 0: a report written before `schema_version` existed (read leniently, see `from_dict`)
+REQUIRED = ("dp", "epsilon", "delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant", "unit", "clients")
+GUARANTEE_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")  # non-None when dp
+CLIENT_REQUIRED = ("client", "epsilon", "sample_rate", "steps")
+CLIENT_LEVEL_REQUIRED = ("unit", "epsilon", "delta", "noise_multiplier", "client_clip_norm", "sample_rate", "rounds")
+OPTIONAL = (  # the keys a writer may add; any other key is kept, unread, in `extra`
+    "engine",
+    "privacy_unit",
+    "user_column",
+    "target_epsilon",
+    "num_rounds",
+    "local_steps",
+    "secret_randomness",
+    "noise_generator",
+    "noise_seed_warning",
+    "clip_groups",
+    "sensitivity",
+    "sigma_calibration",
+    "worst_case_epsilon",
+    "partition",
+    "earlier_spending",
+    "client_level",
+    "guarantees",
+    "refused",
+    "unreported",
+    "note",
+    "run",
+)
+_ARG = "privacy_report"
+
+
+@dataclass
+class PrivacyReport:
+    """privacy_report.json, typed. `clients` holds one dict per client (at least `CLIENT_REQUIRED`), and
+    `client_level` the client-level entry (at least `CLIENT_LEVEL_REQUIRED`) or None. An optional field is
+    written when it is not None or when the report it was read from held it (`present`)."""
+
+    dp: bool
+    epsilon: Optional[float]
+    delta: Optional[float]
+    noise_multiplier: Optional[float]
+    per_sample_max_grad_norm: Optional[float]
+    accountant: Optional[str]
+    unit: str
+    clients: list
+    engine: Optional[str] = None
+    privacy_unit: Optional[str] = None
+    user_column: Optional[str] = None
+    target_epsilon: Optional[float] = None
+    num_rounds: Optional[int] = None
+    local_steps: Optional[int] = None
+    secret_randomness: Optional[bool] = None
+    noise_generator: Optional[str] = None
+    noise_seed_warning: Optional[str] = None
+    clip_groups: Optional[dict] = None
+    sensitivity: Optional[float] = None
+    sigma_calibration: Optional[str] = None
+    worst_case_epsilon: Optional[float] = None
+    partition: Any = None
+    earlier_spending: Any = None
+    client_level: Optional[dict] = None
+    guarantees: Optional[list] = None
+    refused: Optional[list] = None
+    unreported: Optional[dict] = None
+    note: Optional[str] = None
+    run: Optional[dict] = None
+    extra: dict = field(default_factory=dict)
+    present: frozenset = field(default=frozenset(), repr=False)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def fixed_seed(self) -> bool:
+        """The noise came from a fixed `noise_seed` (no guarantee). A report without the key: secret randomness."""
+        return self.secret_randomness is False
+
+    def to_dict(self) -> dict:
+        """The JSON form: the required keys, the optional ones given, the extras and `schema_version`."""
+        out = {k: getattr(self, k) for k in REQUIRED}
+        out.update({k: getattr(self, k) for k in OPTIONAL if k in self.present or getattr(self, k) is not None})
+        out.update(self.extra)
+        out["schema_version"] = self.schema_version
+        return out
+
+    @classmethod
+    def from_dict(cls, report) -> PrivacyReport:
+        """Read a report. The current version strictly (a missing key raises, naming it); version 0 (no
+        `schema_version`: written before it existed) by filling what can be derived (`dp` True, `unit` the
+        example unit, `clients` none, `epsilon` the largest client's); a newer version is refused."""
+        if isinstance(report, cls):
+            return report
+        if not isinstance(report, dict):
+            raise ConfigError(
+                f"`{_ARG}` must be a dict (privacy_report.json), a PrivacyReport or None, got {type(report).__name__}."
+            )
+        version = check_schema_version(report)
+        data = dict(report)
+        data.pop("schema_version", None)
+        if version == 0:
+            data = _upgrade_v0(data)
+        _require(data, REQUIRED, _ARG)
+        if data["dp"]:
+            _require({k: v for k, v in data.items() if v is not None}, GUARANTEE_KEYS + ("epsilon",), _ARG)
+        if not isinstance(data["clients"], list):
+            raise ConfigError(f"`{_ARG}['clients']` must be a list, got {data['clients']!r}.")
+        for i, entry in enumerate(data["clients"]):
+            _require(entry, CLIENT_REQUIRED, f"{_ARG}['clients'][{i}]")
+        if version > 0:
+            if data.get("client_level") is not None:
+                _require(data["client_level"], CLIENT_LEVEL_REQUIRED, f"{_ARG}['client_level']")
+        known = set(REQUIRED) | set(OPTIONAL)
+        return cls(
+            **{k: v for k, v in data.items() if k in known},
+            extra={k: v for k, v in data.items() if k not in known},
+            present=frozenset(k for k in OPTIONAL if k in data),
+            schema_version=version,
+        )
+
+
+def check_schema_version(report: dict) -> int:
+    """The report's `schema_version` (0 when it has none); a newer one than this library reads is refused."""
+    version = report.get("schema_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigError(f"`{_ARG}['schema_version']` must be a non-negative int, got {version!r}.")
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"`{_ARG}` has `schema_version` {version}, newer than this version of peft_lalora reads "
+            f"({SCHEMA_VERSION}). Upgrade peft_lalora to read it."
+        )
+    return version
+
+
+def build_report(fields: dict) -> PrivacyReport:
+    """A writer's report: `fields` (as assembled) checked against the current schema."""
+    return PrivacyReport.from_dict({**fields, "schema_version": SCHEMA_VERSION})
+
+
+def _upgrade_v0(data: dict) -> dict:
+    clients = data.get("clients") or []
+    epsilon = max((c["epsilon"] for c in clients if isinstance(c, dict) and "epsilon" in c), default=None)
+    data.setdefault("epsilon", epsilon)
+    data.setdefault("dp", True)
+    data.setdefault("unit", REPORT_UNIT)
+    data["clients"] = clients
+    if data["dp"] is False:  # a non-private run: no guarantee to state
+        for key in GUARANTEE_KEYS:
+            data.setdefault(key, None)
+    return data
+
+
+def _require(data, keys, name: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{name}` must be a dict, got {type(data).__name__}.")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ConfigError(
+            f"`{name}` must hold {missing}; got keys {sorted(data)}. Pass the report written by the privacy "
+            "accountant (privacy_report.json), or None for a non-private run."
+        )

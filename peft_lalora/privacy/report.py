@@ -186,8 +186,12 @@ class PrivacyReport:
         data.pop("schema_version", None)
         if version == 0:
             data = _upgrade_v0(data)
+        if data.get("dp") and not data.get("clients"):
+            # a DP run in which no client released (every one refused, or lost): no guarantee values to state
+            for key in GUARANTEE_KEYS + ("epsilon",):
+                data.setdefault(key, None)
         _require(data, REQUIRED, _ARG)
-        if data["dp"]:
+        if data["dp"] and data["clients"]:
             _require({k: v for k, v in data.items() if v is not None}, GUARANTEE_KEYS + ("epsilon",), _ARG)
         if not isinstance(data["clients"], list):
             raise ConfigError(f"`{_ARG}['clients']` must be a list, got {data['clients']!r}.")

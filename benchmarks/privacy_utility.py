@@ -322,7 +322,6 @@ def run_one(opts, setup, method: str, epsilon, lr: float, seed: int) -> dict:
             disable_tqdm=True,
             eval_rounds=0,
             save_strategy="no",
-            logging_strategy="no",
             use_cpu=opts.device == "cpu",
             remove_unused_columns=opts.vision is None,
             local_optimizer=opts.optimizer,

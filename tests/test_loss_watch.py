@@ -39,9 +39,13 @@ def test_without_a_reference_the_first_value_is_the_reference_and_nan_warns():
 def test_a_dp_run_that_does_not_log_its_training_loss_gets_no_training_loss_warning():
     # under DP the round's loss is logged only with log_private_metrics=True; the watch reads the logs alone
     watch = LossWatch(reference_loss=math.log(2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LALoraWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _log(watch, {"round": 1.0, "learning_rate": 1.0, "clients": 4.0, "epsilon": 3.0}, dp=True)
+    assert not [w for w in caught if issubclass(w.category, LALoraWarning)] and watch.warned == set()
+    # ... while the same watch does warn once the loss is in the logs (it was watching)
+    with pytest.warns(LALoraWarning, match="training loss of round 3"):
+        _log(watch, {"loss": 84.0}, dp=True)
 
 
 def test_a_bad_reference_is_refused_by_name():

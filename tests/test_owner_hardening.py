@@ -61,10 +61,19 @@ def test_a_data_folder_others_may_read_or_write_is_refused(open_root, mode, expe
 
 
 def test_a_closed_data_folder_or_one_inside_a_closed_folder_passes(open_root):
-    check_private_paths({"data-path": folder(open_root, "closed", 0o700)})
+    # Prepare: three data folders others cannot reach (closed; open inside a closed parent; group-readable, allowed)
     private = folder(open_root, "private", 0o700)
-    check_private_paths({"data-path": folder(private, "client_0", 0o755)})  # others cannot reach it
-    check_private_paths({"data-path": folder(open_root, "group", 0o750)}, allow_group_read=True)
+    cases = [
+        ({"data-path": folder(open_root, "closed", 0o700)}, False),
+        ({"data-path": folder(private, "client_0", 0o755)}, False),  # others cannot reach it
+        ({"data-path": folder(open_root, "group", 0o750)}, True),
+    ]
+    # Execute: the start-up check on each (a refusal raises ConfigError, failing the test)
+    passed = [check_private_paths(config, allow_group_read=group) is None for config, group in cases]
+    # Assert: all pass, and the group-readable one is refused once group read is not allowed (the check did run)
+    assert passed == [True, True, True]
+    with pytest.raises(ConfigError, match="its group may read it"):
+        check_private_paths(cases[2][0])
 
 
 def test_a_state_folder_or_secret_others_may_use_is_refused(open_root):

@@ -41,7 +41,13 @@ def global_rng(seed: int, *keys, device="cpu") -> Iterator[None]:
     On CPU only the CPU generator is seeded: `torch.manual_seed` also queues a seed for every accelerator kind,
     recording a stack trace for each, which costs more than a local step's other bookkeeping together. On other
     devices `torch.manual_seed` seeds them all; other backends (MPS, XPU), and CUDA when not yet initialised,
-    keep the block's seed."""
+    keep the block's seed.
+
+    Never on the path of the DP noise or the Poisson batches: those come from `SecureRandom` streams keyed by the
+    private root, because a torch generator keeps only 32 (CPU) or 64 (CUDA) bits of its seed. Dropout's masks are
+    data-independent and not part of the mechanism; `seed` here is hashed (`derive_seed`), so it gives nothing of
+    the root away. tests/test_unguessable_noise.py records every seed handed to torch and checks that none
+    re-creates any run of the released noise."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     value = derive_seed(seed, *keys)
     with torch.random.fork_rng(devices=cuda):

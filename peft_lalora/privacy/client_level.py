@@ -3,21 +3,18 @@ the accounting of the server's mechanism. Each round samples every client with p
 from the private root), clips each sampled client's whole update to `client_clip_norm` S, adds N(0, (z S)^2) to
 the sum and divides by the expected count m: one subsampled Gaussian release per round, whatever a client's data.
 Adjacent federations differ in ONE CLIENT's whole data (add or remove a client), so epsilon covers everything a
-client holds, across all its rounds; opacus' `RDPAccountant` composes (z, q) over the rounds run, and
-`get_noise_multiplier` calibrates z for a target epsilon (hand-written here: only the wiring of opacus' own
-accountant to the client unit, which its `PrivacyEngine` does per example).
+client holds, across all its rounds. The accounting is the sample level's (`privacy.accounting`: opacus' RDP
+composes (z, q) over the rounds run, and its `get_noise_multiplier` calibrates z for a target epsilon, checked at
+the answer); hand-written here is only the wiring to the client unit, which opacus' `PrivacyEngine` does per example.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from ..errors import PrivacyBudgetExceededError
+from .accounting import calibrate_noise_multiplier, compute_epsilon, default_delta
 
 CLIENT_UNIT = "client"
 CLIENT_GUARANTEE = (
@@ -27,20 +24,10 @@ CLIENT_GUARANTEE = (
 )
 
 
-def default_client_delta(num_clients: int) -> float:
-    """delta = min(1e-5, 1 / N) for N clients (delta must stay well below 1 / N)."""
-    return min(1e-5, 1.0 / num_clients)
-
-
 def client_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """Epsilon after `rounds` Poisson-subsampled Gaussian rounds (opacus' `RDPAccountant`); 0 before any round."""
-    if rounds == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    accountant = RDPAccountant()
-    accountant.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
-    return float(accountant.get_epsilon(delta=delta))
+    """Epsilon after `rounds` Poisson-subsampled Gaussian rounds (opacus' RDP, as every epsilon of this library:
+    `accounting.compute_epsilon`); 0 before any round."""
+    return compute_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=rounds, delta=delta)
 
 
 @dataclass(frozen=True)
@@ -61,15 +48,11 @@ class ClientLevelPlan:
         """From `FederatedDPArguments` with `client_dp=True` (validated there): z given, or calibrated so that
         `num_rounds` rounds at q = clients_per_round / num_clients meet `client_target_epsilon`."""
         q = args.clients_per_round / args.num_clients
-        delta = args.client_target_delta or default_client_delta(args.num_clients)
+        delta = args.client_target_delta or default_delta(args.num_clients)  # min(1e-5, 1 / N)
         z = args.client_noise_multiplier
         if args.client_target_epsilon is not None:
-            z = get_noise_multiplier(
-                target_epsilon=args.client_target_epsilon,
-                target_delta=delta,
-                sample_rate=q,
-                steps=args.num_rounds,
-                accountant="rdp",
+            z = calibrate_noise_multiplier(  # opacus' search, checked at its answer, as for the sample level
+                target_epsilon=args.client_target_epsilon, target_delta=delta, sample_rate=q, steps=args.num_rounds
             )
         return cls(
             noise_multiplier=float(z),

@@ -24,7 +24,7 @@ Where a round's time goes (relay mode), from timestamps on one clock: the server
 history), the start of each `flwr-clientapp` process and the span of each connection to a private trainer's socket
 (watched here with psutil every 50 ms), the trainer's log line when it releases the round (and its `train-seconds`
 before that), and the round's end. For the client that released last: `to_clientapp` (the SuperNode's 3 s poll of
-the SuperLink, SuperExec's 1 s task poll, the process launch), `clientapp_to_request` (interpreter start, imports,
+the SuperLink, SuperExec's task poll, `--superexec-poll`, the process launch), `clientapp_to_request` (interpreter start, imports,
 the message's pull, the relay's connect), `request_to_compute` (the trainer reads and checks the request, charges
 its ledger and, in a run's first round, loads the model), `compute`, `release_to_end` (the reply to the relay, its
 ArrayRecord, its push to the SuperNode, the SuperNode's push to the SuperLink, the ServerApp's pull, aggregation).
@@ -369,6 +369,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--modes", default="relay", help="comma-separated: relay, clientapp")
+    parser.add_argument(
+        "--superexec-poll",
+        type=float,
+        default=0.1,
+        help="seconds between the SuperExec's polls of its SuperNode for a ClientApp to start "
+        "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; docs/flower.md sets 0.1 on the owner's SuperNode; Flower's default: 1.0)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--logs", default=None, help="a folder to copy every component's log to")
     args = parser.parse_args(argv)
@@ -376,9 +383,12 @@ def main(argv=None) -> dict:
     modes = args.modes.split(",")
     if not set(modes) <= {"relay", "clientapp"}:
         parser.error(f"--modes must name relay and/or clientapp, got {args.modes!r}")
+    # the SuperNodes inherit it (tests/flower_deploy.Deployment copies this environment) and hand it to their SuperExec
+    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(args.superexec_poll)
     result = {
         "settings": {
             "model": args.model,
+            "superexec_poll_s": args.superexec_poll,
             "clients": args.clients,
             "rounds": args.rounds,
             "local_steps": args.local_steps,

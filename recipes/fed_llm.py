@@ -51,11 +51,19 @@ if not any(a.split("=")[0] in ("--model_name_or_path", "--dataset", "--push_to_h
 
 import data  # noqa: E402
 import llm_data  # noqa: E402
-from common import RECIPE_DEFAULTS, LoraArguments, parse_recipe_args, recipe_parser, train_and_report  # noqa: E402
+from common import (  # noqa: E402
+    RECIPE_DEFAULTS,
+    LoraArguments,
+    parse_recipe_args,
+    recipe_parser,
+    resume_argument,
+    train_and_report,
+)
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from peft_lalora import FederatedDPArguments, FederatedDPTrainer, LALoraConfig  # noqa: E402
+from peft_lalora.federated import prepare_output_dir  # noqa: E402
 
 logger = logging.getLogger("fed_llm")
 CLIENT_SPLITS = ("column", "dirichlet", "iid")
@@ -251,8 +259,11 @@ def load_base(model_args: ModelArguments, train_texts, args: FederatedDPArgument
             tokenizer.pad_token = tokenizer.eos_token
         return from_pretrained(path, model_args, args, **extra), tokenizer, path
     path = os.path.abspath(os.path.join(args.output_dir, "base_model"))
+    resumed = resume_argument(args) is not None and os.path.isfile(os.path.join(path, "config.json"))
+    if not resumed:  # train() would refuse a folder holding another run: refuse before the save overwrites its base
+        prepare_output_dir(args, resuming=False)
     with args.main_process_first(desc="offline base model"):
-        if args.process_index > 0:  # the main process has built and saved it
+        if args.process_index > 0 or resumed:  # built and saved: by the main process, or by the run resumed here
             return from_pretrained(path, model_args, args), AutoTokenizer.from_pretrained(path), path
         tokenizer = llm_data.train_byte_bpe_tokenizer(train_texts, OFFLINE_VOCAB)
         import torch

@@ -388,6 +388,20 @@ def test_fed_llm_offline_default_runs_and_its_adapter_generates_in_a_fresh_proce
     assert "## Training data" in card and '`{"instruction", "input", "output"}`' in card
 
 
+def test_fed_llm_refuses_a_folder_holding_another_run_before_touching_its_base(tmp_path):
+    # Prepare: an earlier run's folder (its checkpoint folder and the offline base its adapter names)
+    out_dir = tmp_path / "out"
+    (out_dir / "federated_state").mkdir(parents=True)
+    (out_dir / "base_model").mkdir()
+    (out_dir / "base_model" / "config.json").write_text('{"the": "earlier run\'s base"}')
+    flags = ["--max_train_samples", "64", "--max_eval_samples", "8", "--output_dir", str(out_dir)] + SMALL_FED
+    # Execute / Assert: refused as train() refuses it, naming the flags, and the earlier base is untouched
+    with pytest.raises(ConfigError, match="holds another run.*--resume_from_checkpoint True"):
+        _recipe().main(flags)
+    assert (out_dir / "base_model" / "config.json").read_text() == '{"the": "earlier run\'s base"}'
+    assert sorted(os.listdir(out_dir / "base_model")) == ["config.json"]
+
+
 @pytest.mark.slow
 def test_fed_llm_fine_tunes_a_local_gpt2_on_a_jsonl_file_with_left_padding_and_mlp_adapters(tmp_path):
     # Prepare: a tiny GPT-2 checkpoint with the offline tokenizer, and 60 JSONL records from 4 users

@@ -5,6 +5,7 @@ client-level DP in `client_dp`), seeding and checkpoints."""
 from .aggregation import Aggregator, adapter_delta, apply_delta
 from .client import ClientShard, model_columns
 from .client_update import ClientUpdate, ClientUpdateError, LocalConfig, client_update, make_optimizer, make_stepper
+from .output_dir import prepare_output_dir
 from .partition import partition_dataset, partition_dirichlet, partition_groups, partition_iid
 from .round import RoundPolicy
 
@@ -25,4 +26,5 @@ __all__ = [
     "partition_dirichlet",
     "partition_groups",
     "partition_iid",
+    "prepare_output_dir",
 ]

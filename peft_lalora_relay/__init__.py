@@ -9,7 +9,8 @@ only to relay a few hundred KB. Importing this package runs nothing of `peft_lal
 it (one wire format, one set of codes, one token check), so the imports still flow one way:
 
     peft_lalora_relay.codes, .token, .wire, .relay   (Flower-free)  <-  peft_lalora.owner  <-  peft_lalora.flower
-    peft_lalora_relay.client_app (flwr; relay mode here, trial mode delegates to peft_lalora.flower, lazily)
+    peft_lalora_relay.packed, .client_app (flwr: the packed record; relay mode here, trial mode delegates to
+        peft_lalora.flower, lazily)
 
     # an app's ClientApp module (its own module: nothing heavy imported at the top):
     from peft_lalora_relay.client_app import make_client_app

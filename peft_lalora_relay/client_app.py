@@ -2,8 +2,8 @@
 
 Flower starts one `flwr-clientapp` process per message; a node in relay mode (`private-trainer` and
 `private-trainer-token` in its node config, see `peft_lalora.flower.client_app`) pays here only for flwr, numpy and
-safetensors: the global adapter goes from Flower's `ArrayRecord` (numpy) to safetensors bytes, to the trainer, and
-the trainer's reply back the same way. A node in trial mode (no `private-trainer`) gets `peft_lalora.flower`'s
+safetensors: the global adapter's safetensors bytes go from Flower's packed record (`packed`) to the trainer, and the
+trainer's reply back the same way (read once here, to refuse bytes that are not safetensors). A node in trial mode (no `private-trainer`) gets `peft_lalora.flower`'s
 ClientApp for `trial_task`, imported on its first message: the same answers as `peft_lalora.flower.make_client_app`.
 
     client_app = make_client_app(trial_task="lalora_rt.task:TASK")   # clientapp = "lalora_rt.client:client_app"
@@ -16,13 +16,12 @@ import importlib
 import logging
 import time
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load as load_arrays
-from safetensors.numpy import save as save_arrays
 
 from . import codes
+from .packed import pack, unpack
 from .records import CONFIG, DELTA, GLOBAL, METRICS, NODE, PRIVACY
 from .relay import TrainerRelay, TrainerUnavailable
 from .token import TokenFileError
@@ -92,7 +91,7 @@ def relay_train(message: Message, context: Context) -> Message | None:
             return None
         config = message.content[CONFIG]
         round_idx, lr, steps = int(config["round"]), float(config["learning-rate"]), int(config["local-steps"])
-        arrays = {name: np.ascontiguousarray(array.numpy()) for name, array in message.content[GLOBAL].items()}
+        payload = unpack(message.content[GLOBAL])
     except (RelayConfigError, KeyError, TypeError, ValueError) as exc:
         return Message(Error(codes.CLIENT_CONFIG, f"{type(exc).__name__}: {exc}"), reply_to=message)
     released = relay.release(
@@ -101,25 +100,24 @@ def relay_train(message: Message, context: Context) -> Message | None:
         lr=lr,
         steps=steps,
         run_config=dict(context.run_config),
-        payload=save_arrays(arrays) if arrays else b"",
+        payload=payload,
     )
     asked = time.perf_counter()
     if not released.ok:
         return Message(Error(released.code, released.text), reply_to=message)
     try:
-        delta = ArrayRecord(
-            array_dict={n: Array(np.asarray(a, dtype=np.float32)) for n, a in load_arrays(released.payload).items()}
-        )
+        tensors = len(load_arrays(released.payload)) if released.payload else 0
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on bad bytes
         text = f"The private trainer's reply is not safetensors of numpy dtypes ({type(exc).__name__}: {exc})."
         return Message(Error(codes.TRAINER_UNAVAILABLE, text), reply_to=message)
+    delta = pack(released.payload)
     metrics = {**released.metrics, "bytes-sent": int(delta.count_bytes())}
     logger.info(
         "round %s: relayed in %.3f s (trainer %.3f s); sends %d tensors (%d bytes)",
         round_idx,
         time.perf_counter() - started,
         asked - started,
-        len(delta),
+        tensors,
         metrics["bytes-sent"],
     )
     content = RecordDict({DELTA: delta, METRICS: MetricRecord(metrics), PRIVACY: ConfigRecord(released.privacy)})

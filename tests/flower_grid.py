@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -86,5 +86,5 @@ class InProcessGrid(Grid):
 def train_message(global_state: dict, node_id: int, *, round_idx: int = 0, lr: float = 0.5, steps: int = 2):
     """A server's train message for one node, as `LALoraStrategy.configure_train` builds it (public seed 0)."""
     config = ConfigRecord({"round": round_idx, "learning-rate": lr, "local-steps": steps, "seed": 0})
-    content = RecordDict({protocol.GLOBAL: ArrayRecord(global_state), protocol.CONFIG: config})
+    content = RecordDict({protocol.GLOBAL: protocol.pack_state(global_state), protocol.CONFIG: config})
     return Message(content, dst_node_id=node_id, message_type="train")

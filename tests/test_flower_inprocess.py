@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from datasets import load_from_disk  # noqa: E402
 from fed_helpers import flower_run_config, toy_args, toy_dataset, toy_model  # noqa: E402
 from flower_grid import InProcessGrid  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_hub import hub  # noqa: E402, F401  (the fake Hub fixture)
@@ -123,7 +123,7 @@ def test_flower_run_equals_the_trainer(tmp_path, shards, case):
         if message.metadata.message_type == "train" and reply.has_content():
             # loss and dropped counts are not noised: a private client keeps them unless its owner shares them
             assert ("loss" in reply.content[protocol.METRICS]) == (case == "nonprivate")
-            names = list(reply.content[protocol.DELTA].keys())
+            names = list(protocol.state_of(reply.content[protocol.DELTA]))
             roles = {"A" if ".lora_A." in n else "B" if ".lora_B." in n else "head" for n in names}
             sent.append((message.content[protocol.CONFIG]["round"], node - 100, roles))
 
@@ -433,7 +433,7 @@ def round_zero_message(node: int) -> Message:
     state = {n: p.detach() for n, p in toy_model().named_parameters() if "lora_" in n or "modules_to_save" in n}
     content = RecordDict(
         {
-            protocol.GLOBAL: ArrayRecord(state),
+            protocol.GLOBAL: protocol.pack_state(state),
             protocol.CONFIG: ConfigRecord({"round": 0, "learning-rate": 0.5, "local-steps": 2, "seed": 0}),
         }
     )

@@ -35,7 +35,7 @@ def replay(tmp_path, policy: dict, **overrides) -> tuple:
     for adapter in (first, second):
         (reply,) = grid.send_and_receive([train_message(adapter, NODE)])
         assert not reply.has_error(), reply.error.reason
-        delta = reply.content[protocol.DELTA].to_torch_state_dict()
+        delta = protocol.state_of(reply.content[protocol.DELTA])
         deltas.append(torch.cat([delta[n].flatten() for n in sorted(delta)]))
     return deltas[0] - deltas[1], ClientState(str(tmp_path / "state"))
 

@@ -76,17 +76,17 @@ def _third_party_imports(paths, local: set[str]) -> dict[str, str]:
 
 FLOWER = ROOT / "peft_lalora" / "flower"  # the optional integration: its imports are the `flower` extra's
 RELAY = ROOT / "peft_lalora_relay"  # the torch-free relay, shipped in the same distribution
-RELAY_APP = RELAY / "client_app.py"  # its Flower ClientApp: the `flower` extra's too
+RELAY_FLOWER = (RELAY / "client_app.py", RELAY / "packed.py")  # its Flower ClientApp and record: the `flower` extra's
 LOCAL = {"peft_lalora", "peft_lalora_relay"}  # this distribution's own packages
 
 
 def _package_files():
     core = [p for p in sorted((ROOT / "peft_lalora").rglob("*.py")) if FLOWER not in p.parents]
-    return core + [p for p in sorted(RELAY.rglob("*.py")) if p != RELAY_APP]
+    return core + [p for p in sorted(RELAY.rglob("*.py")) if p not in RELAY_FLOWER]
 
 
 def _flower_files():
-    return sorted(FLOWER.rglob("*.py")) + [RELAY_APP]
+    return sorted(FLOWER.rglob("*.py")) + list(RELAY_FLOWER)
 
 
 def test_the_flower_extra_declares_what_the_flower_integration_imports():

@@ -109,7 +109,7 @@ def test_the_light_relay_forwards_the_adapter_and_returns_the_release_bit_for_bi
     for name, tensor in global_state.items():
         assert torch.equal(tensors[name], tensor)
     assert not reply.has_error()
-    got = reply.content[protocol.DELTA].to_torch_state_dict()
+    got = protocol.state_of(reply.content[protocol.DELTA])
     assert sorted(got) == sorted(delta) and all(torch.equal(got[n], delta[n]) for n in delta)
     metrics = reply.content[protocol.METRICS]
     assert metrics["num-examples"] == 9 and metrics["loss"] == float("inf")

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from peft_lalora_relay.client_app import RELAY_KEYS, relay_query, relay_train
@@ -66,7 +65,8 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
     config = message.content[protocol.CONFIG]
     try:
         round_idx, lr, steps = int(config["round"]), float(config["learning-rate"]), int(config["local-steps"])
-    except (KeyError, TypeError, ValueError) as exc:
+        global_state = protocol.state_of(message.content[protocol.GLOBAL])
+    except (KeyError, TypeError, ValueError) as exc:  # WireError is a ValueError
         return Message(Error(protocol.CLIENT_CONFIG, f"{type(exc).__name__}: {exc}"), reply_to=message)
     reply = local_round(
         task,
@@ -77,7 +77,7 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
         lr=lr,
         steps=steps,
         run_config=dict(context.run_config),
-        global_state=message.content[protocol.GLOBAL].to_torch_state_dict(),
+        global_state=global_state,
     )
     return _message(reply, message)
 
@@ -85,12 +85,12 @@ def train_round(task: FlowerTask, message: Message, context: Context) -> Message
 def _message(reply: Reply, message: Message) -> Message:
     if not reply.ok:
         return Message(Error(reply.code, reply.text), reply_to=message)
-    delta = ArrayRecord({n: t.detach().to("cpu", torch.float32) for n, t in reply.delta.items()})
+    delta = protocol.pack_state(reply.delta)
     metrics = {**reply.metrics, "bytes-sent": int(delta.count_bytes())}
     logger.info(
         "round %s: sends %d tensors (%d bytes)",
         message.content[protocol.CONFIG].get("round"),
-        len(delta),
+        len(reply.delta),
         metrics["bytes-sent"],
     )
     content = RecordDict(

@@ -1,16 +1,23 @@
 """What travels between the ServerApp and a ClientApp: record names, config keys and error codes.
 
-Server -> client (train): `global` (ArrayRecord: every adapter tensor, float32) and `config` (ConfigRecord:
+Server -> client (train): `global` (every adapter tensor, float32) and `config` (ConfigRecord:
 `round` (0-based, as in `FederatedDPTrainer`), `learning-rate`, `local-steps`, `seed` (the public seed)).
-Client -> server: `delta` (ArrayRecord: only the tensors it trained, plus the head), `metrics` (MetricRecord:
+Client -> server: `delta` (only the tensors it trained, plus the head), `metrics` (MetricRecord:
 `num-examples`, `steps`, `epsilon`, `bytes-sent`, `train-seconds`; `loss`, `sampled`, `dropped` only where the
 node shares them or the run is not private) and `privacy` (ConfigRecord: the client's accounting, see
 `owner.local_round.privacy_record`), or an error reply with a code of `owner.codes`.
 Query: the server asks a node which client it is; the reply is `node` (ConfigRecord: `partition-id`).
+Tensors travel packed: an ArrayRecord of one Array of safetensors bytes (`pack_state` / `state_of`; why:
+`peft_lalora_relay.packed`).
 """
 
 from __future__ import annotations
 
+import torch
+from flwr.app import ArrayRecord
+from safetensors.torch import save as save_tensors
+
+from peft_lalora_relay.packed import pack, unpack
 from peft_lalora_relay.records import CONFIG, DELTA, GLOBAL, METRICS, NODE, PRIVACY
 
 from ..owner.codes import (
@@ -26,8 +33,11 @@ from ..owner.codes import (
     UPDATE_FAILED,
 )
 from ..owner.local_round import partition_id
+from ..owner.wire import tensors_of
 
 __all__ = [
+    "pack_state",
+    "state_of",
     "BAD_REQUEST",
     "BUDGET_EXCEEDED",
     "CLIENT_CONFIG",
@@ -46,3 +56,13 @@ __all__ = [
     "UPDATE_FAILED",
     "partition_id",
 ]
+
+
+def pack_state(state: dict) -> ArrayRecord:
+    """`state` (name -> tensor) as a packed record of float32 tensors."""
+    return pack(save_tensors({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in state.items()}))
+
+
+def state_of(record: ArrayRecord) -> dict:
+    """The tensors of a packed record, float32; ValueError (or `WireError`, one) for any other record."""
+    return {n: t.to(torch.float32) for n, t in tensors_of(unpack(record)).items()}

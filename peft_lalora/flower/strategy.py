@@ -72,7 +72,7 @@ class LALoraStrategy(Strategy):
         self.policy = RoundPolicy(args, private_root=private_root, round_tensors=round_tensors)
 
     def arrays(self) -> ArrayRecord:
-        return ArrayRecord(self.global_state)
+        return protocol.pack_state(self.global_state)
 
     # ----- which SuperNode is which client ------------------------------------------------------------------
     def discover(self, grid: Grid, *, wait: float = 0.0, until: int | None = None) -> dict:
@@ -207,9 +207,7 @@ class LALoraStrategy(Strategy):
         privacy = dict(reply.content[protocol.PRIVACY])
         if privacy.get("partition-id") != pid:
             raise ValueError(f"the reply says partition-id {privacy.get('partition-id')!r}, the node serves {pid}")
-        aggregator.add(
-            reply.content[protocol.DELTA].to_torch_state_dict(), self.policy.weight(metrics["num-examples"])
-        )
+        aggregator.add(protocol.state_of(reply.content[protocol.DELTA]), self.policy.weight(metrics["num-examples"]))
         self.clients[pid] = {**privacy, "last_round": self._round["round"]}
         return metrics
 

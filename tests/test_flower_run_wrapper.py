@@ -1,7 +1,8 @@
-"""`python -m peft_lalora.flower.run`: Flower's `flwr run --stream` exits 0 whatever became of the run; the wrapper
-must exit non-zero with a message naming what happened. Here a fake `flwr` (a small script, no Flower, no server)
-plays the CLI as measured with Flower 1.42: `run` prints "Successfully started run N" and exits 0 (also for a run
-that failed, or lost its SuperLink), `ls --format json` answers the run's status. A real SuperLink killed and
+"""`python -m peft_lalora.flower.run`: Flower's `flwr run --stream` exits 0 for a run that failed (1 for a lost
+SuperLink, as for a run that never started); the wrapper must exit non-zero with a message naming what happened.
+Here a fake `flwr` (a small script, no Flower, no server) plays the CLI as measured with Flower 1.42: `run` prints
+"Successfully started run N" and exits 0 (also for a run that failed; 1 where the SuperLink was lost),
+`ls --format json` answers the run's status. A real SuperLink killed and
 restarted mid-run is tests/test_flower_superlink_restart.py (`-m processes`).
 """
 

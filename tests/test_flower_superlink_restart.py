@@ -166,6 +166,7 @@ def test_superlink_restarted_mid_run(deployment, tmp_path):
     assert "ended `finished:failed` on the SuperLink" in message, message
     assert f"aggregated {aggregated}: rounds lost {lost}, and nothing was published" in message, message
     assert "stays on their ledgers" in message, message
+    assert "(`flwr run --stream` itself exited 1.)" in message, message  # Flower 1.42: the stream's lost connection
     assert aggregated and aggregated == list(range(len(aggregated))) and lost
 
     # Assert: the clients' ledgers kept what they charged (round 0 at least; a round in flight may be charged too)

@@ -5,8 +5,9 @@ on the same file and port. The job was submitted with `python -m peft_lalora.flo
 message naming what happened and the rounds lost; the clients' ledgers keep their round-0 charge; nothing is
 published; the SuperNodes reconnect. Every process is stopped by PID, children included.
 
-Measured: 2 min 49 s and 2 min 59 s on a shared 2-core machine (~90 s until round 0 is aggregated; the restarted
-SuperLink marks the run `finished:failed`, "No heartbeat received from the task", ~40 s after it starts).
+Measured: 2 min 49 s to 5 min 6 s (6 runs) on a shared 2-core machine at load average 2 to 8: 1.5 to 3 min until
+round 0 is aggregated; the restarted SuperLink marks the run `finished:failed` ("No heartbeat received from the
+task") 35 to 50 s after it starts.
 """
 
 from __future__ import annotations

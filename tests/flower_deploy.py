@@ -174,11 +174,12 @@ class Deployment:
         _adopt_orphans(True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.family: dict[str, dict[int, psutil.Process]] = {}  # name -> every descendant seen
+        self.left: list[psutil.Process] = []  # descendants of a killed process (`kill`), stopped by `close`
         self.port = None
 
     # ----- processes ----------------------------------------------------------------------------------------
     def _start(self, name: str, cmd: list, env: dict) -> subprocess.Popen:
-        log = open(os.path.join(self.root, f"{name}.log"), "wb")
+        log = open(os.path.join(self.root, f"{name}.log"), "ab")  # a restarted component appends to its log
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         log.close()
         self.procs[name] = proc
@@ -208,9 +209,41 @@ class Deployment:
         proc.wait(timeout=10)
         _reap(p.pid for p in family)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL `name` alone, by PID, and reap it: a crash. Its descendants are left running, to find out on
+        their own, as after a real `kill -9`; they stay recorded, and `close` stops whichever still runs."""
+        self.record_children()
+        proc = self.procs.pop(name)
+        self.left.extend(self.family.pop(name).values())
+        proc.kill()
+        proc.wait(timeout=30)
+
+    def wait_left(self, timeout: float) -> list:
+        """Reap the descendants left by `kill` as they exit, as init would (Flower's children poll their parent's
+        PID with `kill(pid, 0)`, which a zombie passes), until none runs or `timeout`: those still running."""
+        deadline = time.time() + timeout
+        while True:
+            running = []
+            for process in self.left:
+                try:
+                    if not process.is_running():
+                        continue
+                    if process.status() == psutil.STATUS_ZOMBIE:
+                        os.waitpid(process.pid, os.WNOHANG)
+                        continue
+                    running.append(process)
+                except (psutil.NoSuchProcess, ChildProcessError):  # gone, or a zombie its own parent reaps
+                    pass
+            if not running or time.time() > deadline:
+                return running
+            time.sleep(0.2)
+
     def close(self) -> None:
         for name in reversed(list(self.procs)):
             self.stop(name)
+        left, self.left = sorted(self.left, key=lambda p: p.pid), []
+        _signal_and_wait(left, signal.SIGTERM, 20.0)
+        _reap(p.pid for p in left)
         # Flower processes re-parented to us after their parent exited on its own (never recorded): stop, reap
         orphans = [p for p in psutil.Process().children() if _is_flower(p)]
         _signal_and_wait(orphans, signal.SIGTERM, 20.0)
@@ -218,8 +251,10 @@ class Deployment:
         _adopt_orphans(False)
 
     # ----- components -----------------------------------------------------------------------------------------
-    def start_superlink(self, timeout: float = 60.0) -> None:
-        self.port = free_port()
+    def start_superlink(self, timeout: float = 60.0, *, database: str | None = None, port: int | None = None) -> None:
+        """Start the SuperLink on `port` (default: a free one); with `database` (a file), its state persists across
+        a restart on that file (Flower's default keeps it in memory)."""
+        self.port = port or free_port()
         self._start(
             "superlink",
             [
@@ -236,6 +271,7 @@ class Deployment:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                *(["--database", database] if database else []),
             ],
             self.env,
         )

@@ -1,14 +1,18 @@
-"""`python -m peft_lalora.flower.run`: Flower's `flwr run --stream` exits 0 whatever became of the run; the wrapper
-must exit non-zero with a message naming what happened. Here a fake `flwr` (a small script, no Flower, no server)
-plays the CLI as measured with Flower 1.42: `run` prints "Successfully started run N" and exits 0 (also for a run
-that failed, or lost its SuperLink), `ls --format json` answers the run's status. A real SuperLink restart is not
-part of this test (see docs/flower.md, "When a run fails").
+"""`python -m peft_lalora.flower.run`: Flower's `flwr run --stream` exits 0 for a run that failed (1 for a lost
+SuperLink, as for a run that never started); the wrapper must exit non-zero with a message naming what happened.
+Here a fake `flwr` (a small script, no Flower, no server) plays the CLI as measured with Flower 1.42: `run` prints
+"Successfully started run N" and exits 0 (also for a run that failed; 1 where the SuperLink was lost),
+`ls --format json` answers the run's status. A real SuperLink killed and
+restarted mid-run is tests/test_flower_superlink_restart.py (`-m processes`).
 """
 
 from __future__ import annotations
 
+import configparser
+import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -31,7 +35,7 @@ if args[0] == "run":
         name, body = os.environ["FAKE_FILE"], os.environ["FAKE_BODY"]
         with open(os.path.join(out, name), "w") as handle:
             handle.write(body)
-    sys.exit(0)
+    sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 if args[0] == "ls":
     assert args[2:] == ["--run-id", "4242", "--format", "json"], args
     if os.environ["FAKE_STATUS"] == "down":
@@ -96,10 +100,11 @@ def test_a_failed_run_exits_1_naming_the_cause_and_the_rounds_lost(tmp_path, cap
 def test_a_superlink_restart_mid_run_exits_1_even_though_the_stream_exited_0(tmp_path, capsys, fake_flwr):
     # The restarted SuperLink still says `running`; the ServerApp died with it and left its history only
     history = json.dumps([{"round": 0, "aborted": False, "failed": {}, "survivors": [0, 1]}])
-    fake_flwr("running", WRITE=str(tmp_path), FILE="flower_history.json", BODY=history)
+    fake_flwr("running", WRITE=str(tmp_path), FILE="flower_history.json", BODY=history, EXIT="1")
     code, _, err = submit(tmp_path, capsys)
     assert code == 1
     assert "still reports it `running`: the SuperLink probably restarted mid-run" in err
+    assert err.rstrip().endswith("(`flwr run --stream` itself exited 1.)")
     assert "flower_history.json holds 1 round(s), aggregated [0]: rounds lost [1], and nothing was published" in err
     assert "state-dir`/ledger.json" in err
 
@@ -124,3 +129,20 @@ def test_a_report_from_an_earlier_run_is_not_read(tmp_path, capsys, fake_flwr):
     fake_flwr("finished:failed", DETAILS="boom")
     code, _, err = submit(tmp_path, capsys)
     assert code == 1 and "privacy_report.json" not in err.split("stays on")[0]
+
+
+def test_the_console_script_is_declared_and_python_m_still_runs():
+    # `lalora-flower-run` (setup.cfg's console_scripts) names the same `main` as `python -m peft_lalora.flower.run`
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(root, "setup.cfg"))
+    scripts = dict(
+        (part.strip() for part in line.split("=", 1))
+        for line in parser["options.entry_points"]["console_scripts"].splitlines()
+        if line.strip()
+    )
+    module, _, name = scripts["lalora-flower-run"].partition(":")
+    assert getattr(importlib.import_module(module), name) is wrapper.main
+    assert module == "peft_lalora.flower.run" and scripts["lalora-private-trainer"] == "peft_lalora.owner.cli:main"
+    shown = subprocess.run([sys.executable, "-m", "peft_lalora.flower.run", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "usage: python -m peft_lalora.flower.run" in shown.stdout, shown.stderr

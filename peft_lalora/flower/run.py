@@ -1,8 +1,10 @@
-"""`python -m peft_lalora.flower.run APP CONNECTION -c '...'`: submit a run as `flwr run APP CONNECTION --stream`
-does, then exit non-zero unless the run really completed.
+"""`python -m peft_lalora.flower.run APP CONNECTION -c '...'`, installed as `lalora-flower-run APP CONNECTION -c '...'`:
+submit a run as `flwr run APP CONNECTION --stream` does, then exit non-zero unless the run really completed.
 
-Flower 1.42's `flwr run --stream` exits 0 whatever became of the run: also when the ServerApp raised, and when the
-SuperLink restarted mid-run (the stream then ends with no message, the SuperLink marks the run `finished:failed`).
+Flower 1.42's `flwr run --stream` exits 0 for a run that failed or stopped (the ServerApp raised, a quorum was lost),
+and when the SuperLink is lost mid-run (killed, restarted) the stream ends with "Connection to the SuperLink is
+unavailable" and exit code 1, as for a run that never started; the restarted SuperLink (with its `--database`)
+marks the run `finished:failed` later, once the dead ServerApp's heartbeat is overdue.
 Flower's CLI cannot be changed from here, so this wrapper asks the SuperLink afterwards (`flwr ls CONNECTION
 --run-id N --format json`; the CLI's own machine-readable answer, no private API) and, where the run's
 `output-dir` is readable from this machine (the operator's machine is often the server), reads the ServerApp's
@@ -27,6 +29,7 @@ import time
 STARTED = re.compile(r"Successfully started run (\d+)")
 OUTPUT_DIR = re.compile(r"""output-dir\s*=\s*["']([^"']+)["']""")
 NUM_ROUNDS = re.compile(r"(?:^|\s)num-rounds\s*=\s*(\d+)")
+PROG = "lalora-flower-run"  # the console script (setup.cfg); `python -m peft_lalora.flower.run` runs the same `main`
 
 
 def _flwr(args) -> str:
@@ -119,8 +122,9 @@ def verdict(run_id: str, entry: dict, why: str, outcome: str, wait_s: float) -> 
     elif status:
         text = (
             f"The log stream of run {run_id} ended, but after {wait_s:.0f} s the SuperLink still reports it "
-            f"`{status}`: the SuperLink probably restarted mid-run (Flower then ends the stream, exit code 0, "
-            "with no message). Check `flwr ls`, or wait for the SuperLink to mark it `finished:failed`."
+            f'`{status}`: the SuperLink probably restarted mid-run (Flower then ends the stream with "Connection '
+            'to the SuperLink is unavailable"). Check `flwr ls`, or wait for the SuperLink to mark it '
+            "`finished:failed`."
         )
     else:
         text = f"The log stream of run {run_id} ended and its status cannot be read: {why or 'no answer'}."
@@ -129,7 +133,7 @@ def verdict(run_id: str, entry: dict, why: str, outcome: str, wait_s: float) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m peft_lalora.flower.run",
+        prog=PROG if os.path.basename(sys.argv[0]) == PROG else "python -m peft_lalora.flower.run",
         description="`flwr run APP CONNECTION --stream` that exits non-zero unless the run completed.",
     )
     parser.add_argument("app", help="the Flower app folder (as for `flwr run`)")
@@ -149,6 +153,8 @@ def main(argv=None) -> int:
     rounds = NUM_ROUNDS.search(" ".join(extra))
     outcome = server_outcome(output_dir, since, int(rounds.group(1)) if rounds else None)
     status, text = verdict(run_id, entry, why, outcome, args.wait)
+    if code and status:  # e.g. the log stream cut by a lost SuperLink ("Connection to the SuperLink is unavailable")
+        text += f" (`flwr run --stream` itself exited {code}.)"
     (sys.stdout if status == 0 else sys.stderr).write(f"peft_lalora.flower.run: {text}\n")
     return status
 

@@ -184,3 +184,24 @@ def test_check_config_names_what_the_superlink_refuses_with_code_15(tmp_path):
         check_run_config(app, ["num-rounds=0"])
     assert check_run_config(app, ["num-rounds=3"])["num-rounds"] == 3
     assert main([app, "-c", "num-round=3"]) == 2 and main([app, "-c", "num-rounds=3"]) == 0
+
+
+def test_the_history_is_on_disk_before_round_0_is_sent(tmp_path, shards, monkeypatch):  # noqa: F811
+    # A ServerApp killed with its SuperLink in round 0 writes no report: `flower_history.json` must already say that
+    # no round finished, for `peft_lalora.flower.run` to name round 0 as lost (a restart test covers the later rounds)
+    from flower_grid import InProcessGrid
+
+    root, _ = shards
+    seen = []
+    original = InProcessGrid.push_messages
+
+    def push(self, messages):
+        messages = list(messages)
+        if not seen and any(m.metadata.message_type == "train" for m in messages):
+            seen.append(read_json(tmp_path / "flower" / "flower_history.json"))
+        return original(self, messages)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", push)
+    run_flower(tmp_path, root, run_config(tmp_path, num_rounds=1))
+    assert seen == [[]]
+    assert [h["round"] for h in read_json(tmp_path / "flower" / "flower_history.json")] == [0]

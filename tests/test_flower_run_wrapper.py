@@ -109,6 +109,14 @@ def test_a_superlink_restart_mid_run_exits_1_even_though_the_stream_exited_0(tmp
     assert "state-dir`/ledger.json" in err
 
 
+def test_a_superlink_lost_in_round_0_names_every_round_lost(tmp_path, capsys, fake_flwr):
+    # The ServerApp writes an empty history before round 0 and died before finishing it
+    fake_flwr("running", WRITE=str(tmp_path), FILE="flower_history.json", BODY="[]", EXIT="1")
+    code, _, err = submit(tmp_path, capsys)
+    assert code == 1
+    assert "flower_history.json holds 0 round(s), aggregated []: rounds lost [0, 1], and nothing was published" in err
+
+
 def test_an_unreachable_superlink_exits_1(tmp_path, capsys, fake_flwr):
     fake_flwr("down")
     code, _, err = submit(tmp_path, capsys)

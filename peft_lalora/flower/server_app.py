@@ -58,9 +58,9 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     args = federated_args(run_config, task.config_keys)
     _check_publishable(args)
     prepare_output_dir(args, resuming=False)  # one run per folder: refused (or cleared) before any round
-    for name in (HISTORY, RUN_CONFIG):
-        if os.path.isfile(os.path.join(args.output_dir, name)):
-            os.remove(os.path.join(args.output_dir, name))
+    if os.path.isfile(os.path.join(args.output_dir, RUN_CONFIG)):
+        os.remove(os.path.join(args.output_dir, RUN_CONFIG))
+    _save_history(args.output_dir, [])  # a run that dies in round 0 leaves "no round finished" on disk, not nothing
     model = task.model(run_config, context.node_config)
     params = dict(model.named_parameters())
     names = adapter_tensor_names(model, model.active_adapter)

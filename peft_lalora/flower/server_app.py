@@ -5,7 +5,7 @@ them to the Hub when `push-to-hub` is set and the run completed. A run that aggr
 (`max-aborted-rounds`) or lost its SuperLink raises `FlowerRunError` (see `outcome`): the ServerApp exits non-zero.
 
 Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
-`settings`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
+`owner.run_config`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
 """
 
 from __future__ import annotations
@@ -23,22 +23,22 @@ from ..federated.output_dir import prepare_output_dir
 from ..federated.seeding import secret_seed
 from ..federated.state_io import save_json
 from ..hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
+from ..owner.run_config import federated_args, server_setting
+from ..owner.task import TrainingTask
 from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
 from .outcome import FlowerRunError, QuorumUnreachable, failure_message, outcome
 from .prompt_grid import prompt_grid
 from .report import privacy_report
-from .settings import federated_args, server_setting
 from .strategy import LALoraStrategy
-from .task import FlowerTask
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT, HISTORY, RUN_CONFIG = "privacy_report.json", "flower_history.json", "run_config.json"
 DEFAULT_OUTPUT_DIR = "lalora_flower_output"
 
 
-def make_server_app(task: FlowerTask) -> ServerApp:
+def make_server_app(task: TrainingTask) -> ServerApp:
     """A `ServerApp` whose main function runs `task` across the SuperNodes (see `run_federation`)."""
     app = ServerApp()
     app.lalora_task = task  # read by `check_config` to know the task's own run-config keys
@@ -50,7 +50,7 @@ def make_server_app(task: FlowerTask) -> ServerApp:
     return app
 
 
-def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
+def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
     """Run the rounds and save the results; returns the privacy report."""
     grid = prompt_grid(grid)  # replies collected as they arrive, not on Flower's 3 s poll
     run_config = dict(context.run_config)
@@ -99,7 +99,7 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     return save_results(task, model, strategy, run_config, error=error)
 
 
-def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
+def save_results(task: TrainingTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
     """Privacy report and history (always: what the clients charged, which rounds were lost); the adapter
     (safetensors, peft format), run config and card only when a round was aggregated; a push only when the run
     completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
@@ -130,7 +130,7 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
     return report
 
 
-def _save_adapter(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, report: dict) -> None:
+def _save_adapter(task: TrainingTask, model, strategy: LALoraStrategy, run_config: dict, report: dict) -> None:
     """The global adapter after the last aggregated round, the task's extras and the card (the real rounds)."""
     args, out, result = strategy.args, strategy.args.output_dir, report["run"]
     params = dict(model.named_parameters())

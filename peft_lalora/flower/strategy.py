@@ -31,7 +31,7 @@ NO_REPLY = "no reply within the round's timeout"
 class LALoraStrategy(Strategy):
     """
     Args:
-        args (`FederatedDPArguments`): the run's settings (see `settings.federated_args`).
+        args (`FederatedDPArguments`): the run's settings (see `owner.run_config.federated_args`).
         global_state (`dict[str, Tensor]`): the initial adapter tensors (A, B and the head), by parameter name.
         learning_rates (`list[float]`): the learning rate of every round (`round_learning_rates(args)`).
         round_timeout (`float`): seconds to wait for a round's replies (also the messages' time to live).

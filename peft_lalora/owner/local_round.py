@@ -2,7 +2,7 @@
 trainer): check the run against the node's privacy policy (`NodePolicy`), load the data (`TrainingTask`), plan the
 client's own privacy (sigma for its own size and the run's target), charge the round on the node's own disk before
 training (`ClientState`), run the library's client update with noise keyed by that charge's release number, and
-return only what it trained, or a refusal with a code of `codes`. Flower-free.
+return only what it trained, or a refusal with a code of `peft_lalora_relay.codes`. Flower-free.
 
 Node config: `partition-id` (the client's id in the public schedule), `state-dir` (the private state folder: ledger
 and secret randomness), `share-training-metrics` (true: also release the loss and the sampled / dropped counts,
@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from peft_lalora_relay import codes
+
 from ..errors import ClientDataError, ConfigError, PolicyError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
@@ -28,7 +30,6 @@ from ..federated.preflight import PROBE_ROWS, preflight
 from ..federated.seeding import calibration_steps, scheduled_per_round, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
-from . import codes
 from .policy import NodePolicy
 from .run_config import federated_args
 from .state import ClientState, release_seed

@@ -8,7 +8,7 @@ the shared token, compared with `hmac.compare_digest`):
     {"type": "train", "run-id": int, "round": int, "learning-rate": float, "local-steps": int,
      "run-config": {key: str | int | float | bool}} + the global adapter (safetensors)
         -> {"ok": true, "metrics": {...}, "privacy": {...}} + the delta (safetensors)
-Any refusal is {"ok": false, "code": int (`codes`), "error": str}. A bad frame, a wrong token, or a round before one
+Any refusal is {"ok": false, "code": int (`peft_lalora_relay.codes`), "error": str}. A bad frame, a wrong token, or a round before one
 this run already trained (in memory, or on the ledger) is refused before anything is loaded or charged. The run config is the caller's: the
 trainer checks it against its own policy (`NodePolicy`), exactly as the in-ClientApp mode does.
 """
@@ -24,7 +24,8 @@ import socket
 import threading
 import time
 
-from . import codes
+from peft_lalora_relay import codes
+
 from .config import DEFAULT_MAX_MODELS, DEFAULT_REQUEST_TIMEOUT_S, check_folder
 from .local_round import Reply, local_round, partition_id
 from .state import ClientState

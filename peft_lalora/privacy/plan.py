@@ -75,24 +75,15 @@ class PrivacyPlan:
         rates = {k: sample_rate_for(batch_size, n, client=k, unit=unit) for k, n in client_sizes.items()}
         delta = plan_delta(min(client_sizes.values()), target_delta, allow_large_delta)
         steps, calibration = num_rounds * local_steps, "given"
-        if noise_multiplier is None and scheduled_steps is not None:
-            clients = sorted(rates)
-            steps, calibration = max(scheduled_steps[k] for k in clients), "schedule"
+        if noise_multiplier is None:
+            if scheduled_steps is not None:  # every client for its own (q_k, steps_k)
+                clients = sorted(rates)
+                q, n = [rates[k] for k in clients], [scheduled_steps[k] for k in clients]
+                steps, calibration = max(n), "schedule"
+            else:  # a client in every round at the largest rate
+                q, n, calibration = max(rates.values()), steps, "worst_case"
             noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=[rates[k] for k in clients],
-                steps=[scheduled_steps[k] for k in clients],
-                accountant=accountant,
-            )
-        elif noise_multiplier is None:
-            calibration = "worst_case"
-            noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=max(rates.values()),
-                steps=steps,
-                accountant=accountant,
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=n, accountant=accountant
             )
         logger.info(
             "DP: sigma=%.4f C=%s delta=%.2e q in [%.4f, %.4f], %d steps per client at most",

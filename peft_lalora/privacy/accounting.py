@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import warnings
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -25,6 +25,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from ..atomic import atomic_write_bytes
+from ..checks import check_int, check_number
 from ..errors import ConfigError, LALoraError, LALoraWarning, PrivacyBudgetExceededError
 
 logger = logging.getLogger(__name__)
@@ -40,16 +41,8 @@ _ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)  # the orders of every epsilon rep
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _real(name: str, value, rule: str, ok, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)) or not ok(float(value)):
-        raise ConfigError(f"`{name}` must be {rule}, got {value!r}. {fix}")
-    return float(value)
-
-
 def _steps(name: str, value, minimum: int = 0, fix: str = "Count DP-SGD local steps.") -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}. {fix}")
-    return int(value)
+    return check_int(name, value, minimum, fix)
 
 
 def _check_accountant(accountant) -> str:
@@ -71,19 +64,19 @@ _TARGET_FIX = "Choose the privacy budget, e.g. target_epsilon=8.0."
 
 
 def _check_sigma(value) -> float:
-    return _real("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf, _SIGMA_FIX)
+    return check_number("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf, _SIGMA_FIX)
 
 
 def _check_q(value, name: str = "sample_rate") -> float:
-    return _real(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, _Q_FIX)
+    return check_number(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, _Q_FIX)
 
 
 def _check_delta(value, name: str = "delta") -> float:
-    return _real(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0, _DELTA_FIX)
+    return check_number(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0, _DELTA_FIX)
 
 
 def _check_target(value) -> float:
-    return _real("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf, _TARGET_FIX)
+    return check_number("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf, _TARGET_FIX)
 
 
 # ----------------------------------------------------------------------------------------------- epsilon
@@ -182,7 +175,7 @@ def calibrate_noise_multiplier(
     acc = _check_accountant(accountant)
     if epsilon_tolerance is None:
         epsilon_tolerance = EPSILON_RTOL * target
-    tol = _real(
+    tol = check_number(
         "epsilon_tolerance",
         epsilon_tolerance,
         "a number in (0, target_epsilon)",
@@ -342,7 +335,7 @@ class PrivacyLedger:
         self.noise_multiplier = _check_sigma(noise_multiplier)
         self.delta = _check_delta(delta)
         self.accountant = _check_accountant(accountant)
-        self.per_sample_max_grad_norm = _real(
+        self.per_sample_max_grad_norm = check_number(
             "per_sample_max_grad_norm",
             per_sample_max_grad_norm,
             "a finite number > 0",

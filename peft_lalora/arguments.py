@@ -36,54 +36,14 @@ OUTCOME_FREE = """allow_large_delta eval_rounds per_sample_grad_backend allow_fi
 @dataclass
 class FederatedDPArguments(TrainingArguments):
     """
-    Arguments of `FederatedDPTrainer`. `per_device_train_batch_size` is each client's expected (Poisson) batch
-    size B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning
-    rate of round 0.
-
-    Args:
-        num_clients, clients_per_round, num_rounds, local_steps: the federation.
-        dirichlet_alpha (`float`, *optional*): Dirichlet label partition; None = IID.
-        min_shard_size (`int`, *optional*): smallest client shard; defaults to the batch size (q <= 1).
-        dp (`bool`, defaults to True): False = the non-private baseline (no clipping, noise or accounting).
-        target_epsilon / target_delta / noise_multiplier: exactly one of target_epsilon (sigma calibrated before
-            training, see `sigma_calibration`) and noise_multiplier (epsilon reported).
-        sigma_calibration (`str`): "schedule" (default: every client's scheduled steps meet the target) or
-            "worst_case" (a client taking part in every round).
-        per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
-        privacy_unit (`str`, defaults to "example"): what the guarantee protects inside a client: "example" (one
-            example) or "user" (all the examples of one user, named by `user_column`: users, not rows, are Poisson
-            sampled at q = B / users of the client, and each sampled user gives one example; see
-            `peft_lalora.privacy.users`).
-        user_column (`str`, *optional*): with `privacy_unit="user"`, the dataset column naming each example's user.
-        per_sample_head_max_grad_norm (`float`, *optional*): clipping groups: the head's own clip norm (the LoRA
-            factors keep C); the noise covers sqrt(C^2 + C_head^2).
-        accountant (`str`): "rdp" (default) or "prv".
-        prior_privacy_report (`str`, *optional*): an earlier run's privacy_report.json (or its adapter folder) for
-            the adapter this run starts from; by default the report next to the adapter the model was loaded from
-            (`PeftModel.from_pretrained` of a local folder, or a cached Hub snapshot) is found offline.
-        prior_privacy_same_data (`bool`, defaults to False): the earlier run used the same data: its accountant
-            events are composed into this run's epsilon (see `peft_lalora.privacy.prior`). False: the report, the
-            card and a warning say that the earlier spending is NOT included.
-        lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
-        round_lr_decay (`float`): learning rate of round t is learning_rate * round_lr_decay ** t.
-        eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
-        min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
-        aggregation_weights (`str`): "uniform" or "num_samples".
-        log_private_metrics (`bool`, defaults to False): under DP, also log and return the noise-free training
-            loss, the counts of sampled and dropped examples and the text of a failing client's error: outside the
-            DP guarantee, so only on request (a Flower node has its own switch, `share-training-metrics`).
-        overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
-            run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
-        card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
-            model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
-        card_data_format (`str`, *optional*): the training data's format (e.g. an instruction prompt template),
-            written in the model card's "Training data" section.
-        aggregation (`str`, defaults to "mean"): the aggregation rule (`federated.rules`): "mean" or
-            "trimmed_mean" (coordinate-wise, `aggregation_trim` of each end dropped; uniform weights only).
-        client_dp (`bool`, defaults to False): client-level DP (DP-FedAvg) on the server: clients Poisson-sampled
-            at q = clients_per_round / num_clients, each update clipped to `client_clip_norm`, noise
-            N(0, (z S)^2) on the sum, divided by clients_per_round; z is `client_noise_multiplier` or calibrated
-            for `client_target_epsilon` over `num_rounds` (delta `client_target_delta`). Independent of `dp`.
+    Arguments of `FederatedDPTrainer`: `TrainingArguments` plus the federated and privacy fields, each explained by
+    its `help` (the recipes' `--help`). `per_device_train_batch_size` is each client's expected (Poisson) batch size
+    B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning rate of round
+    0 (round t's is `round_lr_decay` ** t times the schedule's). A DP run gives exactly one of `target_epsilon` (sigma
+    calibrated before training, see `sigma_calibration`) and `noise_multiplier` (epsilon reported). Without
+    `prior_privacy_report`, the report next to the adapter the model was loaded from (`PeftModel.from_pretrained` of
+    a local folder, or a cached Hub snapshot) is found offline (`peft_lalora.privacy.prior`). `card_dataset_name` is
+    not `dataset_name` because scripts' own data arguments use that flag.
     """
 
     per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
@@ -176,7 +136,8 @@ class FederatedDPArguments(TrainingArguments):
             "the training loss (per round and `train_loss`), the counts of sampled and dropped examples, and the "
             "text of a failing client's error (it may quote a length or a batch size). These are OUTSIDE the DP "
             "guarantee (an audit tells neighbouring datasets apart from them). Default False: a DP run logs only "
-            "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them."
+            "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them. (A Flower "
+            "node has its own switch, `share-training-metrics`.)"
         },
     )
     # The federated loop's own defaults for TrainingArguments fields it reads differently (schedules over rounds).

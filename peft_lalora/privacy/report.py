@@ -5,7 +5,7 @@ The per-client epsilons come from the ledgers (`PrivacyLedger.report`, or what e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -88,41 +88,19 @@ def with_client_level(report: dict, client_level, args) -> dict:
 # `to_dict()` for privacy_report.json) and the card reads. Hand-written: no dataclass-to-JSON library in the
 # dependencies keeps a report's optional keys as written (present with a None value vs absent) and its extras.
 SCHEMA_VERSION = 1  # 0: a report written before `schema_version` existed (read leniently, see `from_dict`)
-REQUIRED = ("dp", "epsilon", "delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant", "unit", "clients")
 GUARANTEE_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")  # non-None when dp
 CLIENT_REQUIRED = ("client", "epsilon", "sample_rate", "steps")
 CLIENT_LEVEL_REQUIRED = ("unit", "epsilon", "delta", "noise_multiplier", "client_clip_norm", "sample_rate", "rounds")
-OPTIONAL = (  # the keys a writer may add; any other key is kept, unread, in `extra`
-    "engine",
-    "privacy_unit",
-    "user_column",
-    "target_epsilon",
-    "num_rounds",
-    "local_steps",
-    "secret_randomness",
-    "noise_generator",
-    "noise_seed_warning",
-    "clip_groups",
-    "sensitivity",
-    "sigma_calibration",
-    "worst_case_epsilon",
-    "partition",
-    "earlier_spending",
-    "client_level",
-    "guarantees",
-    "refused",
-    "unreported",
-    "note",
-    "run",
-)
 _ARG = "privacy_report"
 
 
 @dataclass
 class PrivacyReport:
-    """privacy_report.json, typed. `clients` holds one dict per client (at least `CLIENT_REQUIRED`), and
-    `client_level` the client-level entry (at least `CLIENT_LEVEL_REQUIRED`) or None. An optional field is
-    written when it is not None or when the report it was read from held it (`present`)."""
+    """privacy_report.json, typed: the fields without a default are `REQUIRED`, those after them up to `extra` are
+    `OPTIONAL` (the keys a writer may add; any other key is kept, unread, in `extra`). `clients` holds one dict per
+    client (at least `CLIENT_REQUIRED`), and `client_level` the client-level entry (at least
+    `CLIENT_LEVEL_REQUIRED`) or None. An optional field is written when it is not None or when the report it was
+    read from held it (`present`)."""
 
     dp: bool
     epsilon: Optional[float]
@@ -207,6 +185,11 @@ class PrivacyReport:
             present=frozenset(k for k in OPTIONAL if k in data),
             schema_version=version,
         )
+
+
+_NAMES = [f.name for f in fields(PrivacyReport)]
+REQUIRED = tuple(f.name for f in fields(PrivacyReport) if f.default is MISSING and f.default_factory is MISSING)
+OPTIONAL = tuple(_NAMES[len(REQUIRED) : _NAMES.index("extra")])
 
 
 def check_schema_version(report: dict) -> int:

@@ -70,7 +70,8 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
         learning_rates=round_learning_rates(args),
         round_timeout=server_setting(run_config, "round-timeout"),
         max_aborted_rounds=server_setting(run_config, "max-aborted-rounds"),
-        on_round=lambda history: _save_history(args.output_dir, history),
+        # after every round: a run killed with its SuperLink leaves the rounds it had on disk
+        on_round=lambda history: save_json(os.path.join(args.output_dir, HISTORY), history),
         **client_dp_settings(args, model, names),
     )
     wait = server_setting(run_config, "node-wait-timeout")
@@ -104,7 +105,6 @@ def save_results(task: TrainingTask, model, strategy: LALoraStrategy, run_config
     (safetensors, peft format), run config and card only when a round was aggregated; a push only when the run
     completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
     args, out = strategy.args, strategy.args.output_dir
-    os.makedirs(out, exist_ok=True)
     result = outcome(strategy.history, args.num_rounds, error)
     report = privacy_report(strategy, run=result).to_dict()
     save_json(os.path.join(out, PRIVACY_REPORT), report)
@@ -169,12 +169,6 @@ def rounds_text(result: dict):
     return f"{aggregated} aggregated of {result['rounds_configured']} configured (rounds lost: {lost})"
 
 
-def _save_history(out: str, history: list) -> None:
-    """After every round: a run killed with its SuperLink leaves the rounds it had on disk."""
-    os.makedirs(out, exist_ok=True)
-    save_json(os.path.join(out, HISTORY), history)
-
-
 def client_dp_settings(args, model, names: list) -> dict:
     """Client-level DP's server secrets: a fresh private root (the sampling and noise; `noise-seed` fixes it, no
     guarantee then), never stored, and the tensors each round's clients train (the noise covers them)."""
@@ -188,12 +182,10 @@ def client_dp_settings(args, model, names: list) -> dict:
 
 
 def _check_publishable(args) -> None:
-    """Refuse a push that cannot succeed or must not happen, before any round is run."""
-    if not args.push_to_hub:
-        return
-    if not args.hub_model_id:
-        raise ConfigError("`push-to-hub` is set but `hub-model-id` is not: name the Hub repo (e.g. 'alice/lalora').")
-    if (args.dp or args.client_dp) and args.noise_seed is not None and not args.allow_fixed_noise_seed:
+    """Refuse a push that must not happen, before any round is run (one without `hub-model-id` is refused by
+    `FederatedDPArguments`)."""
+    fixed_noise = (args.dp or args.client_dp) and args.noise_seed is not None
+    if args.push_to_hub and fixed_noise and not args.allow_fixed_noise_seed:
         raise ConfigError(
             f"`noise-seed`={args.noise_seed} fixes the noise, so the adapter would NOT be differentially "
             "private: refusing to publish it. Leave `noise-seed` out, or set `allow-fixed-noise-seed`."

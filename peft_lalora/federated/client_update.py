@@ -17,8 +17,6 @@ from ..tuner.roles import tensor_role, trained_tensor_names
 from .aggregation import adapter_delta
 from .client import ClientShard, run_local_round
 
-LOCAL_OPTIMIZERS = ("sgd", "adamw")
-
 
 class ClientUpdateError(RuntimeError):
     """A client's local round produced nothing that may be sent (its update is dropped); `dropped` counts

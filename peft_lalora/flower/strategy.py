@@ -10,6 +10,7 @@ for nothing more). The server holds no sample-level privacy state: each client a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -255,11 +256,7 @@ class LALoraStrategy(Strategy):
                 self.unreported.setdefault(pid, []).append(record["round"])
 
     def _stop_if_unreachable(self) -> None:
-        aborted = 0
-        for entry in reversed(self.history):
-            if not entry["aborted"]:
-                break
-            aborted += 1
+        aborted = len(list(itertools.takewhile(lambda entry: entry["aborted"], reversed(self.history))))
         remaining = self.args.num_rounds - 1 - self.history[-1]["round"]
         if self.max_aborted_rounds and aborted >= self.max_aborted_rounds and remaining > 0:
             raise QuorumUnreachable(

@@ -80,18 +80,12 @@ def render_model_card(
     metrics = {k: v for k, v in _check_metrics(metrics).items() if _metric_kind(k) not in NOT_METRICS}
     task = task or TASKS.get(str(config.get("task_type")), (None, None))[0]
     title = (
-        f"{repo_id.split('/')[-1]}"
-        if repo_id
-        else f"LA-LoRA adapter for {base_model}"
-        if base_model
-        else "LA-LoRA adapter"
+        repo_id.split("/")[-1] if repo_id else f"LA-LoRA adapter for {base_model}" if base_model else "LA-LoRA adapter"
     )
-    kind = "causal-LM (text-generation) LoRA adapter" if task == "text-generation" else "LoRA adapter"
+    kind = "Causal-LM (text-generation) LoRA adapter" if task == "text-generation" else "LoRA adapter"
     values = {
         "base_model_text": f"`{base_model}`" if base_model else "not recorded",
-        "adapter_for": f"{kind[0].upper()}{kind[1:]} for `{base_model}`"
-        if base_model
-        else f"{kind[0].upper()}{kind[1:]} (its base model was not recorded)",
+        "adapter_for": f"{kind} for `{base_model}`" if base_model else f"{kind} (its base model was not recorded)",
         "data_section": f"## Training data\n\n{data_format.strip()}\n\n" if data_format else "",
         **_base_load(base_model, base_model_path, repo_id),
         "repo_id": repo_id or "<repo_id or local adapter folder>",

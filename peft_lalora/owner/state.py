@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Optional
 
 from ..errors import ConfigError
@@ -103,15 +104,9 @@ class ClientState:
         rate = plan.sample_rates[client]
         saved = self.saved()
         if saved is None:
-            budget = _smallest(plan.target_epsilon, max_epsilon)
-            return PrivacyLedger(
-                sample_rates={client: rate},
-                noise_multiplier=plan.noise_multiplier,
-                delta=plan.delta,
-                accountant=plan.accountant,
-                per_sample_max_grad_norm=plan.per_sample_max_grad_norm,
-                target_epsilon=budget,
-            )
+            return replace(
+                plan, sample_rates={client: rate}, target_epsilon=_smallest(plan.target_epsilon, max_epsilon)
+            ).new_ledger()
         if saved.get("format") != _LEDGER_FORMAT or saved.get("version") != _VERSION:
             raise ConfigError(
                 f"{self.ledger_path!r} is not a peft_lalora client ledger (format {_LEDGER_FORMAT!r}, "

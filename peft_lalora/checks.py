@@ -45,5 +45,5 @@ def check_bool(name: str, value) -> None:
 
 
 def plain(value):
-    """An enum-valued setting (e.g. a `TrainingArguments` field) as its string value (JSON, and equal across a resume)."""
+    """An enum-valued setting (a `TrainingArguments` field) as its string value (JSON, equal across a resume)."""
     return getattr(value, "value", value)

@@ -27,10 +27,10 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from peft_lalora_relay import token
+from peft_lalora_relay.wire import DEFAULT_MAX_PAYLOAD_BYTES
 
 from ..errors import ConfigError
 from .task import TrainingTask
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES
 
 DEFAULT_MAX_MODELS = 2
 DEFAULT_REQUEST_TIMEOUT_S = 10.0

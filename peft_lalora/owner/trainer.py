@@ -2,15 +2,16 @@
 alone reads the data and the secret, trains under DP, charges its ledger and releases only noised updates within
 its policy. It keeps the model of each run in memory across rounds (`local_round.open_job`). Flower-free.
 
-Requests (one per connection, `wire` frames; every request header holds `protocol` = `wire.PROTOCOL` and `token`,
-the shared token, compared with `hmac.compare_digest`):
+Requests (one per connection, `wire` frames; every request header holds `protocol` = `PROTOCOL` of
+`peft_lalora_relay.wire` and `token`, the shared token, compared with `hmac.compare_digest`):
     {"type": "describe"}                       -> {"ok": true, "partition-id": n}
     {"type": "train", "run-id": int, "round": int, "learning-rate": float, "local-steps": int,
      "run-config": {key: str | int | float | bool}} + the global adapter (safetensors)
         -> {"ok": true, "metrics": {...}, "privacy": {...}} + the delta (safetensors)
-Any refusal is {"ok": false, "code": int (`peft_lalora_relay.codes`), "error": str}. A bad frame, a wrong token, or a round before one
-this run already trained (in memory, or on the ledger) is refused before anything is loaded or charged. The run config is the caller's: the
-trainer checks it against its own policy (`NodePolicy`), exactly as the in-ClientApp mode does.
+Any refusal is {"ok": false, "code": int (`peft_lalora_relay.codes`), "error": str}. A bad frame, a wrong token, or
+a round before one this run already trained (in memory, or on the ledger) is refused before anything is loaded or
+charged. The run config is the caller's: the trainer checks it against its own policy (`NodePolicy`), exactly as
+the in-ClientApp mode does.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import threading
 import time
 
 from peft_lalora_relay import codes
+from peft_lalora_relay.wire import DEFAULT_MAX_PAYLOAD_BYTES, PROTOCOL, ConnectionClosed, WireError
 
 from .config import DEFAULT_MAX_MODELS, DEFAULT_REQUEST_TIMEOUT_S, check_folder
 from .local_round import Reply, local_round, partition_id
 from .state import ClientState
 from .task import TrainingTask
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES, PROTOCOL, ConnectionClosed, WireError, recv_frame, send_frame
+from .wire import recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 

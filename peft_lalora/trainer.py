@@ -34,7 +34,7 @@ from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
 from .federated.preflight import preflight
 from .federated.round import RoundPolicy, finite_mean
-from .federated.seeding import calibration_steps, run_schedule, scheduled_per_round, secret_seed
+from .federated.seeding import calibration_steps, run_schedule, secret_seed
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
@@ -424,19 +424,7 @@ class FederatedDPTrainer(Trainer):
         self.global_adapter.state = device_state
         self.global_adapter.load_into_model()
         if self.args.dp:
-            fed, args = self._federation, self.args
-            self.ledger = checked_ledger(
-                state,
-                directory,
-                seed=args.seed,
-                num_clients=args.num_clients,
-                clients_per_round=scheduled_per_round(args),
-                local_steps=args.local_steps,
-                noise_multiplier=fed.noise_multiplier,
-                delta=fed.delta,
-                accountant=args.accountant,
-                prior_steps=fed.prior_steps,
-            )
+            self.ledger = checked_ledger(state, directory, self.args, self._federation)
         if self.args.dp or self.args.client_dp:
             self._private_seed = self.round_policy.private_root = state.get("private_seed")
             if self._private_seed is None or "data_fingerprints" not in state:

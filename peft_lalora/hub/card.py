@@ -91,7 +91,7 @@ def render_model_card(
         "repo_id": repo_id or "<repo_id or local adapter folder>",
         "title": title,
         "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"),
-        "task_type": _code(config.get("task_type")),
+        "task_type": f"`{config['task_type']}`" if config.get("task_type") else "not set",
     }
     values.update(_method_values(config))
     values.update(_federated_values(federated))
@@ -444,7 +444,3 @@ def _num(value) -> str:
         text = f"{value:.4g}"
         return text if any(c in text for c in ".e") else text + ".0"
     return str(value)
-
-
-def _code(value) -> str:
-    return f"`{value}`" if value else "not set"

@@ -36,6 +36,8 @@ ACCOUNTANTS = ("rdp", "prv")
 USEFUL_NOISE_MULTIPLIER = 50.0  # above this sigma the noise drowns any gradient signal: warn
 EPSILON_RTOL = 1e-3  # calibration: epsilon within target * (1 - EPSILON_RTOL) and target
 _STATE_FORMAT, _STATE_VERSION = "peft_lalora.PrivacyLedger", 1
+# A ledger's settings: its keyword arguments besides `sample_rates`, its attributes, and keys of its state
+LEDGER_SETTINGS = ("accountant", "noise_multiplier", "delta", "per_sample_max_grad_norm", "target_epsilon")
 REPORT_UNIT = "one example of one client"
 _ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)  # the orders of every epsilon reported (opacus' own)
 
@@ -443,11 +445,7 @@ class PrivacyLedger:
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
-            "accountant": self.accountant,
-            "noise_multiplier": self.noise_multiplier,
-            "delta": self.delta,
-            "per_sample_max_grad_norm": self.per_sample_max_grad_norm,
-            "target_epsilon": self.target_epsilon,
+            **{k: getattr(self, k) for k in LEDGER_SETTINGS},
             "sample_rates": {str(c): q for c, q in self._rates.items()},
             "histories": {str(c): [[s, q, n] for s, q, n in h] for c, h in self._histories.items()},
         }
@@ -462,19 +460,7 @@ class PrivacyLedger:
             )
         if state.get("version") != _STATE_VERSION:
             raise ConfigError(f"`state['version']` must be {_STATE_VERSION}, got {state.get('version')!r}.")
-        missing = [
-            k
-            for k in (
-                "accountant",
-                "noise_multiplier",
-                "delta",
-                "per_sample_max_grad_norm",
-                "target_epsilon",
-                "sample_rates",
-                "histories",
-            )
-            if k not in state
-        ]
+        missing = [k for k in (*LEDGER_SETTINGS, "sample_rates", "histories") if k not in state]
         if missing:
             raise ConfigError(
                 f"`state` lacks the keys {missing}; pass the dict `PrivacyLedger.state_dict()` returned."
@@ -483,11 +469,7 @@ class PrivacyLedger:
             warnings.simplefilter("ignore", LALoraWarning)  # the sigma == 0 warning was given at creation
             ledger = cls(
                 sample_rates={_client_id(k): q for k, q in state["sample_rates"].items()},
-                noise_multiplier=state["noise_multiplier"],
-                delta=state["delta"],
-                accountant=state["accountant"],
-                per_sample_max_grad_norm=state["per_sample_max_grad_norm"],
-                target_epsilon=state["target_epsilon"],
+                **{k: state[k] for k in LEDGER_SETTINGS},
             )
         histories = state["histories"]
         if not isinstance(histories, dict) or {_client_id(k) for k in histories} != set(ledger._rates):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError, LALoraWarning
-from .accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta
+from .accounting import LEDGER_SETTINGS, PrivacyLedger, calibrate_noise_multiplier, default_delta
 from .sampling import sample_rate_for
 
 logger = logging.getLogger(__name__)
@@ -82,14 +82,7 @@ class PrivacyPlan:
 
     def new_ledger(self) -> PrivacyLedger:
         """An empty ledger: one accountant per client, refusing releases beyond `target_epsilon`."""
-        return PrivacyLedger(
-            sample_rates=self.sample_rates,
-            noise_multiplier=self.noise_multiplier,
-            delta=self.delta,
-            accountant=self.accountant,
-            per_sample_max_grad_norm=self.per_sample_max_grad_norm,
-            target_epsilon=self.target_epsilon,
-        )
+        return PrivacyLedger(sample_rates=self.sample_rates, **{k: getattr(self, k) for k in LEDGER_SETTINGS})
 
 
 def plan_delta(smallest: int, target_delta: Optional[float], allow_large_delta: bool = False) -> float:

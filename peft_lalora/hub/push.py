@@ -136,21 +136,16 @@ def _read_artifacts(folder) -> dict:
                 json.loads(contents[name])
             except ValueError as exc:
                 raise HubError(f"`folder` holds a {name} that is not valid JSON ({exc}); nothing was pushed.") from exc
-    if "README.md" not in contents:
-        warnings.warn(
-            f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
-            "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.",
-            LALoraWarning,
-            stacklevel=3,
+    card = contents.get("README.md")
+    if card is None or not is_lalora_card(card.decode("utf-8", errors="replace")):
+        problem = (
+            "has no README.md: the repo will have no model card"
+            if card is None
+            else "has a README.md that is not an LA-LoRA model card (peft's `save_pretrained` writes a generic one "
+            "without the privacy guarantee)"
         )
-    elif not is_lalora_card(contents["README.md"].decode("utf-8", errors="replace")):
-        warnings.warn(
-            f"The README.md in {str(folder)!r} is not an LA-LoRA model card (peft's `save_pretrained` "
-            "writes a generic one without the privacy guarantee). Call "
-            "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.",
-            LALoraWarning,
-            stacklevel=3,
-        )
+        fix = "Call `peft_lalora.hub.write_model_card(folder, ...)` before pushing."
+        warnings.warn(f"{str(folder)!r} {problem}. {fix}", LALoraWarning, stacklevel=3)
     return contents
 
 

@@ -30,6 +30,11 @@ DP_TAG = "differential-privacy"  # only on the card of a private run (DP with no
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 NOT_INDEX_METRICS = ("loss",)
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
+CALIBRATED_FOR = {  # a report's `sigma_calibration` -> what sigma was calibrated for
+    "schedule": "each client's scheduled steps",
+    "worst_case": "a client in every round",
+    "given": "(sigma given explicitly)",
+}
 # peft task_type / pipeline task -> (pipeline task for the model-index, transformers auto class)
 TASKS = {
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
@@ -283,16 +288,7 @@ def _privacy_section(report: PrivacyReport | None) -> str:
     if report.worst_case_epsilon is not None:
         rows.insert(1, ("epsilon bound for a client in every round", _num(report.worst_case_epsilon)))
     if report.sigma_calibration:
-        rows.append(
-            (
-                "sigma calibrated for",
-                {
-                    "schedule": "each client's scheduled steps",
-                    "worst_case": "a client in every round",
-                    "given": "(sigma given explicitly)",
-                }.get(report.sigma_calibration, report.sigma_calibration),
-            )
-        )
+        rows.append(("sigma calibrated for", CALIBRATED_FOR.get(report.sigma_calibration, report.sigma_calibration)))
     if report.clip_groups:
         groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report.clip_groups.items())
         rows.append(("clipping groups (per-example clip norm of each)", groups))

@@ -36,29 +36,23 @@ def non_private_report() -> dict:
     }
 
 
-def unit_fields(args) -> dict:
-    """What the guarantee protects: `unit` (in words), `privacy_unit` ("example" or "user") and, for users, the
-    `user_column` that names them (`privacy.users`)."""
-    unit = args.privacy_unit
-    fields = {"unit": UNITS[unit], "privacy_unit": unit}
-    if unit == "user":
-        fields["user_column"] = args.user_column
-    return fields
-
-
 def run_privacy_fields(args) -> dict:
-    """The fields every DP report carries from `FederatedDPArguments`: the schedule and target, whether the noise
-    was secret (with the warning when `noise_seed` fixed it), and the clipping groups with their joint
-    per-example sensitivity."""
+    """The fields every DP report carries from `FederatedDPArguments`: what the guarantee protects (`unit` in
+    words, `privacy_unit` and, for users, the `user_column` that names them: `privacy.users`), the schedule and
+    target, whether the noise was secret (with the warning when `noise_seed` fixed it), and the clipping groups
+    with their joint per-example sensitivity."""
     fields = {
         "dp": True,
-        **unit_fields(args),
+        "unit": UNITS[args.privacy_unit],
+        "privacy_unit": args.privacy_unit,
         "target_epsilon": args.target_epsilon,
         "num_rounds": args.num_rounds,
         "local_steps": args.local_steps,
         "secret_randomness": args.noise_seed is None,
         "noise_generator": GENERATOR,
     }
+    if args.privacy_unit == "user":
+        fields["user_column"] = args.user_column
     if args.noise_seed is not None:
         fields["noise_seed_warning"] = FIXED_SEED_WARNING
     if args.per_sample_head_max_grad_norm is not None:

@@ -177,11 +177,7 @@ class ClientState:
     def epsilon(self) -> float:
         """The epsilon spent on this data so far (0 before the first charge), from the file alone."""
         saved = self.saved()
-        if saved is None:
-            return 0.0
-        ledger = PrivacyLedger.from_state_dict(saved["ledger"])
-        values = [ledger.epsilon(c) for c in ledger.clients]
-        return max(values) if values else 0.0
+        return 0.0 if saved is None else PrivacyLedger.from_state_dict(saved["ledger"]).max_epsilon()
 
     # ----- the secret randomness ----------------------------------------------------------------------------
     def private_seed(self, run_id: int) -> str:

@@ -43,10 +43,6 @@ _ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)  # the orders of every epsilon rep
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _steps(name: str, value, minimum: int = 0, fix: str = "Count DP-SGD local steps.") -> int:
-    return check_int(name, value, minimum, fix)
-
-
 def _check_accountant(accountant) -> str:
     if accountant == "gdp":
         raise ConfigError(
@@ -59,6 +55,7 @@ def _check_accountant(accountant) -> str:
     return accountant
 
 
+_STEPS_FIX = "Count DP-SGD local steps."
 _SIGMA_FIX = "Use sigma > 0 for private training (0 means no noise and infinite epsilon)."
 _Q_FIX = "Use q = batch_size / num_examples with batch_size <= num_examples."
 _DELTA_FIX = "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n)."
@@ -126,7 +123,7 @@ def compute_epsilon(
     """
     sigma = _check_sigma(noise_multiplier)
     q = _check_q(sample_rate)
-    n = _steps("steps", steps)
+    n = check_int("steps", steps, 0, _STEPS_FIX)
     d = _check_delta(delta)
     acc = _check_accountant(accountant)
     return _epsilon_of_history([(sigma, q, n)], d, acc)
@@ -134,7 +131,7 @@ def compute_epsilon(
 
 def default_delta(smallest_client_size: int) -> float:
     """delta = min(1e-5, 1 / n) for the smallest client's number of examples n."""
-    n = _steps("smallest_client_size", smallest_client_size, 1, "Pass the smallest client's number of examples.")
+    n = check_int("smallest_client_size", smallest_client_size, 1, "Pass the smallest client's number of examples.")
     return min(1e-5, 1.0 / n)
 
 
@@ -270,26 +267,24 @@ def _floor(clients: list, delta: float, acc: str) -> float:
 
 def _schedule(sample_rate, steps) -> list:
     """The distinct [(q, steps)] of the clients, those with 0 steps left out (they never release anything)."""
-    if isinstance(sample_rate, (list, tuple)) or isinstance(steps, (list, tuple)):
+    sequence = (list, tuple)
+    if isinstance(sample_rate, sequence) or isinstance(steps, sequence):
         if not (
-            isinstance(sample_rate, (list, tuple))
-            and isinstance(steps, (list, tuple))
-            and len(sample_rate) == len(steps)
-            and len(steps) > 0
+            isinstance(sample_rate, sequence) and isinstance(steps, sequence) and 0 < len(sample_rate) == len(steps)
         ):
             raise ConfigError(
                 f"`sample_rate` and `steps` must both be numbers, or sequences of the same length "
                 f"(one entry per client), got {sample_rate!r} and {steps!r}."
             )
         pairs = {
-            (_check_q(q, f"sample_rate[{i}]"), _steps(f"steps[{i}]", n))
+            (_check_q(q, f"sample_rate[{i}]"), check_int(f"steps[{i}]", n, 0, _STEPS_FIX))
             for i, (q, n) in enumerate(zip(sample_rate, steps))
         }
         pairs = {p for p in pairs if p[1] > 0}
         if not pairs:
             raise ConfigError("`steps` must schedule at least one local step for some client, got only zeros.")
         return sorted(pairs)
-    return [(_check_q(sample_rate), _steps("steps", steps, minimum=1))]
+    return [(_check_q(sample_rate), check_int("steps", steps, 1, _STEPS_FIX))]
 
 
 # ----------------------------------------------------------------------------------------------- ledger
@@ -394,7 +389,7 @@ class PrivacyLedger:
 
     # -- releases
     def _prospective(self, client: int, steps) -> tuple[list, float]:
-        steps = _steps("steps", steps)
+        steps = check_int("steps", steps, 0, _STEPS_FIX)
         history = _merged(self._histories[client], self.noise_multiplier, self._rates[client], steps)
         eps = self._epsilon(client, history)
         if self.target_epsilon is not None and eps > self.target_epsilon:
@@ -490,4 +485,4 @@ def _history_entry(entry) -> tuple:
     if not isinstance(entry, (list, tuple)) or len(entry) != 3:
         raise ConfigError(f"Accountant history entries must be [noise_multiplier, sample_rate, steps], got {entry!r}.")
     sigma, q, n = entry
-    return (_check_sigma(sigma), _check_q(q), _steps("steps", n))
+    return (_check_sigma(sigma), _check_q(q), check_int("steps", n, 0, _STEPS_FIX))

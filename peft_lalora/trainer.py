@@ -38,6 +38,7 @@ from .federated.seeding import calibration_steps, run_schedule, secret_seed
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
+from .hub.card import FEDERATED_KEYS
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
 from .privacy.prior import REPORT_FILE, apply_prior, partition_record, prior_report_fields
@@ -538,6 +539,8 @@ class FederatedDPTrainer(Trainer):
         """The model card's inputs: the metrics of the LAST evaluation and its round (an earlier round's are said
         to be so), the adapter's round, `card_dataset_name` as the dataset, no base model when none is recorded."""
         args, config = self.args, self.model.peft_config[self.adapter_name]
+        partition = f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID"
+        partition = "given per client" if self.client_datasets is not None else partition
         last = next((log for log in reversed(self.state.log_history) if any(k.startswith("eval_") for k in log)), {})
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
         return {
@@ -550,15 +553,7 @@ class FederatedDPTrainer(Trainer):
             "adapter_round": self.state.global_step,
             "dataset": getattr(args, "card_dataset_name", None),
             "data_format": getattr(args, "card_data_format", None),
-            "federated": {
-                "num_clients": args.num_clients,
-                "clients_per_round": args.clients_per_round,
-                "num_rounds": args.num_rounds,
-                "local_steps": args.local_steps,
-                "partition": "given per client"
-                if self.client_datasets is not None
-                else (f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID"),
-            },
+            "federated": {**{k: getattr(args, k) for k in FEDERATED_KEYS}, "partition": partition},
             "repo_id": args.hub_model_id,
         }
 

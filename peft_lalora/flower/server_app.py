@@ -23,6 +23,7 @@ from ..federated.output_dir import prepare_output_dir
 from ..federated.seeding import secret_seed
 from ..federated.state_io import save_json
 from ..hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
+from ..hub.card import FEDERATED_KEYS
 from ..owner.run_config import federated_args, server_setting
 from ..owner.task import TrainingTask
 from ..training_arguments import round_learning_rates
@@ -150,10 +151,8 @@ def _save_adapter(task: TrainingTask, model, strategy: LALoraStrategy, run_confi
             metrics={},
             repo_id=args.hub_model_id,
             federated={
-                "num_clients": args.num_clients,
-                "clients_per_round": args.clients_per_round,
+                **{k: getattr(args, k) for k in FEDERATED_KEYS},
                 "num_rounds": rounds_text(result),
-                "local_steps": args.local_steps,
                 "partition": "each client's own data on its own SuperNode (Flower)",
             },
         )

@@ -303,12 +303,10 @@ class FederatedDPTrainer(Trainer):
                 self.ledger.charge(client, args.local_steps)
         lr = self._round_lrs[round_idx]
         total = policy.aggregator(self.global_adapter.state, round_idx)
-        records = []
         self.model.train()
         mine = clients[args.process_index :: args.world_size]  # this process's disjoint share of the round
         self.local_clients.append(mine)
-        for client in mine:
-            records.append(self._run_client(round_idx, client, lr, total))
+        records = [self._run_client(round_idx, client, lr, total) for client in mine]
         total.reduce(self.accelerator.reduce if args.world_size > 1 else None)
         records = gather_object(records) if args.world_size > 1 else records
         failed = [r for r in records if "error" in r]
@@ -418,11 +416,8 @@ class FederatedDPTrainer(Trainer):
         shapes = {n: tuple(t.shape) for n, t in self.global_adapter.state.items()}
         state, tensors = load_checkpoint(directory, expected_shapes=shapes)
         compare_settings(state["settings"], self._settings())
-        device_state = {
-            n: t.to(self.global_adapter.state[n].device, self.global_adapter.state[n].dtype)
-            for n, t in tensors.items()
-        }
-        self.global_adapter.state = device_state
+        held = self.global_adapter.state  # the checkpoint's tensors go where these are, in their dtype
+        self.global_adapter.state = {n: t.to(held[n].device, held[n].dtype) for n, t in tensors.items()}
         self.global_adapter.load_into_model()
         if self.args.dp:
             self.ledger = checked_ledger(state, directory, self.args, self._federation)

@@ -119,7 +119,7 @@ def render_model_card(
     values["front_matter"] = _front_matter(
         base_model, index_metrics, dataset, task, title, private=status == "private"
     )
-    return string.Template(_template()).substitute(values)
+    return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)  # package data
 
 
 def _base_load(base_model: str | None, local: str | None, repo_id: str | None) -> dict:
@@ -172,13 +172,8 @@ def write_model_card(folder: str, **kwargs) -> str:
                 "pass `base_model=` (the Hub id of the model the adapter was trained on)."
             )
     if "privacy_report" not in kwargs:
-        report_path = os.path.join(folder, "privacy_report.json")
-        if not os.path.isfile(report_path):
-            raise ConfigError(
-                f"`privacy_report` was not given and {report_path!r} does not exist. Pass the run's "
-                "privacy report, or `privacy_report=None` for a run trained without differential privacy."
-            )
-        kwargs["privacy_report"] = _read_json(report_path, "privacy_report")
+        fix = "pass the run's privacy report, or `privacy_report=None` for a run trained without differential privacy"
+        kwargs["privacy_report"] = _read_json(os.path.join(folder, "privacy_report.json"), "privacy_report", fix)
     text = render_model_card(**kwargs)
     path = os.path.join(folder, "README.md")
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -186,22 +181,13 @@ def write_model_card(folder: str, **kwargs) -> str:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def _template() -> str:
-    try:
-        return TEMPLATE_PATH.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"The model-card template {str(TEMPLATE_PATH)!r} is missing; it ships with the "
-            "peft_lalora package (peft_lalora/hub/card_template.md); reinstall the package."
-        ) from exc
-
-
-def _read_json(path: str, name: str) -> dict:
+def _read_json(path: str, name: str, fix: str | None = None) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError as exc:
-        raise ConfigError(f"`{name}` was not given and {path!r} does not exist; pass `{name}=` explicitly.") from exc
+        fix = fix or f"pass `{name}=` explicitly"
+        raise ConfigError(f"`{name}` was not given and {path!r} does not exist; {fix}.") from exc
 
 
 def _adapter_config_dict(adapter_config) -> dict:

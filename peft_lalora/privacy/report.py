@@ -169,9 +169,8 @@ class PrivacyReport:
             raise ConfigError(f"`{_ARG}['clients']` must be a list, got {data['clients']!r}.")
         for i, entry in enumerate(data["clients"]):
             _require(entry, CLIENT_REQUIRED, f"{_ARG}['clients'][{i}]")
-        if version > 0:
-            if data.get("client_level") is not None:
-                _require(data["client_level"], CLIENT_LEVEL_REQUIRED, f"{_ARG}['client_level']")
+        if version > 0 and data.get("client_level") is not None:
+            _require(data["client_level"], CLIENT_LEVEL_REQUIRED, f"{_ARG}['client_level']")
         known = set(REQUIRED) | set(OPTIONAL)
         return cls(
             **{k: v for k, v in data.items() if k in known},

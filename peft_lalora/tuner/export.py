@@ -59,10 +59,7 @@ def _refuse_lalora_folder(save_directory: str) -> None:
     if readme.is_file() and is_lalora_card(readme.read_text(encoding="utf-8", errors="replace")):
         found.append("README.md (an LA-LoRA model card)")
     if found:
-        suggestion = os.path.join(
-            os.path.dirname(os.path.normpath(save_directory)) or ".",
-            os.path.basename(os.path.normpath(save_directory)) + "-lora",
-        )
+        suggestion = os.path.normpath(save_directory) + "-lora"
         raise ConfigError(
             f"`save_directory` {save_directory!r} holds an LA-LoRA adapter or its privacy card ({'; '.join(found)}): "
             "a stock LoRA export there would replace the privacy card (README.md) and adapter_config.json. Export "

@@ -125,19 +125,9 @@ class LALoraStrategy(Strategy):
             self.discover(grid)  # a node (re)joined, or a selected client has none
         self._round = {"round": round_idx, "selected": selected, "failed": {}, "messages": [], "start": time.time()}
         self._uncharged = set()  # clients whose error reply says nothing was charged
-        content = RecordDict(
-            {
-                protocol.GLOBAL: self.arrays(),
-                protocol.CONFIG: ConfigRecord(
-                    {
-                        "round": round_idx,
-                        "learning-rate": float(self.learning_rates[round_idx]),
-                        "local-steps": args.local_steps,
-                        "seed": args.seed,
-                    }
-                ),
-            }
-        )
+        lr = float(self.learning_rates[round_idx])
+        settings = {"round": round_idx, "learning-rate": lr, "local-steps": args.local_steps, "seed": args.seed}
+        content = RecordDict({protocol.GLOBAL: self.arrays(), protocol.CONFIG: ConfigRecord(settings)})
         for pid in selected:
             node = self.nodes.get(pid)
             if node is None or node not in online:

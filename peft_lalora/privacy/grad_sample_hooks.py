@@ -36,16 +36,6 @@ logger = logging.getLogger(__name__)
 GRAD_SAMPLERS = GradSampleHooks.GRAD_SAMPLERS
 
 
-def refuse_windowed(model: nn.Module) -> None:
-    if is_windowed(model):
-        module = first_adapter_module(model)
-        raise UnsupportedModelError(
-            f"`backend='hooks'` is inexact for model_type {model_type(model)!r}: module `{module}` sees attention "
-            "windows folded into the batch dimension, so hooks would give per-window gradients. "
-            "Use `backend='func'` (or 'auto')."
-        )
-
-
 class HooksBackend(PerSampleGradients):
     """Per-sample gradients from Opacus' grad samplers (exact when every hooked layer sees the examples in dim 0)."""
 
@@ -53,7 +43,12 @@ class HooksBackend(PerSampleGradients):
 
     def __init__(self, model: nn.Module, loss_fn: Callable = per_example_loss):
         super().__init__(model, loss_fn)
-        refuse_windowed(model)
+        if is_windowed(model):
+            raise UnsupportedModelError(
+                f"`backend='hooks'` is inexact for model_type {model_type(model)!r}: module "
+                f"`{first_adapter_module(model)}` sees attention windows folded into the batch dimension, so hooks "
+                "would give per-window gradients. Use `backend='func'` (or 'auto')."
+            )
         self._handles: list = []
         self._hooked: dict[nn.Module, str] = {}
         self._attached_for: frozenset = frozenset()

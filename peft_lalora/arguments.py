@@ -9,6 +9,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from .checks import check_bool, check_choice, check_int, check_number, check_positive, plain
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
 from .round_arguments import validate_round_policy
@@ -35,54 +36,14 @@ OUTCOME_FREE = """allow_large_delta eval_rounds per_sample_grad_backend allow_fi
 @dataclass
 class FederatedDPArguments(TrainingArguments):
     """
-    Arguments of `FederatedDPTrainer`. `per_device_train_batch_size` is each client's expected (Poisson) batch
-    size B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning
-    rate of round 0.
-
-    Args:
-        num_clients, clients_per_round, num_rounds, local_steps: the federation.
-        dirichlet_alpha (`float`, *optional*): Dirichlet label partition; None = IID.
-        min_shard_size (`int`, *optional*): smallest client shard; defaults to the batch size (q <= 1).
-        dp (`bool`, defaults to True): False = the non-private baseline (no clipping, noise or accounting).
-        target_epsilon / target_delta / noise_multiplier: exactly one of target_epsilon (sigma calibrated before
-            training, see `sigma_calibration`) and noise_multiplier (epsilon reported).
-        sigma_calibration (`str`): "schedule" (default: every client's scheduled steps meet the target) or
-            "worst_case" (a client taking part in every round).
-        per_sample_max_grad_norm (`float`): the fixed per-example clip norm C.
-        privacy_unit (`str`, defaults to "example"): what the guarantee protects inside a client: "example" (one
-            example) or "user" (all the examples of one user, named by `user_column`: users, not rows, are Poisson
-            sampled at q = B / users of the client, and each sampled user gives one example; see
-            `peft_lalora.privacy.users`).
-        user_column (`str`, *optional*): with `privacy_unit="user"`, the dataset column naming each example's user.
-        per_sample_head_max_grad_norm (`float`, *optional*): clipping groups: the head's own clip norm (the LoRA
-            factors keep C); the noise covers sqrt(C^2 + C_head^2).
-        accountant (`str`): "rdp" (default) or "prv".
-        prior_privacy_report (`str`, *optional*): an earlier run's privacy_report.json (or its adapter folder) for
-            the adapter this run starts from; by default the report next to the adapter the model was loaded from
-            (`PeftModel.from_pretrained` of a local folder, or a cached Hub snapshot) is found offline.
-        prior_privacy_same_data (`bool`, defaults to False): the earlier run used the same data: its accountant
-            events are composed into this run's epsilon (see `peft_lalora.privacy.prior`). False: the report, the
-            card and a warning say that the earlier spending is NOT included.
-        lora_b_lr_ratio (`float`): learning rate of B relative to A and the head, the same for every method.
-        round_lr_decay (`float`): learning rate of round t is learning_rate * round_lr_decay ** t.
-        eval_rounds (`int`): evaluate every this many rounds (0 = only at the end).
-        min_clients_per_round (`int`): a round with fewer surviving clients is aborted, nothing released.
-        aggregation_weights (`str`): "uniform" or "num_samples".
-        log_private_metrics (`bool`, defaults to False): under DP, also log and return the noise-free training
-            loss, the counts of sampled and dropped examples and the text of a failing client's error: outside the
-            DP guarantee, so only on request (a Flower node has its own switch, `share-training-metrics`).
-        overwrite_output_dir (`bool`, defaults to False): a new run refuses an `output_dir` that holds another
-            run (its checkpoint or saved adapter); True deletes that run's artifacts before training.
-        card_dataset_name (`str`, *optional*): the dataset named in the model card (`datasets` metadata and
-            model-index), e.g. "glue/sst2". Not `dataset_name`: scripts' own data arguments use that flag.
-        card_data_format (`str`, *optional*): the training data's format (e.g. an instruction prompt template),
-            written in the model card's "Training data" section.
-        aggregation (`str`, defaults to "mean"): the aggregation rule (`federated.rules`): "mean" or
-            "trimmed_mean" (coordinate-wise, `aggregation_trim` of each end dropped; uniform weights only).
-        client_dp (`bool`, defaults to False): client-level DP (DP-FedAvg) on the server: clients Poisson-sampled
-            at q = clients_per_round / num_clients, each update clipped to `client_clip_norm`, noise
-            N(0, (z S)^2) on the sum, divided by clients_per_round; z is `client_noise_multiplier` or calibrated
-            for `client_target_epsilon` over `num_rounds` (delta `client_target_delta`). Independent of `dp`.
+    Arguments of `FederatedDPTrainer`: `TrainingArguments` plus the federated and privacy fields, each explained by
+    its `help` (the recipes' `--help`). `per_device_train_batch_size` is each client's expected (Poisson) batch size
+    B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning rate of round
+    0 (round t's is `round_lr_decay` ** t times the schedule's). A DP run gives exactly one of `target_epsilon` (sigma
+    calibrated before training, see `sigma_calibration`) and `noise_multiplier` (epsilon reported). Without
+    `prior_privacy_report`, the report next to the adapter the model was loaded from (`PeftModel.from_pretrained` of
+    a local folder, or a cached Hub snapshot) is found offline (`peft_lalora.privacy.prior`). `card_dataset_name` is
+    not `dataset_name` because scripts' own data arguments use that flag.
     """
 
     per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
@@ -175,7 +136,8 @@ class FederatedDPArguments(TrainingArguments):
             "the training loss (per round and `train_loss`), the counts of sampled and dropped examples, and the "
             "text of a failing client's error (it may quote a length or a batch size). These are OUTSIDE the DP "
             "guarantee (an audit tells neighbouring datasets apart from them). Default False: a DP run logs only "
-            "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them."
+            "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them. (A Flower "
+            "node has its own switch, `share-training-metrics`.)"
         },
     )
     # The federated loop's own defaults for TrainingArguments fields it reads differently (schedules over rounds).
@@ -231,7 +193,7 @@ class FederatedDPArguments(TrainingArguments):
     def __post_init__(self):
         for name in """dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir bf16 fp16
             prior_privacy_same_data client_dp""".split():
-            _bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
         if self.user_column == "":  # a Flower run config (TOML has no null) leaves it empty for none
             self.user_column = None
         refuse_unhonoured(vars(self))  # the values as set: `TrainingArguments.__post_init__` derives some from others
@@ -248,39 +210,38 @@ class FederatedDPArguments(TrainingArguments):
                 f"{self.hub_model_id!r}. Set `hub_model_id` (`--hub_model_id` in the recipes), or leave "
                 "`push_to_hub` False."
             )
-        _int_at_least("num_clients", self.num_clients, 1)
-        _int_at_least("clients_per_round", self.clients_per_round, 1)
+        check_int("num_clients", self.num_clients, 1)
+        check_int("clients_per_round", self.clients_per_round, 1)
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"`clients_per_round` must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}."
             )
-        _int_at_least("num_rounds", self.num_rounds, 1)
-        _int_at_least("local_steps", self.local_steps, 1)
-        _int_at_least("eval_rounds", self.eval_rounds, 0)
-        _int_at_least("min_clients_per_round", self.min_clients_per_round, 1)
+        check_int("num_rounds", self.num_rounds, 1)
+        check_int("local_steps", self.local_steps, 1)
+        check_int("eval_rounds", self.eval_rounds, 0)
+        check_int("min_clients_per_round", self.min_clients_per_round, 1)
         if self.min_clients_per_round > self.clients_per_round:
             raise ConfigError(
                 f"`min_clients_per_round` must be <= clients_per_round={self.clients_per_round}, got "
                 f"{self.min_clients_per_round}."
             )
         if self.dirichlet_alpha is not None:
-            _positive("dirichlet_alpha", self.dirichlet_alpha, "use None for an IID split")
+            check_positive("dirichlet_alpha", self.dirichlet_alpha, "use None for an IID split")
         if self.min_shard_size is not None:
-            _int_at_least("min_shard_size", self.min_shard_size, 1)
-        _positive("learning_rate", self.learning_rate, "the local learning rate of round 0, e.g. 0.5")
-        _number_at_least("weight_decay", self.weight_decay, 0.0)
-        _positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
-        _positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
-        _choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
+            check_int("min_shard_size", self.min_shard_size, 1)
+        check_positive("learning_rate", self.learning_rate, "the local learning rate of round 0, e.g. 0.5")
+        check_number("weight_decay", self.weight_decay, "a number >= 0.0", lambda v: 0 <= v < math.inf)
+        check_positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
+        check_positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
+        check_choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
         validate_round_policy(self)
-        _choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
-        _choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
+        check_choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
+        check_choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
         self._validate_unit()
-        if not 0 <= self.local_momentum < 1:
-            raise ConfigError(f"`local_momentum` must be in [0, 1), got {self.local_momentum!r}.")
+        check_number("local_momentum", self.local_momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         _refuse_unused_optimizer_settings(self)
         if self.noise_seed is not None:
-            _int_at_least("noise_seed", self.noise_seed, 0)
+            check_int("noise_seed", self.noise_seed, 0)
         if self.prior_privacy_report is not None and not isinstance(self.prior_privacy_report, str):
             raise ConfigError(
                 f"`prior_privacy_report` must be a path (str) to an earlier run's privacy_report.json or adapter "
@@ -307,7 +268,7 @@ class FederatedDPArguments(TrainingArguments):
                 )
 
     def _validate_unit(self) -> None:
-        _choice("privacy_unit", self.privacy_unit, PRIVACY_UNITS)
+        check_choice("privacy_unit", self.privacy_unit, PRIVACY_UNITS)
         if self.privacy_unit == "user" and (not isinstance(self.user_column, str) or not self.user_column):
             raise ConfigError(
                 f"`privacy_unit`='user' needs `user_column`, the dataset column naming each example's user, got "
@@ -329,34 +290,29 @@ class FederatedDPArguments(TrainingArguments):
                 f"noise_multiplier={self.noise_multiplier!r}. Or set `dp=False` for the non-private baseline."
             )
         if self.target_epsilon is not None:
-            _positive("target_epsilon", self.target_epsilon, "e.g. 1.0, 3.0 or 8.0")
+            check_positive("target_epsilon", self.target_epsilon, "e.g. 1.0, 3.0 or 8.0")
         if self.noise_multiplier is not None:
-            if not (
-                isinstance(self.noise_multiplier, (int, float))
-                and math.isfinite(self.noise_multiplier)
-                and self.noise_multiplier >= 0
-            ):
-                raise ConfigError(f"`noise_multiplier` must be >= 0, got {self.noise_multiplier!r}.")
+            check_number("noise_multiplier", self.noise_multiplier, ">= 0", lambda v: 0 <= v < math.inf)
             if self.noise_multiplier == 0:
                 warnings.warn(
                     "`noise_multiplier=0.0`: no noise, epsilon = inf. This run is NOT private.",
                     LALoraWarning,
                     stacklevel=3,
                 )
-        if self.target_delta is not None and not 0 < self.target_delta < 1:
-            raise ConfigError(
-                f"`target_delta` must be in (0, 1), got {self.target_delta!r}; the default is "
-                "min(1e-5, 1 / n) for the smallest client."
-            )
-        _positive("per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C")
+        if self.target_delta is not None:
+            fix = "The default is min(1e-5, 1 / n) for the smallest client."
+            check_number("target_delta", self.target_delta, "in (0, 1)", lambda v: 0 < v < 1, fix)
+        check_positive(
+            "per_sample_max_grad_norm", self.per_sample_max_grad_norm, "e.g. 1.0; it is a fixed clip norm C"
+        )
         if self.per_sample_head_max_grad_norm is not None:
-            _positive(
+            check_positive(
                 "per_sample_head_max_grad_norm",
                 self.per_sample_head_max_grad_norm,
                 "a fixed clip norm of the head, or None for one joint clip",
             )
-        _choice("accountant", self.accountant, ACCOUNTANTS)
-        _choice("sigma_calibration", self.sigma_calibration, SIGMA_CALIBRATIONS)
+        check_choice("accountant", self.accountant, ACCOUNTANTS)
+        check_choice("sigma_calibration", self.sigma_calibration, SIGMA_CALIBRATIONS)
         if self.noise_seed is not None:
             warnings.warn(
                 f"`noise_seed`={self.noise_seed} fixes the DP noise and the Poisson batches: anyone who "
@@ -368,12 +324,7 @@ class FederatedDPArguments(TrainingArguments):
 
     def resume_settings(self) -> dict:
         """The settings that change the result, which a resumed run must share with the checkpoint it resumes."""
-        return {n: _plain(getattr(self, n)) for n in sorted(RESULT) + OUTCOME}
-
-
-def _plain(value):
-    """Enum-valued TrainingArguments fields as their string values (JSON, and equal across a resume)."""
-    return getattr(value, "value", value)
+        return {n: plain(getattr(self, n)) for n in sorted(RESULT) + OUTCOME}
 
 
 def _refuse_unused_optimizer_settings(args) -> None:
@@ -389,32 +340,3 @@ def _refuse_unused_optimizer_settings(args) -> None:
             f"{', '.join(f'`{n}`={v!r}' for n, v in unused.items())} would be ignored by `local_optimizer`="
             f"{args.local_optimizer!r}: set `local_optimizer`={other!r}, or leave it at its default."
         )
-
-
-def _bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(
-            f"`{name}` must be a bool (True or False), got {value!r} of type {type(value).__name__}; "
-            "a string such as 'False' would count as true."
-        )
-
-
-def _int_at_least(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-
-
-def _number_at_least(name: str, value, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"`{name}` must be a number >= {minimum}, got {value!r} of type {type(value).__name__}.")
-
-
-def _positive(name: str, value, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"`{name}` must be > 0, got {value!r} ({hint}).")
-
-
-def _choice(name: str, value, choices: tuple) -> None:
-    if value not in choices:
-        extra = " GDP is never used for reporting epsilon." if name == "accountant" and value == "gdp" else ""
-        raise ConfigError(f"`{name}` must be one of {choices}, got {value!r}.{extra}")

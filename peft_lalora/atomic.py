@@ -7,6 +7,7 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -17,9 +18,8 @@ def _fsync_dir(directory: str) -> None:
     except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic there
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -38,9 +38,7 @@ def atomic_write_bytes(path: str, data: bytes, mode: int = 0o644) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     _fsync_dir(directory)

@@ -114,7 +114,6 @@ def save_pooling(model, folder: str) -> str | None:
             "`model` has a MeanPooler without statistics: set its `center` and `scale` (`standardise`) "
             "before saving, or the loaded model cannot reproduce its logits."
         )
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, POOLING_FILE)
     save_tensors(path, {"center": pooler.center, "scale": pooler.scale}, metadata={"pooling": "mean"})  # atomic
     return path

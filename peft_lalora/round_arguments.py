@@ -3,33 +3,18 @@ client-level DP (`federated.client_dp`), kept apart from `arguments` (one concep
 
 from __future__ import annotations
 
-import math
 import warnings
 
+from .checks import check_choice, check_number, check_positive
 from .errors import ConfigError, LALoraWarning
 from .federated.rules import rule_names
 
 
-def _positive(name: str, value, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"`{name}` must be > 0, got {value!r} ({hint}).")
-
-
-def _choice(name: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"`{name}` must be one of {choices}, got {value!r}.")
-
-
 def validate_round_policy(args) -> None:
     """`aggregation`, `aggregation_trim` and the client-level DP settings of `FederatedDPArguments`."""
-    _choice("aggregation", args.aggregation, rule_names())
-    if isinstance(args.aggregation_trim, bool) or not (
-        isinstance(args.aggregation_trim, (int, float)) and 0 <= args.aggregation_trim < 0.5
-    ):
-        raise ConfigError(
-            f"`aggregation_trim` must be a fraction in [0, 0.5), got {args.aggregation_trim!r} (e.g. 0.2 drops "
-            "the top and bottom 20% of the values per coordinate)."
-        )
+    check_choice("aggregation", args.aggregation, rule_names())
+    fix = "E.g. 0.2 drops the top and bottom 20% of the values per coordinate."
+    check_number("aggregation_trim", args.aggregation_trim, "a fraction in [0, 0.5)", lambda v: 0 <= v < 0.5, fix)
     if args.aggregation == "trimmed_mean" and args.aggregation_weights != "uniform":
         raise ConfigError(
             f"`aggregation`='trimmed_mean' gives every client one vote, but `aggregation_weights` is "
@@ -52,7 +37,7 @@ def _validate_client_dp(args) -> None:
         raise ConfigError(
             "`client_dp=True` needs `client_clip_norm`, the clip norm S of a client's update (e.g. 0.1)."
         )
-    _positive("client_clip_norm", args.client_clip_norm, "the L2 norm each client's whole update is clipped to")
+    check_positive("client_clip_norm", args.client_clip_norm, "the L2 norm each client's whole update is clipped to")
     if (args.client_target_epsilon is None) == (args.client_noise_multiplier is None):
         raise ConfigError(
             "`client_dp=True` needs exactly one of `client_target_epsilon` (z calibrated over num_rounds) and "
@@ -60,9 +45,9 @@ def _validate_client_dp(args) -> None:
             f"{args.client_target_epsilon!r}, client_noise_multiplier={args.client_noise_multiplier!r}."
         )
     if args.client_target_epsilon is not None:
-        _positive("client_target_epsilon", args.client_target_epsilon, "e.g. 1.0, 3.0 or 8.0")
+        check_positive("client_target_epsilon", args.client_target_epsilon, "e.g. 1.0, 3.0 or 8.0")
     else:
-        _positive("client_noise_multiplier", args.client_noise_multiplier, "e.g. 1.0; 0 would be no noise")
+        check_positive("client_noise_multiplier", args.client_noise_multiplier, "e.g. 1.0; 0 would be no noise")
     delta = args.client_target_delta
     if delta is not None and not (isinstance(delta, float) and 0 < delta < 1 / args.num_clients):
         raise ConfigError(

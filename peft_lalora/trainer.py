@@ -32,12 +32,13 @@ from .federated.fingerprint import check_fingerprints, shard_fingerprint
 from .federated.ledger_check import checked_ledger
 from .federated.output_dir import prepare_output_dir
 from .federated.partition import partition_fingerprint, partition_indices
-from .federated.preflight import PROBE_ROWS, preflight
+from .federated.preflight import preflight
 from .federated.round import RoundPolicy, finite_mean
-from .federated.seeding import calibration_steps, run_schedule, scheduled_per_round, secret_seed
+from .federated.seeding import calibration_steps, run_schedule, secret_seed
 from .federated.server import GlobalAdapter
 from .federated.state_io import compare_settings, save_json
 from .hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
+from .hub.card import FEDERATED_KEYS
 from .privacy.accounting import PrivacyLedger, compute_epsilon
 from .privacy.plan import PrivacyPlan
 from .privacy.prior import REPORT_FILE, apply_prior, partition_record, prior_report_fields
@@ -50,12 +51,12 @@ from .privacy.report import (
 )
 from .privacy.sampling import sample_rate_for
 from .training_arguments import round_learning_rates
+from .tuner.export import SCHEDULE_FIELDS
 from .tuner.model import LALoraModel
 from .tuner.roles import adapter_tensor_names
 from .tuner.saving import save_adapter_files
 
 logger = logging.getLogger(__name__)
-PRIVACY_REPORT = REPORT_FILE
 FAILED_DATA_CHECK = (
     "ClientDataError: the client's data failed the data check before training (see its warning then), so the "
     "client is dropped from every round it is scheduled in"
@@ -71,6 +72,9 @@ class Federation(NamedTuple):
     client_users: Optional[tuple]  # each client's number of users under user-level DP, else None
     noise_multiplier: float  # sigma of the sample-level DP step (0.0 without DP)
     delta: Optional[float]  # the sample-level delta (None without DP)
+    fingerprint: str  # of the split into clients (the resume check)
+    partition: dict  # the public record of the split (`privacy.prior.partition_record`)
+    prior_steps: Optional[dict]  # each client's earlier steps composed into its ledger (`privacy.prior`), or None
 
 
 class FederatedDPTrainer(Trainer):
@@ -134,9 +138,7 @@ class FederatedDPTrainer(Trainer):
     def federation(self) -> Federation:
         """The clients' shards, sizes and the calibrated noise, set up (partition, calibration) on first use."""
         self._setup_federation()
-        fed = self._federation
-        users = None if fed["users"] is None else tuple(fed["users"])
-        return Federation(tuple(fed["shards"]), tuple(fed["sizes"]), users, fed["noise_multiplier"], fed["delta"])
+        return self._federation
 
     def _setup_federation(self) -> None:
         if self._federation is not None:
@@ -157,16 +159,11 @@ class FederatedDPTrainer(Trainer):
             self._calibration = plan.calibration
             config = self.model.peft_config[self.adapter_name]
             self.ledger, self._prior = apply_prior(args, config, self.ledger, partition, run_schedule(args))
-        self._federation = {
-            "shards": clients,
-            "fingerprint": fingerprint,
-            "sizes": sizes,
-            "users": units if args.privacy_unit == "user" else None,
-            "noise_multiplier": noise_multiplier,
-            "delta": delta,
-            "partition": partition,
-            "prior_steps": self._prior.steps() if self._prior is not None else None,
-        }
+        users = tuple(units) if args.privacy_unit == "user" else None
+        prior_steps = self._prior.steps() if self._prior is not None else None
+        self._federation = Federation(
+            tuple(clients), tuple(sizes), users, noise_multiplier, delta, fingerprint, partition, prior_steps
+        )
         self.global_adapter = GlobalAdapter(self.model, adapter_tensor_names(self.model, self.adapter_name))
         self._round_lrs = round_learning_rates(args)
         self._local = LocalConfig.from_args(args)
@@ -286,18 +283,12 @@ class FederatedDPTrainer(Trainer):
         if not args.eval_rounds and self.eval_dataset is not None:
             self.evaluate(ignore_keys=ignore_keys_for_eval)
         metrics = {"train_runtime": time.time() - start_time}
-        if self._reveals_private:  # the noise-free training loss: outside the DP guarantee, only on request
+        if reveals_private(self.args):  # the noise-free training loss: outside the DP guarantee, only on request
             metrics["train_loss"] = finite_mean(losses)
         if self.ledger is not None:
             metrics["epsilon"] = self.ledger.report()["epsilon"]
         self.control = self.callback_handler.on_train_end(args, state, self.control)
         return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
-
-    @property
-    def _reveals_private(self) -> bool:
-        """Whether logs, metrics and error texts may carry values computed from private data without noise:
-        always without DP, under DP only with `log_private_metrics=True` (see `federated.disclosure`)."""
-        return reveals_private(self.args)
 
     def _run_round(self, round_idx: int) -> dict:
         args, policy = self.args, self.round_policy
@@ -312,12 +303,10 @@ class FederatedDPTrainer(Trainer):
                 self.ledger.charge(client, args.local_steps)
         lr = self._round_lrs[round_idx]
         total = policy.aggregator(self.global_adapter.state, round_idx)
-        records = []
         self.model.train()
         mine = clients[args.process_index :: args.world_size]  # this process's disjoint share of the round
         self.local_clients.append(mine)
-        for client in mine:
-            records.append(self._run_client(round_idx, client, lr, total))
+        records = [self._run_client(round_idx, client, lr, total) for client in mine]
         total.reduce(self.accelerator.reduce if args.world_size > 1 else None)
         records = gather_object(records) if args.world_size > 1 else records
         failed = [r for r in records if "error" in r]
@@ -331,7 +320,7 @@ class FederatedDPTrainer(Trainer):
                 f"Client {first['client']}: {first['error']}"
             )
         logs = {"round": float(round_idx + 1), "learning_rate": lr}
-        if not args.client_dp or self._reveals_private:  # under client-level DP the sample's size is secret
+        if not args.client_dp or reveals_private(self.args):  # under client-level DP the sample's size is secret
             logs.update(clients=float(total.survivors), failed_clients=float(len(failed)))
         for record in failed:
             logger.warning(
@@ -343,7 +332,7 @@ class FederatedDPTrainer(Trainer):
         else:
             self.global_adapter.state = merged
         self.global_adapter.load_into_model()
-        if self._reveals_private:
+        if reveals_private(self.args):
             logs.update(private_round_metrics(records))
         if self.ledger is not None:
             logs["epsilon"] = self.ledger.max_epsilon()
@@ -361,7 +350,7 @@ class FederatedDPTrainer(Trainer):
             update = client_update(
                 model=self.model,
                 stepper=self.stepper,
-                shard=self._federation["shards"][client],
+                shard=self._federation.shards[client],
                 global_state=self.global_adapter.state,
                 round_idx=round_idx,
                 client=client,
@@ -373,49 +362,35 @@ class FederatedDPTrainer(Trainer):
         except PrivacyBudgetExceededError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing client must not take the federation down
-            text = error_text(exc, reveal=self._reveals_private, where="inside the client's local round")
+            text = error_text(exc, reveal=reveals_private(self.args), where="inside the client's local round")
             return {"client": client, "error": text, "dropped": getattr(exc, "dropped", 0)}
         total.add(update.delta, self.round_policy.weight(update.num_examples))
         return {"client": client, "loss": update.loss, "examples": update.sampled, "dropped": update.dropped}
 
     def _preflight(self, start_round: int) -> None:
         """Check every client's data once before anything is charged (see `federated.preflight`)."""
-        shards = self._federation["shards"]
-
-        def gradient_probe(shard):
-            self.tuner.set_trainable_factors(self.tuner.trainable_factors(start_round, 0))
-            self.stepper.probe(shard.batch(list(range(min(PROBE_ROWS, len(shard))))))
-
         self.global_adapter.load_into_model()
-        failing = preflight(self.model, shards, gradient_probe, reveal_errors=self._reveals_private)
-        self._failed_data_check = frozenset(failing)
+        shards, reveal = self._federation.shards, reveals_private(self.args)
+        self._failed_data_check = frozenset(
+            preflight(self.model, shards, self.stepper, start_round, reveal_errors=reveal)
+        )
 
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def _settings(self) -> dict:
         config = self.model.peft_config[self.adapter_name]
-        adapter = {
-            k: getattr(config, k)
-            for k in (
-                "r",
-                "lora_alpha",
-                "alternation",
-                "alternation_period",
-                "first_factor",
-                "lowpass",
-                "lowpass_kernel",
-            )
-        }
+        adapter = {k: getattr(config, k) for k in ("r", "lora_alpha", *SCHEDULE_FIELDS)}
         adapter["target_modules"] = (
             sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
         )
+        fed = self._federation
         return {
             "args": self.args.resume_settings(),
             "adapter": adapter,
-            "partition": self._federation["fingerprint"],
-            "client_sizes": self._federation["sizes"],
-            **({"client_users": self._federation["users"]} if self._federation["users"] is not None else {}),
-            "noise_multiplier": self._federation["noise_multiplier"],
-            "delta": self._federation["delta"],
+            "partition": fed.fingerprint,
+            "client_sizes": list(fed.client_sizes),
+            **({"client_users": list(fed.client_users)} if fed.client_users is not None else {}),
+            "noise_multiplier": fed.noise_multiplier,
+            "delta": fed.delta,
         }
 
     def _save_round(self, round_idx: int) -> None:
@@ -441,26 +416,11 @@ class FederatedDPTrainer(Trainer):
         shapes = {n: tuple(t.shape) for n, t in self.global_adapter.state.items()}
         state, tensors = load_checkpoint(directory, expected_shapes=shapes)
         compare_settings(state["settings"], self._settings())
-        device_state = {
-            n: t.to(self.global_adapter.state[n].device, self.global_adapter.state[n].dtype)
-            for n, t in tensors.items()
-        }
-        self.global_adapter.state = device_state
+        held = self.global_adapter.state  # the checkpoint's tensors go where these are, in their dtype
+        self.global_adapter.state = {n: t.to(held[n].device, held[n].dtype) for n, t in tensors.items()}
         self.global_adapter.load_into_model()
         if self.args.dp:
-            fed, args = self._federation, self.args
-            self.ledger = checked_ledger(
-                state,
-                directory,
-                seed=args.seed,
-                num_clients=args.num_clients,
-                clients_per_round=scheduled_per_round(args),
-                local_steps=args.local_steps,
-                noise_multiplier=fed["noise_multiplier"],
-                delta=fed["delta"],
-                accountant=args.accountant,
-                prior_steps=fed["prior_steps"],
-            )
+            self.ledger = checked_ledger(state, directory, self.args, self._federation)
         if self.args.dp or self.args.client_dp:
             self._private_seed = self.round_policy.private_root = state.get("private_seed")
             if self._private_seed is None or "data_fingerprints" not in state:
@@ -482,7 +442,7 @@ class FederatedDPTrainer(Trainer):
         if not self.args.dp:
             return None
         if self._fingerprints is None:
-            self._fingerprints = [shard_fingerprint(s, self._private_seed) for s in self._federation["shards"]]
+            self._fingerprints = [shard_fingerprint(s, self._private_seed) for s in self._federation.shards]
         return self._fingerprints
 
     # ----- results -------------------------------------------------------------------------------------------
@@ -509,11 +469,11 @@ class FederatedDPTrainer(Trainer):
                 delta=self.ledger.delta,
                 accountant=self.args.accountant,
             ),
-            partition=self._federation["partition"],
+            partition=self._federation.partition,
         )
-        if self._federation["users"] is not None:  # user-level DP: each client's count of users (its q's n)
+        if self._federation.client_users is not None:  # user-level DP: each client's count of users (its q's n)
             for entry in report["clients"]:
-                entry["users"] = self._federation["users"][entry["client"]]
+                entry["users"] = self._federation.client_users[entry["client"]]
         if self._prior is not None:
             report.update(prior_report_fields(self._prior, self.ledger, report, worst_case))
         return build_report(with_client_level(report, client_level, self.args))
@@ -533,14 +493,13 @@ class FederatedDPTrainer(Trainer):
                 "adapter, card and privacy report there would mix two runs. Save to a fresh folder."
             )
         self._setup_federation()
-        os.makedirs(output_dir, exist_ok=True)
         self.global_adapter.load_into_model()
         save_adapter_files(self.model, output_dir, self.adapter_name)  # at the top, whatever the adapter's name
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        save_json(os.path.join(output_dir, PRIVACY_REPORT), self.privacy_report())
+        save_json(os.path.join(output_dir, REPORT_FILE), self.privacy_report())
         save_json(os.path.join(output_dir, "training_args.json"), self.args.to_dict())
-        self._write_card(output_dir)
+        write_model_card(output_dir, **self.card_context())
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """The Hub repo is created by `push_to_hub`, not when the trainer is built (which may be offline)."""
@@ -554,10 +513,9 @@ class FederatedDPTrainer(Trainer):
         revision: str | None = None,
         **kwargs,
     ) -> str | None:
-        """Save the aggregated adapter to `output_dir` and upload adapter_config.json, adapter_model.safetensors,
-        README.md (the model card), privacy_report.json (and pooling.safetensors when the job wrote one) to
-        `args.hub_model_id` in one commit. Returns the
-        commit URL (None on processes other than the main one). Failures raise `HubError`; local files stay."""
+        """Save the aggregated adapter to `output_dir` and upload its artifacts to `args.hub_model_id` in one commit
+        (`hub.push_adapter_folder`: which files, retries, `HubError`). Returns the commit URL (None on processes
+        other than the main one)."""
         if not self.args.hub_model_id:
             raise ConfigError("`hub_model_id` must name the Hub repo to push to (e.g. 'alice/lalora-sst2'), got None.")
         self.save_model(self.args.output_dir)
@@ -572,13 +530,12 @@ class FederatedDPTrainer(Trainer):
             allow_fixed_noise_seed=bool(getattr(self.args, "allow_fixed_noise_seed", False)),
         )
 
-    def _write_card(self, output_dir: str) -> None:
-        write_model_card(output_dir, **self.card_context())
-
     def card_context(self) -> dict:
         """The model card's inputs: the metrics of the LAST evaluation and its round (an earlier round's are said
         to be so), the adapter's round, `card_dataset_name` as the dataset, no base model when none is recorded."""
         args, config = self.args, self.model.peft_config[self.adapter_name]
+        partition = f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID"
+        partition = "given per client" if self.client_datasets is not None else partition
         last = next((log for log in reversed(self.state.log_history) if any(k.startswith("eval_") for k in log)), {})
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
         return {
@@ -591,15 +548,7 @@ class FederatedDPTrainer(Trainer):
             "adapter_round": self.state.global_step,
             "dataset": getattr(args, "card_dataset_name", None),
             "data_format": getattr(args, "card_data_format", None),
-            "federated": {
-                "num_clients": args.num_clients,
-                "clients_per_round": args.clients_per_round,
-                "num_rounds": args.num_rounds,
-                "local_steps": args.local_steps,
-                "partition": "given per client"
-                if self.client_datasets is not None
-                else (f"Dirichlet(alpha={args.dirichlet_alpha})" if args.dirichlet_alpha else "IID"),
-            },
+            "federated": {**{k: getattr(args, k) for k in FEDERATED_KEYS}, "partition": partition},
             "repo_id": args.hub_model_id,
         }
 

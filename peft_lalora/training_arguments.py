@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from transformers import TrainingArguments, get_scheduler
 
+from .checks import plain
 from .errors import ConfigError
 
 # Honoured, and they change the trained adapter: the resume check compares them (`FederatedDPArguments`).
@@ -109,15 +110,11 @@ _DEFAULTS = {
 }
 
 
-def _plain(value):
-    return getattr(value, "value", value)
-
-
 def refuse_unhonoured(given: dict) -> None:
     """Raise `ConfigError` for a `REFUSED` field of `given` (the values as set, before `TrainingArguments` derives
     others from them) that is not at its default, or a value in `REFUSED_VALUES`."""
     for name, instead in REFUSED.items():
-        value, default = _plain(given[name]), _plain(_DEFAULTS[name])
+        value, default = plain(given[name]), plain(_DEFAULTS[name])
         if value == default or (not value and not default) or value in _ALSO_ACCEPTED.get(name, ()):
             continue
         raise ConfigError(
@@ -125,7 +122,7 @@ def refuse_unhonoured(given: dict) -> None:
             f"a Trainer step): leave it at its default ({default!r}); instead, {instead}."
         )
     for name, refused in REFUSED_VALUES.items():
-        value = _plain(given[name])
+        value = plain(given[name])
         if value in refused:
             raise ConfigError(f"`{name}`={value!r} is not honoured by the federated loop: {refused[value]}.")
 
@@ -133,7 +130,7 @@ def refuse_unhonoured(given: dict) -> None:
 def round_learning_rates(args) -> list:
     """The learning rate of every round: `learning_rate` x the schedule over `num_rounds` (warmup counted in
     rounds) x `round_lr_decay` ** round. The schedule is transformers' `get_scheduler`, stepped once per round."""
-    schedule = _plain(args.lr_scheduler_type)
+    schedule = plain(args.lr_scheduler_type)
     probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = get_scheduler(
         schedule,

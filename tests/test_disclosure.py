@@ -181,7 +181,7 @@ def test_log_private_metrics_must_be_a_bool(tmp_path):
 
 def test_log_private_metrics_is_not_a_flower_run_setting():
     # a Flower node decides on its own (`share-training-metrics`): the server's run config cannot turn it on
-    settings = pytest.importorskip("peft_lalora.flower.settings")
+    settings = pytest.importorskip("peft_lalora.owner.run_config")
     with pytest.raises(ConfigError, match="log-private-metrics"):
         settings.federated_args({"log-private-metrics": True, "noise-multiplier": 1.0})
     assert settings.federated_args({"noise-multiplier": 1.0}).log_private_metrics is False

@@ -17,7 +17,7 @@ from test_hub import hub  # noqa: E402, F401  (the fake Hub fixture)
 
 from peft_lalora import ConfigError  # noqa: E402
 from peft_lalora.flower import ClientState, FlowerRunError, QuorumUnreachable  # noqa: E402
-from peft_lalora.flower.settings import federated_args, server_setting  # noqa: E402
+from peft_lalora.owner.run_config import federated_args, server_setting  # noqa: E402
 
 PUBLISHED = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
 

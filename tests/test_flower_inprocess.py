@@ -480,7 +480,7 @@ def test_server_refuses_to_publish_a_fixed_noise_seed_before_any_round(tmp_path,
 def test_a_private_flower_run_disables_the_trainers_global_clipping():
     # The Trainer's max_grad_norm would clip (and log the norm of) the non-private batch gradient: under DP the
     # run config's arguments turn it off, as FederatedDPArguments does for the in-process trainer.
-    from peft_lalora.flower.settings import federated_args
+    from peft_lalora.owner.run_config import federated_args
 
     assert federated_args({"noise-multiplier": 1.0}).max_grad_norm == 0.0
     assert federated_args({"dp": False}).max_grad_norm == 1.0  # dp=False leaves the argument as given

@@ -17,7 +17,7 @@ from test_flower_inprocess import TASK, read_json, run_config, run_flower  # noq
 
 from peft_lalora import ConfigError  # noqa: E402
 from peft_lalora.flower import ClientState, FlowerRunError, make_client_app, protocol  # noqa: E402
-from peft_lalora.flower.policy import NodePolicy  # noqa: E402
+from peft_lalora.owner.policy import NodePolicy  # noqa: E402
 
 NODE = 101  # partition-id 1: among round 0's clients (1 and 3) in seed 0's public schedule
 NO_CAP = {}  # a node whose owner set no policy: the defaults

@@ -15,7 +15,7 @@ from flower_grid import InProcessGrid, train_message  # noqa: E402
 from test_flower_inprocess import TASK, run_config  # noqa: E402
 
 from peft_lalora.flower import ClientState, make_client_app, protocol  # noqa: E402
-from peft_lalora.flower.client_state import release_seed  # noqa: E402
+from peft_lalora.owner.state import release_seed  # noqa: E402
 
 NODE = 101  # partition-id 1: among round 0's clients (1 and 3) in seed 0's public schedule
 

@@ -20,11 +20,12 @@ from owner_task import TASK
 from test_owner_trainer import FIXED, charges, data, node_config, socket_folder, train  # noqa: F401 - fixture
 
 from peft_lalora import ConfigError
-from peft_lalora.owner import OwnerConfig, PrivateTrainer, TrainerRelay, codes
+from peft_lalora.owner import OwnerConfig, PrivateTrainer, TrainerRelay
 from peft_lalora.owner.cli import main as trainer_main
 from peft_lalora.owner.config import read_token
 from peft_lalora.owner.local_round import _JOBS
 from peft_lalora.owner.permissions import check_private_paths
+from peft_lalora_relay import codes
 
 
 @pytest.fixture

@@ -22,10 +22,12 @@ from fed_helpers import flower_run_config, toy_dataset, toy_model
 from owner_task import TASK
 
 from peft_lalora import ConfigError
-from peft_lalora.owner import ClientState, OwnerConfig, PrivateTrainer, TrainerRelay, codes
+from peft_lalora.owner import ClientState, OwnerConfig, PrivateTrainer, TrainerRelay
 from peft_lalora.owner.config import read_token
 from peft_lalora.owner.local_round import local_round
-from peft_lalora.owner.wire import MAGIC, PROTOCOL, recv_frame, send_frame
+from peft_lalora.owner.wire import recv_frame, send_frame
+from peft_lalora_relay import codes
+from peft_lalora_relay.wire import MAGIC, PROTOCOL
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

@@ -15,7 +15,7 @@ from test_flower_policy import NODE, global_adapter  # noqa: E402
 
 from peft_lalora import ConfigError  # noqa: E402
 from peft_lalora.flower import ClientState, make_client_app, protocol  # noqa: E402
-from peft_lalora.flower.policy import NodePolicy  # noqa: E402
+from peft_lalora.owner.policy import NodePolicy  # noqa: E402
 
 USERS = 10  # client 1's users: its 50 examples dealt round-robin
 REQUIRE_USERS = {"min-privacy-unit": "user", "user-column": "user"}

@@ -31,7 +31,6 @@ def _sha256(path: str) -> str:
 
 def save_checkpoint(directory: str, *, round_idx: int, global_state: dict, server_state: dict) -> str:
     """Write the checkpoint after round `round_idx` (0-based: `round_idx + 1` rounds are done)."""
-    os.makedirs(directory, exist_ok=True)
     adapter_file = f"global_adapter-{round_idx:06d}.safetensors"
     save_tensors(os.path.join(directory, adapter_file), global_state, metadata={"round": str(round_idx)})
     state = dict(

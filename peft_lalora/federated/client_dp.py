@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError
 from ..privacy.client_level import ClientLevelPlan
 from ..privacy.secure_random import SecureRandom
-from ..tuner.roles import tensor_role
+from ..tuner.roles import trained_tensor_names
 from ..tuner.schedule import trainable_factors
 from .aggregation import apply_delta
 
@@ -48,9 +48,7 @@ def round_tensor_names(adapter_config, names: list, adapter_name: str, round_idx
     factors = set()
     for step in range(local_steps):
         factors |= trainable_factors(adapter_config, round_idx, step)
-    return [
-        n for n in names if tensor_role(n, adapter_name) not in ("A", "B") or tensor_role(n, adapter_name) in factors
-    ]
+    return trained_tensor_names(names, adapter_name, factors)
 
 
 class ClientDPAggregator:

@@ -13,11 +13,9 @@ import torch
 
 from ..privacy.engine import NonPrivateStep, PrivateStep
 from ..privacy.quantized import prepare_quantized_layers
-from ..tuner.roles import tensor_role
+from ..tuner.roles import tensor_role, trained_tensor_names
 from .aggregation import adapter_delta
 from .client import ClientShard, run_local_round
-
-LOCAL_OPTIMIZERS = ("sgd", "adamw")
 
 
 class ClientUpdateError(RuntimeError):
@@ -180,11 +178,7 @@ def client_update(
             "every sampled example had a non-finite gradient and was dropped: the update would be noise only",
             dropped=stats["dropped"],
         )
-    sent = [
-        n
-        for n in global_state
-        if tensor_role(n, adapter_name) not in ("A", "B") or tensor_role(n, adapter_name) in stats["factors"]
-    ]
+    sent = trained_tensor_names(global_state, adapter_name, stats["factors"])
     delta = adapter_delta({n: params[n].detach() for n in sent}, {n: global_state[n] for n in sent})
     if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
         raise ClientUpdateError("the client's update is not finite (NaN or inf): lower the learning rate")

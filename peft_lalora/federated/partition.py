@@ -17,19 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..checks import check_int
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def _check_clients(num_clients, num_examples: int, min_shard_size: int) -> None:
-    _check_int("num_clients", num_clients, 1)
+    check_int("num_clients", num_clients, 1)
     if num_clients > num_examples:
         raise ConfigError(
             f"`num_clients` must be <= the number of examples ({num_examples}), got {num_clients!r}; every client "
@@ -61,10 +56,10 @@ def partition_iid(num_examples: int, num_clients: int, *, seed: int, min_shard_s
     Raises `ConfigError` if `num_clients` is < 1 or > `num_examples`, or if the shards would be smaller than
     `min_shard_size`.
     """
-    num_examples = _check_int("num_examples", num_examples, 1)
-    min_shard_size = _check_int("min_shard_size", min_shard_size, 1)
+    num_examples = check_int("num_examples", num_examples, 1)
+    min_shard_size = check_int("min_shard_size", min_shard_size, 1)
     _check_clients(num_clients, num_examples, min_shard_size)
-    rng = np.random.default_rng(_check_int("seed", seed, 0))
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     order = rng.permutation(num_examples)
     return [sorted(int(i) for i in part) for part in np.array_split(order, num_clients)]
 
@@ -120,10 +115,10 @@ def partition_dirichlet(
     """
     labels = list(labels)
     alpha = _check_alpha(alpha)
-    min_shard_size = _check_int("min_shard_size", min_shard_size, 1)
-    max_tries = _check_int("max_tries", max_tries, 1)
+    min_shard_size = check_int("min_shard_size", min_shard_size, 1)
+    max_tries = check_int("max_tries", max_tries, 1)
     _check_clients(num_clients, len(labels), min_shard_size)
-    rng = np.random.default_rng(_check_int("seed", seed, 0))
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     try:
         classes, inverse = np.unique(np.asarray(labels), return_inverse=True)
     except TypeError as exc:
@@ -175,7 +170,7 @@ def partition_indices(
     if dirichlet_alpha is None:
         return partition_iid(num_examples, num_clients, seed=seed, min_shard_size=min_shard_size)
     _check_alpha(dirichlet_alpha)
-    _check_clients(num_clients, num_examples, _check_int("min_shard_size", min_shard_size, 1))
+    _check_clients(num_clients, num_examples, check_int("min_shard_size", min_shard_size, 1))
     labels = _labels_of(dataset, label_column)
     return partition_dirichlet(labels, num_clients, alpha=dirichlet_alpha, seed=seed, min_shard_size=min_shard_size)
 

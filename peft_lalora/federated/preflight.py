@@ -188,10 +188,11 @@ def check_client(model, shard, limits: InputLimits) -> None:
     per_example_loss(logits, batch)
 
 
-def preflight(model, shards: list, gradient_probe, *, reveal_errors: bool = False) -> list:
+def preflight(model, shards: list, stepper, round_idx: int, *, reveal_errors: bool = False) -> list:
     """Check every client's data; returns the ids of clients that fail on their own (a warning is logged for
-    each). Raises `ClientDataError` with the first client's message when every client fails, or when
-    `gradient_probe(shard)` (per-sample gradients of one batch) fails on the first client whose data passed.
+    each). Raises `ClientDataError` with the first client's message when every client fails, or when the
+    `stepper`'s per-sample gradients of the first `PROBE_ROWS` rows (in the phase of round `round_idx`'s first
+    local step, discarded) fail on the first client whose data passed.
     The text of an error raised by the model, the loss or the backend is withheld unless `reveal_errors`
     (`disclosure.error_text`): it may quote a length or a batch size."""
     was_training = model.training
@@ -213,7 +214,8 @@ def preflight(model, shards: list, gradient_probe, *, reveal_errors: bool = Fals
             )
         healthy = next(k for k in range(len(shards)) if k not in errors)
         try:
-            gradient_probe(shards[healthy])
+            model.base_model.set_trainable_factors(model.base_model.trainable_factors(round_idx, 0))
+            stepper.probe(shards[healthy].batch(list(range(min(PROBE_ROWS, len(shards[healthy]))))))
         except UnsupportedModelError as exc:  # the model, not the data: say so, with the module it names
             text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
             raise UnsupportedModelError(

@@ -81,11 +81,12 @@ def scheduled_per_round(args) -> int:
     return args.num_clients if getattr(args, "client_dp", False) else args.clients_per_round
 
 
-def run_schedule(args) -> dict:
-    """`scheduled_steps` of a run's `FederatedDPArguments` (its seed, clients, participation and rounds)."""
+def run_schedule(args, rounds: Optional[int] = None) -> dict:
+    """`scheduled_steps` of a run's `FederatedDPArguments` (its seed, clients, participation and rounds, or the first
+    `rounds`)."""
     return scheduled_steps(
         seed=args.seed,
-        rounds=args.num_rounds,
+        rounds=args.num_rounds if rounds is None else rounds,
         num_clients=args.num_clients,
         clients_per_round=scheduled_per_round(args),
         local_steps=args.local_steps,

@@ -69,14 +69,9 @@ def _check_expected(path: str, tensors: dict[str, Tensor], expected: Mapping[str
         for name in sorted(set(expected) & set(tensors))
         if tuple(tensors[name].shape) != tuple(expected[name])
     ]
-    if missing or extra or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing {missing}")
-        if extra:
-            problems.append(f"unexpected {extra}")
-        if misshaped:
-            problems.append(f"wrong shape [{'; '.join(misshaped)}]")
+    named = (("missing", missing), ("unexpected", extra), ("wrong shape", misshaped and f"[{'; '.join(misshaped)}]"))
+    problems = [f"{what} {found}" for what, found in named if found]
+    if problems:
         raise AdapterLoadError(
             f"`path` {path!r} does not match the expected tensors: {', '.join(problems)}. The file was written "
             "for another config (r, target modules, head): load it with that config or retrain."

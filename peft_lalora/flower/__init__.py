@@ -19,12 +19,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'peft_lalora.flower needs Flower: install it with `pip install "peft_lalora[flower]"` (flwr==1.42.*).'
     ) from exc
 
+from ..owner.state import ClientState
+from ..owner.task import TrainingTask as FlowerTask  # one task object for both: Flower-free
 from .client_app import make_client_app
-from .client_state import ClientState
 from .outcome import FlowerRunError, QuorumUnreachable
 from .server_app import make_server_app
 from .strategy import LALoraStrategy
-from .task import FlowerTask
 
 __all__ = [
     "ClientState",

@@ -6,7 +6,7 @@ configuration.`, and what the ServerApp would refuse, each named by key.
 Flower 1.42's SuperLink refuses a `-c` / `--run-config` key that the app's `[tool.flwr.app.config]` does not
 declare before any of the app's code runs (`flwr/common/config.py: fuse_dicts`); the operator sees only code 15,
 and the key is named only in the SuperLink's own log ("Key '...' is not present in the main dictionary"). The
-values are then the ServerApp's to check (`settings.federated_args`), with the same errors as here.
+values are then the ServerApp's to check (`owner.run_config.federated_args`), with the same errors as here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from ..errors import ConfigError
-from .settings import SERVER_KEYS, federated_args, field_of, server_setting
+from ..owner.run_config import SERVER_KEYS, federated_args, field_of, server_setting
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ edit every one of these checks away and read the data folder: use this mode for 
 Node config (`flower-supernode --node-config '...'`): in relay mode `private-trainer`, `private-trainer-token` (and
 `share-training-metrics` is the trainer's own setting); in trial mode `partition-id`, `state-dir`,
 `share-training-metrics`, the policy keys (`owner.policy`) and whatever the task reads (e.g. `data-path`), as
-described in `owner.local_round`. A refused run gets an error reply with a code of `owner.codes`.
+described in `owner.local_round`. A refused run gets an error reply with a code of `peft_lalora_relay.codes`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from peft_lalora_relay.client_app import RELAY_KEYS, relay_query, relay_train
 
 from ..errors import ConfigError
 from ..owner.local_round import Reply, local_round
+from ..owner.task import TrainingTask
 from . import protocol
-from .task import FlowerTask
 
 logger = logging.getLogger(__name__)
 __all__ = ["RELAY_KEYS", "make_client_app", "train_round"]
 
 
-def make_client_app(task: FlowerTask) -> ClientApp:
+def make_client_app(task: TrainingTask) -> ClientApp:
     """A `ClientApp` that answers the server's queries and runs `task`'s client updates (or relays them). Relay
     mode is `peft_lalora_relay.client_app`'s (torch-free); an app whose nodes relay should name that module's
     ClientApp in its `pyproject.toml`, so that Flower's process per message does not import torch at all."""
@@ -60,7 +60,7 @@ def make_client_app(task: FlowerTask) -> ClientApp:
     return app
 
 
-def train_round(task: FlowerTask, message: Message, context: Context) -> Message:
+def train_round(task: TrainingTask, message: Message, context: Context) -> Message:
     """One round of this client in trial mode: this process checks the policy, charges its ledger and trains."""
     config = message.content[protocol.CONFIG]
     try:

@@ -5,7 +5,7 @@ Server -> client (train): `global` (every adapter tensor, float32) and `config` 
 Client -> server: `delta` (only the tensors it trained, plus the head), `metrics` (MetricRecord:
 `num-examples`, `steps`, `epsilon`, `bytes-sent`, `train-seconds`; `loss`, `sampled`, `dropped` only where the
 node shares them or the run is not private) and `privacy` (ConfigRecord: the client's accounting, see
-`owner.local_round.privacy_record`), or an error reply with a code of `owner.codes`.
+`owner.local_round.privacy_record`), or an error reply with a code of `peft_lalora_relay.codes`.
 Query: the server asks a node which client it is; the reply is `node` (ConfigRecord: `partition-id`).
 Tensors travel packed: an ArrayRecord of one Array of safetensors bytes (`pack_state` / `state_of`; why:
 `peft_lalora_relay.packed`).
@@ -17,10 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import save as save_tensors
 
-from peft_lalora_relay.packed import pack, unpack
-from peft_lalora_relay.records import CONFIG, DELTA, GLOBAL, METRICS, NODE, PRIVACY
-
-from ..owner.codes import (
+from peft_lalora_relay.codes import (  # noqa: F401 - the protocol's names, read from here by the apps and tests
     BAD_REQUEST,
     BUDGET_EXCEEDED,
     CLIENT_CONFIG,
@@ -32,30 +29,11 @@ from ..owner.codes import (
     UNAUTHORIZED,
     UPDATE_FAILED,
 )
-from ..owner.local_round import partition_id
-from ..owner.wire import tensors_of
+from peft_lalora_relay.packed import pack, unpack
+from peft_lalora_relay.records import CONFIG, DELTA, GLOBAL, METRICS, NODE, PRIVACY  # noqa: F401
 
-__all__ = [
-    "pack_state",
-    "state_of",
-    "BAD_REQUEST",
-    "BUDGET_EXCEEDED",
-    "CLIENT_CONFIG",
-    "CONFIG",
-    "DELTA",
-    "ERROR_NAMES",
-    "GLOBAL",
-    "METRICS",
-    "NODE",
-    "NOT_CHARGED",
-    "OUT_OF_ORDER",
-    "POLICY",
-    "PRIVACY",
-    "TRAINER_UNAVAILABLE",
-    "UNAUTHORIZED",
-    "UPDATE_FAILED",
-    "partition_id",
-]
+from ..owner.local_round import partition_id  # noqa: F401
+from ..owner.wire import tensors_of
 
 
 def pack_state(state: dict) -> ArrayRecord:

@@ -72,10 +72,7 @@ def _report_fields(strategy) -> dict:
 
 def hide_participation(report: dict, strategy) -> None:
     """Under client-level DP the clients' Poisson sample is secret, but each client's ledger counts the rounds it
-    was sampled in: the published entries give instead the client's epsilon as if it had taken part in every
-    round of this run (its reported steps plus `local_steps` for every round it did not report, at its sigma
-    and rate: an upper bound when its ledger holds this run's events only; otherwise its ledger file is the
-    authority), and no `last_round`."""
+    was sampled in: the published entries give instead the epsilon of `PARTICIPATION_NOTE`, and no `last_round`."""
     args, released = strategy.args, len(strategy.history)
     for entry in report["clients"]:
         taken = sum(1 for h in strategy.history if entry["client"] in h["survivors"])

@@ -5,7 +5,7 @@ them to the Hub when `push-to-hub` is set and the run completed. A run that aggr
 (`max-aborted-rounds`) or lost its SuperLink raises `FlowerRunError` (see `outcome`): the ServerApp exits non-zero.
 
 Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
-`settings`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
+`owner.run_config`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
 """
 
 from __future__ import annotations
@@ -23,22 +23,23 @@ from ..federated.output_dir import prepare_output_dir
 from ..federated.seeding import secret_seed
 from ..federated.state_io import save_json
 from ..hub import push_adapter_folder, write_model_card  # hub imports only tuner, privacy and errors
+from ..hub.card import FEDERATED_KEYS
+from ..owner.run_config import federated_args, server_setting
+from ..owner.task import TrainingTask
 from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
 from .outcome import FlowerRunError, QuorumUnreachable, failure_message, outcome
 from .prompt_grid import prompt_grid
 from .report import privacy_report
-from .settings import federated_args, server_setting
 from .strategy import LALoraStrategy
-from .task import FlowerTask
 
 logger = logging.getLogger(__name__)
 PRIVACY_REPORT, HISTORY, RUN_CONFIG = "privacy_report.json", "flower_history.json", "run_config.json"
 DEFAULT_OUTPUT_DIR = "lalora_flower_output"
 
 
-def make_server_app(task: FlowerTask) -> ServerApp:
+def make_server_app(task: TrainingTask) -> ServerApp:
     """A `ServerApp` whose main function runs `task` across the SuperNodes (see `run_federation`)."""
     app = ServerApp()
     app.lalora_task = task  # read by `check_config` to know the task's own run-config keys
@@ -50,7 +51,7 @@ def make_server_app(task: FlowerTask) -> ServerApp:
     return app
 
 
-def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
+def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
     """Run the rounds and save the results; returns the privacy report."""
     grid = prompt_grid(grid)  # replies collected as they arrive, not on Flower's 3 s poll
     run_config = dict(context.run_config)
@@ -60,7 +61,8 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     prepare_output_dir(args, resuming=False)  # one run per folder: refused (or cleared) before any round
     if os.path.isfile(os.path.join(args.output_dir, RUN_CONFIG)):
         os.remove(os.path.join(args.output_dir, RUN_CONFIG))
-    _save_history(args.output_dir, [])  # a run that dies in round 0 leaves "no round finished" on disk, not nothing
+    # a run that dies in round 0 leaves "no round finished" on disk, not nothing (peft_lalora.flower.run reads it)
+    save_json(os.path.join(args.output_dir, HISTORY), [])
     model = task.model(run_config, context.node_config)
     params = dict(model.named_parameters())
     names = adapter_tensor_names(model, model.active_adapter)
@@ -70,7 +72,8 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
         learning_rates=round_learning_rates(args),
         round_timeout=server_setting(run_config, "round-timeout"),
         max_aborted_rounds=server_setting(run_config, "max-aborted-rounds"),
-        on_round=lambda history: _save_history(args.output_dir, history),
+        # after every round: a run killed with its SuperLink leaves the rounds it had on disk
+        on_round=lambda history: save_json(os.path.join(args.output_dir, HISTORY), history),
         **client_dp_settings(args, model, names),
     )
     wait = server_setting(run_config, "node-wait-timeout")
@@ -99,12 +102,11 @@ def run_federation(task: FlowerTask, grid: Grid, context: Context) -> dict:
     return save_results(task, model, strategy, run_config, error=error)
 
 
-def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
+def save_results(task: TrainingTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
     """Privacy report and history (always: what the clients charged, which rounds were lost); the adapter
     (safetensors, peft format), run config and card only when a round was aggregated; a push only when the run
     completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
     args, out = strategy.args, strategy.args.output_dir
-    os.makedirs(out, exist_ok=True)
     result = outcome(strategy.history, args.num_rounds, error)
     report = privacy_report(strategy, run=result).to_dict()
     save_json(os.path.join(out, PRIVACY_REPORT), report)
@@ -130,7 +132,7 @@ def save_results(task: FlowerTask, model, strategy: LALoraStrategy, run_config: 
     return report
 
 
-def _save_adapter(task: FlowerTask, model, strategy: LALoraStrategy, run_config: dict, report: dict) -> None:
+def _save_adapter(task: TrainingTask, model, strategy: LALoraStrategy, run_config: dict, report: dict) -> None:
     """The global adapter after the last aggregated round, the task's extras and the card (the real rounds)."""
     args, out, result = strategy.args, strategy.args.output_dir, report["run"]
     params = dict(model.named_parameters())
@@ -150,10 +152,8 @@ def _save_adapter(task: FlowerTask, model, strategy: LALoraStrategy, run_config:
             metrics={},
             repo_id=args.hub_model_id,
             federated={
-                "num_clients": args.num_clients,
-                "clients_per_round": args.clients_per_round,
+                **{k: getattr(args, k) for k in FEDERATED_KEYS},
                 "num_rounds": rounds_text(result),
-                "local_steps": args.local_steps,
                 "partition": "each client's own data on its own SuperNode (Flower)",
             },
         )
@@ -169,12 +169,6 @@ def rounds_text(result: dict):
     return f"{aggregated} aggregated of {result['rounds_configured']} configured (rounds lost: {lost})"
 
 
-def _save_history(out: str, history: list) -> None:
-    """After every round: a run killed with its SuperLink leaves the rounds it had on disk."""
-    os.makedirs(out, exist_ok=True)
-    save_json(os.path.join(out, HISTORY), history)
-
-
 def client_dp_settings(args, model, names: list) -> dict:
     """Client-level DP's server secrets: a fresh private root (the sampling and noise; `noise-seed` fixes it, no
     guarantee then), never stored, and the tensors each round's clients train (the noise covers them)."""
@@ -188,12 +182,10 @@ def client_dp_settings(args, model, names: list) -> dict:
 
 
 def _check_publishable(args) -> None:
-    """Refuse a push that cannot succeed or must not happen, before any round is run."""
-    if not args.push_to_hub:
-        return
-    if not args.hub_model_id:
-        raise ConfigError("`push-to-hub` is set but `hub-model-id` is not: name the Hub repo (e.g. 'alice/lalora').")
-    if (args.dp or args.client_dp) and args.noise_seed is not None and not args.allow_fixed_noise_seed:
+    """Refuse a push that must not happen, before any round is run (one without `hub-model-id` is refused by
+    `FederatedDPArguments`)."""
+    fixed_noise = (args.dp or args.client_dp) and args.noise_seed is not None
+    if args.push_to_hub and fixed_noise and not args.allow_fixed_noise_seed:
         raise ConfigError(
             f"`noise-seed`={args.noise_seed} fixes the noise, so the adapter would NOT be differentially "
             "private: refusing to publish it. Leave `noise-seed` out, or set `allow-fixed-noise-seed`."

@@ -10,6 +10,7 @@ for nothing more). The server holds no sample-level privacy state: each client a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ NO_REPLY = "no reply within the round's timeout"
 class LALoraStrategy(Strategy):
     """
     Args:
-        args (`FederatedDPArguments`): the run's settings (see `settings.federated_args`).
+        args (`FederatedDPArguments`): the run's settings (see `owner.run_config.federated_args`).
         global_state (`dict[str, Tensor]`): the initial adapter tensors (A, B and the head), by parameter name.
         learning_rates (`list[float]`): the learning rate of every round (`round_learning_rates(args)`).
         round_timeout (`float`): seconds to wait for a round's replies (also the messages' time to live).
@@ -124,19 +125,9 @@ class LALoraStrategy(Strategy):
             self.discover(grid)  # a node (re)joined, or a selected client has none
         self._round = {"round": round_idx, "selected": selected, "failed": {}, "messages": [], "start": time.time()}
         self._uncharged = set()  # clients whose error reply says nothing was charged
-        content = RecordDict(
-            {
-                protocol.GLOBAL: self.arrays(),
-                protocol.CONFIG: ConfigRecord(
-                    {
-                        "round": round_idx,
-                        "learning-rate": float(self.learning_rates[round_idx]),
-                        "local-steps": args.local_steps,
-                        "seed": args.seed,
-                    }
-                ),
-            }
-        )
+        lr = float(self.learning_rates[round_idx])
+        settings = {"round": round_idx, "learning-rate": lr, "local-steps": args.local_steps, "seed": args.seed}
+        content = RecordDict({protocol.GLOBAL: self.arrays(), protocol.CONFIG: ConfigRecord(settings)})
         for pid in selected:
             node = self.nodes.get(pid)
             if node is None or node not in online:
@@ -253,11 +244,7 @@ class LALoraStrategy(Strategy):
                 self.unreported.setdefault(pid, []).append(record["round"])
 
     def _stop_if_unreachable(self) -> None:
-        aborted = 0
-        for entry in reversed(self.history):
-            if not entry["aborted"]:
-                break
-            aborted += 1
+        aborted = len(list(itertools.takewhile(lambda entry: entry["aborted"], reversed(self.history))))
         remaining = self.args.num_rounds - 1 - self.history[-1]["round"]
         if self.max_aborted_rounds and aborted >= self.max_aborted_rounds and remaining > 0:
             raise QuorumUnreachable(

@@ -30,6 +30,11 @@ DP_TAG = "differential-privacy"  # only on the card of a private run (DP with no
 NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time")
 NOT_INDEX_METRICS = ("loss",)
 FEDERATED_KEYS = ("num_clients", "clients_per_round", "num_rounds", "local_steps")
+CALIBRATED_FOR = {  # a report's `sigma_calibration` -> what sigma was calibrated for
+    "schedule": "each client's scheduled steps",
+    "worst_case": "a client in every round",
+    "given": "(sigma given explicitly)",
+}
 # peft task_type / pipeline task -> (pipeline task for the model-index, transformers auto class)
 TASKS = {
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
@@ -80,24 +85,18 @@ def render_model_card(
     metrics = {k: v for k, v in _check_metrics(metrics).items() if _metric_kind(k) not in NOT_METRICS}
     task = task or TASKS.get(str(config.get("task_type")), (None, None))[0]
     title = (
-        f"{repo_id.split('/')[-1]}"
-        if repo_id
-        else f"LA-LoRA adapter for {base_model}"
-        if base_model
-        else "LA-LoRA adapter"
+        repo_id.split("/")[-1] if repo_id else f"LA-LoRA adapter for {base_model}" if base_model else "LA-LoRA adapter"
     )
-    kind = "causal-LM (text-generation) LoRA adapter" if task == "text-generation" else "LoRA adapter"
+    kind = "Causal-LM (text-generation) LoRA adapter" if task == "text-generation" else "LoRA adapter"
     values = {
         "base_model_text": f"`{base_model}`" if base_model else "not recorded",
-        "adapter_for": f"{kind[0].upper()}{kind[1:]} for `{base_model}`"
-        if base_model
-        else f"{kind[0].upper()}{kind[1:]} (its base model was not recorded)",
+        "adapter_for": f"{kind} for `{base_model}`" if base_model else f"{kind} (its base model was not recorded)",
         "data_section": f"## Training data\n\n{data_format.strip()}\n\n" if data_format else "",
         **_base_load(base_model, base_model_path, repo_id),
         "repo_id": repo_id or "<repo_id or local adapter folder>",
         "title": title,
         "auto_class": AUTO_CLASS_BY_TASK.get(task, "AutoModel"),
-        "task_type": _code(config.get("task_type")),
+        "task_type": f"`{config['task_type']}`" if config.get("task_type") else "not set",
     }
     values.update(_method_values(config))
     values.update(_federated_values(federated))
@@ -120,7 +119,7 @@ def render_model_card(
     values["front_matter"] = _front_matter(
         base_model, index_metrics, dataset, task, title, private=status == "private"
     )
-    return string.Template(_template()).substitute(values)
+    return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)  # package data
 
 
 def _base_load(base_model: str | None, local: str | None, repo_id: str | None) -> dict:
@@ -173,13 +172,8 @@ def write_model_card(folder: str, **kwargs) -> str:
                 "pass `base_model=` (the Hub id of the model the adapter was trained on)."
             )
     if "privacy_report" not in kwargs:
-        report_path = os.path.join(folder, "privacy_report.json")
-        if not os.path.isfile(report_path):
-            raise ConfigError(
-                f"`privacy_report` was not given and {report_path!r} does not exist. Pass the run's "
-                "privacy report, or `privacy_report=None` for a run trained without differential privacy."
-            )
-        kwargs["privacy_report"] = _read_json(report_path, "privacy_report")
+        fix = "pass the run's privacy report, or `privacy_report=None` for a run trained without differential privacy"
+        kwargs["privacy_report"] = _read_json(os.path.join(folder, "privacy_report.json"), "privacy_report", fix)
     text = render_model_card(**kwargs)
     path = os.path.join(folder, "README.md")
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -187,22 +181,13 @@ def write_model_card(folder: str, **kwargs) -> str:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def _template() -> str:
-    try:
-        return TEMPLATE_PATH.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"The model-card template {str(TEMPLATE_PATH)!r} is missing; it ships with the "
-            "peft_lalora package (peft_lalora/hub/card_template.md); reinstall the package."
-        ) from exc
-
-
-def _read_json(path: str, name: str) -> dict:
+def _read_json(path: str, name: str, fix: str | None = None) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError as exc:
-        raise ConfigError(f"`{name}` was not given and {path!r} does not exist; pass `{name}=` explicitly.") from exc
+        fix = fix or f"pass `{name}=` explicitly"
+        raise ConfigError(f"`{name}` was not given and {path!r} does not exist; {fix}.") from exc
 
 
 def _adapter_config_dict(adapter_config) -> dict:
@@ -289,16 +274,7 @@ def _privacy_section(report: PrivacyReport | None) -> str:
     if report.worst_case_epsilon is not None:
         rows.insert(1, ("epsilon bound for a client in every round", _num(report.worst_case_epsilon)))
     if report.sigma_calibration:
-        rows.append(
-            (
-                "sigma calibrated for",
-                {
-                    "schedule": "each client's scheduled steps",
-                    "worst_case": "a client in every round",
-                    "given": "(sigma given explicitly)",
-                }.get(report.sigma_calibration, report.sigma_calibration),
-            )
-        )
+        rows.append(("sigma calibrated for", CALIBRATED_FOR.get(report.sigma_calibration, report.sigma_calibration)))
     if report.clip_groups:
         groups = ", ".join(f"{g}: {_num(float(c))}" for g, c in report.clip_groups.items())
         rows.append(("clipping groups (per-example clip norm of each)", groups))
@@ -450,7 +426,3 @@ def _num(value) -> str:
         text = f"{value:.4g}"
         return text if any(c in text for c in ".e") else text + ".0"
     return str(value)
-
-
-def _code(value) -> str:
-    return f"`{value}`" if value else "not set"

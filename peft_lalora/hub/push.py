@@ -22,6 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils._http import _DEFAULT_RETRY_ON_EXCEPTIONS as TRANSIENT_ERRORS
 from huggingface_hub.utils._http import _DEFAULT_RETRY_ON_STATUS_CODES as TRANSIENT_STATUS
 
+from ..checks import check_int, check_number
 from ..errors import ConfigError, HubError, LALoraWarning
 from ..tuner.saving import is_lalora_card
 
@@ -109,10 +110,8 @@ def _check_args(folder, repo_id, max_retries, backoff, commit_message) -> None:
         )
     if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/") or " " in repo_id:
         raise ConfigError(f"`repo_id` must look like 'namespace/name' (or 'name'), got {repo_id!r}.")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigError(f"`max_retries` must be an integer >= 0, got {max_retries!r}. Use 0 for a single attempt.")
-    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not backoff >= 0:
-        raise ConfigError(f"`backoff` must be a number of seconds >= 0, got {backoff!r}.")
+    check_int("max_retries", max_retries, 0, "Use 0 for a single attempt.")
+    check_number("backoff", backoff, "a number of seconds >= 0", lambda v: v >= 0)
     if not isinstance(commit_message, str) or not commit_message.strip():
         raise ConfigError(f"`commit_message` must be a non-empty string, got {commit_message!r}.")
 
@@ -137,21 +136,16 @@ def _read_artifacts(folder) -> dict:
                 json.loads(contents[name])
             except ValueError as exc:
                 raise HubError(f"`folder` holds a {name} that is not valid JSON ({exc}); nothing was pushed.") from exc
-    if "README.md" not in contents:
-        warnings.warn(
-            f"{str(folder)!r} has no README.md: the repo will have no model card. Call "
-            "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.",
-            LALoraWarning,
-            stacklevel=3,
+    card = contents.get("README.md")
+    if card is None or not is_lalora_card(card.decode("utf-8", errors="replace")):
+        problem = (
+            "has no README.md: the repo will have no model card"
+            if card is None
+            else "has a README.md that is not an LA-LoRA model card (peft's `save_pretrained` writes a generic one "
+            "without the privacy guarantee)"
         )
-    elif not is_lalora_card(contents["README.md"].decode("utf-8", errors="replace")):
-        warnings.warn(
-            f"The README.md in {str(folder)!r} is not an LA-LoRA model card (peft's `save_pretrained` "
-            "writes a generic one without the privacy guarantee). Call "
-            "`peft_lalora.hub.write_model_card(folder, ...)` before pushing.",
-            LALoraWarning,
-            stacklevel=3,
-        )
+        fix = "Call `peft_lalora.hub.write_model_card(folder, ...)` before pushing."
+        warnings.warn(f"{str(folder)!r} {problem}. {fix}", LALoraWarning, stacklevel=3)
     return contents
 
 

@@ -5,9 +5,11 @@ Flower's ClientApp (relay mode) is its first caller; `relay.TrainerRelay` serves
     lalora-private-trainer --config owner.toml        (see `config` for the file's keys)
 """
 
+from peft_lalora_relay.relay import TrainerUnavailable
+
 from .config import OwnerConfig
 from .policy import NodePolicy
-from .relay import TrainerRelay, TrainerUnavailable
+from .relay import TrainerRelay
 from .state import ClientState
 from .task import TrainingTask
 from .trainer import PrivateTrainer

@@ -24,25 +24,14 @@ import json
 import os
 import stat
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from peft_lalora_relay import token
+from peft_lalora_relay.wire import DEFAULT_MAX_PAYLOAD_BYTES
 
 from ..errors import ConfigError
 from .task import TrainingTask
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES
 
-_KEYS = {
-    "task",
-    "python-path",
-    "socket",
-    "token-file",
-    "max-payload-bytes",
-    "max-models",
-    "request-timeout-s",
-    "allow-group-read",
-    "node-config",
-}
 DEFAULT_MAX_MODELS = 2
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 
@@ -123,6 +112,9 @@ class OwnerConfig:
                 f"`task` {self.task!r} must name a `TrainingTask` (or `FlowerTask`), got {type(task).__name__}."
             )
         return task
+
+
+_KEYS = {f.name.replace("_", "-") for f in fields(OwnerConfig)}  # the file's keys: the fields in kebab case
 
 
 def _positive(data: dict, key: str, default, kind):

@@ -2,7 +2,7 @@
 trainer): check the run against the node's privacy policy (`NodePolicy`), load the data (`TrainingTask`), plan the
 client's own privacy (sigma for its own size and the run's target), charge the round on the node's own disk before
 training (`ClientState`), run the library's client update with noise keyed by that charge's release number, and
-return only what it trained, or a refusal with a code of `codes`. Flower-free.
+return only what it trained, or a refusal with a code of `peft_lalora_relay.codes`. Flower-free.
 
 Node config: `partition-id` (the client's id in the public schedule), `state-dir` (the private state folder: ledger
 and secret randomness), `share-training-metrics` (true: also release the loss and the sampled / dropped counts,
@@ -20,15 +20,16 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ClientDataError, ConfigError, PolicyError, PrivacyBudgetExceededError
+from peft_lalora_relay import codes
+
+from ..errors import ConfigError, PolicyError, PrivacyBudgetExceededError
 from ..federated.client import ClientShard, model_columns
 from ..federated.client_update import LocalConfig, client_update, load_state, stepper_from_args
 from ..federated.disclosure import error_text
-from ..federated.preflight import PROBE_ROWS, preflight
+from ..federated.preflight import preflight
 from ..federated.seeding import calibration_steps, scheduled_per_round, select_clients
 from ..privacy.plan import PrivacyPlan
 from ..tuner.roles import adapter_tensor_names
-from . import codes
 from .policy import NodePolicy
 from .run_config import federated_args
 from .state import ClientState, release_seed
@@ -79,12 +80,6 @@ def partition_id(node_config) -> int:
     return value
 
 
-def reveals(node_config) -> bool:
-    """The node's owner shares values computed from its data without noise (`share-training-metrics`); a
-    non-private run's values are not covered anyway, but its error texts follow the same switch."""
-    return node_config.get("share-training-metrics") is True
-
-
 def local_round(
     task: TrainingTask,
     *,
@@ -100,7 +95,9 @@ def local_round(
 ) -> Reply:
     """One round of this client: charge (durably), train, return the delta; or a refusal (nothing charged, except
     `codes.UPDATE_FAILED`, which comes after the charge)."""
-    reveal = reveals(node_config)
+    # the node's owner shares values computed from its data without noise; a non-private run's values are not
+    # covered anyway, but its error texts follow the same switch
+    reveal = node_config.get("share-training-metrics") is True
     try:
         job = open_job(task, run_id, node_id, run_config, node_config, max_models)
         if steps != job.args.local_steps:
@@ -110,8 +107,9 @@ def local_round(
             )
         check_scheduled(job, round_idx)
         global_state = checked_global_state(job, global_state)
-        if not job.checked:  # the data fails here, before any charge
-            _preflight(job, global_state, round_idx)
+        if not job.checked:  # the data check (no random draw, nothing charged): raises for this only client
+            load_state(job.model, global_state)
+            preflight(job.model, [job.shard], job.stepper, round_idx)
             job.checked = True
         ledger, seed = _charge(job, node_config, run_id, round_idx, steps)
     except PrivacyBudgetExceededError as exc:
@@ -261,20 +259,6 @@ def checked_global_state(job: Job, state: dict) -> dict:
             )
         out[name] = value.to(params[name].device, params[name].dtype)
     return out
-
-
-def _preflight(job: Job, global_state: dict, round_idx: int) -> None:
-    """The library's data check on this client's first examples (no random draw, nothing charged)."""
-    tuner = job.model.base_model
-
-    def gradient_probe(shard):
-        tuner.set_trainable_factors(tuner.trainable_factors(round_idx, 0))
-        job.stepper.probe(shard.batch(list(range(min(PROBE_ROWS, len(shard))))))
-
-    load_state(job.model, global_state)
-    failing = preflight(job.model, [job.shard], gradient_probe)
-    if failing:  # pragma: no cover - preflight raises when its only client fails
-        raise ClientDataError(f"client {job.client}'s data fails the pre-flight check")
 
 
 def _charge(job: Job, node_config: dict, run_id: int, round_idx: int, steps: int) -> tuple:

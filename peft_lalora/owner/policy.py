@@ -34,21 +34,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..errors import ConfigError, PolicyError
 
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-5
-_KEYS = {  # node config key -> field
-    "max-epsilon": "max_epsilon",
-    "max-delta": "max_delta",
-    "min-noise-multiplier": "min_noise_multiplier",
-    "allow-non-private": "allow_non_private",
-    "allow-fixed-noise-seed": "allow_fixed_noise_seed",
-    "min-privacy-unit": "min_privacy_unit",
-    "user-column": "user_column",
-}
 PRIVACY_UNITS = ("example", "user")  # weakest first
 
 
@@ -172,6 +163,7 @@ class NodePolicy:
             )
 
 
+_KEYS = {f.name.replace("_", "-"): f.name for f in fields(NodePolicy)}  # node config key -> field
 _RANGES = {  # node config key -> (is the value allowed, the rule as the error states it)
     "max-epsilon": (lambda v: v > 0, "> 0"),
     "max-delta": (lambda v: 0 < v < 1, "in (0, 1)"),

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from safetensors.torch import save as save_tensors
 
+from peft_lalora_relay import codes
 from peft_lalora_relay import relay as light
-from peft_lalora_relay.relay import TrainerUnavailable  # noqa: F401 - re-exported
+from peft_lalora_relay.wire import WireError
 
-from . import codes
 from .local_round import Reply
-from .wire import WireError, tensors_of
-
-DEFAULT_TIMEOUT_S = light.DEFAULT_TIMEOUT_S
+from .wire import tensors_of
 
 
 class TrainerRelay(light.TrainerRelay):

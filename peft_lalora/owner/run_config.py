@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 from ..arguments import FederatedDPArguments
+from ..checks import check_int, check_number
 from ..errors import ConfigError, LALoraWarning
 
 ALIASES = {"batch-size": "per_device_train_batch_size"}
@@ -114,12 +115,6 @@ def server_setting(run_config: Mapping, key: str) -> float:
     """A server key's value (its default when unset), checked: seconds > 0, or a count >= 0."""
     value = run_config.get(key, SERVER_KEYS[key])
     if key == "max-aborted-rounds":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(
-                f"`max-aborted-rounds` must be an integer >= 0 (consecutive aborted rounds before the run stops; "
-                f"0: never), got {value!r}. Set e.g. `max-aborted-rounds=2`."
-            )
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"`{key}` must be a number of seconds > 0, got {value!r}.")
-    return float(value)
+        fix = "It counts the consecutive aborted rounds before the run stops (0: never); set e.g. `max-aborted-rounds=2`."
+        return check_int(key, value, 0, fix)
+    return check_number(key, value, "a number of seconds > 0", lambda v: v > 0)

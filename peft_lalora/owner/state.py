@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Optional
 
 from ..errors import ConfigError
@@ -103,15 +104,9 @@ class ClientState:
         rate = plan.sample_rates[client]
         saved = self.saved()
         if saved is None:
-            budget = _smallest(plan.target_epsilon, max_epsilon)
-            return PrivacyLedger(
-                sample_rates={client: rate},
-                noise_multiplier=plan.noise_multiplier,
-                delta=plan.delta,
-                accountant=plan.accountant,
-                per_sample_max_grad_norm=plan.per_sample_max_grad_norm,
-                target_epsilon=budget,
-            )
+            return replace(
+                plan, sample_rates={client: rate}, target_epsilon=_smallest(plan.target_epsilon, max_epsilon)
+            ).new_ledger()
         if saved.get("format") != _LEDGER_FORMAT or saved.get("version") != _VERSION:
             raise ConfigError(
                 f"{self.ledger_path!r} is not a peft_lalora client ledger (format {_LEDGER_FORMAT!r}, "
@@ -182,11 +177,7 @@ class ClientState:
     def epsilon(self) -> float:
         """The epsilon spent on this data so far (0 before the first charge), from the file alone."""
         saved = self.saved()
-        if saved is None:
-            return 0.0
-        ledger = PrivacyLedger.from_state_dict(saved["ledger"])
-        values = [ledger.epsilon(c) for c in ledger.clients]
-        return max(values) if values else 0.0
+        return 0.0 if saved is None else PrivacyLedger.from_state_dict(saved["ledger"]).max_epsilon()
 
     # ----- the secret randomness ----------------------------------------------------------------------------
     def private_seed(self, run_id: int) -> str:

@@ -24,7 +24,7 @@ class TrainingTask:
             client's `datasets.Dataset` (model inputs and `labels`) and its collate function, read from the
             SuperNode's own disk (e.g. `node_config["data-path"]`). Only the client process calls it.
         config_keys (`tuple[str, ...]`): the run-config keys the two functions read (any other unknown key is
-            refused, see `settings.check_keys`).
+            refused, see `run_config.check_keys`).
         save_extras (`Callable[[str, dict], None]`, *optional*): `(output_dir, run_config)`: writes what a user of
             the saved adapter needs besides it (a tokenizer, pooling statistics). Called by the server.
     """

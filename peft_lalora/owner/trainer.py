@@ -2,15 +2,16 @@
 alone reads the data and the secret, trains under DP, charges its ledger and releases only noised updates within
 its policy. It keeps the model of each run in memory across rounds (`local_round.open_job`). Flower-free.
 
-Requests (one per connection, `wire` frames; every request header holds `protocol` = `wire.PROTOCOL` and `token`,
-the shared token, compared with `hmac.compare_digest`):
+Requests (one per connection, `wire` frames; every request header holds `protocol` = `PROTOCOL` of
+`peft_lalora_relay.wire` and `token`, the shared token, compared with `hmac.compare_digest`):
     {"type": "describe"}                       -> {"ok": true, "partition-id": n}
     {"type": "train", "run-id": int, "round": int, "learning-rate": float, "local-steps": int,
      "run-config": {key: str | int | float | bool}} + the global adapter (safetensors)
         -> {"ok": true, "metrics": {...}, "privacy": {...}} + the delta (safetensors)
-Any refusal is {"ok": false, "code": int (`codes`), "error": str}. A bad frame, a wrong token, or a round before one
-this run already trained (in memory, or on the ledger) is refused before anything is loaded or charged. The run config is the caller's: the
-trainer checks it against its own policy (`NodePolicy`), exactly as the in-ClientApp mode does.
+Any refusal is {"ok": false, "code": int (`peft_lalora_relay.codes`), "error": str}. A bad frame, a wrong token, or
+a round before one this run already trained (in memory, or on the ledger) is refused before anything is loaded or
+charged. The run config is the caller's: the trainer checks it against its own policy (`NodePolicy`), exactly as
+the in-ClientApp mode does.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import socket
 import threading
 import time
 
-from . import codes
+from peft_lalora_relay import codes
+from peft_lalora_relay.wire import DEFAULT_MAX_PAYLOAD_BYTES, PROTOCOL, ConnectionClosed, WireError
+
 from .config import DEFAULT_MAX_MODELS, DEFAULT_REQUEST_TIMEOUT_S, check_folder
 from .local_round import Reply, local_round, partition_id
 from .state import ClientState
 from .task import TrainingTask
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES, PROTOCOL, ConnectionClosed, WireError, recv_frame, send_frame
+from .wire import recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class PrivateTrainer:
             header, tensors = recv_frame(_Deadline(conn, self.request_timeout_s), self.max_payload_bytes)
             reply_header, reply_tensors = self.handle(header, tensors)
         except WireError as exc:
-            reply_header, reply_tensors = _refusal(exc.code, str(exc)), None
+            reply_header, reply_tensors = _refusal(exc.code, str(exc))
         except (ConnectionClosed, TimeoutError, OSError) as exc:
             logger.warning("a caller went away mid-request (%s): nothing done", exc)
             return
@@ -124,24 +127,22 @@ class PrivateTrainer:
     # ----- the requests -------------------------------------------------------------------------------------
     def handle(self, header: dict, tensors: dict) -> tuple[dict, dict | None]:
         if header.get("protocol") != PROTOCOL:
-            return _refusal(
-                codes.BAD_REQUEST, f"`protocol` must be {PROTOCOL!r}, got {header.get('protocol')!r}."
-            ), None
+            return _refusal(codes.BAD_REQUEST, f"`protocol` must be {PROTOCOL!r}, got {header.get('protocol')!r}.")
         token = header.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.token.encode()):
             logger.warning("refused a request without the right token")
-            return _refusal(codes.UNAUTHORIZED, "`token` does not match this private trainer's token file."), None
+            return _refusal(codes.UNAUTHORIZED, "`token` does not match this private trainer's token file.")
         kind = header.get("type")
         if kind == "describe":
             return {"protocol": PROTOCOL, "ok": True, "partition-id": self.client}, None
         if kind != "train":
-            return _refusal(codes.BAD_REQUEST, f"`type` must be 'train' or 'describe', got {kind!r}."), None
+            return _refusal(codes.BAD_REQUEST, f"`type` must be 'train' or 'describe', got {kind!r}.")
         request = _train_request(header)
         run_id, round_idx = request["run-id"], request["round"]
         last = max(self.last_round.get(run_id, -1), self._last_charged(run_id))
         if round_idx < last:
             text = f"`round` {round_idx} comes after round {last} of run {run_id}: rounds only advance."
-            return _refusal(codes.OUT_OF_ORDER, text), None
+            return _refusal(codes.OUT_OF_ORDER, text)
         held = self.run_configs.get(run_id)
         if held is not None and held != request["run-config"]:
             changed = sorted(
@@ -151,7 +152,7 @@ class PrivateTrainer:
                 f"`run-config` of run {run_id} changed after it trained (keys {changed}): a run keeps one config. "
                 "Start a new run for another config."
             )
-            return _refusal(codes.RUN_CONFIG_CHANGED, text), None
+            return _refusal(codes.RUN_CONFIG_CHANGED, text)
         reply = local_round(
             self.task,
             run_id=run_id,
@@ -212,12 +213,12 @@ def _train_request(header: dict) -> dict:
     return out
 
 
-def _refusal(code: int, text: str) -> dict:
-    return {"protocol": PROTOCOL, "ok": False, "code": int(code), "error": text}
+def _refusal(code: int, text: str) -> tuple[dict, None]:
+    return {"protocol": PROTOCOL, "ok": False, "code": int(code), "error": text}, None
 
 
 def _reply(reply: Reply) -> tuple[dict, dict | None]:
     if not reply.ok:
-        return _refusal(reply.code, reply.text), None
+        return _refusal(reply.code, reply.text)
     metrics = {k: (v if math.isfinite(v) else None) for k, v in reply.metrics.items()}  # JSON has no inf (dp=false)
     return {"protocol": PROTOCOL, "ok": True, "metrics": metrics, "privacy": reply.privacy}, reply.delta

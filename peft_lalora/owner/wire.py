@@ -10,17 +10,7 @@ import socket
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from peft_lalora_relay.wire import (  # noqa: F401 - re-exported: the trainer and its tests use them from here
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    MAGIC,
-    MAX_HEADER_BYTES,
-    PROTOCOL,
-    ConnectionClosed,
-    WireError,
-    recv_bytes,
-    recv_exact,
-    send_bytes,
-)
+from peft_lalora_relay.wire import DEFAULT_MAX_PAYLOAD_BYTES, WireError, recv_bytes, send_bytes
 
 
 def send_frame(sock: socket.socket, header: dict, tensors: dict | None = None) -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import warnings
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -25,6 +25,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from ..atomic import atomic_write_bytes
+from ..checks import check_int, check_number
 from ..errors import ConfigError, LALoraError, LALoraWarning, PrivacyBudgetExceededError
 
 logger = logging.getLogger(__name__)
@@ -35,23 +36,13 @@ ACCOUNTANTS = ("rdp", "prv")
 USEFUL_NOISE_MULTIPLIER = 50.0  # above this sigma the noise drowns any gradient signal: warn
 EPSILON_RTOL = 1e-3  # calibration: epsilon within target * (1 - EPSILON_RTOL) and target
 _STATE_FORMAT, _STATE_VERSION = "peft_lalora.PrivacyLedger", 1
+# A ledger's settings: its keyword arguments besides `sample_rates`, its attributes, and keys of its state
+LEDGER_SETTINGS = ("accountant", "noise_multiplier", "delta", "per_sample_max_grad_norm", "target_epsilon")
 REPORT_UNIT = "one example of one client"
 _ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)  # the orders of every epsilon reported (opacus' own)
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _real(name: str, value, rule: str, ok, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)) or not ok(float(value)):
-        raise ConfigError(f"`{name}` must be {rule}, got {value!r}. {fix}")
-    return float(value)
-
-
-def _steps(name: str, value, minimum: int = 0, fix: str = "Count DP-SGD local steps.") -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}. {fix}")
-    return int(value)
-
-
 def _check_accountant(accountant) -> str:
     if accountant == "gdp":
         raise ConfigError(
@@ -64,6 +55,7 @@ def _check_accountant(accountant) -> str:
     return accountant
 
 
+_STEPS_FIX = "Count DP-SGD local steps."
 _SIGMA_FIX = "Use sigma > 0 for private training (0 means no noise and infinite epsilon)."
 _Q_FIX = "Use q = batch_size / num_examples with batch_size <= num_examples."
 _DELTA_FIX = "Use delta < 1 / n for the smallest client, e.g. `default_delta(n)` = min(1e-5, 1/n)."
@@ -71,19 +63,19 @@ _TARGET_FIX = "Choose the privacy budget, e.g. target_epsilon=8.0."
 
 
 def _check_sigma(value) -> float:
-    return _real("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf, _SIGMA_FIX)
+    return check_number("noise_multiplier", value, "a finite number >= 0", lambda v: 0.0 <= v < math.inf, _SIGMA_FIX)
 
 
 def _check_q(value, name: str = "sample_rate") -> float:
-    return _real(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, _Q_FIX)
+    return check_number(name, value, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, _Q_FIX)
 
 
 def _check_delta(value, name: str = "delta") -> float:
-    return _real(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0, _DELTA_FIX)
+    return check_number(name, value, "a number in (0, 1)", lambda v: 0.0 < v < 1.0, _DELTA_FIX)
 
 
 def _check_target(value) -> float:
-    return _real("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf, _TARGET_FIX)
+    return check_number("target_epsilon", value, "a finite number > 0", lambda v: 0.0 < v < math.inf, _TARGET_FIX)
 
 
 # ----------------------------------------------------------------------------------------------- epsilon
@@ -131,7 +123,7 @@ def compute_epsilon(
     """
     sigma = _check_sigma(noise_multiplier)
     q = _check_q(sample_rate)
-    n = _steps("steps", steps)
+    n = check_int("steps", steps, 0, _STEPS_FIX)
     d = _check_delta(delta)
     acc = _check_accountant(accountant)
     return _epsilon_of_history([(sigma, q, n)], d, acc)
@@ -139,7 +131,7 @@ def compute_epsilon(
 
 def default_delta(smallest_client_size: int) -> float:
     """delta = min(1e-5, 1 / n) for the smallest client's number of examples n."""
-    n = _steps("smallest_client_size", smallest_client_size, 1, "Pass the smallest client's number of examples.")
+    n = check_int("smallest_client_size", smallest_client_size, 1, "Pass the smallest client's number of examples.")
     return min(1e-5, 1.0 / n)
 
 
@@ -182,7 +174,7 @@ def calibrate_noise_multiplier(
     acc = _check_accountant(accountant)
     if epsilon_tolerance is None:
         epsilon_tolerance = EPSILON_RTOL * target
-    tol = _real(
+    tol = check_number(
         "epsilon_tolerance",
         epsilon_tolerance,
         "a number in (0, target_epsilon)",
@@ -275,26 +267,24 @@ def _floor(clients: list, delta: float, acc: str) -> float:
 
 def _schedule(sample_rate, steps) -> list:
     """The distinct [(q, steps)] of the clients, those with 0 steps left out (they never release anything)."""
-    if isinstance(sample_rate, (list, tuple)) or isinstance(steps, (list, tuple)):
+    sequence = (list, tuple)
+    if isinstance(sample_rate, sequence) or isinstance(steps, sequence):
         if not (
-            isinstance(sample_rate, (list, tuple))
-            and isinstance(steps, (list, tuple))
-            and len(sample_rate) == len(steps)
-            and len(steps) > 0
+            isinstance(sample_rate, sequence) and isinstance(steps, sequence) and 0 < len(sample_rate) == len(steps)
         ):
             raise ConfigError(
                 f"`sample_rate` and `steps` must both be numbers, or sequences of the same length "
                 f"(one entry per client), got {sample_rate!r} and {steps!r}."
             )
         pairs = {
-            (_check_q(q, f"sample_rate[{i}]"), _steps(f"steps[{i}]", n))
+            (_check_q(q, f"sample_rate[{i}]"), check_int(f"steps[{i}]", n, 0, _STEPS_FIX))
             for i, (q, n) in enumerate(zip(sample_rate, steps))
         }
         pairs = {p for p in pairs if p[1] > 0}
         if not pairs:
             raise ConfigError("`steps` must schedule at least one local step for some client, got only zeros.")
         return sorted(pairs)
-    return [(_check_q(sample_rate), _steps("steps", steps, minimum=1))]
+    return [(_check_q(sample_rate), check_int("steps", steps, 1, _STEPS_FIX))]
 
 
 # ----------------------------------------------------------------------------------------------- ledger
@@ -342,7 +332,7 @@ class PrivacyLedger:
         self.noise_multiplier = _check_sigma(noise_multiplier)
         self.delta = _check_delta(delta)
         self.accountant = _check_accountant(accountant)
-        self.per_sample_max_grad_norm = _real(
+        self.per_sample_max_grad_norm = check_number(
             "per_sample_max_grad_norm",
             per_sample_max_grad_norm,
             "a finite number > 0",
@@ -399,7 +389,7 @@ class PrivacyLedger:
 
     # -- releases
     def _prospective(self, client: int, steps) -> tuple[list, float]:
-        steps = _steps("steps", steps)
+        steps = check_int("steps", steps, 0, _STEPS_FIX)
         history = _merged(self._histories[client], self.noise_multiplier, self._rates[client], steps)
         eps = self._epsilon(client, history)
         if self.target_epsilon is not None and eps > self.target_epsilon:
@@ -450,11 +440,7 @@ class PrivacyLedger:
         return {
             "format": _STATE_FORMAT,
             "version": _STATE_VERSION,
-            "accountant": self.accountant,
-            "noise_multiplier": self.noise_multiplier,
-            "delta": self.delta,
-            "per_sample_max_grad_norm": self.per_sample_max_grad_norm,
-            "target_epsilon": self.target_epsilon,
+            **{k: getattr(self, k) for k in LEDGER_SETTINGS},
             "sample_rates": {str(c): q for c, q in self._rates.items()},
             "histories": {str(c): [[s, q, n] for s, q, n in h] for c, h in self._histories.items()},
         }
@@ -469,19 +455,7 @@ class PrivacyLedger:
             )
         if state.get("version") != _STATE_VERSION:
             raise ConfigError(f"`state['version']` must be {_STATE_VERSION}, got {state.get('version')!r}.")
-        missing = [
-            k
-            for k in (
-                "accountant",
-                "noise_multiplier",
-                "delta",
-                "per_sample_max_grad_norm",
-                "target_epsilon",
-                "sample_rates",
-                "histories",
-            )
-            if k not in state
-        ]
+        missing = [k for k in (*LEDGER_SETTINGS, "sample_rates", "histories") if k not in state]
         if missing:
             raise ConfigError(
                 f"`state` lacks the keys {missing}; pass the dict `PrivacyLedger.state_dict()` returned."
@@ -490,11 +464,7 @@ class PrivacyLedger:
             warnings.simplefilter("ignore", LALoraWarning)  # the sigma == 0 warning was given at creation
             ledger = cls(
                 sample_rates={_client_id(k): q for k, q in state["sample_rates"].items()},
-                noise_multiplier=state["noise_multiplier"],
-                delta=state["delta"],
-                accountant=state["accountant"],
-                per_sample_max_grad_norm=state["per_sample_max_grad_norm"],
-                target_epsilon=state["target_epsilon"],
+                **{k: state[k] for k in LEDGER_SETTINGS},
             )
         histories = state["histories"]
         if not isinstance(histories, dict) or {_client_id(k) for k in histories} != set(ledger._rates):
@@ -515,4 +485,4 @@ def _history_entry(entry) -> tuple:
     if not isinstance(entry, (list, tuple)) or len(entry) != 3:
         raise ConfigError(f"Accountant history entries must be [noise_multiplier, sample_rate, steps], got {entry!r}.")
     sigma, q, n = entry
-    return (_check_sigma(sigma), _check_q(q), _steps("steps", n))
+    return (_check_sigma(sigma), _check_q(q), check_int("steps", n, 0, _STEPS_FIX))

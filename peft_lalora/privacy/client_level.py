@@ -10,7 +10,7 @@ the answer); hand-written here is only the wiring to the client unit, which opac
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import PrivacyBudgetExceededError
@@ -22,12 +22,6 @@ CLIENT_GUARANTEE = (
     "released global adapters by at most (epsilon, delta). It assumes the server is trusted: it sees each "
     "client's clipped update before the noise."
 )
-
-
-def client_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """Epsilon after `rounds` Poisson-subsampled Gaussian rounds (opacus' RDP, as every epsilon of this library:
-    `accounting.compute_epsilon`); 0 before any round."""
-    return compute_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=rounds, delta=delta)
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,11 @@ class ClientLevelPlan:
         )
 
     def epsilon(self, rounds: int) -> float:
-        return client_epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta)
+        """Epsilon after `rounds` Poisson-subsampled Gaussian rounds (opacus' RDP, as every epsilon of this library:
+        `accounting.compute_epsilon`); 0 before any round."""
+        return compute_epsilon(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=rounds, delta=self.delta
+        )
 
     @property
     def budget(self) -> float:
@@ -87,7 +85,6 @@ class ClientLevelPlan:
 
     def report(self, rounds: int) -> dict:
         """The client-level entry of `privacy_report.json` after `rounds` released rounds."""
-        fields = asdict(self)
         return {
             "unit": CLIENT_UNIT,
             "epsilon": self.epsilon(rounds),
@@ -96,7 +93,7 @@ class ClientLevelPlan:
             "client_clip_norm": self.clip_norm,
             "sample_rate": self.sample_rate,
             "rounds": int(rounds),
-            "rounds_configured": fields["rounds"],
+            "rounds_configured": self.rounds,
             "expected_clients_per_round": self.expected_clients,
             "num_clients": self.num_clients,
             "target_epsilon": self.target_epsilon,

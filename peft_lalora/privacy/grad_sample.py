@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConfigError
 from .grad_sample_base import PerSampleGradients, is_windowed, model_type, refuse_batch_norm
 from .grad_sample_func import FuncBackend
-from .grad_sample_hooks import HooksBackend, grad_samplers
+from .grad_sample_hooks import GRAD_SAMPLERS, HooksBackend
 from .losses import per_example_loss
 from .quantized import prepare_quantized_layers, refuse_batch_dependent_quantization
 
@@ -61,11 +61,10 @@ def select_backend(
 
 def hooks_cover(model: nn.Module) -> bool:
     """Whether Opacus has a grad sampler for every module that owns an adapter, head or trainable tensor."""
-    samplers = grad_samplers()
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
         adapter = any(part in f".{name}." for part in (".lora_A.", ".lora_B.", ".modules_to_save."))
-        if own and (adapter or any(p.requires_grad for p in own)) and type(module) not in samplers:
+        if own and (adapter or any(p.requires_grad for p in own)) and type(module) not in GRAD_SAMPLERS:
             logger.debug("hooks cannot sample module %s (%s)", name, type(module).__name__)
             return False
     return True

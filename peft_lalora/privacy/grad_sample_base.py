@@ -152,11 +152,6 @@ def first_adapter_module(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def checkpointing_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules with transformers' gradient checkpointing switched on (`gradient_checkpointing_enable()`)."""
-    return [(name, m) for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
-
-
 def refuse_unverified_checkpointing(model: nn.Module, backend: str) -> None:
     """
     Gradient checkpointing is exact with the hooks backend when it is non-reentrant (`use_reentrant=False`,
@@ -165,7 +160,8 @@ def refuse_unverified_checkpointing(model: nn.Module, backend: str) -> None:
     layers would get zero per-sample gradients (measured on Llama, Qwen2 and GPT-2), so it is refused; so is any
     checkpointing under `torch.func.vmap`, which cannot trace it.
     """
-    modules = checkpointing_modules(model)
+    # the modules with transformers' gradient checkpointing switched on (`gradient_checkpointing_enable()`)
+    modules = [(name, m) for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
     if not modules:
         return
     name, module = modules[0]

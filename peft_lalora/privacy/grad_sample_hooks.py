@@ -32,21 +32,8 @@ from .grad_sample_base import (
 from .losses import per_example_loss
 
 logger = logging.getLogger(__name__)
-
-
-def grad_samplers() -> dict:
-    """Opacus' registry: module type -> `fn(module, activations, backprops) -> {param: (B, *shape)}`."""
-    return GradSampleHooks.GRAD_SAMPLERS
-
-
-def refuse_windowed(model: nn.Module) -> None:
-    if is_windowed(model):
-        module = first_adapter_module(model)
-        raise UnsupportedModelError(
-            f"`backend='hooks'` is inexact for model_type {model_type(model)!r}: module `{module}` sees attention "
-            "windows folded into the batch dimension, so hooks would give per-window gradients. "
-            "Use `backend='func'` (or 'auto')."
-        )
+# Opacus' registry: module type -> `fn(module, activations, backprops) -> {param: (B, *shape)}`
+GRAD_SAMPLERS = GradSampleHooks.GRAD_SAMPLERS
 
 
 class HooksBackend(PerSampleGradients):
@@ -56,7 +43,12 @@ class HooksBackend(PerSampleGradients):
 
     def __init__(self, model: nn.Module, loss_fn: Callable = per_example_loss):
         super().__init__(model, loss_fn)
-        refuse_windowed(model)
+        if is_windowed(model):
+            raise UnsupportedModelError(
+                f"`backend='hooks'` is inexact for model_type {model_type(model)!r}: module "
+                f"`{first_adapter_module(model)}` sees attention windows folded into the batch dimension, so hooks "
+                "would give per-window gradients. Use `backend='func'` (or 'auto')."
+            )
         self._handles: list = []
         self._hooked: dict[nn.Module, str] = {}
         self._attached_for: frozenset = frozenset()
@@ -71,13 +63,12 @@ class HooksBackend(PerSampleGradients):
             return
         self.close()
         wanted = {id(p) for p in params.values()}
-        samplers = grad_samplers()
         hooked = {}
         for name, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if not own:
                 continue
-            if type(module) not in samplers:
+            if type(module) not in GRAD_SAMPLERS:
                 raise UnsupportedModelError(
                     f"module `{name}` ({type(module).__name__}) owns a trainable tensor but Opacus has no grad sampler "
                     "for its type, so `backend='hooks'` cannot give exact per-sample gradients. Use `backend='func'`, "
@@ -130,7 +121,7 @@ class HooksBackend(PerSampleGradients):
                 f"module `{self._hooked[module]}` got output gradients of shape {tuple(backprops.shape)} whose "
                 f"dim 0 is not the batch of {self._batch_size}. Use `backend='func'`."
             )
-        for param, sample in grad_samplers()[type(module)](module, activations, backprops).items():
+        for param, sample in GRAD_SAMPLERS[type(module)](module, activations, backprops).items():
             key = id(param)
             grads[key] = sample if key not in grads else grads[key] + sample
 

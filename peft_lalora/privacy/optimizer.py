@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_number, check_positive
 from ..errors import ConfigError, LALoraWarning
 from ..tuner.lowpass import lowpass_filter
 from .secure_random import SecureRandom
@@ -63,27 +64,12 @@ class GradientPrivatizer:
         generator: Optional[SecureRandom] = None,
         head_max_grad_norm: Optional[float] = None,
     ):
-        if not (
-            isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0
-        ):
-            raise ConfigError(f"`noise_multiplier` must be a finite number >= 0, got {noise_multiplier!r}.")
-        if not (
-            isinstance(per_sample_max_grad_norm, (int, float))
-            and math.isfinite(per_sample_max_grad_norm)
-            and per_sample_max_grad_norm > 0
-        ):
-            raise ConfigError(
-                f"`per_sample_max_grad_norm` must be > 0, got {per_sample_max_grad_norm!r}. "
-                "It is the fixed per-example clip norm C, e.g. 1.0."
-            )
-        if head_max_grad_norm is not None and not (
-            isinstance(head_max_grad_norm, (int, float))
-            and math.isfinite(head_max_grad_norm)
-            and head_max_grad_norm > 0
-        ):
-            raise ConfigError(
-                f"`head_max_grad_norm` must be > 0 or None (one joint clip), got {head_max_grad_norm!r}."
-            )
+        check_number("noise_multiplier", noise_multiplier, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+        check_positive(
+            "per_sample_max_grad_norm", per_sample_max_grad_norm, "the fixed per-example clip norm C, e.g. 1.0"
+        )
+        if head_max_grad_norm is not None:
+            check_positive("head_max_grad_norm", head_max_grad_norm, "or None for one joint clip")
         self.head_max_grad_norm = None if head_max_grad_norm is None else float(head_max_grad_norm)
         self.optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)

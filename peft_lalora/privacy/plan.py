@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError, LALoraWarning
-from .accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta
+from .accounting import LEDGER_SETTINGS, PrivacyLedger, calibrate_noise_multiplier, default_delta
 from .sampling import sample_rate_for
 
 logger = logging.getLogger(__name__)
@@ -40,109 +40,49 @@ class PrivacyPlan:
     calibration: str = "worst_case"
 
     @classmethod
-    def build(
-        cls,
-        *,
-        client_sizes: dict,
-        batch_size: int,
-        num_rounds: int,
-        local_steps: int,
-        target_epsilon: Optional[float] = None,
-        noise_multiplier: Optional[float] = None,
-        target_delta: Optional[float] = None,
-        allow_large_delta: bool = False,
-        accountant: str = "rdp",
-        per_sample_max_grad_norm: float = 1.0,
-        scheduled_steps: Optional[dict] = None,
-        privacy_unit: str = "example",
-    ) -> PrivacyPlan:
-        """Plan for clients `{id: n_k}`: delta defaults to min(1e-5, 1 / n) of the smallest client. With
-        `target_epsilon`, sigma is calibrated so that every client stays within the target: for its
-        `scheduled_steps[id]` (the public participation schedule, known before training), or, without them, for
-        a client taking part in all `num_rounds` rounds at the largest rate (the worst case). Under user-level DP
-        (`privacy_unit="user"`) `client_sizes` counts each client's users: q = batch_size / users, and delta
-        defaults to min(1e-5, 1 / users) of the client with the fewest."""
-        if not isinstance(client_sizes, dict) or not client_sizes:
-            raise ConfigError(
-                f"`client_sizes` must be a non-empty dict {{client id: number of examples}}, got {client_sizes!r}."
-            )
+    def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
+        """The plan of `FederatedDPArguments` (its sigma or target epsilon, delta, accountant and clip norm) for
+        clients `{id: n_k}`: every client for the in-process trainer, a Flower client for itself. Delta defaults to
+        min(1e-5, 1 / n) of the smallest client. With `target_epsilon`, sigma is calibrated so that every client
+        stays within the target: for its `scheduled_steps[id]` (the public participation schedule, known before
+        training), or, without them, for a client taking part in all `num_rounds` rounds at the largest rate (the
+        worst case). Under user-level DP (`privacy_unit="user"`) `client_sizes` counts each client's users: q =
+        batch size / users, and delta defaults to min(1e-5, 1 / users) of the client with the fewest."""
+        target_epsilon, noise_multiplier = args.target_epsilon, args.noise_multiplier
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ConfigError(
                 "Give exactly one of `target_epsilon` (sigma is calibrated) and `noise_multiplier` "
                 f"(epsilon is reported), got {target_epsilon!r} and {noise_multiplier!r}."
             )
-        unit = "users" if privacy_unit == "user" else "examples"
+        batch_size, unit = args.per_device_train_batch_size, f"{args.privacy_unit}s"
         rates = {k: sample_rate_for(batch_size, n, client=k, unit=unit) for k, n in client_sizes.items()}
-        delta = plan_delta(min(client_sizes.values()), target_delta, allow_large_delta)
-        steps, calibration = num_rounds * local_steps, "given"
-        if noise_multiplier is None and scheduled_steps is not None:
-            clients = sorted(rates)
-            steps, calibration = max(scheduled_steps[k] for k in clients), "schedule"
+        delta = plan_delta(min(client_sizes.values()), args.target_delta, args.allow_large_delta)
+        steps, calibration = args.num_rounds * args.local_steps, "given"
+        if noise_multiplier is None:
+            if scheduled_steps is not None:  # every client for its own (q_k, steps_k)
+                clients = sorted(rates)
+                q, n = [rates[k] for k in clients], [scheduled_steps[k] for k in clients]
+                steps, calibration = max(n), "schedule"
+            else:  # a client in every round at the largest rate
+                q, n, calibration = max(rates.values()), steps, "worst_case"
             noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=[rates[k] for k in clients],
-                steps=[scheduled_steps[k] for k in clients],
-                accountant=accountant,
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=n, accountant=args.accountant
             )
-        elif noise_multiplier is None:
-            calibration = "worst_case"
-            noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=max(rates.values()),
-                steps=steps,
-                accountant=accountant,
-            )
+        clip = args.per_sample_max_grad_norm
         logger.info(
             "DP: sigma=%.4f C=%s delta=%.2e q in [%.4f, %.4f], %d steps per client at most",
             noise_multiplier,
-            per_sample_max_grad_norm,
+            clip,
             delta,
             min(rates.values()),
             max(rates.values()),
             steps,
         )
-        return cls(
-            noise_multiplier=noise_multiplier,
-            delta=delta,
-            sample_rates=rates,
-            accountant=accountant,
-            per_sample_max_grad_norm=per_sample_max_grad_norm,
-            target_epsilon=target_epsilon,
-            calibrated_steps=steps,
-            calibration=calibration,
-        )
-
-    @classmethod
-    def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
-        """`build` from `FederatedDPArguments` (its sigma or target epsilon, delta, accountant and clip norm), for the
-        in-process trainer (every client) and a Flower client (itself); `scheduled_steps` as in `build`."""
-        return cls.build(
-            client_sizes=client_sizes,
-            batch_size=args.per_device_train_batch_size,
-            num_rounds=args.num_rounds,
-            local_steps=args.local_steps,
-            target_epsilon=args.target_epsilon,
-            noise_multiplier=args.noise_multiplier,
-            target_delta=args.target_delta,
-            allow_large_delta=args.allow_large_delta,
-            accountant=args.accountant,
-            per_sample_max_grad_norm=args.per_sample_max_grad_norm,
-            scheduled_steps=scheduled_steps,
-            privacy_unit=args.privacy_unit,
-        )
+        return cls(noise_multiplier, delta, rates, args.accountant, clip, target_epsilon, steps, calibration)
 
     def new_ledger(self) -> PrivacyLedger:
         """An empty ledger: one accountant per client, refusing releases beyond `target_epsilon`."""
-        return PrivacyLedger(
-            sample_rates=self.sample_rates,
-            noise_multiplier=self.noise_multiplier,
-            delta=self.delta,
-            accountant=self.accountant,
-            per_sample_max_grad_norm=self.per_sample_max_grad_norm,
-            target_epsilon=self.target_epsilon,
-        )
+        return PrivacyLedger(sample_rates=self.sample_rates, **{k: getattr(self, k) for k in LEDGER_SETTINGS})
 
 
 def plan_delta(smallest: int, target_delta: Optional[float], allow_large_delta: bool = False) -> float:

@@ -5,7 +5,7 @@ The per-client epsilons come from the ledgers (`PrivacyLedger.report`, or what e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -36,29 +36,23 @@ def non_private_report() -> dict:
     }
 
 
-def unit_fields(args) -> dict:
-    """What the guarantee protects: `unit` (in words), `privacy_unit` ("example" or "user") and, for users, the
-    `user_column` that names them (`privacy.users`)."""
-    unit = args.privacy_unit
-    fields = {"unit": UNITS[unit], "privacy_unit": unit}
-    if unit == "user":
-        fields["user_column"] = args.user_column
-    return fields
-
-
 def run_privacy_fields(args) -> dict:
-    """The fields every DP report carries from `FederatedDPArguments`: the schedule and target, whether the noise
-    was secret (with the warning when `noise_seed` fixed it), and the clipping groups with their joint
-    per-example sensitivity."""
+    """The fields every DP report carries from `FederatedDPArguments`: what the guarantee protects (`unit` in
+    words, `privacy_unit` and, for users, the `user_column` that names them: `privacy.users`), the schedule and
+    target, whether the noise was secret (with the warning when `noise_seed` fixed it), and the clipping groups
+    with their joint per-example sensitivity."""
     fields = {
         "dp": True,
-        **unit_fields(args),
+        "unit": UNITS[args.privacy_unit],
+        "privacy_unit": args.privacy_unit,
         "target_epsilon": args.target_epsilon,
         "num_rounds": args.num_rounds,
         "local_steps": args.local_steps,
         "secret_randomness": args.noise_seed is None,
         "noise_generator": GENERATOR,
     }
+    if args.privacy_unit == "user":
+        fields["user_column"] = args.user_column
     if args.noise_seed is not None:
         fields["noise_seed_warning"] = FIXED_SEED_WARNING
     if args.per_sample_head_max_grad_norm is not None:
@@ -88,41 +82,19 @@ def with_client_level(report: dict, client_level, args) -> dict:
 # `to_dict()` for privacy_report.json) and the card reads. Hand-written: no dataclass-to-JSON library in the
 # dependencies keeps a report's optional keys as written (present with a None value vs absent) and its extras.
 SCHEMA_VERSION = 1  # 0: a report written before `schema_version` existed (read leniently, see `from_dict`)
-REQUIRED = ("dp", "epsilon", "delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant", "unit", "clients")
 GUARANTEE_KEYS = ("delta", "noise_multiplier", "per_sample_max_grad_norm", "accountant")  # non-None when dp
 CLIENT_REQUIRED = ("client", "epsilon", "sample_rate", "steps")
 CLIENT_LEVEL_REQUIRED = ("unit", "epsilon", "delta", "noise_multiplier", "client_clip_norm", "sample_rate", "rounds")
-OPTIONAL = (  # the keys a writer may add; any other key is kept, unread, in `extra`
-    "engine",
-    "privacy_unit",
-    "user_column",
-    "target_epsilon",
-    "num_rounds",
-    "local_steps",
-    "secret_randomness",
-    "noise_generator",
-    "noise_seed_warning",
-    "clip_groups",
-    "sensitivity",
-    "sigma_calibration",
-    "worst_case_epsilon",
-    "partition",
-    "earlier_spending",
-    "client_level",
-    "guarantees",
-    "refused",
-    "unreported",
-    "note",
-    "run",
-)
 _ARG = "privacy_report"
 
 
 @dataclass
 class PrivacyReport:
-    """privacy_report.json, typed. `clients` holds one dict per client (at least `CLIENT_REQUIRED`), and
-    `client_level` the client-level entry (at least `CLIENT_LEVEL_REQUIRED`) or None. An optional field is
-    written when it is not None or when the report it was read from held it (`present`)."""
+    """privacy_report.json, typed: the fields without a default are `REQUIRED`, those after them up to `extra` are
+    `OPTIONAL` (the keys a writer may add; any other key is kept, unread, in `extra`). `clients` holds one dict per
+    client (at least `CLIENT_REQUIRED`), and `client_level` the client-level entry (at least
+    `CLIENT_LEVEL_REQUIRED`) or None. An optional field is written when it is not None or when the report it was
+    read from held it (`present`)."""
 
     dp: bool
     epsilon: Optional[float]
@@ -197,9 +169,8 @@ class PrivacyReport:
             raise ConfigError(f"`{_ARG}['clients']` must be a list, got {data['clients']!r}.")
         for i, entry in enumerate(data["clients"]):
             _require(entry, CLIENT_REQUIRED, f"{_ARG}['clients'][{i}]")
-        if version > 0:
-            if data.get("client_level") is not None:
-                _require(data["client_level"], CLIENT_LEVEL_REQUIRED, f"{_ARG}['client_level']")
+        if version > 0 and data.get("client_level") is not None:
+            _require(data["client_level"], CLIENT_LEVEL_REQUIRED, f"{_ARG}['client_level']")
         known = set(REQUIRED) | set(OPTIONAL)
         return cls(
             **{k: v for k, v in data.items() if k in known},
@@ -207,6 +178,11 @@ class PrivacyReport:
             present=frozenset(k for k in OPTIONAL if k in data),
             schema_version=version,
         )
+
+
+_NAMES = [f.name for f in fields(PrivacyReport)]
+REQUIRED = tuple(f.name for f in fields(PrivacyReport) if f.default is MISSING and f.default_factory is MISSING)
+OPTIONAL = tuple(_NAMES[len(REQUIRED) : _NAMES.index("extra")])
 
 
 def check_schema_version(report: dict) -> int:

@@ -8,29 +8,14 @@ sampling and would make the reported epsilon wrong.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import torch
 
+from ..checks import check_int
 from ..errors import ConfigError
+from .accounting import _check_q
 from .secure_random import SecureRandom
 
 __all__ = ["poisson_sample", "sample_rate_for"]
-
-
-def _check_count(name: str, value, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}. {fix}")
-    return int(value)
-
-
-def _check_rate(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) <= 1.0):
-        raise ConfigError(
-            f"`sample_rate` must be a number in (0, 1], got {value!r}. Use q = batch_size / num_examples with "
-            "batch_size <= num_examples (see `sample_rate_for`)."
-        )
-    return float(value)
 
 
 def poisson_sample(num_examples: int, sample_rate: float, generator: SecureRandom) -> torch.Tensor:
@@ -46,8 +31,8 @@ def poisson_sample(num_examples: int, sample_rate: float, generator: SecureRando
     Returns:
         A sorted 1-D `torch.long` tensor of the included indices; it may be empty.
     """
-    n = _check_count("num_examples", num_examples, "A client needs at least one example to be sampled.")
-    q = _check_rate(sample_rate)
+    n = check_int("num_examples", num_examples, 1, "A client needs at least one example to be sampled.")
+    q = _check_q(sample_rate)
     if not isinstance(generator, SecureRandom):
         raise ConfigError(
             f"`generator` must be a peft_lalora SecureRandom, got {type(generator).__name__}. Pass the client's "
@@ -71,8 +56,8 @@ def sample_rate_for(batch_size: int, num_examples: int, *, client=None, unit: st
         ConfigError: when either size is not a positive integer, or when batch_size > num_examples (q > 1).
     """
     who = "" if client is None else f" (client {client})"
-    bs = _check_count("batch_size", batch_size, "Use the expected number of examples per local step.")
-    n = _check_count("num_examples", num_examples, f"Every client shard{who} needs at least one example.")
+    bs = check_int("batch_size", batch_size, 1, "Use the expected number of examples per local step.")
+    n = check_int("num_examples", num_examples, 1, f"Every client shard{who} needs at least one example.")
     if bs > n:
         raise ConfigError(
             f"`batch_size` must be <= the client's number of {unit}{who}: got batch_size={bs} and "

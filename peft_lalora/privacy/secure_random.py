@@ -35,10 +35,8 @@ __all__ = ["SecureRandom", "derive_key", "GAUSSIANS_SUMMED", "GENERATOR"]
 GENERATOR = "ChaCha20, key HKDF-SHA256(private root, purpose, round, client); Box-Muller in float64"  # reports
 GAUSSIANS_SUMMED = 4  # opacus' secure_mode: 2n Gaussians with n = 2, summed and divided by sqrt(2n)
 _UNIT = 2.0**-53
-_NONCE = bytes(16)
-_NO_FLOAT64 = (
-    "mps",
-)  # devices without float64: the Gaussians are made on the CPU and moved  # each key drives one stream, so a fixed nonce never repeats a (key, nonce) pair
+_NONCE = bytes(16)  # each key drives one stream, so a fixed nonce never repeats a (key, nonce) pair
+_NO_FLOAT64 = ("mps",)  # devices without float64: the Gaussians are made on the CPU and moved
 
 
 def _root_bytes(root) -> bytes:

@@ -10,6 +10,7 @@ from typing import Optional
 
 from peft import LoraConfig
 
+from ..checks import check_int, check_positive
 from ..errors import ConfigError
 from .methods import ALTERNATIONS, METHODS, alternation_titles, method_of
 
@@ -67,8 +68,8 @@ class LALoraConfig(LoraConfig):
     )
 
     def __post_init__(self):
-        _check_positive("r", self.r)
-        _check_positive("lora_alpha", self.lora_alpha)
+        for name in ("r", "lora_alpha"):
+            check_positive(name, getattr(self, name), "LoRA needs a positive rank and scale, e.g. r=8, lora_alpha=16")
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         if self.alternation not in ALTERNATIONS:
@@ -77,12 +78,7 @@ class LALoraConfig(LoraConfig):
                 f"`alternation` must be one of {ALTERNATIONS}, got {self.alternation!r}. Use "
                 f"{', '.join(uses[:-1])} or {uses[-1]}."
             )
-        if (
-            isinstance(self.alternation_period, bool)
-            or not isinstance(self.alternation_period, int)
-            or self.alternation_period < 1
-        ):
-            raise ConfigError(f"`alternation_period` must be an integer >= 1, got {self.alternation_period!r}.")
+        check_int("alternation_period", self.alternation_period, 1)
         if self.first_factor not in FACTORS:
             raise ConfigError(f"`first_factor` must be 'A' or 'B', got {self.first_factor!r}.")
         if self.alternation == "freeze_a" and self.first_factor != "B":
@@ -130,13 +126,6 @@ def _adapter_source(path: str, subfolder: Optional[str], kwargs: dict) -> dict:
     name = "adapter_config.json" if not subfolder else f"{subfolder}/adapter_config.json"
     cached = try_to_load_from_cache(path, name, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
     return {"hub_repo": path, "folder": os.path.dirname(cached) if isinstance(cached, str) else None}
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(
-            f"`{name}` must be > 0, got {value!r}. LoRA needs a positive rank and scale, e.g. r=8, lora_alpha=16."
-        )
 
 
 def _check_kernel(kernel) -> tuple:

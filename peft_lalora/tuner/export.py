@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 from ..errors import ConfigError
 from .config import LALoraConfig
@@ -54,22 +55,13 @@ def _refuse_lalora_folder(save_directory: str) -> None:
             found.append(f"adapter_config.json with peft_type {peft_type!r}")
     if os.path.isfile(os.path.join(save_directory, "privacy_report.json")):
         found.append("privacy_report.json")
-    if is_lalora_card(_read_text(os.path.join(save_directory, "README.md"))):
+    readme = Path(save_directory, "README.md")
+    if readme.is_file() and is_lalora_card(readme.read_text(encoding="utf-8", errors="replace")):
         found.append("README.md (an LA-LoRA model card)")
     if found:
-        suggestion = os.path.join(
-            os.path.dirname(os.path.normpath(save_directory)) or ".",
-            os.path.basename(os.path.normpath(save_directory)) + "-lora",
-        )
+        suggestion = os.path.normpath(save_directory) + "-lora"
         raise ConfigError(
             f"`save_directory` {save_directory!r} holds an LA-LoRA adapter or its privacy card ({'; '.join(found)}): "
             "a stock LoRA export there would replace the privacy card (README.md) and adapter_config.json. Export "
             f"to another folder, e.g. {suggestion!r}."
         )
-
-
-def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        return ""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return fh.read()

@@ -47,8 +47,8 @@ class LALoraModel(LoraModel):
         if unmatched:
             warnings.warn(
                 f"`target_modules` {unmatched} matched no module of {type(model).__name__}, so only "
-                f"{matched_target_names(self.targeted_module_names)} get adapters. Candidate module names "
-                f"(nn.Linear leaves): {candidate_module_names(model)}. Fix or drop the unmatched names.",
+                f"{sorted({key.rsplit('.', 1)[-1] for key in self.targeted_module_names})} get adapters. Candidate "
+                f"module names (nn.Linear leaves): {candidate_module_names(model)}. Fix or drop the unmatched names.",
                 LALoraWarning,
                 stacklevel=2,
             )
@@ -113,11 +113,6 @@ def unmatched_target_modules(target_modules, targeted_module_names: list) -> lis
         for name in target_modules
         if not any(key == name or key.endswith(f".{name}") for key in targeted_module_names)
     )
-
-
-def matched_target_names(targeted_module_names: list) -> list:
-    """The distinct last name parts of the adapted modules."""
-    return sorted({key.rsplit(".", 1)[-1] for key in targeted_module_names})
 
 
 def candidate_module_names(model: torch.nn.Module, limit: int = 20) -> list:

@@ -32,3 +32,10 @@ def factor_names(model, adapter_name: str = "default") -> dict:
     """Parameter name -> "A" / "B" for the adapter's LoRA weights."""
     roles = {name: tensor_role(name, adapter_name) for name, _ in model.named_parameters()}
     return {name: role for name, role in roles.items() if role in FACTOR_ROLES}
+
+
+def trained_tensor_names(names, adapter_name: str, factors) -> list:
+    """The tensors of `names` that a client training the LoRA `factors` sends: those factors' and the head's."""
+    return [
+        n for n in names if tensor_role(n, adapter_name) not in FACTOR_ROLES or tensor_role(n, adapter_name) in factors
+    ]

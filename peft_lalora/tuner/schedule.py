@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..checks import check_int
 from ..errors import ConfigError
 
 BOTH = frozenset({"A", "B"})
@@ -19,9 +20,8 @@ def trainable_factors(config, round_idx: int, step: int) -> frozenset:
     - `"freeze_a"` (FFA-LoRA): always B;
     - `"none"` (DP-LoRA): both.
     """
-    for name, value in (("round_idx", round_idx), ("step", step)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    check_int("round_idx", round_idx)
+    check_int("step", step)
     if config.alternation == "none":
         return BOTH
     if config.alternation == "freeze_a":

@@ -212,9 +212,7 @@ def _is_transient(exc) -> bool:
 
 def _describe(exc) -> str:
     status = _status(exc)
-    if status is not None:
-        return f"HTTP {status}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"HTTP {status}" if status is not None else f"{type(exc).__name__}: {exc}"
 
 
 def _translate(exc, repo_id: str, endpoint: str) -> HubError | None:

@@ -286,7 +286,7 @@ class FederatedDPTrainer(Trainer):
         if reveals_private(self.args):  # the noise-free training loss: outside the DP guarantee, only on request
             metrics["train_loss"] = finite_mean(losses)
         if self.ledger is not None:
-            metrics["epsilon"] = self.ledger.report()["epsilon"]
+            metrics["epsilon"] = self.ledger.max_epsilon()
         self.control = self.callback_handler.on_train_end(args, state, self.control)
         return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
 

@@ -67,6 +67,17 @@ def check_weight(weight, client) -> float:
     return float(weight)
 
 
+def check_delta(delta: Mapping[str, Tensor], global_state: Mapping[str, Tensor], weight, client) -> float:
+    """A client's delta checked before anything of it is aggregated (only tensors of the global adapter, with its
+    shapes, finite values) and its weight (`check_weight`, returned)."""
+    weight = check_weight(weight, client)
+    _check_known("delta", delta, global_state, "A client must send deltas of the global adapter's tensors.")
+    for name, value in delta.items():
+        _check_shapes(name, global_state[name], value, "the global adapter and the delta")
+        _check_finite(name, value, f"client {client}")
+    return weight
+
+
 class Aggregator:
     """
     The server side of a round: the weighted sum of the clients' deltas, tensor by tensor (A with A, B with B,
@@ -88,12 +99,7 @@ class Aggregator:
 
     @torch.no_grad()
     def add(self, delta: Mapping[str, Tensor], weight: float = 1.0) -> None:
-        client = self.survivors
-        weight = check_weight(weight, client)
-        _check_known("delta", delta, self.sums, "A client must send deltas of the global adapter's tensors.")
-        for name, value in delta.items():
-            _check_shapes(name, self.sums[name], value, "the global adapter and the delta")
-            _check_finite(name, value, f"client {client}")
+        weight = check_delta(delta, self.sums, weight, self.survivors)
         for name, value in delta.items():
             self.sums[name].add_(value, alpha=weight)
             self.counts[name] += weight

@@ -4,6 +4,7 @@ one model. Run `local_steps` steps under the schedule, each on a Poisson-sampled
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -45,7 +46,8 @@ class ClientShard:
         self.dataset = dataset.remove_columns(drop) if drop else dataset
         self.collate = collate
         self.device = device
-        self._collated = _Lazy(lambda: CollatedRows.build(self.dataset, self.collate))
+        # built at the first batch, and shared by the subsets (`copy.copy` keeps this one cached function)
+        self._collated = functools.cache(lambda: CollatedRows.build(self.dataset, self.collate))
         self._set_indices(range(len(dataset)) if indices is None else indices)
 
     def _set_indices(self, indices) -> None:
@@ -80,7 +82,7 @@ class ClientShard:
 
     def batch(self, positions: list) -> dict:
         """Collate the shard's examples at `positions` (0-based within the shard) into model inputs."""
-        collated = self._collated.get()
+        collated = self._collated()
         if collated:
             rows = torch.tensor([self.indices[p] for p in positions], dtype=torch.long)
             return {k: v.to(self.device) for k, v in collated.take(rows, self.indices[0]).items()}
@@ -102,18 +104,6 @@ def _user_ids(dataset, column) -> list:
             "remove it): the trainer drops it before the model sees the batch."
         )
     return list(dataset.with_format(None)[column])
-
-
-class _Lazy:
-    """A value built at its first `get()` and shared by whoever holds this object."""
-
-    def __init__(self, build: Callable):
-        self._build, self._value = build, None
-
-    def get(self):
-        if self._value is None:
-            self._value = self._build() or False
-        return self._value
 
 
 def _features(rows: dict) -> list:

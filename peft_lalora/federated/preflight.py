@@ -85,12 +85,10 @@ def check_batch_against_config(batch: dict, limits: InputLimits) -> None:
             )
     if limits.max_length is None:
         return
-    if limits.position_padding_idx is None:
-        longest = ids.shape[-1]
-    else:
-        longest = int((ids != limits.position_padding_idx).sum(-1).max())
+    padding = limits.position_padding_idx
+    longest = ids.shape[-1] if padding is None else int((ids != padding).sum(-1).max())
     if longest > limits.max_length:
-        offset = "" if limits.position_padding_idx is None else " less the padding offset of its positions"
+        offset = "" if padding is None else " less the padding offset of its positions"
         raise ClientDataError(
             f"some sequences are longer than the model's {limits.max_length} positions (`max_position_embeddings`="
             f"{limits.max_position_embeddings}{offset}): truncate every example (e.g. `truncation=True, "

@@ -13,9 +13,8 @@ class GlobalAdapter:
 
     def __init__(self, model: torch.nn.Module, names: list):
         self.model = model
-        self.names = list(names)
         params = dict(model.named_parameters())
-        self.state = {n: params[n].detach().clone() for n in self.names}
+        self.state = {n: params[n].detach().clone() for n in names}
 
     def load_into_model(self) -> None:
         load_state(self.model, self.state)

@@ -85,7 +85,6 @@ def hide_participation(report: dict, strategy) -> None:
             accountant=args.accountant,
         )
         entry.pop("last_round")
-    report["epsilon"] = max((c["epsilon"] for c in report["clients"]), default=None)
-    report["unreported"] = {}
-    report["refused"] = [{k: v for k, v in r.items() if k != "round"} for r in report["refused"]]
-    report["note"] = PARTICIPATION_NOTE
+    refused = [{k: v for k, v in r.items() if k != "round"} for r in report["refused"]]
+    epsilon = max((c["epsilon"] for c in report["clients"]), default=None)
+    report.update(epsilon=epsilon, unreported={}, refused=refused, note=PARTICIPATION_NOTE)

@@ -26,6 +26,7 @@ from ..hub import push_adapter_folder, write_model_card  # hub imports only tune
 from ..hub.card import FEDERATED_KEYS
 from ..owner.run_config import federated_args, server_setting
 from ..owner.task import TrainingTask
+from ..privacy.prior import REPORT_FILE as PRIVACY_REPORT
 from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
@@ -35,7 +36,7 @@ from .report import privacy_report
 from .strategy import LALoraStrategy
 
 logger = logging.getLogger(__name__)
-PRIVACY_REPORT, HISTORY, RUN_CONFIG = "privacy_report.json", "flower_history.json", "run_config.json"
+HISTORY, RUN_CONFIG = "flower_history.json", "run_config.json"
 DEFAULT_OUTPUT_DIR = "lalora_flower_output"
 
 

@@ -102,16 +102,12 @@ def render_model_card(
     values.update(_federated_values(federated))
     privacy_report = None if privacy_report is None else PrivacyReport.from_dict(privacy_report)
     status = privacy_status(privacy_report)
-    values["privacy_section"] = _privacy_section(privacy_report) + client_level_text(privacy_report)
+    client_text = client_level_text(privacy_report)
+    values["privacy_section"] = _privacy_section(privacy_report) + client_text
     values["dp_clause"] = {
         "private": " with differential privacy",
         "fixed_seed": " with DP-SGD noise from a fixed seed (no privacy guarantee)",
-    }.get(
-        status,
-        " with client-level differential privacy"
-        if client_level_text(privacy_report)
-        else " without differential privacy",
-    )
+    }.get(status, " with client-level differential privacy" if client_text else " without differential privacy")
     adapter_round = federated["num_rounds"] if adapter_round is None else adapter_round
     final = eval_round is None or eval_round == adapter_round
     values["metrics_section"] = _metrics_section(metrics, dataset, eval_round, adapter_round, federated["num_rounds"])

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -124,12 +125,8 @@ def _read_artifacts(folder) -> dict:
             f"`folder` {str(folder)!r} has no {' and no '.join(missing)}: an adapter folder needs "
             f"{list(REQUIRED_FILES)}. Save the adapter with `save_pretrained(folder)` first; nothing was pushed."
         )
-    contents = {}
-    for name in REQUIRED_FILES + OPTIONAL_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                contents[name] = fh.read()
+    files = {name: Path(folder, name) for name in REQUIRED_FILES + OPTIONAL_FILES}
+    contents = {name: path.read_bytes() for name, path in files.items() if path.is_file()}
     for name in ("adapter_config.json", "privacy_report.json"):
         if name in contents:
             try:
@@ -212,9 +209,7 @@ def _is_transient(exc) -> bool:
 
 def _describe(exc) -> str:
     status = _status(exc)
-    if status is not None:
-        return f"HTTP {status}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"HTTP {status}" if status is not None else f"{type(exc).__name__}: {exc}"
 
 
 def _translate(exc, repo_id: str, endpoint: str) -> HubError | None:

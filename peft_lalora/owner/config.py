@@ -25,6 +25,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from peft_lalora_relay import token
 from peft_lalora_relay.wire import DEFAULT_MAX_PAYLOAD_BYTES
@@ -51,8 +52,7 @@ class OwnerConfig:
     @classmethod
     def load(cls, path: str) -> OwnerConfig:
         """Read a `.toml` or `.json` file (relative paths in it are relative to the file's folder)."""
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        raw = Path(path).read_bytes()
         if path.endswith(".toml"):
             import tomllib
 

@@ -36,11 +36,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from ..arguments import PRIVACY_UNITS  # weakest first
 from ..errors import ConfigError, PolicyError
 
 DEFAULT_MAX_EPSILON = 8.0
 DEFAULT_MAX_DELTA = 1e-5
-PRIVACY_UNITS = ("example", "user")  # weakest first
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,8 @@ class PrivateStep:
 
     Args:
         model: the peft model, already on its device.
-        optimizer: the inner optimizer over the adapter tensors.
-        noise_multiplier, per_sample_max_grad_norm: sigma and the fixed clip norm C.
-        lowpass_kernel: the low-pass kernel when the config enables the filter, else None.
         backend: `"auto"`, `"hooks"` or `"func"` (see `select_backend`).
-        generator: the noise stream (`SecureRandom`, keyed by the private root; None: fresh OS entropy).
+        The others (inner optimizer, sigma, clip norms, low-pass kernel, noise stream) are `GradientPrivatizer`'s.
     """
 
     private = True

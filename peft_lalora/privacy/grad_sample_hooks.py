@@ -65,8 +65,7 @@ class HooksBackend(PerSampleGradients):
         wanted = {id(p) for p in params.values()}
         hooked = {}
         for name, module in self.model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
-            if not own:
+            if not any(id(p) in wanted for p in module.parameters(recurse=False)):
                 continue
             if type(module) not in GRAD_SAMPLERS:
                 raise UnsupportedModelError(
@@ -75,8 +74,7 @@ class HooksBackend(PerSampleGradients):
                     "or make the trainable tensors live in nn.Linear / nn.Embedding / nn.LayerNorm layers."
                 )
             hooked[module] = name
-        for module in hooked:
-            self._handles.append(module.register_forward_hook(self._forward_hook))
+        self._handles = [module.register_forward_hook(self._forward_hook) for module in hooked]
         self._hooked, self._attached_for = hooked, key
         logger.debug("hooks backend: hooked %d modules for %d tensors", len(hooked), len(params))
 

@@ -27,6 +27,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError, LALoraWarning
@@ -80,8 +81,7 @@ def read_prior_report(value) -> PriorSpending:
     if os.path.isdir(path):
         path = os.path.join(path, REPORT_FILE)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = Path(path).read_bytes()
         report = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(

@@ -44,11 +44,10 @@ def export_as_lora(peft_model, save_directory: str, adapter_name: str = "default
 
 def _refuse_lalora_folder(save_directory: str) -> None:
     found = []
-    config_path = os.path.join(save_directory, "adapter_config.json")
-    if os.path.isfile(config_path):
+    config_path = Path(save_directory, "adapter_config.json")
+    if config_path.is_file():
         try:
-            with open(config_path, encoding="utf-8") as fh:
-                peft_type = json.load(fh).get("peft_type")
+            peft_type = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
         except (ValueError, AttributeError):
             peft_type = None
         if peft_type != "LORA":

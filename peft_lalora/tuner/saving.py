@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 
@@ -44,14 +45,11 @@ def save_adapter_files(
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
         src = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
         if edit_config is not None:
-            config_path = os.path.join(src, "adapter_config.json")
-            with open(config_path, encoding="utf-8") as fh:
-                config = edit_config(json.load(fh))
-            with open(config_path, "w", encoding="utf-8") as fh:
-                json.dump(config, fh, indent=2, sort_keys=True)
+            config_path = Path(src, "adapter_config.json")
+            config = edit_config(json.loads(config_path.read_text(encoding="utf-8")))
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         names = sorted(n for n in os.listdir(src) if n != PEFT_CARD and os.path.isfile(os.path.join(src, n)))
         names.sort(key=lambda n: n == "adapter_config.json")  # the weights first, the config that names them last
         for name in names:  # each file whole or not at all (fsync'ed, renamed), never torn by a crash
-            with open(os.path.join(src, name), "rb") as fh:
-                atomic_write_bytes(os.path.join(save_directory, name), fh.read())
+            atomic_write_bytes(os.path.join(save_directory, name), Path(src, name).read_bytes())
     return names

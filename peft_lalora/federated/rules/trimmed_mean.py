@@ -18,7 +18,7 @@ import math
 import torch
 
 from ...errors import ConfigError
-from ..aggregation import _check_finite, _check_known, _check_shapes, apply_delta, check_weight
+from ..aggregation import apply_delta, check_delta
 from . import register
 
 
@@ -35,12 +35,7 @@ class TrimmedMean:
 
     @torch.no_grad()
     def add(self, delta, weight: float = 1.0) -> None:
-        client = self.survivors
-        check_weight(weight, client)
-        _check_known("delta", delta, self.global_state, "A client must send deltas of the global adapter's tensors.")
-        for name, value in delta.items():
-            _check_shapes(name, self.global_state[name], value, "the global adapter and the delta")
-            _check_finite(name, value, f"client {client}")
+        check_delta(delta, self.global_state, weight, self.survivors)
         for name, value in delta.items():
             self.deltas[name].append(value.detach().clone())
         self.survivors += 1

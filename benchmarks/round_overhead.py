@@ -178,7 +178,7 @@ def instrument_setup(timers: Timers):
 
 def instrument_rounds(trainer, timers: Timers) -> None:
     import peft_lalora.federated.client as client_mod
-    import peft_lalora.trainer as tr
+    from peft_lalora.federated import Aggregator, RoundPolicy
 
     update_mod = importlib.import_module("peft_lalora.federated.client_update")  # the module, not the function
 
@@ -186,7 +186,7 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     for shard in trainer.federation.shards:
         shard.batch = timers.wrap("batch_collate", shard.batch)
     client_mod.poisson_sample = timers.wrap("poisson_sample", client_mod.poisson_sample)
-    client_mod.generator = timers.wrap("seed_rng", client_mod.generator)
+    client_mod.SecureRandom = timers.wrap("seed_rng", client_mod.SecureRandom)  # the three streams of a round
     client_mod.global_rng = timers.wrap_context("seed_rng", client_mod.global_rng)
     tuner = trainer.tuner
     tuner.trainable_factors = timers.wrap("set_factors", tuner.trainable_factors)
@@ -194,9 +194,9 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     update_mod.make_optimizer = timers.wrap("make_optimizer", update_mod.make_optimizer)
     update_mod.load_state = timers.wrap("load_adapter", update_mod.load_state)
     update_mod.adapter_delta = timers.wrap("client_delta", update_mod.adapter_delta)
-    tr.Aggregator.add = timers.wrap("round_sum_add", tr.Aggregator.add)
-    tr.Aggregator.merged = timers.wrap("aggregate", tr.Aggregator.merged)
-    tr.select_clients = timers.wrap("select_clients", tr.select_clients)
+    Aggregator.add = timers.wrap("round_sum_add", Aggregator.add)  # the class: whoever built the aggregator
+    Aggregator.merged = timers.wrap("aggregate", Aggregator.merged)
+    RoundPolicy.select = timers.wrap("select_clients", RoundPolicy.select)
     if trainer.ledger is not None:
         trainer.ledger.check_release = timers.wrap("ledger_charge", trainer.ledger.check_release)
         trainer.ledger.charge = timers.wrap("ledger_charge", trainer.ledger.charge)

@@ -23,6 +23,17 @@ def toy_dataset(n: int = 240, length: int = 8, seed: int = 0) -> Dataset:
     )
 
 
+def toy_shards(sizes, folder=None) -> list:
+    """Consecutive shards of `toy_dataset()` of the given sizes; with `folder`, each is also saved to `folder/<k>`."""
+    data, start, shards = toy_dataset(), 0, []
+    for k, n in enumerate(sizes):
+        shards.append(data.select(range(start, start + n)))
+        if folder is not None:
+            shards[-1].save_to_disk(str(folder) + f"/{k}")
+        start += n
+    return shards
+
+
 def toy_model(method: str = "lalora", seed: int = 0, device: str = "cpu", **config):
     """The tiny RoBERTa with the method's adapter; the base is put on `device` first, so the adapter lands there too."""
     config = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS", **config}

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.[flower]'` (CI installs it)")
 
 import torch  # noqa: E402
-from fed_helpers import toy_args, toy_dataset, toy_model  # noqa: E402
+from fed_helpers import toy_args, toy_model, toy_shards  # noqa: E402
 from flower_deploy import UNREGISTERED_EXIT_CODE, Deployment, flwr_bin, make_node_key, write_toy_app  # noqa: E402
 from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
 from tiny_models import tiny_roberta  # noqa: E402
@@ -50,10 +50,7 @@ JOB = {
 @pytest.fixture
 def deployment(tmp_path):
     deploy = Deployment(str(tmp_path / "deploy"))
-    data, start = toy_dataset(), 0
-    for k, n in enumerate(SIZES):
-        data.select(range(start, start + n)).save_to_disk(str(tmp_path / "data" / str(k)))
-        start += n
+    toy_shards(SIZES, tmp_path / "data")
     deploy.start_superlink()
     try:
         yield deploy
@@ -122,12 +119,10 @@ def test_two_supernodes_with_tls_and_node_auth_run_a_job(deployment, tmp_path):
     # Assert: the adapter loads with peft and equals the in-process trainer's (<= 1e-6)
     out = tmp_path / "job"
     loaded = get_peft_model_state_dict(PeftModel.from_pretrained(tiny_roberta(0), str(out)))
-    data, start, shards = toy_dataset(), 0, []
-    for n in SIZES:
-        shards.append(data.select(range(start, start + n)))
-        start += n
     trainer = FederatedDPTrainer(
-        model=toy_model("lalora"), args=toy_args(tmp_path / "trainer", num_clients=2), client_datasets=shards
+        model=toy_model("lalora"),
+        args=toy_args(tmp_path / "trainer", num_clients=2),
+        client_datasets=toy_shards(SIZES),
     )
     trainer.train()
     expected = get_peft_model_state_dict(trainer.model)

@@ -29,6 +29,21 @@ def two_of_two(tmp_path, **overrides) -> dict:
     return config
 
 
+def before_train_push(monkeypatch, hook) -> None:
+    """Call `hook()` before the in-process grid sends each round's train messages (it may raise, as a lost link)."""
+    from flower_grid import InProcessGrid
+
+    original = InProcessGrid.push_messages
+
+    def push(self, messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages):
+            hook()
+        return original(self, messages)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", push)
+
+
 def charged_rounds(tmp_path, k: int) -> list:
     return [c["round"] for c in (ClientState(str(tmp_path / "state" / str(k))).saved() or {"charges": []})["charges"]]
 
@@ -132,21 +147,15 @@ def test_rounds_below_quorum_online_are_not_sent_and_the_run_stops(tmp_path, sha
 
 def test_a_lost_superlink_raises_and_keeps_what_the_clients_charged(tmp_path, shards, monkeypatch):  # noqa: F811
     # Prepare: the grid fails in round 1, as Flower's grid does when the SuperLink restarts (its run is gone)
-    from flower_grid import InProcessGrid
-
     root, _ = shards
     calls = []
-    original = InProcessGrid.push_messages
 
-    def push(self, messages):
-        messages = list(messages)
-        if any(m.metadata.message_type == "train" for m in messages):
-            calls.append(1)
-            if len(calls) == 2:
-                raise ConnectionError("the SuperLink closed the connection")
-        return original(self, messages)
+    def on_train():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConnectionError("the SuperLink closed the connection")
 
-    monkeypatch.setattr(InProcessGrid, "push_messages", push)
+    before_train_push(monkeypatch, on_train)
 
     # Execute
     with pytest.raises(
@@ -189,19 +198,9 @@ def test_check_config_names_what_the_superlink_refuses_with_code_15(tmp_path):
 def test_the_history_is_on_disk_before_round_0_is_sent(tmp_path, shards, monkeypatch):  # noqa: F811
     # A ServerApp killed with its SuperLink in round 0 writes no report: `flower_history.json` must already say that
     # no round finished, for `peft_lalora.flower.run` to name round 0 as lost (a restart test covers the later rounds)
-    from flower_grid import InProcessGrid
-
     root, _ = shards
     seen = []
-    original = InProcessGrid.push_messages
-
-    def push(self, messages):
-        messages = list(messages)
-        if not seen and any(m.metadata.message_type == "train" for m in messages):
-            seen.append(read_json(tmp_path / "flower" / "flower_history.json"))
-        return original(self, messages)
-
-    monkeypatch.setattr(InProcessGrid, "push_messages", push)
+    before_train_push(monkeypatch, lambda: seen or seen.append(read_json(tmp_path / "flower" / "flower_history.json")))
     run_flower(tmp_path, root, run_config(tmp_path, num_rounds=1))
     assert seen == [[]]
     assert [h["round"] for h in read_json(tmp_path / "flower" / "flower_history.json")] == [0]

@@ -17,7 +17,7 @@ pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.
 
 import torch  # noqa: E402
 from datasets import load_from_disk  # noqa: E402
-from fed_helpers import flower_run_config, toy_args, toy_dataset, toy_model  # noqa: E402
+from fed_helpers import flower_run_config, toy_args, toy_model, toy_shards  # noqa: E402
 from flower_grid import InProcessGrid  # noqa: E402
 from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
@@ -59,12 +59,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower_data")
-    data, datasets, start = toy_dataset(), [], 0
-    for k, n in enumerate(SIZES):
-        datasets.append(data.select(range(start, start + n)))
-        datasets[-1].save_to_disk(str(root / str(k)))
-        start += n
-    return root, datasets
+    return root, toy_shards(SIZES, root)
 
 
 def run_config(tmp_path, method="lalora", **overrides) -> dict:

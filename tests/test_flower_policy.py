@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.[flower]'` (CI installs it)")
 
-from fed_helpers import toy_dataset, toy_model  # noqa: E402
+from fed_helpers import toy_dataset, toy_model, toy_shards  # noqa: E402
 from flower_grid import InProcessGrid, train_message  # noqa: E402
 from test_flower_inprocess import TASK, read_json, run_config, run_flower  # noqa: E402
 
@@ -123,10 +123,7 @@ def test_the_server_hears_every_policy_refusal(tmp_path):
     from test_flower_inprocess import SIZES
 
     root = tmp_path / "data"
-    data, start = toy_dataset(), 0
-    for k, n in enumerate(SIZES):
-        data.select(range(start, start + n)).save_to_disk(str(root / str(k)))
-        start += n
+    toy_shards(SIZES, root)
 
     # Execute: nothing aggregated, so the run fails (and publishes nothing)
     with pytest.raises(FlowerRunError, match="No round of the 2 was aggregated.*refused by the node's policy"):

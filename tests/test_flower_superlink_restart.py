@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.[flower]'` (CI installs it)")
 
-from fed_helpers import toy_dataset  # noqa: E402
+from fed_helpers import toy_shards  # noqa: E402
 from flower_deploy import Deployment, flwr_bin, make_node_key, write_toy_app  # noqa: E402
 
 from peft_lalora.flower import ClientState  # noqa: E402
@@ -84,10 +84,7 @@ def charges(tmp_path, k: int) -> list:
 @pytest.fixture
 def deployment(tmp_path):
     deploy = Deployment(str(tmp_path / "deploy"))
-    data, start = toy_dataset(), 0
-    for k, n in enumerate(SIZES):
-        data.select(range(start, start + n)).save_to_disk(str(tmp_path / "data" / str(k)))
-        start += n
+    toy_shards(SIZES, tmp_path / "data")
     try:
         deploy.start_superlink(database=str(tmp_path / "deploy" / "superlink.db"))
         for k in range(2):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fed_helpers import toy_args, toy_dataset, toy_model
+from fed_helpers import toy_args, toy_dataset, toy_model, toy_shards
 from test_card import card_kwargs
 
 from peft_lalora import ConfigError, FederatedDPTrainer
@@ -101,10 +101,7 @@ def test_the_flower_report_parses_and_round_trips_exactly(tmp_path):
     pytest.importorskip("flwr", reason="Flower is an optional extra: `pip install '.[flower]'`")
     from test_flower_inprocess import SIZES, read_json, run_config, run_flower
 
-    data, start = toy_dataset(), 0
-    for k, n in enumerate(SIZES):
-        data.select(range(start, start + n)).save_to_disk(str(tmp_path / "data" / str(k)))
-        start += n
+    toy_shards(SIZES, tmp_path / "data")
     run_flower(tmp_path, tmp_path / "data", run_config(tmp_path, **CLIENT_DP))
     report = read_json(tmp_path / "flower" / "privacy_report.json")
     parsed = PrivacyReport.from_dict(report)

@@ -1,18 +1,13 @@
-"""`python -m peft_lalora.flower.run APP CONNECTION -c '...'`, installed as `lalora-flower-run APP CONNECTION -c '...'`:
-submit a run as `flwr run APP CONNECTION --stream` does, then exit non-zero unless the run really completed.
+"""`python -m peft_lalora.flower.run APP CONNECTION -c '...'` (installed: `lalora-flower-run`): submit a run as
+`flwr run APP CONNECTION --stream` does, then exit non-zero unless the run really completed.
 
-Flower 1.42's `flwr run --stream` exits 0 for a run that failed or stopped (the ServerApp raised, a quorum was lost),
-and when the SuperLink is lost mid-run (killed, restarted) the stream ends with "Connection to the SuperLink is
-unavailable" and exit code 1, as for a run that never started; the restarted SuperLink (with its `--database`)
-marks the run `finished:failed` later, once the dead ServerApp's heartbeat is overdue.
-Flower's CLI cannot be changed from here, so this wrapper asks the SuperLink afterwards (`flwr ls CONNECTION
---run-id N --format json`; the CLI's own machine-readable answer, no private API) and, where the run's
-`output-dir` is readable from this machine (the operator's machine is often the server), reads the ServerApp's
-`privacy_report.json` (its `run` entry: rounds aggregated, rounds lost and why) or, when the ServerApp died before
-writing it, `flower_history.json` (the rounds it finished). Only files written after this command started count.
-
+Flower 1.42's `flwr run --stream` exits 0 for a run that failed or stopped, and 1 (as for a run that never
+started) when the SuperLink is lost mid-run; its CLI cannot be changed from here. So this asks the SuperLink
+afterwards (`flwr ls CONNECTION --run-id N --format json`: the CLI's own answer, no private API) and, where the
+run's `output-dir` is readable here, reads the ServerApp's `privacy_report.json` (its `run` entry) or, when the
+ServerApp died before writing it, `flower_history.json`; only files written after this command started count.
 Exit codes: 0 the run completed; 1 it failed, stopped, or its end is unknown (the message names what happened and
-the rounds lost); 2 `flwr run` did not start a run.
+the rounds lost); 2 `flwr run` did not start a run. Details and the measured SuperLink restart: docs/flower.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -60,8 +61,7 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
     args = federated_args(run_config, task.config_keys)
     _check_publishable(args)
     prepare_output_dir(args, resuming=False)  # one run per folder: refused (or cleared) before any round
-    if os.path.isfile(os.path.join(args.output_dir, RUN_CONFIG)):
-        os.remove(os.path.join(args.output_dir, RUN_CONFIG))
+    Path(args.output_dir, RUN_CONFIG).unlink(missing_ok=True)
     # a run that dies in round 0 leaves "no round finished" on disk, not nothing (peft_lalora.flower.run reads it)
     save_json(os.path.join(args.output_dir, HISTORY), [])
     model = task.model(run_config, context.node_config)
@@ -183,8 +183,7 @@ def client_dp_settings(args, model, names: list) -> dict:
 
 
 def _check_publishable(args) -> None:
-    """Refuse a push that must not happen, before any round is run (one without `hub-model-id` is refused by
-    `FederatedDPArguments`)."""
+    """Refuse, before any round, a push of noise from a fixed seed (`FederatedDPArguments` refuses the rest)."""
     fixed_noise = (args.dp or args.client_dp) and args.noise_seed is not None
     if args.push_to_hub and fixed_noise and not args.allow_fixed_noise_seed:
         raise ConfigError(

@@ -1,8 +1,5 @@
-"""Model cards for LA-LoRA adapters: README.md with YAML front matter (rendered by huggingface_hub's `ModelCardData`:
-tags, model-index) and the run's method, federated setup, privacy guarantee, results, loading instructions and
-citation.
-
-The text lives in `peft_lalora/hub/card_template.md` (package data; `model_cards/template.md` links to it) (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
+"""Model cards for LA-LoRA adapters: README.md with YAML front matter (huggingface_hub's `ModelCardData`). The text
+is `card_template.md` (package data; `model_cards/template.md` links to it), a `string.Template`.
 """
 
 from __future__ import annotations
@@ -64,18 +61,14 @@ def render_model_card(
     base_model_path: str | None = None,
 ) -> str:
     """
-    README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
-    `metrics` as results) and sections on the method and schedule, the adapter, the federated setup, the privacy
-    guarantee (or "trained without differential privacy" when `privacy_report` is None), the results, how to load
-    it and the paper's citation. `adapter_config` is the adapter's `adapter_config.json` as a dict (or an
-    `LALoraConfig`); `federated` holds `num_clients`, `clients_per_round`, `num_rounds`, `local_steps` and
-    optionally `partition` or `dirichlet_alpha`; `metrics` maps names to numbers (one evaluation's; timings are
-    dropped). `base_model=None` (not recorded) leaves `base_model` out of the metadata. `eval_round` is the round
-    after which `metrics` were measured and `adapter_round` the adapter's (default: `num_rounds`); results of an
-    earlier round are said to be so and are no model-index claim. `data_format` (e.g. the prompt template of an
-    instruction-tuned causal LM) becomes a "Training data" section. `base_model_path` is the local folder the run
-    loaded its base from when that is not `base_model` (e.g. an offline copy of a Hub model): the loading code
-    then names both, loading from the folder unless the card is for a Hub repo (`repo_id`).
+    README.md text for an LA-LoRA adapter: YAML front matter (model-index with `metrics` as results) and sections on
+    the method, the adapter, the federated setup, the privacy guarantee (`privacy_report=None`: trained without DP),
+    the results, loading and citation. `adapter_config`: its `adapter_config.json` as a dict (or an
+    `LALoraConfig`); `federated`: `FEDERATED_KEYS`, optionally `partition` or `dirichlet_alpha`; `metrics`: names
+    to numbers (timings are dropped). `eval_round` / `adapter_round` (default `num_rounds`): results of an earlier
+    round than the adapter's are said to be so and are no model-index claim. `data_format` becomes a "Training
+    data" section. `base_model_path`: the local folder the run loaded its base from when that is not `base_model`
+    (the loading code names both, loading from the folder unless the card is for a Hub repo `repo_id`).
     """
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
         raise ConfigError(

@@ -117,17 +117,13 @@ def _base_load(base_model: str | None, local: str | None, repo_id: str | None) -
     if not local or local == base_model:
         return {"base_model_load": base_model or "<the base model's id or path>", "base_load_comment": ""}
     if not base_model:
-        return {"base_model_load": local, "base_load_comment": "# the local folder this run loaded its base from\n"}
-    if repo_id:  # a Hub card: the Hub id, and where the run found it
-        return {
-            "base_model_load": base_model,
-            "base_load_comment": f"# the run loaded this base from its local copy {local!r}\n",
-        }
-    return {
-        "base_model_load": local,
-        "base_load_comment": f"# the local copy of {base_model!r} this run loaded (offline); elsewhere load "
-        f"{base_model!r} from the Hub\n",
-    }
+        load, comment = local, "the local folder this run loaded its base from"
+    elif repo_id:  # a Hub card: the Hub id, and where the run found it
+        load, comment = base_model, f"the run loaded this base from its local copy {local!r}"
+    else:
+        load, comment = local, f"the local copy of {base_model!r} this run loaded (offline); elsewhere load "
+        comment += f"{base_model!r} from the Hub"
+    return {"base_model_load": load, "base_load_comment": f"# {comment}\n"}
 
 
 def privacy_status(report: PrivacyReport | dict | None) -> str:

@@ -8,15 +8,12 @@ ever written to the ledger (the release's own charge included), so a key never r
 server sends twice (e.g. with two different global adapters, to subtract the replies) gets fresh noise and a
 second charge.
 
-Both are written atomically (temporary file, fsync, rename, fsync of the folder), under an exclusive lock
-(two runs on one node cannot lose a charge). The ledger is charged and written before the client trains, so an
-update never leaves without its charge on disk; a restart, or a second run on the same state folder,
-continues the same ledger, so a client cannot spend its budget twice.
-
+Both files are written atomically under an exclusive lock (two runs on one node cannot lose a charge). The ledger
+is charged and written before the client trains, so an update never leaves without its charge on disk; a restart,
+or a second run on the same state folder, continues the same ledger, so a client cannot spend its budget twice.
 The budget only shrinks: the ledger keeps the smallest `target_epsilon` it was ever opened with (a run's target,
-or the node's own cap `max-epsilon`), and refuses a run that accounts at another delta or with another accountant.
-Each run calibrates sigma for its own worst case (`num_rounds` x `local_steps`); rounds the ledger cannot afford
-are refused, not trained.
+or the node's `max-epsilon`); a round it cannot afford is refused, not trained, and so is a run that accounts with
+another unit, delta or accountant.
 """
 
 from __future__ import annotations
@@ -54,8 +51,7 @@ def release_seed(root: str, release: int) -> str:
 
 
 def _smallest(*budgets) -> Optional[float]:
-    given = [float(b) for b in budgets if b is not None]
-    return min(given) if given else None
+    return min((float(b) for b in budgets if b is not None), default=None)
 
 
 class ClientState:

@@ -28,7 +28,6 @@ from ..hub.card import FEDERATED_KEYS
 from ..owner.run_config import federated_args, server_setting
 from ..owner.task import TrainingTask
 from ..privacy.prior import REPORT_FILE as PRIVACY_REPORT
-from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
 from .outcome import FlowerRunError, QuorumUnreachable, failure_message, outcome
@@ -70,7 +69,6 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
     strategy = LALoraStrategy(
         args=args,
         global_state={n: params[n] for n in names},
-        learning_rates=round_learning_rates(args),
         round_timeout=server_setting(run_config, "round-timeout"),
         max_aborted_rounds=server_setting(run_config, "max-aborted-rounds"),
         # after every round: a run killed with its SuperLink leaves the rounds it had on disk

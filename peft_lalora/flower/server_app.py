@@ -1,8 +1,5 @@
 """The ServerApp: builds the model (for its initial adapter), finds which SuperNode holds which client, runs the
-rounds with `LALoraStrategy`, then writes the privacy report and the round history (after every round too) to
-`output-dir`, and the final adapter (peft format) and model card when at least one round was aggregated; it pushes
-them to the Hub when `push-to-hub` is set and the run completed. A run that aggregated nothing, stopped early
-(`max-aborted-rounds`) or lost its SuperLink raises `FlowerRunError` (see `outcome`): the ServerApp exits non-zero.
+rounds with `LALoraStrategy` and saves what they gave (`save_results`; how a run ends: `outcome`).
 
 Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
 `owner.run_config`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
@@ -102,9 +99,8 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
 
 
 def save_results(task: TrainingTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
-    """Privacy report and history (always: what the clients charged, which rounds were lost); the adapter
-    (safetensors, peft format), run config and card only when a round was aggregated; a push only when the run
-    completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
+    """Privacy report, history and run config (always: what the clients charged, which rounds were lost); the
+    adapter (peft format) and card only when a round was aggregated; a push only when the run completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
     args, out = strategy.args, strategy.args.output_dir
     result = outcome(strategy.history, args.num_rounds, error)
     report = privacy_report(strategy, run=result).to_dict()

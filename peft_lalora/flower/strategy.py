@@ -1,10 +1,6 @@
-"""`LALoraStrategy`: the server side of a Flower run, a Flower `Strategy` that reproduces `FederatedDPTrainer`'s
-rounds through the same `federated.round.RoundPolicy`: round r selects its clients (the public schedule, over the
-SuperNodes' `partition-id`s), sends them the global adapter and the round's settings, and aggregates the replies
-with the run's rule in client order (A with A, B with B; a tensor nobody sent keeps its global value). A round
-with fewer than `min_clients_per_round` surviving clients is aborted and releases nothing; after
-`max_aborted_rounds` consecutive aborted rounds the strategy raises `QuorumUnreachable` (the survivors are asked
-for nothing more). The server holds no sample-level privacy state: each client accounts for itself and reports.
+"""`LALoraStrategy`: a Flower `Strategy` that runs `FederatedDPTrainer`'s rounds through the same
+`federated.round.RoundPolicy` (selection over the SuperNodes' `partition-id`s, aggregation in client order, a round
+below quorum aborted). The server holds no sample-level privacy state: each client accounts for itself and reports.
 """
 
 from __future__ import annotations

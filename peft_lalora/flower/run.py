@@ -27,13 +27,6 @@ NUM_ROUNDS = re.compile(r"(?:^|\s)num-rounds\s*=\s*(\d+)")
 PROG = "lalora-flower-run"  # the console script (setup.cfg); `python -m peft_lalora.flower.run` runs the same `main`
 
 
-def _flwr(args) -> str:
-    found = shutil.which(args.flwr)
-    if found is None:
-        raise SystemExit(f"peft_lalora.flower.run: `--flwr` {args.flwr!r} is not an executable on PATH.")
-    return found
-
-
 def submit(flwr: str, app: str, connection: str, extra: list) -> tuple[int, str | None]:
     """Run `flwr run APP CONNECTION --stream ...`, echoing its output; (its exit code, the run id it printed)."""
     run_id = None
@@ -137,7 +130,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the run to be finished")
     parser.add_argument("--output-dir", help="the run's output-dir as seen here (default: from `-c`, if readable)")
     args, extra = parser.parse_known_args(argv)
-    flwr, since = _flwr(args), time.time() - 1.0
+    flwr, since = shutil.which(args.flwr), time.time() - 1.0
+    if flwr is None:
+        raise SystemExit(f"peft_lalora.flower.run: `--flwr` {args.flwr!r} is not an executable on PATH.")
     code, run_id = submit(flwr, args.app, args.connection, [a for a in extra if a != "--stream"])
     if run_id is None:
         sys.stderr.write(f"peft_lalora.flower.run: `flwr run` started no run (exit code {code}); see its output.\n")

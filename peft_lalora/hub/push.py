@@ -188,8 +188,7 @@ def _resolve_token(token):
 
 
 def _status(exc) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
+    return getattr(getattr(exc, "response", None), "status_code", None)
 
 
 def _is_transient(exc) -> bool:

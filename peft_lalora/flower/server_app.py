@@ -1,8 +1,6 @@
 """The ServerApp: builds the model (for its initial adapter), finds which SuperNode holds which client, runs the
-rounds with `LALoraStrategy` and saves what they gave (`save_results`; how a run ends: `outcome`).
-
-Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
-`owner.run_config`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
+rounds with `LALoraStrategy` and saves what they gave (`save_results`; how a run ends: `outcome`). Its run config
+(`[tool.flwr.app.config]`, `flwr run -c key=value`) is read by `owner.run_config`.
 """
 
 from __future__ import annotations

@@ -168,8 +168,7 @@ def write_model_card(folder: str, **kwargs) -> str:
 # -- helpers -----------------------------------------------------------------------------------------------
 def _read_json(path: str, name: str, fix: str | None = None) -> dict:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         fix = fix or f"pass `{name}=` explicitly"
         raise ConfigError(f"`{name}` was not given and {path!r} does not exist; {fix}.") from exc

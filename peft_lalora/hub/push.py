@@ -52,14 +52,15 @@ def push_adapter_folder(
     contents = _read_artifacts(folder)
     _check_secret_randomness(folder, contents, allow_fixed_noise_seed)
     _check_online()
-    token = _resolve_token(token)
-    api = HfApi(token=token)
+    api = HfApi(token=_resolve_token(token))
     # Our own loop: `http_backoff` retries one request, and `create_repo` / `create_commit` do not go through it;
     # retrying the pair is safe (the repo is created with exist_ok; a commit lands in one request or not at all).
     attempts = 1 + max_retries
     for attempt in range(1, attempts + 1):
         try:
-            url = _push_once(api, repo_id, contents, private=private, commit_message=commit_message)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=data) for n, data in contents.items()]
+            url = str(api.create_commit(repo_id, operations, commit_message=commit_message).commit_url)
             logger.info("Pushed %s to %s in one commit: %s", sorted(contents), repo_id, url)
             return url
         except Exception as exc:  # noqa: BLE001 - every error is translated below
@@ -85,13 +86,6 @@ def push_adapter_folder(
             )
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _push_once(api: HfApi, repo_id: str, contents: dict, *, private: bool, commit_message: str) -> str:
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in contents.items()]
-    info = api.create_commit(repo_id, operations, commit_message=commit_message)
-    return str(info.commit_url)
 
 
 def _check_args(folder, repo_id, max_retries, backoff, commit_message) -> None:

@@ -1,12 +1,8 @@
 """Check a run config before `flwr run`: what the SuperLink would refuse with a bare `[code: 15] Invalid run
-configuration.`, and what the ServerApp would refuse, each named by key.
+configuration.` (an undeclared key: Flower 1.42's `fuse_dicts` names it only in the SuperLink's own log), and what
+the ServerApp would refuse (`owner.run_config.federated_args`), each named by key.
 
     python -m peft_lalora.flower.check_config recipes/flower_app -c 'num-rounds=8 output-dir="/srv/runs/rt"'
-
-Flower 1.42's SuperLink refuses a `-c` / `--run-config` key that the app's `[tool.flwr.app.config]` does not
-declare before any of the app's code runs (`flwr/common/config.py: fuse_dicts`); the operator sees only code 15,
-and the key is named only in the SuperLink's own log ("Key '...' is not present in the main dictionary"). The
-values are then the ServerApp's to check (`owner.run_config.federated_args`), with the same errors as here.
 """
 
 from __future__ import annotations

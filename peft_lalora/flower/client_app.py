@@ -11,10 +11,8 @@ Trial mode (trusts the server's code): without `private-trainer`, this process d
 and trains. The ClientApp is code that travels with each run (`flwr run` ships it), so whoever writes the run can
 edit every one of these checks away and read the data folder: use this mode for trials, or with runs you review.
 
-Node config (`flower-supernode --node-config '...'`): in relay mode `private-trainer`, `private-trainer-token` (and
-`share-training-metrics` is the trainer's own setting); in trial mode `partition-id`, `state-dir`,
-`share-training-metrics`, the policy keys (`owner.policy`) and whatever the task reads (e.g. `data-path`), as
-described in `owner.local_round`. A refused run gets an error reply with a code of `peft_lalora_relay.codes`.
+Node config (`flower-supernode --node-config '...'`): in relay mode `private-trainer` and `private-trainer-token`;
+in trial mode the keys of `owner.local_round`. A refused run gets an error reply with a `peft_lalora_relay.codes`.
 """
 
 from __future__ import annotations
@@ -36,9 +34,8 @@ __all__ = ["RELAY_KEYS", "make_client_app", "train_round"]
 
 
 def make_client_app(task: TrainingTask) -> ClientApp:
-    """A `ClientApp` that answers the server's queries and runs `task`'s client updates (or relays them). Relay
-    mode is `peft_lalora_relay.client_app`'s (torch-free); an app whose nodes relay should name that module's
-    ClientApp in its `pyproject.toml`, so that Flower's process per message does not import torch at all."""
+    """A `ClientApp` that answers the server's queries and runs `task`'s client updates, or relays them (an app
+    whose nodes relay should name `peft_lalora_relay.client_app`'s torch-free ClientApp in its `pyproject.toml`)."""
     app = ClientApp()
 
     @app.query()
@@ -87,12 +84,8 @@ def _message(reply: Reply, message: Message) -> Message:
         return Message(Error(reply.code, reply.text), reply_to=message)
     delta = protocol.pack_state(reply.delta)
     metrics = {**reply.metrics, "bytes-sent": int(delta.count_bytes())}
-    logger.info(
-        "round %s: sends %d tensors (%d bytes)",
-        message.content[protocol.CONFIG].get("round"),
-        len(reply.delta),
-        metrics["bytes-sent"],
-    )
+    round_idx = message.content[protocol.CONFIG].get("round")
+    logger.info("round %s: sends %d tensors (%d bytes)", round_idx, len(reply.delta), metrics["bytes-sent"])
     content = RecordDict(
         {protocol.DELTA: delta, protocol.METRICS: MetricRecord(metrics), protocol.PRIVACY: ConfigRecord(reply.privacy)}
     )

@@ -1,10 +1,7 @@
 """What a Flower run really achieved, from the strategy's round history: the rounds aggregated, the rounds lost
 (aborted below quorum, or never run because the run stopped or lost its SuperLink) and how it ended. The report,
-the card and the decision to publish read it here, once.
-
-A run ends `completed` (every configured round was attempted), `stopped` (the strategy gave up: its quorum became
-unreachable) or `failed` (an exception, e.g. the SuperLink went away). It publishes (adapter, card, push) only when
-at least one round was aggregated; any other end raises `FlowerRunError`, so that the ServerApp exits non-zero.
+the card and the decision to publish read it here, once. A run ends `completed` (every configured round was
+attempted), `stopped` (its quorum became unreachable) or `failed` (an exception, e.g. the SuperLink went away).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Flower 1.42's deployment grid (`HttpGrid.send_and_receive`) waits a fixed 3 s between its pulls of the SuperLink,
 so a round ends up to 3 s after its last reply (1.5 s on average), whatever the clients' compute: the grid has no
 setting for it. This wrapper keeps every call of the grid it wraps and replaces only `send_and_receive` by the same
-loop over Flower's own `push_messages` / `pull_messages` with a shorter wait (a pull is one small request to the
+loop over the grid's own `push_messages` / `pull_messages` with a shorter wait (a pull is one small request to the
 SuperLink). Measured in `benchmarks/flower_round_overhead.py`.
 """
 
@@ -25,34 +25,16 @@ def prompt_grid(grid: Grid) -> Grid:
     return PromptGrid(grid) if isinstance(grid, HttpGrid) else grid
 
 
-class PromptGrid(Grid):
-    """`grid` with `send_and_receive` pulling every `interval` seconds (until every reply or `timeout`)."""
+class PromptGrid:
+    """`grid` with `send_and_receive` pulling every `interval` seconds (until every reply or `timeout`). Every other
+    attribute is the wrapped grid's (Flower's strategies only call a grid's methods; none checks its class)."""
 
     def __init__(self, grid: Grid, interval: float = PULL_INTERVAL_S):
         self.grid = grid
         self.interval = interval
 
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's `send_and_receive` (push, then pull until every reply is in or `timeout` has passed)."""

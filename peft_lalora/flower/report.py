@@ -21,11 +21,10 @@ PARTICIPATION_NOTE = (
 )
 
 
-def privacy_report(strategy, run: dict | None = None) -> PrivacyReport:
+def privacy_report(strategy, run: dict) -> PrivacyReport:
     """Epsilon per client (as last reported) and the maximum, the clients' delta, sigma, C, rates and steps, and
-    `run` (how the rounds went) when given."""
-    report = _report_fields(strategy)
-    return build_report(report if run is None else {**report, "run": run})
+    `run` (how the rounds went: `outcome.outcome`)."""
+    return build_report({**_report_fields(strategy), "run": run})
 
 
 def _report_fields(strategy) -> dict:

@@ -1,18 +1,13 @@
-"""`python -m peft_lalora.flower.run APP CONNECTION -c '...'`, installed as `lalora-flower-run APP CONNECTION -c '...'`:
-submit a run as `flwr run APP CONNECTION --stream` does, then exit non-zero unless the run really completed.
+"""`python -m peft_lalora.flower.run APP CONNECTION -c '...'` (installed: `lalora-flower-run`): submit a run as
+`flwr run APP CONNECTION --stream` does, then exit non-zero unless the run really completed.
 
-Flower 1.42's `flwr run --stream` exits 0 for a run that failed or stopped (the ServerApp raised, a quorum was lost),
-and when the SuperLink is lost mid-run (killed, restarted) the stream ends with "Connection to the SuperLink is
-unavailable" and exit code 1, as for a run that never started; the restarted SuperLink (with its `--database`)
-marks the run `finished:failed` later, once the dead ServerApp's heartbeat is overdue.
-Flower's CLI cannot be changed from here, so this wrapper asks the SuperLink afterwards (`flwr ls CONNECTION
---run-id N --format json`; the CLI's own machine-readable answer, no private API) and, where the run's
-`output-dir` is readable from this machine (the operator's machine is often the server), reads the ServerApp's
-`privacy_report.json` (its `run` entry: rounds aggregated, rounds lost and why) or, when the ServerApp died before
-writing it, `flower_history.json` (the rounds it finished). Only files written after this command started count.
-
+Flower 1.42's `flwr run --stream` exits 0 for a run that failed or stopped, and 1 (as for a run that never
+started) when the SuperLink is lost mid-run; its CLI cannot be changed from here. So this asks the SuperLink
+afterwards (`flwr ls CONNECTION --run-id N --format json`: the CLI's own answer, no private API) and, where the
+run's `output-dir` is readable here, reads the ServerApp's `privacy_report.json` (its `run` entry) or, when the
+ServerApp died before writing it, `flower_history.json`; only files written after this command started count.
 Exit codes: 0 the run completed; 1 it failed, stopped, or its end is unknown (the message names what happened and
-the rounds lost); 2 `flwr run` did not start a run.
+the rounds lost); 2 `flwr run` did not start a run. Details and the measured SuperLink restart: docs/flower.md.
 """
 
 from __future__ import annotations
@@ -30,13 +25,6 @@ STARTED = re.compile(r"Successfully started run (\d+)")
 OUTPUT_DIR = re.compile(r"""output-dir\s*=\s*["']([^"']+)["']""")
 NUM_ROUNDS = re.compile(r"(?:^|\s)num-rounds\s*=\s*(\d+)")
 PROG = "lalora-flower-run"  # the console script (setup.cfg); `python -m peft_lalora.flower.run` runs the same `main`
-
-
-def _flwr(args) -> str:
-    found = shutil.which(args.flwr)
-    if found is None:
-        raise SystemExit(f"peft_lalora.flower.run: `--flwr` {args.flwr!r} is not an executable on PATH.")
-    return found
 
 
 def submit(flwr: str, app: str, connection: str, extra: list) -> tuple[int, str | None]:
@@ -142,7 +130,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the run to be finished")
     parser.add_argument("--output-dir", help="the run's output-dir as seen here (default: from `-c`, if readable)")
     args, extra = parser.parse_known_args(argv)
-    flwr, since = _flwr(args), time.time() - 1.0
+    flwr, since = shutil.which(args.flwr), time.time() - 1.0
+    if flwr is None:
+        raise SystemExit(f"peft_lalora.flower.run: `--flwr` {args.flwr!r} is not an executable on PATH.")
     code, run_id = submit(flwr, args.app, args.connection, [a for a in extra if a != "--stream"])
     if run_id is None:
         sys.stderr.write(f"peft_lalora.flower.run: `flwr run` started no run (exit code {code}); see its output.\n")

@@ -1,17 +1,13 @@
 """The ServerApp: builds the model (for its initial adapter), finds which SuperNode holds which client, runs the
-rounds with `LALoraStrategy`, then writes the privacy report and the round history (after every round too) to
-`output-dir`, and the final adapter (peft format) and model card when at least one round was aggregated; it pushes
-them to the Hub when `push-to-hub` is set and the run completed. A run that aggregated nothing, stopped early
-(`max-aborted-rounds`) or lost its SuperLink raises `FlowerRunError` (see `outcome`): the ServerApp exits non-zero.
-
-Run config (`[tool.flwr.app.config]`, `flwr run -c key=value`): `FederatedDPArguments` fields in kebab case (see
-`owner.run_config`), `round-timeout` and `node-wait-timeout` (seconds), `max-aborted-rounds`, and the task's keys.
+rounds with `LALoraStrategy` and saves what they gave (`save_results`; how a run ends: `outcome`). Its run config
+(`[tool.flwr.app.config]`, `flwr run -c key=value`) is read by `owner.run_config`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -27,7 +23,6 @@ from ..hub.card import FEDERATED_KEYS
 from ..owner.run_config import federated_args, server_setting
 from ..owner.task import TrainingTask
 from ..privacy.prior import REPORT_FILE as PRIVACY_REPORT
-from ..training_arguments import round_learning_rates
 from ..tuner.roles import adapter_tensor_names
 from ..tuner.saving import save_adapter_files
 from .outcome import FlowerRunError, QuorumUnreachable, failure_message, outcome
@@ -60,8 +55,7 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
     args = federated_args(run_config, task.config_keys)
     _check_publishable(args)
     prepare_output_dir(args, resuming=False)  # one run per folder: refused (or cleared) before any round
-    if os.path.isfile(os.path.join(args.output_dir, RUN_CONFIG)):
-        os.remove(os.path.join(args.output_dir, RUN_CONFIG))
+    Path(args.output_dir, RUN_CONFIG).unlink(missing_ok=True)
     # a run that dies in round 0 leaves "no round finished" on disk, not nothing (peft_lalora.flower.run reads it)
     save_json(os.path.join(args.output_dir, HISTORY), [])
     model = task.model(run_config, context.node_config)
@@ -70,7 +64,6 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
     strategy = LALoraStrategy(
         args=args,
         global_state={n: params[n] for n in names},
-        learning_rates=round_learning_rates(args),
         round_timeout=server_setting(run_config, "round-timeout"),
         max_aborted_rounds=server_setting(run_config, "max-aborted-rounds"),
         # after every round: a run killed with its SuperLink leaves the rounds it had on disk
@@ -104,9 +97,8 @@ def run_federation(task: TrainingTask, grid: Grid, context: Context) -> dict:
 
 
 def save_results(task: TrainingTask, model, strategy: LALoraStrategy, run_config: dict, *, error=None) -> dict:
-    """Privacy report and history (always: what the clients charged, which rounds were lost); the adapter
-    (safetensors, peft format), run config and card only when a round was aggregated; a push only when the run
-    completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
+    """Privacy report, history and run config (always: what the clients charged, which rounds were lost); the
+    adapter (peft format) and card only when a round was aggregated; a push only when the run completed. Raises `FlowerRunError` (the ServerApp exits non-zero) unless the run completed and aggregated."""
     args, out = strategy.args, strategy.args.output_dir
     result = outcome(strategy.history, args.num_rounds, error)
     report = privacy_report(strategy, run=result).to_dict()
@@ -183,8 +175,7 @@ def client_dp_settings(args, model, names: list) -> dict:
 
 
 def _check_publishable(args) -> None:
-    """Refuse a push that must not happen, before any round is run (one without `hub-model-id` is refused by
-    `FederatedDPArguments`)."""
+    """Refuse, before any round, a push of noise from a fixed seed (`FederatedDPArguments` refuses the rest)."""
     fixed_noise = (args.dp or args.client_dp) and args.noise_seed is not None
     if args.push_to_hub and fixed_noise and not args.allow_fixed_noise_seed:
         raise ConfigError(

@@ -1,10 +1,6 @@
-"""`LALoraStrategy`: the server side of a Flower run, a Flower `Strategy` that reproduces `FederatedDPTrainer`'s
-rounds through the same `federated.round.RoundPolicy`: round r selects its clients (the public schedule, over the
-SuperNodes' `partition-id`s), sends them the global adapter and the round's settings, and aggregates the replies
-with the run's rule in client order (A with A, B with B; a tensor nobody sent keeps its global value). A round
-with fewer than `min_clients_per_round` surviving clients is aborted and releases nothing; after
-`max_aborted_rounds` consecutive aborted rounds the strategy raises `QuorumUnreachable` (the survivors are asked
-for nothing more). The server holds no sample-level privacy state: each client accounts for itself and reports.
+"""`LALoraStrategy`: a Flower `Strategy` that runs `FederatedDPTrainer`'s rounds through the same
+`federated.round.RoundPolicy` (selection over the SuperNodes' `partition-id`s, aggregation in client order, a round
+below quorum aborted). The server holds no sample-level privacy state: each client accounts for itself and reports.
 """
 
 from __future__ import annotations
@@ -22,11 +18,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..federated.round import RoundPolicy, finite_mean
+from ..training_arguments import round_learning_rates
 from . import protocol
 from .outcome import QuorumUnreachable
 
 logger = logging.getLogger(__name__)
 NO_REPLY = "no reply within the round's timeout"
+QUERY_TIMEOUT_S = 120.0  # to wait for the SuperNodes' answers to "which partition are you?"
 
 
 class LALoraStrategy(Strategy):
@@ -34,9 +32,7 @@ class LALoraStrategy(Strategy):
     Args:
         args (`FederatedDPArguments`): the run's settings (see `owner.run_config.federated_args`).
         global_state (`dict[str, Tensor]`): the initial adapter tensors (A, B and the head), by parameter name.
-        learning_rates (`list[float]`): the learning rate of every round (`round_learning_rates(args)`).
         round_timeout (`float`): seconds to wait for a round's replies (also the messages' time to live).
-        query_timeout (`float`): seconds to wait for the SuperNodes' answers to "which partition are you?".
         max_aborted_rounds (`int`): stop the run (`QuorumUnreachable`) after this many consecutive aborted rounds,
             since each one may have charged its survivors for nothing; 0 never stops.
         on_round (`callable`, *optional*): called with the history after every round (e.g. to write it to disk).
@@ -49,9 +45,7 @@ class LALoraStrategy(Strategy):
         *,
         args,
         global_state: dict,
-        learning_rates: list,
         round_timeout: float = 3600.0,
-        query_timeout: float = 120.0,
         max_aborted_rounds: int = 2,
         on_round=None,
         private_root=None,
@@ -59,8 +53,8 @@ class LALoraStrategy(Strategy):
     ):
         self.args = args
         self.global_state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
-        self.learning_rates = list(learning_rates)
-        self.round_timeout, self.query_timeout = float(round_timeout), float(query_timeout)
+        self.learning_rates = round_learning_rates(args)
+        self.round_timeout = float(round_timeout)
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self._asked: set[int] = set()  # nodes that told us their partition id
         self.history: list[dict] = []  # one record per round
@@ -90,9 +84,9 @@ class LALoraStrategy(Strategy):
 
     def _ask(self, grid: Grid, nodes: list) -> None:
         messages = [
-            Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=self.query_timeout) for n in nodes
+            Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, ttl=QUERY_TIMEOUT_S) for n in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=self.query_timeout))
+        replies = list(grid.send_and_receive(messages, timeout=QUERY_TIMEOUT_S))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
             node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

@@ -1,8 +1,5 @@
-"""Model cards for LA-LoRA adapters: README.md with YAML front matter (rendered by huggingface_hub's `ModelCardData`:
-tags, model-index) and the run's method, federated setup, privacy guarantee, results, loading instructions and
-citation.
-
-The text lives in `peft_lalora/hub/card_template.md` (package data; `model_cards/template.md` links to it) (a `string.Template`: `${name}` placeholders, `$$` for a dollar).
+"""Model cards for LA-LoRA adapters: README.md with YAML front matter (huggingface_hub's `ModelCardData`). The text
+is `card_template.md` (package data; `model_cards/template.md` links to it), a `string.Template`.
 """
 
 from __future__ import annotations
@@ -64,18 +61,14 @@ def render_model_card(
     base_model_path: str | None = None,
 ) -> str:
     """
-    README.md text for an LA-LoRA adapter: YAML front matter (library_name, base_model, tags, model-index with
-    `metrics` as results) and sections on the method and schedule, the adapter, the federated setup, the privacy
-    guarantee (or "trained without differential privacy" when `privacy_report` is None), the results, how to load
-    it and the paper's citation. `adapter_config` is the adapter's `adapter_config.json` as a dict (or an
-    `LALoraConfig`); `federated` holds `num_clients`, `clients_per_round`, `num_rounds`, `local_steps` and
-    optionally `partition` or `dirichlet_alpha`; `metrics` maps names to numbers (one evaluation's; timings are
-    dropped). `base_model=None` (not recorded) leaves `base_model` out of the metadata. `eval_round` is the round
-    after which `metrics` were measured and `adapter_round` the adapter's (default: `num_rounds`); results of an
-    earlier round are said to be so and are no model-index claim. `data_format` (e.g. the prompt template of an
-    instruction-tuned causal LM) becomes a "Training data" section. `base_model_path` is the local folder the run
-    loaded its base from when that is not `base_model` (e.g. an offline copy of a Hub model): the loading code
-    then names both, loading from the folder unless the card is for a Hub repo (`repo_id`).
+    README.md text for an LA-LoRA adapter: YAML front matter (model-index with `metrics` as results) and sections on
+    the method, the adapter, the federated setup, the privacy guarantee (`privacy_report=None`: trained without DP),
+    the results, loading and citation. `adapter_config`: its `adapter_config.json` as a dict (or an
+    `LALoraConfig`); `federated`: `FEDERATED_KEYS`, optionally `partition` or `dirichlet_alpha`; `metrics`: names
+    to numbers (timings are dropped). `eval_round` / `adapter_round` (default `num_rounds`): results of an earlier
+    round than the adapter's are said to be so and are no model-index claim. `data_format` becomes a "Training
+    data" section. `base_model_path`: the local folder the run loaded its base from when that is not `base_model`
+    (the loading code names both, loading from the folder unless the card is for a Hub repo `repo_id`).
     """
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
         raise ConfigError(
@@ -124,17 +117,13 @@ def _base_load(base_model: str | None, local: str | None, repo_id: str | None) -
     if not local or local == base_model:
         return {"base_model_load": base_model or "<the base model's id or path>", "base_load_comment": ""}
     if not base_model:
-        return {"base_model_load": local, "base_load_comment": "# the local folder this run loaded its base from\n"}
-    if repo_id:  # a Hub card: the Hub id, and where the run found it
-        return {
-            "base_model_load": base_model,
-            "base_load_comment": f"# the run loaded this base from its local copy {local!r}\n",
-        }
-    return {
-        "base_model_load": local,
-        "base_load_comment": f"# the local copy of {base_model!r} this run loaded (offline); elsewhere load "
-        f"{base_model!r} from the Hub\n",
-    }
+        load, comment = local, "the local folder this run loaded its base from"
+    elif repo_id:  # a Hub card: the Hub id, and where the run found it
+        load, comment = base_model, f"the run loaded this base from its local copy {local!r}"
+    else:
+        load, comment = local, f"the local copy of {base_model!r} this run loaded (offline); elsewhere load "
+        comment += f"{base_model!r} from the Hub"
+    return {"base_model_load": load, "base_load_comment": f"# {comment}\n"}
 
 
 def privacy_status(report: PrivacyReport | dict | None) -> str:
@@ -179,8 +168,7 @@ def write_model_card(folder: str, **kwargs) -> str:
 # -- helpers -----------------------------------------------------------------------------------------------
 def _read_json(path: str, name: str, fix: str | None = None) -> dict:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         fix = fix or f"pass `{name}=` explicitly"
         raise ConfigError(f"`{name}` was not given and {path!r} does not exist; {fix}.") from exc

@@ -1,9 +1,5 @@
-"""Push an aggregated LA-LoRA adapter folder to the Hugging Face Hub in one commit.
-
-Only the adapter's artifacts travel: `adapter_config.json`, `adapter_model.safetensors` (both required),
-`README.md` (the card from `write_model_card`), `privacy_report.json` and `pooling.safetensors` (when
-present). Local files are read, never written or deleted. Do not use `PeftModel.push_to_hub` for these adapters: it replaces the card with
-peft's generic one.
+"""Push an aggregated LA-LoRA adapter folder to the Hugging Face Hub in one commit. Do not use
+`PeftModel.push_to_hub` for these adapters: it replaces the card with peft's generic one.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ from ..tuner.saving import is_lalora_card
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-OPTIONAL_FILES = ("README.md", "privacy_report.json", "pooling.safetensors")  # the last: peft_lalora.pooling
+OPTIONAL_FILES = ("README.md", "privacy_report.json", "pooling.safetensors")
 
 
 def push_adapter_folder(
@@ -45,30 +41,26 @@ def push_adapter_folder(
     allow_fixed_noise_seed: bool = False,
 ) -> str:
     """
-    Upload the adapter artifacts of `folder` to the model repo `repo_id` in ONE commit (the repo is created if
-    needed) and return the commit URL.
-
-    Uploads exactly `adapter_config.json` and `adapter_model.safetensors` (required) plus `README.md`,
-    `privacy_report.json` and `pooling.safetensors` when present; nothing else in the folder. What
-    huggingface_hub's `http_backoff` retries (HTTP 408, 429, 5xx and network errors) is retried: at most
-    `1 + max_retries` attempts, waiting `backoff * 2**k` seconds before retry `k + 1`.
-    Every failure raises `HubError` (no token, offline mode, invalid token or no write access, exhausted
-    retries, ...); local files are never modified. A folder whose `privacy_report.json` says
-    `secret_randomness: false` (the noise came from a fixed `noise_seed`, so no privacy guarantee holds) is
-    refused unless `allow_fixed_noise_seed=True`.
+    Upload `REQUIRED_FILES` and, when present, `OPTIONAL_FILES` of `folder` (the card from `write_model_card`,
+    the privacy report, `peft_lalora.pooling`'s statistics; nothing else) to the model repo `repo_id` (created if
+    needed) in ONE commit; returns the commit URL. What huggingface_hub's `http_backoff` retries (HTTP 408, 429,
+    5xx, network errors) is retried: `1 + max_retries` attempts, waiting `backoff * 2**k` s before retry `k + 1`.
+    Every failure raises `HubError`; local files are never modified. A folder whose `privacy_report.json` says
+    `secret_randomness: false` (a fixed `noise_seed`: no guarantee) is refused unless `allow_fixed_noise_seed`.
     """
     _check_args(folder, repo_id, max_retries, backoff, commit_message)
     contents = _read_artifacts(folder)
     _check_secret_randomness(folder, contents, allow_fixed_noise_seed)
     _check_online()
-    token = _resolve_token(token)
-    api = HfApi(token=token)
+    api = HfApi(token=_resolve_token(token))
     # Our own loop: `http_backoff` retries one request, and `create_repo` / `create_commit` do not go through it;
     # retrying the pair is safe (the repo is created with exist_ok; a commit lands in one request or not at all).
     attempts = 1 + max_retries
     for attempt in range(1, attempts + 1):
         try:
-            url = _push_once(api, repo_id, contents, private=private, commit_message=commit_message)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=data) for n, data in contents.items()]
+            url = str(api.create_commit(repo_id, operations, commit_message=commit_message).commit_url)
             logger.info("Pushed %s to %s in one commit: %s", sorted(contents), repo_id, url)
             return url
         except Exception as exc:  # noqa: BLE001 - every error is translated below
@@ -94,13 +86,6 @@ def push_adapter_folder(
             )
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _push_once(api: HfApi, repo_id: str, contents: dict, *, private: bool, commit_message: str) -> str:
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in contents.items()]
-    info = api.create_commit(repo_id, operations, commit_message=commit_message)
-    return str(info.commit_url)
 
 
 def _check_args(folder, repo_id, max_retries, backoff, commit_message) -> None:
@@ -197,8 +182,7 @@ def _resolve_token(token):
 
 
 def _status(exc) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
+    return getattr(getattr(exc, "response", None), "status_code", None)
 
 
 def _is_transient(exc) -> bool:

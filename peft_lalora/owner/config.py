@@ -76,9 +76,6 @@ class OwnerConfig:
         node_config = data.get("node-config", {})
         if not isinstance(node_config, dict):
             raise ConfigError(f"`node-config` must be a table of settings, got {type(node_config).__name__}.")
-        cap = _positive(data, "max-payload-bytes", DEFAULT_MAX_PAYLOAD_BYTES, int)
-        models = _positive(data, "max-models", DEFAULT_MAX_MODELS, int)
-        timeout = _positive(data, "request-timeout-s", DEFAULT_REQUEST_TIMEOUT_S, (int, float))
         group_read = data.get("allow-group-read", False)
         if not isinstance(group_read, bool):
             raise ConfigError(f"`allow-group-read` must be true or false, got {group_read!r}.")
@@ -92,9 +89,9 @@ class OwnerConfig:
             token_file=here(data["token-file"]),
             node_config=dict(node_config),
             python_path=tuple(here(p) for p in data.get("python-path", ())),
-            max_payload_bytes=cap,
-            max_models=models,
-            request_timeout_s=float(timeout),
+            max_payload_bytes=_positive(data, "max-payload-bytes", DEFAULT_MAX_PAYLOAD_BYTES, int),
+            max_models=_positive(data, "max-models", DEFAULT_MAX_MODELS, int),
+            request_timeout_s=float(_positive(data, "request-timeout-s", DEFAULT_REQUEST_TIMEOUT_S, (int, float))),
             allow_group_read=group_read,
         )
 

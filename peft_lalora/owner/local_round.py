@@ -152,15 +152,9 @@ def local_round(
     }
     if reveal or not job.args.dp:
         # loss and dropped examples are computed from the data without noise: only the node's owner may share them
-        metrics.update({"loss": float(update.loss), "sampled": int(update.sampled), "dropped": int(update.dropped)})
-        logger.info(
-            "round %d: client %d loss %.4f, %d sampled, %d dropped",
-            round_idx,
-            job.client,
-            update.loss,
-            update.sampled,
-            update.dropped,
-        )
+        shared = {"loss": float(update.loss), "sampled": int(update.sampled), "dropped": int(update.dropped)}
+        metrics.update(shared)
+        logger.info("round %d: client %d loss %.4f, %d sampled, %d dropped", round_idx, job.client, *shared.values())
     logger.info("round %d: client %d releases %d tensors, epsilon %.4f", round_idx, job.client, len(delta), epsilon)
     return Reply(delta=delta, metrics=metrics, privacy=privacy_record(job, ledger))
 
@@ -262,11 +256,8 @@ def checked_global_state(job: Job, state: dict) -> dict:
 
 
 def _charge(job: Job, node_config: dict, run_id: int, round_idx: int, steps: int) -> tuple:
-    """Charge the round to the ledger on disk before training; returns (ledger or None, the release's private seed).
-
-    The seed is `release_seed(run root, n)`, n the release number the charge wrote: a round asked twice is charged
-    twice and noised twice, independently. A fixed `noise-seed` (only where the node allows it) is used as is, so
-    that tests can compare runs; it gives no guarantee, replayed or not."""
+    """Charge the round to the ledger on disk before training; returns (ledger or None, the release's private seed:
+    `state.release_seed`, or a fixed `noise-seed` as is where the node allows it: no guarantee, replayed or not)."""
     args = job.args
     if not args.dp:
         return None, args.seed  # the non-private baseline: no ledger, public randomness (as in the trainer)

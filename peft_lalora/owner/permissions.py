@@ -69,13 +69,8 @@ def check_state(path: str, allow_group_read: bool = False) -> None:
             _refuse("state-dir", file, _mode(file), "its group or others may write it", f"chmod go-w {file}")
     secret = os.path.join(path, SECRET_FILE)
     if os.path.exists(secret) and _mode(secret) & 0o077:
-        _refuse(
-            "state-dir",
-            secret,
-            _mode(secret),
-            "others than the owner may read the noise's secret",
-            f"chmod 0600 {secret}",
-        )
+        why = "others than the owner may read the noise's secret"
+        _refuse("state-dir", secret, _mode(secret), why, f"chmod 0600 {secret}")
 
 
 def check_private_paths(node_config: dict, allow_group_read: bool = False) -> None:

@@ -1,33 +1,29 @@
 """A SuperNode's privacy policy: the guarantee its data owner sets (`--node-config`), which a run can only tighten.
 
-The run config is the server's: whoever starts a run chooses `dp`, `target-epsilon`, `noise-multiplier`,
-`target-delta` and `noise-seed`. Without a policy, a server could ask a client for a noise-free update
-(`dp=false`), for noise it can re-create (`noise-seed`), for an epsilon of 1e6 or inf (`noise-multiplier=0`), or
-for delta 0.5. The client therefore checks the run's settings against its node's policy before it loads its data,
-and refuses (`PolicyError`: nothing trained, nothing charged) a run that would loosen it.
+The run config is the server's: without a policy, a server could ask a client for a noise-free update (`dp=false`),
+for noise it can re-create (`noise-seed`), for an epsilon of 1e6 or inf (`noise-multiplier=0`), or for delta 0.5.
+The client checks the run's settings against its node's policy before it loads its data, and refuses
+(`PolicyError`: nothing trained, nothing charged) a run that would loosen it.
 
-Node config keys (all optional; the defaults are the policy of a node whose owner set none):
+Node config keys (all optional; the two `allow-` permissions are false unless set):
     max-epsilon           the largest epsilon this data may ever spend (lifetime, over every run; the ledger keeps
                           the smallest cap it was opened with). Default `DEFAULT_MAX_EPSILON` = 8.0.
     max-delta             the largest delta of any run. Default 1e-5. A delta >= 1 / n (n: this node's examples) is
                           refused whatever the node allows: it lets a mechanism release one example outright.
     min-noise-multiplier  the smallest sigma of a local step (given or calibrated). Default: any sigma > 0.
-    allow-non-private     true: a run may set `dp=false` (a noise-free update and its loss leave the node).
-                          Default false.
-    allow-fixed-noise-seed  true: a run may fix the noise with `noise-seed` (whoever knows the seed can re-create
-                          the noise and the batches: no guarantee). Default false.
-    min-privacy-unit      "example" (default) or "user": with "user", a run must protect users (`privacy-unit =
-                          "user"`), with the owner's own `user-column`: a server can neither downgrade the unit to
-                          one example nor name a column of its choosing (a column unique per row, e.g. an index,
-                          would make every example its own "user", i.e. example-level DP again).
+    allow-non-private     a run may set `dp=false` (a noise-free update and its loss leave the node).
+    allow-fixed-noise-seed  a run may fix the noise with `noise-seed` (whoever knows it can re-create the noise and
+                          the batches: no guarantee).
+    min-privacy-unit      "example" (default) or "user": with "user", a run must protect users with the owner's own
+                          `user-column`: a server can neither downgrade the unit nor name a column of its choosing
+                          (a column unique per row, e.g. an index, would make it example-level DP again).
     user-column           the column of this node's data that names each example's user; required with
                           `min-privacy-unit = "user"`, and a user-level run must name the same column.
 
 Why a default cap rather than a refusal when `max-epsilon` is missing: a node started without a policy still has
 a finite guarantee, at the upper end of what DP fine-tuning reports (epsilon 1, 3 or 8) and the recipe's own
-target, and existing SuperNode commands keep working. The cap is written to the node's ledger like any cap, so a
-node that has trained under the default keeps it (the budget only shrinks): an owner who wants more must say so
-before the first run, with `max-epsilon`.
+target, and existing SuperNode commands keep working. The cap is written to the node's ledger like any cap (the
+budget only shrinks): an owner who wants more must say so before the first run.
 """
 
 from __future__ import annotations
@@ -45,16 +41,7 @@ DEFAULT_MAX_DELTA = 1e-5
 
 @dataclass(frozen=True)
 class NodePolicy:
-    """
-    Args:
-        max_epsilon (`float`): the node's lifetime cap on epsilon (`max-epsilon`).
-        max_delta (`float`): the largest delta a run may account at (`max-delta`).
-        min_noise_multiplier (`float`): the smallest sigma (`min-noise-multiplier`); 0.0 means any sigma > 0.
-        allow_non_private (`bool`): a run may set `dp=false` (`allow-non-private`).
-        allow_fixed_noise_seed (`bool`): a run may set `noise-seed` (`allow-fixed-noise-seed`).
-        min_privacy_unit (`str`): "example" or "user": the weakest unit a run may protect (`min-privacy-unit`).
-        user_column (`str`): the owner's column of user ids (`user-column`); "" when not set.
-    """
+    """The node config keys of the module docstring, as fields in snake case (`user_column` "" when not set)."""
 
     max_epsilon: float = DEFAULT_MAX_EPSILON
     max_delta: float = DEFAULT_MAX_DELTA
@@ -67,14 +54,13 @@ class NodePolicy:
     @classmethod
     def from_node_config(cls, node_config: Mapping) -> NodePolicy:
         """The policy a SuperNode was started with (its `--node-config`); a missing key takes its default."""
-        for key in _KEYS:
-            if key.replace("-", "_") in node_config:
-                raise ConfigError(
-                    f"The node config has `{key.replace('-', '_')}`; node config keys are kebab case: "
-                    f"write `{key}` (a misspelt policy key would silently fall back to its default)."
-                )
         kwargs = {}
         for key, name in _KEYS.items():
+            if name in node_config:
+                raise ConfigError(
+                    f"The node config has `{name}`; node config keys are kebab case: "
+                    f"write `{key}` (a misspelt policy key would silently fall back to its default)."
+                )
             if key in node_config:
                 kwargs[name] = _value(key, node_config[key], type(getattr(cls, name)))
         policy = cls(**kwargs)
@@ -107,20 +93,18 @@ class NodePolicy:
                 "re-create: no privacy), but this node's `allow-fixed-noise-seed` is false. Leave `noise-seed` "
                 "out, or (the node's owner, for tests only) set --node-config 'allow-fixed-noise-seed=true'."
             )
-        if args.target_epsilon is not None and args.target_epsilon > self.max_epsilon:
-            raise PolicyError(
-                f"The server's run config asks for `target-epsilon`={args.target_epsilon!r}, above this node's "
-                f"`max-epsilon`={self.max_epsilon!r}. Run with `target-epsilon` <= {self.max_epsilon!r}, or (the "
-                "node's owner) raise `max-epsilon` in --node-config."
-            )
+        for key, asked, cap in (
+            ("epsilon", args.target_epsilon, self.max_epsilon),
+            ("delta", args.target_delta, self.max_delta),
+        ):
+            if asked is not None and asked > cap:
+                raise PolicyError(
+                    f"The server's run config asks for `target-{key}`={asked!r}, above this node's `max-{key}`="
+                    f"{cap!r}. Run with `target-{key}` <= {cap!r}, or (the node's owner) raise `max-{key}` in "
+                    "--node-config."
+                )
         if args.noise_multiplier is not None:
             self._check_sigma(args.noise_multiplier)
-        if args.target_delta is not None and args.target_delta > self.max_delta:
-            raise PolicyError(
-                f"The server's run config asks for `target-delta`={args.target_delta!r}, above this node's "
-                f"`max-delta`={self.max_delta!r}. Run with `target-delta` <= {self.max_delta!r}, or (the node's "
-                "owner) raise `max-delta` in --node-config."
-            )
 
     def _check_unit(self, args) -> None:
         """A run protects at least `min-privacy-unit`, and users by the owner's `user-column`."""

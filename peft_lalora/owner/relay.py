@@ -1,6 +1,5 @@
-"""The caller's side of the private trainer's socket, with torch tensors (for another engine's client; Flower's
-ClientApp relays with the torch-free `peft_lalora_relay`, which this builds on): it forwards the global adapter and
-the round's request and gets back only what the trainer releases, as a `local_round.Reply`. Flower-free.
+"""The caller's side of the private trainer's socket with torch tensors, for another engine's client (Flower's
+ClientApp relays with the torch-free `peft_lalora_relay`, which this builds on). Flower-free.
 """
 
 from __future__ import annotations
@@ -16,12 +15,7 @@ from .wire import tensors_of
 
 
 class TrainerRelay(light.TrainerRelay):
-    """
-    Args:
-        socket_path (`str`): the private trainer's Unix socket (the node config's `private-trainer`).
-        token_path (`str`): the shared token file (the node config's `private-trainer-token`).
-        timeout (`float`): seconds to wait for a reply.
-    """
+    """The torch-free relay's caller (same arguments) with tensors in and a `local_round.Reply` out."""
 
     def train(self, *, run_id, round_idx, lr, steps, run_config, global_state) -> Reply:
         """One local round at the trainer: its `Reply` (released tensors and records, or a refusal)."""

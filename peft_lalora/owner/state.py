@@ -8,15 +8,12 @@ ever written to the ledger (the release's own charge included), so a key never r
 server sends twice (e.g. with two different global adapters, to subtract the replies) gets fresh noise and a
 second charge.
 
-Both are written atomically (temporary file, fsync, rename, fsync of the folder), under an exclusive lock
-(two runs on one node cannot lose a charge). The ledger is charged and written before the client trains, so an
-update never leaves without its charge on disk; a restart, or a second run on the same state folder,
-continues the same ledger, so a client cannot spend its budget twice.
-
+Both files are written atomically under an exclusive lock (two runs on one node cannot lose a charge). The ledger
+is charged and written before the client trains, so an update never leaves without its charge on disk; a restart,
+or a second run on the same state folder, continues the same ledger, so a client cannot spend its budget twice.
 The budget only shrinks: the ledger keeps the smallest `target_epsilon` it was ever opened with (a run's target,
-or the node's own cap `max-epsilon`), and refuses a run that accounts at another delta or with another accountant.
-Each run calibrates sigma for its own worst case (`num_rounds` x `local_steps`); rounds the ledger cannot afford
-are refused, not trained.
+or the node's `max-epsilon`); a round it cannot afford is refused, not trained, and so is a run that accounts with
+another unit, delta or accountant.
 """
 
 from __future__ import annotations
@@ -45,17 +42,16 @@ logger = logging.getLogger(__name__)
 LEDGER_FILE, SECRET_FILE, LOCK_FILE = "ledger.json", "secret.json", ".lock"
 # the formats keep their first module's name: ledgers written before the move stay readable
 _LEDGER_FORMAT, _SECRET_FORMAT, _VERSION = "peft_lalora.flower.ClientLedger", "peft_lalora.flower.ClientSecrets", 1
+_PLANNED = (("delta", "target-delta"), ("accountant", "accountant"))  # the saved ledger's key, the run-config key
 
 
 def release_seed(root: str, release: int) -> str:
-    """The private seed of release number `release` (1, 2, ...) under the secret `root` (64 hex characters):
-    HMAC-SHA256(root, "release:<n>") as 64 hex characters. Without the root, no two releases' keys are related."""
+    """HMAC-SHA256(root, "release:<n>") in hex: without the root, no two releases' keys are related."""
     return hmac.new(bytes.fromhex(root), f"release:{int(release)}".encode(), hashlib.sha256).hexdigest()
 
 
 def _smallest(*budgets) -> Optional[float]:
-    given = [float(b) for b in budgets if b is not None]
-    return min(given) if given else None
+    return min((float(b) for b in budgets if b is not None), default=None)
 
 
 class ClientState:
@@ -112,19 +108,14 @@ class ClientState:
                 f"{self.ledger_path!r} is not a peft_lalora client ledger (format {_LEDGER_FORMAT!r}, "
                 f"version {_VERSION}); refusing to train rather than forget what was spent."
             )
-        if saved.get("privacy-unit", "example") != privacy_unit:
-            raise ConfigError(
-                f"This node's ledger ({self.ledger_path}) accounts per {saved.get('privacy-unit', 'example')!r}, but "
-                f"the run protects `privacy-unit`={privacy_unit!r}: epsilons of different units do not compose. Run "
-                f"with `privacy-unit`={saved.get('privacy-unit', 'example')!r}, or keep another `state-dir`'s ledger "
-                "for it."
-            )
-        for name, key in (("delta", "target-delta"), ("accountant", "accountant")):
-            if saved[name] != getattr(plan, name):
+        settings = (("privacy-unit", saved.get("privacy-unit", "example"), privacy_unit, "units"),)
+        settings += tuple((key, saved[name], getattr(plan, name), "settings") for name, key in _PLANNED)
+        for key, kept, asked, what in settings:
+            if kept != asked:
                 raise ConfigError(
-                    f"This node's ledger ({self.ledger_path}) accounts with {name}={saved[name]!r}, but the run asks "
-                    f"for {getattr(plan, name)!r}: epsilons under different settings do not compose. Run with "
-                    f"`{key}` = {saved[name]!r}."
+                    f"This node's ledger ({self.ledger_path}) accounts with `{key}`={kept!r}, but the run asks for "
+                    f"{asked!r}: epsilons of different {what} do not compose. Run with `{key}`={kept!r}, or keep "
+                    "another `state-dir`'s ledger for it."
                 )
         state = dict(saved["ledger"])
         histories = list(state["histories"].values())
@@ -181,10 +172,8 @@ class ClientState:
 
     # ----- the secret randomness ----------------------------------------------------------------------------
     def private_seed(self, run_id: int) -> str:
-        """The secret root of run `run_id`'s noise and batches on this node: drawn from the OS the first time
-        (`secrets`), then read back (a restarted SuperNode continues the run with the same root; another run
-        gets a fresh one). Each release keys its noise with `release_seed(root, n)`, so no two releases share
-        noise, within a run or across runs (even if the ledger file were reset, a new run has a new root)."""
+        """Run `run_id`'s secret root: drawn from the OS the first time, then read back (a restarted node
+        continues the run with it; another run gets a fresh one, even if the ledger file were reset)."""
         path = os.path.join(self.directory, SECRET_FILE)
         saved = load_json(path) if os.path.isfile(path) else {"format": _SECRET_FORMAT, "runs": {}}
         key = str(int(run_id))

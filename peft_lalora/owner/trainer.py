@@ -138,26 +138,21 @@ class PrivateTrainer:
         if kind != "train":
             return _refusal(codes.BAD_REQUEST, f"`type` must be 'train' or 'describe', got {kind!r}.")
         request = _train_request(header)
-        run_id, round_idx = request["run-id"], request["round"]
+        run_id, round_idx, config = request["run-id"], request["round"], request["run-config"]
         last = max(self.last_round.get(run_id, -1), self._last_charged(run_id))
         if round_idx < last:
             text = f"`round` {round_idx} comes after round {last} of run {run_id}: rounds only advance."
             return _refusal(codes.OUT_OF_ORDER, text)
-        held = self.run_configs.get(run_id)
-        if held is not None and held != request["run-config"]:
-            changed = sorted(
-                k for k in set(held) | set(request["run-config"]) if held.get(k) != request["run-config"].get(k)
-            )
-            text = (
-                f"`run-config` of run {run_id} changed after it trained (keys {changed}): a run keeps one config. "
-                "Start a new run for another config."
-            )
-            return _refusal(codes.RUN_CONFIG_CHANGED, text)
+        held = self.run_configs.get(run_id, config)
+        if held != config:
+            changed = sorted(k for k in held.keys() | config.keys() if held.get(k) != config.get(k))
+            text = f"`run-config` of run {run_id} changed after it trained (keys {changed}): a run keeps one config."
+            return _refusal(codes.RUN_CONFIG_CHANGED, text + " Start a new run for another config.")
         reply = local_round(
             self.task,
             run_id=run_id,
             node_id=0,
-            run_config=request["run-config"],
+            run_config=config,
             node_config=self.node_config,
             round_idx=round_idx,
             lr=request["learning-rate"],
@@ -167,7 +162,7 @@ class PrivateTrainer:
         )
         if reply.code not in codes.NOT_CHARGED:
             self.last_round[run_id] = round_idx  # charged (released, or failed after the charge)
-            self.run_configs[run_id] = dict(request["run-config"])
+            self.run_configs[run_id] = dict(config)
         return _reply(reply)
 
     def _last_charged(self, run_id: int) -> int:

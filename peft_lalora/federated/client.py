@@ -1,12 +1,11 @@
-"""A client's local round: load nothing, copy nothing; the server has already put the global adapter into the
-one model. Run `local_steps` steps under the schedule, each on a Poisson-sampled batch of the client's shard."""
+"""A client's examples (`ClientShard`): read on demand, collated once where the collator allows it, Poisson sampled
+per local step (`federated.client_update` runs the steps)."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import inspect
-import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +16,6 @@ from ..errors import ConfigError
 from ..privacy.sampling import poisson_sample
 from ..privacy.secure_random import SecureRandom
 from ..privacy.users import sample_users, user_groups
-from .seeding import global_rng
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 PADDED_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")  # what `tokenizer.pad` pads, with input_ids
@@ -209,52 +207,3 @@ def _padded_columns(collate: Callable):
     ):
         return (tokenizer.model_input_names[0], *PADDED_KEYS)
     return None
-
-
-def run_local_round(
-    *,
-    tuner,
-    stepper,
-    shard: ClientShard,
-    make_optimizer: Callable,
-    round_idx: int,
-    client: int,
-    local_steps: int,
-    batch_size: int,
-    seed: int,
-) -> dict:
-    """
-    Train the model (already holding the global adapter) on one client's shard for `local_steps` steps, each on
-    a Poisson batch of its examples, or of its users with one example each (`ClientShard.sample`).
-    Every random draw (batches, noise, dropout) derives from (seed, round, client), where `seed` is the run's
-    private root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run: the batches
-    and the noise from ChaCha20 streams keyed by it (`SecureRandom`), dropout (not part of the mechanism) from
-    torch's generator under a seed derived from it. Returns the
-    factors that trained (the tensors to send) and statistics, `dropped` counting examples whose gradient was
-    not finite.
-    """
-    sampler = SecureRandom(seed, "sample", round_idx, client)
-    picker = SecureRandom(seed, "user-example", round_idx, client)  # user-level DP: which example of each user
-    noise = SecureRandom(seed, "noise", round_idx, client)
-    trained, losses, examples, dropped = set(), [], 0, 0
-    with global_rng(seed, "dropout", round_idx, client, device=shard.device):  # dropout takes no generator; the
-        # caller's RNG is kept
-        stepper.reset(make_optimizer(), noise)
-        for step in range(local_steps):
-            factors = tuner.trainable_factors(round_idx, step)
-            tuner.set_trainable_factors(factors)
-            trained |= factors
-            indices = shard.sample(batch_size, sampler, picker)
-            if not indices and not stepper.private:
-                continue  # nothing to learn from, and no privacy mechanism that must run
-            out = stepper(shard.batch(indices), expected_batch_size=batch_size)
-            examples += out["batch_size"]
-            dropped += out.get("dropped", 0)
-            if math.isfinite(out["loss"]):
-                losses.append(out["loss"])
-    return {
-        "factors": frozenset(trained),
-        "loss": sum(losses) / len(losses) if losses else float("nan"),
-        "examples": examples,
-        "dropped": dropped,
-    }

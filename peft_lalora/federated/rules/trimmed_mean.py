@@ -19,7 +19,6 @@ import torch
 
 from ...errors import ConfigError
 from ..aggregation import apply_delta, check_delta
-from . import register
 
 
 class TrimmedMean:
@@ -64,6 +63,5 @@ class TrimmedMean:
         return apply_delta(self.global_state, self.mean())
 
 
-@register("trimmed_mean")
-def make_trimmed_mean(global_state, args) -> TrimmedMean:
+def make(global_state, args) -> TrimmedMean:
     return TrimmedMean(global_state, args.aggregation_trim)

@@ -56,26 +56,19 @@ def adapter_delta(local: Mapping[str, Tensor], global_: Mapping[str, Tensor]) ->
     return delta
 
 
-def check_weight(weight, client) -> float:
-    """A client's aggregation weight: a finite number > 0 (e.g. 1.0, or its example count)."""
-    ok = not isinstance(weight, bool) and isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0
-    if not ok:
+def check_delta(delta: Mapping[str, Tensor], global_state: Mapping[str, Tensor], weight, client) -> float:
+    """A client's delta checked before anything of it is aggregated (only tensors of the global adapter, with its
+    shapes, finite values) and its weight (a finite number > 0, returned as a float)."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight < math.inf:
         raise ConfigError(
             f"`weight` must be a finite number > 0 (e.g. 1.0 or the client's example count), got {weight!r} for "
             f"client {client}. Leave a client out of the round instead of giving it weight 0."
         )
-    return float(weight)
-
-
-def check_delta(delta: Mapping[str, Tensor], global_state: Mapping[str, Tensor], weight, client) -> float:
-    """A client's delta checked before anything of it is aggregated (only tensors of the global adapter, with its
-    shapes, finite values) and its weight (`check_weight`, returned)."""
-    weight = check_weight(weight, client)
     _check_known("delta", delta, global_state, "A client must send deltas of the global adapter's tensors.")
     for name, value in delta.items():
         _check_shapes(name, global_state[name], value, "the global adapter and the delta")
         _check_finite(name, value, f"client {client}")
-    return weight
+    return float(weight)
 
 
 class Aggregator:

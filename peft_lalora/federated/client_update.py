@@ -47,15 +47,11 @@ class LocalConfig:
     @classmethod
     def from_args(cls, args) -> LocalConfig:
         """From `FederatedDPArguments` (`per_device_train_batch_size` is the expected Poisson batch)."""
+        same = ("local_steps", "local_optimizer", "local_momentum", "weight_decay", "lora_b_lr_ratio", "adam_epsilon")
         return cls(
-            local_steps=args.local_steps,
             batch_size=args.per_device_train_batch_size,
-            local_optimizer=args.local_optimizer,
-            local_momentum=args.local_momentum,
-            weight_decay=args.weight_decay,
-            lora_b_lr_ratio=args.lora_b_lr_ratio,
             adam_betas=(args.adam_beta1, args.adam_beta2),
-            adam_epsilon=args.adam_epsilon,
+            **{name: getattr(args, name) for name in same},
         )
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..checks import check_int
+from ..checks import check_int, check_positive
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -39,14 +38,8 @@ def _check_clients(num_clients, num_examples: int, min_shard_size: int) -> None:
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not math.isfinite(alpha):
-        raise ConfigError(f"`dirichlet_alpha` must be a finite number > 0 (or None for IID), got {alpha!r}.")
-    if alpha <= 0:
-        raise ConfigError(
-            f"`dirichlet_alpha` must be > 0, got {alpha!r}. Small values (0.1) give strongly skewed labels, "
-            "large values (100) near-IID shards; pass None for an exact IID split."
-        )
-    return float(alpha)
+    hint = "a finite number: 0.1 gives strongly skewed labels, 100 near-IID shards; None an exact IID split"
+    return check_positive("dirichlet_alpha", alpha, hint)
 
 
 def partition_iid(num_examples: int, num_clients: int, *, seed: int, min_shard_size: int = 1) -> list[list[int]]:

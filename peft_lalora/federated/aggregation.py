@@ -1,9 +1,5 @@
-"""Server-side aggregation: pure functions over `{name: tensor}` dicts (adapter factors A, B and the head).
-
-The server averages every tensor on its own (A with A, B with B), never the product B @ A (`Aggregator`). Sums
-run in client order in the tensors' own dtype, so the same inputs always give bit-identical results. Both the
-in-process trainer and the Flower server aggregate with `Aggregator`.
-"""
+"""Server-side aggregation over `{name: tensor}` dicts (adapter factors A, B and the head): `Aggregator`, which
+both engines use, and the checked delta arithmetic."""
 
 from __future__ import annotations
 

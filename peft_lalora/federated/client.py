@@ -85,12 +85,10 @@ class ClientShard:
             rows = torch.tensor([self.indices[p] for p in positions], dtype=torch.long)
             return {k: v.to(self.device) for k, v in collated.take(rows, self.indices[0]).items()}
         if not positions:  # an empty Poisson batch: the right keys and shapes, zero rows
-            one = self.collate([self.dataset[self.indices[0]]])
-            return {k: v[:0].to(self.device) for k, v in one.items() if isinstance(v, torch.Tensor)}
-        out = self.collate(_features(self.dataset[[self.indices[p] for p in positions]]))
-        if "label" in out and "labels" not in out:
-            out["labels"] = out.pop("label")
-        return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+            one = _collate(self.collate, [self.dataset[self.indices[0]]])
+            return {k: v[:0].to(self.device) for k, v in one.items()}
+        out = _collate(self.collate, _features(self.dataset[[self.indices[p] for p in positions]]))
+        return {k: v.to(self.device) for k, v in out.items()}
 
 
 def _user_ids(dataset, column) -> list:
@@ -102,6 +100,14 @@ def _user_ids(dataset, column) -> list:
             "remove it): the trainer drops it before the model sees the batch."
         )
     return list(dataset.with_format(None)[column])
+
+
+def _collate(collate: Callable, features: list) -> dict:
+    """The collator's tensors of `features`, its "label" named "labels" (the Trainer's name)."""
+    out = collate(features)
+    if "label" in out and "labels" not in out:
+        out["labels"] = out.pop("label")
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
 def _features(rows: dict) -> list:
@@ -136,12 +142,9 @@ class CollatedRows:
                 return None
             features = _features(rows)
             try:
-                out = collate(features)
+                parts.append(_collate(collate, features))
             except (ValueError, TypeError, RuntimeError):  # e.g. examples of several shapes (default collator)
                 return None
-            if "label" in out and "labels" not in out:
-                out["labels"] = out.pop("label")
-            parts.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
             if padded:
                 lengths += [len(f[collate.tokenizer.model_input_names[0]]) for f in features]
         padded = frozenset(padded) & set(parts[0])

@@ -27,13 +27,13 @@ import torch
 from ..errors import ClientDataError, UnsupportedModelError
 from ..privacy.grad_sample_base import model_inputs
 from ..privacy.losses import IGNORE_INDEX, logits_of, per_example_loss
+from .client import LABEL_KEYS
 from .disclosure import error_text
 
 logger = logging.getLogger(__name__)
 
 PROBE_ROWS = 16  # the examples the model (and the per-sample gradients) run on
 SCAN_ROWS = 1024  # the rows collated at a time by the pass over a whole shard
-LABEL_COLUMNS = ("labels", "label", "label_ids")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def check_labels(logits: torch.Tensor, labels: LabelRange) -> None:
 def _require_labels(batch: dict, shard) -> None:
     if "labels" in batch:
         return
-    present = [c for c in LABEL_COLUMNS if c in shard.dataset.column_names]
+    present = [c for c in LABEL_KEYS if c in shard.dataset.column_names]
     if present:
         raise ClientDataError(
             f"the `{present[0]}` column holds values that are not numbers: map them to integer class ids "

@@ -206,14 +206,13 @@ def preflight(model, shards: list, stepper, round_idx: int, *, reveal_errors: bo
         try:
             model.base_model.set_trainable_factors(model.base_model.trainable_factors(round_idx, 0))
             stepper.probe(shards[healthy].batch(list(range(min(PROBE_ROWS, len(shards[healthy]))))))
-        except UnsupportedModelError as exc:  # the model, not the data: say so, with the module it names
-            text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
-            raise UnsupportedModelError(
-                f"Per-sample gradients cannot be computed for this model, whatever the data; nothing was trained "
-                f"or charged: {text}"
-            ) from (exc if reveal_errors else None)
         except Exception as exc:  # noqa: BLE001
             text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
+            if isinstance(exc, UnsupportedModelError):  # the model, not the data: say so, with the module it names
+                raise UnsupportedModelError(
+                    f"Per-sample gradients cannot be computed for this model, whatever the data; nothing was "
+                    f"trained or charged: {text}"
+                ) from (exc if reveal_errors else None)
             raise ClientDataError(
                 f"Per-sample gradients fail on client {healthy}'s first examples, and would fail on every "
                 f"client; nothing was trained or charged: {text}. If the backend cannot trace this model, "

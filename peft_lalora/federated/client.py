@@ -154,8 +154,10 @@ class CollatedRows:
             if len(lengths) * width > 2 * int(lengths.sum()):  # mostly padding: not worth its memory
                 return None
             fill = _pad_values(collate.tokenizer)
+            pad = torch.nn.functional.pad
             parts = [
-                {k: _pad_right(v, width, fill[k]) if k in padded else v for k, v in part.items()} for part in parts
+                {k: pad(v, (0, width - v.shape[1]), value=fill[k]) if k in padded else v for k, v in p.items()}
+                for p in parts
             ]
         if any(
             part.keys() != parts[0].keys()
@@ -173,10 +175,6 @@ class CollatedRows:
             width = int(self.lengths[rows].max()) if len(rows) else int(self.lengths[first])
             out.update({k: out[k][:, :width].contiguous() for k in self.padded})
         return out
-
-
-def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
-    return torch.cat([tensor, tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value)], dim=1)
 
 
 def _pad_values(tokenizer) -> dict:

@@ -42,13 +42,11 @@ def _field(default, text: str):
 class FederatedDPArguments(TrainingArguments):
     """
     Arguments of `FederatedDPTrainer`: `TrainingArguments` plus the federated and privacy fields, each explained by
-    its `help` (the recipes' `--help`). `per_device_train_batch_size` is each client's expected (Poisson) batch size
-    B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning rate of round
-    0 (round t's is `round_lr_decay` ** t times the schedule's). A DP run gives exactly one of `target_epsilon` (sigma
-    calibrated before training, see `sigma_calibration`) and `noise_multiplier` (epsilon reported). Without
-    `prior_privacy_report`, the report next to the adapter the model was loaded from (`PeftModel.from_pretrained` of
-    a local folder, or a cached Hub snapshot) is found offline (`peft_lalora.privacy.prior`). `card_dataset_name` is
-    not `dataset_name` because scripts' own data arguments use that flag.
+    its `help` (the recipes' `--help`). `learning_rate` is the local learning rate of round 0 (round t's is
+    `round_lr_decay` ** t times the schedule's). Without `prior_privacy_report`, the report next to the adapter the
+    model was loaded from (`PeftModel.from_pretrained` of a local folder, or a cached Hub snapshot) is found offline
+    (`peft_lalora.privacy.prior`). `card_dataset_name` is not `dataset_name` because scripts' own data arguments use
+    that flag.
     """
 
     per_device_train_batch_size: int = _field(  # TrainingArguments' field and default; its meaning here

@@ -98,20 +98,11 @@ class Aggregator:
         """Sum the partial sums of every process (`reduce_fn` sums a tensor across processes)."""
         if reduce_fn is None:
             return
-        first = self.sums[self.names[0]]
-        flat = reduce_fn(torch.cat([self.sums[n].reshape(-1) for n in self.names]))
-        offset = 0
-        for name in self.names:
-            size = self.sums[name].numel()
-            self.sums[name] = flat[offset : offset + size].view_as(self.sums[name]).clone()
-            offset += size
-        tail = reduce_fn(
-            torch.tensor(
-                [self.counts[n] for n in self.names] + [float(self.survivors)],
-                dtype=torch.float64,
-                device=first.device,
-            )
-        ).tolist()
+        flat = reduce_fn(torch.cat([self.sums[n].reshape(-1) for n in self.names]))  # one collective call
+        parts = flat.split([self.sums[n].numel() for n in self.names])
+        self.sums = {n: part.view_as(self.sums[n]).clone() for n, part in zip(self.names, parts)}
+        tail = [self.counts[n] for n in self.names] + [float(self.survivors)]
+        tail = reduce_fn(torch.tensor(tail, dtype=torch.float64, device=flat.device)).tolist()
         self.counts = {n: float(c) for n, c in zip(self.names, tail[:-1])}
         self.survivors = int(round(tail[-1]))
 

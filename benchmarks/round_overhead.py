@@ -186,8 +186,8 @@ def instrument_rounds(trainer, timers: Timers) -> None:
     for shard in trainer.federation.shards:
         shard.batch = timers.wrap("batch_collate", shard.batch)
     client_mod.poisson_sample = timers.wrap("poisson_sample", client_mod.poisson_sample)
-    client_mod.SecureRandom = timers.wrap("seed_rng", client_mod.SecureRandom)  # the three streams of a round
-    client_mod.global_rng = timers.wrap_context("seed_rng", client_mod.global_rng)
+    update_mod.SecureRandom = timers.wrap("seed_rng", update_mod.SecureRandom)  # the three streams of a round
+    update_mod.global_rng = timers.wrap_context("seed_rng", update_mod.global_rng)
     tuner = trainer.tuner
     tuner.trainable_factors = timers.wrap("set_factors", tuner.trainable_factors)
     tuner.set_trainable_factors = timers.wrap("set_factors", tuner.set_trainable_factors)

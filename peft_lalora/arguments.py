@@ -9,7 +9,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .checks import check_bool, check_choice, check_int, check_number, check_positive, plain
+from .checks import check_bool, check_choice, check_int, check_number, check_positive, given_settings, plain
 from .errors import ConfigError, LALoraWarning
 from .privacy.accounting import ACCOUNTANTS
 from .round_arguments import validate_round_policy
@@ -33,162 +33,131 @@ OUTCOME_FREE = """allow_large_delta eval_rounds per_sample_grad_backend allow_fi
     overwrite_output_dir card_dataset_name card_data_format""".split()
 
 
+def _field(default, text: str):
+    """A field with its `--help` text (`HfArgumentParser` reads `metadata["help"]`)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class FederatedDPArguments(TrainingArguments):
     """
     Arguments of `FederatedDPTrainer`: `TrainingArguments` plus the federated and privacy fields, each explained by
-    its `help` (the recipes' `--help`). `per_device_train_batch_size` is each client's expected (Poisson) batch size
-    B, so a client with n_k examples samples at rate q = B / n_k; `learning_rate` is the local learning rate of round
-    0 (round t's is `round_lr_decay` ** t times the schedule's). A DP run gives exactly one of `target_epsilon` (sigma
-    calibrated before training, see `sigma_calibration`) and `noise_multiplier` (epsilon reported). Without
-    `prior_privacy_report`, the report next to the adapter the model was loaded from (`PeftModel.from_pretrained` of
-    a local folder, or a cached Hub snapshot) is found offline (`peft_lalora.privacy.prior`). `card_dataset_name` is
-    not `dataset_name` because scripts' own data arguments use that flag.
+    its `help` (the recipes' `--help`). `learning_rate` is the local learning rate of round 0 (round t's is
+    `round_lr_decay` ** t times the schedule's). Without `prior_privacy_report`, the report next to the adapter the
+    model was loaded from (`PeftModel.from_pretrained` of a local folder, or a cached Hub snapshot) is found offline
+    (`peft_lalora.privacy.prior`). `card_dataset_name` is not `dataset_name` because scripts' own data arguments use
+    that flag.
     """
 
-    per_device_train_batch_size: int = field(  # TrainingArguments' field and default; its meaning here
-        default=8,
-        metadata={
-            "help": "Each client's expected Poisson batch size B: a client with n_k examples "
-            "samples every example with probability q = B / n_k at each local step."
-        },
+    per_device_train_batch_size: int = _field(  # TrainingArguments' field and default; its meaning here
+        8,
+        "Each client's expected Poisson batch size B: a client with n_k examples samples every example with "
+        "probability q = B / n_k at each local step.",
     )
-    num_clients: int = field(default=10, metadata={"help": "Number of federated clients."})
-    clients_per_round: int = field(default=4, metadata={"help": "Clients sampled per round."})
-    num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
-    local_steps: int = field(default=10, metadata={"help": "Local DP-SGD steps per client and round."})
-    dirichlet_alpha: Optional[float] = field(default=None, metadata={"help": "Dirichlet label split; None = IID."})
-    min_shard_size: Optional[int] = field(default=None, metadata={"help": "Smallest shard (default: batch size)."})
-    dp: bool = field(default=True, metadata={"help": "Sample-level DP-SGD; False = non-private baseline."})
-    target_epsilon: Optional[float] = field(default=None, metadata={"help": "Target epsilon (calibrates sigma)."})
-    target_delta: Optional[float] = field(default=None, metadata={"help": "Delta; default min(1e-5, 1/n_smallest)."})
-    allow_large_delta: bool = field(default=False, metadata={"help": "Allow target_delta >= 1/n_k (warns)."})
-    noise_multiplier: Optional[float] = field(default=None, metadata={"help": "Explicit sigma (epsilon reported)."})
-    per_sample_max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clip norm C."})
-    per_sample_head_max_grad_norm: Optional[float] = field(
-        default=None,
-        metadata={
-            "help": "Clipping groups: clip the head's per-example gradient to this norm and the LoRA factors' to "
-            "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
-            "None: one joint clip (the head can take most of C)."
-        },
+    num_clients: int = _field(10, "Number of federated clients.")
+    clients_per_round: int = _field(4, "Clients sampled per round.")
+    num_rounds: int = _field(10, "Federated rounds.")
+    local_steps: int = _field(10, "Local DP-SGD steps per client and round.")
+    dirichlet_alpha: Optional[float] = _field(None, "Dirichlet label split; None = IID.")
+    min_shard_size: Optional[int] = _field(None, "Smallest shard (default: batch size).")
+    dp: bool = _field(True, "Sample-level DP-SGD; False = non-private baseline.")
+    target_epsilon: Optional[float] = _field(None, "Target epsilon (calibrates sigma).")
+    target_delta: Optional[float] = _field(None, "Delta; default min(1e-5, 1/n_smallest).")
+    allow_large_delta: bool = _field(False, "Allow target_delta >= 1/n_k (warns).")
+    noise_multiplier: Optional[float] = _field(None, "Explicit sigma (epsilon reported).")
+    per_sample_max_grad_norm: float = _field(1.0, "Per-example clip norm C.")
+    per_sample_head_max_grad_norm: Optional[float] = _field(
+        None,
+        "Clipping groups: clip the head's per-example gradient to this norm and the LoRA factors' to "
+        "per_sample_max_grad_norm, separately; the noise covers the joint sensitivity sqrt(C^2 + C_head^2). "
+        "None: one joint clip (the head can take most of C).",
     )
-    privacy_unit: str = field(
-        default="example",
-        metadata={
-            "help": "What DP protects inside a client: 'example' (one example) or 'user' (all the examples of one "
-            "user, named by --user_column; users are Poisson sampled at q = batch size / users of the client, one "
-            "example each)."
-        },
+    privacy_unit: str = _field(
+        "example",
+        "What DP protects inside a client: 'example' (one example) or 'user' (all the examples of one "
+        "user, named by --user_column; users are Poisson sampled at q = batch size / users of the client, one "
+        "example each).",
     )
-    user_column: Optional[str] = field(
-        default=None, metadata={"help": "With privacy_unit='user': the dataset column naming each example's user."}
+    user_column: Optional[str] = _field(
+        None, "With privacy_unit='user': the dataset column naming each example's user."
     )
-    accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: 'rdp' or 'prv'."})
-    prior_privacy_report: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "An earlier run's privacy_report.json (or adapter folder) for the adapter this run starts from; "
-            "default: found next to the adapter the model was loaded from."
-        },
+    accountant: str = _field("rdp", "Privacy accountant: 'rdp' or 'prv'.")
+    prior_privacy_report: Optional[str] = _field(
+        None,
+        "An earlier run's privacy_report.json (or adapter folder) for the adapter this run starts from; "
+        "default: found next to the adapter the model was loaded from.",
     )
-    prior_privacy_same_data: bool = field(
-        default=False,
-        metadata={
-            "help": "The earlier run used the same data: compose its accountant events into this run's epsilon. "
-            "False: the report and card say the earlier epsilon is NOT included."
-        },
+    prior_privacy_same_data: bool = _field(
+        False,
+        "The earlier run used the same data: compose its accountant events into this run's epsilon. "
+        "False: the report and card say the earlier epsilon is NOT included.",
     )
-    lora_b_lr_ratio: float = field(default=1.0, metadata={"help": "LR of lora_B relative to lora_A and the head."})
-    round_lr_decay: float = field(default=1.0, metadata={"help": "Per-round learning-rate decay factor."})
-    eval_rounds: int = field(default=1, metadata={"help": "Evaluate every N rounds (0 = only at the end)."})
-    min_clients_per_round: int = field(default=1, metadata={"help": "Abort a round with fewer survivors."})
-    aggregation_weights: str = field(default="uniform", metadata={"help": "'uniform' or 'num_samples'."})
-    local_optimizer: str = field(default="sgd", metadata={"help": "Client optimizer: 'sgd' or 'adamw'."})
-    local_momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the client optimizer."})
-    per_sample_grad_backend: str = field(default="auto", metadata={"help": "'auto', 'hooks' or 'func'."})
-    label_column: str = field(default="labels", metadata={"help": "Label column used by the Dirichlet split."})
-    sigma_calibration: str = field(
-        default="schedule",
-        metadata={
-            "help": "With target_epsilon: 'schedule' calibrates sigma for each client's scheduled steps (the public "
-            "participation schedule); 'worst_case' for a client taking part in every round."
-        },
+    lora_b_lr_ratio: float = _field(1.0, "LR of lora_B relative to lora_A and the head.")
+    round_lr_decay: float = _field(1.0, "Per-round learning-rate decay factor.")
+    eval_rounds: int = _field(1, "Evaluate every N rounds (0 = only at the end).")
+    min_clients_per_round: int = _field(1, "Abort a round with fewer survivors.")
+    aggregation_weights: str = _field("uniform", "'uniform' or 'num_samples'.")
+    local_optimizer: str = _field("sgd", "Client optimizer: 'sgd' or 'adamw'.")
+    local_momentum: float = _field(0.0, "SGD momentum of the client optimizer.")
+    per_sample_grad_backend: str = _field("auto", "'auto', 'hooks' or 'func'.")
+    label_column: str = _field("labels", "Label column used by the Dirichlet split.")
+    sigma_calibration: str = _field(
+        "schedule",
+        "With target_epsilon: 'schedule' calibrates sigma for each client's scheduled steps (the public "
+        "participation schedule); 'worst_case' for a client taking part in every round.",
     )
-    noise_seed: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
-            "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
-            "refuses. Default None: secret randomness from the operating system, kept in the private checkpoint."
-        },
+    noise_seed: Optional[int] = _field(
+        None,
+        "Fix the seed of the DP noise and the Poisson batches (tests, research). Then NO privacy guarantee "
+        "holds (anyone who knows it can re-create the noise): the report and card say so and push_to_hub "
+        "refuses. Default None: secret randomness from the operating system, kept in the private checkpoint.",
     )
-    allow_fixed_noise_seed: bool = field(
-        default=False,
-        metadata={
-            "help": "Allow push_to_hub of a run whose `noise_seed` was fixed (its privacy report says it is not private)."
-        },
+    allow_fixed_noise_seed: bool = _field(
+        False, "Allow push_to_hub of a run whose `noise_seed` was fixed (its privacy report says it is not private)."
     )
-    log_private_metrics: bool = field(
-        default=False,
-        metadata={
-            "help": "Under DP, also log and return what is computed from the private training data without noise: "
-            "the training loss (per round and `train_loss`), the counts of sampled and dropped examples, and the "
-            "text of a failing client's error (it may quote a length or a batch size). These are OUTSIDE the DP "
-            "guarantee (an audit tells neighbouring datasets apart from them). Default False: a DP run logs only "
-            "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them. (A Flower "
-            "node has its own switch, `share-training-metrics`.)"
-        },
+    log_private_metrics: bool = _field(
+        False,
+        "Under DP, also log and return what is computed from the private training data without noise: "
+        "the training loss (per round and `train_loss`), the counts of sampled and dropped examples, and the "
+        "text of a failing client's error (it may quote a length or a batch size). These are OUTSIDE the DP "
+        "guarantee (an audit tells neighbouring datasets apart from them). Default False: a DP run logs only "
+        "round, learning_rate, clients, failed_clients and epsilon. A non-private run always logs them. (A Flower "
+        "node has its own switch, `share-training-metrics`.)",
     )
     # The federated loop's own defaults for TrainingArguments fields it reads differently (schedules over rounds).
-    lr_scheduler_type: str = field(
-        default="constant",
-        metadata={
-            "help": "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
-            "one value per round, times `round_lr_decay` ** round."
-        },
+    lr_scheduler_type: str = _field(
+        "constant",
+        "Learning-rate schedule over rounds (transformers' names: 'constant', 'linear', 'cosine', ...); "
+        "one value per round, times `round_lr_decay` ** round.",
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Delete the run an `output_dir` holds (checkpoint, adapter, card) before training."},
+    overwrite_output_dir: bool = _field(
+        False, "Delete the run an `output_dir` holds (checkpoint, adapter, card) before training."
     )
-    card_dataset_name: Optional[str] = field(
-        default=None, metadata={"help": "Dataset named in the model card (e.g. 'glue/sst2')."}
-    )
-    card_data_format: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "The training data's format, described in the model card's 'Training data' section (e.g. the "
-            "prompt template of an instruction-tuned causal LM)."
-        },
+    card_dataset_name: Optional[str] = _field(None, "Dataset named in the model card (e.g. 'glue/sst2').")
+    card_data_format: Optional[str] = _field(
+        None,
+        "The training data's format, described in the model card's 'Training data' section (e.g. the "
+        "prompt template of an instruction-tuned causal LM).",
     )
     # ----- the round's server-side policy (`federated.round.RoundPolicy`) -----
-    aggregation: str = field(
-        default="mean",
-        metadata={"help": "Aggregation rule of the clients' deltas (`federated.rules`): 'mean' or 'trimmed_mean'."},
+    aggregation: str = _field(
+        "mean", "Aggregation rule of the clients' deltas (`federated.rules`): 'mean' or 'trimmed_mean'."
     )
-    aggregation_trim: float = field(
-        default=0.2,
-        metadata={"help": "trimmed_mean: fraction of the largest and of the smallest values dropped per coordinate."},
+    aggregation_trim: float = _field(
+        0.2, "trimmed_mean: fraction of the largest and of the smallest values dropped per coordinate."
     )
     # ----- client-level DP on the server (DP-FedAvg; `federated.client_dp`, `privacy.client_level`) -----
-    client_dp: bool = field(
-        default=False,
-        metadata={
-            "help": "Client-level DP: Poisson-sample clients at rate clients_per_round / num_clients, clip each "
-            "update to client_clip_norm, add Gaussian noise to the sum (trusted server). With or without `dp`."
-        },
+    client_dp: bool = _field(
+        False,
+        "Client-level DP: Poisson-sample clients at rate clients_per_round / num_clients, clip each "
+        "update to client_clip_norm, add Gaussian noise to the sum (trusted server). With or without `dp`.",
     )
-    client_clip_norm: Optional[float] = field(default=None, metadata={"help": "Client-level DP: clip norm S."})
-    client_noise_multiplier: Optional[float] = field(
-        default=None, metadata={"help": "Client-level DP: noise multiplier z (epsilon reported)."}
+    client_clip_norm: Optional[float] = _field(None, "Client-level DP: clip norm S.")
+    client_noise_multiplier: Optional[float] = _field(None, "Client-level DP: noise multiplier z (epsilon reported).")
+    client_target_epsilon: Optional[float] = _field(
+        None, "Client-level DP: target epsilon over num_rounds (z calibrated)."
     )
-    client_target_epsilon: Optional[float] = field(
-        default=None, metadata={"help": "Client-level DP: target epsilon over num_rounds (z calibrated)."}
-    )
-    client_target_delta: Optional[float] = field(
-        default=None, metadata={"help": "Client-level DP: delta; default min(1e-5, 1 / num_clients)."}
-    )
+    client_target_delta: Optional[float] = _field(None, "Client-level DP: delta; default min(1e-5, 1 / num_clients).")
 
     def __post_init__(self):
         for name in """dp allow_large_delta allow_fixed_noise_seed log_private_metrics overwrite_output_dir bf16 fp16
@@ -210,16 +179,13 @@ class FederatedDPArguments(TrainingArguments):
                 f"{self.hub_model_id!r}. Set `hub_model_id` (`--hub_model_id` in the recipes), or leave "
                 "`push_to_hub` False."
             )
-        check_int("num_clients", self.num_clients, 1)
-        check_int("clients_per_round", self.clients_per_round, 1)
+        for name in ("num_clients", "clients_per_round", "num_rounds", "local_steps", "min_clients_per_round"):
+            check_int(name, getattr(self, name), 1)
+        check_int("eval_rounds", self.eval_rounds, 0)
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"`clients_per_round` must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}."
             )
-        check_int("num_rounds", self.num_rounds, 1)
-        check_int("local_steps", self.local_steps, 1)
-        check_int("eval_rounds", self.eval_rounds, 0)
-        check_int("min_clients_per_round", self.min_clients_per_round, 1)
         if self.min_clients_per_round > self.clients_per_round:
             raise ConfigError(
                 f"`min_clients_per_round` must be <= clients_per_round={self.clients_per_round}, got "
@@ -234,9 +200,9 @@ class FederatedDPArguments(TrainingArguments):
         check_positive("lora_b_lr_ratio", self.lora_b_lr_ratio, "1.0 gives every factor the same learning rate")
         check_positive("round_lr_decay", self.round_lr_decay, "1.0 keeps the learning rate constant")
         check_choice("aggregation_weights", self.aggregation_weights, AGGREGATION_WEIGHTS)
-        validate_round_policy(self)
         check_choice("local_optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
         check_choice("per_sample_grad_backend", self.per_sample_grad_backend, BACKENDS)
+        validate_round_policy(self)
         self._validate_unit()
         check_number("local_momentum", self.local_momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         _refuse_unused_optimizer_settings(self)
@@ -255,15 +221,10 @@ class FederatedDPArguments(TrainingArguments):
                 "but `dp=False` trains without privacy (epsilon = inf). Drop it, or keep `dp=True`."
             )
         else:
-            given = [
-                n
-                for n in ("target_epsilon", "target_delta", "noise_multiplier", "noise_seed")
-                if getattr(self, n) is not None and not (n == "noise_seed" and self.client_dp)
-            ]
-            if given:
+            names = ["target_epsilon", "target_delta", "noise_multiplier"] + ([] if self.client_dp else ["noise_seed"])
+            if given := given_settings(self, names):
                 raise ConfigError(
-                    f"`dp=False` trains without any privacy, but DP settings were given: "
-                    f"{', '.join(f'`{n}`={getattr(self, n)!r}' for n in given)}. Drop them for the "
+                    f"`dp=False` trains without any privacy, but DP settings were given: {given}. Drop them for the "
                     "non-private baseline, or keep `dp=True` for a private run."
                 )
 

@@ -44,6 +44,11 @@ def check_bool(name: str, value) -> None:
         )
 
 
+def given_settings(args, names) -> str:
+    """The settings of `names` that `args` sets (not None), as "`name`=value, ..."; "" when none is set."""
+    return ", ".join(f"`{n}`={getattr(args, n)!r}" for n in names if getattr(args, n) is not None)
+
+
 def plain(value):
     """An enum-valued setting (a `TrainingArguments` field) as its string value (JSON, equal across a resume)."""
     return getattr(value, "value", value)

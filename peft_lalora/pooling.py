@@ -55,11 +55,11 @@ class MeanPooler(torch.nn.Module):
         return features
 
 
-def _encoder(model, argument: str = "model"):
+def _encoder(model):
     encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if encoder is None or not hasattr(encoder, "pooler"):
         raise ConfigError(
-            f"`{argument}` must be a BERT-style `...ForSequenceClassification` whose encoder has a "
+            f"`model` must be a BERT-style `...ForSequenceClassification` whose encoder has a "
             f"`pooler`, got {type(model).__name__}. Pass the base transformers model (for a "
             "PeftModel, `model.get_base_model()`)."
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from .checks import check_choice, check_number, check_positive
+from .checks import check_choice, check_number, check_positive, given_settings
 from .errors import ConfigError, LALoraWarning
 from .federated.rules import rule_names
 
@@ -26,11 +26,9 @@ def validate_round_policy(args) -> None:
 def _validate_client_dp(args) -> None:
     names = ("client_clip_norm", "client_noise_multiplier", "client_target_epsilon", "client_target_delta")
     if not args.client_dp:
-        given = [n for n in names if getattr(args, n) is not None]
-        if given:
+        if given := given_settings(args, names):
             raise ConfigError(
-                f"{', '.join(f'`{n}`={getattr(args, n)!r}' for n in given)} set without `client_dp=True`: "
-                "client-level DP is off. Set `client_dp=True`, or drop them."
+                f"{given} set without `client_dp=True`: client-level DP is off. Set `client_dp=True`, or drop them."
             )
         return
     if args.client_clip_norm is None:

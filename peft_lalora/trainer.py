@@ -16,7 +16,6 @@ import os
 import time
 from typing import NamedTuple, Optional
 
-import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
@@ -26,7 +25,7 @@ from .errors import CheckpointMismatchError, ClientDataError, ConfigError, Priva
 from .federated.checkpoint import STATE_DIR, load_checkpoint, save_checkpoint
 from .federated.client import ClientShard, model_columns
 from .federated.client_dp import round_tensor_names
-from .federated.client_update import LocalConfig, client_update, make_optimizer, stepper_from_args
+from .federated.client_update import LocalConfig, client_update, stepper_from_args
 from .federated.disclosure import error_text, reveals_private
 from .federated.fingerprint import check_fingerprints, shard_fingerprint
 from .federated.ledger_check import checked_ledger
@@ -109,14 +108,7 @@ class FederatedDPTrainer(Trainer):
                 "Give exactly one of `train_dataset` (partitioned into `num_clients` shards) and "
                 "`client_datasets` (one dataset per client)."
             )
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            **kwargs,
-        )
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, **kwargs)
         self.client_datasets = client_datasets
         self.adapter_name = model.active_adapter
         self.ledger = None
@@ -239,9 +231,6 @@ class FederatedDPTrainer(Trainer):
         )
         return [(self.train_dataset, idx) for idx in indices], partition_fingerprint(indices)
 
-    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return make_optimizer(self.model, lr, self._local, self.adapter_name)
-
     # ----- the loop ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Run `num_rounds` federated rounds (continuing from a checkpoint if `resume_from_checkpoint` is True or
@@ -258,14 +247,16 @@ class FederatedDPTrainer(Trainer):
         prepare_output_dir(self.args, resuming=bool(resume_from_checkpoint))
         self._setup_federation()
         start = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
-        if start < self.args.num_rounds:
-            self._preflight(start)
+        if start < self.args.num_rounds:  # every client's data checked once, before anything is charged
+            self.global_adapter.load_into_model()
+            failed = preflight(
+                self.model, self._federation.shards, self.stepper, start, reveal_errors=reveals_private(self.args)
+            )
+            self._failed_data_check = frozenset(failed)
         args, state = self.args, self.state
         state.max_steps, state.global_step = args.num_rounds, start
-        state.is_local_process_zero, state.is_world_process_zero = (
-            self.is_local_process_zero(),
-            self.is_world_process_zero(),
-        )
+        state.is_local_process_zero = self.is_local_process_zero()
+        state.is_world_process_zero = self.is_world_process_zero()
         start_time, losses = time.time(), []
         self.control = self.callback_handler.on_train_begin(args, state, self.control)
         for round_idx in range(start, args.num_rounds):
@@ -366,14 +357,6 @@ class FederatedDPTrainer(Trainer):
             return {"client": client, "error": text, "dropped": getattr(exc, "dropped", 0)}
         total.add(update.delta, self.round_policy.weight(update.num_examples))
         return {"client": client, "loss": update.loss, "examples": update.sampled, "dropped": update.dropped}
-
-    def _preflight(self, start_round: int) -> None:
-        """Check every client's data once before anything is charged (see `federated.preflight`)."""
-        self.global_adapter.load_into_model()
-        shards, reveal = self._federation.shards, reveals_private(self.args)
-        self._failed_data_check = frozenset(
-            preflight(self.model, shards, self.stepper, start_round, reveal_errors=reveal)
-        )
 
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -527,7 +510,7 @@ class FederatedDPTrainer(Trainer):
             token=token or self.args.hub_token,
             private=bool(self.args.hub_private_repo),
             commit_message=commit_message,
-            allow_fixed_noise_seed=bool(getattr(self.args, "allow_fixed_noise_seed", False)),
+            allow_fixed_noise_seed=self.args.allow_fixed_noise_seed,
         )
 
     def card_context(self) -> dict:
@@ -546,8 +529,8 @@ class FederatedDPTrainer(Trainer):
             "metrics": metrics,
             "eval_round": last.get("step"),
             "adapter_round": self.state.global_step,
-            "dataset": getattr(args, "card_dataset_name", None),
-            "data_format": getattr(args, "card_data_format", None),
+            "dataset": args.card_dataset_name,
+            "data_format": args.card_data_format,
             "federated": {**{k: getattr(args, k) for k in FEDERATED_KEYS}, "partition": partition},
             "repo_id": args.hub_model_id,
         }

@@ -14,6 +14,7 @@ from tiny_models import tiny_vit
 import peft_lalora.trainer as trainer_module
 from peft_lalora import ClientDataError, ConfigError, FederatedDPTrainer, LALoraConfig
 from peft_lalora.federated.checkpoint import STATE_DIR
+from peft_lalora.federated.client_update import make_optimizer
 
 
 def _with(dataset, **columns):
@@ -160,7 +161,7 @@ def test_default_schedule_is_constant_times_round_decay(tmp_path):
 def test_adam_settings_reach_the_client_optimizer(tmp_path):
     trainer = make_trainer(tmp_path, local_optimizer="adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
     trainer.privacy_report()  # sets the federation up before training
-    optimizer = trainer._make_optimizer(0.1)  # private: the trainer's own client optimizer is what is checked
+    optimizer = make_optimizer(trainer.model, 0.1, trainer._local, trainer.adapter_name)  # the trainer's own settings
     assert optimizer.defaults["betas"] == (0.8, 0.95) and optimizer.defaults["eps"] == 1e-6
 
 

@@ -1,9 +1,5 @@
-"""Server-side aggregation: pure functions over `{name: tensor}` dicts (adapter factors A, B and the head).
-
-The server averages every tensor on its own (A with A, B with B), never the product B @ A (`Aggregator`). Sums
-run in client order in the tensors' own dtype, so the same inputs always give bit-identical results. Both the
-in-process trainer and the Flower server aggregate with `Aggregator`.
-"""
+"""Server-side aggregation over `{name: tensor}` dicts (adapter factors A, B and the head): `Aggregator`, which
+both engines use, and the checked delta arithmetic."""
 
 from __future__ import annotations
 
@@ -56,26 +52,19 @@ def adapter_delta(local: Mapping[str, Tensor], global_: Mapping[str, Tensor]) ->
     return delta
 
 
-def check_weight(weight, client) -> float:
-    """A client's aggregation weight: a finite number > 0 (e.g. 1.0, or its example count)."""
-    ok = not isinstance(weight, bool) and isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0
-    if not ok:
+def check_delta(delta: Mapping[str, Tensor], global_state: Mapping[str, Tensor], weight, client) -> float:
+    """A client's delta checked before anything of it is aggregated (only tensors of the global adapter, with its
+    shapes, finite values) and its weight (a finite number > 0, returned as a float)."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight < math.inf:
         raise ConfigError(
             f"`weight` must be a finite number > 0 (e.g. 1.0 or the client's example count), got {weight!r} for "
             f"client {client}. Leave a client out of the round instead of giving it weight 0."
         )
-    return float(weight)
-
-
-def check_delta(delta: Mapping[str, Tensor], global_state: Mapping[str, Tensor], weight, client) -> float:
-    """A client's delta checked before anything of it is aggregated (only tensors of the global adapter, with its
-    shapes, finite values) and its weight (`check_weight`, returned)."""
-    weight = check_weight(weight, client)
     _check_known("delta", delta, global_state, "A client must send deltas of the global adapter's tensors.")
     for name, value in delta.items():
         _check_shapes(name, global_state[name], value, "the global adapter and the delta")
         _check_finite(name, value, f"client {client}")
-    return weight
+    return float(weight)
 
 
 class Aggregator:
@@ -109,20 +98,11 @@ class Aggregator:
         """Sum the partial sums of every process (`reduce_fn` sums a tensor across processes)."""
         if reduce_fn is None:
             return
-        first = self.sums[self.names[0]]
-        flat = reduce_fn(torch.cat([self.sums[n].reshape(-1) for n in self.names]))
-        offset = 0
-        for name in self.names:
-            size = self.sums[name].numel()
-            self.sums[name] = flat[offset : offset + size].view_as(self.sums[name]).clone()
-            offset += size
-        tail = reduce_fn(
-            torch.tensor(
-                [self.counts[n] for n in self.names] + [float(self.survivors)],
-                dtype=torch.float64,
-                device=first.device,
-            )
-        ).tolist()
+        flat = reduce_fn(torch.cat([self.sums[n].reshape(-1) for n in self.names]))  # one collective call
+        parts = flat.split([self.sums[n].numel() for n in self.names])
+        self.sums = {n: part.view_as(self.sums[n]).clone() for n, part in zip(self.names, parts)}
+        tail = [self.counts[n] for n in self.names] + [float(self.survivors)]
+        tail = reduce_fn(torch.tensor(tail, dtype=torch.float64, device=flat.device)).tolist()
         self.counts = {n: float(c) for n, c in zip(self.names, tail[:-1])}
         self.survivors = int(round(tail[-1]))
 

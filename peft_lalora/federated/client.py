@@ -1,12 +1,11 @@
-"""A client's local round: load nothing, copy nothing; the server has already put the global adapter into the
-one model. Run `local_steps` steps under the schedule, each on a Poisson-sampled batch of the client's shard."""
+"""A client's examples (`ClientShard`): read on demand, collated once where the collator allows it, Poisson sampled
+per local step (`federated.client_update` runs the steps)."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import inspect
-import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +16,6 @@ from ..errors import ConfigError
 from ..privacy.sampling import poisson_sample
 from ..privacy.secure_random import SecureRandom
 from ..privacy.users import sample_users, user_groups
-from .seeding import global_rng
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 PADDED_KEYS = ("attention_mask", "token_type_ids", "special_tokens_mask")  # what `tokenizer.pad` pads, with input_ids
@@ -87,12 +85,10 @@ class ClientShard:
             rows = torch.tensor([self.indices[p] for p in positions], dtype=torch.long)
             return {k: v.to(self.device) for k, v in collated.take(rows, self.indices[0]).items()}
         if not positions:  # an empty Poisson batch: the right keys and shapes, zero rows
-            one = self.collate([self.dataset[self.indices[0]]])
-            return {k: v[:0].to(self.device) for k, v in one.items() if isinstance(v, torch.Tensor)}
-        out = self.collate(_features(self.dataset[[self.indices[p] for p in positions]]))
-        if "label" in out and "labels" not in out:
-            out["labels"] = out.pop("label")
-        return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+            one = _collate(self.collate, [self.dataset[self.indices[0]]])
+            return {k: v[:0].to(self.device) for k, v in one.items()}
+        out = _collate(self.collate, _features(self.dataset[[self.indices[p] for p in positions]]))
+        return {k: v.to(self.device) for k, v in out.items()}
 
 
 def _user_ids(dataset, column) -> list:
@@ -104,6 +100,14 @@ def _user_ids(dataset, column) -> list:
             "remove it): the trainer drops it before the model sees the batch."
         )
     return list(dataset.with_format(None)[column])
+
+
+def _collate(collate: Callable, features: list) -> dict:
+    """The collator's tensors of `features`, its "label" named "labels" (the Trainer's name)."""
+    out = collate(features)
+    if "label" in out and "labels" not in out:
+        out["labels"] = out.pop("label")
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
 def _features(rows: dict) -> list:
@@ -138,12 +142,9 @@ class CollatedRows:
                 return None
             features = _features(rows)
             try:
-                out = collate(features)
+                parts.append(_collate(collate, features))
             except (ValueError, TypeError, RuntimeError):  # e.g. examples of several shapes (default collator)
                 return None
-            if "label" in out and "labels" not in out:
-                out["labels"] = out.pop("label")
-            parts.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
             if padded:
                 lengths += [len(f[collate.tokenizer.model_input_names[0]]) for f in features]
         padded = frozenset(padded) & set(parts[0])
@@ -153,8 +154,10 @@ class CollatedRows:
             if len(lengths) * width > 2 * int(lengths.sum()):  # mostly padding: not worth its memory
                 return None
             fill = _pad_values(collate.tokenizer)
+            pad = torch.nn.functional.pad
             parts = [
-                {k: _pad_right(v, width, fill[k]) if k in padded else v for k, v in part.items()} for part in parts
+                {k: pad(v, (0, width - v.shape[1]), value=fill[k]) if k in padded else v for k, v in p.items()}
+                for p in parts
             ]
         if any(
             part.keys() != parts[0].keys()
@@ -172,10 +175,6 @@ class CollatedRows:
             width = int(self.lengths[rows].max()) if len(rows) else int(self.lengths[first])
             out.update({k: out[k][:, :width].contiguous() for k in self.padded})
         return out
-
-
-def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
-    return torch.cat([tensor, tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value)], dim=1)
 
 
 def _pad_values(tokenizer) -> dict:
@@ -209,52 +208,3 @@ def _padded_columns(collate: Callable):
     ):
         return (tokenizer.model_input_names[0], *PADDED_KEYS)
     return None
-
-
-def run_local_round(
-    *,
-    tuner,
-    stepper,
-    shard: ClientShard,
-    make_optimizer: Callable,
-    round_idx: int,
-    client: int,
-    local_steps: int,
-    batch_size: int,
-    seed: int,
-) -> dict:
-    """
-    Train the model (already holding the global adapter) on one client's shard for `local_steps` steps, each on
-    a Poisson batch of its examples, or of its users with one example each (`ClientShard.sample`).
-    Every random draw (batches, noise, dropout) derives from (seed, round, client), where `seed` is the run's
-    private root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run: the batches
-    and the noise from ChaCha20 streams keyed by it (`SecureRandom`), dropout (not part of the mechanism) from
-    torch's generator under a seed derived from it. Returns the
-    factors that trained (the tensors to send) and statistics, `dropped` counting examples whose gradient was
-    not finite.
-    """
-    sampler = SecureRandom(seed, "sample", round_idx, client)
-    picker = SecureRandom(seed, "user-example", round_idx, client)  # user-level DP: which example of each user
-    noise = SecureRandom(seed, "noise", round_idx, client)
-    trained, losses, examples, dropped = set(), [], 0, 0
-    with global_rng(seed, "dropout", round_idx, client, device=shard.device):  # dropout takes no generator; the
-        # caller's RNG is kept
-        stepper.reset(make_optimizer(), noise)
-        for step in range(local_steps):
-            factors = tuner.trainable_factors(round_idx, step)
-            tuner.set_trainable_factors(factors)
-            trained |= factors
-            indices = shard.sample(batch_size, sampler, picker)
-            if not indices and not stepper.private:
-                continue  # nothing to learn from, and no privacy mechanism that must run
-            out = stepper(shard.batch(indices), expected_batch_size=batch_size)
-            examples += out["batch_size"]
-            dropped += out.get("dropped", 0)
-            if math.isfinite(out["loss"]):
-                losses.append(out["loss"])
-    return {
-        "factors": frozenset(trained),
-        "loss": sum(losses) / len(losses) if losses else float("nan"),
-        "examples": examples,
-        "dropped": dropped,
-    }

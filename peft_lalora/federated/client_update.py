@@ -6,6 +6,7 @@ trained (the factors that trained, plus the head), with counts. Privacy accounti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,9 +14,11 @@ import torch
 
 from ..privacy.engine import NonPrivateStep, PrivateStep
 from ..privacy.quantized import prepare_quantized_layers
+from ..privacy.secure_random import SecureRandom
 from ..tuner.roles import tensor_role, trained_tensor_names
 from .aggregation import adapter_delta
-from .client import ClientShard, run_local_round
+from .client import ClientShard
+from .seeding import global_rng
 
 
 class ClientUpdateError(RuntimeError):
@@ -44,15 +47,11 @@ class LocalConfig:
     @classmethod
     def from_args(cls, args) -> LocalConfig:
         """From `FederatedDPArguments` (`per_device_train_batch_size` is the expected Poisson batch)."""
+        same = ("local_steps", "local_optimizer", "local_momentum", "weight_decay", "lora_b_lr_ratio", "adam_epsilon")
         return cls(
-            local_steps=args.local_steps,
             batch_size=args.per_device_train_batch_size,
-            local_optimizer=args.local_optimizer,
-            local_momentum=args.local_momentum,
-            weight_decay=args.weight_decay,
-            lora_b_lr_ratio=args.lora_b_lr_ratio,
             adam_betas=(args.adam_beta1, args.adam_beta2),
-            adam_epsilon=args.adam_epsilon,
+            **{name: getattr(args, name) for name in same},
         )
 
 
@@ -155,38 +154,46 @@ def client_update(
     adapter_name: str = "default",
 ) -> ClientUpdate:
     """
-    Load `global_state` into `model`, run `local.local_steps` steps of the schedule on Poisson batches of `shard`
-    (noise, batches and dropout from `private_seed`, round and client) and return the delta of the factors that
-    trained plus the head. Raises `ClientUpdateError` when every sampled example was dropped (noise only) or the
-    update is not finite; any other error of the local round propagates.
+    Load `global_state` into `model`, run `local.local_steps` steps of the schedule, each on a Poisson batch of
+    `shard`'s examples (or of its users, one example each: `ClientShard.sample`), and return the delta of the factors
+    that trained plus the head. Every random draw derives from (`private_seed`, round, client), the run's private
+    root (`seeding.secret_seed`, or a fixed `noise_seed`), never the public seed of a DP run: the batches and the
+    noise from ChaCha20 streams keyed by it (`SecureRandom`), dropout (not part of the mechanism) from torch's
+    generator under a seed derived from it. Raises `ClientUpdateError` when every sampled example was dropped for a
+    non-finite gradient (noise only) or the update is not finite; any other error of the local round propagates.
     """
     params = dict(model.named_parameters())  # one walk of the model per client
     load_state(model, global_state, params)
-    stats = run_local_round(
-        tuner=model.base_model,
-        stepper=stepper,
-        shard=shard,
-        make_optimizer=lambda: make_optimizer(model, lr, local, adapter_name, params),
-        round_idx=round_idx,
-        client=client,
-        local_steps=local.local_steps,
-        batch_size=local.batch_size,
-        seed=private_seed,
-    )
-    if stats["examples"] and stats["dropped"] == stats["examples"]:
+    tuner, batch_size = model.base_model, local.batch_size
+    sampler = SecureRandom(private_seed, "sample", round_idx, client)
+    picker = SecureRandom(private_seed, "user-example", round_idx, client)  # user-level DP: which example of a user
+    trained, losses, sampled, dropped = set(), [], 0, 0
+    # dropout takes no generator; the caller's RNG is kept
+    with global_rng(private_seed, "dropout", round_idx, client, device=shard.device):
+        stepper.reset(
+            make_optimizer(model, lr, local, adapter_name, params),
+            SecureRandom(private_seed, "noise", round_idx, client),
+        )
+        for step in range(local.local_steps):
+            factors = tuner.trainable_factors(round_idx, step)
+            tuner.set_trainable_factors(factors)
+            trained |= factors
+            indices = shard.sample(batch_size, sampler, picker)
+            if not indices and not stepper.private:
+                continue  # nothing to learn from, and no privacy mechanism that must run
+            out = stepper(shard.batch(indices), expected_batch_size=batch_size)
+            sampled += out["batch_size"]
+            dropped += out.get("dropped", 0)
+            if math.isfinite(out["loss"]):
+                losses.append(out["loss"])
+    if sampled and dropped == sampled:
         raise ClientUpdateError(  # no count in the text: it is computed from the data without noise
             "every sampled example had a non-finite gradient and was dropped: the update would be noise only",
-            dropped=stats["dropped"],
+            dropped=dropped,
         )
-    sent = trained_tensor_names(global_state, adapter_name, stats["factors"])
+    sent = trained_tensor_names(global_state, adapter_name, trained)
     delta = adapter_delta({n: params[n].detach() for n in sent}, {n: global_state[n] for n in sent})
     if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
         raise ClientUpdateError("the client's update is not finite (NaN or inf): lower the learning rate")
-    return ClientUpdate(
-        delta=delta,
-        num_examples=len(shard),
-        loss=stats["loss"],
-        steps=local.local_steps,
-        sampled=stats["examples"],
-        dropped=stats["dropped"],
-    )
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    return ClientUpdate(delta, len(shard), loss, local.local_steps, sampled, dropped)

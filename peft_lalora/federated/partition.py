@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..checks import check_int
+from ..checks import check_int, check_positive
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -39,23 +38,13 @@ def _check_clients(num_clients, num_examples: int, min_shard_size: int) -> None:
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not math.isfinite(alpha):
-        raise ConfigError(f"`dirichlet_alpha` must be a finite number > 0 (or None for IID), got {alpha!r}.")
-    if alpha <= 0:
-        raise ConfigError(
-            f"`dirichlet_alpha` must be > 0, got {alpha!r}. Small values (0.1) give strongly skewed labels, "
-            "large values (100) near-IID shards; pass None for an exact IID split."
-        )
-    return float(alpha)
+    hint = "a finite number: 0.1 gives strongly skewed labels, 100 near-IID shards; None an exact IID split"
+    return check_positive("dirichlet_alpha", alpha, hint)
 
 
 def partition_iid(num_examples: int, num_clients: int, *, seed: int, min_shard_size: int = 1) -> list[list[int]]:
-    """
-    Shuffle `range(num_examples)` with `seed` and cut it into `num_clients` shards whose sizes differ by at most 1.
-
-    Raises `ConfigError` if `num_clients` is < 1 or > `num_examples`, or if the shards would be smaller than
-    `min_shard_size`.
-    """
+    """Shuffle `range(num_examples)` with `seed` and cut it into `num_clients` shards whose sizes differ by at most 1
+    (each >= `min_shard_size`, else `ConfigError`)."""
     num_examples = check_int("num_examples", num_examples, 1)
     min_shard_size = check_int("min_shard_size", min_shard_size, 1)
     _check_clients(num_clients, num_examples, min_shard_size)
@@ -176,11 +165,8 @@ def partition_indices(
 
 
 def partition_dataset(dataset, num_clients: int, **kwargs) -> list:
-    """
-    Split a `datasets.Dataset` into `num_clients` shards (views made with `.select`, no copy of the data); the
-    keyword arguments are `partition_indices`'. `dirichlet_alpha=None` gives an IID split, a positive value a
-    Dirichlet label-skewed split on `label_column`.
-    """
+    """Split a `datasets.Dataset` into `num_clients` shards (`.select` views, no copy); the keyword arguments are
+    `partition_indices`' (`dirichlet_alpha=None`: IID, else a Dirichlet label skew on `label_column`)."""
     return [dataset.select(shard) for shard in partition_indices(dataset, num_clients, **kwargs)]
 
 

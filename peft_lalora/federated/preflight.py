@@ -18,6 +18,7 @@ so the run that follows is unchanged.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,13 +27,13 @@ import torch
 from ..errors import ClientDataError, UnsupportedModelError
 from ..privacy.grad_sample_base import model_inputs
 from ..privacy.losses import IGNORE_INDEX, logits_of, per_example_loss
+from .client import LABEL_KEYS
 from .disclosure import error_text
 
 logger = logging.getLogger(__name__)
 
 PROBE_ROWS = 16  # the examples the model (and the per-sample gradients) run on
 SCAN_ROWS = 1024  # the rows collated at a time by the pass over a whole shard
-LABEL_COLUMNS = ("labels", "label", "label_ids")
 
 
 @dataclass(frozen=True)
@@ -97,55 +98,46 @@ def check_batch_against_config(batch: dict, limits: InputLimits) -> None:
 
 
 class LabelRange:
-    """The smallest and largest integer label of a shard, with and without the ignored index (-100)."""
+    """The smallest and largest integer label of a shard: of every label (`every`) and of those that are not the
+    ignored index -100 (`counted`); (inf, -inf) while there is none."""
 
     def __init__(self):
         self.floating = False
-        self.low = self.high = None  # every label
-        self.low_counted = self.high_counted = None  # the labels that are not IGNORE_INDEX
+        self.every = self.counted = (math.inf, -math.inf)
 
     def update(self, labels: torch.Tensor) -> None:
         if labels.is_floating_point():
             self.floating = True
-            return
-        if labels.numel() == 0:
-            return
-        self.low, self.high = _merge(self.low, self.high, labels)
-        counted = labels[labels != IGNORE_INDEX]
-        if counted.numel():
-            self.low_counted, self.high_counted = _merge(self.low_counted, self.high_counted, counted)
+        else:
+            self.every = _merge(self.every, labels)
+            self.counted = _merge(self.counted, labels[labels != IGNORE_INDEX])
 
 
-def _merge(low, high, values: torch.Tensor) -> tuple:
-    lo, hi = int(values.min()), int(values.max())
-    return (lo if low is None else min(low, lo)), (hi if high is None else max(high, hi))
+def _merge(bounds: tuple, values: torch.Tensor) -> tuple:
+    return (min(bounds[0], int(values.min())), max(bounds[1], int(values.max()))) if values.numel() else bounds
 
 
 def check_labels(logits: torch.Tensor, labels: LabelRange) -> None:
     """Integer class labels must lie in [0, num_classes) of the logits, token labels in [0, vocabulary) or be
     -100 (CUDA would only assert)."""
-    if labels.floating:
+    if labels.floating or logits.dim() not in (2, 3):
         return
-    if logits.dim() == 2 and labels.low is not None:
-        classes = logits.shape[-1]
-        if labels.low < 0 or labels.high >= classes:
-            raise ClientDataError(
-                f"`labels` hold class ids outside [0, {classes}) for a model with {classes} outputs (`num_labels`"
-                f"={classes}): set `num_labels` or map the labels to 0..num_labels-1."
-            )
-    if logits.dim() == 3 and labels.low_counted is not None:
-        vocab = logits.shape[-1]
-        if labels.low_counted < 0 or labels.high_counted >= vocab:
-            raise ClientDataError(
-                f"`labels` hold token ids outside [0, {vocab}) (the model's {vocab} outputs) other than "
-                f"{IGNORE_INDEX} (ignored): build the labels from the model's own tokenizer."
-            )
+    n = logits.shape[-1]
+    low, high = labels.every if logits.dim() == 2 else labels.counted
+    if low < 0 or high >= n:  # never for (inf, -inf): no label to check
+        raise ClientDataError(
+            f"`labels` hold class ids outside [0, {n}) for a model with {n} outputs (`num_labels`={n}): set "
+            "`num_labels` or map the labels to 0..num_labels-1."
+            if logits.dim() == 2
+            else f"`labels` hold token ids outside [0, {n}) (the model's {n} outputs) other than {IGNORE_INDEX} "
+            "(ignored): build the labels from the model's own tokenizer."
+        )
 
 
 def _require_labels(batch: dict, shard) -> None:
     if "labels" in batch:
         return
-    present = [c for c in LABEL_COLUMNS if c in shard.dataset.column_names]
+    present = [c for c in LABEL_KEYS if c in shard.dataset.column_names]
     if present:
         raise ClientDataError(
             f"the `{present[0]}` column holds values that are not numbers: map them to integer class ids "
@@ -214,14 +206,13 @@ def preflight(model, shards: list, stepper, round_idx: int, *, reveal_errors: bo
         try:
             model.base_model.set_trainable_factors(model.base_model.trainable_factors(round_idx, 0))
             stepper.probe(shards[healthy].batch(list(range(min(PROBE_ROWS, len(shards[healthy]))))))
-        except UnsupportedModelError as exc:  # the model, not the data: say so, with the module it names
-            text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
-            raise UnsupportedModelError(
-                f"Per-sample gradients cannot be computed for this model, whatever the data; nothing was trained "
-                f"or charged: {text}"
-            ) from (exc if reveal_errors else None)
         except Exception as exc:  # noqa: BLE001
             text = error_text(exc, reveal=reveal_errors, where="from the per-sample gradient backend")
+            if isinstance(exc, UnsupportedModelError):  # the model, not the data: say so, with the module it names
+                raise UnsupportedModelError(
+                    f"Per-sample gradients cannot be computed for this model, whatever the data; nothing was "
+                    f"trained or charged: {text}"
+                ) from (exc if reveal_errors else None)
             raise ClientDataError(
                 f"Per-sample gradients fail on client {healthy}'s first examples, and would fail on every "
                 f"client; nothing was trained or charged: {text}. If the backend cannot trace this model, "

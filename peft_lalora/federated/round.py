@@ -1,8 +1,6 @@
 """`RoundPolicy`: the server's side of a round, one object for both engines (`FederatedDPTrainer._run_round` and
-the Flower `LALoraStrategy`): which clients take part (`select`), how a client's delta is weighed (`weight`), how
-the deltas are aggregated (`aggregator`: the rule named by `aggregation`, see `rules`), whether the round is
-aborted or released (`close`), and the round's mean loss (`finite_mean`). The engines keep only what is theirs:
-running the clients in-process, or sending messages and reading replies.
+the Flower `LALoraStrategy`): client selection, weights, the aggregation rule (`rules`), abort or release. The
+engines keep only what is theirs: running the clients in-process, or sending messages and reading replies.
 
 With `client_dp=True` the same round is DP-FedAvg (`client_dp`): the clients are a Poisson sample from the private
 root, the budget is checked before the round, and the rule is wrapped by `ClientDPAggregator` (clip, noise,

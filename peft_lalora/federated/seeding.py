@@ -4,8 +4,8 @@ Two roots: the public `seed` (partition, client selection, initialisation: what 
 root of the DP noise and the Poisson batches, drawn from the operating system's entropy for each run
 (`secret_seed`) and kept only in the private checkpoint. The noise and the batches come from ChaCha20 streams
 keyed by the private root (`privacy.secure_random.SecureRandom`); torch's generators, which keep 32 (CPU) or
-64 (CUDA) bits of a seed, only ever draw dropout and public things. Nothing random is carried from one client or round to
-the next, so a client's local round gives the same result whichever process runs it and after any resume.
+64 (CUDA) bits of a seed, only ever draw dropout and public things. Nothing random is carried from one client or
+round to the next, so a client's local round gives the same result whichever process runs it and after any resume.
 """
 
 from __future__ import annotations
@@ -34,20 +34,17 @@ def secret_seed() -> str:
 
 @contextmanager
 def global_rng(seed: int, *keys, device="cpu") -> Iterator[None]:
-    """Seed torch's global generator that dropout on `device` draws from (dropout, `nn.Dropout` and the attention's
-    `F.dropout`, takes no generator) for the block, and give the caller back its CPU generator and those of the
-    CUDA devices in use on exit.
+    """Seed torch's global generator that dropout on `device` draws from (dropout takes no generator) for the
+    block, and give the caller back its CPU generator and those of the CUDA devices in use on exit.
 
     On CPU only the CPU generator is seeded: `torch.manual_seed` also queues a seed for every accelerator kind,
     recording a stack trace for each, which costs more than a local step's other bookkeeping together. On other
     devices `torch.manual_seed` seeds them all; other backends (MPS, XPU), and CUDA when not yet initialised,
     keep the block's seed.
 
-    Never on the path of the DP noise or the Poisson batches: those come from `SecureRandom` streams keyed by the
-    private root, because a torch generator keeps only 32 (CPU) or 64 (CUDA) bits of its seed. Dropout's masks are
-    data-independent and not part of the mechanism; `seed` here is hashed (`derive_seed`), so it gives nothing of
-    the root away. tests/test_unguessable_noise.py records every seed handed to torch and checks that none
-    re-creates any run of the released noise."""
+    Never on the path of the DP noise or the Poisson batches (see above). Dropout's masks are data-independent and
+    not part of the mechanism; `seed` here is hashed (`derive_seed`), so it gives nothing of the root away.
+    tests/test_unguessable_noise.py checks that no seed handed to torch re-creates any run of the released noise."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     value = derive_seed(seed, *keys)
     with torch.random.fork_rng(devices=cuda):

@@ -104,14 +104,6 @@ def load_tensors(path: str, *, expected: Mapping[str, tuple] | None = None) -> d
     return tensors
 
 
-def _normalise(value):
-    if isinstance(value, Mapping):
-        return {str(k): _normalise(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    return value
-
-
 def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
@@ -122,21 +114,13 @@ def _same(a, b) -> bool:
 
 def _first_difference(saved, current, prefix: str = ""):
     if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current)):
-            found = _first_difference(
-                saved.get(key, _MISSING), current.get(key, _MISSING), f"{prefix}.{key}" if prefix else key
-            )
-            if found is not None:
-                return found
-        return None
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        for i, (s, c) in enumerate(zip(saved, current)):
-            if isinstance(s, (dict, list)) or not _same(s, c):
-                found = _first_difference(s, c, f"{prefix}[{i}]")
-                if found is not None:
-                    return found
-        return None
-    return None if _same(saved, current) else (prefix, saved, current)
+        keys = sorted(set(saved) | set(current))
+        pairs = [(f"{prefix}.{k}" if prefix else k, saved.get(k, _MISSING), current.get(k, _MISSING)) for k in keys]
+    elif isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        pairs = [(f"{prefix}[{i}]", s, c) for i, (s, c) in enumerate(zip(saved, current))]
+    else:
+        return None if _same(saved, current) else (prefix, saved, current)
+    return next(filter(None, (_first_difference(s, c, path) for path, s, c in pairs)), None)
 
 
 def compare_settings(saved: Mapping, current: Mapping) -> None:
@@ -144,7 +128,8 @@ def compare_settings(saved: Mapping, current: Mapping) -> None:
     Raise `CheckpointMismatchError` naming the first field (in sorted order, dotted for nested dicts) whose value
     differs between a checkpoint's saved settings and the resuming run's; tuples and lists compare equal.
     """
-    found = _first_difference(_normalise(saved), _normalise(current))
+    # through JSON, as the checkpoint stored them: tuples become lists, keys strings
+    found = _first_difference(json.loads(json.dumps(saved)), json.loads(json.dumps(current)))
     if found is None:
         return
     field, old, new = found

@@ -13,16 +13,8 @@ from ..errors import ConfigError
 
 
 def lowpass_filter(grad: torch.Tensor, factor: str, kernel=(1.0, 4.0, 6.0, 4.0, 1.0)) -> torch.Tensor:
-    """
-    Smooth a LoRA factor's gradient along its non-rank axis.
-
-    Args:
-        grad: the gradient of `lora_A` (shape r x d_in) or of `lora_B` (shape d_out x r).
-        factor: `"A"` or `"B"`, which fixes the axis (1 for A, 0 for B).
-        kernel: filter weights, normalised here to sum 1.
-
-    Returns a new tensor with the shape, dtype and device of `grad`.
-    """
+    """Smooth the gradient of `lora_A` (r x d_in, `factor="A"`) or `lora_B` (d_out x r) along its non-rank axis with
+    `kernel` (normalised to sum 1); a new tensor with `grad`'s shape, dtype and device."""
     if factor not in ("A", "B"):
         raise ConfigError(f"`factor` must be 'A' or 'B', got {factor!r}.")
     if grad.dim() != 2:

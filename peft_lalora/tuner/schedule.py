@@ -11,14 +11,8 @@ ONLY_B = frozenset({"B"})
 
 
 def trainable_factors(config, round_idx: int, step: int) -> frozenset:
-    """
-    The set of factors that train at local step `step` of round `round_idx` (both count from 0).
-
-    - `"local"` (LA-LoRA): phases of `alternation_period` local steps, starting with `first_factor`, restarting
-      at every round (each client starts its round from the same global adapter);
-    - `"round"` (RoLoRA): phases of `alternation_period` rounds;
-    - `"freeze_a"` (FFA-LoRA): always B;
-    - `"none"` (DP-LoRA): both.
+    """The factors that train at local step `step` of round `round_idx` (both from 0), by `config.alternation`
+    (`LALoraConfig`'s docstring); "local" phases restart at every round (each client starts from the global adapter).
     """
     check_int("round_idx", round_idx)
     check_int("step", step)

@@ -5,9 +5,7 @@ clients' noised releases."""
 from __future__ import annotations
 
 from ..aggregation import Aggregator
-from . import register
 
 
-@register("mean")
-def make_mean(global_state, args) -> Aggregator:
+def make(global_state, args) -> Aggregator:
     return Aggregator(global_state)

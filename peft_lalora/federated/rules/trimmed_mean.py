@@ -2,10 +2,8 @@
 to a few clients sending outlying updates: per coordinate, the `aggregation_trim` fraction of the largest and of
 the smallest values is dropped and the rest averaged (flwr's `FedTrimmedAvg` with `beta`, on deltas, per tensor).
 
-Privacy: the clients' deltas are their DP releases (clipped, noised DP-SGD under sample-level DP), so this rule,
-like any rule, is post-processing and keeps every client's sample-level guarantee. It is not a client-level DP
-mechanism and cannot be wrapped by one here (`client_dp` needs a rule that releases a sum with a bounded
-per-client sensitivity, `"mean"`).
+Post-processing of the clients' releases, like any rule (`rules`); not wrappable by client-level DP, which needs
+a rule that releases a sum with a bounded per-client sensitivity (`"mean"`).
 
 Unweighted (a client is one vote), so `aggregation_weights` must be "uniform". It keeps every delta of the round
 (memory: clients x adapter) and needs them all in one process, so it does not run under Accelerate.
@@ -19,7 +17,6 @@ import torch
 
 from ...errors import ConfigError
 from ..aggregation import apply_delta, check_delta
-from . import register
 
 
 class TrimmedMean:
@@ -64,6 +61,5 @@ class TrimmedMean:
         return apply_delta(self.global_state, self.mean())
 
 
-@register("trimmed_mean")
-def make_trimmed_mean(global_state, args) -> TrimmedMean:
+def make(global_state, args) -> TrimmedMean:
     return TrimmedMean(global_state, args.aggregation_trim)

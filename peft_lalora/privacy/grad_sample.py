@@ -19,7 +19,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import ConfigError
-from .grad_sample_base import PerSampleGradients, is_windowed, model_type, refuse_batch_norm
+from .grad_sample_base import PerSampleGradients, is_windowed, model_type
 from .grad_sample_func import FuncBackend
 from .grad_sample_hooks import GRAD_SAMPLERS, HooksBackend
 from .losses import per_example_loss
@@ -51,7 +51,6 @@ def select_backend(
     prepare_quantized_layers(model)
     refuse_batch_dependent_quantization(model)
     if backend == "auto":
-        refuse_batch_norm(model)
         backend = "func" if is_windowed(model) or not hooks_cover(model) else "hooks"
         logger.info("per-sample gradients: backend %r for model_type %r", backend, model_type(model))
     if backend not in BACKENDS:

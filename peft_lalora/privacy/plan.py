@@ -41,13 +41,10 @@ class PrivacyPlan:
 
     @classmethod
     def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
-        """The plan of `FederatedDPArguments` (its sigma or target epsilon, delta, accountant and clip norm) for
-        clients `{id: n_k}`: every client for the in-process trainer, a Flower client for itself. Delta defaults to
-        min(1e-5, 1 / n) of the smallest client. With `target_epsilon`, sigma is calibrated so that every client
-        stays within the target: for its `scheduled_steps[id]` (the public participation schedule, known before
-        training), or, without them, for a client taking part in all `num_rounds` rounds at the largest rate (the
-        worst case). Under user-level DP (`privacy_unit="user"`) `client_sizes` counts each client's users: q =
-        batch size / users, and delta defaults to min(1e-5, 1 / users) of the client with the fewest."""
+        """The plan of `FederatedDPArguments` for clients `{id: n_k}` (every client in-process, a Flower client for
+        itself; under `privacy_unit="user"` n_k counts users). With `target_epsilon`, sigma is calibrated so that
+        every client meets it for its `scheduled_steps[id]` (the public schedule), or, without them, for a client in
+        all `num_rounds` rounds at the largest rate (the worst case); see METHOD.md, "Privacy"."""
         target_epsilon, noise_multiplier = args.target_epsilon, args.noise_multiplier
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ConfigError(

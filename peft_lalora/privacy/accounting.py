@@ -284,15 +284,6 @@ def _schedule(sample_rate, steps) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- ledger
-def _merged(history: list, sigma: float, q: float, steps: int) -> list:
-    """`history` with `steps` more (sigma, q) events, merged into the last entry when it matches (O(1))."""
-    if steps == 0:
-        return list(history)
-    if history and history[-1][0] == sigma and history[-1][1] == q:
-        return history[:-1] + [(sigma, q, history[-1][2] + steps)]
-    return history + [(sigma, q, steps)]
-
-
 class PrivacyLedger:
     """One opacus accountant per client; one event per local step (whichever LoRA factor is active).
 
@@ -380,7 +371,11 @@ class PrivacyLedger:
     # -- releases
     def _prospective(self, client: int, steps) -> tuple[list, float]:
         steps = check_int("steps", steps, 0, _STEPS_FIX)
-        history = _merged(self._histories[client], self.noise_multiplier, self._rates[client], steps)
+        history, event = list(self._histories[client]), (self.noise_multiplier, self._rates[client])
+        if steps and history and history[-1][:2] == event:  # merged into the last entry: O(1) epsilons
+            history[-1] = (*event, history[-1][2] + steps)
+        elif steps:
+            history.append((*event, steps))
         eps = self._epsilon(history)
         if self.target_epsilon is not None and eps > self.target_epsilon:
             raise PrivacyBudgetExceededError(

@@ -43,8 +43,8 @@ class PrivacyPlan:
     def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
         """The plan of `FederatedDPArguments` for clients `{id: n_k}` (every client in-process, a Flower client for
         itself; under `privacy_unit="user"` n_k counts users). With `target_epsilon`, sigma is calibrated so that
-        every client meets it for its `scheduled_steps[id]` (the public schedule), or, without them, for a client in
-        all `num_rounds` rounds at the largest rate (the worst case); see METHOD.md, "Privacy"."""
+        every client meets it for its `scheduled_steps[id]` (the public schedule, known before training), or, without
+        them, for a client in all `num_rounds` rounds at the largest rate (the worst case)."""
         target_epsilon, noise_multiplier = args.target_epsilon, args.noise_multiplier
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ConfigError(

@@ -59,15 +59,9 @@ def derive_key(root, *labels) -> bytes:
 
 
 class SecureRandom:
-    """
-    A ChaCha20 keystream keyed by `derive_key(root, *labels)`, read in order: uniforms, Gaussians and Poisson
-    inclusions. Deterministic given (root, labels) and the order of the draws, so a resumed run re-creates its
-    draws bit for bit from the root in its private checkpoint.
-
-    Args:
-        root: the private root (`secrets.token_hex(32)` for a DP run; an int only for fixed-seed tests).
-        labels: what the stream is for, e.g. ("noise", round, client).
-    """
+    """A ChaCha20 keystream keyed by `derive_key(root, *labels)` (`root`: `secrets.token_hex(32)` for a DP run, an
+    int only for a fixed seed; `labels`: what it is for, e.g. ("noise", round, client)), read in order. Deterministic
+    given (root, labels) and the order of the draws: a resumed run re-creates them from its private checkpoint."""
 
     def __init__(self, root, *labels):
         self._stream = Cipher(algorithms.ChaCha20(derive_key(root, *labels), _NONCE), mode=None).encryptor()

@@ -32,15 +32,8 @@ __all__ = ["user_groups", "sample_users"]
 
 
 def user_groups(ids: Sequence, column: str = "user_column") -> list:
-    """The positions of each user's examples, users in order of first appearance.
-
-    Args:
-        ids: the user id of every example (any hashable scalar: str or int).
-        column (`str`): the dataset column the ids come from, named in errors.
-
-    Raises:
-        ConfigError: when an id is missing (None or NaN) or not hashable.
-    """
+    """The positions of each user's examples, users in order of first appearance, from every example's user id
+    (a hashable scalar: str or int) in `ids`; `column` (the dataset column) is named in the errors."""
     groups: dict = {}
     for position, user in enumerate(ids):
         if user is None or (isinstance(user, float) and math.isnan(user)):
@@ -60,14 +53,9 @@ def user_groups(ids: Sequence, column: str = "user_column") -> list:
 
 
 def sample_users(groups: list, sample_rate: float, sampler: SecureRandom, picker: SecureRandom) -> list:
-    """One Poisson-sampled batch of users, one example each: the sorted positions of the chosen examples.
-
-    Args:
-        groups (`list[list[int]]`): each user's example positions (`user_groups`).
-        sample_rate (`float`): the inclusion probability q_user of each user, in (0, 1].
-        sampler (`SecureRandom`): the client's sampling stream (which users).
-        picker (`SecureRandom`): the client's choice stream (which example of each user).
-    """
+    """One Poisson-sampled batch of users, one example each: the sorted positions of the chosen examples. `groups`:
+    each user's positions (`user_groups`); `sampler` draws which users (each with probability `sample_rate`),
+    `picker` which example of each (the client's two streams)."""
     users = poisson_sample(len(groups), sample_rate, sampler).tolist()
     picks = picker.uniform(len(groups)).tolist()  # one per user, sampled or not: a user's pick ignores the others
     # floor(u * m) of a uniform u in (0, 1) on a 2^-53 grid: uniform up to m * 2^-53, which does not enter the

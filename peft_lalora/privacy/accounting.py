@@ -195,19 +195,21 @@ def calibrate_noise_multiplier(
             )
         return max(sigmas)
 
-    def over(sigma: float) -> list:
-        return [(q_k, n_k) for q_k, n_k in clients if _epsilon_of_history([(sigma, q_k, n_k)], delta, acc) > target]
+    def over(sigma: float) -> tuple[list, float]:  # the clients above the target at sigma, and the largest epsilon
+        eps = {c: _epsilon_of_history([(sigma, *c)], delta, acc) for c in clients}
+        return [c for c, e in eps.items() if e > target], max(eps.values())
 
     front = [c for c in clients if not any(o != c and o[0] >= c[0] and o[1] >= c[1] for o in clients)]
     sigma = solve(front)
-    if over(sigma):  # a client off the front above the target (epsilon not monotone here): solve for it too
-        sigma = max(sigma, solve(over(sigma)))
-    if over(sigma):
+    above, eps = over(sigma)
+    if above:  # a client off the front above the target (epsilon not monotone here): solve for it too
+        sigma = max(sigma, solve(above))
+        above, eps = over(sigma)
+    if above:
         raise LALoraError(
-            f"Noise calibration failed its check: at sigma={sigma:.6g} the clients (q, steps) {over(sigma)} exceed "
+            f"Noise calibration failed its check: at sigma={sigma:.6g} the clients (q, steps) {above} exceed "
             f"`target_epsilon` = {target} under the '{acc}' accountant. Pass `noise_multiplier` explicitly."
         )
-    eps = max(_epsilon_of_history([(sigma, q_k, n_k)], delta, acc) for q_k, n_k in clients)
     if sigma > USEFUL_NOISE_MULTIPLIER:
         warnings.warn(
             f"`target_epsilon`={target} is only just above the smallest epsilon this schedule can reach "

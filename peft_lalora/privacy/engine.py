@@ -30,15 +30,8 @@ def active_parameters(model: torch.nn.Module) -> dict:
 
 
 class PrivateStep:
-    """
-    A DP-SGD step: exact per-sample gradients (`backend`), then `GradientPrivatizer` (clip, sum, noise, scale,
-    low-pass, inner step).
-
-    Args:
-        model: the peft model, already on its device.
-        backend: `"auto"`, `"hooks"` or `"func"` (see `select_backend`).
-        The others (inner optimizer, sigma, clip norms, low-pass kernel, noise stream) are `GradientPrivatizer`'s.
-    """
+    """A DP-SGD step: exact per-sample gradients of `model` (on its device) by `backend` (`select_backend`), then
+    `GradientPrivatizer` (clip, sum, noise, scale, low-pass, inner step), whose arguments the others are."""
 
     private = True
 

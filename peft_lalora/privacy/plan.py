@@ -18,17 +18,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """
-    Args:
-        noise_multiplier (`float`): sigma of every local step.
-        delta (`float`): the delta of every reported epsilon.
-        sample_rates (`dict[int, float]`): each client's Poisson rate q_k = batch_size / n_k.
-        accountant (`str`), per_sample_max_grad_norm (`float`): the accountant and the clip norm C.
-        target_epsilon (`float`, *optional*): the budget the ledger refuses to exceed.
-        calibrated_steps (`int`): the most local steps a client was calibrated for.
-        calibration (`str`): "schedule" (sigma meets the target for every client's scheduled steps) or
-            "worst_case" (for a client taking part in every round); "given" when sigma was set explicitly.
-    """
+    """The ledger's settings (`LEDGER_SETTINGS`, with each client's Poisson rate q_k = batch_size / n_k) and how
+    sigma was chosen."""
 
     noise_multiplier: float
     delta: float
@@ -36,7 +27,8 @@ class PrivacyPlan:
     accountant: str
     per_sample_max_grad_norm: float
     target_epsilon: Optional[float]
-    calibrated_steps: int
+    calibrated_steps: int  # the most local steps a client was calibrated for
+    # "schedule" (every client's scheduled steps), "worst_case" (a client in every round), or "given" (sigma set)
     calibration: str = "worst_case"
 
     @classmethod

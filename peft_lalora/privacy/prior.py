@@ -1,20 +1,15 @@
 """Privacy spent by an earlier run: the adapter a run starts from may have been trained, under DP, on the same data.
 
 Epsilons do not add under RDP accounting: the sound total composes the earlier run's accountant events (sigma, q,
-steps) with the new run's, in the new run's ledger (its accountant, its delta). The earlier events are rebuilt from
-its `privacy_report.json`: a client entry's `history` (a composed report writes one), else (noise_multiplier,
-sample_rate, steps) of a single-sigma run. A report without them cannot be composed and is refused.
-
-Which earlier events go to which client of the new run:
-- "per_client": the earlier report has the same client ids and the same public partition (`partition`: clients,
-  seed, Dirichlet alpha, minimum shard size, label column) as this run, so with the same data each client holds the
-  same examples in both runs: client k continues its own history.
-- "worst_case": otherwise (other clients or partition, client datasets given per client, an older report without
-  `partition`) an example of client k may have been held by any earlier client. Every new client then starts from
-  a history that dominates every earlier client's: per sigma, the largest sample rate and the most steps of any
-  earlier client (the RDP of a subsampled Gaussian step grows with q and adds over steps, so it is at least each
-  client's RDP at every order). It is exact when one earlier client had both (equal shards: every IID run).
-
+steps) with the new run's, in the new run's ledger. The earlier events come from its `privacy_report.json`: a client
+entry's `history` (a composed report writes one), else the (noise_multiplier, sample_rate, steps) of a single-sigma
+run; a report without them cannot be composed and is refused. Which events go to which client of the new run:
+- "per_client": same client ids and same public partition (`partition`: clients, seed, Dirichlet alpha, minimum
+  shard size, label column), so with the same data client k holds the same examples and continues its history.
+- "worst_case": otherwise (other clients or partition, data given per client, an older report without
+  `partition`) an example of client k may have been held by any earlier client, so every new client starts from a
+  history that dominates every earlier client's: per sigma, the largest q and the most steps of any earlier client
+  (the RDP of a subsampled Gaussian step grows with q and adds over steps). Exact when one earlier client had both.
 Without the user's declaration that the data is the same (`prior_privacy_same_data`), nothing is composed: the
 report, the card and a `LALoraWarning` say that the earlier epsilon is NOT included.
 """

@@ -59,13 +59,8 @@ def refuse_unknown_quantized(model: nn.Module) -> None:
 
 
 def prepare_quantized_layers(model: nn.Module) -> int:
-    """
-    Make the model's quantized base layers trainable through (see the module docstring); returns how many
-    bitsandbytes layers it holds. Idempotent; a no-op on a model without quantized layers.
-
-    Raises:
-        UnsupportedModelError: a quantized layer type whose backward is not verified here.
-    """
+    """Make the model's quantized base layers trainable through (module docstring), refusing an unverified type
+    (`UnsupportedModelError`); returns how many bitsandbytes layers it holds. Idempotent."""
     refuse_unknown_quantized(model)
     count = 0
     for name, module in model.named_modules():

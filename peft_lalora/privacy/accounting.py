@@ -25,7 +25,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from ..atomic import atomic_write_bytes
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..errors import ConfigError, LALoraError, LALoraWarning, PrivacyBudgetExceededError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def _check_accountant(accountant) -> str:
             "approximation that can under-state epsilon, so peft_lalora never uses it for reporting; use 'rdp' "
             "(default) or 'prv' (tighter)."
         )
-    if accountant not in ACCOUNTANTS:
-        raise ConfigError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}. Use 'rdp' or 'prv'.")
+    check_choice("accountant", accountant, ACCOUNTANTS)
     return accountant
 
 

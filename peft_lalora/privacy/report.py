@@ -37,10 +37,8 @@ def non_private_report() -> dict:
 
 
 def run_privacy_fields(args) -> dict:
-    """The fields every DP report carries from `FederatedDPArguments`: what the guarantee protects (`unit` in
-    words, `privacy_unit` and, for users, the `user_column` that names them: `privacy.users`), the schedule and
-    target, whether the noise was secret (with the warning when `noise_seed` fixed it), and the clipping groups
-    with their joint per-example sensitivity."""
+    """The fields every DP report carries from `FederatedDPArguments`: what is protected, the schedule and target,
+    whether the noise was secret, and the clipping groups with their joint per-example sensitivity."""
     fields = {
         "dp": True,
         "unit": UNITS[args.privacy_unit],

@@ -11,6 +11,7 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -19,13 +20,12 @@ import os
 import warnings
 from numbers import Integral
 
-import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from ..atomic import atomic_write_bytes
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..errors import ConfigError, LALoraError, LALoraWarning, PrivacyBudgetExceededError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def _check_accountant(accountant) -> str:
             "approximation that can under-state epsilon, so peft_lalora never uses it for reporting; use 'rdp' "
             "(default) or 'prv' (tighter)."
         )
-    if accountant not in ACCOUNTANTS:
-        raise ConfigError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}. Use 'rdp' or 'prv'.")
+    check_choice("accountant", accountant, ACCOUNTANTS)
     return accountant
 
 
@@ -79,6 +78,14 @@ def _check_target(value) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- epsilon
+@contextlib.contextmanager
+def _large_orders_allowed():
+    # opacus warns when the optimal RDP order is the largest one it tries (large sigma); the bound stays valid.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        yield
+
+
 def _epsilon_of_history(history, delta: float, accountant: str) -> float:
     """Epsilon of a composed history [(sigma, q, steps), ...] under opacus' accountant `accountant`."""
     history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
@@ -86,23 +93,19 @@ def _epsilon_of_history(history, delta: float, accountant: str) -> float:
         return 0.0
     if any(s == 0.0 for s, _, _ in history):
         return math.inf
-    if accountant == "rdp":
-        # What RDPAccountant.get_privacy_spent computes, with each (sigma, q)'s per-step RDP cached: the RDP of
-        # n identical steps is n times that of one, so charging many steps costs O(1).
-        return _epsilon_of_rdp(sum(_rdp_per_step(s, q) * n for s, q, n in history), delta)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+    with _large_orders_allowed():
+        if accountant == "rdp":
+            # What RDPAccountant.get_privacy_spent computes, with each (sigma, q)'s per-step RDP cached: the RDP of
+            # n identical steps is n times that of one, so charging many steps costs O(1).
+            rdp = sum(_rdp_per_step(s, q) * n for s, q, n in history)
+            return float(opacus_rdp.get_privacy_spent(orders=list(_ORDERS), rdp=rdp, delta=delta)[0])
         acc = PRVAccountant()
         acc.history = history
         return float(acc.get_epsilon(delta=delta))
 
 
-def _epsilon_of_rdp(rdp, delta: float) -> float:
-    with warnings.catch_warnings():
-        # opacus warns when the optimal RDP order is the largest one it tries (large sigma); the bound stays valid.
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        eps, _ = opacus_rdp.get_privacy_spent(orders=list(_ORDERS), rdp=rdp, delta=delta)
-    return float(eps)
+# A pure function of its arguments: the ledgers' repeated queries of one history share it.
+_cached_epsilon = functools.lru_cache(maxsize=4096)(_epsilon_of_history)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,22 +149,18 @@ def calibrate_noise_multiplier(
     epsilon_tolerance: float | None = None,
 ) -> float:
     """The smallest sigma (to `epsilon_tolerance`) whose epsilon after `steps` steps at `sample_rate` is within the
-    target, for one client (numbers: e.g. the worst case, the largest q and a client taking part in every round,
-    num_rounds x local_steps) or for every client of a schedule (equal-length sequences of q_k and scheduled steps_k).
+    target: for one client (numbers, e.g. the worst case: the largest q in every round) or for every client of a
+    schedule (equal-length sequences of q_k and scheduled steps_k).
 
-    Each client's own sigma is opacus' `accountants.utils.get_noise_multiplier` for its (q_k, steps_k) (a bisection
-    that stops with epsilon within `epsilon_tolerance` below the target); the sigma that satisfies every client is
-    the largest of them. Epsilon grows with q and with steps, so only the clients on the Pareto front of (q_k,
-    steps_k) are solved for; every client's epsilon at the answer is then recomputed with the accountant the ledger
-    reports with, and must be within the target. The default tolerance is relative, `EPSILON_RTOL` x target (an
-    absolute 0.01 would over-noise small targets). A sigma above `USEFUL_NOISE_MULTIPLIER` is warned about.
+    The answer is the largest of opacus' `accountants.utils.get_noise_multiplier` over the clients on the Pareto
+    front of (q_k, steps_k) (epsilon grows with both), then checked on every client with the ledger's accountant.
+    The default tolerance is `EPSILON_RTOL` x target (an absolute 0.01 would over-noise small targets). A sigma
+    above `USEFUL_NOISE_MULTIPLIER` is warned about.
 
-    Cost, measured with `benchmarks/calibration_speed.py` (CPU seconds, shared machine) on the default recipe job's
-    schedule (10 clients of ~1175 examples, batch 32, 4 per round, 16 rounds, 8 local steps: 3 clients on the
-    front): RDP 2.6 s, PRV 14.5 s; a single client at q = 0.01-0.1: 0.2-1.3 s, at q = 0.5: 3.6-9.3 s (opacus'
-    fractional orders are slow there). The search this replaced (~250 lines: subsets of the RDP orders, PRV started
-    from the RDP answer) took 0.37 s and 2.6 s on the job, 0.2-0.6 s at q = 0.5. Kept opacus': the difference is
-    paid once per run (a Flower node: once, for itself alone), before a training of minutes.
+    Cost (`benchmarks/calibration_speed.py`, CPU seconds, shared machine): the default job's schedule (3 clients on
+    the front) RDP 2.6 s, PRV 14.5 s; one client at q = 0.01-0.1: 0.2-1.3 s, at q = 0.5: 3.6-9.3 s. The custom search
+    this replaced (~250 lines) took 0.37 s and 2.6 s on the job, 0.2-0.6 s at q = 0.5: opacus' is kept, as the
+    difference is paid once per run (a Flower node: for itself alone), before a training of minutes.
 
     Raises:
         ConfigError: on invalid arguments, or when even sigma = 1e6 cannot meet the target (the message gives the
@@ -195,19 +194,21 @@ def calibrate_noise_multiplier(
             )
         return max(sigmas)
 
-    def over(sigma: float) -> list:
-        return [(q_k, n_k) for q_k, n_k in clients if _epsilon_of_history([(sigma, q_k, n_k)], delta, acc) > target]
+    def over(sigma: float) -> tuple[list, float]:  # the clients above the target at sigma, and the largest epsilon
+        eps = {c: _epsilon_of_history([(sigma, *c)], delta, acc) for c in clients}
+        return [c for c, e in eps.items() if e > target], max(eps.values())
 
     front = [c for c in clients if not any(o != c and o[0] >= c[0] and o[1] >= c[1] for o in clients)]
     sigma = solve(front)
-    if over(sigma):  # a client off the front above the target (epsilon not monotone here): solve for it too
-        sigma = max(sigma, solve(over(sigma)))
-    if over(sigma):
+    above, eps = over(sigma)
+    if above:  # a client off the front above the target (epsilon not monotone here): solve for it too
+        sigma = max(sigma, solve(above))
+        above, eps = over(sigma)
+    if above:
         raise LALoraError(
-            f"Noise calibration failed its check: at sigma={sigma:.6g} the clients (q, steps) {over(sigma)} exceed "
+            f"Noise calibration failed its check: at sigma={sigma:.6g} the clients (q, steps) {above} exceed "
             f"`target_epsilon` = {target} under the '{acc}' accountant. Pass `noise_multiplier` explicitly."
         )
-    eps = max(_epsilon_of_history([(sigma, q_k, n_k)], delta, acc) for q_k, n_k in clients)
     if sigma > USEFUL_NOISE_MULTIPLIER:
         warnings.warn(
             f"`target_epsilon`={target} is only just above the smallest epsilon this schedule can reach "
@@ -237,9 +238,7 @@ def _opacus_sigma(target: float, delta: float, q: float, steps: int, acc: str, t
     no iteration cap: it relies on epsilon being continuous in sigma (RDP: a minimum over orders of continuous
     functions; PRV: measured smooth, 200 sigmas within 0.5 % of the default job's answer changed epsilon by
     0.0011 or less each, monotonically)."""
-    with warnings.catch_warnings():
-        # opacus warns when the optimal RDP order is the largest one it tries (large sigma); the bound stays valid.
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+    with _large_orders_allowed():
         try:
             return float(
                 get_noise_multiplier(
@@ -258,10 +257,8 @@ def _opacus_sigma(target: float, delta: float, q: float, steps: int, acc: str, t
 
 
 def _floor(clients: list, delta: float, acc: str) -> float:
-    """The smallest epsilon any sigma reaches (for the messages): under RDP the RDP vanishes as sigma grows, so it
-    is opacus' conversion of zero RDP, whatever q and steps; under PRV, epsilon at opacus' `MAX_SIGMA`."""
-    if acc == "rdp":
-        return _epsilon_of_rdp(np.zeros(len(_ORDERS)), delta)
+    """The smallest epsilon opacus' search reaches (for the messages): epsilon at its `MAX_SIGMA` (under RDP the
+    RDP there is ~1e-12, so this is the conversion's floor, whatever q and steps)."""
     return max(_epsilon_of_history([(MAX_SIGMA, q, n)], delta, acc) for q, n in clients)
 
 
@@ -288,15 +285,6 @@ def _schedule(sample_rate, steps) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- ledger
-def _merged(history: list, sigma: float, q: float, steps: int) -> list:
-    """`history` with `steps` more (sigma, q) events, merged into the last entry when it matches (O(1))."""
-    if steps == 0:
-        return list(history)
-    if history and history[-1][0] == sigma and history[-1][1] == q:
-        return history[:-1] + [(sigma, q, history[-1][2] + steps)]
-    return history + [(sigma, q, steps)]
-
-
 class PrivacyLedger:
     """One opacus accountant per client; one event per local step (whichever LoRA factor is active).
 
@@ -353,7 +341,6 @@ class PrivacyLedger:
                 stacklevel=2,
             )
         self._histories = {c: [] for c in self._rates}
-        self._cache = {}  # (client, tuple(history)) -> epsilon
 
     # -- queries
     @property
@@ -368,30 +355,29 @@ class PrivacyLedger:
             raise ConfigError(f"`client` must be one of the ledger's clients {sorted(self._rates)}, got {client!r}.")
         return int(client)
 
-    def _epsilon(self, client: int, history: list) -> float:
-        key = (client, tuple(history))
-        if key not in self._cache:
-            if len(self._cache) > 4 * len(self._rates):  # bounded: current and prospective epsilons only
-                self._cache.clear()
-            self._cache[key] = _epsilon_of_history(history, self.delta, self.accountant)
-        return self._cache[key]
+    def _epsilon(self, history: list) -> float:
+        return _cached_epsilon(tuple(history), self.delta, self.accountant)
 
     def epsilon(self, client: int) -> float:
         client = self._client(client)
-        return self._epsilon(client, self._histories[client])
+        return self._epsilon(self._histories[client])
 
     def steps(self, client: int) -> int:
         return sum(n for _, _, n in self._histories[self._client(client)])
 
     def max_epsilon(self) -> float:
         """The largest epsilon over the clients (the report's "epsilon"), without building the whole report."""
-        return max(self._epsilon(c, h) for c, h in self._histories.items())
+        return max(self._epsilon(h) for h in self._histories.values())
 
     # -- releases
     def _prospective(self, client: int, steps) -> tuple[list, float]:
         steps = check_int("steps", steps, 0, _STEPS_FIX)
-        history = _merged(self._histories[client], self.noise_multiplier, self._rates[client], steps)
-        eps = self._epsilon(client, history)
+        history, event = list(self._histories[client]), (self.noise_multiplier, self._rates[client])
+        if steps and history and history[-1][:2] == event:  # merged into the last entry: O(1) epsilons
+            history[-1] = (*event, history[-1][2] + steps)
+        elif steps:
+            history.append((*event, steps))
+        eps = self._epsilon(history)
         if self.target_epsilon is not None and eps > self.target_epsilon:
             raise PrivacyBudgetExceededError(
                 f"Release refused for client {client}: {steps} more local step(s) would take its epsilon to "

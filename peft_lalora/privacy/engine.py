@@ -30,15 +30,8 @@ def active_parameters(model: torch.nn.Module) -> dict:
 
 
 class PrivateStep:
-    """
-    A DP-SGD step: exact per-sample gradients (`backend`), then `GradientPrivatizer` (clip, sum, noise, scale,
-    low-pass, inner step).
-
-    Args:
-        model: the peft model, already on its device.
-        backend: `"auto"`, `"hooks"` or `"func"` (see `select_backend`).
-        The others (inner optimizer, sigma, clip norms, low-pass kernel, noise stream) are `GradientPrivatizer`'s.
-    """
+    """A DP-SGD step: exact per-sample gradients of `model` (on its device) by `backend` (`select_backend`), then
+    `GradientPrivatizer` (clip, sum, noise, scale, low-pass, inner step), whose arguments the others are."""
 
     private = True
 
@@ -123,29 +116,27 @@ class NonPrivateStep:
     def reset(self, optimizer: torch.optim.Optimizer, generator: Optional[SecureRandom] = None) -> None:
         self.optimizer = optimizer
 
+    def _mean_loss(self, batch: dict) -> torch.Tensor:
+        with mixed_precision(self.model, self.autocast_dtype):
+            losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
+        return losses.float().mean()
+
     def __call__(self, batch: dict, expected_batch_size: float) -> dict:
-        params = active_parameters(self.model)
         size = int(next(iter(batch.values())).shape[0]) if batch else 0
         if size == 0:
             return {"loss": float("nan"), "batch_size": 0}
-        with mixed_precision(self.model, self.autocast_dtype):
-            losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
-        loss = losses.float().mean()
+        loss = self._mean_loss(batch)
         loss.backward()
         self.optimizer.step()
-        for p in params.values():
-            p.grad = None
+        self.model.zero_grad(set_to_none=True)
         return {"loss": float(loss.detach()), "batch_size": size, "dropped": 0}
 
     def probe(self, batch: dict) -> None:
         """The gradient of one batch of the active tensors, discarded (a pre-flight check)."""
-        params = active_parameters(self.model)
-        with mixed_precision(self.model, self.autocast_dtype):
-            losses = self.loss_fn(self.model(**model_inputs(batch)), batch)
-        if losses.requires_grad:
-            losses.float().mean().backward()
-        for p in params.values():
-            p.grad = None
+        loss = self._mean_loss(batch)
+        if loss.requires_grad:
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         pass

@@ -1,14 +1,8 @@
-"""Exact per-sample gradients of the trainable LoRA tensors, and the choice of backend.
+"""Exact per-sample gradients of the trainable LoRA tensors: the choice of backend (`PerSampleGradients`).
 
-Two backends implement `PerSampleGradients`:
-- `HooksBackend` ("hooks"): Opacus' per-layer grad samplers on hooked modules; fast, exact for models whose
-  trainable layers see the example batch in dim 0 (BERT, RoBERTa, ViT, Llama);
-- `FuncBackend` ("func"): `torch.func` vmap over examples; exact for anything vmap can trace (Swin).
-
-Example:
-    >>> backend = select_backend(peft_model)                # "hooks" for BERT, "func" for Swin
-    >>> params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    >>> grads, losses = backend.compute(batch, params)      # grads[n].shape == (B, *p.shape)
+>>> backend = select_backend(peft_model)                # "hooks" for BERT, "func" for Swin
+>>> params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+>>> grads, losses = backend.compute(batch, params)      # grads[n].shape == (B, *p.shape)
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import ConfigError
-from .grad_sample_base import PerSampleGradients, is_windowed, model_type, refuse_batch_norm
+from .grad_sample_base import PerSampleGradients, is_windowed, model_type
 from .grad_sample_func import FuncBackend
 from .grad_sample_hooks import GRAD_SAMPLERS, HooksBackend
 from .losses import per_example_loss
@@ -38,9 +32,10 @@ def select_backend(
 
     Args:
         model (`torch.nn.Module`): the (peft) model.
-        backend (`str`, defaults to `"auto"`): `"hooks"`, `"func"` or `"auto"`. `"auto"` picks `"func"` for
-            windowed models (Swin) and for models with a trainable layer Opacus has no grad sampler for, else
-            `"hooks"` (faster). `"hooks"` on a model where hooks would be inexact raises `UnsupportedModelError`.
+        backend (`str`, defaults to `"auto"`): `"hooks"` (Opacus' per-layer grad samplers: fast, exact when every
+            trainable layer sees the examples in dim 0: BERT, RoBERTa, ViT, Llama), `"func"` (`torch.func` vmap over
+            examples: exact for anything vmap traces, e.g. Swin) or `"auto"`: `"func"` for windowed models (Swin)
+            and for a trainable layer Opacus has no grad sampler for, else `"hooks"`.
         loss_fn (`Callable`, defaults to `per_example_loss`): per-example loss, `loss_fn(outputs, batch) -> (B,)`.
 
     Raises:
@@ -51,7 +46,6 @@ def select_backend(
     prepare_quantized_layers(model)
     refuse_batch_dependent_quantization(model)
     if backend == "auto":
-        refuse_batch_norm(model)
         backend = "func" if is_windowed(model) or not hooks_cover(model) else "hooks"
         logger.info("per-sample gradients: backend %r for model_type %r", backend, model_type(model))
     if backend not in BACKENDS:

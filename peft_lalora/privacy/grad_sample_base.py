@@ -46,13 +46,8 @@ class PerSampleGradients:
     def compute(
         self, batch: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """
-        Per-example gradients of `loss_fn` for exactly the tensors in `params` (names from
-        `model.named_parameters()`; every other parameter of the model must be frozen).
-
-        Returns `({name: tensor of shape (B, *param.shape)}, per-example losses of shape (B,), detached)`.
-        An empty batch (B = 0, possible under Poisson sampling) returns empty tensors without running the model.
-        """
+        """The per-example gradients and losses (detached) of the class docstring; every parameter not in `params`
+        must be frozen. An empty batch (B = 0, possible under Poisson sampling) gives empty tensors, no forward."""
         batch_size = check_batch(batch)
         params = self._check_params(params)
         refuse_unverified_checkpointing(self.model, self.name)
@@ -73,9 +68,6 @@ class PerSampleGradients:
 
     def __exit__(self, *exc_info):
         self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, model={type(self.model).__name__})"
 
     def _check_params(self, params: Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         if not isinstance(params, Mapping) or not params:

@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import LALoraError, UnsupportedModelError
 from .grad_sample_base import PerSampleGradients, check_losses, model_inputs, model_type
-from .losses import per_example_loss
 
 logger = logging.getLogger(__name__)
-
-
-def _is_fused_attention_refusal(exc: Exception) -> bool:
-    """On CUDA, scaled-dot-product attention's fused kernels reject a batched attention bias under vmap
-    ("attn_bias: wrong shape (batch dimension)", measured on an H100 with Swin); its math kernel accepts it.
-    The math kernel is not forced everywhere: under bf16 autocast it failed for ViT where the fused one runs."""
-    return isinstance(exc, RuntimeError) and "attn_bias" in str(exc)
 
 
 class FuncBackend(PerSampleGradients):
     """Per-sample gradients by `torch.func.vmap` over examples of `torch.func.grad` (whole-model, exact)."""
 
     name = "func"
-
-    def __init__(self, model: nn.Module, loss_fn: Callable = per_example_loss):
-        super().__init__(model, loss_fn)
-        self._math_attention = False  # set once the fused attention kernels refused this model under vmap
+    _math_attention = False  # set once the fused attention kernels refused this model under vmap
 
     def _compute(self, batch, params, batch_size):
         names = list(params)
@@ -60,7 +47,10 @@ class FuncBackend(PerSampleGradients):
                 with torch.enable_grad(), self._attention_kernels():
                     grads, losses = per_example(primals, tensors)
             except RuntimeError as exc:
-                if self._math_attention or not _is_fused_attention_refusal(exc):
+                # On CUDA, SDPA's fused kernels reject a batched attention bias under vmap ("attn_bias: wrong shape
+                # (batch dimension)", measured on an H100 with Swin); the math kernel accepts it. It is not forced
+                # everywhere: under bf16 autocast it failed for ViT where the fused one runs.
+                if self._math_attention or "attn_bias" not in str(exc):
                     raise
                 self._math_attention = True
                 logger.info("func backend: fused attention refused vmap (%s); using the math kernel", exc)

@@ -1,14 +1,11 @@
 """Per-sample gradients with Opacus' per-layer grad samplers, driven by our own module hooks.
 
-The model is not wrapped (its state-dict keys stay peft's). Only modules that own a trainable tensor in the
-current call are hooked, and the hooks are re-attached whenever the set of trainable tensors changes (LA-LoRA
-alternates factors), so a frozen factor never meets a hook ("No activations detected" in plain Opacus).
-For each hooked module the forward hook keeps its inputs and checks that dim 0 is the example batch; a tensor
-hook on its output receives the gradient of the summed per-example loss w.r.t. that output (the backprops), and
-Opacus' grad sampler of the layer type turns (activations, backprops) into per-example gradients right there,
-during the backward pass, so that no layer's backprops outlive its hook (at sequence length 2048 they would be
-the largest extra memory of the DP step).
-The backward pass uses `torch.autograd.grad`, so no `.grad` is ever written.
+The model is not wrapped (its state-dict keys stay peft's). Only the modules owning a tensor trainable in this call
+are hooked, re-attached when that set changes (LA-LoRA alternates factors), so a frozen factor never meets a hook
+("No activations detected" in plain Opacus). The forward hook keeps a module's inputs (checking that dim 0 is the
+batch); a tensor hook on its output turns the backprops into per-example gradients with Opacus' grad sampler during
+the backward pass, so no layer's backprops outlive it (at sequence length 2048 they would be the step's largest
+extra memory). The backward uses `torch.autograd.grad`: no `.grad` is written.
 """
 
 from __future__ import annotations

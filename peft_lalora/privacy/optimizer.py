@@ -1,22 +1,17 @@
 """The DP-SGD step of LA-LoRA (`GradientPrivatizer`), in named stages, wrapping any torch optimizer.
 
-    clip      per-sample clipping of the joint L2 norm of the active tensors to a fixed C; a non-finite
-              per-sample gradient is dropped (counted), never averaged in
+    clip      per-sample, the joint L2 norm of the active tensors to a fixed C; a non-finite per-sample gradient
+              is dropped (counted), never averaged in
     sum       over the examples of the (Poisson) batch
-    noise     + N(0, (sigma * C)^2) on every coordinate of every active tensor, in at least float32
-              (with clipping groups, C is the joint sensitivity sqrt(C_lora^2 + C_head^2))
-    scale     / expected batch size (q * n_k, not the realised size, which would leak it)
+    noise     + N(0, (sigma * C)^2) per coordinate, in at least float32 (clipping groups: C = sqrt(C_lora^2 + C_head^2))
+    scale     / expected batch size (q * n_k: the realised size would leak)
     lowpass   Gaussian low-pass filter on the active LoRA factor (post-processing: no privacy cost)
-    inner     the wrapped optimizer's step (SGD by default); inactive tensors have `.grad = None` and never move
+    inner     the wrapped optimizer's step; inactive tensors have `.grad = None` and never move
 
-It is not an opacus `DPOptimizer` (nor a `torch.optim.Optimizer`), though clip, noise and scale use the same
-formulas as opacus 1.6's (clip factor min(1, C / (||g_i|| + 1e-6)), noise std sigma * C, division by the expected
-batch size). Opacus' optimizer reads the per-sample gradients from `p.grad_sample`, which its `GradSampleModule`
-hooks set, while this step takes them as a dict from either backend (hooks or `torch.func`); opacus sums the
-clipped gradients in the parameters' dtype (bfloat16 stays bfloat16), lets one non-finite example make the sum
-non-finite, clips jointly or per layer (`DPPerLayerOptimizer`) but not by the groups {LoRA factors, head}, and its
-only stage after the noise, `step_hook`, is the one its `PrivacyEngine` takes for the accountant: the low-pass
-filter needs a stage of its own.
+Not an opacus `DPOptimizer`, though clip, noise and scale are opacus 1.6's formulas (factor min(1, C / (||g_i|| +
+1e-6)), std sigma * C, division by the expected batch size): opacus reads `p.grad_sample` from its own hooks (this
+takes a dict from either backend), sums bfloat16 gradients in bfloat16, lets one non-finite example poison the sum,
+has no {LoRA factors, head} clipping groups, and its only stage after the noise (`step_hook`) is its accountant's.
 """
 
 from __future__ import annotations
@@ -44,13 +39,11 @@ class GradientPrivatizer:
         per_sample_max_grad_norm (`float`): the fixed clip norm C.
         factor_of (`dict[str, str]`): parameter name -> "A" / "B" for LoRA weights (others: head).
         lowpass_kernel (`tuple`, *optional*): kernel of the low-pass stage; None disables it.
-        generator (`SecureRandom`, *optional*): the noise stream, keyed by the private root (a resumed run
-            re-creates it from the root in its checkpoint). None: a fresh stream from the OS's entropy. A
-            `torch.Generator` is refused: it keeps 32 (CPU) or 64 (CUDA) bits of any seed.
-        head_max_grad_norm (`float`, *optional*): clipping groups. None (default): one joint clip of every active
-            tensor to C. A number C_h: the LoRA factors are clipped to C and the head (every other tensor) to
-            C_h, each example in each group separately; the noise is then calibrated to the joint per-example
-            sensitivity sqrt(C^2 + C_h^2) of the groups that are active, so sigma keeps its meaning.
+        generator (`SecureRandom`, *optional*): the noise stream keyed by the private root; None: a fresh one from
+            the OS's entropy (a `torch.Generator` is refused: `secure_random`).
+        head_max_grad_norm (`float`, *optional*): None: one joint clip to C. A number C_h: clipping groups, the LoRA
+            factors to C and the head (every other tensor) to C_h; the noise is calibrated to the joint sensitivity
+            sqrt(C^2 + C_h^2) of the active groups, so sigma keeps its meaning.
     """
 
     def __init__(

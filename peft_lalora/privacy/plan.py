@@ -18,17 +18,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """
-    Args:
-        noise_multiplier (`float`): sigma of every local step.
-        delta (`float`): the delta of every reported epsilon.
-        sample_rates (`dict[int, float]`): each client's Poisson rate q_k = batch_size / n_k.
-        accountant (`str`), per_sample_max_grad_norm (`float`): the accountant and the clip norm C.
-        target_epsilon (`float`, *optional*): the budget the ledger refuses to exceed.
-        calibrated_steps (`int`): the most local steps a client was calibrated for.
-        calibration (`str`): "schedule" (sigma meets the target for every client's scheduled steps) or
-            "worst_case" (for a client taking part in every round); "given" when sigma was set explicitly.
-    """
+    """The ledger's settings (`LEDGER_SETTINGS`, with each client's Poisson rate q_k = batch_size / n_k) and how
+    sigma was chosen."""
 
     noise_multiplier: float
     delta: float
@@ -36,18 +27,16 @@ class PrivacyPlan:
     accountant: str
     per_sample_max_grad_norm: float
     target_epsilon: Optional[float]
-    calibrated_steps: int
+    calibrated_steps: int  # the most local steps a client was calibrated for
+    # "schedule" (every client's scheduled steps), "worst_case" (a client in every round), or "given" (sigma set)
     calibration: str = "worst_case"
 
     @classmethod
     def from_args(cls, args, client_sizes: dict, scheduled_steps: Optional[dict] = None) -> PrivacyPlan:
-        """The plan of `FederatedDPArguments` (its sigma or target epsilon, delta, accountant and clip norm) for
-        clients `{id: n_k}`: every client for the in-process trainer, a Flower client for itself. Delta defaults to
-        min(1e-5, 1 / n) of the smallest client. With `target_epsilon`, sigma is calibrated so that every client
-        stays within the target: for its `scheduled_steps[id]` (the public participation schedule, known before
-        training), or, without them, for a client taking part in all `num_rounds` rounds at the largest rate (the
-        worst case). Under user-level DP (`privacy_unit="user"`) `client_sizes` counts each client's users: q =
-        batch size / users, and delta defaults to min(1e-5, 1 / users) of the client with the fewest."""
+        """The plan of `FederatedDPArguments` for clients `{id: n_k}` (every client in-process, a Flower client for
+        itself; under `privacy_unit="user"` n_k counts users). With `target_epsilon`, sigma is calibrated so that
+        every client meets it for its `scheduled_steps[id]` (the public schedule, known before training), or, without
+        them, for a client in all `num_rounds` rounds at the largest rate (the worst case)."""
         target_epsilon, noise_multiplier = args.target_epsilon, args.noise_multiplier
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ConfigError(

@@ -1,20 +1,15 @@
 """Privacy spent by an earlier run: the adapter a run starts from may have been trained, under DP, on the same data.
 
 Epsilons do not add under RDP accounting: the sound total composes the earlier run's accountant events (sigma, q,
-steps) with the new run's, in the new run's ledger (its accountant, its delta). The earlier events are rebuilt from
-its `privacy_report.json`: a client entry's `history` (a composed report writes one), else (noise_multiplier,
-sample_rate, steps) of a single-sigma run. A report without them cannot be composed and is refused.
-
-Which earlier events go to which client of the new run:
-- "per_client": the earlier report has the same client ids and the same public partition (`partition`: clients,
-  seed, Dirichlet alpha, minimum shard size, label column) as this run, so with the same data each client holds the
-  same examples in both runs: client k continues its own history.
-- "worst_case": otherwise (other clients or partition, client datasets given per client, an older report without
-  `partition`) an example of client k may have been held by any earlier client. Every new client then starts from
-  a history that dominates every earlier client's: per sigma, the largest sample rate and the most steps of any
-  earlier client (the RDP of a subsampled Gaussian step grows with q and adds over steps, so it is at least each
-  client's RDP at every order). It is exact when one earlier client had both (equal shards: every IID run).
-
+steps) with the new run's, in the new run's ledger. The earlier events come from its `privacy_report.json`: a client
+entry's `history` (a composed report writes one), else the (noise_multiplier, sample_rate, steps) of a single-sigma
+run; a report without them cannot be composed and is refused. Which events go to which client of the new run:
+- "per_client": same client ids and same public partition (`partition`: clients, seed, Dirichlet alpha, minimum
+  shard size, label column), so with the same data client k holds the same examples and continues its history.
+- "worst_case": otherwise (other clients or partition, data given per client, an older report without
+  `partition`) an example of client k may have been held by any earlier client, so every new client starts from a
+  history that dominates every earlier client's: per sigma, the largest q and the most steps of any earlier client
+  (the RDP of a subsampled Gaussian step grows with q and adds over steps). Exact when one earlier client had both.
 Without the user's declaration that the data is the same (`prior_privacy_same_data`), nothing is composed: the
 report, the card and a `LALoraWarning` say that the earlier epsilon is NOT included.
 """
@@ -40,30 +35,18 @@ _ARG = "prior_privacy_report"
 
 @dataclass(frozen=True)
 class PriorSpending:
-    """An earlier run's privacy report, as far as composition needs it.
+    """An earlier run's privacy report, as far as composition needs it."""
 
-    Args:
-        source (`str`): the report's folder name or Hub repo (never a full local path: the report is published).
-        sha256 (`str`, *optional*): of the report file, to identify it exactly.
-        dp (`bool`): False for a non-private run (epsilon = inf, nothing to compose).
-        epsilon, delta (`float`): as the earlier report states them (None when not checked).
-        secret_randomness (`bool`): False when the earlier noise came from a fixed `noise_seed`.
-        histories (`dict[int, list]`, *optional*): each earlier client's events [(sigma, q, steps)], or None.
-        missing (`str`, *optional*): why the histories cannot be rebuilt.
-        partition (`dict`, *optional*): the earlier run's public partition record.
-        privacy_unit (`str`): what the earlier epsilon protects, "example" or "user" (`privacy.users`).
-    """
-
-    source: str
-    sha256: Optional[str] = None
-    dp: bool = True
-    epsilon: Optional[float] = None
+    source: str  # the report's folder name or Hub repo (never a full local path: the report is published)
+    sha256: Optional[str] = None  # of the report file, to identify it exactly; None: not checked
+    dp: bool = True  # False for a non-private run (epsilon = inf, nothing to compose)
+    epsilon: Optional[float] = None  # as the earlier report states it
     delta: Optional[float] = None
-    secret_randomness: bool = True
-    histories: Optional[dict] = None
-    missing: Optional[str] = None
-    partition: Optional[dict] = None
-    privacy_unit: str = "example"
+    secret_randomness: bool = True  # False when the earlier noise came from a fixed `noise_seed`
+    histories: Optional[dict] = None  # each earlier client's events [(sigma, q, steps)], or None
+    missing: Optional[str] = None  # why the histories cannot be rebuilt
+    partition: Optional[dict] = None  # the earlier run's public partition record
+    privacy_unit: str = "example"  # what the earlier epsilon protects, "example" or "user" (`privacy.users`)
 
     @property
     def checked(self) -> bool:
@@ -98,12 +81,9 @@ def read_prior_report(value) -> PriorSpending:
             f"`{_ARG}` = {value!r}: {path!r} holds no privacy report (no `epsilon`). Pass the {REPORT_FILE} that "
             "the earlier run wrote."
         )
-    try:  # a newer schema is refused (an older one, without `schema_version`, is read as ever); `_spending` reads
-        check_schema_version(report)  # the keys it needs leniently: a report without clients still gives epsilon
-    except ConfigError as exc:
-        raise ConfigError(
-            f"`{_ARG}` = {value!r}: {path!r} is not a privacy report this library reads: {exc}"
-        ) from None
+    # A newer schema is refused (an older one, without `schema_version`, is read as ever); `_spending` reads the
+    # keys it needs leniently: a report without clients still gives epsilon.
+    check_schema_version(report, _ARG)
     source = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
     return _spending(report, source, hashlib.sha256(raw).hexdigest())
 
@@ -205,13 +185,6 @@ def dominating_history(histories) -> list:
     return [(sigma, q_max[sigma], n) for sigma, n in n_max.items() if n > 0]
 
 
-def ledger_with_prior(ledger: PrivacyLedger, histories: dict) -> PrivacyLedger:
-    """A copy of the new (empty) `ledger` whose clients start from the earlier events `histories`."""
-    state = ledger.state_dict()
-    state["histories"] = {str(c): [list(e) for e in histories[c]] for c in ledger.clients}
-    return PrivacyLedger.from_state_dict(state)
-
-
 def check_room(ledger: PrivacyLedger, scheduled_steps: dict) -> None:
     """Refuse before training when the earlier spending plus each client's scheduled steps exceed the target."""
     target = ledger.target_epsilon
@@ -231,25 +204,7 @@ def check_room(ledger: PrivacyLedger, scheduled_steps: dict) -> None:
             )
 
 
-def composed_worst_case(ledger: PrivacyLedger, histories: dict, q: float, steps: int) -> float:
-    """Epsilon of a client in every round (`steps` at rate `q`) after the largest earlier spending."""
-    start = dominating_history(histories.values())
-    return _epsilon_of_history(start + [(ledger.noise_multiplier, q, steps)], ledger.delta, ledger.accountant)
-
-
 # ----------------------------------------------------------------------------------------------- saying it
-def earlier_spending(prior: PriorSpending, composition: Optional[str]) -> dict:
-    """The report's `earlier_spending` field: included (with how) or not."""
-    field = {"included": composition is not None, "source": prior.source, "checked": prior.checked}
-    if prior.checked:
-        field.update(dp=prior.dp, epsilon=prior.epsilon, delta=prior.delta, sha256=prior.sha256)
-        if not prior.secret_randomness:
-            field["secret_randomness"] = False
-    if composition is not None:
-        field["composition"] = composition
-    return field
-
-
 def not_included_message(prior: PriorSpending) -> str:
     if not prior.checked:
         return (
@@ -325,20 +280,33 @@ def apply_prior(
             "`prior_privacy_same_data` (the report then says the earlier epsilon is NOT included)."
         )
     histories, composition = prior_histories(prior, ledger.clients, partition)
-    ledger = ledger_with_prior(ledger, histories)
+    state = ledger.state_dict()  # the new (empty) ledger, its clients starting from the earlier events
+    state["histories"] = {str(c): [list(e) for e in histories[c]] for c in ledger.clients}
+    ledger = PrivacyLedger.from_state_dict(state)
     check_room(ledger, scheduled_steps)
     return ledger, PriorUse(prior, composition, histories)
 
 
 def prior_report_fields(use: PriorUse, ledger: PrivacyLedger, report: dict, worst_case: tuple) -> dict:
     """The fields `use` adds to a DP report: `earlier_spending`; when composed, each client's `history` (so that a
-    later run can compose again), the worst case composed, and a lost guarantee when the earlier noise was fixed."""
-    fields = {"earlier_spending": earlier_spending(use.prior, use.composition)}
+    later run can compose again), the worst case composed (a client in every round after the largest earlier
+    spending: `worst_case` = (q, steps)), and a lost guarantee when the earlier noise was fixed."""
+    prior = use.prior
+    spending = {"included": use.composition is not None, "source": prior.source, "checked": prior.checked}
+    if prior.checked:
+        spending.update(dp=prior.dp, epsilon=prior.epsilon, delta=prior.delta, sha256=prior.sha256)
+        if not prior.secret_randomness:
+            spending["secret_randomness"] = False
     if use.composition is None:
-        return fields
+        return {"earlier_spending": spending}
+    spending["composition"] = use.composition
     histories = ledger.state_dict()["histories"]
-    fields["clients"] = [{**c, "history": histories[str(c["client"])]} for c in report["clients"]]
-    fields["worst_case_epsilon"] = composed_worst_case(ledger, use.histories, *worst_case)
+    start = dominating_history(use.histories.values()) + [(ledger.noise_multiplier, *worst_case)]
+    fields = {
+        "earlier_spending": spending,
+        "clients": [{**c, "history": histories[str(c["client"])]} for c in report["clients"]],
+        "worst_case_epsilon": _epsilon_of_history(start, ledger.delta, ledger.accountant),
+    }
     if not use.prior.secret_randomness:
         fields["secret_randomness"] = False
         fields["noise_seed_warning"] = (

@@ -1,27 +1,21 @@
 """Quantized base layers (QLoRA): which ones training supports, and what they need first.
 
-peft's k-bit LoRA layers (`peft.tuners.lora.bnb.Linear4bit` / `Linear8bitLt`) keep the LoRA factors in plain
-`nn.Linear` leaves next to a frozen bitsandbytes base layer, so the hooks backend samples the factors exactly
-whatever the base is, as long as the gradient of the loss flows back through the quantized base layers of the
-layers above, and the examples of a batch stay independent. What breaks that is handled here, before any forward
-pass of the run:
+peft's k-bit LoRA layers keep the factors in plain `nn.Linear` leaves next to a frozen bitsandbytes base layer, so
+the hooks backend samples them exactly as long as the gradient flows back through the quantized layers above and
+the examples of a batch stay independent. What breaks that is handled here, before any forward pass of the run:
 
-- bitsandbytes 0.50 (measured with 0.50.2) on a CPU with AVX512-BF16: the first forward of a `bnb.nn.Linear4bit` in eval mode on an
-  input that needs no gradient (our data pre-flight, an evaluation, `generate`) repacks its weight in place for a
-  CPU inference kernel (`gemv_4bit`) that has no backward. Every later forward, training included, runs that
-  kernel, so the gradient through the base layers is silently dropped. Measured with 0.50.2 on a tiny Llama with
-  LoRA on q/v: after one eval pass every LoRA tensor's gradient is None (each path to the loss crosses a packed
-  o_proj), so non-private training runs without error and never moves the adapter, and the per-sample hooks
-  raised "'NoneType' object has no attribute 'detach'". The
-  fast path is switched off, and a weight already repacked is unpacked (bitsandbytes' own inverse; its absmax
-  was rounded to bf16 by the packing, so the model is then the one the user already evaluated).
-- under DP, bitsandbytes' 8-bit layer with outlier decomposition (`llm_int8_threshold` > 0, transformers'
-  default 6.0): the outlier columns are chosen from every token of the batch, so one example's output depends on
-  the others; per-example clipping then bounds nothing (like BatchNorm). Refused; `llm_int8_threshold=0.0` is
-  exact (measured: per-sample gradients off by ~2 % with 6.0, identical with 0.0).
-- a quantized layer type this module does not know (GPTQ, AWQ, HQQ, torchao, ...): whether its backward is
-  correct is unverified, so it is refused, naming the module; so is a bitsandbytes layer that should train (a
-  quantized head in `modules_to_save`).
+- bitsandbytes 0.50 (measured with 0.50.2) on a CPU with AVX512-BF16: the first eval-mode forward of a
+  `Linear4bit` on an input that needs no gradient (our data pre-flight, an evaluation, `generate`) repacks its
+  weight in place for a CPU inference kernel (`gemv_4bit`) without backward, which every later forward runs.
+  Measured on a tiny Llama with LoRA on q/v: after one eval pass every LoRA gradient is None, so non-private
+  training never moves the adapter and the hooks fail. The fast path is switched off, and a weight already
+  repacked is unpacked (bitsandbytes' own inverse; its absmax keeps the bf16 rounding the user evaluated with).
+- under DP, the 8-bit layer with outlier decomposition (`llm_int8_threshold` > 0, transformers' default 6.0)
+  chooses its outlier columns from every token of the batch: one example's output depends on the others, so
+  per-example clipping bounds nothing (like BatchNorm). Refused; 0.0 is exact (measured: per-sample gradients
+  off by ~2 % with 6.0, identical with 0.0).
+- a quantized layer type not known here (GPTQ, AWQ, HQQ, torchao, ...) has an unverified backward: refused,
+  naming the module; so is a bitsandbytes layer that should train (a quantized head in `modules_to_save`).
 """
 
 from __future__ import annotations
@@ -43,12 +37,6 @@ def is_bnb_layer(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes.") and type(module).__name__ in KNOWN_BNB_LAYERS
 
 
-def _holds_integer_weight(module: nn.Module) -> bool:
-    """Whether the module itself keeps a weight-like tensor in an integer dtype (a packed quantized weight)."""
-    own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-    return any("weight" in name and not (t.is_floating_point() or t.is_complex()) for name, t in own)
-
-
 def refuse_unknown_quantized(model: nn.Module) -> None:
     """Refuse a quantized layer whose backward is not verified (anything but the bitsandbytes layers above)."""
     for name, module in model.named_modules():
@@ -60,7 +48,8 @@ def refuse_unknown_quantized(model: nn.Module) -> None:
                     f"quantization with `BitsAndBytesConfig(..., llm_int8_skip_modules=[{name.split('.')[-1]!r}])`."
                 )
             continue
-        if _holds_integer_weight(module):
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if any("weight" in n and not (t.is_floating_point() or t.is_complex()) for n, t in own):  # packed weight
             raise UnsupportedModelError(
                 f"module `{name}` ({type(module).__module__}.{type(module).__name__}) is a quantized layer this "
                 f"library does not support for training: only bitsandbytes {', '.join(KNOWN_BNB_LAYERS)} are "
@@ -70,13 +59,8 @@ def refuse_unknown_quantized(model: nn.Module) -> None:
 
 
 def prepare_quantized_layers(model: nn.Module) -> int:
-    """
-    Make the model's quantized base layers trainable through (see the module docstring); returns how many
-    bitsandbytes layers it holds. Idempotent; a no-op on a model without quantized layers.
-
-    Raises:
-        UnsupportedModelError: a quantized layer type whose backward is not verified here.
-    """
+    """Make the model's quantized base layers trainable through (module docstring), refusing an unverified type
+    (`UnsupportedModelError`); returns how many bitsandbytes layers it holds. Idempotent."""
     refuse_unknown_quantized(model)
     count = 0
     for name, module in model.named_modules():

@@ -37,10 +37,8 @@ def non_private_report() -> dict:
 
 
 def run_privacy_fields(args) -> dict:
-    """The fields every DP report carries from `FederatedDPArguments`: what the guarantee protects (`unit` in
-    words, `privacy_unit` and, for users, the `user_column` that names them: `privacy.users`), the schedule and
-    target, whether the noise was secret (with the warning when `noise_seed` fixed it), and the clipping groups
-    with their joint per-example sensitivity."""
+    """The fields every DP report carries from `FederatedDPArguments`: what is protected, the schedule and target,
+    whether the noise was secret, and the clipping groups with their joint per-example sensitivity."""
     fields = {
         "dp": True,
         "unit": UNITS[args.privacy_unit],
@@ -185,14 +183,14 @@ REQUIRED = tuple(f.name for f in fields(PrivacyReport) if f.default is MISSING a
 OPTIONAL = tuple(_NAMES[len(REQUIRED) : _NAMES.index("extra")])
 
 
-def check_schema_version(report: dict) -> int:
+def check_schema_version(report: dict, name: str = _ARG) -> int:
     """The report's `schema_version` (0 when it has none); a newer one than this library reads is refused."""
     version = report.get("schema_version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ConfigError(f"`{_ARG}['schema_version']` must be a non-negative int, got {version!r}.")
+        raise ConfigError(f"`{name}['schema_version']` must be a non-negative int, got {version!r}.")
     if version > SCHEMA_VERSION:
         raise ConfigError(
-            f"`{_ARG}` has `schema_version` {version}, newer than this version of peft_lalora reads "
+            f"`{name}` has `schema_version` {version}, newer than this version of peft_lalora reads "
             f"({SCHEMA_VERSION}). Upgrade peft_lalora to read it."
         )
     return version

@@ -19,17 +19,10 @@ __all__ = ["poisson_sample", "sample_rate_for"]
 
 
 def poisson_sample(num_examples: int, sample_rate: float, generator: SecureRandom) -> torch.Tensor:
-    """Draw one Poisson-sampled batch.
-
-    Args:
-        num_examples (`int`): size n of the client's shard (>= 1).
-        sample_rate (`float`): inclusion probability q of each example, in (0, 1].
-        generator (`SecureRandom`): the client's sampling stream, keyed by the private root (never a torch
-            generator: its 32- or 64-bit state would let anyone re-create the batches); deterministic given
-            its position.
-
-    Returns:
-        A sorted 1-D `torch.long` tensor of the included indices; it may be empty.
+    """One Poisson-sampled batch of a shard of `num_examples` (>= 1), each included with probability `sample_rate`
+    in (0, 1], drawn from `generator`: the client's sampling stream keyed by the private root (never a torch
+    generator, whose 32- or 64-bit state would let anyone re-create the batches). Returns the sorted included
+    indices (a 1-D `torch.long` tensor, possibly empty).
     """
     n = check_int("num_examples", num_examples, 1, "A client needs at least one example to be sampled.")
     q = _check_q(sample_rate)
@@ -43,17 +36,9 @@ def poisson_sample(num_examples: int, sample_rate: float, generator: SecureRando
 
 
 def sample_rate_for(batch_size: int, num_examples: int, *, client=None, unit: str = "examples") -> float:
-    """The Poisson sampling rate q = batch_size / num_examples of a client.
-
-    Args:
-        batch_size (`int`): the expected batch size B (>= 1).
-        num_examples (`int`): the client's number of privacy units n_k (>= 1): its examples, or its users under
-            user-level DP (`unit="users"`, see `privacy.users`).
-        client (*optional*): the client's id, named in error messages.
-        unit (`str`): what is counted ("examples" or "users"), named in error messages.
-
-    Raises:
-        ConfigError: when either size is not a positive integer, or when batch_size > num_examples (q > 1).
+    """The Poisson sampling rate q = batch_size / num_examples (>= 1 each) of a client; `num_examples` counts its
+    privacy units (examples, or users under `unit="users"`: `privacy.users`). `client` and `unit` are named in the
+    errors; batch_size > num_examples (q > 1) is refused.
     """
     who = "" if client is None else f" (client {client})"
     bs = check_int("batch_size", batch_size, 1, "Use the expected number of examples per local step.")

@@ -10,9 +10,10 @@ root re-creates a stream, and two labels give independent streams.
 Uniforms: the top 53 bits of each 64-bit word, offset by half a unit, so u lies in (0, 1) on a grid of 2^-53.
 Gaussians: Box-Muller in float64, and, as opacus' `secure_mode` does (Holohan and Braghin 2021, section 5.1:
 the floating-point attacks of arXiv 2107.10138 and 2112.05307 invert or fingerprint a single sample), each
-released Gaussian is the sum of 4 independent ones divided by 2 (the same variance). With a cryptographic source
-the attack that re-creates the generator's state is closed by the cipher; the sum is kept against the attacks
-that read the lattice of one float sample. Measured cost: benchmarks/dp_overhead.py.
+Gaussian released in float64 is the sum of 4 independent ones divided by 2 (the same variance): the cipher closes
+the attack that re-creates the generator's state, the sum the attacks that read the lattice of one float sample.
+A float32 release takes one draw: 53-bit draws leave no hole at float32's 24-bit resolution.
+Measured cost: benchmarks/dp_overhead.py.
 
 Device: the keystream is always made on the CPU (no GPU cipher), moved as float64 uniforms and turned into
 Gaussians on the device: 32 bytes moved per noise coordinate, the Gaussian arithmetic on the device.
@@ -59,15 +60,9 @@ def derive_key(root, *labels) -> bytes:
 
 
 class SecureRandom:
-    """
-    A ChaCha20 keystream keyed by `derive_key(root, *labels)`, read in order: uniforms, Gaussians and Poisson
-    inclusions. Deterministic given (root, labels) and the order of the draws, so a resumed run re-creates its
-    draws bit for bit from the root in its private checkpoint.
-
-    Args:
-        root: the private root (`secrets.token_hex(32)` for a DP run; an int only for fixed-seed tests).
-        labels: what the stream is for, e.g. ("noise", round, client).
-    """
+    """A ChaCha20 keystream keyed by `derive_key(root, *labels)` (`root`: `secrets.token_hex(32)` for a DP run, an
+    int only for a fixed seed; `labels`: what it is for, e.g. ("noise", round, client)), read in order. Deterministic
+    given (root, labels) and the order of the draws: a resumed run re-creates them from its private checkpoint."""
 
     def __init__(self, root, *labels):
         self._stream = Cipher(algorithms.ChaCha20(derive_key(root, *labels), _NONCE), mode=None).encryptor()
@@ -97,9 +92,8 @@ class SecureRandom:
         return z if summed == 1 else z.view(summed, count).sum(dim=0).div_(summed**0.5)
 
     def normal(self, std: float, shape, *, device=None, dtype=torch.float32) -> torch.Tensor:
-        """N(0, std^2) of `shape`, drawn in float64 and rounded once to `dtype` (at least float32). A float64
-        release sums `GAUSSIANS_SUMMED` draws (opacus' secure_mode); a float32 one takes one draw (module
-        docstring: 53-bit draws leave no hole at float32's 24-bit resolution)."""
+        """N(0, std^2) of `shape`, drawn in float64 and rounded once to `dtype`, float32 (one draw) or float64
+        (`GAUSSIANS_SUMMED` draws: module docstring)."""
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"DP noise is released in float32 or float64, got `dtype`={dtype}.")
         shape = tuple(shape)
